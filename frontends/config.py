@@ -1,0 +1,201 @@
+"""Model configuration: one frozen dataclass built by one `from_dict`.
+
+HF configs spell the same thing several ways (n_head / num_attention_heads, ...);
+`ModelConfig.from_dict` normalises them here, once, validates every value a
+stranger could make hostile, and keeps the keys it does not know in `extra`
+so nothing is silently dropped from view.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import ModelFormatError, UnsupportedModelError
+
+# Generous limits: bigger than any real model, small enough that nothing
+# derived from them can overflow or allocate absurd memory before weights load.
+MAX_LAYERS = 1024
+MAX_HIDDEN = 1 << 17
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 22  # 4M tokens
+
+_ALIASES = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+    "intermediate_size": ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "num_key_value_heads": ("num_key_value_heads", "n_kv_heads", "num_kv_heads"),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"),
+    "rms_norm_eps": ("rms_norm_eps", "layer_norm_epsilon", "norm_eps"),
+}
+_KNOWN = {
+    "architectures", "vocab_size", "head_dim", "rope_theta", "rope_scaling", "tie_word_embeddings",
+    "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
+    "sliding_window", "use_sliding_window", "max_window_layers", "model_type", "hidden_act",
+    "transformers_version", "initializer_range", "use_cache", "attention_dropout", "pretraining_tp",
+    "rope_parameters", "layer_types",
+}
+_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+def _field(cfg: dict, name: str, file: str, *, default: Any = None, required: bool = True) -> Any:
+    for key in _ALIASES.get(name, (name,)):
+        if key in cfg and cfg[key] is not None:
+            return cfg[key]
+    if required and default is None:
+        raise ModelFormatError(f"{file}: missing required field '{name}'")
+    return default
+
+
+def _int(value: Any, name: str, file: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ModelFormatError(f"{file}: field '{name}' must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ModelFormatError(f"{file}: field '{name}' = {value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _float(value: Any, name: str, file: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelFormatError(f"{file}: field '{name}' must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ModelFormatError(f"{file}: field '{name}' = {value} is not a finite number in [{lo}, {hi}]")
+    return value
+
+
+def _rope_scaling(raw: Any, file: str) -> dict | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{file}: field 'rope_scaling' must be an object or null, got {type(raw).__name__}")
+    kind = raw.get("rope_type", raw.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise UnsupportedModelError(f"{file}: rope_scaling type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
+    if kind == "default":
+        return None
+    out: dict[str, Any] = {"rope_type": kind}
+    out["factor"] = _float(raw.get("factor"), "rope_scaling.factor", file, 1e-6, 1e6)
+    if kind == "llama3":
+        out["low_freq_factor"] = _float(raw.get("low_freq_factor"), "rope_scaling.low_freq_factor", file, 1e-6, 1e6)
+        out["high_freq_factor"] = _float(raw.get("high_freq_factor"), "rope_scaling.high_freq_factor", file, 1e-6, 1e6)
+        if out["high_freq_factor"] <= out["low_freq_factor"]:
+            raise ModelFormatError(f"{file}: rope_scaling.high_freq_factor must exceed low_freq_factor")
+        out["original_max_position_embeddings"] = _int(
+            raw.get("original_max_position_embeddings"), "rope_scaling.original_max_position_embeddings", file, 1, MAX_CONTEXT
+        )
+    return out
+
+
+def _token_ids(raw: Any, name: str, file: str, vocab: int) -> tuple[int, ...]:
+    if raw is None:
+        return ()
+    items = raw if isinstance(raw, list) else [raw]
+    return tuple(_int(v, name, file, 0, vocab - 1) for v in items)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer's shape, normalised and validated."""
+
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    source_dtype: str = "float32"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, cfg: Any, file: str = "config.json") -> "ModelConfig":
+        """Validate an HF-style config dict; raise ModelFormatError naming the field."""
+        if not isinstance(cfg, dict):
+            raise ModelFormatError(f"{file}: top level must be a JSON object")
+        archs = cfg.get("architectures")
+        if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+            raise ModelFormatError(f"{file}: field 'architectures' must be a non-empty list of strings")
+        hidden = _int(_field(cfg, "hidden_size", file), "hidden_size", file, 1, MAX_HIDDEN)
+        heads = _int(_field(cfg, "num_attention_heads", file), "num_attention_heads", file, 1, MAX_HEADS)
+        kv_heads = _int(_field(cfg, "num_key_value_heads", file, default=heads), "num_key_value_heads", file, 1, heads)
+        if heads % kv_heads:
+            raise ModelFormatError(f"{file}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+        head_dim_raw = cfg.get("head_dim")
+        if head_dim_raw is None:
+            if hidden % heads:
+                raise ModelFormatError(f"{file}: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) and no head_dim is given")
+            head_dim_raw = hidden // heads
+        head_dim = _int(head_dim_raw, "head_dim", file, 2, MAX_HEAD_DIM)
+        if head_dim % 2:
+            raise ModelFormatError(f"{file}: head_dim ({head_dim}) must be even for rotary embeddings")
+        vocab = _int(_field(cfg, "vocab_size", file), "vocab_size", file, 1, MAX_VOCAB)
+        rope_params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+        rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        rope_scaling_raw = cfg.get("rope_scaling")
+        if rope_scaling_raw is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling_raw = rope_params
+        sliding = cfg.get("sliding_window")
+        if cfg.get("use_sliding_window") is False:
+            sliding = None
+        eos = _token_ids(cfg.get("eos_token_id"), "eos_token_id", file, vocab)
+        bos = _token_ids(cfg.get("bos_token_id"), "bos_token_id", file, vocab)
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        if dtype not in ("float32", "float16", "bfloat16"):
+            dtype = "float32"
+        known = set(_KNOWN).union(*_ALIASES.values())
+        return cls(
+            architecture=archs[0],
+            hidden_size=hidden,
+            intermediate_size=_int(_field(cfg, "intermediate_size", file), "intermediate_size", file, 1, MAX_HIDDEN * 8),
+            num_hidden_layers=_int(_field(cfg, "num_hidden_layers", file), "num_hidden_layers", file, 1, MAX_LAYERS),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            vocab_size=vocab,
+            max_position_embeddings=_int(_field(cfg, "max_position_embeddings", file, default=4096), "max_position_embeddings", file, 1, MAX_CONTEXT),
+            rms_norm_eps=_float(_field(cfg, "rms_norm_eps", file, default=1e-6), "rms_norm_eps", file, 1e-12, 1.0),
+            rope_theta=_float(rope_theta, "rope_theta", file, 1.0, 1e12),
+            rope_scaling=_rope_scaling(rope_scaling_raw, file),
+            tie_word_embeddings=_bool(cfg.get("tie_word_embeddings", False), "tie_word_embeddings", file),
+            attention_bias=_bool(cfg.get("attention_bias", False), "attention_bias", file),
+            sliding_window=None if sliding is None else _int(sliding, "sliding_window", file, 1, MAX_CONTEXT),
+            bos_token_id=bos[0] if bos else None,
+            eos_token_ids=eos,
+            source_dtype=dtype,
+            extra={k: v for k, v in cfg.items() if k not in known},
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+def _bool(value: Any, name: str, file: str) -> bool:
+    if not isinstance(value, bool):
+        raise ModelFormatError(f"{file}: field '{name}' must be true or false, got {value!r}")
+    return value

@@ -1,0 +1,263 @@
+"""Shared entry points of every decoder-only family: embed, prefill, decode, the
+paged KV cache, the export spec and the HF-name weight conversion.
+
+A family file declares only its graph (its decoder layer); everything here is
+written once. Exported Relax functions (all params passed packed, last arg):
+
+- ``embed(input_ids)``                         input_ids  # [seq] int32 -> [seq, hidden]
+- ``prefill(embeds, logit_pos, kv_cache)``     embeds     # [1, seq, hidden]
+                                               logit_pos  # [n] int32 rows of seq to project
+                                               -> logits  # [1, n, vocab] float32
+- ``decode(embeds, kv_cache)``                 embeds     # [batch, 1, hidden] -> [batch, 1, vocab] float32
+- ``create_paged_kv_cache(max_batch, max_total_seq, prefill_chunk, page_size, sliding)``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from ...errors import ModelFormatError
+from ...tvm_compat import compiler
+from ..config import ModelConfig
+
+_tvm = compiler()
+nn = _tvm.nn
+op = _tvm.op
+spec = _tvm.spec
+
+# HF tensors that carry no weights (derived buffers); never an error, never used.
+IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
+
+    def __init__(self, size: int, eps: float, dtype: str):
+        self.weight = nn.Parameter((size,), dtype)
+        self.eps = eps
+
+    def forward(self, x):
+        return op.rms_norm(x, self.weight, axes=[-1], epsilon=self.eps)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T (+ b). W stays [out, in] so decode reads it row by row."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool = False):
+        self.weight = nn.Parameter((out_features, in_features), dtype)
+        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+
+    def forward(self, x):
+        y = op.matmul(x, op.permute_dims(self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class DecoderLM(nn.Module):
+    """Embeddings -> N decoder layers -> final norm -> LM head. Subclasses set `layer_cls`."""
+
+    layer_cls: type = None  # the family's decoder layer, (config, dtype) -> nn.Module
+
+    def __init__(self, config: ModelConfig, dtype: str):
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = nn.Parameter((config.vocab_size, config.hidden_size), dtype)
+        self.layers = nn.ModuleList([self.layer_cls(config, dtype) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype)
+
+    # --- graph -------------------------------------------------------------
+    def _body(self, h, kv_cache):
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, kv_cache, layer_id)
+        return self.norm(h)
+
+    def _project(self, h):
+        if self.config.tie_word_embeddings:
+            logits = op.matmul(h, op.permute_dims(self.embed_tokens))
+        else:
+            logits = self.lm_head(h)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def embed(self, input_ids):
+        return op.take(self.embed_tokens, input_ids, axis=0)
+
+    def prefill(self, embeds, logit_pos, kv_cache):
+        h = self._body(embeds, kv_cache)
+        h = op.take(h, logit_pos, axis=1)
+        return self._project(h), kv_cache
+
+    def decode(self, embeds, kv_cache):
+        return self._project(self._body(embeds, kv_cache)), kv_cache
+
+    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window):
+        c = self.config
+        rope_scaling = dict(c.rope_scaling or {})
+        rope_scale = 1.0
+        if rope_scaling.get("rope_type") == "linear":
+            rope_scale = rope_scaling.pop("factor")
+            rope_scaling = {}
+        return _tvm.kv_cache.TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=_tvm.relax.ShapeExpr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=_tvm.kv_cache.RopeMode.NORMAL,
+            rope_scale=rope_scale,
+            rope_theta=c.rope_theta,
+            rope_scaling=rope_scaling,
+            rope_ext_factors=_tvm.relax.prim_value(0),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=_tvm.Target.current(),
+        )
+
+    def export_spec(self) -> dict:
+        hidden = self.config.hidden_size
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        kv = spec.Object(object_type=_tvm.kv_cache.PagedKVCache)
+        return {
+            "embed": {"input_ids": spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {
+                "embeds": spec.Tensor([1, "seq_len", hidden], self.dtype),
+                "logit_pos": spec.Tensor(["num_logits"], "int32"),
+                "kv_cache": kv,
+                "$": packed,
+            },
+            "decode": {"embeds": spec.Tensor(["batch_size", 1, hidden], self.dtype), "kv_cache": kv, "$": packed},
+            "create_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+
+    # --- weights -----------------------------------------------------------
+    @classmethod
+    def adapt_config(cls, config: ModelConfig) -> ModelConfig:
+        """Family-specific config fix-ups (e.g. Qwen2 always has qkv bias)."""
+        return config
+
+    @classmethod
+    def param_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """kiln param name -> shape, as the graph expects them."""
+        c = config
+        shapes = {"embed_tokens": (c.vocab_size, c.hidden_size), "norm.weight": (c.hidden_size,)}
+        if not c.tie_word_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+        for i in range(c.num_hidden_layers):
+            shapes.update({f"layers.{i}.{k}": v for k, v in cls.layer_param_shapes(c).items()})
+        return shapes
+
+    @classmethod
+    def layer_param_shapes(cls, c: ModelConfig) -> dict[str, tuple[int, ...]]:
+        qkv = c.q_size + 2 * c.kv_size
+        shapes = {
+            "attn_norm.weight": (c.hidden_size,),
+            "attn.qkv_proj.weight": (qkv, c.hidden_size),
+            "attn.o_proj.weight": (c.hidden_size, c.q_size),
+            "ffn_norm.weight": (c.hidden_size,),
+            "mlp.gate_up_proj.weight": (2 * c.intermediate_size, c.hidden_size),
+            "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+        }
+        if c.attention_bias:
+            shapes["attn.qkv_proj.bias"] = (qkv,)
+        return shapes
+
+    @classmethod
+    def hf_layer_sources(cls, c: ModelConfig) -> dict[str, tuple[str, ...]]:
+        """kiln layer param -> the HF tensors concatenated (axis 0) to make it."""
+        attn, mlp = "self_attn", "mlp"
+        sources = {
+            "attn_norm.weight": ("input_layernorm.weight",),
+            "attn.qkv_proj.weight": tuple(f"{attn}.{p}_proj.weight" for p in "qkv"),
+            "attn.o_proj.weight": (f"{attn}.o_proj.weight",),
+            "ffn_norm.weight": ("post_attention_layernorm.weight",),
+            "mlp.gate_up_proj.weight": (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"),
+            "mlp.down_proj.weight": (f"{mlp}.down_proj.weight",),
+        }
+        if c.attention_bias:
+            sources["attn.qkv_proj.bias"] = tuple(f"{attn}.{p}_proj.bias" for p in "qkv")
+        return sources
+
+    @classmethod
+    def convert_hf(
+        cls,
+        config: ModelConfig,
+        names: list[str],
+        load: Callable[[str], np.ndarray],
+        file: str,
+    ) -> dict[str, Callable[[], np.ndarray]]:
+        """Map HF tensor names to kiln params (QKV and gate/up concatenated as data).
+
+        Returns kiln name -> thunk producing the array, so that weights are read
+        one at a time at write time. Missing tensors are an error (never
+        zero-filled); unexpected ones are an error too (strict policy), except
+        derived buffers such as rotary inv_freq.
+        """
+        c = config
+        sources: dict[str, tuple[str, ...]] = {"embed_tokens": ("model.embed_tokens.weight",), "norm.weight": ("model.norm.weight",)}
+        if not c.tie_word_embeddings:
+            sources["lm_head.weight"] = ("lm_head.weight",)
+        for i in range(c.num_hidden_layers):
+            for k, srcs in cls.hf_layer_sources(c).items():
+                sources[f"layers.{i}.{k}"] = tuple(f"model.layers.{i}.{s}" for s in srcs)
+        available = set(names)
+        wanted = {s for srcs in sources.values() for s in srcs}
+        missing = sorted(wanted - available)
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise ModelFormatError(f"{file}: missing tensors {', '.join(missing[:5])}{more}")
+        extra = sorted(n for n in available - wanted if not n.endswith(IGNORED_HF_TENSORS))
+        if c.tie_word_embeddings and "lm_head.weight" in extra:
+            extra.remove("lm_head.weight")  # some tied checkpoints store the copy; it is not used
+        if extra:
+            more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+            raise ModelFormatError(f"{file}: unexpected tensors {', '.join(extra[:5])}{more} for {c.architecture}")
+        expected = cls.param_shapes(c)
+        out: dict[str, Callable[[], np.ndarray]] = {}
+        for name, srcs in sources.items():
+            out[name] = _concat_thunk(name, srcs, expected[name], load, file)
+        return out
+
+
+def _concat_thunk(name, srcs, shape, load, file):
+    def thunk() -> np.ndarray:
+        parts = [load(s) for s in srcs]
+        for s, p in zip(srcs, parts):
+            if p.ndim != len(shape) or p.shape[1:] != tuple(shape[1:]):
+                raise ModelFormatError(f"{file}: tensor {s} has shape {list(p.shape)}, expected [*, {', '.join(map(str, shape[1:]))}] for {name}")
+        arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        if arr.shape != tuple(shape):
+            got = " + ".join(str(list(p.shape)) for p in parts)
+            raise ModelFormatError(f"{file}: tensor(s) {', '.join(srcs)} have shape {got}, expected {list(shape)} from config.json")
+        return arr
+
+    return thunk
+
+
+def check_finite(name: str, arr: np.ndarray, file: str) -> None:
+    """NaN/Inf weights are reported, never silently compiled (BAD_INPUTS 12)."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ModelFormatError(f"{file}: tensor {name} has {bad} NaN/Inf values")
+
+
+def params_from_mapping(params: Mapping[str, np.ndarray]) -> dict[str, Callable[[], np.ndarray]]:
+    return {k: (lambda v=v: v) for k, v in params.items()}

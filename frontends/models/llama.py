@@ -1,0 +1,64 @@
+"""Llama (2, 3, 3.1/3.2 with llama3 rope scaling, tied or untied embeddings).
+
+The reference decoder the other families specialise:
+    h   = x + attn(attn_norm(x))
+    out = h + mlp(ffn_norm(h))
+with grouped-query attention over a paged KV cache (RoPE applied on append)
+and a SwiGLU MLP. QKV and gate/up projections are single matmuls: their
+weights were concatenated at conversion time.
+"""
+
+from __future__ import annotations
+
+from . import register
+from .base import DecoderLM, Linear, RMSNorm, nn, op
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c, dtype: str):
+        self.c = c
+        self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, dtype, bias=c.attention_bias)
+        self.o_proj = Linear(c.q_size, c.hidden_size, dtype)
+
+    def qkv(self, x):
+        """x [b, s, hidden] -> qkv [b, s, q_heads + 2 * kv_heads, head_dim]."""
+        c = self.c
+        b, s, _ = x.shape
+        heads = c.num_attention_heads + 2 * c.num_key_value_heads
+        return op.reshape(self.qkv_proj(x), (b, s, heads, c.head_dim))
+
+    def forward(self, x, kv_cache, layer_id: int):
+        c = self.c
+        b, s, _ = x.shape
+        attn = kv_cache.attention_with_fused_qkv(layer_id, self.qkv(x), c.num_attention_heads, sm_scale=c.head_dim**-0.5)
+        return self.o_proj(op.reshape(attn, (b, s, c.q_size)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, c, dtype: str):
+        self.inter = c.intermediate_size
+        self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, dtype)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype)
+
+    def forward(self, x):
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_cls = LlamaAttention
+
+    def __init__(self, c, dtype: str):
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.attn = self.attention_cls(c, dtype)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(c, dtype)
+
+    def forward(self, x, kv_cache, layer_id: int):
+        h = x + self.attn(self.attn_norm(x), kv_cache, layer_id)
+        return h + self.mlp(self.ffn_norm(h))
+
+
+@register("LlamaForCausalLM")
+class LlamaForCausalLM(DecoderLM):
+    layer_cls = LlamaDecoderLayer

@@ -1,0 +1,94 @@
+"""The one place kiln imports TVM.
+
+TVM 0.27 moved things around (``tvm.tir`` is ``tvm.tirx``, dlight lives in
+``tvm.s_tir.dlight``, targets are JSON dicts). Every other kiln module asks this
+module for what it needs, so the next move is fixed here once.
+
+Two modes:
+- ``runtime()``: the TVM runtime only. When TVM is not yet imported in this
+  process it is imported with ``TVM_USE_RUNTIME_LIB=1`` so that
+  ``libtvm_compiler.so`` (260 MB) is never loaded; this is what a deployment
+  machine has.
+- ``compiler()``: the full TVM (relax, tirx, dlight, codegen). Fails with a clear
+  message when the process already imported TVM runtime-only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+from .errors import KilnError
+
+TVM_VERSION_PINNED = "0.27.0.post1"
+
+
+def runtime() -> types.SimpleNamespace:
+    """Return the TVM runtime pieces the kiln runtime uses (no compiler)."""
+    if "tvm" not in sys.modules:
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    try:
+        import tvm  # noqa: PLC0415
+        import tvm_ffi  # noqa: PLC0415
+        from tvm import runtime as tvm_runtime  # noqa: PLC0415
+        from tvm.runtime import vm as tvm_vm  # noqa: PLC0415
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise KilnError(f"the TVM runtime is not importable ({err}); install apache-tvm=={TVM_VERSION_PINNED}") from err
+    return types.SimpleNamespace(
+        tvm=tvm,
+        ffi=tvm_ffi,
+        runtime=tvm_runtime,
+        vm=tvm_vm,
+        version=tvm_version(),
+        get_global_func=lambda name: tvm_ffi.get_global_func(name, allow_missing=True),
+    )
+
+
+def tvm_version() -> str:
+    import tvm  # noqa: PLC0415
+
+    return getattr(tvm, "__version__", "unknown")
+
+
+def runtime_only_loaded() -> bool:
+    """True when this process loaded TVM without libtvm_compiler.so."""
+    base = sys.modules.get("tvm.base")
+    return bool(base is not None and getattr(base, "_RUNTIME_ONLY", False))
+
+
+def compiler() -> types.SimpleNamespace:
+    """Return the full TVM compiler API used by frontends/, passes/ and compiler/."""
+    if runtime_only_loaded():
+        raise KilnError(
+            "TVM was imported runtime-only in this process (TVM_USE_RUNTIME_LIB=1); "
+            "the compiler needs libtvm_compiler.so: run compilation in a separate process"
+        )
+    import tvm  # noqa: PLC0415
+    from tvm import relax, tirx  # noqa: PLC0415
+    from tvm.relax.frontend import nn  # noqa: PLC0415
+    from tvm.relax.frontend.nn import op, spec  # noqa: PLC0415
+    from tvm.relax.frontend.nn.llm import kv_cache as llm_kv_cache  # noqa: PLC0415
+    from tvm.relax.frontend.nn.llm import position_embedding as llm_rope  # noqa: PLC0415
+    from tvm.s_tir import dlight  # noqa: PLC0415
+    from tvm.s_tir import schedule as s_schedule  # noqa: PLC0415
+    from tvm.script import tirx as T  # noqa: PLC0415
+    from tvm.target import Target  # noqa: PLC0415
+
+    if runtime_only_loaded():
+        raise KilnError("libtvm_compiler.so could not be loaded: the TVM compiler is unavailable in this install")
+    return types.SimpleNamespace(
+        tvm=tvm,
+        relax=relax,
+        tirx=tirx,
+        T=T,
+        nn=nn,
+        op=op,
+        spec=spec,
+        kv_cache=llm_kv_cache,
+        rope=llm_rope,
+        dlight=dlight,
+        schedule=s_schedule,
+        Target=Target,
+        version=tvm_version(),
+    )
