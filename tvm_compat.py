@@ -26,8 +26,14 @@ TVM_VERSION_PINNED = "0.27.0.post1"
 
 def runtime() -> types.SimpleNamespace:
     """Return the TVM runtime pieces the kiln runtime uses (no compiler)."""
-    if "tvm" not in sys.modules:
+    fresh = "tvm" not in sys.modules
+    if fresh:
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    # tvm_ffi imports torch eagerly when it is installed (seconds of start-up,
+    # and the runtime must not depend on torch): hide it during the import.
+    hide_torch = fresh and "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
     try:
         import tvm  # noqa: PLC0415
         import tvm_ffi  # noqa: PLC0415
@@ -35,6 +41,9 @@ def runtime() -> types.SimpleNamespace:
         from tvm.runtime import vm as tvm_vm  # noqa: PLC0415
     except ImportError as err:  # pragma: no cover - depends on the install
         raise KilnError(f"the TVM runtime is not importable ({err}); install apache-tvm=={TVM_VERSION_PINNED}") from err
+    finally:
+        if hide_torch and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
     return types.SimpleNamespace(
         tvm=tvm,
         ffi=tvm_ffi,

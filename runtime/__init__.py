@@ -1,0 +1,13 @@
+"""kiln runtime: load an artifact with the TVM runtime only and generate text.
+
+    from kiln.runtime import load
+    s = load("smollm2.kiln")
+    ids = s.encode_prompt("Hello", chat=True)
+    print(s.generate(ids, max_new_tokens=32).text)
+    s.logits(ids)   # float32 [T, vocab], teacher-forced
+"""
+
+from .sampler import SamplingParams
+from .session import GenerationResult, Session, load
+
+__all__ = ["load", "Session", "SamplingParams", "GenerationResult"]

@@ -1,0 +1,205 @@
+"""The `kiln` command: parses arguments and calls library functions.
+
+Exit 0 on success; on bad input a one-line `kiln: error: ...` and exit 2
+(no traceback unless --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+from .errors import KilnError
+
+EXAMPLES = {
+    "compile": "example: kiln compile ./SmolLM2-135M-Instruct/ -o smollm2.kiln --dtype float32",
+    "run": 'example: kiln run smollm2.kiln --prompt "What is the capital of France?" --chat --max-new-tokens 64',
+    "eval": "example: kiln eval smollm2.kiln --text book.txt --logits-out logits.npy --json",
+    "inspect": "example: kiln inspect smollm2.kiln --json",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Compile LLMs ahead of time and run the artifacts.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name, help_):
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+        return sp
+
+    c = add("compile", "compile a model (HF dir, .safetensors + config.json, or .gguf) into an artifact")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", required=True, help="artifact directory to write (NAME.kiln)")
+    c.add_argument("--target", default="llvm", help="llvm (this CPU) or llvm:CPU, e.g. llvm:x86-64-v3")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's")
+    c.add_argument("--max-seq-len", type=int, default=None, help="largest context the artifact supports")
+    c.add_argument("--dump-ir", default=None, help="write the IR after each pass into this directory")
+    c.add_argument("--quiet", action="store_true")
+
+    r = add("run", "generate text from an artifact")
+    r.add_argument("artifact")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--tokens", help="comma-separated prompt token ids (no tokenizer needed)")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--repetition-penalty", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    r.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (benchmarks)")
+    r.add_argument("--max-seq-len", type=int, default=None, help="context to reserve KV memory for")
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+
+    e = add("eval", "teacher-forced evaluation: perplexity, mean NLL, logits")
+    e.add_argument("artifact")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", help="a UTF-8 text file")
+    g.add_argument("--tokens", help="comma-separated token ids")
+    e.add_argument("--logits-out", default=None, help="write float32 logits [T, vocab] to this .npy")
+    e.add_argument("--max-seq-len", type=int, default=None)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--json", action="store_true")
+
+    i = add("inspect", "show an artifact's manifest: target, params, hashes, versions")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def _parse_tokens(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise KilnError(f"--tokens must be comma-separated integers, got {text[:40]!r}") from None
+    if not ids:
+        raise KilnError("--tokens is empty")
+    return ids
+
+
+def cmd_compile(a) -> int:
+    from .compiler.build import compile_model  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        if not a.quiet:
+            print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    summary = compile_model(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir, progress=progress)
+    print(summary.line())
+    return 0
+
+
+def cmd_run(a) -> int:
+    from .runtime import SamplingParams, load  # noqa: PLC0415
+
+    sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed)
+    s = load(a.artifact, max_seq_len=a.max_seq_len, threads=a.threads)
+    ids = _parse_tokens(a.tokens) if a.tokens is not None else s.encode_prompt(a.prompt, chat=a.chat)
+
+    def echo(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    res = s.generate(ids, max_new_tokens=a.max_new_tokens, sampling=sampling, stop=a.stop, ignore_eos=a.ignore_eos, on_text=None if a.json else echo)
+    if a.json:
+        print(json.dumps({
+            "prompt_tokens": res.prompt_tokens,
+            "tokens": res.tokens,
+            "text": res.text,
+            "finish_reason": res.finish_reason,
+            "prefill_tok_per_s": round(res.prefill_tok_per_s, 2),
+            "decode_tok_per_s": round(res.decode_tok_per_s, 2),
+            "load_seconds": round(s.load_seconds, 3),
+        }, ensure_ascii=False))
+    else:
+        print()
+        print(f"[prompt {len(res.prompt_tokens)} tokens: {res.prefill_tok_per_s:.1f} tok/s prefill | "
+              f"{len(res.tokens)} generated: {res.decode_tok_per_s:.1f} tok/s decode | load {s.load_seconds:.2f} s | {res.finish_reason}]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    from .runtime import load  # noqa: PLC0415
+
+    s = load(a.artifact, max_seq_len=a.max_seq_len, threads=a.threads)
+    if a.tokens is not None:
+        ids = _parse_tokens(a.tokens)
+    else:
+        try:
+            with open(a.text, encoding="utf-8") as f:
+                text = f.read(64 << 20)
+        except (OSError, UnicodeDecodeError) as err:
+            raise KilnError(f"--text {a.text}: cannot read UTF-8 text ({err})") from None
+        ids = s.encode_prompt(text)
+    if len(ids) < 2:
+        raise KilnError("eval needs at least 2 tokens")
+    t0 = time.perf_counter()
+    logits = s.logits(ids)
+    secs = time.perf_counter() - t0
+    x = logits[:-1].astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    nll = float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
+    if a.logits_out:
+        np.save(a.logits_out, logits.astype(np.float32))
+    out = {"tokens": len(ids), "mean_nll": nll, "perplexity": math.exp(nll), "seconds": round(secs, 3)}
+    print(json.dumps(out) if a.json else f"tokens {len(ids)}  mean NLL {nll:.4f}  perplexity {math.exp(nll):.3f}  ({secs:.2f} s)")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .runtime.artifact import open_artifact  # noqa: PLC0415
+
+    art = open_artifact(a.artifact, verify_hashes=True)
+    m = art.manifest
+    if a.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    c = m["model"]["config"]
+    print(f"{art.path}: kiln artifact v{m['format_version']} (kiln {m['kiln_version']}, TVM {m['tvm_version']}, runtime ABI {m['runtime_abi']})")
+    print(f"  model    {m['model']['architecture']} from {m['model']['source']} ({m['model']['source_format']}): "
+          f"{c['num_hidden_layers']} layers, dim {c['hidden_size']}, heads {c['num_attention_heads']}/{c['num_key_value_heads']}, vocab {c['vocab_size']}")
+    print(f"  params   {m['model']['num_params'] / 1e6:.2f}M  dtype {m['dtype']}  quant {m.get('quant', 'none')}  ({len(m['params'])} tensors)")
+    for t in m["targets"]:
+        desc = f"{t['kind']} {t.get('mcpu', t.get('arch', ''))} {t['triple']}"
+        flags = t.get("required_cpu_flags")
+        print(f"  target   {t['device']}: {desc}" + (f"  needs {' '.join(flags)}" if flags else ""))
+    kv = m["kv_cache"]
+    print(f"  kv cache {kv['kind']} {kv['dtype']}, page {kv['page_size']}, max {kv['max_seq_len']} tokens, {kv['bytes_per_token'] / 1024:.1f} KiB/token")
+    print(f"  tokenizer {'yes' + (' + chat template' if (m.get('tokenizer') or {}).get('chat_template') else '') if m.get('tokenizer') else 'none (use --tokens)'}")
+    for rel, info in m["files"].items():
+        print(f"  file     {rel:24s} {info['size'] / 2**20:9.2f} MiB  sha256 {info['sha256'][:16]}…")
+    print("  hashes   verified")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect}[args.cmd]
+    try:
+        return handler(args)
+    except KilnError as err:
+        if args.debug:
+            raise
+        print(f"kiln: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

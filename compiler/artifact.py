@@ -1,0 +1,189 @@
+"""Write an artifact atomically.
+
+Protocol (BAD_INPUTS 17-19):
+1. Take an exclusive lock `.NAME.lock` beside the output (two compiles to one
+   output: the second fails at once instead of interleaving files).
+2. Remove leftovers of killed compiles (`.NAME.tmp-*`), which we may do since we
+   hold the lock.
+3. Write every file into a fresh temp dir beside the output (same filesystem),
+   hashing while writing; fsync each file.
+4. Write manifest.json last, fsync the temp dir.
+5. Publish: rename the temp dir to the output; if an earlier artifact is there,
+   swap the two atomically (renameat2 RENAME_EXCHANGE) and then delete the old
+   one. There is never a half-written artifact at the output path, and a
+   failure at any step leaves an earlier artifact intact.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ..errors import CompileError
+from ..runtime.manifest import MAGIC, MANIFEST_NAME, seal
+
+_RENAME_EXCHANGE = 2
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2). False when unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    res = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if res == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def is_artifact(path: Path) -> bool:
+    try:
+        with open(path / MANIFEST_NAME, "rb") as f:
+            return json.loads(f.read(1 << 20).decode()).get("magic") == MAGIC
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+class HashingWriter:
+    """A binary file writer that hashes what it writes and fsyncs on close."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "xb")  # noqa: SIM115
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        self.f.write(mv)
+        self.sha.update(mv)
+        self.size += mv.nbytes
+
+    def close(self) -> dict:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return {"sha256": self.sha.hexdigest(), "size": self.size}
+
+
+def hash_file(path: Path) -> dict:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"sha256": sha.hexdigest(), "size": size}
+
+
+class ArtifactWriter:
+    """Context manager: `with ArtifactWriter(out) as w: ...; w.commit(manifest)`."""
+
+    def __init__(self, output: Path):
+        self.output = Path(os.path.abspath(output))
+        self.parent = self.output.parent
+        self.files: dict[str, dict] = {}
+        self.tmp: Path | None = None
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> "ArtifactWriter":
+        if self.output.exists() and not is_artifact(self.output):
+            raise CompileError(f"{self.output}: exists and is not a kiln artifact; refusing to overwrite it")
+        if not self.parent.is_dir():
+            raise CompileError(f"{self.parent}: output directory does not exist")
+        lock_path = self.parent / f".{self.output.name}.lock"
+        try:
+            self._lock_fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as err:
+            raise CompileError(f"cannot write to {self.parent}: {err.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise CompileError(f"{self.output}: another kiln compile is writing this artifact right now") from None
+        for leftover in self.parent.glob(f".{self.output.name}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.parent.glob(f".{self.output.name}.old-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.tmp = self.parent / f".{self.output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.tmp.mkdir()
+        except OSError as err:
+            self._unlock()
+            raise CompileError(f"cannot write to {self.parent}: {err.strerror}") from None
+        return self
+
+    def path(self, rel: str) -> Path:
+        p = self.tmp / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def open(self, rel: str) -> HashingWriter:
+        return HashingWriter(self.path(rel))
+
+    def record(self, rel: str, info: dict | None = None) -> None:
+        """Record a finished file's hash (computed now unless given)."""
+        p = self.tmp / rel
+        if info is None:
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+            info = hash_file(p)
+        self.files[rel] = info
+
+    def commit(self, manifest: dict) -> None:
+        manifest = seal({**manifest, "files": dict(sorted(self.files.items()))})
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        with open(self.tmp / MANIFEST_NAME, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        for d in {self.tmp, *[(self.tmp / r).parent for r in self.files]}:
+            _fsync_dir(d)
+        if self.output.exists():
+            if _exchange(self.tmp, self.output):
+                old = self.tmp  # after the swap the temp name holds the old artifact
+            else:
+                old = self.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(self.output, old)
+                os.rename(self.tmp, self.output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.output)
+        _fsync_dir(self.parent)
+        self.tmp = None
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+        self._unlock()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise CompileError(f"disk full while writing {self.output}; nothing was written there and any earlier artifact is intact") from exc

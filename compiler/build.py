@@ -1,0 +1,174 @@
+"""`kiln compile`: checkpoint -> Relax IR -> passes -> codegen -> artifact."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import CompileError, ModelFormatError
+from ..frontends.checkpoint import open_checkpoint
+from ..frontends.config import ModelConfig
+from ..frontends.models import family_for
+from ..frontends.models.base import check_finite
+from ..passes.pipeline import PipelineOptions, run_pipeline
+from ..runtime.manifest import FORMAT_VERSION, MAGIC, RUNTIME_ABI
+from ..tvm_compat import compiler
+from .artifact import ArtifactWriter
+from .target import CompileTarget, parse_target
+from .weights import write_safetensors
+
+DTYPES = ("float32", "float16", "bfloat16")
+PAGE_SIZE = 16
+
+
+@dataclass
+class CompileSummary:
+    output: Path
+    num_params: int
+    artifact_bytes: int
+    targets: list[str]
+    seconds: float
+    dtype: str
+
+    def line(self) -> str:
+        return (f"compiled {self.output}: {self.num_params / 1e6:.1f}M params, {self.dtype}, "
+                f"{self.artifact_bytes / 2**20:.1f} MiB, target {', '.join(self.targets)}, {self.seconds:.1f} s")
+
+
+def _progress_noop(_msg: str) -> None:
+    pass
+
+
+def compile_model(
+    model: str | Path,
+    output: str | Path,
+    *,
+    target: str = "llvm",
+    dtype: str | None = None,
+    max_seq_len: int | None = None,
+    dump_ir: str | Path | None = None,
+    progress: Callable[[str], None] = _progress_noop,
+) -> CompileSummary:
+    """Compile a checkpoint (HF dir / .safetensors / .gguf) into an artifact directory."""
+    t0 = time.perf_counter()
+    targets = parse_target(target)
+    progress(f"read {model}")
+    ck = open_checkpoint(model)
+    config = ModelConfig.from_dict(ck.config, file=f"{ck.source} (config)")
+    family = family_for(config.architecture, file=ck.source)
+    config = family.adapt_config(config)
+    dtype = dtype or config.source_dtype
+    if dtype not in DTYPES:
+        raise CompileError(f"--dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}")
+    max_ctx = config.max_position_embeddings
+    if config.sliding_window is not None:
+        max_ctx = min(max_ctx, config.sliding_window)  # attention stays exact within the window
+    if max_seq_len is not None:
+        if not 1 <= max_seq_len <= max_ctx:
+            raise CompileError(f"--max-seq-len {max_seq_len} is outside [1, {max_ctx}] for this model")
+        max_ctx = max_seq_len
+    thunks = family.convert_hf(config, ck.tensor_names, ck.load, ck.source)
+    expected = family.param_shapes(config)
+
+    out_path = Path(output)
+    with ArtifactWriter(out_path) as writer:
+        progress("convert weights")
+        tvm_targets = [tg.tvm_target() for tg in targets]
+        with tvm_targets[0]:
+            lm = family(config, dtype)
+            mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
+        order = [name for name, _ in named_params]
+        if set(order) != set(expected):
+            raise CompileError(f"internal: graph params and converted params differ: {sorted(set(order) ^ set(expected))[:5]}")
+
+        def produce(name: str) -> np.ndarray:
+            arr = thunks[name]()
+            check_finite(name, arr, ck.source)
+            return arr
+
+        info = write_safetensors(writer.open("weights.safetensors"), order, {n: expected[n] for n in order}, dtype, produce, progress)
+        writer.record("weights.safetensors", info)
+        num_params = int(sum(int(np.prod(expected[n])) for n in order))
+
+        lib_entries = []
+        for tg, tvm_target in zip(targets, tvm_targets):
+            progress(f"passes ({tg.kind})")
+            opts = PipelineOptions(target=tvm_target, dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
+            lowered = run_pipeline(mod, opts)
+            progress(f"codegen ({tg.kind} {tg.mcpu or tg.arch})")
+            rel = f"lib/{tg.device}.so"
+            _build_library(lowered, tvm_target, writer.path(rel))
+            writer.record(rel)
+            lib_entries.append({**tg.manifest(), "library": rel})
+
+        tok_manifest = None
+        if ck.tokenizer is not None:
+            tok = ck.tokenizer
+            hw = writer.open("tokenizer.json")
+            hw.write(tok.tokenizer_json.encode("utf-8"))
+            writer.record("tokenizer.json", hw.close())
+            tok_manifest = {
+                "file": "tokenizer.json",
+                "chat_template": tok.chat_template,
+                "bos_token": tok.bos_token,
+                "eos_token": tok.eos_token,
+                "add_bos": tok.add_bos,
+                "extra_eos_tokens": list(tok.extra_eos_tokens),
+            }
+
+        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+        manifest = {
+            "magic": MAGIC,
+            "format_version": FORMAT_VERSION,
+            "kiln_version": __version__,
+            "tvm_version": compiler().version,
+            "runtime_abi": RUNTIME_ABI,
+            "model": {
+                "architecture": config.architecture,
+                "config": json.loads(json.dumps(config.to_dict(), default=list)),
+                "source": Path(ck.source).name,
+                "source_format": ck.format,
+                "source_dtypes": sorted(set(ck.tensor_dtypes.values())),
+                "num_params": num_params,
+            },
+            "dtype": dtype,
+            "quant": "none",
+            "targets": lib_entries,
+            "params": [{"name": n, "shape": list(expected[n]), "dtype": dtype, "quant": "none"} for n in order],
+            "weights_file": "weights.safetensors",
+            "kv_cache": {
+                "kind": "paged",
+                "dtype": dtype,
+                "page_size": PAGE_SIZE,
+                "max_seq_len": max_ctx,
+                "num_layers": config.num_hidden_layers,
+                "num_kv_heads": config.num_key_value_heads,
+                "head_dim": config.head_dim,
+                "bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize,
+            },
+            "tokenizer": tok_manifest,
+            "eos_token_ids": list(config.eos_token_ids),
+            "bos_token_id": config.bos_token_id,
+        }
+        progress("write artifact")
+        writer.commit(manifest)
+        total = sum(f["size"] for f in writer.files.values())
+    return CompileSummary(out_path, num_params, total, [f"{tg.kind}:{tg.mcpu or tg.arch}" for tg in targets], time.perf_counter() - t0, dtype)
+
+
+def _build_library(mod, tvm_target, path: Path) -> None:
+    t = compiler()
+    try:
+        ex = t.relax.build(mod, target=tvm_target, relax_pipeline=t.relax.pipeline.default_build_pipeline())
+        ex.export_library(str(path))
+    except Exception as err:  # TVM raises many types; report one line
+        raise CompileError(f"codegen for {tvm_target} failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}") from err
+
+
+__all__ = ["compile_model", "CompileSummary", "CompileTarget", "ModelFormatError"]

@@ -1,0 +1,93 @@
+"""Compilation targets: parse `--target`, detect the host CPU, describe what the
+built library needs from the machine that loads it.
+
+Spellings:
+  llvm                 the host CPU (triple from the OS, mcpu detected)
+  llvm:x86-64-v3       an explicit LLVM CPU name (also znver4, skylake-avx512, ...)
+  cuda:sm_90           later: a CUDA arch (the abstraction is here, codegen is not yet)
+
+Why detect mcpu ourselves: the LLVM inside TVM 0.27's wheel has the triple
+x86_64-conda-linux-gnu and silently builds `mcpu=native` for baseline SSE2
+("not valid in -mtriple"). We pass an explicit triple and the detected CPU name.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+
+from ..errors import CompileError
+from ..runtime.hostinfo import LLVM_TO_CPUINFO, host_os
+from ..tvm_compat import compiler
+
+_TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+
+
+@dataclass(frozen=True)
+class CompileTarget:
+    """One code target of an artifact."""
+
+    kind: str  # "llvm" | "cuda"
+    triple: str = ""
+    mcpu: str = ""
+    arch: str = ""  # cuda: sm_90
+    llvm_features: tuple[str, ...] = field(default=())
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.kind == "llvm" else "cuda"
+
+    def tvm_target(self):
+        t = compiler()
+        if self.kind == "llvm":
+            return t.Target({"kind": "llvm", "mtriple": self.triple, "mcpu": self.mcpu})
+        return t.Target({"kind": "cuda", "arch": self.arch, "host": {"kind": "llvm", "mtriple": self.triple}})
+
+    def required_cpu_flags(self) -> list[str]:
+        """/proc/cpuinfo flags the host must have to run this library."""
+        return sorted({LLVM_TO_CPUINFO[f] for f in self.llvm_features if f in LLVM_TO_CPUINFO})
+
+    def manifest(self) -> dict:
+        out = {"kind": self.kind, "device": self.device, "triple": self.triple, "os": "linux"}
+        if self.kind == "llvm":
+            out.update(
+                mcpu=self.mcpu,
+                machine=self.triple.split("-")[0],
+                required_cpu_flags=self.required_cpu_flags(),
+            )
+        else:
+            out["arch"] = self.arch
+        return out
+
+
+def host_triple() -> str:
+    machine = platform.machine().lower()
+    if machine not in _TRIPLES:
+        raise CompileError(f"host machine {machine!r} is not supported; supported: x86_64, aarch64")
+    if host_os() != "linux":
+        raise CompileError(f"host OS {host_os()!r} is not supported yet; supported: linux")
+    return _TRIPLES[machine]
+
+
+def parse_target(spec: str) -> list[CompileTarget]:
+    """`llvm`, `llvm:CPU`, comma lists. Raises CompileError with the accepted forms."""
+    t = compiler()
+    codegen = t.tvm.target.codegen
+    targets = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        kind, _, arg = part.partition(":")
+        if kind == "llvm":
+            triple = host_triple()
+            mcpu = arg or codegen.llvm_get_system_cpu()
+            if not codegen.llvm_is_valid_cpu(mcpu, triple):
+                raise CompileError(f"--target {part}: {mcpu!r} is not a CPU LLVM knows for {triple} (try x86-64-v3, znver4, skylake-avx512)")
+            tgt = t.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu})
+            feats = codegen.llvm_get_cpu_features(tgt)
+            targets.append(CompileTarget("llvm", triple=triple, mcpu=mcpu, llvm_features=tuple(sorted(feats))))
+        elif kind == "cuda":
+            raise CompileError(f"--target {part}: CUDA targets are not available in this kiln version yet; use --target llvm")
+        else:
+            raise CompileError(f"--target {part!r}: unknown target kind {kind!r}; use llvm, llvm:CPU (e.g. llvm:x86-64-v3)")
+    if not targets:
+        raise CompileError("--target is empty; use llvm or llvm:CPU")
+    return targets

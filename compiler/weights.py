@@ -1,0 +1,50 @@
+"""Stream params into a safetensors file: header first (from the known specs),
+then one tensor at a time, so peak memory is one tensor, not the model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+
+from .artifact import HashingWriter
+
+_ST_DTYPE = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", ml_dtypes.bfloat16)}
+
+
+def write_safetensors(
+    out: HashingWriter,
+    order: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    dtype: str,
+    produce: Callable[[str], np.ndarray],
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Write params in `order`, each converted to `dtype`; returns the file's hash info."""
+    code, np_dtype = _ST_DTYPE[dtype]
+    itemsize = np.dtype(np_dtype).itemsize
+    header: dict = {"__metadata__": {"format": "kiln"}}
+    offset = 0
+    for name in order:
+        nbytes = int(np.prod(shapes[name], dtype=np.int64)) * itemsize
+        header[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+    out.write(len(raw).to_bytes(8, "little"))
+    out.write(raw)
+    try:
+        for i, name in enumerate(order):
+            arr = produce(name)
+            if tuple(arr.shape) != tuple(shapes[name]):
+                raise ValueError(f"param {name}: produced shape {list(arr.shape)}, expected {list(shapes[name])}")
+            arr = np.ascontiguousarray(arr.astype(np_dtype, copy=False))
+            out.write(arr.reshape(-1).view(np.uint8))
+            if progress and (i % 20 == 0 or i == len(order) - 1):
+                progress(f"  weights {i + 1}/{len(order)}")
+    except BaseException:
+        out.f.close()
+        raise
+    return out.close()

@@ -1,0 +1,31 @@
+"""ScheduleTIR: give every TIR function of the module a schedule for the target.
+
+Rules follow dlight: `apply(func, target) -> Schedule | None`, tried in order,
+the first that fits wins; the list ends in dlight's generic rules. Rules match
+the loop/buffer structure of a function, never its name.
+"""
+
+from __future__ import annotations
+
+from ..tvm_compat import compiler
+from .cpu_rules import cpu_rules
+
+
+def _rules_for(target) -> list:
+    t = compiler()
+    dl = t.dlight
+    if target.kind.name == "llvm":
+        return cpu_rules() + [dl.cpu.GEMV(), dl.cpu.Reduction()]
+    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+class ScheduleTIR:
+    """Module pass: schedule each not-yet-scheduled PrimFunc with the target's rules."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __call__(self, mod):
+        t = compiler()
+        dl = t.dlight
+        return dl.ApplyDefaultSchedule(*_rules_for(self.target))(mod)

@@ -1,0 +1,130 @@
+"""Open an artifact: check everything before any code is loaded.
+
+Order: manifest (format version, self-hash, ABI) -> this machine (OS, CPU,
+TVM version) -> sha256 of every file -> only then the library is handed to TVM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError
+from . import manifest as mf
+from .hostinfo import host_cpu_flags, host_machine, host_os
+
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict
+
+    def target_for(self, device: str) -> dict:
+        for t in self.manifest["targets"]:
+            if t["device"] == device:
+                return t
+        have = ", ".join(t["device"] for t in self.manifest["targets"])
+        raise ArtifactError(f"{self.path}: artifact has no code for device {device!r} (it has: {have}); recompile with a matching --target")
+
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+
+def _safe_rel(root: Path, rel: str) -> Path:
+    p = (root / rel).resolve()
+    if not str(p).startswith(str(root.resolve()) + os.sep):
+        raise ArtifactError(f"{root}: manifest names a file outside the artifact: {rel!r}")
+    return p
+
+
+def open_artifact(path: str | Path, device: str = "cpu", verify_hashes: bool = True) -> Artifact:
+    root = Path(path)
+    mpath = root / mf.MANIFEST_NAME
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not an artifact directory (compile one with `kiln compile MODEL -o {root}`)")
+    try:
+        size = mpath.stat().st_size
+        if size > mf.MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{mpath}: manifest is {size} bytes, over the {mf.MAX_MANIFEST_BYTES} limit")
+        raw = mpath.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{root}: no manifest.json (an incomplete or foreign directory, not a kiln artifact)") from None
+    manifest = mf.parse(raw, str(mpath))
+    art = Artifact(root, manifest)
+    check_host(art, device)
+    if verify_hashes:
+        for rel, info in manifest["files"].items():
+            verify_file(root, rel, info)
+    return art
+
+
+def check_host(art: Artifact, device: str) -> None:
+    """Refuse an artifact built for another machine, before loading its code."""
+    from ..tvm_compat import runtime  # noqa: PLC0415  (imports TVM runtime only)
+
+    m = art.manifest
+    tvm_here = runtime().version
+    if m["tvm_version"] != tvm_here:
+        raise ArtifactError(f"{art.path}: built with TVM {m['tvm_version']}, this runtime has TVM {tvm_here}: recompile with this kiln/TVM")
+    tgt = art.target_for(device)
+    if tgt.get("os", "linux") != host_os():
+        raise ArtifactError(f"{art.path}: built for {tgt.get('os')}, this machine runs {host_os()}: recompile on/for {host_os()}")
+    if device == "cpu":
+        machine = tgt.get("machine")
+        if machine != host_machine():
+            raise ArtifactError(f"{art.path}: built for {machine} CPUs, this machine is {host_machine()}: recompile with --target llvm on this machine")
+        have = host_cpu_flags()
+        missing = sorted(set(tgt.get("required_cpu_flags", [])) - have) if have else []
+        if missing:
+            raise ArtifactError(
+                f"{art.path}: built for CPU {tgt.get('mcpu')} which needs {', '.join(missing)}, not on this CPU: "
+                f"recompile with --target llvm (this CPU) or an older one such as --target llvm:x86-64-v2"
+            )
+
+
+def verify_file(root: Path, rel: str, info: dict) -> None:
+    p = _safe_rel(root, rel)
+    sha = hashlib.sha256()
+    size = 0
+    try:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                sha.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        raise ArtifactError(f"{root}: file {rel} listed in the manifest is missing") from None
+    if size != info.get("size", size) or sha.hexdigest() != info["sha256"]:
+        raise ArtifactError(f"{root}: {rel} fails its sha256 check (corrupted or modified): recompile or re-copy the artifact")
+
+
+def read_weights(art: Artifact) -> list[tuple[dict, np.ndarray]]:
+    """Memory-map the packed weights; returns (param spec, array view) in manifest order.
+
+    The file was hashed already; here the header must agree with the manifest's
+    param spec exactly (name, shape, dtype, order).
+    """
+    path = art.file(art.manifest.get("weights_file", "weights.safetensors"))
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > 100 << 20:
+            raise ArtifactError(f"{path}: weights header too large")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = []
+    for spec in art.manifest["params"]:
+        ent = header.get(spec["name"])
+        if ent is None or list(ent["shape"]) != list(spec["shape"]):
+            raise ArtifactError(f"{path}: param {spec['name']} does not match the manifest's spec")
+        start, end = ent["data_offsets"]
+        if not 0 <= start <= end <= data.size - base:
+            raise ArtifactError(f"{path}: param {spec['name']} lies outside the file")
+        out.append((spec, data[base + start : base + end]))
+    return out

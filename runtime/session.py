@@ -1,0 +1,269 @@
+"""A loaded model: paged KV cache, prefill, decode, generate, teacher-forced logits.
+
+Uses the TVM runtime only (tvm.runtime + the Relax VM), never the compiler.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, RequestError
+from ..tvm_compat import runtime
+from .artifact import Artifact, open_artifact, read_weights
+from .sampler import Sampler, SamplingParams
+from .tokenizer import StopMatcher, StreamDecoder, Tokenizer
+
+MAX_NEW_TOKENS_LIMIT = 1 << 20
+MAX_STOPS = 16
+MAX_STOP_LEN = 256
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length"
+    prefill_seconds: float
+    decode_seconds: float
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tok_per_s(self) -> float:
+        return len(self.prompt_tokens) / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        # the first generated token comes from prefill; decode produced the rest
+        n = max(len(self.tokens) - 1, 0)
+        return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class PagedKVCache:
+    """The TVM runtime's paged KV cache object, one sequence at a time for now.
+
+    Pages hold page_size tokens x kv_heads x head_dim per layer; memory for
+    max_seq_len tokens is reserved once at creation.
+    """
+
+    def __init__(self, vm, rt, max_seq_len: int, page_size: int, prefill_chunk: int):
+        shape = rt.ffi.Shape
+        self.rt = rt
+        self.obj = vm["create_paged_kv_cache"](shape([1]), shape([max_seq_len]), shape([prefill_chunk]), shape([page_size]), shape([0]))
+        g = rt.get_global_func
+        self._add, self._remove = g("vm.builtin.kv_state_add_sequence"), g("vm.builtin.kv_state_remove_sequence")
+        self._begin, self._end = g("vm.builtin.kv_state_begin_forward"), g("vm.builtin.kv_state_end_forward")
+        self.live: set[int] = set()
+
+    def add(self, seq_id: int) -> None:
+        self._add(self.obj, seq_id)
+        self.live.add(seq_id)
+
+    def remove(self, seq_id: int) -> None:
+        if seq_id in self.live:
+            self._remove(self.obj, seq_id)
+            self.live.discard(seq_id)
+
+    def begin(self, seq_ids: list[int], lengths: list[int]) -> None:
+        self._begin(self.obj, self.rt.ffi.Shape(seq_ids), self.rt.ffi.Shape(lengths))
+
+    def end(self) -> None:
+        self._end(self.obj)
+
+
+class Session:
+    """A model ready to run. Create with `kiln.runtime.load(path)`."""
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", max_seq_len: int | None = None, prefill_chunk: int = 1024):
+        t0 = time.perf_counter()
+        rt = runtime()
+        self.rt = rt
+        self.artifact = artifact
+        m = artifact.manifest
+        self.config = m["model"]["config"]
+        self.vocab_size = int(self.config["vocab_size"])
+        kv = m["kv_cache"]
+        limit = int(kv["max_seq_len"])
+        self.max_seq_len = min(limit, 4096) if max_seq_len is None else max_seq_len
+        if not 1 <= self.max_seq_len <= limit:
+            raise RequestError(f"max_seq_len {self.max_seq_len} is outside [1, {limit}] for this artifact")
+        self.prefill_chunk = max(1, min(prefill_chunk, self.max_seq_len))
+        tgt = artifact.target_for(device)
+        if device != "cpu":
+            raise ArtifactError(f"device {device!r} is not supported by this runtime yet")
+        self.dev = rt.tvm.cpu(0)
+        lib = rt.runtime.load_module(str(artifact.file(tgt["library"])))
+        self.vm = rt.vm.VirtualMachine(lib, self.dev)
+        self.params = [self._to_device(spec, raw) for spec, raw in read_weights(artifact)]
+        self.kv = PagedKVCache(self.vm, rt, self.max_seq_len, int(kv["page_size"]), self.prefill_chunk)
+        self._embed, self._prefill, self._decode = self.vm["embed"], self.vm["prefill"], self.vm["decode"]
+        self.tokenizer = None
+        tm = m.get("tokenizer")
+        if tm:
+            self.tokenizer = Tokenizer(artifact.file(tm["file"]), tm)
+        self.eos_ids = set(m.get("eos_token_ids") or [])
+        if self.tokenizer is not None:
+            for t in [tm.get("eos_token"), *tm.get("extra_eos_tokens", [])]:
+                i = self.tokenizer.token_id(t)
+                if i is not None:
+                    self.eos_ids.add(i)
+        self.load_seconds = time.perf_counter() - t0
+
+    # --- low level ---------------------------------------------------------
+    def _to_device(self, spec: dict, raw: np.ndarray):
+        import ml_dtypes  # noqa: PLC0415  (numpy has no bfloat16)
+
+        np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[spec["dtype"]]
+        arr = self.rt.runtime.empty(tuple(spec["shape"]), spec["dtype"], self.dev)
+        arr.copyfrom(np.asarray(raw).view(np_dtype).reshape(spec["shape"]))
+        return arr
+
+    def _tensor(self, a: np.ndarray):
+        return self.rt.runtime.tensor(a, self.dev)
+
+    def _forward_prefill(self, ids: list[int], logit_pos: np.ndarray) -> np.ndarray:
+        """Run `ids` through the model for sequence 0 (already in the cache); logits  # [n, vocab]."""
+        self.kv.begin([0], [len(ids)])
+        emb = self._embed(self._tensor(np.asarray(ids, dtype=np.int32)), self.params)
+        emb = emb._create_view((1, len(ids), emb.shape[1]))
+        out = self._prefill(emb, self._tensor(logit_pos.astype(np.int32)), self.kv.obj, self.params)
+        self.kv.end()
+        return out[0].numpy()[0]
+
+    def _forward_decode(self, token: int) -> np.ndarray:
+        self.kv.begin([0], [1])
+        emb = self._embed(self._tensor(np.asarray([token], dtype=np.int32)), self.params)
+        emb = emb._create_view((1, 1, emb.shape[1]))
+        out = self._decode(emb, self.kv.obj, self.params)
+        self.kv.end()
+        return out[0].numpy()[0, 0]
+
+    def _check_tokens(self, ids) -> list[int]:
+        if not isinstance(ids, (list, tuple, np.ndarray)) or len(ids) == 0:
+            raise RequestError("the prompt is empty: give at least one token")
+        out = []
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= int(t) < self.vocab_size:
+                raise RequestError(f"token id {t!r} is outside [0, {self.vocab_size})")
+            out.append(int(t))
+        return out
+
+    # --- public ------------------------------------------------------------
+    def logits(self, token_ids) -> np.ndarray:
+        """Teacher-forced logits at every position: float32 [T, vocab]; row i predicts token i+1."""
+        ids = self._check_tokens(token_ids)
+        if len(ids) > self.max_seq_len:
+            raise RequestError(f"sequence has {len(ids)} tokens, over this session's context of {self.max_seq_len}")
+        rows = []
+        self.kv.add(0)
+        try:
+            for s in range(0, len(ids), self.prefill_chunk):
+                chunk = ids[s : s + self.prefill_chunk]
+                rows.append(self._forward_prefill(chunk, np.arange(len(chunk))))
+        finally:
+            self.kv.remove(0)
+        return np.concatenate(rows, axis=0)
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("this artifact has no tokenizer: pass token ids (--tokens) instead of text")
+        if chat:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def stream(
+        self,
+        prompt_tokens,
+        *,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams | None = None,
+        stop: list[str] | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[tuple[int, str]]:
+        """Yield (token id, new text) as tokens are generated. Text is "" without a tokenizer."""
+        res = self._run(prompt_tokens, max_new_tokens, sampling, stop, ignore_eos)
+        yield from res
+
+    def generate(
+        self,
+        prompt_tokens,
+        *,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams | None = None,
+        stop: list[str] | None = None,
+        ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Generate from token ids (see `encode_prompt`); returns tokens, text and timings."""
+        gen = self._run(prompt_tokens, max_new_tokens, sampling, stop, ignore_eos)
+        tokens, texts = [], []
+        for tok, text in gen:
+            tokens.append(tok)
+            if text:
+                texts.append(text)
+                if on_text:
+                    on_text(text)
+        info = self._last
+        return GenerationResult(info["prompt"], tokens, "".join(texts), info["finish"], info["prefill_s"], info["decode_s"])
+
+    def _run(self, prompt_tokens, max_new_tokens, sampling, stop, ignore_eos):
+        ids = self._check_tokens(prompt_tokens)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise RequestError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens!r}")
+        if len(ids) >= self.max_seq_len:
+            raise RequestError(f"prompt has {len(ids)} tokens; the context holds {self.max_seq_len} (prompt + generated)")
+        max_new_tokens = min(max_new_tokens, self.max_seq_len - len(ids))
+        stop = list(stop or [])
+        if len(stop) > MAX_STOPS or any(not isinstance(s, str) or len(s) > MAX_STOP_LEN for s in stop):
+            raise RequestError(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_LEN} characters")
+        sampler = Sampler(sampling or SamplingParams())
+        detok = StreamDecoder(self.tokenizer) if self.tokenizer else None
+        matcher = StopMatcher(stop)
+        self._last = info = {"prompt": ids, "finish": "length", "prefill_s": 0.0, "decode_s": 0.0}
+        history = list(ids)
+        self.kv.add(0)
+        try:
+            t0 = time.perf_counter()
+            logits = None
+            for s in range(0, len(ids), self.prefill_chunk):
+                chunk = ids[s : s + self.prefill_chunk]
+                logits = self._forward_prefill(chunk, np.array([len(chunk) - 1]))[0]
+            tok = sampler(logits, history)
+            info["prefill_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for i in range(max_new_tokens):
+                history.append(tok)
+                if tok in self.eos_ids and not ignore_eos:
+                    info["finish"] = "eos"
+                    break
+                text = matcher.feed(detok.push(tok)) if detok else ""
+                yield tok, text
+                if matcher.stopped:
+                    info["finish"] = "stop"
+                    break
+                if i == max_new_tokens - 1:
+                    break
+                tok = sampler(self._forward_decode(tok), history)
+            info["decode_s"] = time.perf_counter() - t1
+            if detok and not matcher.stopped:
+                tail = matcher.feed(detok.flush()) + matcher.flush()
+                if tail:
+                    yield -1, tail
+        finally:
+            self.kv.remove(0)
+
+
+def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, threads: int | None = None, verify: bool = True) -> Session:
+    """Load an artifact (checks manifest, machine and hashes first) and return a Session."""
+    if threads is not None:
+        if not 1 <= threads <= 1024:
+            raise RequestError(f"threads must be in [1, 1024], got {threads}")
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    art = open_artifact(path, device=device, verify_hashes=verify)
+    return Session(art, device=device, max_seq_len=max_seq_len)

@@ -1,0 +1,118 @@
+"""Tokenizer, chat template and streaming detokenization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ArtifactError, RequestError
+
+
+class Tokenizer:
+    """Wraps an HF `tokenizers` tokenizer plus the chat template from the manifest."""
+
+    def __init__(self, path: Path, meta: dict):
+        from tokenizers import Tokenizer as HFTokenizer  # noqa: PLC0415
+
+        try:
+            self.tok = HFTokenizer.from_str(path.read_text(encoding="utf-8"))
+        except Exception as err:  # tokenizers raises plain Exception
+            raise ArtifactError(f"{path}: tokenizer cannot be loaded: {err}") from None
+        self.chat_template = meta.get("chat_template")
+        self.bos_token = meta.get("bos_token")
+        self.eos_token = meta.get("eos_token")
+        self.add_bos = bool(meta.get("add_bos"))
+        self._template = None
+
+    def token_id(self, text: str | None) -> int | None:
+        return None if text is None else self.tok.token_to_id(text)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        bos = self.token_id(self.bos_token)
+        if self.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if not self.chat_template:
+            raise RequestError("this artifact has no chat template; run without --chat")
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+            def raise_exception(msg):
+                raise RequestError(f"chat template: {msg}")
+
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=True,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+
+class StreamDecoder:
+    """Incremental detokenization that never emits half a UTF-8 character.
+
+    Decodes a sliding window of recent tokens and emits only the new suffix,
+    holding text back while it ends in U+FFFD (a byte sequence cut mid-character).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
+
+
+class StopMatcher:
+    """Stop strings over streamed text: holds back any suffix that may start a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        for s in self.stops:
+            i = self.pending.find(s)
+            if i >= 0:
+                self.stopped = True
+                out, self.pending = self.pending[:i], ""
+                return out
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
