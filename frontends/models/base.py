@@ -8,7 +8,8 @@ written once. Exported Relax functions (all params passed packed, last arg):
 - ``prefill(embeds, logit_pos, kv_cache)``     embeds     # [1, seq, hidden]
                                                logit_pos  # [n] int32 rows of seq to project
                                                -> logits  # [1, n, vocab] float32
-- ``decode(embeds, kv_cache)``                 embeds     # [batch, 1, hidden] -> [batch, 1, vocab] float32
+- ``decode(embeds, kv_cache)``                 embeds     # [1, 1, hidden] -> [1, 1, vocab] float32
+  (batch 1: static shapes let the GEMV rules match; batched decode comes with serving)
 - ``create_paged_kv_cache(max_batch, max_total_seq, prefill_chunk, page_size, sliding)``
 """
 
@@ -137,7 +138,7 @@ class DecoderLM(nn.Module):
                 "kv_cache": kv,
                 "$": packed,
             },
-            "decode": {"embeds": spec.Tensor(["batch_size", 1, hidden], self.dtype), "kv_cache": kv, "$": packed},
+            "decode": {"embeds": spec.Tensor([1, 1, hidden], self.dtype), "kv_cache": kv, "$": packed},
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
