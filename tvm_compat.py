@@ -74,7 +74,7 @@ def compiler() -> types.SimpleNamespace:
             "the compiler needs libtvm_compiler.so: run compilation in a separate process"
         )
     import tvm  # noqa: PLC0415
-    from tvm import relax, tirx  # noqa: PLC0415
+    from tvm import relax, te, tirx  # noqa: PLC0415
     from tvm.relax.frontend import nn  # noqa: PLC0415
     from tvm.relax.frontend.nn import op, spec  # noqa: PLC0415
     from tvm.relax.frontend.nn.llm import kv_cache as llm_kv_cache  # noqa: PLC0415
@@ -90,6 +90,7 @@ def compiler() -> types.SimpleNamespace:
         tvm=tvm,
         relax=relax,
         tirx=tirx,
+        te=te,
         T=T,
         nn=nn,
         op=op,

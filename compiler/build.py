@@ -15,7 +15,7 @@ from ..errors import CompileError, ModelFormatError
 from ..frontends.checkpoint import open_checkpoint
 from ..frontends.config import ModelConfig
 from ..frontends.models import family_for
-from ..frontends.models.base import check_finite
+from ..frontends.models.base import COMPUTE_DTYPE, check_finite
 from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..runtime.manifest import FORMAT_VERSION, MAGIC, RUNTIME_ABI
 from ..tvm_compat import compiler
@@ -84,6 +84,7 @@ def compile_model(
             lm = family(config, dtype)
             mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
         order = [name for name, _ in named_params]
+        param_dtypes = {name: str(p.dtype) for name, p in named_params}  # norms stay fp32
         if set(order) != set(expected):
             raise CompileError(f"internal: graph params and converted params differ: {sorted(set(order) ^ set(expected))[:5]}")
 
@@ -92,7 +93,7 @@ def compile_model(
             check_finite(name, arr, ck.source)
             return arr
 
-        info = write_safetensors(writer.open("weights.safetensors"), order, {n: expected[n] for n in order}, dtype, produce, progress)
+        info = write_safetensors(writer.open("weights.safetensors"), order, {n: expected[n] for n in order}, param_dtypes, produce, progress)
         writer.record("weights.safetensors", info)
         num_params = int(sum(int(np.prod(expected[n])) for n in order))
 
@@ -122,7 +123,8 @@ def compile_model(
                 "extra_eos_tokens": list(tok.extra_eos_tokens),
             }
 
-        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+        kv_dtype = COMPUTE_DTYPE  # the CPU KV cache holds fp32 (quantized KV comes later)
+        itemsize = 4
         manifest = {
             "magic": MAGIC,
             "format_version": FORMAT_VERSION,
@@ -138,13 +140,14 @@ def compile_model(
                 "num_params": num_params,
             },
             "dtype": dtype,
+            "compute_dtype": COMPUTE_DTYPE,
             "quant": "none",
             "targets": lib_entries,
-            "params": [{"name": n, "shape": list(expected[n]), "dtype": dtype, "quant": "none"} for n in order],
+            "params": [{"name": n, "shape": list(expected[n]), "dtype": param_dtypes[n], "quant": "none"} for n in order],
             "weights_file": "weights.safetensors",
             "kv_cache": {
                 "kind": "paged",
-                "dtype": dtype,
+                "dtype": kv_dtype,
                 "page_size": PAGE_SIZE,
                 "max_seq_len": max_ctx,
                 "num_layers": config.num_hidden_layers,

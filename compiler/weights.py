@@ -18,17 +18,16 @@ def write_safetensors(
     out: HashingWriter,
     order: list[str],
     shapes: dict[str, tuple[int, ...]],
-    dtype: str,
+    dtypes: dict[str, str],
     produce: Callable[[str], np.ndarray],
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Write params in `order`, each converted to `dtype`; returns the file's hash info."""
-    code, np_dtype = _ST_DTYPE[dtype]
-    itemsize = np.dtype(np_dtype).itemsize
+    """Write params in `order`, each converted to its dtype in `dtypes`; returns the file's hash info."""
     header: dict = {"__metadata__": {"format": "kiln"}}
     offset = 0
     for name in order:
-        nbytes = int(np.prod(shapes[name], dtype=np.int64)) * itemsize
+        code, np_dtype = _ST_DTYPE[dtypes[name]]
+        nbytes = int(np.prod(shapes[name], dtype=np.int64)) * np.dtype(np_dtype).itemsize
         header[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -40,7 +39,7 @@ def write_safetensors(
             arr = produce(name)
             if tuple(arr.shape) != tuple(shapes[name]):
                 raise ValueError(f"param {name}: produced shape {list(arr.shape)}, expected {list(shapes[name])}")
-            arr = np.ascontiguousarray(arr.astype(np_dtype, copy=False))
+            arr = np.ascontiguousarray(arr.astype(_ST_DTYPE[dtypes[name]][1], copy=False))
             out.write(arr.reshape(-1).view(np.uint8))
             if progress and (i % 20 == 0 or i == len(order) - 1):
                 progress(f"  weights {i + 1}/{len(order)}")

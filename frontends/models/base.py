@@ -32,11 +32,45 @@ spec = _tvm.spec
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
 
 
+COMPUTE_DTYPE = "float32"  # activations, accumulation and the KV cache on CPU
+
+
+def to_compute(w):
+    """Weights are stored in the artifact's dtype (fp16/bf16 halve the bytes a
+    token reads); arithmetic is fp32. The cast fuses into the consuming kernel,
+    so converted weights only ever exist in registers."""
+    return w if w.dtype == COMPUTE_DTYPE else w.astype(COMPUTE_DTYPE)
+
+
+def nt_matmul(x, w, name: str = "NT_matmul"):
+    """x @ w^T with w in its storage dtype: x  # [*, k] fp32, w  # [n, k] -> [*, n] fp32.
+
+    One TE kernel with the cast inside, so fp16/bf16 weights are converted in
+    registers (FuseOps would leave a separate cast kernel that writes an fp32
+    copy of the whole matrix every call)."""
+    te = _tvm.te
+
+    def compute(xt, wt):
+        *lead, k_ext = xt.shape
+        k = te.reduce_axis((0, k_ext), name="k")
+
+        def body(*idx):
+            wv = wt[idx[-1], k]
+            if wt.dtype != COMPUTE_DTYPE:
+                wv = wv.astype(COMPUTE_DTYPE)
+            return te.sum(xt[(*idx[:-1], k)] * wv, axis=k)
+
+        return te.compute((*lead, wt.shape[0]), body, name=name)
+
+    return op.tensor_expr_op(compute, name, [x, w])
+
+
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis. The weight
+    stays fp32 whatever the artifact dtype (a few KB per layer)."""
 
     def __init__(self, size: int, eps: float, dtype: str):
-        self.weight = nn.Parameter((size,), dtype)
+        self.weight = nn.Parameter((size,), COMPUTE_DTYPE)
         self.eps = eps
 
     def forward(self, x):
@@ -51,8 +85,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
     def forward(self, x):
-        y = op.matmul(x, op.permute_dims(self.weight))
-        return y + self.bias if self.bias is not None else y
+        y = nt_matmul(x, self.weight)
+        return y + to_compute(self.bias) if self.bias is not None else y
 
 
 class DecoderLM(nn.Module):
@@ -77,13 +111,13 @@ class DecoderLM(nn.Module):
 
     def _project(self, h):
         if self.config.tie_word_embeddings:
-            logits = op.matmul(h, op.permute_dims(self.embed_tokens))
+            logits = nt_matmul(h, self.embed_tokens, name="lm_head")
         else:
             logits = self.lm_head(h)
-        return logits.astype("float32") if logits.dtype != "float32" else logits
+        return logits
 
     def embed(self, input_ids):
-        return op.take(self.embed_tokens, input_ids, axis=0)
+        return to_compute(op.take(self.embed_tokens, input_ids, axis=0))
 
     def prefill(self, embeds, logit_pos, kv_cache):
         h = self._body(embeds, kv_cache)
@@ -122,7 +156,7 @@ class DecoderLM(nn.Module):
             rope_ext_factors=_tvm.relax.prim_value(0),
             rotary_dim=c.head_dim,
             enable_disaggregation=False,
-            dtype=self.dtype,
+            dtype=COMPUTE_DTYPE,
             target=_tvm.Target.current(),
         )
 
@@ -133,12 +167,12 @@ class DecoderLM(nn.Module):
         return {
             "embed": {"input_ids": spec.Tensor(["seq_len"], "int32"), "$": packed},
             "prefill": {
-                "embeds": spec.Tensor([1, "seq_len", hidden], self.dtype),
+                "embeds": spec.Tensor([1, "seq_len", hidden], COMPUTE_DTYPE),
                 "logit_pos": spec.Tensor(["num_logits"], "int32"),
                 "kv_cache": kv,
                 "$": packed,
             },
-            "decode": {"embeds": spec.Tensor([1, 1, hidden], self.dtype), "kv_cache": kv, "$": packed},
+            "decode": {"embeds": spec.Tensor([1, 1, hidden], COMPUTE_DTYPE), "kv_cache": kv, "$": packed},
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
