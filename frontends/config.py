@@ -118,7 +118,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on the q, k and v projections
+    attention_out_bias: bool = False  # bias on the o projection (HF Llama/Qwen3: same flag as q, k, v)
+    mlp_bias: bool = False  # bias on gate, up and down projections
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -176,6 +178,8 @@ class ModelConfig:
             rope_scaling=_rope_scaling(rope_scaling_raw, file),
             tie_word_embeddings=_bool(cfg.get("tie_word_embeddings", False), "tie_word_embeddings", file),
             attention_bias=_bool(cfg.get("attention_bias", False), "attention_bias", file),
+            attention_out_bias=_bool(cfg.get("attention_bias", False), "attention_bias", file),
+            mlp_bias=_bool(cfg.get("mlp_bias", False), "mlp_bias", file),
             sliding_window=None if sliding is None else _int(sliding, "sliding_window", file, 1, MAX_CONTEXT),
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=eos,

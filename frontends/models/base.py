@@ -233,6 +233,11 @@ class DecoderLM(nn.Module):
         }
         if c.attention_bias:
             shapes["attn.qkv_proj.bias"] = (qkv,)
+        if c.attention_out_bias:
+            shapes["attn.o_proj.bias"] = (c.hidden_size,)
+        if c.mlp_bias:
+            shapes["mlp.gate_up_proj.bias"] = (2 * c.intermediate_size,)
+            shapes["mlp.down_proj.bias"] = (c.hidden_size,)
         return shapes
 
     @classmethod
@@ -249,6 +254,11 @@ class DecoderLM(nn.Module):
         }
         if c.attention_bias:
             sources["attn.qkv_proj.bias"] = tuple(f"{attn}.{p}_proj.bias" for p in "qkv")
+        if c.attention_out_bias:
+            sources["attn.o_proj.bias"] = (f"{attn}.o_proj.bias",)
+        if c.mlp_bias:
+            sources["mlp.gate_up_proj.bias"] = (f"{mlp}.gate_proj.bias", f"{mlp}.up_proj.bias")
+            sources["mlp.down_proj.bias"] = (f"{mlp}.down_proj.bias",)
         return sources
 
     @classmethod

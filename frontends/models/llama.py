@@ -1,4 +1,5 @@
-"""Llama (2, 3, 3.1/3.2 with llama3 rope scaling, tied or untied embeddings).
+"""Llama (2, 3, 3.1/3.2 with llama3 rope scaling, tied or untied embeddings;
+`attention_bias` puts a bias on q, k, v and o, `mlp_bias` on gate, up and down).
 
 The reference decoder the other families specialise:
     h   = x + attn(attn_norm(x))
@@ -18,7 +19,7 @@ class LlamaAttention(nn.Module):
     def __init__(self, c, dtype: str):
         self.c = c
         self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, dtype, bias=c.attention_bias)
-        self.o_proj = Linear(c.q_size, c.hidden_size, dtype)
+        self.o_proj = Linear(c.q_size, c.hidden_size, dtype, bias=c.attention_out_bias)
 
     def qkv(self, x):
         """x [b, s, hidden] -> qkv [b, s, q_heads + 2 * kv_heads, head_dim]."""
@@ -37,8 +38,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, c, dtype: str):
         self.inter = c.intermediate_size
-        self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, dtype)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype)
+        self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, dtype, bias=c.mlp_bias)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype, bias=c.mlp_bias)
 
     def forward(self, x):
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)

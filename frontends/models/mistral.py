@@ -1,7 +1,10 @@
-"""Mistral: the Llama graph. A sliding window shorter than the compiled context
-is handled by capping the context at the window (see compiler.build)."""
+"""Mistral: the Llama graph without any bias. A sliding window shorter than the
+compiled context is handled by capping the context at the window (see
+compiler.build)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from . import register
 from .llama import LlamaForCausalLM
@@ -9,4 +12,7 @@ from .llama import LlamaForCausalLM
 
 @register("MistralForCausalLM")
 class MistralForCausalLM(LlamaForCausalLM):
-    pass
+    @classmethod
+    def adapt_config(cls, config):
+        # transformers' Mistral has no bias anywhere and reads no bias flag.
+        return dataclasses.replace(config, attention_bias=False, attention_out_bias=False, mlp_bias=False)

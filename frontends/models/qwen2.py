@@ -12,5 +12,5 @@ from .llama import LlamaForCausalLM
 class Qwen2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def adapt_config(cls, config):
-        # Qwen2 checkpoints always carry qkv bias, whatever config.json says.
-        return dataclasses.replace(config, attention_bias=True)
+        # Qwen2 always has a q/k/v bias and never an o or MLP bias, whatever config.json says.
+        return dataclasses.replace(config, attention_bias=True, attention_out_bias=False, mlp_bias=False)

@@ -3,6 +3,8 @@ and an explicit head_dim (q_size may differ from hidden_size)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from . import register
 from .base import RMSNorm, op
 from .llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
@@ -27,6 +29,11 @@ class Qwen3DecoderLayer(LlamaDecoderLayer):
 @register("Qwen3ForCausalLM")
 class Qwen3ForCausalLM(LlamaForCausalLM):
     layer_cls = Qwen3DecoderLayer
+
+    @classmethod
+    def adapt_config(cls, config):
+        # attention_bias covers q, k, v and o (as in Llama); the MLP never has one.
+        return dataclasses.replace(config, mlp_bias=False)
 
     @classmethod
     def layer_param_shapes(cls, c):

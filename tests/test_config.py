@@ -1,0 +1,94 @@
+"""ModelConfig.from_dict against real transformers configs: the v5 layout
+(`rope_parameters`) and the v4 one (`rope_scaling` + top-level `rope_theta`)
+must normalise to the same thing, and each family's bias flags must follow
+transformers' modeling code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ARCHS
+from kiln.errors import UnsupportedModelError
+from kiln.frontends.config import ModelConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+def v5_config(tiny_checkpoint, arch) -> dict:
+    return json.loads((tiny_checkpoint(arch) / "config.json").read_text())
+
+
+def as_v4(cfg: dict) -> dict:
+    """The same config as transformers 4.x wrote it."""
+    cfg = dict(cfg)
+    rope = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
+    return cfg
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fields_match_transformers(arch, tiny_checkpoint):
+    cfg = v5_config(tiny_checkpoint, arch)
+    mc = ModelConfig.from_dict(cfg)
+    hf = transformers.AutoConfig.from_pretrained(tiny_checkpoint(arch))
+    assert mc.architecture == hf.architectures[0]
+    assert (mc.hidden_size, mc.num_attention_heads, mc.num_key_value_heads) == (hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads)
+    assert mc.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert mc.rope_theta == hf.rope_parameters["rope_theta"]
+    assert mc.rms_norm_eps == hf.rms_norm_eps
+    assert mc.tie_word_embeddings == hf.tie_word_embeddings
+    assert mc.extra == {}, "keys kiln does not know in a config transformers wrote"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_v4_and_v5_layouts_agree(arch, tiny_checkpoint):
+    cfg = v5_config(tiny_checkpoint, arch)
+    assert ModelConfig.from_dict(as_v4(cfg)) == ModelConfig.from_dict(cfg)
+
+
+def test_llama3_rope_scaling_normalised(tiny_checkpoint):
+    mc = ModelConfig.from_dict(v5_config(tiny_checkpoint, "llama_tied_rope3"))
+    assert mc.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 32}  # fmt: skip
+
+
+def test_legacy_type_key_and_unsupported_rope(tiny_checkpoint):
+    cfg = as_v4(v5_config(tiny_checkpoint, "llama"))
+    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    assert ModelConfig.from_dict(cfg).rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        ModelConfig.from_dict(cfg)
+    v5 = v5_config(tiny_checkpoint, "llama")
+    v5["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
+        ModelConfig.from_dict(v5)
+
+
+def test_qwen2_sliding_window_off_when_unused(tiny_checkpoint):
+    cfg = v5_config(tiny_checkpoint, "qwen2")
+    cfg.update(sliding_window=16, use_sliding_window=False)
+    assert ModelConfig.from_dict(cfg).sliding_window is None
+
+
+@pytest.mark.parametrize(
+    ("arch", "flags", "want"),
+    [
+        # transformers: Llama and Qwen3 put attention_bias on q, k, v and o; Llama's mlp_bias on gate/up/down;
+        # Qwen2 always biases q, k, v and never o; Mistral has no bias at all.
+        ("llama", {"attention_bias": True, "mlp_bias": True}, (True, True, True)),
+        ("qwen3", {"attention_bias": True, "mlp_bias": True}, (True, True, False)),
+        ("qwen2", {"attention_bias": False, "mlp_bias": True}, (True, False, False)),
+        ("mistral", {"attention_bias": True, "mlp_bias": True}, (False, False, False)),
+    ],
+)
+def test_family_bias_flags(arch, flags, want, tiny_checkpoint):
+    from kiln.frontends.models import family_for  # noqa: PLC0415
+
+    cfg = {**v5_config(tiny_checkpoint, arch), **flags}
+    mc = ModelConfig.from_dict(cfg)
+    mc = family_for(mc.architecture).adapt_config(mc)
+    assert (mc.attention_bias, mc.attention_out_bias, mc.mlp_bias) == want

@@ -1,0 +1,166 @@
+"""Every architecture against transformers: a tiny random checkpoint, compiled
+for llvm in float32, must give transformers' logits at every position and its
+greedy tokens exactly; and the runtime must run where the TVM compiler cannot
+load."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ARCHS, hf_greedy
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from kiln.runtime import SamplingParams, load  # noqa: E402
+
+SEQ_LEN = 37
+PROMPT_LEN = 5
+NEW_TOKENS = 24
+# max |kiln - transformers| / max |transformers logit|, float32 end to end
+LOGITS_RTOL = 1e-4
+
+
+def random_ids(n: int, vocab: int = 211, seed: int = 1234) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(arch, compiled, hf_model):
+    ids = random_ids(SEQ_LEN)
+    got = load(compiled(arch)).logits(ids)
+    want = hf_logits(hf_model(arch), ids)
+    assert got.shape == want.shape == (SEQ_LEN, 211)
+    assert np.isfinite(got).all()
+    err = rel_err(got, want)
+    worst = int(np.abs(got - want).max(axis=1).argmax())
+    assert err < LOGITS_RTOL, f"{arch}: relative logits error {err:.2e} (worst at position {worst})"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_transformers(arch, compiled, hf_model):
+    prompt = random_ids(PROMPT_LEN, seed=7)
+    res = load(compiled(arch)).generate(prompt, max_new_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0), ignore_eos=True)
+    assert res.tokens == hf_greedy(hf_model(arch), prompt, NEW_TOKENS)
+    assert res.finish_reason == "length"
+
+
+def test_chunked_prefill_matches_transformers(compiled, hf_model):
+    """Prefill in chunks of 8: later chunks attend to earlier ones through the
+    paged KV cache, at RoPE positions past the chunk start."""
+    from kiln.runtime.artifact import open_artifact  # noqa: PLC0415
+    from kiln.runtime.session import Session  # noqa: PLC0415
+
+    arch = "llama_tied_rope3"
+    ids = random_ids(SEQ_LEN)
+    got = Session(open_artifact(compiled(arch)), prefill_chunk=8).logits(ids)
+    assert rel_err(got, hf_logits(hf_model(arch), ids)) < LOGITS_RTOL
+
+
+def test_rope_scaling_is_exercised(tiny_checkpoint, hf_model):
+    """Guard on the fixtures themselves: at these sizes, llama3 and linear
+    scaling must change transformers' logits, or the tests above prove nothing."""
+    import transformers  # noqa: PLC0415
+
+    ids = random_ids(SEQ_LEN)
+    for arch in ("llama_tied_rope3", "llama_rope_linear"):
+        scaled = hf_model(arch)
+        config = transformers.AutoConfig.from_pretrained(tiny_checkpoint(arch))
+        config.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_parameters["rope_theta"]}
+        plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+        plain.load_state_dict(scaled.state_dict())
+        assert rel_err(hf_logits(plain, ids), hf_logits(scaled, ids)) > 100 * LOGITS_RTOL, arch
+
+
+# --- the runtime without the compiler ------------------------------------------
+# Whole packages, and (trailing dot) the submodules of one. `tvm.script` itself
+# cannot be blocked: TVM 0.27's own tvm/__init__.py imports it unconditionally,
+# also runtime-only; what must never load is its parser and IR builders.
+BLOCKED = ("torch", "transformers", "tvm.relax", "tvm.s_tir", "tvm.script.")
+
+RUNTIME_ONLY_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    BLOCKED = {blocked!r}
+    SHADOW = {shadow!r}
+
+    def blocked(name):
+        return any(name.startswith(b) if b.endswith(".") else name == b or name.startswith(b + ".") for b in BLOCKED)
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if blocked(name):
+                raise ImportError(f"{{name}} is not available on a runtime-only machine")
+            return None
+
+    sys.meta_path.insert(0, Block())
+
+    from kiln.runtime import SamplingParams, load
+
+    s = load({artifact!r})
+    res = s.generate({prompt!r}, max_new_tokens={n}, sampling=SamplingParams(temperature=0), ignore_eos=True)
+
+    import tvm, tvm.base, tvm.libinfo, tvm_ffi.libinfo
+    assert tvm.__file__.startswith(SHADOW), tvm.__file__
+    try:
+        found = tvm_ffi.libinfo._find_library_by_basename("tvm", "tvm_compiler", tvm.libinfo.package_lib_paths())
+    except RuntimeError:
+        found = None
+    assert found is None, f"the shadow tvm still finds {{found}}"
+    assert "tvm_compiler" not in tvm.base._LOADED_LIBS, tvm.base._LOADED_LIBS
+    assert tvm.base._RUNTIME_ONLY
+    leaked = sorted(m for m in sys.modules if blocked(m))
+    assert not leaked, leaked
+    print(json.dumps(res.tokens))
+    """
+)
+
+
+def shadow_tvm(dest: Path) -> Path:
+    """A copy of the installed `tvm` package made of symlinks, without
+    lib/libtvm_compiler.so; returns the directory to put on PYTHONPATH."""
+    src = Path(importlib.util.find_spec("tvm").submodule_search_locations[0])
+    root = dest / "tvm"
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        rel = Path(dirpath).relative_to(src)
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        for f in filenames:
+            if rel == Path("lib") and f == "libtvm_compiler.so":
+                continue
+            (root / rel / f).symlink_to(Path(dirpath) / f)
+    assert (root / "lib" / "libtvm_runtime.so").exists() and not (root / "lib" / "libtvm_compiler.so").exists()
+    return dest
+
+
+def test_runtime_without_compiler_library(compiled, tmp_path):
+    arch = "qwen3"
+    artifact = compiled(arch)
+    prompt = random_ids(PROMPT_LEN, seed=7)
+    want = load(artifact).generate(prompt, max_new_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0), ignore_eos=True).tokens
+
+    shadow = shadow_tvm(tmp_path / "shadow")
+    script = RUNTIME_ONLY_SCRIPT.format(blocked=BLOCKED, shadow=str(shadow), artifact=str(artifact), prompt=prompt, n=NEW_TOKENS)
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_USE_RUNTIME_LIB", "TVM_LIBRARY_PATH", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(shadow)
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == want

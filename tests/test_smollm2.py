@@ -1,0 +1,86 @@
+"""The real bundled model, SmolLM2-135M-Instruct (Q4_1 GGUF), end to end.
+
+Compiled twice: from the GGUF directly, and from an HF checkpoint made of the
+same dequantized tensors. Both artifacts must give transformers' greedy tokens
+on that HF checkpoint. Skips without the model file (see conftest.smollm2_gguf).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from conftest import compile_artifact, hf_greedy, load_hf_model  # noqa: E402
+from kiln.runtime import SamplingParams, load  # noqa: E402
+
+NEW_TOKENS = 32
+# (prompt, apply the chat template)
+PROMPTS = [
+    ("The capital of France is", False),
+    ("def fibonacci(n):", False),
+    ("What is the boiling point of water?", True),
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf, tmp_path_factory):
+    """The GGUF as an HF checkpoint: config.json + dequantized float32 tensors under HF names."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    from kiln.frontends.checkpoint import open_checkpoint  # noqa: PLC0415
+
+    ck = open_checkpoint(smollm2_gguf)
+    out = tmp_path_factory.mktemp("smollm2_hf")
+    (out / "config.json").write_text(json.dumps(ck.config, indent=1))
+    save_file({name: np.ascontiguousarray(ck.load(name)) for name in ck.tensor_names}, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifacts(smollm2_gguf, smollm2_hf_dir, tmp_path_factory):
+    """source -> compiled artifact (float32, llvm), for source in ("gguf", "hf")."""
+    root = tmp_path_factory.mktemp("smollm2_art")
+    return {name: compile_artifact(src, root / f"{name}.kiln") for name, src in (("gguf", smollm2_gguf), ("hf", smollm2_hf_dir))}
+
+
+@pytest.fixture(scope="module")
+def sessions(smollm2_artifacts):
+    return {name: load(path, max_seq_len=512) for name, path in smollm2_artifacts.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_hf_dir):
+    return load_hf_model(smollm2_hf_dir)
+
+
+@pytest.mark.parametrize(("prompt", "chat"), PROMPTS)
+def test_greedy_matches_transformers(prompt, chat, sessions, reference):
+    ids = sessions["gguf"].encode_prompt(prompt, chat=chat)
+    assert len(ids) >= 4
+    want = hf_greedy(reference, ids, NEW_TOKENS)
+    for name, s in sessions.items():
+        got = s.generate(ids, max_new_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0), ignore_eos=True).tokens
+        assert got == want, f"{name} artifact diverges from transformers at token {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
+
+
+def test_logits_match_transformers(sessions, reference):
+    ids = sessions["gguf"].encode_prompt(PROMPTS[0][0])
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0].numpy()
+    for name, s in sessions.items():
+        got = s.logits(ids)
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        assert err < 1e-4, f"{name}: relative logits error {err:.2e}"
+
+
+def test_tokenizer_round_trip(sessions):
+    s = sessions["gguf"]
+    text = "The capital of France is Paris. 12345 héllo!"
+    assert s.tokenizer.decode(s.encode_prompt(text)) == text
+    chat = s.tokenizer.decode(s.encode_prompt("hi", chat=True))
+    assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
