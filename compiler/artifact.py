@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import CompileError
-from ..runtime.manifest import MAGIC, MANIFEST_NAME, seal
+from ..runtime.manifest import MAGIC, MANIFEST_NAME, MAX_MANIFEST_BYTES, seal
 
 _RENAME_EXCHANGE = 2
 
@@ -57,10 +57,18 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _remove(path: Path) -> None:
+    """Remove a directory tree, or a symlink itself (rmtree refuses symlinks)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def is_artifact(path: Path) -> bool:
     try:
         with open(path / MANIFEST_NAME, "rb") as f:
-            return json.loads(f.read(1 << 20).decode()).get("magic") == MAGIC
+            return json.loads(f.read(MAX_MANIFEST_BYTES).decode()).get("magic") == MAGIC
     except (OSError, ValueError, UnicodeDecodeError, AttributeError):
         return False
 
@@ -76,7 +84,11 @@ class HashingWriter:
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
-        self.f.write(mv)
+        try:
+            self.f.write(mv)
+        except BaseException:
+            self.f.close()  # the caller may not get to close() (disk full): don't leak the descriptor
+            raise
         self.sha.update(mv)
         self.size += mv.nbytes
 
@@ -124,9 +136,9 @@ class ArtifactWriter:
             self._lock_fd = None
             raise CompileError(f"{self.output}: another kiln compile is writing this artifact right now") from None
         for leftover in self.parent.glob(f".{self.output.name}.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            _remove(leftover)
         for leftover in self.parent.glob(f".{self.output.name}.old-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            _remove(leftover)
         self.tmp = self.parent / f".{self.output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.tmp.mkdir()
@@ -167,8 +179,12 @@ class ArtifactWriter:
             else:
                 old = self.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
                 os.rename(self.output, old)
-                os.rename(self.tmp, self.output)
-            shutil.rmtree(old, ignore_errors=True)
+                try:
+                    os.rename(self.tmp, self.output)
+                except BaseException:
+                    os.rename(old, self.output)  # put the earlier artifact back
+                    raise
+            _remove(old)
         else:
             os.rename(self.tmp, self.output)
         _fsync_dir(self.parent)
@@ -182,8 +198,12 @@ class ArtifactWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            _remove(self.tmp)
             self.tmp = None
         self._unlock()
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise CompileError(f"disk full while writing {self.output}; nothing was written there and any earlier artifact is intact") from exc
+        if isinstance(exc, OSError):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                what = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+            else:
+                what = f"{exc.strerror or type(exc).__name__}" + (f" ({exc.filename})" if exc.filename else "")
+            raise CompileError(f"{what} while writing {self.output}; nothing was written there and any earlier artifact is intact") from exc

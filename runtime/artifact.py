@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,12 @@ from ..errors import ArtifactError
 from . import manifest as mf
 from .hostinfo import host_cpu_flags, host_machine, host_os
 
-_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}
+# manifest dtype -> (safetensors dtype code, bytes per element)
+_ST_DTYPES = {
+    "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2), "float64": ("F64", 8),
+    "int8": ("I8", 1), "uint8": ("U8", 1), "int16": ("I16", 2), "uint16": ("U16", 2),
+    "int32": ("I32", 4), "uint32": ("U32", 4), "int64": ("I64", 8),
+}
 
 
 @dataclass
@@ -59,6 +65,7 @@ def open_artifact(path: str | Path, device: str = "cpu", verify_hashes: bool = T
     manifest = mf.parse(raw, str(mpath))
     art = Artifact(root, manifest)
     check_host(art, device)
+    check_covered(art)
     if verify_hashes:
         for rel, info in manifest["files"].items():
             verify_file(root, rel, info)
@@ -89,6 +96,28 @@ def check_host(art: Artifact, device: str) -> None:
             )
 
 
+def loaded_files(manifest: dict) -> list[str]:
+    """Every file the runtime will read: libraries, weights, tokenizer."""
+    rels = [t["library"] for t in manifest["targets"]]
+    rels.append(manifest.get("weights_file", "weights.safetensors"))
+    tok = manifest.get("tokenizer")
+    if tok:
+        rels.append(tok.get("file") if isinstance(tok, dict) else None)
+    return rels
+
+
+def check_covered(art: Artifact) -> None:
+    """Each file that will be loaded must be inside the artifact and hashed by the manifest.
+
+    Without this a manifest could point the runtime at a file its hash check never saw.
+    """
+    files = art.manifest["files"]
+    for rel in loaded_files(art.manifest):
+        if not isinstance(rel, str) or rel not in files:
+            raise ArtifactError(f"{art.path}: manifest names {rel!r} to load but lists no hash for it: the artifact is corrupt: recompile it")
+        _safe_rel(art.path, rel)
+
+
 def verify_file(root: Path, rel: str, info: dict) -> None:
     p = _safe_rel(root, rel)
     sha = hashlib.sha256()
@@ -110,21 +139,34 @@ def read_weights(art: Artifact) -> list[tuple[dict, np.ndarray]]:
     The file was hashed already; here the header must agree with the manifest's
     param spec exactly (name, shape, dtype, order).
     """
-    path = art.file(art.manifest.get("weights_file", "weights.safetensors"))
+    path = _safe_rel(art.path, art.manifest.get("weights_file", "weights.safetensors"))
+    size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        if n > 100 << 20:
-            raise ArtifactError(f"{path}: weights header too large")
-        header = json.loads(f.read(n))
+        if size < 8 or n > min(100 << 20, size - 8):
+            raise ArtifactError(f"{path}: weights header length {n} does not fit the file ({size} bytes): recompile the model")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise ArtifactError(f"{path}: weights header is not valid JSON: recompile the model") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: weights header is not a JSON object: recompile the model")
     base = 8 + n
     data = np.memmap(path, dtype=np.uint8, mode="r")
     out = []
     for spec in art.manifest["params"]:
         ent = header.get(spec["name"])
-        if ent is None or list(ent["shape"]) != list(spec["shape"]):
-            raise ArtifactError(f"{path}: param {spec['name']} does not match the manifest's spec")
-        start, end = ent["data_offsets"]
+        code, itemsize = _ST_DTYPES.get(spec["dtype"], (None, 0))
+        if (not isinstance(ent, dict) or code is None or ent.get("dtype") != code
+                or ent.get("shape") != list(spec["shape"])):
+            raise ArtifactError(f"{path}: param {spec['name']} does not match the manifest's spec {spec['dtype']}{list(spec['shape'])}")
+        offs = ent.get("data_offsets")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise ArtifactError(f"{path}: param {spec['name']} has malformed data_offsets")
+        start, end = offs
         if not 0 <= start <= end <= data.size - base:
             raise ArtifactError(f"{path}: param {spec['name']} lies outside the file")
+        if end - start != math.prod(spec["shape"]) * itemsize:
+            raise ArtifactError(f"{path}: param {spec['name']} spans {end - start} bytes, shape {list(spec['shape'])} x {itemsize} needs {math.prod(spec['shape']) * itemsize}")
         out.append((spec, data[base + start : base + end]))
     return out

@@ -49,14 +49,17 @@ def parse(raw: bytes, path: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("magic") != MAGIC:
         raise ArtifactError(f"{path}: not a kiln artifact manifest (magic {MAGIC!r} missing)")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version != FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: artifact format version {version!r}, this runtime reads version {FORMAT_VERSION}: "
             f"recompile the model with this kiln, or use a kiln whose runtime reads version {version!r}"
         )
     missing = [f for f in REQUIRED_FIELDS if f not in manifest]
     if missing:
-        raise ArtifactError(f"{path}: manifest (format version {FORMAT_VERSION}) lacks fields {', '.join(missing)}: recompile the model")
+        raise ArtifactError(
+            f"{path}: manifest says format version {version!r} (this runtime reads version {FORMAT_VERSION}) "
+            f"but lacks fields {', '.join(missing)}: the artifact is incomplete or corrupt: recompile the model"
+        )
     expect = hashlib.sha256(canonical_bytes(manifest)).hexdigest()
     if manifest["manifest_sha256"] != expect:
         raise ArtifactError(f"{path}: manifest hash mismatch (the manifest was modified or corrupted): recompile the model")
@@ -74,6 +77,15 @@ def _check_types(m: dict[str, Any], path: str) -> None:
 
     need(isinstance(m["files"], dict) and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in m["files"].values()), "'files'")
     need(isinstance(m["params"], list) and all(isinstance(p, dict) and {"name", "shape", "dtype"} <= set(p) for p in m["params"]), "'params'")
-    need(isinstance(m["targets"], list) and all(isinstance(t, dict) and "device" in t and "library" in t for t in m["targets"]), "'targets'")
+    need(isinstance(m["targets"], list) and len(m["targets"]) > 0 and all(
+        isinstance(t, dict) and isinstance(t.get("device"), str) and isinstance(t.get("library"), str)
+        and isinstance(t.get("required_cpu_flags", []), list) and all(isinstance(f, str) for f in t.get("required_cpu_flags", []))
+        for t in m["targets"]), "'targets'")
+    need(isinstance(m["tvm_version"], str), "'tvm_version'")
     need(isinstance(m["model"], dict) and isinstance(m["model"].get("config"), dict), "'model'")
-    need(isinstance(m["kv_cache"], dict) and isinstance(m["kv_cache"].get("max_seq_len"), int), "'kv_cache'")
+    kv = m["kv_cache"]
+    need(isinstance(kv, dict) and all(_pos_int(kv.get(k)) for k in ("max_seq_len", "page_size")), "'kv_cache'")
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1

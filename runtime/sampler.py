@@ -41,6 +41,8 @@ class NonFiniteLogitsError(KilnError):
 
 class Sampler:
     def __init__(self, params: SamplingParams):
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling must be SamplingParams, got {type(params).__name__}")
         self.p = params
         self.rng = np.random.default_rng(params.seed)
 
@@ -56,11 +58,14 @@ class Sampler:
             x[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.temperature == 0.0:
             return int(np.argmax(x))
-        x /= p.temperature
+        # Shift before scaling: (x - max) / T is <= 0 for any T > 0, so a tiny
+        # temperature gives -inf (probability 0) instead of inf - inf = NaN.
+        x -= x.max()
+        with np.errstate(over="ignore"):
+            x /= p.temperature
         if p.top_k and p.top_k < x.size:
             kth = np.partition(x, -p.top_k)[-p.top_k]
             x[x < kth] = -np.inf
-        x -= x.max()
         probs = np.exp(x)
         probs /= probs.sum()
         if p.top_p < 1.0:

@@ -145,7 +145,9 @@ class Session:
         return out[0].numpy()[0, 0]
 
     def _check_tokens(self, ids) -> list[int]:
-        if not isinstance(ids, (list, tuple, np.ndarray)) or len(ids) == 0:
+        if not isinstance(ids, (list, tuple, np.ndarray)):
+            raise RequestError(f"the prompt must be a list of token ids, got {type(ids).__name__} (encode text with encode_prompt)")
+        if len(ids) == 0:
             raise RequestError("the prompt is empty: give at least one token")
         out = []
         for t in ids:
@@ -200,7 +202,12 @@ class Session:
         ignore_eos: bool = False,
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
-        """Generate from token ids (see `encode_prompt`); returns tokens, text and timings."""
+        """Generate from token ids (see `encode_prompt`); returns tokens, text and timings.
+
+        Generation stops at EOS, a stop string, max_new_tokens, or the end of
+        the context: max_new_tokens is cut to what the context has left after
+        the prompt (finish_reason "length"). A prompt that fills the context
+        is refused."""
         gen = self._run(prompt_tokens, max_new_tokens, sampling, stop, ignore_eos)
         tokens, texts = [], []
         for tok, text in gen:
@@ -219,6 +226,8 @@ class Session:
         if len(ids) >= self.max_seq_len:
             raise RequestError(f"prompt has {len(ids)} tokens; the context holds {self.max_seq_len} (prompt + generated)")
         max_new_tokens = min(max_new_tokens, self.max_seq_len - len(ids))
+        if isinstance(stop, str):
+            stop = [stop]
         stop = list(stop or [])
         if len(stop) > MAX_STOPS or any(not isinstance(s, str) or len(s) > MAX_STOP_LEN for s in stop):
             raise RequestError(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_LEN} characters")

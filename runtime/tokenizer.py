@@ -7,6 +7,19 @@ from pathlib import Path
 from ..errors import ArtifactError, RequestError
 
 
+def _check_text(text, what: str) -> str:
+    """Request text must be a str of valid Unicode (JSON can carry lone surrogates)."""
+    if not isinstance(text, str):
+        raise RequestError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(
+            f"{what} contains a lone surrogate U+{ord(text[err.start]):04X} at character {err.start}: text must be valid Unicode"
+        ) from None
+    return text
+
+
 class Tokenizer:
     """Wraps an HF `tokenizers` tokenizer plus the chat template from the manifest."""
 
@@ -27,7 +40,7 @@ class Tokenizer:
         return None if text is None else self.tok.token_to_id(text)
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        ids = self.tok.encode(_check_text(text, "prompt"), add_special_tokens=False).ids
         bos = self.token_id(self.bos_token)
         if self.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
@@ -50,7 +63,7 @@ class Tokenizer:
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self.tok.encode(_check_text(self.render_chat(messages), "chat prompt"), add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
@@ -97,12 +110,12 @@ class StopMatcher:
         if self.stopped:
             return ""
         self.pending += text
-        for s in self.stops:
-            i = self.pending.find(s)
-            if i >= 0:
-                self.stopped = True
-                out, self.pending = self.pending[:i], ""
-                return out
+        # the earliest stop in the text wins, whichever position it has in the list
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
         hold = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
