@@ -189,7 +189,26 @@ class CpuInlineElementwise:
         if infos is None:
             return None
         try:
-            try_inline(sch, infos)
+            infos = try_inline(sch, infos)
         except Exception:  # noqa: BLE001
             return None
+        if infos is not None and len(infos) == 1 and infos[0].is_injective():
+            self._parallel_vectorize(sch, infos[0].block_rv, _vector_lanes(target))
         return sch
+
+    @staticmethod
+    def _parallel_vectorize(sch, block, lanes: int) -> None:
+        """One injective loop nest (SwiGLU, casts, adds over [tokens, n]):
+        vectorise the contiguous inner loop, parallelise the outer ones.
+        SmolLM2 prefill SwiGLU (128 x 1536): 1.4 ms serial scalar."""
+        loops = sch.get_loops(block)
+        inner = _int_extent(sch, loops[-1])
+        if inner is None or inner % lanes:
+            return
+        try:
+            _, vec = sch.split(loops[-1], [None, lanes])
+            sch.vectorize(vec)
+            outer = sch.get_loops(block)[:-1]
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        except Exception:  # noqa: BLE001 - leave it serial rather than fail
+            pass
