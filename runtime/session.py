@@ -216,7 +216,8 @@ class Session:
         stop: list[str] | None = None,
         ignore_eos: bool = False,
     ) -> Iterator[tuple[int, str]]:
-        """Yield (token id, new text) as tokens are generated. Text is "" without a tokenizer."""
+        """Yield (token id, new text) as tokens are generated. Text is "" without a
+        tokenizer; a final (-1, text) may carry text held back at the end."""
         res = self._run(prompt_tokens, max_new_tokens, sampling, stop, ignore_eos)
         yield from res
 
@@ -239,7 +240,8 @@ class Session:
         gen = self._run(prompt_tokens, max_new_tokens, sampling, stop, ignore_eos)
         tokens, texts = [], []
         for tok, text in gen:
-            tokens.append(tok)
+            if tok >= 0:  # -1 carries only the held-back tail text
+                tokens.append(tok)
             if text:
                 texts.append(text)
                 if on_text:
