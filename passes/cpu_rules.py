@@ -24,6 +24,29 @@ def cpu_rules() -> list:
     return [CpuGemv(), CpuMatmul(), CpuInlineElementwise()]
 
 
+def _open(func, target):
+    """(schedule, normalised block infos) for an llvm PrimFunc, else None."""
+    t = compiler()
+    from tvm import s_tir  # noqa: PLC0415  (compiler() imported the full TVM)
+    from tvm.s_tir.dlight.analysis import normalize_prim_func  # noqa: PLC0415
+
+    if not isinstance(func, t.tirx.PrimFunc) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    return None if infos is None else (sch, infos)
+
+
+def _main_and_epilogue(infos):
+    """(main reduction block, injective epilogue or None), or None if it is not that shape."""
+    if len(infos) not in (1, 2):
+        return None
+    epilogue = infos[1] if len(infos) == 2 else None
+    if epilogue is not None and not epilogue.is_injective():
+        return None
+    return infos[0], epilogue
+
+
 def _vector_lanes(target, dtype_bits: int = 32) -> int:
     t = compiler()
     feats = set(t.tvm.target.codegen.llvm_get_cpu_features(target))
@@ -45,22 +68,18 @@ class CpuGemv:
         self.acc = accumulators
 
     def apply(self, func, target, _tunable=False):
-        t = compiler()
-        from tvm import s_tir  # noqa: PLC0415  (via compat: compiler() imported tvm fully)
-        from tvm.s_tir.dlight.analysis import normalize_prim_func  # noqa: PLC0415
         from tvm.s_tir.dlight.analysis.gemv import is_gemv, normalize  # noqa: PLC0415
         from tvm.s_tir.dlight.base import try_inline_contiguous_spatial  # noqa: PLC0415
 
-        if not isinstance(func, t.tirx.PrimFunc) or target.kind.name != "llvm":
+        opened = _open(func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
-        if infos is None or len(infos) not in (1, 2):
+        sch, infos = opened
+        infos = try_inline_contiguous_spatial(sch, infos)
+        parts = None if infos is None else _main_and_epilogue(infos)
+        if parts is None:
             return None
-        epilogue = infos[1] if len(infos) == 2 else None
-        if epilogue is not None and not epilogue.is_injective():
-            return None
-        main = infos[0]
+        main, epilogue = parts
         if len(main.iters) not in (2, 3) or is_gemv(sch, main) is None:
             return None
         if normalize(sch, main) is not True:  # only inner (contiguous-k) reduction
@@ -114,20 +133,11 @@ class CpuMatmul:
     """
 
     def apply(self, func, target, _tunable=False):
-        t = compiler()
-        from tvm import s_tir  # noqa: PLC0415
-        from tvm.s_tir.dlight.analysis import normalize_prim_func  # noqa: PLC0415
-
-        if not isinstance(func, t.tirx.PrimFunc) or target.kind.name != "llvm":
+        opened = _open(func, target)
+        parts = None if opened is None else _main_and_epilogue(opened[1])
+        if parts is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or len(infos) not in (1, 2):
-            return None
-        main = infos[0]
-        epilogue = infos[1] if len(infos) == 2 else None
-        if epilogue is not None and not epilogue.is_injective():
-            return None
+        sch, (main, _epilogue) = opened[0], parts  # the epilogue stays its own loop nest
         if "".join(i.kind for i in main.iters) not in ("SSSR", "SSR") or not main.is_reduction():
             return None
         block = main.block_rv
@@ -177,17 +187,12 @@ class CpuInlineElementwise:
     parallel region costs more than the work."""
 
     def apply(self, func, target, _tunable=False):
-        t = compiler()
-        from tvm import s_tir  # noqa: PLC0415
-        from tvm.s_tir.dlight.analysis import normalize_prim_func  # noqa: PLC0415
         from tvm.s_tir.dlight.base import try_inline  # noqa: PLC0415
 
-        if not isinstance(func, t.tirx.PrimFunc) or target.kind.name != "llvm":
+        opened = _open(func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+        sch, infos = opened
         try:
             infos = try_inline(sch, infos)
         except Exception:  # noqa: BLE001
