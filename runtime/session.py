@@ -139,8 +139,11 @@ class Session:
         for (spec, raw), off in zip(weights, offsets):
             view = buf[off : off + raw.nbytes]
             view[:] = raw
-            arr = view.view(np_dtypes[spec["dtype"]]).reshape(spec["shape"])
-            params.append(self.rt.runtime.from_dlpack(arr))
+            if spec["dtype"] == "bfloat16":  # DLPack from numpy knows no bfloat16: share as uint16, view as bf16
+                base = self.rt.runtime.from_dlpack(view.view(np.uint16).reshape(spec["shape"]))
+                params.append(base._create_view(tuple(spec["shape"]), "bfloat16"))
+            else:
+                params.append(self.rt.runtime.from_dlpack(view.view(np_dtypes[spec["dtype"]]).reshape(spec["shape"])))
         self._arena = arena  # the views above keep it alive too; this documents ownership
         return params
 

@@ -17,6 +17,12 @@ from pathlib import Path
 
 import pytest
 
+# Load the full TVM (compiler included) before anything imports the kiln
+# runtime, which would otherwise load TVM runtime-only for the whole process.
+from kiln.tvm_compat import compiler as _load_full_tvm
+
+_load_full_tvm()
+
 HERE = Path(__file__).resolve().parent
 
 # Shape shared by every tiny checkpoint.
