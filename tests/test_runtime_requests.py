@@ -105,17 +105,16 @@ def test_token_ids_outside_vocab(session, ids):
         session.logits([*ids, 1])
 
 
-@pytest.mark.parametrize("ids", [[], (), np.array([], dtype=np.int64), None])
+@pytest.mark.parametrize("ids", [[], (), np.array([], dtype=np.int64)])
 def test_empty_prompt(session, ids):
     with pytest.raises(RequestError, match="empty"):
         session.generate(ids, max_new_tokens=1)
 
 
-@pytest.mark.xfail(reason="runtime/session.py:_check_tokens reports any non-list prompt as 'the prompt is empty', "
-                          "so a str prompt gets a misleading message", strict=False)
-def test_prompt_of_the_wrong_type_says_so(session):
+@pytest.mark.parametrize("ids", ["hello", None, 5])
+def test_prompt_of_the_wrong_type_says_so(session, ids):
     with pytest.raises(RequestError, match="token ids|list|str"):
-        session.generate("hello", max_new_tokens=1)
+        session.generate(ids, max_new_tokens=1)
 
 
 def test_numpy_prompt_is_accepted(session):
@@ -173,11 +172,13 @@ def test_too_many_or_too_long_stop_strings(session):
     session.generate([1, 2, 3], max_new_tokens=1, stop=["x" * MAX_STOP_LEN] * MAX_STOPS)
 
 
-@pytest.mark.xfail(reason="runtime/session.py:_run does list(stop): a plain string stop='ab' silently becomes "
-                          "the stops ['a', 'b'] instead of being refused (or treated as one stop string)", strict=False)
-def test_stop_given_as_a_plain_string(session):
-    with pytest.raises(RequestError, match="stop"):
-        session.generate([1, 2, 3], max_new_tokens=1, stop="ab")
+def test_stop_given_as_a_plain_string_is_one_stop(session):
+    free = session.generate([1, 2, 3], max_new_tokens=12, ignore_eos=True)
+    stop = free.text[2:4]
+    assert len(stop) == 2
+    cut = session.generate([1, 2, 3], max_new_tokens=12, ignore_eos=True, stop=stop)  # a str, not a list
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.index(stop)]  # as one stop string, not one per character
 
 
 def test_stop_string_ends_generation(session):
