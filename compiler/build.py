@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,9 +82,12 @@ def compile_model(
     with ArtifactWriter(out_path) as writer:
         progress("convert weights")
         tvm_targets = [tg.tvm_target() for tg in targets]
-        with tvm_targets[0]:
-            lm = family(config, dtype, kv_cache_factory=CpuPagedKVCache if targets[0].kind == "llvm" else None)
-            mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
+        mods = []
+        for tg, tvm_target in zip(targets, tvm_targets):
+            with tvm_target:  # the KV cache picks its kernels by the current target
+                lm = family(config, dtype, kv_cache_factory=CpuPagedKVCache if tg.kind == "llvm" else None)
+                mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
+            mods.append(mod)
         order = [name for name, _ in named_params]
         param_dtypes = {name: str(p.dtype) for name, p in named_params}  # norms stay fp32
         if set(order) != set(expected):
@@ -99,7 +103,7 @@ def compile_model(
         num_params = int(sum(int(np.prod(expected[n])) for n in order))
 
         lib_entries = []
-        for tg, tvm_target in zip(targets, tvm_targets):
+        for tg, tvm_target, mod in zip(targets, tvm_targets, mods):
             progress(f"passes ({tg.kind})")
             opts = PipelineOptions(target=tvm_target, dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
             lowered = run_pipeline(mod, opts)
@@ -168,11 +172,23 @@ def compile_model(
 
 def _build_library(mod, tvm_target, path: Path) -> None:
     t = compiler()
+    is_cuda = tvm_target.kind.name == "cuda"
+    old_mode = os.environ.get("TVM_CUDA_COMPILE_MODE")
     try:
-        ex = t.relax.build(mod, target=tvm_target, relax_pipeline=t.relax.pipeline.default_build_pipeline())
+        if is_cuda:
+            # TVM's switch for "compile device code with nvcc at build time" (a cubin, not source)
+            os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
+        with tvm_target:
+            ex = t.relax.build(mod, target=tvm_target, relax_pipeline=t.relax.pipeline.default_build_pipeline())
         ex.export_library(str(path))
     except Exception as err:  # TVM raises many types; report one line
         raise CompileError(f"codegen for {tvm_target} failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}") from err
+    finally:
+        if is_cuda:
+            if old_mode is None:
+                os.environ.pop("TVM_CUDA_COMPILE_MODE", None)
+            else:
+                os.environ["TVM_CUDA_COMPILE_MODE"] = old_mode
 
 
 __all__ = ["compile_model", "CompileSummary", "CompileTarget", "ModelFormatError"]

@@ -41,7 +41,8 @@ class CompileTarget:
         t = compiler()
         if self.kind == "llvm":
             return t.Target({"kind": "llvm", "mtriple": self.triple, "mcpu": self.mcpu})
-        return t.Target({"kind": "cuda", "arch": self.arch, "host": {"kind": "llvm", "mtriple": self.triple}})
+        return t.Target({"kind": "cuda", "arch": self.arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                         "thread_warp_size": 32, "host": {"kind": "llvm", "mtriple": self.triple}})
 
     def required_cpu_flags(self) -> list[str]:
         """/proc/cpuinfo flags the host must have to run this library."""
@@ -56,8 +57,24 @@ class CompileTarget:
                 required_cpu_flags=self.required_cpu_flags(),
             )
         else:
-            out["arch"] = self.arch
+            out.update(arch=self.arch, machine=self.triple.split("-")[0], code="cubin")
         return out
+
+
+_CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+
+
+def _cuda_target(part: str, arch: str) -> CompileTarget:
+    import shutil  # noqa: PLC0415
+
+    t = compiler()
+    if arch not in _CUDA_ARCHS:
+        raise CompileError(f"--target {part}: CUDA arch {arch!r} is not supported; supported: {', '.join('cuda:' + a for a in _CUDA_ARCHS)}")
+    if t.tvm.get_global_func("device_api.cuda", allow_missing=True) is None:
+        raise CompileError(f"--target {part}: TVM's CUDA plugin is not loaded in this process (use the kiln CLI, or call kiln.tvm_compat.compiler(cuda=True) before anything imports TVM)")
+    if shutil.which("nvcc") is None:
+        raise CompileError(f"--target {part}: nvcc is needed to build CUDA code and is not on PATH")
+    return CompileTarget("cuda", triple=host_triple(), arch=arch)
 
 
 def host_triple() -> str:
@@ -85,7 +102,7 @@ def parse_target(spec: str) -> list[CompileTarget]:
             feats = codegen.llvm_get_cpu_features(tgt)
             targets.append(CompileTarget("llvm", triple=triple, mcpu=mcpu, llvm_features=tuple(sorted(feats))))
         elif kind == "cuda":
-            raise CompileError(f"--target {part}: CUDA targets are not available in this kiln version yet; use --target llvm")
+            targets.append(_cuda_target(part, arg))
         else:
             raise CompileError(f"--target {part!r}: unknown target kind {kind!r}; use llvm, llvm:CPU (e.g. llvm:x86-64-v3)")
     if not targets:

@@ -50,7 +50,8 @@ def _safe_rel(root: Path, rel: str) -> Path:
     return p
 
 
-def open_artifact(path: str | Path, device: str = "cpu", verify_hashes: bool = True) -> Artifact:
+def open_artifact(path: str | Path, device: str | None = "cpu", verify_hashes: bool = True) -> Artifact:
+    """device=None: inspect only (no check that this machine can run it)."""
     root = Path(path)
     mpath = root / mf.MANIFEST_NAME
     if not root.is_dir():
@@ -64,7 +65,8 @@ def open_artifact(path: str | Path, device: str = "cpu", verify_hashes: bool = T
         raise ArtifactError(f"{root}: no manifest.json (an incomplete or foreign directory, not a kiln artifact)") from None
     manifest = mf.parse(raw, str(mpath))
     art = Artifact(root, manifest)
-    check_host(art, device)
+    if device is not None:
+        check_host(art, device)
     check_covered(art)
     if verify_hashes:
         for rel, info in manifest["files"].items():
@@ -83,10 +85,10 @@ def check_host(art: Artifact, device: str) -> None:
     tgt = art.target_for(device)
     if tgt.get("os", "linux") != host_os():
         raise ArtifactError(f"{art.path}: built for {tgt.get('os')}, this machine runs {host_os()}: recompile on/for {host_os()}")
+    machine = tgt.get("machine")
+    if machine != host_machine():
+        raise ArtifactError(f"{art.path}: built for {machine} hosts, this machine is {host_machine()}: recompile for {host_machine()}")
     if device == "cpu":
-        machine = tgt.get("machine")
-        if machine != host_machine():
-            raise ArtifactError(f"{art.path}: built for {machine} CPUs, this machine is {host_machine()}: recompile with --target llvm on this machine")
         have = host_cpu_flags()
         missing = sorted(set(tgt.get("required_cpu_flags", [])) - have) if have else []
         if missing:

@@ -95,12 +95,14 @@ class Session:
             raise RequestError(f"max_seq_len {self.max_seq_len} is outside [1, {limit}] for this artifact")
         self.prefill_chunk = max(1, min(prefill_chunk, self.max_seq_len))
         tgt = artifact.target_for(device)
-        if device != "cpu":
-            raise ArtifactError(f"device {device!r} is not supported by this runtime yet")
-        self.dev = rt.tvm.cpu(0)
+        self.dev = rt.tvm.cpu(0) if device == "cpu" else cuda_device(rt, tgt, artifact.path)
         lib = rt.runtime.load_module(str(artifact.file(tgt["library"])))
         self.vm = rt.vm.VirtualMachine(lib, self.dev)
-        self.params = self._load_params(read_weights(artifact))
+        weights = read_weights(artifact)
+        if device == "cpu":
+            self.params = self._load_params(weights)
+        else:
+            self.params = [self._to_device(spec, raw) for spec, raw in weights]
         self.kv = PagedKVCache(self.vm, rt, self.max_seq_len, int(kv["page_size"]), self.prefill_chunk)
         self._embed, self._prefill, self._decode = self.vm["embed"], self.vm["prefill"], self.vm["decode"]
         self.tokenizer = None
@@ -299,6 +301,27 @@ class Session:
                     yield -1, tail
         finally:
             self.kv.remove(0)
+
+
+def cuda_device(rt, target: dict, path):
+    """The first CUDA GPU, after loading TVM's CUDA plugin (runtime-only TVM does
+    not load it by itself) and checking the artifact has code for its arch."""
+    import ctypes  # noqa: PLC0415
+
+    libdir = Path(rt.tvm.base._LOADED_LIBS["tvm_runtime"]._name).parent
+    plugin = libdir / "libtvm_runtime_cuda.so"
+    if rt.get_global_func("device_api.cuda") is None:
+        try:
+            ctypes.CDLL(str(plugin), mode=ctypes.RTLD_GLOBAL)
+        except OSError as err:
+            raise ArtifactError(f"cannot load TVM's CUDA runtime ({plugin}): {err}") from None
+    dev = rt.tvm.cuda(0)
+    if not dev.exist:
+        raise ArtifactError(f"{path}: no CUDA GPU on this machine; run with --device cpu on an artifact compiled with --target llvm")
+    here = "sm_" + str(dev.compute_version).replace(".", "")
+    if here != target.get("arch"):
+        raise ArtifactError(f"{path}: built for {target.get('arch')}, this GPU is {here}: recompile with --target cuda:{here}")
+    return dev
 
 
 def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, threads: int | None = None, verify: bool = True) -> Session:

@@ -1,0 +1,105 @@
+"""`kiln bundle`: a self-contained folder for an offline target machine.
+
+    DIR/model.kiln/      the artifact
+    DIR/site/tvm/        TVM's Python package, runtime libraries only (no libtvm_compiler.so)
+    DIR/site/tvm_ffi/    apache-tvm-ffi for the target Python (from its wheel)
+    DIR/site/kiln/       kiln's runtime modules (and the CLI)
+    DIR/kiln             launcher: `python3 DIR/kiln run DIR/model.kiln --prompt ...`
+
+The target needs Python and numpy (plus tokenizers/jinja2/ml_dtypes for text
+and bf16); no pip, no network.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from ..errors import CompileError
+
+RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_runtime_extra.so", "libtvm_runtime_cuda.so")
+KILN_RUNTIME_FILES = ("__init__.py", "errors.py", "tvm_compat.py", "cli.py", "runtime")
+LAUNCHER = """#!/usr/bin/env python3
+# kiln bundle launcher: runs the kiln CLI from this folder's own site/ only.
+import os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "site"))
+os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+from kiln.cli import main
+sys.exit(main())
+"""
+
+
+def _copy_tvm(dst: Path) -> None:
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("tvm")
+    src = Path(next(iter(spec.submodule_search_locations)))
+    skip_dirs = {"3rdparty", "include", "__pycache__", "lib64", "web", "cmake", "src", "testing"}
+
+    def ignore(d, names):
+        out = {n for n in names if n in skip_dirs or n.endswith(".pyc")}
+        if Path(d) == src / "lib":
+            out |= {n for n in names if n not in RUNTIME_LIBS}
+        return out
+
+    shutil.copytree(src, dst / "tvm", ignore=ignore)
+
+
+def _fetch_tvm_ffi(dst: Path, python: str) -> None:
+    from importlib.metadata import version  # noqa: PLC0415
+
+    ver = version("apache-tvm-ffi")
+    tmp = dst.parent / ".wheels"
+    tmp.mkdir(exist_ok=True)
+    tag = python.replace(".", "")
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", tag,
+           "--implementation", "cp", "-d", str(tmp), f"apache-tvm-ffi=={ver}"]
+    for plat in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"):
+        cmd += ["--platform", plat]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wheels = list(tmp.glob("apache_tvm_ffi-*.whl"))
+    if res.returncode != 0 or not wheels:
+        raise CompileError(f"could not download apache-tvm-ffi=={ver} for Python {python}: {res.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        zf.extractall(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_bundle(artifact: str | Path, out: str | Path, python: str = "3.12") -> dict:
+    """Write the bundle folder; returns sizes in bytes."""
+    from ..runtime.artifact import open_artifact  # noqa: PLC0415
+
+    art = open_artifact(artifact, device=None)
+    out = Path(out)
+    if out.exists():
+        raise CompileError(f"{out}: exists; choose a new folder for the bundle")
+    root = Path(__file__).resolve().parent.parent  # the kiln package directory
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        site = tmp / "site"
+        site.mkdir(parents=True)
+        _copy_tvm(site)
+        _fetch_tvm_ffi(site, python)
+        (site / "kiln").mkdir()
+        for name in KILN_RUNTIME_FILES:
+            src = root / name
+            if src.is_dir():
+                shutil.copytree(src, site / "kiln" / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, site / "kiln" / name)
+        shutil.copytree(art.path, tmp / "model.kiln")
+        launcher = tmp / "kiln"
+        launcher.write_text(LAUNCHER)
+        launcher.chmod(0o755)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    runtime_bytes = sum(f.stat().st_size for f in (out / "site").rglob("*") if f.is_file())
+    model_bytes = sum(f.stat().st_size for f in (out / "model.kiln").rglob("*") if f.is_file())
+    return {"runtime_bytes": runtime_bytes, "model_bytes": model_bytes}
