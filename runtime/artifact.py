@@ -101,7 +101,9 @@ def check_host(art: Artifact, device: str) -> None:
 def loaded_files(manifest: dict) -> list[str]:
     """Every file the runtime will read: libraries, weights, tokenizer."""
     rels = [t["library"] for t in manifest["targets"]]
-    rels.append(manifest.get("weights_file", "weights.safetensors"))
+    weights = manifest.get("weights_file", "weights.safetensors")
+    if weights is not None:  # None: compiled with --no-weights (random weights at load)
+        rels.append(weights)
     tok = manifest.get("tokenizer")
     if tok:
         rels.append(tok.get("file") if isinstance(tok, dict) else None)

@@ -80,7 +80,8 @@ class PagedKVCache:
 class Session:
     """A model ready to run. Create with `kiln.runtime.load(path)`."""
 
-    def __init__(self, artifact: Artifact, device: str = "cpu", max_seq_len: int | None = None, prefill_chunk: int = 1024):
+    def __init__(self, artifact: Artifact, device: str = "cpu", max_seq_len: int | None = None, prefill_chunk: int = 1024,
+                 random_weights: bool = False):
         t0 = time.perf_counter()
         rt = runtime()
         self.rt = rt
@@ -98,7 +99,14 @@ class Session:
         self.dev = rt.tvm.cpu(0) if device == "cpu" else cuda_device(rt, tgt, artifact.path)
         lib = rt.runtime.load_module(str(artifact.file(tgt["library"])))
         self.vm = rt.vm.VirtualMachine(lib, self.dev)
-        weights = read_weights(artifact)
+        if m.get("weights_file") is None:
+            if not random_weights:
+                raise ArtifactError(f"{artifact.path}: compiled with --no-weights; it runs only with random weights (kiln bench --random-weights)")
+            weights = random_weights_for(m["params"])
+        elif random_weights:
+            raise RequestError("random_weights is for artifacts compiled with --no-weights")
+        else:
+            weights = read_weights(artifact)
         if device == "cpu":
             self.params = self._load_params(weights)
         else:
@@ -303,6 +311,26 @@ class Session:
             self.kv.remove(0)
 
 
+def random_weights_for(params: list[dict]) -> list[tuple[dict, np.ndarray]]:
+    """Random params of the spec's shapes/dtypes for speed runs: N(0, 0.02) matrices
+    and biases, norm weights 1. One 16 MiB random block is tiled across every
+    tensor, so filling an 8B-parameter model takes seconds, not minutes."""
+    import ml_dtypes  # noqa: PLC0415
+
+    np_dtypes = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+    block = (np.random.default_rng(0).standard_normal(1 << 22) * 0.02).astype(np.float32)
+    out = []
+    for spec in params:
+        n = int(np.prod(spec["shape"]))
+        dt = np_dtypes[spec["dtype"]]
+        if len(spec["shape"]) == 1 and "norm" in spec["name"]:
+            arr = np.ones(n, dtype=dt)
+        else:
+            arr = np.resize(block.astype(dt), n)
+        out.append((spec, arr.view(np.uint8)))
+    return out
+
+
 def cuda_device(rt, target: dict, path):
     """The first CUDA GPU, after loading TVM's CUDA plugin (runtime-only TVM does
     not load it by itself) and checking the artifact has code for its arch."""
@@ -324,11 +352,13 @@ def cuda_device(rt, target: dict, path):
     return dev
 
 
-def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, threads: int | None = None, verify: bool = True) -> Session:
-    """Load an artifact (checks manifest, machine and hashes first) and return a Session."""
+def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, threads: int | None = None, verify: bool = True,
+         random_weights: bool = False) -> Session:
+    """Load an artifact (checks manifest, machine and hashes first) and return a Session.
+    random_weights: only for artifacts compiled with --no-weights (speed runs)."""
     if threads is not None:
         if not 1 <= threads <= 1024:
             raise RequestError(f"threads must be in [1, 1024], got {threads}")
         os.environ["TVM_NUM_THREADS"] = str(threads)
     art = open_artifact(path, device=device, verify_hashes=verify)
-    return Session(art, device=device, max_seq_len=max_seq_len)
+    return Session(art, device=device, max_seq_len=max_seq_len, random_weights=random_weights)

@@ -56,3 +56,18 @@ def test_bad_target_strings(tiny_checkpoint, tmp_path, spec, needle):
     with pytest.raises(CompileError, match=needle):
         _compile(tiny_checkpoint, tmp_path, target=spec)
     assert not (tmp_path / "m.kiln").exists()
+
+
+def test_no_weights_artifact_runs_only_with_random_weights(tiny_checkpoint, tmp_path):
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+    from kiln.errors import ArtifactError  # noqa: PLC0415
+
+    out = tmp_path / "nw.kiln"
+    compile_model(tiny_checkpoint("llama") / "config.json", out, no_weights=True)
+    assert not (out / "weights.safetensors").exists()
+    with pytest.raises(ArtifactError, match="--no-weights"):
+        load(out)
+    s = load(out, random_weights=True)
+    res = s.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
+    assert len(res.tokens) == 4 and all(0 <= t < s.vocab_size for t in res.tokens)
+    assert np.isfinite(s.logits([1, 2, 3])).all()

@@ -16,6 +16,7 @@ written once. Exported Relax functions (all params passed packed, last arg):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,11 +36,25 @@ IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
 COMPUTE_DTYPE = "float32"  # activations, accumulation and the KV cache on CPU
 
 
-def to_compute(w):
+@dataclass(frozen=True)
+class Precision:
+    """storage: the big matrices' dtype in the artifact; compute: activations,
+    norms, the KV cache. CPU: compute fp32 (fp16 arithmetic is not native);
+    GPU: compute = storage (bf16/fp16 tensor-core math, fp32 accumulation)."""
+
+    storage: str
+    compute: str = COMPUTE_DTYPE
+
+
+def _precision(dtype) -> Precision:
+    return dtype if isinstance(dtype, Precision) else Precision(dtype)
+
+
+def to_compute(w, compute: str = COMPUTE_DTYPE):
     """Weights are stored in the artifact's dtype (fp16/bf16 halve the bytes a
-    token reads); arithmetic is fp32. The cast fuses into the consuming kernel,
-    so converted weights only ever exist in registers."""
-    return w if w.dtype == COMPUTE_DTYPE else w.astype(COMPUTE_DTYPE)
+    token reads); arithmetic is in `compute`. The cast fuses into the consuming
+    kernel, so converted weights only ever exist in registers."""
+    return w if w.dtype == compute else w.astype(compute)
 
 
 def nt_matmul(x, w, name: str = "NT_matmul"):
@@ -56,8 +71,8 @@ def nt_matmul(x, w, name: str = "NT_matmul"):
 
         def body(*idx):
             wv = wt[idx[-1], k]
-            if wt.dtype != COMPUTE_DTYPE:
-                wv = wv.astype(COMPUTE_DTYPE)
+            if wt.dtype != xt.dtype:
+                wv = wv.astype(xt.dtype)
             return te.sum(xt[(*idx[:-1], k)] * wv, axis=k)
 
         return te.compute((*lead, wt.shape[0]), body, name=name)
@@ -69,8 +84,8 @@ class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis. The weight
     stays fp32 whatever the artifact dtype (a few KB per layer)."""
 
-    def __init__(self, size: int, eps: float, dtype: str):
-        self.weight = nn.Parameter((size,), COMPUTE_DTYPE)
+    def __init__(self, size: int, eps: float, dtype):
+        self.weight = nn.Parameter((size,), _precision(dtype).compute)
         self.eps = eps
 
     def forward(self, x):
@@ -80,13 +95,15 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """y = x @ W^T (+ b). W stays [out, in] so decode reads it row by row."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool = False):
-        self.weight = nn.Parameter((out_features, in_features), dtype)
-        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+    def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False):
+        p = _precision(dtype)
+        self.compute = p.compute
+        self.weight = nn.Parameter((out_features, in_features), p.storage)
+        self.bias = nn.Parameter((out_features,), p.storage) if bias else None
 
     def forward(self, x):
         y = nt_matmul(x, self.weight)
-        return y + to_compute(self.bias) if self.bias is not None else y
+        return y + to_compute(self.bias, self.compute) if self.bias is not None else y
 
 
 def tvm_paged_kv_cache(*, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, rope_scale, rope_theta, rope_scaling, dtype, target, **shape_vars):
@@ -119,13 +136,16 @@ class DecoderLM(nn.Module):
 
     layer_cls: type = None  # the family's decoder layer, (config, dtype) -> nn.Module
 
-    def __init__(self, config: ModelConfig, dtype: str, kv_cache_factory=None):
-        """kv_cache_factory(**kwargs) -> PagedKVCache: the compiler picks the
+    def __init__(self, config: ModelConfig, dtype, kv_cache_factory=None):
+        """dtype: storage dtype string, or a Precision (storage + compute).
+        kv_cache_factory(**kwargs) -> PagedKVCache: the compiler picks the
         attention kernels per target; the default is TVM's TIR cache."""
         self.config = config
-        self.dtype = dtype
+        self.precision = _precision(dtype)
+        self.dtype = self.precision.storage
+        dtype = self.precision
         self.kv_cache_factory = kv_cache_factory or tvm_paged_kv_cache
-        self.embed_tokens = nn.Parameter((config.vocab_size, config.hidden_size), dtype)
+        self.embed_tokens = nn.Parameter((config.vocab_size, config.hidden_size), self.dtype)
         self.layers = nn.ModuleList([self.layer_cls(config, dtype) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
@@ -142,10 +162,10 @@ class DecoderLM(nn.Module):
             logits = nt_matmul(h, self.embed_tokens, name="lm_head")
         else:
             logits = self.lm_head(h)
-        return logits
+        return to_compute(logits, "float32")  # the sampler reads fp32 logits
 
     def embed(self, input_ids):
-        return to_compute(op.take(self.embed_tokens, input_ids, axis=0))
+        return to_compute(op.take(self.embed_tokens, input_ids, axis=0), self.precision.compute)
 
     def prefill(self, embeds, logit_pos, kv_cache):
         h = self._body(embeds, kv_cache)
@@ -176,7 +196,7 @@ class DecoderLM(nn.Module):
             rope_scale=rope_scale,
             rope_theta=c.rope_theta,
             rope_scaling=rope_scaling,
-            dtype=COMPUTE_DTYPE,
+            dtype=self.precision.compute,
             target=_tvm.Target.current(),
         )
 
@@ -187,12 +207,12 @@ class DecoderLM(nn.Module):
         return {
             "embed": {"input_ids": spec.Tensor(["seq_len"], "int32"), "$": packed},
             "prefill": {
-                "embeds": spec.Tensor([1, "seq_len", hidden], COMPUTE_DTYPE),
+                "embeds": spec.Tensor([1, "seq_len", hidden], self.precision.compute),
                 "logit_pos": spec.Tensor(["num_logits"], "int32"),
                 "kv_cache": kv,
                 "$": packed,
             },
-            "decode": {"embeds": spec.Tensor([1, 1, hidden], COMPUTE_DTYPE), "kv_cache": kv, "$": packed},
+            "decode": {"embeds": spec.Tensor([1, 1, hidden], self.precision.compute), "kv_cache": kv, "$": packed},
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
