@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -206,7 +207,9 @@ def _build_library(mod, tvm_target, path: Path) -> None:
         if is_cuda:
             # TVM's switch for "compile device code with nvcc at build time" (a cubin, not source)
             os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
-        with tvm_target:
+        # CUDA: capture static regions of each step into CUDA graphs (launch overhead)
+        ctx = t.tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}) if is_cuda else contextlib.nullcontext()
+        with tvm_target, ctx:
             # SortShapeHeapStores: VMShapeLower's store order changes between runs (see that pass)
             pipeline = t.tvm.transform.Sequential([t.relax.pipeline.default_build_pipeline(), SortShapeHeapStores()])
             ex = t.relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
