@@ -1,8 +1,10 @@
 """Where does one decode step (or one prefill) go? Times every call the Relax VM
-makes, in situ (real weights from DRAM, real KV cache), via the VM's
-instrument hook. Kernel names are the compiled TIR functions' names.
+makes, in situ (real weights, real KV cache), via the VM's instrument hook,
+synchronising the device around each call. Kernel names are the compiled TIR
+functions' names. (Artifacts built with CUDA graphs show the graph replay as
+one call: compile with KILN_NO_CUDA_GRAPH=1 to see kernels.)
 
-    python benchmarks/profile_step.py ART.kiln [--mode decode|prefill] [--context 128] [--steps 20]
+    python benchmarks/profile_step.py ART.kiln [--device cuda --random-weights] [--mode decode|prefill] [--context 128]
 """
 
 from __future__ import annotations
@@ -23,23 +25,33 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--random-weights", action="store_true")
     a = ap.parse_args()
-    s = load(a.artifact, threads=a.threads, verify=False)
+    s = load(a.artifact, device=a.device, threads=a.threads, verify=False, random_weights=a.random_weights)
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     started: dict[str, float] = {}
 
     def instrument(func, name, before, ret, *args):
         if before:
+            s.dev.sync()  # GPU launches are asynchronous: time each call to completion
             started[name] = time.perf_counter()
         else:
+            s.dev.sync()
             totals[name] += time.perf_counter() - started.pop(name, time.perf_counter())
             counts[name] += 1
         return 0
 
     ids = [(i * 7919) % s.vocab_size for i in range(a.context)]
+
+    def prefill():
+        for k in range(0, len(ids), s.prefill_chunk):  # as the runtime does: one call per chunk
+            chunk = ids[k : k + s.prefill_chunk]
+            s._forward_prefill(chunk, np.array([len(chunk) - 1]))
+
     s.kv.add(0)
-    s._forward_prefill(ids, np.array([len(ids) - 1]))
+    prefill()
     s.vm.set_instrument(instrument)
     t0 = time.perf_counter()
     if a.mode == "decode":
@@ -49,7 +61,7 @@ def main() -> None:
         for _ in range(a.steps):
             s.kv.remove(0)
             s.kv.add(0)
-            s._forward_prefill(ids, np.array([len(ids) - 1]))
+            prefill()
     wall = (time.perf_counter() - t0) / a.steps
     s.vm.set_instrument(None) if False else None
     inside = sum(totals.values()) / a.steps

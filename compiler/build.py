@@ -82,6 +82,10 @@ def compile_model(
         if not 1 <= max_seq_len <= max_ctx:
             raise CompileError(f"--max-seq-len {max_seq_len} is outside [1, {max_ctx}] for this model")
         max_ctx = max_seq_len
+    if dtype == "float16" and any(tg.kind == "cuda" for tg in targets):
+        # TVM 0.27's dlight Matmul rule tensorizes fp16 matmuls and segfaults doing so
+        # (seen on the Llama-3-8B shape): refuse rather than crash
+        raise CompileError("--dtype float16 is not available for CUDA targets yet (TVM's fp16 tensorization crashes); use bfloat16 or float32")
     if len({tg.kind for tg in targets}) > 1 and dtype != "float32":
         # CPU keeps norms fp32 and computes in fp32; CUDA computes in the storage dtype: one
         # weights file cannot serve both yet
@@ -208,7 +212,8 @@ def _build_library(mod, tvm_target, path: Path) -> None:
             # TVM's switch for "compile device code with nvcc at build time" (a cubin, not source)
             os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
         # CUDA: capture static regions of each step into CUDA graphs (launch overhead)
-        ctx = t.tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}) if is_cuda else contextlib.nullcontext()
+        graphs = is_cuda and os.environ.get("KILN_NO_CUDA_GRAPH") != "1"  # =1: per-kernel profiling (benchmarks/profile_step.py)
+        ctx = t.tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}) if graphs else contextlib.nullcontext()
         with tvm_target, ctx:
             # SortShapeHeapStores: VMShapeLower's store order changes between runs (see that pass)
             pipeline = t.tvm.transform.Sequential([t.relax.pipeline.default_build_pipeline(), SortShapeHeapStores()])

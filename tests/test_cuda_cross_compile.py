@@ -66,3 +66,9 @@ def test_bundle_is_small_and_self_contained(cuda_artifact, tmp_path):
     assert (site / "tvm_ffi").is_dir() and (site / "kiln" / "runtime" / "session.py").is_file()
     size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
     assert size <= 35 * 2**20, f"runtime part is {size / 2**20:.1f} MiB"
+
+
+def test_cuda_float16_is_refused_not_crashed(tiny_checkpoint, tmp_path):
+    res = kiln("compile", str(tiny_checkpoint("llama")), "-o", str(tmp_path / "x.kiln"), "--target", "cuda:sm_90", "--dtype", "float16")
+    assert res.returncode == 2 and "bfloat16" in res.stderr
+    assert not (tmp_path / "x.kiln").exists()
