@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-import ml_dtypes
 import numpy as np
 
+from ..runtime.dtypes import SAFETENSORS_CODES, numpy_dtype
 from .artifact import HashingWriter
-
-_ST_DTYPE = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", ml_dtypes.bfloat16)}
 
 
 def write_safetensors(
@@ -26,9 +24,8 @@ def write_safetensors(
     header: dict = {"__metadata__": {"format": "kiln"}}
     offset = 0
     for name in order:
-        code, np_dtype = _ST_DTYPE[dtypes[name]]
-        nbytes = int(np.prod(shapes[name], dtype=np.int64)) * np.dtype(np_dtype).itemsize
-        header[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        nbytes = int(np.prod(shapes[name], dtype=np.int64)) * numpy_dtype(dtypes[name]).itemsize
+        header[name] = {"dtype": SAFETENSORS_CODES[dtypes[name]], "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
@@ -39,7 +36,7 @@ def write_safetensors(
             arr = produce(name)
             if tuple(arr.shape) != tuple(shapes[name]):
                 raise ValueError(f"param {name}: produced shape {list(arr.shape)}, expected {list(shapes[name])}")
-            arr = np.ascontiguousarray(arr.astype(_ST_DTYPE[dtypes[name]][1], copy=False))
+            arr = np.ascontiguousarray(arr.astype(numpy_dtype(dtypes[name]), copy=False))
             out.write(arr.reshape(-1).view(np.uint8))
             if progress and (i % 20 == 0 or i == len(order) - 1):
                 progress(f"  weights {i + 1}/{len(order)}")

@@ -17,14 +17,9 @@ import numpy as np
 
 from ..errors import ArtifactError
 from . import manifest as mf
+from .dtypes import SAFETENSORS_CODES, itemsize
 from .hostinfo import host_cpu_flags, host_machine, host_os
 
-# manifest dtype -> (safetensors dtype code, bytes per element)
-_ST_DTYPES = {
-    "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2), "float64": ("F64", 8),
-    "int8": ("I8", 1), "uint8": ("U8", 1), "int16": ("I16", 2), "uint16": ("U16", 2),
-    "int32": ("I32", 4), "uint32": ("U32", 4), "int64": ("I64", 8),
-}
 
 
 @dataclass
@@ -160,7 +155,8 @@ def read_weights(art: Artifact) -> list[tuple[dict, np.ndarray]]:
     out = []
     for spec in art.manifest["params"]:
         ent = header.get(spec["name"])
-        code, itemsize = _ST_DTYPES.get(spec["dtype"], (None, 0))
+        code = SAFETENSORS_CODES.get(spec["dtype"])
+        size = itemsize(spec["dtype"]) if code else 0
         if (not isinstance(ent, dict) or code is None or ent.get("dtype") != code
                 or ent.get("shape") != list(spec["shape"])):
             raise ArtifactError(f"{path}: param {spec['name']} does not match the manifest's spec {spec['dtype']}{list(spec['shape'])}")
@@ -170,7 +166,7 @@ def read_weights(art: Artifact) -> list[tuple[dict, np.ndarray]]:
         start, end = offs
         if not 0 <= start <= end <= data.size - base:
             raise ArtifactError(f"{path}: param {spec['name']} lies outside the file")
-        if end - start != math.prod(spec["shape"]) * itemsize:
-            raise ArtifactError(f"{path}: param {spec['name']} spans {end - start} bytes, shape {list(spec['shape'])} x {itemsize} needs {math.prod(spec['shape']) * itemsize}")
+        if end - start != math.prod(spec["shape"]) * size:
+            raise ArtifactError(f"{path}: param {spec['name']} spans {end - start} bytes, shape {list(spec['shape'])} x {size} needs {math.prod(spec['shape']) * size}")
         out.append((spec, data[base + start : base + end]))
     return out

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+from .dtypes import itemsize
 
 
 def weight_bytes_per_token(manifest: dict) -> int:
@@ -15,9 +15,9 @@ def weight_bytes_per_token(manifest: dict) -> int:
     cfg = manifest["model"]["config"]
     total = 0
     for p in manifest["params"]:
-        n = int(np.prod(p["shape"])) * _ITEMSIZE[p["dtype"]]
+        n = int(np.prod(p["shape"])) * itemsize(p["dtype"])
         if p["name"] == "embed_tokens" and not cfg.get("tie_word_embeddings"):
-            n = int(p["shape"][1]) * _ITEMSIZE[p["dtype"]]
+            n = int(p["shape"][1]) * itemsize(p["dtype"])
         total += n
     return total
 
