@@ -13,7 +13,6 @@ import argparse
 import time
 from collections import defaultdict
 
-import numpy as np
 
 from kiln.runtime import load
 
@@ -45,13 +44,8 @@ def main() -> None:
 
     ids = [(i * 7919) % s.vocab_size for i in range(a.context)]
 
-    def prefill():
-        for k in range(0, len(ids), s.prefill_chunk):  # as the runtime does: one call per chunk
-            chunk = ids[k : k + s.prefill_chunk]
-            s._forward_prefill(chunk, np.array([len(chunk) - 1]))
-
     s.kv.add(0)
-    prefill()
+    s._prefill_chunks(ids, all_rows=False)
     s.vm.set_instrument(instrument)
     t0 = time.perf_counter()
     if a.mode == "decode":
@@ -61,9 +55,8 @@ def main() -> None:
         for _ in range(a.steps):
             s.kv.remove(0)
             s.kv.add(0)
-            prefill()
+            s._prefill_chunks(ids, all_rows=False)
     wall = (time.perf_counter() - t0) / a.steps
-    s.vm.set_instrument(None) if False else None
     inside = sum(totals.values()) / a.steps
     print(f"{a.mode}: {wall * 1e3:.2f} ms per step (instrumented), {inside * 1e3:.2f} ms inside VM calls")
     for name, tot in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:

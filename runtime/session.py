@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import ArtifactError, RequestError
 from ..tvm_compat import runtime
 from .artifact import Artifact, open_artifact, read_weights
+from .dtypes import numpy_dtype
 from .sampler import Sampler, SamplingParams
 from .tokenizer import StopMatcher, StreamDecoder, Tokenizer
 
@@ -134,9 +135,6 @@ class Session:
         is a 64-byte-aligned view handed to TVM through DLPack (no copy)."""
         import mmap  # noqa: PLC0415
 
-        import ml_dtypes  # noqa: PLC0415  (numpy has no bfloat16)
-
-        np_dtypes = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
         offsets, total = [], 0
         for _spec, raw in weights:
             offsets.append(total)
@@ -153,16 +151,13 @@ class Session:
                 base = self.rt.runtime.from_dlpack(view.view(np.uint16).reshape(spec["shape"]))
                 params.append(base._create_view(tuple(spec["shape"]), "bfloat16"))
             else:
-                params.append(self.rt.runtime.from_dlpack(view.view(np_dtypes[spec["dtype"]]).reshape(spec["shape"])))
+                params.append(self.rt.runtime.from_dlpack(view.view(numpy_dtype(spec["dtype"])).reshape(spec["shape"])))
         self._arena = arena  # the views above keep it alive too; this documents ownership
         return params
 
     def _to_device(self, spec: dict, raw: np.ndarray):
-        import ml_dtypes  # noqa: PLC0415  (numpy has no bfloat16)
-
-        np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[spec["dtype"]]
         arr = self.rt.runtime.empty(tuple(spec["shape"]), spec["dtype"], self.dev)
-        arr.copyfrom(np.asarray(raw).view(np_dtype).reshape(spec["shape"]))
+        arr.copyfrom(np.asarray(raw).view(numpy_dtype(spec["dtype"])).reshape(spec["shape"]))
         return arr
 
     def _tensor(self, a: np.ndarray):
@@ -176,6 +171,16 @@ class Session:
         out = self._prefill(emb, self._tensor(logit_pos.astype(np.int32)), self.kv.obj, self.params)
         self.kv.end()
         return out[0].numpy()[0]
+
+    def _prefill_chunks(self, ids: list[int], all_rows: bool) -> np.ndarray:
+        """Prefill `ids` for sequence 0 one prefill chunk per call (the cache's
+        workspace holds prefill_chunk tokens); logits of every position
+        [T, vocab], or of the last position only [vocab]."""
+        rows = []
+        for s in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[s : s + self.prefill_chunk]
+            rows.append(self._forward_prefill(chunk, np.arange(len(chunk)) if all_rows else np.array([len(chunk) - 1])))
+        return np.concatenate(rows, axis=0) if all_rows else rows[-1][0]
 
     def _forward_decode(self, token: int) -> np.ndarray:
         self.kv.begin([0], [1])
@@ -203,15 +208,11 @@ class Session:
         ids = self._check_tokens(token_ids)
         if len(ids) > self.max_seq_len:
             raise RequestError(f"sequence has {len(ids)} tokens, over this session's context of {self.max_seq_len}")
-        rows = []
         self.kv.add(0)
         try:
-            for s in range(0, len(ids), self.prefill_chunk):
-                chunk = ids[s : s + self.prefill_chunk]
-                rows.append(self._forward_prefill(chunk, np.arange(len(chunk))))
+            return self._prefill_chunks(ids, all_rows=True)
         finally:
             self.kv.remove(0)
-        return np.concatenate(rows, axis=0)
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         if self.tokenizer is None:
@@ -231,8 +232,7 @@ class Session:
     ) -> Iterator[tuple[int, str]]:
         """Yield (token id, new text) as tokens are generated. Text is "" without a
         tokenizer; a final (-1, text) may carry text held back at the end."""
-        res = self._run(prompt_tokens, max_new_tokens, sampling, stop, ignore_eos)
-        yield from res
+        return self._run(prompt_tokens, max_new_tokens, sampling, stop, ignore_eos, info={})
 
     def generate(
         self,
@@ -250,19 +250,19 @@ class Session:
         the context: max_new_tokens is cut to what the context has left after
         the prompt (finish_reason "length"). A prompt that fills the context
         is refused."""
-        gen = self._run(prompt_tokens, max_new_tokens, sampling, stop, ignore_eos)
+        info: dict = {}
         tokens, texts = [], []
-        for tok, text in gen:
+        for tok, text in self._run(prompt_tokens, max_new_tokens, sampling, stop, ignore_eos, info):
             if tok >= 0:  # -1 carries only the held-back tail text
                 tokens.append(tok)
             if text:
                 texts.append(text)
                 if on_text:
                     on_text(text)
-        info = self._last
         return GenerationResult(info["prompt"], tokens, "".join(texts), info["finish"], info["prefill_s"], info["decode_s"])
 
-    def _run(self, prompt_tokens, max_new_tokens, sampling, stop, ignore_eos):
+    def _run(self, prompt_tokens, max_new_tokens, sampling, stop, ignore_eos, info: dict):
+        """The generation loop; fills `info` (prompt, finish reason, timings) as it goes."""
         ids = self._check_tokens(prompt_tokens)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise RequestError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens!r}")
@@ -277,16 +277,12 @@ class Session:
         sampler = Sampler(sampling or SamplingParams())
         detok = StreamDecoder(self.tokenizer) if self.tokenizer else None
         matcher = StopMatcher(stop)
-        self._last = info = {"prompt": ids, "finish": "length", "prefill_s": 0.0, "decode_s": 0.0}
+        info.update(prompt=ids, finish="length", prefill_s=0.0, decode_s=0.0)
         history = list(ids)
         self.kv.add(0)
         try:
             t0 = time.perf_counter()
-            logits = None
-            for s in range(0, len(ids), self.prefill_chunk):
-                chunk = ids[s : s + self.prefill_chunk]
-                logits = self._forward_prefill(chunk, np.array([len(chunk) - 1]))[0]
-            tok = sampler(logits, history)
+            tok = sampler(self._prefill_chunks(ids, all_rows=False), history)
             info["prefill_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             for i in range(max_new_tokens):
@@ -315,14 +311,11 @@ def random_weights_for(params: list[dict]) -> list[tuple[dict, np.ndarray]]:
     """Random params of the spec's shapes/dtypes for speed runs: N(0, 0.02) matrices
     and biases, norm weights 1. One 16 MiB random block is tiled across every
     tensor, so filling an 8B-parameter model takes seconds, not minutes."""
-    import ml_dtypes  # noqa: PLC0415
-
-    np_dtypes = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
     block = (np.random.default_rng(0).standard_normal(1 << 22) * 0.02).astype(np.float32)
     out = []
     for spec in params:
         n = int(np.prod(spec["shape"]))
-        dt = np_dtypes[spec["dtype"]]
+        dt = numpy_dtype(spec["dtype"])
         if len(spec["shape"]) == 1 and "norm" in spec["name"]:
             arr = np.ones(n, dtype=dt)
         else:
