@@ -124,7 +124,7 @@ def cmd_compile(a) -> int:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     summary = compile_model(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir,
-                            no_weights=getattr(a, "no_weights", False), progress=progress)
+                            no_weights=a.no_weights, progress=progress)
     print(summary.line())
     return 0
 
@@ -133,7 +133,7 @@ def cmd_run(a) -> int:
     from .runtime import SamplingParams, load  # noqa: PLC0415
 
     sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed)
-    s = load(a.artifact, device=getattr(a, "device", "cpu"), max_seq_len=a.max_seq_len, threads=a.threads)
+    s = load(a.artifact, device=a.device, max_seq_len=a.max_seq_len, threads=a.threads)
     ids = _parse_tokens(a.tokens) if a.tokens is not None else s.encode_prompt(a.prompt, chat=a.chat)
 
     def echo(text: str) -> None:
@@ -271,7 +271,7 @@ def cmd_demo(a) -> int:
         cmd_compile(ns)
     ns = argparse.Namespace(artifact=str(art), prompt=a.prompt, tokens=None, chat=True, max_new_tokens=a.max_new_tokens,
                             temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None, stop=[], ignore_eos=False,
-                            max_seq_len=None, threads=a.threads, json=False)
+                            max_seq_len=None, threads=a.threads, device="cpu", json=False)
     print(f"> {a.prompt}", file=sys.stderr)
     try:
         return cmd_run(ns)

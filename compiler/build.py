@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import CompileError, ModelFormatError
-from ..frontends.checkpoint import Checkpoint, open_checkpoint
+from ..errors import CompileError
+from ..frontends.checkpoint import open_checkpoint
 from ..frontends.config import ModelConfig
 from ..frontends.models import family_for
 from ..frontends.models.base import COMPUTE_DTYPE, Precision, check_finite
 from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..passes.sort_shape_heap_stores import SortShapeHeapStores
+from ..runtime.dtypes import itemsize
 from ..runtime.manifest import FORMAT_VERSION, MAGIC, RUNTIME_ABI
 from ..tvm_compat import compiler
 from .artifact import ArtifactWriter
@@ -68,7 +69,7 @@ def compile_model(
     t0 = time.perf_counter()
     targets = parse_target(target)
     progress(f"read {model}")
-    ck = config_only_checkpoint(model) if no_weights else open_checkpoint(model)
+    ck = open_checkpoint(model, weights=not no_weights)
     config = ModelConfig.from_dict(ck.config, file=f"{ck.source} (config)")
     family = family_for(config.architecture, file=ck.source)
     config = family.adapt_config(config)
@@ -97,10 +98,11 @@ def compile_model(
     with ArtifactWriter(out_path) as writer:
         progress("convert weights")
         tvm_targets = [tg.tvm_target() for tg in targets]
+        # CPU computes in fp32 whatever the storage; CUDA computes in the storage dtype
+        precisions = [Precision(dtype, COMPUTE_DTYPE if tg.kind == "llvm" else dtype) for tg in targets]
         mods = []
-        for tg, tvm_target in zip(targets, tvm_targets):
+        for tg, tvm_target, precision in zip(targets, tvm_targets, precisions):
             with tvm_target:  # the KV cache picks its kernels by the current target
-                precision = Precision(dtype, COMPUTE_DTYPE if tg.kind == "llvm" else dtype)
                 lm = family(config, precision, kv_cache_factory=CpuPagedKVCache if tg.kind == "llvm" else None)
                 mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
             mods.append(mod)
@@ -120,7 +122,7 @@ def compile_model(
         num_params = int(sum(int(np.prod(expected[n])) for n in order))
 
         lib_entries = []
-        for tg, tvm_target, mod in zip(targets, tvm_targets, mods):
+        for tg, tvm_target, mod, precision in zip(targets, tvm_targets, mods, precisions):
             progress(f"passes ({tg.kind})")
             opts = PipelineOptions(target=tvm_target, dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
             lowered = run_pipeline(mod, opts)
@@ -128,7 +130,7 @@ def compile_model(
             rel = f"lib/{tg.device}.so"
             _build_library(lowered, tvm_target, writer.path(rel))
             writer.record(rel)
-            lib_entries.append({**tg.manifest(), "library": rel, "compute_dtype": COMPUTE_DTYPE if tg.kind == "llvm" else dtype})
+            lib_entries.append({**tg.manifest(), "library": rel, "compute_dtype": precision.compute})
 
         tok_manifest = None
         if ck.tokenizer is not None:
@@ -145,8 +147,7 @@ def compile_model(
                 "extra_eos_tokens": list(tok.extra_eos_tokens),
             }
 
-        kv_dtype = lib_entries[0]["compute_dtype"]  # the KV cache holds compute-dtype K/V (quantized KV comes later)
-        itemsize = 4 if kv_dtype == "float32" else 2
+        kv_dtype = precisions[0].compute  # the KV cache holds compute-dtype K/V (quantized KV comes later)
         manifest = {
             "magic": MAGIC,
             "format_version": FORMAT_VERSION,
@@ -161,8 +162,7 @@ def compile_model(
                 "source_dtypes": sorted(set(ck.tensor_dtypes.values())),
                 "num_params": num_params,
             },
-            "dtype": dtype,
-            "compute_dtype": COMPUTE_DTYPE,
+            "dtype": dtype,  # storage; each target entry says its compute dtype
             "quant": "none",
             "targets": lib_entries,
             "params": [{"name": n, "shape": list(expected[n]), "dtype": param_dtypes[n], "quant": "none"} for n in order],
@@ -175,7 +175,7 @@ def compile_model(
                 "num_layers": config.num_hidden_layers,
                 "num_kv_heads": config.num_key_value_heads,
                 "head_dim": config.head_dim,
-                "bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize,
+                "bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize(kv_dtype),
             },
             "tokenizer": tok_manifest,
             "eos_token_ids": list(config.eos_token_ids),
@@ -185,22 +185,6 @@ def compile_model(
         writer.commit(manifest)
         total = sum(f["size"] for f in writer.files.values())
     return CompileSummary(out_path, num_params, total, [f"{tg.kind}:{tg.mcpu or tg.arch}" for tg in targets], time.perf_counter() - t0, dtype)
-
-
-def config_only_checkpoint(path: str | Path) -> Checkpoint:
-    """A Checkpoint with a config and no tensors (for --no-weights)."""
-    p = Path(path)
-    cfg_path = p / "config.json" if p.is_dir() else p
-    try:
-        raw = cfg_path.read_bytes()
-        if len(raw) > 10 << 20:
-            raise ModelFormatError(f"{cfg_path}: config over 10 MB")
-        cfg = json.loads(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise ModelFormatError(f"{cfg_path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ModelFormatError(f"{cfg_path}: not a JSON config ({err})") from None
-    return Checkpoint(config=cfg, tensor_names=[], load=None, tokenizer=None, source=str(cfg_path), format="config-only")
 
 
 def _build_library(mod, tvm_target, path: Path) -> None:
@@ -229,4 +213,4 @@ def _build_library(mod, tvm_target, path: Path) -> None:
                 os.environ["TVM_CUDA_COMPILE_MODE"] = old_mode
 
 
-__all__ = ["compile_model", "CompileSummary", "CompileTarget", "ModelFormatError"]
+__all__ = ["compile_model", "CompileSummary", "CompileTarget"]

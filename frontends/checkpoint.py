@@ -55,11 +55,17 @@ class Checkpoint:
     tensor_dtypes: dict[str, str] = field(default_factory=dict)
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open and validate a checkpoint; ModelFormatError names the file on failure."""
+def open_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
+    """Open and validate a checkpoint; ModelFormatError names the file on failure.
+
+    weights=False: only the config is read (`path` may be a config.json alone)."""
     p = Path(path)
     if not p.exists():
         raise ModelFormatError(f"{p}: no such file or directory")
+    if not weights:
+        from .hf import open_config_only  # noqa: PLC0415
+
+        return open_config_only(p)
     if p.is_file() and p.suffix.lower() == ".gguf":
         from .gguf_reader import open_gguf  # noqa: PLC0415
 

@@ -249,6 +249,19 @@ def _read_tokenizer(mdir: _ModelDir) -> TokenizerFiles | None:
     return tok
 
 
+def open_config_only(path: Path) -> Checkpoint:
+    """A Checkpoint with a config and no tensors (`kiln compile --no-weights`):
+    `path` is a config.json or a directory holding one; read with the same
+    limits and checks as a full checkpoint's config."""
+    path = Path(path)
+    config_path = path / "config.json" if path.is_dir() else path
+    if not config_path.exists():
+        raise ModelFormatError(f"{config_path}: no such file")
+    config = _read_json_object(config_path, MAX_CONFIG_BYTES)
+    ModelConfig.from_dict(config, file=str(config_path))
+    return Checkpoint(config=config, tensor_names=[], load=None, tokenizer=None, source=str(config_path), format="config-only")
+
+
 def open_hf_checkpoint(path: Path) -> Checkpoint:
     """Open an HF safetensors checkpoint, validating every file it reads.
 
