@@ -47,7 +47,7 @@ def _main_and_epilogue(infos):
     return infos[0], epilogue
 
 
-def _vector_lanes(target, dtype_bits: int = 32) -> int:
+def vector_lanes(target, dtype_bits: int = 32) -> int:
     t = compiler()
     feats = set(t.tvm.target.codegen.llvm_get_cpu_features(target))
     bits = 512 if "avx512f" in feats else 256 if "avx" in feats else 128
@@ -90,7 +90,7 @@ class CpuGemv:
         n = _int_extent(sch, s)
         if k is None or n is None or _int_extent(sch, c) != 1 or _int_extent(sch, batch) != 1:
             return None
-        lanes = _vector_lanes(target)
+        lanes = vector_lanes(target)
         inner = next((lanes * a for a in (self.acc, 2, 1) if k % (lanes * a) == 0), None)
         if inner is None:
             return None
@@ -150,7 +150,7 @@ class CpuMatmul:
         _, n_ext, k_ext = exts[-3:]
         if exts[-3] is not None or n_ext is None or k_ext is None:
             return None  # m must be the symbolic token dim; n and k static
-        lanes = _vector_lanes(target)
+        lanes = vector_lanes(target)
         mt, nt = (8, 2 * lanes) if lanes >= 16 else (6, 2 * lanes)
         if n_ext % nt:
             nt = lanes
@@ -198,7 +198,7 @@ class CpuInlineElementwise:
         except Exception:  # noqa: BLE001
             return None
         if infos is not None and len(infos) == 1 and infos[0].is_injective():
-            self._parallel_vectorize(sch, infos[0].block_rv, _vector_lanes(target))
+            self._parallel_vectorize(sch, infos[0].block_rv, vector_lanes(target))
         return sch
 
     @staticmethod

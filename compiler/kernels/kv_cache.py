@@ -11,6 +11,7 @@ chunk, tree attention, sliding window, page copies) stay TVM's.
 
 from __future__ import annotations
 
+from ...passes.cpu_rules import vector_lanes
 from ...tvm_compat import compiler
 from .attention_cpu import paged_decode_attention_cpu, ragged_prefill_attention_cpu
 
@@ -18,11 +19,6 @@ _t = compiler()
 _kv = _t.kv_cache
 rx = _t.relax
 nn = _t.nn
-
-
-def _lanes(target) -> int:
-    feats = set(_t.tvm.target.codegen.llvm_get_cpu_features(target))
-    return 16 if "avx512f" in feats else 8 if "avx" in feats else 4
 
 
 class CpuPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-methods
@@ -33,7 +29,7 @@ class CpuPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-metho
                  rope_scale: float, rope_theta: float, rope_scaling: dict, dtype: str, target, name: str = "paged_kv_cache"):
         bb = rx.BlockBuilder.current()
         h_kv, h_q, d = num_key_value_heads, num_attention_heads, head_dim
-        lanes = _lanes(target)
+        lanes = vector_lanes(target)
         rope_scaling = _kv._prepare_yarn_rope_scaling(rope_scaling, rope_theta)
         attn_kind = [int(_kv.AttnKind.MHA) for _ in range(num_hidden_layers)]
 
