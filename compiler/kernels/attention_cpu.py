@@ -36,11 +36,39 @@ def _lanes(head_dim: int, lanes: int) -> int:
     return max(lanes, 1)
 
 
+def _row_macros(D: int, dtype: str):
+    """What both kernels do per (query row, head): start the online softmax
+    (scaled query in registers, empty output, running max/sum), and finish it
+    (normalise, write the row's output and its base-2 lse)."""
+
+    @T.macro
+    def start_row(q, row, h, sm_scale, qv, ov, st):
+        for i in T.vectorized(D):
+            qv[i] = T.Cast("float32", q[row, h, i]) * sm_scale * T.float32(LOG2E)
+            ov[i] = T.float32(0)
+        st[0] = T.float32(NEG)
+        st[1] = T.float32(0)
+
+    @T.macro
+    def finish_row(output, lse, row, h, ov, st):
+        if st[1] > T.float32(0):
+            for i in T.vectorized(D):
+                output[row, h, i] = T.Cast(dtype, ov[i] / st[1])
+            lse[row, h] = st[0] + T.log2(st[1])
+        else:
+            for i in T.vectorized(D):
+                output[row, h, i] = T.Cast(dtype, T.float32(0))
+            lse[row, h] = T.float32(NEG)
+
+    return start_row, finish_row
+
+
 def paged_decode_attention_cpu(kv_heads: int, q_heads: int, head_dim: int, dtype: str, lanes: int = 8, page_size: int = 16):
     """One new token per sequence attends to all its cached keys."""
     H, D, G = q_heads, head_dim, q_heads // kv_heads
     L = _lanes(head_dim, lanes)
     P = page_size
+    start_row, finish_row = _row_macros(D, dtype)
 
     @T.prim_func
     def paged_decode_attention(
@@ -87,11 +115,7 @@ def paged_decode_attention_cpu(kv_heads: int, q_heads: int, head_dim: int, dtype
             hk: T.int32 = h // G
             begin: T.int32 = page_indptr[b]
             npages: T.int32 = page_indptr[b + 1] - begin
-            for i in T.vectorized(D):
-                qv[i] = T.Cast("float32", q[b, h, i]) * sm_scale * T.float32(LOG2E)
-                ov[i] = T.float32(0)
-            st[0] = T.float32(NEG)
-            st[1] = T.float32(0)
+            start_row(q, b, h, sm_scale, qv, ov, st)
             for p in T.serial(npages):
                 page: T.int32 = page_values[begin + p]
                 rows: T.int32 = T.if_then_else(p == npages - 1, last_page_len[b], P)
@@ -116,14 +140,7 @@ def paged_decode_attention_cpu(kv_heads: int, q_heads: int, head_dim: int, dtype
                     for i in T.vectorized(D):
                         ov[i] = ov[i] + w * T.Cast("float32", pages[page, 1, hk, r, i])
                 st[0] = st[2]
-            if st[1] > T.float32(0):
-                for i in T.vectorized(D):
-                    output[b, h, i] = T.Cast(dtype, ov[i] / st[1])
-                lse[b, h] = st[0] + T.log2(st[1])
-            else:
-                for i in T.vectorized(D):
-                    output[b, h, i] = T.Cast(dtype, T.float32(0))
-                lse[b, h] = T.float32(NEG)
+            finish_row(output, lse, b, h, ov, st)
 
     return paged_decode_attention
 
@@ -133,6 +150,7 @@ def ragged_prefill_attention_cpu(kv_heads: int, q_heads: int, head_dim: int, dty
     H, D, G = q_heads, head_dim, q_heads // kv_heads
     L = _lanes(head_dim, lanes)
     R = block
+    start_row, finish_row = _row_macros(D, dtype)
 
     @T.prim_func
     def ragged_prefill_attention(
@@ -183,11 +201,7 @@ def ragged_prefill_attention_cpu(kv_heads: int, q_heads: int, head_dim: int, dty
                 h: T.int32 = qh % H
                 hk: T.int32 = h // G
                 visible: T.int32 = T.if_then_else(causal > 0, T.min(nk - nq + qi + 1, nk), nk)
-                for i in T.vectorized(D):
-                    qv[i] = T.Cast("float32", q[q0 + qi, h, i]) * sm_scale * T.float32(LOG2E)
-                    ov[i] = T.float32(0)
-                st[0] = T.float32(NEG)
-                st[1] = T.float32(0)
+                start_row(q, q0 + qi, h, sm_scale, qv, ov, st)
                 for blk in T.serial((visible + R - 1) // R):
                     rows: T.int32 = T.min(R, visible - blk * R)
                     st[2] = st[0]
@@ -211,13 +225,6 @@ def ragged_prefill_attention_cpu(kv_heads: int, q_heads: int, head_dim: int, dty
                         for i in T.vectorized(D):
                             ov[i] = ov[i] + w * T.Cast("float32", v[k0 + blk * R + r, hk, i])
                     st[0] = st[2]
-                if st[1] > T.float32(0):
-                    for i in T.vectorized(D):
-                        output[q0 + qi, h, i] = T.Cast(dtype, ov[i] / st[1])
-                    lse[q0 + qi, h] = st[0] + T.log2(st[1])
-                else:
-                    for i in T.vectorized(D):
-                        output[q0 + qi, h, i] = T.Cast(dtype, T.float32(0))
-                    lse[q0 + qi, h] = T.float32(NEG)
+                finish_row(output, lse, q0 + qi, h, ov, st)
 
     return ragged_prefill_attention
