@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--random-weights", action="store_true", help="fill params with random values (artifacts compiled with --no-weights)")
     be.add_argument("--prompt-len", type=int, default=128)
     be.add_argument("--gen-len", type=int, default=128)
+    be.add_argument("--context", type=int, default=0, help="also time decode after this many tokens already cached (KV cache advanced without a prefill)")
     be.add_argument("--threads", type=int, default=None)
     be.add_argument("--json", action="store_true")
 
@@ -227,12 +228,12 @@ def cmd_bundle(a) -> int:
 
 def cmd_bench(a) -> int:
     from .runtime import SamplingParams, load  # noqa: PLC0415
-    from .runtime.bench import copy_bandwidth, weight_bytes_per_token  # noqa: PLC0415
+    from .runtime.bench import copy_bandwidth, decode_at_context, weight_bytes_per_token  # noqa: PLC0415
 
-    if not 1 <= a.prompt_len <= 1 << 20 or not 1 <= a.gen_len <= 1 << 20:
-        raise KilnError("--prompt-len and --gen-len must be in [1, 1048576]")
+    if not 1 <= a.prompt_len <= 1 << 20 or not 1 <= a.gen_len <= 1 << 20 or not 0 <= a.context <= 1 << 20:
+        raise KilnError("--prompt-len and --gen-len must be in [1, 1048576], --context in [0, 1048576]")
     s = load(a.artifact, device=a.device, threads=a.threads, random_weights=a.random_weights,
-             max_seq_len=a.prompt_len + a.gen_len + 1)
+             max_seq_len=max(a.prompt_len, a.context) + a.gen_len + 2)
     ids = [(i * 7919 + 13) % s.vocab_size for i in range(a.prompt_len)]
     s.generate(ids[: min(8, len(ids))], max_new_tokens=4, ignore_eos=True)  # warm-up
     res = s.generate(ids, max_new_tokens=a.gen_len, sampling=SamplingParams(temperature=0), ignore_eos=True)
@@ -251,6 +252,13 @@ def cmd_bench(a) -> int:
         "copy_GB_per_s": round(copy, 1),
         "share_of_copy_bandwidth": round(gbs / copy, 3) if copy else None,
     }
+    if a.context:
+        rate = decode_at_context(s, a.context, a.gen_len)
+        kv_c = s.artifact.manifest["kv_cache"]["bytes_per_token"] * (a.context + a.gen_len / 2)
+        gbs_c = (per_token + kv_c) * rate / 1e9
+        out.update({"context": a.context, "context_decode_tok_per_s": round(rate, 2),
+                    "context_kv_bytes_per_token_avg": int(kv_c), "context_achieved_GB_per_s": round(gbs_c, 1),
+                    "context_share_of_copy_bandwidth": round(gbs_c / copy, 3) if copy else None})
     if a.json:
         print(json.dumps(out))
     else:

@@ -5,6 +5,13 @@ functions' names. (Artifacts built with CUDA graphs show the graph replay as
 one call: compile with KILN_NO_CUDA_GRAPH=1 to see kernels.)
 
     python benchmarks/profile_step.py ART.kiln [--device cuda --random-weights] [--mode decode|prefill] [--context 128]
+
+With --ncu-range the timed steps run uninstrumented between cuProfilerStart and
+cuProfilerStop, for Nsight Compute's exact per-kernel times:
+
+    ncu --profile-from-start off --clock-control none --csv \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+        python benchmarks/profile_step.py ART --device cuda --random-weights --ncu-range --steps 1
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--ncu-range", action="store_true", help="no instrument hook; mark the timed steps for ncu --profile-from-start off")
     a = ap.parse_args()
     s = load(a.artifact, device=a.device, threads=a.threads, verify=False, random_weights=a.random_weights)
     totals: dict[str, float] = defaultdict(float)
@@ -46,17 +54,29 @@ def main() -> None:
 
     s.kv.add(0)
     s._prefill_chunks(ids, all_rows=False)
-    s.vm.set_instrument(instrument)
+    if a.ncu_range:
+        import ctypes  # noqa: PLC0415
+
+        cuda = ctypes.CDLL("libcuda.so.1")
+        s.dev.sync()
+        cuda.cuProfilerStart()
+    else:
+        s.vm.set_instrument(instrument)
     t0 = time.perf_counter()
     if a.mode == "decode":
         for _ in range(a.steps):
-            s._forward_decode(5)
+            s._greedy_decode(5)
     else:
         for _ in range(a.steps):
             s.kv.remove(0)
             s.kv.add(0)
             s._prefill_chunks(ids, all_rows=False)
+    s.dev.sync()
     wall = (time.perf_counter() - t0) / a.steps
+    if a.ncu_range:
+        cuda.cuProfilerStop()
+        print(f"{a.mode}: {wall * 1e3:.2f} ms per step (under ncu)")
+        return
     inside = sum(totals.values()) / a.steps
     print(f"{a.mode}: {wall * 1e3:.2f} ms per step (instrumented), {inside * 1e3:.2f} ms inside VM calls")
     for name, tot in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:

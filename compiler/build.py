@@ -197,7 +197,10 @@ def _build_library(mod, tvm_target, path: Path) -> None:
             os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
         # CUDA: capture static regions of each step into CUDA graphs (launch overhead)
         graphs = is_cuda and os.environ.get("KILN_NO_CUDA_GRAPH") != "1"  # =1: per-kernel profiling (benchmarks/profile_step.py)
-        ctx = t.tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}) if graphs else contextlib.nullcontext()
+        cfg = {"relax.backend.use_cuda_graph": True} if graphs else {}
+        if is_cuda:
+            cfg["tirx.disable_cse_tir"] = True
+        ctx = t.tvm.transform.PassContext(config=cfg)
         with tvm_target, ctx:
             # SortShapeHeapStores: VMShapeLower's store order changes between runs (see that pass)
             pipeline = t.tvm.transform.Sequential([t.relax.pipeline.default_build_pipeline(), SortShapeHeapStores()])

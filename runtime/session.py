@@ -17,7 +17,7 @@ from ..errors import ArtifactError, RequestError
 from ..tvm_compat import runtime
 from .artifact import Artifact, open_artifact, read_weights
 from .dtypes import numpy_dtype
-from .sampler import Sampler, SamplingParams
+from .sampler import NonFiniteLogitsError, Sampler, SamplingParams
 from .tokenizer import StopMatcher, StreamDecoder, Tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20
@@ -114,6 +114,7 @@ class Session:
             self.params = [self._to_device(spec, raw) for spec, raw in weights]
         self.kv = PagedKVCache(self.vm, rt, self.max_seq_len, int(kv["page_size"]), self.prefill_chunk)
         self._embed, self._prefill, self._decode = self.vm["embed"], self.vm["prefill"], self.vm["decode"]
+        self._one_token = self._tensor(np.zeros(1, dtype=np.int32))
         self.tokenizer = None
         tm = m.get("tokenizer")
         if tm:
@@ -182,13 +183,27 @@ class Session:
             rows.append(self._forward_prefill(chunk, np.arange(len(chunk)) if all_rows else np.array([len(chunk) - 1])))
         return np.concatenate(rows, axis=0) if all_rows else rows[-1][0]
 
-    def _forward_decode(self, token: int) -> np.ndarray:
+    def _decode_step(self, ids):
+        """One decode step on a device int32 [1] token; returns the device
+        tensors (logits  # [1, 1, vocab] float32, greedy  # [2] int32 argmax, all-finite)."""
         self.kv.begin([0], [1])
-        emb = self._embed(self._tensor(np.asarray([token], dtype=np.int32)), self.params)
-        emb = emb._create_view((1, 1, emb.shape[1]))
-        out = self._decode(emb, self.kv.obj, self.params)
+        out = self._decode(ids, self.kv.obj, self.params)
         self.kv.end()
-        return out[0].numpy()[0, 0]
+        return out[0], out[1]
+
+    def _forward_decode(self, token: int) -> np.ndarray:
+        """Logits  # [vocab] float32 after feeding `token` (for the host sampler)."""
+        self._one_token.copyfrom(np.asarray([token], dtype=np.int32))
+        return self._decode_step(self._one_token)[0].numpy()[0, 0]
+
+    def _greedy_decode(self, token: int) -> int:
+        """The argmax after feeding `token`, picked on the device: 8 bytes come
+        back instead of the logits row (0.5 MB for a 128k vocabulary)."""
+        self._one_token.copyfrom(np.asarray([token], dtype=np.int32))
+        best, finite = self._decode_step(self._one_token)[1].numpy()
+        if not finite:
+            raise NonFiniteLogitsError("the model produced NaN/Inf logits; refusing to sample")
+        return int(best)
 
     def _check_tokens(self, ids) -> list[int]:
         if not isinstance(ids, (list, tuple, np.ndarray)):
@@ -297,7 +312,7 @@ class Session:
                     break
                 if i == max_new_tokens - 1:
                     break
-                tok = sampler(self._forward_decode(tok), history)
+                tok = self._greedy_decode(tok) if sampler.greedy else sampler(self._forward_decode(tok), history)
             info["decode_s"] = time.perf_counter() - t1
             if detok and not matcher.stopped:
                 tail = matcher.feed(detok.flush()) + matcher.flush()

@@ -232,10 +232,33 @@ def test_prompt_text_of_the_wrong_type(session):
 # --- 30: NaN logits ------------------------------------------------------------------------
 
 
-def test_nan_logits_in_decode_fail_the_request(session, monkeypatch):
-    monkeypatch.setattr(Session, "_forward_decode", lambda self, token: np.full(VOCAB, np.nan, np.float32))
-    with pytest.raises(KilnError, match="NaN"):
-        session.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
+def _poison_final_norm(session):
+    """Make every logit NaN from now on: the final norm's weight becomes NaN (on device)."""
+    names = [p["name"] for p in session.artifact.manifest["params"]]
+    w = session.params[names.index("norm.weight")]
+    saved = w.numpy().copy()  # numpy() may be a view of the weights arena
+    w.copyfrom(np.full_like(saved, np.nan))
+    return lambda: w.copyfrom(saved)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(repetition_penalty=1.1)])
+def test_nan_logits_in_decode_fail_the_request(session, monkeypatch, sampling):
+    # prefill is clean; the weights turn NaN before the first decode step, so the
+    # check under test is decode's: the device-side finite flag (greedy) or the host sampler
+    real = Session._prefill_chunks
+    restore = []
+    def prefill_then_poison(self, ids, all_rows):
+        out = real(self, ids, all_rows)
+        restore.append(_poison_final_norm(self))
+        return out
+    monkeypatch.setattr(Session, "_prefill_chunks", prefill_then_poison)
+    try:
+        with pytest.raises(KilnError, match="NaN"):
+            session.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True, sampling=sampling)
+    finally:
+        restore[0]()
+        monkeypatch.undo()
+    assert len(session.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True).tokens) == 4
 
 
 def test_nan_logits_in_prefill_emit_nothing(session, monkeypatch):
@@ -302,7 +325,14 @@ def test_cli_nan_logits(art):
     code = f"""
 import sys, numpy as np
 import kiln.runtime.session as S
-S.Session._forward_decode = lambda self, token: np.full({VOCAB}, np.nan, np.float32)
+real = S.Session._decode_step
+def nan_step(self, ids):
+    logits, greedy = real(self, ids)
+    names = [p["name"] for p in self.artifact.manifest["params"]]
+    w = self.params[names.index("norm.weight")]
+    w.copyfrom(np.full(w.shape, np.nan, np.float32))  # every later step sees NaN logits
+    return logits, greedy
+S.Session._decode_step = nan_step
 from kiln.cli import main
 sys.exit(main(["run", {str(art)!r}, "--tokens", "1,2,3", "--max-new-tokens", "4", "--ignore-eos", "--json"]))
 """

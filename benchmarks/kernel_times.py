@@ -1,6 +1,6 @@
 """Time every scheduled TIR kernel of a model alone: where does a token's time go?
 
-    python benchmarks/kernels.py MODEL [--target llvm] [--vars seq_len=128,batch_size=1] [--filter NT_matmul]
+    python benchmarks/kernel_times.py MODEL [--target llvm] [--vars seq_len=128,batch_size=1] [--filter NT_matmul]
 
 Builds the model IR through kiln's pass pipeline, then compiles each PrimFunc on
 its own and times it on random inputs (symbolic dims bound by --vars). Prints
