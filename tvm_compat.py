@@ -92,7 +92,9 @@ def compiler(cuda: bool = False) -> types.SimpleNamespace:
     from tvm.s_tir import dlight  # noqa: PLC0415
     from tvm.s_tir import schedule as s_schedule  # noqa: PLC0415
     from tvm.script import tirx as T  # noqa: PLC0415
+    from tvm.support import nvcc  # noqa: PLC0415
     from tvm.target import Target  # noqa: PLC0415
+    import tvm_ffi  # noqa: PLC0415
 
     if runtime_only_loaded():
         raise KilnError("libtvm_compiler.so could not be loaded: the TVM compiler is unavailable in this install")
@@ -110,5 +112,7 @@ def compiler(cuda: bool = False) -> types.SimpleNamespace:
         dlight=dlight,
         schedule=s_schedule,
         Target=Target,
+        nvcc=nvcc,
+        ffi=tvm_ffi,
         version=tvm_version(),
     )

@@ -24,7 +24,8 @@ from ..runtime.dtypes import itemsize
 from ..runtime.manifest import FORMAT_VERSION, MAGIC, RUNTIME_ABI
 from ..tvm_compat import compiler
 from .artifact import ArtifactWriter
-from .kernels.kv_cache import CpuPagedKVCache
+from .cuda_codegen import nvcc_callback
+from .kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
 from .target import CompileTarget, parse_target
 from .weights import write_safetensors
 
@@ -103,7 +104,7 @@ def compile_model(
         mods = []
         for tg, tvm_target, precision in zip(targets, tvm_targets, precisions):
             with tvm_target:  # the KV cache picks its kernels by the current target
-                lm = family(config, precision, kv_cache_factory=CpuPagedKVCache if tg.kind == "llvm" else None)
+                lm = family(config, precision, kv_cache_factory=CpuPagedKVCache if tg.kind == "llvm" else CudaPagedKVCache)
                 mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
             mods.append(mod)
         order = [name for name, _ in named_params]
@@ -124,11 +125,14 @@ def compile_model(
         lib_entries = []
         for tg, tvm_target, mod, precision in zip(targets, tvm_targets, mods, precisions):
             progress(f"passes ({tg.kind})")
-            opts = PipelineOptions(target=tvm_target, dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
+            # KILN_CUDA_GEMM=0 / KILN_CUDA_GEMV=0: prefill GEMMs / decode GEMVs on dlight's
+            # rules instead of kiln's kernels (A/B measurements and diagnostics)
+            opts = PipelineOptions(target=tvm_target, cuda_gemm=os.environ.get("KILN_CUDA_GEMM") != "0",
+                                   cuda_gemv=os.environ.get("KILN_CUDA_GEMV") != "0", dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
             lowered = run_pipeline(mod, opts)
-            progress(f"codegen ({tg.kind} {tg.mcpu or tg.arch})")
+            progress(f"codegen ({tg.kind} {tg.label})")
             rel = f"lib/{tg.device}.so"
-            _build_library(lowered, tvm_target, writer.path(rel))
+            _build_library(lowered, tvm_target, writer.path(rel), tg)
             writer.record(rel)
             lib_entries.append({**tg.manifest(), "library": rel, "compute_dtype": precision.compute})
 
@@ -184,36 +188,33 @@ def compile_model(
         progress("write artifact")
         writer.commit(manifest)
         total = sum(f["size"] for f in writer.files.values())
-    return CompileSummary(out_path, num_params, total, [f"{tg.kind}:{tg.mcpu or tg.arch}" for tg in targets], time.perf_counter() - t0, dtype)
+    return CompileSummary(out_path, num_params, total, [f"{tg.kind}:{tg.label}" for tg in targets], time.perf_counter() - t0, dtype)
 
 
-def _build_library(mod, tvm_target, path: Path) -> None:
+def _build_library(mod, tvm_target, path: Path, tg: CompileTarget) -> None:
     t = compiler()
-    is_cuda = tvm_target.kind.name == "cuda"
-    old_mode = os.environ.get("TVM_CUDA_COMPILE_MODE")
+    is_cuda = tg.kind == "cuda"
+    # CUDA: device code compiled by nvcc at build time (kiln's callback: kiln's
+    # kernel headers, SASS per arch + PTX), never source left for NVRTC
+    hook = nvcc_callback(list(tg.archs)) if is_cuda else contextlib.nullcontext()
+    cfg = {}
+    if is_cuda:
+        # capture static regions of each step into CUDA graphs (launch overhead);
+        # KILN_NO_CUDA_GRAPH=1 for per-kernel profiling (benchmarks/profile_step.py)
+        if os.environ.get("KILN_NO_CUDA_GRAPH") != "1":
+            cfg["relax.backend.use_cuda_graph"] = True
+        # TIR common-subexpression elimination breaks the llama3-scaled RoPE
+        # kernels' codegen ("variable cse_v21 has been used before definition");
+        # nvcc eliminates common subexpressions itself
+        cfg["tirx.disable_cse_tir"] = True
     try:
-        if is_cuda:
-            # TVM's switch for "compile device code with nvcc at build time" (a cubin, not source)
-            os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
-        # CUDA: capture static regions of each step into CUDA graphs (launch overhead)
-        graphs = is_cuda and os.environ.get("KILN_NO_CUDA_GRAPH") != "1"  # =1: per-kernel profiling (benchmarks/profile_step.py)
-        cfg = {"relax.backend.use_cuda_graph": True} if graphs else {}
-        if is_cuda:
-            cfg["tirx.disable_cse_tir"] = True
-        ctx = t.tvm.transform.PassContext(config=cfg)
-        with tvm_target, ctx:
+        with hook, tvm_target, t.tvm.transform.PassContext(config=cfg):
             # SortShapeHeapStores: VMShapeLower's store order changes between runs (see that pass)
             pipeline = t.tvm.transform.Sequential([t.relax.pipeline.default_build_pipeline(), SortShapeHeapStores()])
             ex = t.relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
         ex.export_library(str(path))
     except Exception as err:  # TVM raises many types; report one line
         raise CompileError(f"codegen for {tvm_target} failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}") from err
-    finally:
-        if is_cuda:
-            if old_mode is None:
-                os.environ.pop("TVM_CUDA_COMPILE_MODE", None)
-            else:
-                os.environ["TVM_CUDA_COMPILE_MODE"] = old_mode
 
 
 __all__ = ["compile_model", "CompileSummary", "CompileTarget"]

@@ -4,7 +4,8 @@ built library needs from the machine that loads it.
 Spellings:
   llvm                 the host CPU (triple from the OS, mcpu detected)
   llvm:x86-64-v3       an explicit LLVM CPU name (also znver4, skylake-avx512, ...)
-  cuda:sm_90           later: a CUDA arch (the abstraction is here, codegen is not yet)
+  cuda:sm_90           a CUDA arch (cross-compiled: no GPU or driver needed)
+  cuda:sm_80,sm_89,sm_90   one library with SASS for each arch + PTX of the newest
 
 Why detect mcpu ourselves: the LLVM inside TVM 0.27's wheel has the triple
 x86_64-conda-linux-gnu and silently builds `mcpu=native` for baseline SSE2
@@ -30,8 +31,13 @@ class CompileTarget:
     kind: str  # "llvm" | "cuda"
     triple: str = ""
     mcpu: str = ""
-    arch: str = ""  # cuda: sm_90
+    arch: str = ""  # cuda: the arch TVM generates code for (the oldest of archs)
+    archs: tuple[str, ...] = field(default=())  # cuda: SASS in the fatbin for each of these
     llvm_features: tuple[str, ...] = field(default=())
+
+    @property
+    def label(self) -> str:
+        return self.mcpu if self.kind == "llvm" else ",".join(self.archs)
 
     @property
     def device(self) -> str:
@@ -57,24 +63,35 @@ class CompileTarget:
                 required_cpu_flags=self.required_cpu_flags(),
             )
         else:
-            out.update(arch=self.arch, machine=self.triple.split("-")[0], code="cubin")
+            newest = max(self.archs, key=arch_number)
+            out.update(arch=self.arch, archs=list(self.archs), ptx="compute_" + newest.removeprefix("sm_"),
+                       machine=self.triple.split("-")[0], code="fatbin")
         return out
 
 
 _CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
 
-def _cuda_target(part: str, arch: str) -> CompileTarget:
+def arch_number(arch: str) -> int:
+    return int(arch.removeprefix("sm_"))
+
+
+def _cuda_target(part: str, archs: list[str]) -> CompileTarget:
     import shutil  # noqa: PLC0415
 
     t = compiler()
-    if arch not in _CUDA_ARCHS:
-        raise CompileError(f"--target {part}: CUDA arch {arch!r} is not supported; supported: {', '.join('cuda:' + a for a in _CUDA_ARCHS)}")
+    for arch in archs:
+        if arch not in _CUDA_ARCHS:
+            raise CompileError(f"--target {part}: CUDA arch {arch!r} is not supported; supported: {', '.join('cuda:' + a for a in _CUDA_ARCHS)}")
+    if len(set(archs)) != len(archs):
+        raise CompileError(f"--target {part}: an arch is listed twice")
     if t.tvm.get_global_func("device_api.cuda", allow_missing=True) is None:
         raise CompileError(f"--target {part}: TVM's CUDA plugin is not loaded in this process (use the kiln CLI, or call kiln.tvm_compat.compiler(cuda=True) before anything imports TVM)")
     if shutil.which("nvcc") is None:
         raise CompileError(f"--target {part}: nvcc is needed to build CUDA code and is not on PATH")
-    return CompileTarget("cuda", triple=host_triple(), arch=arch)
+    archs = sorted(archs, key=arch_number)
+    # one code generation for all: for the oldest arch, so every arch's SASS is valid
+    return CompileTarget("cuda", triple=host_triple(), arch=archs[0], archs=tuple(archs))
 
 
 def host_triple() -> str:
@@ -91,7 +108,13 @@ def parse_target(spec: str) -> list[CompileTarget]:
     t = compiler()
     codegen = t.tvm.target.codegen
     targets = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+    parts: list[str] = []
+    for p in [p.strip() for p in spec.split(",") if p.strip()]:
+        if p.startswith("sm_") and parts and parts[-1].startswith("cuda:"):
+            parts[-1] += "," + p  # cuda:sm_80,sm_89,sm_90 is one target
+        else:
+            parts.append(p)
+    for part in parts:
         kind, _, arg = part.partition(":")
         if kind == "llvm":
             triple = host_triple()
@@ -102,7 +125,7 @@ def parse_target(spec: str) -> list[CompileTarget]:
             feats = codegen.llvm_get_cpu_features(tgt)
             targets.append(CompileTarget("llvm", triple=triple, mcpu=mcpu, llvm_features=tuple(sorted(feats))))
         elif kind == "cuda":
-            targets.append(_cuda_target(part, arg))
+            targets.append(_cuda_target(part, arg.split(",")))
         else:
             raise CompileError(f"--target {part!r}: unknown target kind {kind!r}; use llvm, llvm:CPU (e.g. llvm:x86-64-v3)")
     if not targets:

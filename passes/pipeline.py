@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..tvm_compat import compiler
+from .cuda_projections import CudaProjections
 from .schedule_tir import ScheduleTIR
 
 
@@ -25,13 +26,17 @@ class PipelineOptions:
 
     target: object  # tvm Target
     dump_ir: Path | None = None
+    cuda_gemm: bool = True  # prefill projections on kiln's tensor-core GEMM (False: dlight's Matmul)
+    cuda_gemv: bool = True  # decode projections on kiln's fused GEMVs (False: dlight's GEMV)
     on_phase: Callable[[str], None] | None = field(default=None, compare=False)
 
 
 def phases(opts: PipelineOptions) -> list[tuple[str, object]]:
     t = compiler()
     rx = t.relax.transform
+    cuda = opts.target.kind.name == "cuda"
     return [
+        *([("cuda_projections", CudaProjections(gemm=opts.cuda_gemm, gemv=opts.cuda_gemv))] if cuda else []),
         ("fuse_transpose_matmul", rx.FuseTransposeMatmul()),
         ("legalize_ops", rx.LegalizeOps()),
         ("annotate_tir_op_pattern", rx.AnnotateTIROpPattern()),

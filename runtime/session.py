@@ -355,8 +355,11 @@ def cuda_device(rt, target: dict, path):
     if not dev.exist:
         raise ArtifactError(f"{path}: no CUDA GPU on this machine; run with --device cpu on an artifact compiled with --target llvm")
     here = "sm_" + str(dev.compute_version).replace(".", "")
-    if here != target.get("arch"):
-        raise ArtifactError(f"{path}: built for {target.get('arch')}, this GPU is {here}: recompile with --target cuda:{here}")
+    archs = target.get("archs") or [target.get("arch")]
+    ptx = target.get("ptx")  # "compute_90": the driver can JIT it for this arch and newer
+    if here not in archs and not (ptx and int(here[3:]) >= int(ptx.removeprefix("compute_"))):
+        have = ", ".join(archs) + (f" + PTX {ptx}" if ptx else "")
+        raise ArtifactError(f"{path}: has device code for {have}; this GPU is {here}: recompile with --target cuda:{here}")
     return dev
 
 

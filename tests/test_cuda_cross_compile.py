@@ -1,7 +1,8 @@
 """CUDA artifacts cross-compiled on a machine without a GPU (issue 3 groundwork).
 
-`kiln compile --target cuda:sm_90` must embed compiled device code (a cubin),
-never CUDA source left for NVRTC at load time, and the runtime must refuse the
+`kiln compile --target cuda:sm_90` (or several archs) must embed compiled
+device code (SASS per arch + PTX of the newest), never CUDA source left for
+NVRTC at load time, and the runtime must refuse the
 artifact cleanly where there is no GPU. The GPU side (load through `kiln
 bundle`, logits vs transformers on an H100) ran on the device machine; its
 output is kept in benchmarks/results/gpu_tiny_llama_sm90_bundle-2026-11-22.txt.
@@ -16,6 +17,8 @@ import subprocess
 import sys
 
 import pytest
+
+from kiln.compiler.fatbin import fatbin_entries
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("gcc") is None, reason="needs nvcc and gcc")
 
@@ -32,13 +35,36 @@ def cuda_artifact(tiny_checkpoint, tmp_path_factory):
     return out
 
 
-def test_cuda_artifact_holds_a_cubin_not_source(cuda_artifact):
+def test_cuda_artifact_holds_sass_not_source(cuda_artifact):
     manifest = json.loads((cuda_artifact / "manifest.json").read_text())
     (tgt,) = manifest["targets"]
-    assert (tgt["device"], tgt["arch"], tgt["library"]) == ("cuda", "sm_90", "lib/cuda.so")
+    assert (tgt["device"], tgt["arch"], tgt["archs"], tgt["ptx"], tgt["library"]) == ("cuda", "sm_90", ["sm_90"], "compute_90", "lib/cuda.so")
     blob = (cuda_artifact / "lib" / "cuda.so").read_bytes()
-    assert b"-arch sm_90" in blob  # ptxas options inside the embedded cubin
-    assert b"\x7fELF" in blob[64:]  # a device ELF (the cubin) embedded in the host library
+    assert sorted(fatbin_entries(blob)) == [("ptx", 90), ("sass", 90)]
+    assert b"__global__" not in blob and b"extern \"C\"" not in blob  # no CUDA source for NVRTC
+
+
+def test_multi_arch_fatbin(tiny_checkpoint, tmp_path):
+    out = tmp_path / "multi.kiln"
+    res = kiln("compile", str(tiny_checkpoint("qwen3")), "-o", str(out), "--target", "cuda:sm_90,sm_80,sm_89", "--dtype", "bfloat16", "--quiet")
+    assert res.returncode == 0, res.stderr[-2000:]
+    (tgt,) = json.loads((out / "manifest.json").read_text())["targets"]
+    assert (tgt["arch"], tgt["archs"], tgt["ptx"]) == ("sm_80", ["sm_80", "sm_89", "sm_90"], "compute_90")
+    entries = fatbin_entries((out / "lib" / "cuda.so").read_bytes())
+    assert sorted(entries) == [("ptx", 90), ("sass", 80), ("sass", 89), ("sass", 90)]
+
+
+def test_cuda_decode_uses_kiln_kernels(tiny_checkpoint, tmp_path):
+    """head_dim 32 (qwen3 tiny): kiln's split-KV decode attention and the fused
+    decode GEMVs are in the library (not the SwiGLU one: intermediate 100 is not
+    whole 16-byte rows); head_dim 24 (llama tiny) would take TVM's decode kernel."""
+    out = tmp_path / "q3.kiln"
+    res = kiln("compile", str(tiny_checkpoint("qwen3")), "-o", str(out), "--target", "cuda:sm_90", "--dtype", "bfloat16", "--quiet")
+    assert res.returncode == 0, res.stderr[-2000:]
+    blob = (out / "lib" / "cuda.so").read_bytes()
+    for name in (b"kiln_paged_decode_attention", b"kiln_rmsnorm_gemv", b"kiln_gemv_residual"):
+        assert name in blob, name
+    assert b"kiln_silu_mul_gemv_residual" not in blob
 
 
 def test_runtime_refuses_cuda_artifact_without_gpu(cuda_artifact):
@@ -55,6 +81,8 @@ def test_unknown_cuda_arch_is_refused(tiny_checkpoint, tmp_path):
     res = kiln("compile", str(tiny_checkpoint("llama")), "-o", str(tmp_path / "x.kiln"), "--target", "cuda:sm_75")
     assert res.returncode == 2 and "sm_75" in res.stderr and "cuda:sm_90" in res.stderr
     assert not (tmp_path / "x.kiln").exists()
+    res = kiln("compile", str(tiny_checkpoint("llama")), "-o", str(tmp_path / "x.kiln"), "--target", "cuda:sm_90,sm_90")
+    assert res.returncode == 2 and "twice" in res.stderr
 
 
 @pytest.mark.skipif(os.environ.get("KILN_FETCH_MODELS") != "1", reason="downloads apache-tvm-ffi for the target Python")

@@ -1,12 +1,14 @@
-"""The paged KV cache object for CPU artifacts.
+"""The paged KV cache objects of kiln artifacts, CPU and CUDA.
 
 The cache itself (page allocation, sequence bookkeeping, RoPE on append) is
 TVM's C++ `PagedAttentionKVCache` in the runtime library: only the kernels it
-calls are compiled into the artifact. This builds the same argument list as
-TVM's `TIRPagedKVCache` (llvm branch) but with kiln's decode and ragged
-prefill attention kernels (see attention_cpu.py). The rarely hot ones
-(prefill against earlier pages when a prompt is longer than one prefill
-chunk, tree attention, sliding window, page copies) stay TVM's.
+calls are compiled into the artifact. These build the same argument list as
+TVM's `TIRPagedKVCache` with some kernels swapped for kiln's:
+  CPU:  decode and ragged prefill attention (attention_cpu.py); the rarely hot
+        ones (prefill against earlier pages when a prompt is longer than one
+        prefill chunk, tree attention, sliding window, page copies) stay TVM's.
+  CUDA: split-KV decode attention (attention_cuda.py); the rest is TVM's GPU
+        kernels.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from ...passes.cpu_rules import vector_lanes
 from ...tvm_compat import compiler
 from .attention_cpu import paged_decode_attention_cpu, ragged_prefill_attention_cpu
+from .attention_cuda import cuda_decode_supported, paged_decode_attention_cuda
 
 _t = compiler()
 _kv = _t.kv_cache
@@ -69,5 +72,57 @@ class CpuPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-metho
             bb.add_func(_kv._copy_single_page_cpu(h_kv, page_size, d, dtype), "kv_cache_copy_single_page_cpu"),
             bb.add_func(_kv._kv_cache_debug_get_kv(num_hidden_layers, h_kv, d, dtype), "kv_cache_debug_get_kv"),
             bb.add_func(_kv._compact_kv_copy_cpu(h_kv, d, dtype), "kv_cache_compact_kv_copy_cpu"),
+        ]
+        super().__init__(_expr=rx.call_pure_packed("vm.builtin.paged_attention_kv_cache_create", *args, ty_args=rx.AnyType()), _name=name)
+
+
+class CudaPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-methods
+    """Paged KV cache (MHA, RoPE applied on append) for CUDA: TVM's GPU kernels
+    with kiln's split-KV decode attention."""
+
+    def __init__(self, *, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
+                 num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int,
+                 rope_scale: float, rope_theta: float, rope_scaling: dict, dtype: str, target, name: str = "paged_kv_cache"):
+        bb = rx.BlockBuilder.current()
+        h_kv, h_q, d = num_key_value_heads, num_attention_heads, head_dim
+        rope_scaling = _kv._prepare_yarn_rope_scaling(rope_scaling, rope_theta)
+        attn_kind = [int(_kv.AttnKind.MHA) for _ in range(num_hidden_layers)]
+
+        def tir(fn, name_):
+            return rx.Tuple([_t.tvm.ir.StringImm("tirx"), bb.add_func(fn, name_)])
+
+        if cuda_decode_supported(d, dtype):
+            decode = tir(paged_decode_attention_cuda(h_kv, h_q, d, dtype, page_size=16), "kiln_paged_decode_attention")
+        else:  # head dims the split-KV kernel's lane mapping does not cover (e.g. 80, 96): TVM's kernel
+            decode = tir(_kv._attention_decode(h_kv, h_q, d, dtype, False, rope_scaling, target), "tir_attention_decode")
+        args = [
+            rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window, 1024]),
+            rx.ShapeExpr([0, num_hidden_layers]),
+            rx.prim_value(h_q),
+            rx.prim_value(h_kv),
+            rx.prim_value(d),
+            rx.prim_value(d),
+            rx.ShapeExpr(attn_kind),
+            rx.prim_value(False),  # disaggregation
+            rx.prim_value(int(_kv.RopeMode.NORMAL)),
+            rx.prim_value(rope_scale),
+            rx.prim_value(rope_theta),
+            rx.prim_value(0),  # rope_ext_factors
+            rx.op.zeros((), dtype),
+            bb.add_func(_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
+            bb.add_func(_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
+            tir(_kv._attention_prefill_ragged(h_kv, h_q, d, d, dtype, rope_scaling, target), "tir_attention_prefill_ragged"),
+            tir(_kv._attention_prefill(h_kv, h_q, d, dtype, False, rope_scaling, target), "tir_attention_prefill"),
+            decode,
+            rx.Tuple([]),  # sliding-window prefill: never enabled (the compiler caps the context at the window)
+            rx.Tuple([]),  # sliding-window decode
+            tir(_kv.tree_attn_with_paged_kv_cache(h_kv, h_q, d, dtype, rope_scaling, target), "tir_attention_prefill_with_tree_mask_with_paged_kv_cache"),
+            tir(_kv.tree_attn(h_kv, h_q, d, dtype, rope_scaling, target), "tir_attention_prefill_with_tree_mask"),
+            rx.Tuple([]),  # MLA prefill
+            rx.Tuple([bb.add_func(_kv._merge_state_inplace(h_q, d, dtype, target, "tir_attention_merge_state"), "tir_attention_merge_state")]),
+            bb.add_func(_kv.llama_rope_with_position_map(rope_theta, rope_scale, d, h_q, h_kv, dtype, rope_scaling, d), "tir_split_rotary"),
+            bb.add_func(_kv._copy_single_page(h_kv, page_size, d, dtype, target), "kv_cache_copy_single_page"),
+            bb.add_func(_kv._kv_cache_debug_get_kv(num_hidden_layers, h_kv, d, dtype), "kv_cache_debug_get_kv"),
+            bb.add_func(_kv._compact_kv_copy(h_kv, d, dtype, target), "kv_cache_compact_kv_copy"),
         ]
         super().__init__(_expr=rx.call_pure_packed("vm.builtin.paged_attention_kv_cache_create", *args, ty_args=rx.AnyType()), _name=name)

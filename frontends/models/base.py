@@ -60,25 +60,36 @@ def to_compute(w, compute: str = COMPUTE_DTYPE):
     return w if w.dtype == compute else w.astype(compute)
 
 
-def nt_matmul(x, w, name: str = "NT_matmul"):
-    """x @ w^T with w in its storage dtype: x  # [*, k] fp32, w  # [n, k] -> [*, n] fp32.
+def nt_matmul(x, w, name: str = "NT_matmul", out_dtype: str | None = None):
+    """x @ w^T with w in its storage dtype: x  # [*, k], w  # [n, k] -> [*, n] in
+    out_dtype (default: x's dtype).
 
-    One TE kernel with the cast inside, so fp16/bf16 weights are converted in
+    One TE kernel with the casts inside, so fp16/bf16 weights are converted in
     registers (FuseOps would leave a separate cast kernel that writes an fp32
-    copy of the whole matrix every call)."""
+    copy of the whole matrix every call). 16-bit activations accumulate in
+    fp32 (a bf16 running sum over K = 14336 terms loses most of its bits);
+    the result is rounded once, at the end."""
     te = _tvm.te
+    out_dtype = str(out_dtype or x.dtype)
 
     def compute(xt, wt):
         *lead, k_ext = xt.shape
         k = te.reduce_axis((0, k_ext), name="k")
+        x_dtype = str(xt.dtype)
+        acc = "float32" if "16" in x_dtype or out_dtype == "float32" else x_dtype
 
         def body(*idx):
-            wv = wt[idx[-1], k]
-            if wt.dtype != xt.dtype:
-                wv = wv.astype(xt.dtype)
-            return te.sum(xt[(*idx[:-1], k)] * wv, axis=k)
+            xv, wv = xt[(*idx[:-1], k)], wt[idx[-1], k]
+            if str(xv.dtype) != acc:
+                xv = xv.astype(acc)
+            if str(wv.dtype) != acc:
+                wv = wv.astype(acc)
+            return te.sum(xv * wv, axis=k)
 
-        return te.compute((*lead, wt.shape[0]), body, name=name)
+        out = te.compute((*lead, wt.shape[0]), body, name=name)
+        if acc == out_dtype:
+            return out
+        return te.compute(out.shape, lambda *i: out(*i).astype(out_dtype), name=name + "_cast")
 
     return op.tensor_expr_op(compute, name, [x, w])
 
@@ -180,11 +191,10 @@ class DecoderLM(nn.Module):
         return self.norm(h)
 
     def _project(self, h):
-        if self.config.tie_word_embeddings:
-            logits = nt_matmul(h, self.embed_tokens, name="lm_head")
-        else:
-            logits = self.lm_head(h)
-        return to_compute(logits, "float32")  # the sampler reads fp32 logits
+        # fp32 logits straight from the fp32 accumulator: the sampler reads fp32,
+        # and rounding logits to bf16 first would create ties at the top
+        w = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head.weight
+        return nt_matmul(h, w, name="lm_head", out_dtype="float32")
 
     def embed(self, input_ids):
         return to_compute(op.take(self.embed_tokens, input_ids, axis=0), self.precision.compute)

@@ -1,0 +1,175 @@
+// kiln: split-KV paged decode attention (FlashDecoding-style), device functions.
+//
+// Called from TIR kernels (compiler/kernels/attention_cuda.py) through
+// T.call_extern; the TIR side owns the launch (grid, block) and the workspace.
+// Layouts are those of TVM's paged KV cache:
+//   Q      [B, H_qo, D]                      (q head h reads kv head h / G)
+//   pages  [num_pages, 2, H_kv, page_size, D] (K at [.,0], V at [.,1])
+//   page_indptr [B + 1], page_values [nnz_pages], last_page_len [B]
+// Scores are kept in base 2 (q pre-scaled by sm_scale * log2 e), as TVM's
+// kernels do, so the lse written here merges with TVM's other attention parts.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace kiln {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// VEC elements of T (8 x 16-bit = one 16-byte load; 8 x fp32 = two) to fp32.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float* out) {
+  if constexpr (sizeof(T) == 2) {
+    static_assert(VEC % 8 == 0, "16-bit loads are 8 wide");
+#pragma unroll
+    for (int c = 0; c < VEC / 8; ++c) {
+      uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + c);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) out[c * 8 + j] = to_float(e[j]);
+    }
+  } else {
+    static_assert(VEC % 4 == 0, "fp32 loads are 4 wide");
+#pragma unroll
+    for (int c = 0; c < VEC / 4; ++c) {
+      float4 raw = __ldg(reinterpret_cast<const float4*>(p) + c);
+      out[c * 4 + 0] = raw.x; out[c * 4 + 1] = raw.y; out[c * 4 + 2] = raw.z; out[c * 4 + 3] = raw.w;
+    }
+  }
+}
+
+constexpr float kNegBig = -1e30f;  // finite "minus infinity": exp2(kNegBig - m) is 0, never NaN
+
+// Stage 1. One block per (sequence b, kv head, query-head chunk, split); NW warps. The split's
+// tokens are dealt round-robin to lane groups of L = D / VEC lanes (VEC
+// elements each), TPW groups per warp; every group keeps an online softmax
+// for G query heads of this kv head (the block's chunk of the group), then the block merges its groups and
+// writes the split's unnormalised O, running max m and sum l to the workspace
+//   ws [B * H_qo, num_splits, D + 2]   (O[0:D], m, l)
+template <typename T, int D, int G, int NW>
+__device__ __forceinline__ void attn_decode_partial(
+    const T* __restrict__ Q, const T* __restrict__ pages, const int32_t* __restrict__ page_indptr,
+    const int32_t* __restrict__ page_values, const int32_t* __restrict__ last_page_len, float* __restrict__ ws,
+    int H_kv, int q_chunks, int page_size, int num_splits, float sm_scale) {
+  constexpr int VEC = (sizeof(T) == 2 ? 8 : 4) * (D >= 256 ? 2 : 1);
+  constexpr int L = D / VEC;
+  static_assert(L >= 1 && L <= 32 && (32 % L) == 0, "head_dim must be 32/64/128/256");
+  constexpr int TPW = 32 / L;
+  constexpr int GROUPS = NW * TPW;
+  const int split = blockIdx.x % num_splits;
+  const int qc = (blockIdx.x / num_splits) % q_chunks;
+  const int bh = blockIdx.x / num_splits / q_chunks;
+  const int kvh = bh % H_kv;
+  const int b = bh / H_kv;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int grp = warp * TPW + lane / L, li = lane % L;
+
+  const int p0 = page_indptr[b], p1 = page_indptr[b + 1];
+  const int len = p1 > p0 ? (p1 - p0 - 1) * page_size + last_page_len[b] : 0;
+  const int per = (len + num_splits - 1) / num_splits;
+  const int t_begin = split * per, t_end = min(len, t_begin + per);
+  const int H_qo = H_kv * G * q_chunks;
+  const int h0 = (kvh * q_chunks + qc) * G;  // first query head of this block
+
+  float q[G][VEC];
+  const float qscale = sm_scale * 1.4426950408889634f;  // log2(e)
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    load_vec<T, VEC>(Q + ((size_t)b * H_qo + h0 + g) * D + li * VEC, q[g]);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) q[g][j] *= qscale;
+  }
+  float m[G], l[G], o[G][VEC];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = kNegBig; l[g] = 0.f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) o[g][j] = 0.f;
+  }
+  const size_t kv_stride = (size_t)H_kv * page_size * D;  // K -> V within a page
+  // Every lane of a warp runs the same number of iterations (the shuffles
+  // need the whole warp); a lane group past the end contributes nothing.
+  for (int base = t_begin + warp * TPW; base < t_end; base += GROUPS) {
+    const int t = base + lane / L;
+    const bool valid = t < t_end;
+    float k[VEC], v[VEC];
+    if (valid) {
+      const int page = page_values[p0 + t / page_size];
+      const T* kp = pages + ((size_t)page * 2 * H_kv + kvh) * page_size * D + (size_t)(t % page_size) * D + li * VEC;
+      load_vec<T, VEC>(kp, k);
+      load_vec<T, VEC>(kp + kv_stride, v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) k[j] = v[j] = 0.f;
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float s = 0.f;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) s += q[g][j] * k[j];
+#pragma unroll
+      for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (valid) {
+        const float m_new = fmaxf(m[g], s);
+        const float scale = exp2f(m[g] - m_new), p = exp2f(s - m_new);
+        l[g] = l[g] * scale + p;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) o[g][j] = o[g][j] * scale + p * v[j];
+        m[g] = m_new;
+      }
+    }
+  }
+  // merge the GROUPS lane groups of this block
+  __shared__ float s_m[GROUPS][G], s_l[GROUPS][G];
+  __shared__ float s_o[GROUPS][G][D];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (li == 0) { s_m[grp][g] = m[g]; s_l[grp][g] = l[g]; }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) s_o[grp][g][li * VEC + j] = o[g][j];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * D; idx += NW * 32) {
+    const int g = idx / D, d = idx % D;
+    float M = kNegBig;
+#pragma unroll
+    for (int r = 0; r < GROUPS; ++r) M = fmaxf(M, s_m[r][g]);
+    float Lsum = 0.f, O = 0.f;
+#pragma unroll
+    for (int r = 0; r < GROUPS; ++r) {
+      const float w = exp2f(s_m[r][g] - M);
+      Lsum += s_l[r][g] * w;
+      O += s_o[r][g][d] * w;
+    }
+    float* dst = ws + (((size_t)b * H_qo + h0 + g) * num_splits + split) * (D + 2);
+    dst[d] = O;
+    if (d == 0) { dst[D] = M; dst[D + 1] = Lsum; }
+  }
+}
+
+// Stage 2. One block per (b, q head), D threads: merge the splits, normalise,
+// write O in the cache dtype and lse (base 2) as TVM's decode kernel does.
+template <typename T, int D>
+__device__ __forceinline__ void attn_decode_merge(const float* __restrict__ ws, T* __restrict__ out, float* __restrict__ lse, int num_splits) {
+  const int bh = blockIdx.x, d = threadIdx.x;
+  const float* src = ws + (size_t)bh * num_splits * (D + 2);
+  float M = kNegBig;
+  for (int s = 0; s < num_splits; ++s) M = fmaxf(M, src[s * (D + 2) + D]);
+  float Lsum = 0.f, O = 0.f;
+  for (int s = 0; s < num_splits; ++s) {
+    const float w = exp2f(src[s * (D + 2) + D] - M);
+    Lsum += src[s * (D + 2) + D + 1] * w;
+    O += src[s * (D + 2) + d] * w;
+  }
+  out[(size_t)bh * D + d] = from_float<T>(Lsum > 0.f ? O / Lsum : 0.f);
+  if (d == 0) lse[bh] = Lsum > 0.f ? M + log2f(Lsum) : kNegBig;
+}
+
+}  // namespace kiln

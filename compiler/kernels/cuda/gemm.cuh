@@ -1,0 +1,123 @@
+// kiln: prefill GEMM on tensor cores (bf16/fp16 in, fp32 accumulate), device function.
+//
+//   C[M, N] = A[M, K] . B[N, K]^T  (+ R[M, N])       A, B, C, R row-major
+//
+// A is the activations (M = tokens), B the weights as stored ([out, in]).
+// Block tile 128 x 128, K step 32, 8 warps as 2 (M) x 4 (N), each warp 64 x 32
+// = 4 x 2 WMMA 16x16x16 fragments; A/B tiles double-buffered in shared memory
+// by cp.async (rows padded by 8 elements against bank conflicts); rows past M
+// or N are zero-filled. K must be a multiple of 32 (the TIR side checks).
+// Launch: grid (ceil(N / 128), ceil(M / 128)), 256 threads, GEMM_SMEM_BYTES
+// of dynamic shared memory.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <stdint.h>
+
+namespace kiln {
+
+constexpr int GEMM_BM = 128, GEMM_BN = 128, GEMM_BK = 32, GEMM_PAD = 8, GEMM_LDS = GEMM_BK + GEMM_PAD;
+constexpr int GEMM_STAGE_ELEMS = (GEMM_BM + GEMM_BN) * GEMM_LDS;
+constexpr int GEMM_SMEM_BYTES = 2 * GEMM_STAGE_ELEMS * 2;  // two stages of 16-bit A and B tiles = 40 KB
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+template <typename T>
+__device__ __forceinline__ float gemm_to_float(T x);
+template <>
+__device__ __forceinline__ float gemm_to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float gemm_to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T gemm_from_float(float x);
+template <>
+__device__ __forceinline__ __half gemm_from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 gemm_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T, bool RESIDUAL>
+__device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
+                                        int M, int N, int K, unsigned char* __restrict__ smem_raw) {
+  using namespace nvcuda;
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp / 4, wn = warp % 4;  // warp's 64 x 32 sub-tile
+  const int m0 = blockIdx.y * GEMM_BM, n0 = blockIdx.x * GEMM_BN;
+
+  auto load_stage = [&](int stage, int k0) {
+    T* As = smem + stage * GEMM_STAGE_ELEMS;
+    T* Bs = As + GEMM_BM * GEMM_LDS;
+    // each tile is 128 rows x 4 chunks of 16 bytes = 512 chunks: 2 per thread
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 256, row = c / 4, col = (c % 4) * 8;
+      const int am = m0 + row, bn = n0 + row;
+      cp_async16(As + row * GEMM_LDS + col, A + (size_t)min(am, M - 1) * K + k0 + col, am < M);
+      cp_async16(Bs + row * GEMM_LDS + col, B + (size_t)min(bn, N - 1) * K + k0 + col, bn < N);
+    }
+    cp_async_commit();
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  const int steps = K / GEMM_BK;
+  load_stage(0, 0);
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait_all();
+    __syncthreads();  // stage s landed for every thread; stage s-1 fully consumed
+    if (s + 1 < steps) load_stage((s + 1) & 1, (s + 1) * GEMM_BK);
+    const T* As = smem + (s & 1) * GEMM_STAGE_ELEMS;
+    const T* Bs = As + GEMM_BM * GEMM_LDS;
+#pragma unroll
+    for (int kk = 0; kk < GEMM_BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 64 + i * 16) * GEMM_LDS + kk, GEMM_LDS);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], Bs + (wn * 32 + j * 16) * GEMM_LDS + kk, GEMM_LDS);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+  __syncthreads();  // tiles no longer needed: reuse shared memory for the epilogue
+
+  // epilogue: one 16 x 16 fp32 scratch per warp; 8 values per lane per fragment
+  float* scratch = reinterpret_cast<float*>(smem_raw) + warp * 256;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      const int r = lane / 2, c0 = (lane % 2) * 8;
+      const int gm = m0 + wm * 64 + i * 16 + r, gn = n0 + wn * 32 + j * 16 + c0;
+      if (gm < M) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          if (gn + e < N) {
+            float v = scratch[r * 16 + c0 + e];
+            if constexpr (RESIDUAL) v += gemm_to_float(R[(size_t)gm * N + gn + e]);
+            C[(size_t)gm * N + gn + e] = gemm_from_float<T>(v);
+          }
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
+}  // namespace kiln

@@ -1,0 +1,215 @@
+"""CUDA projections: kiln's own kernels in place of the `NT_matmul` calls.
+
+Decode (batch 1): fused GEMV kernels in place of RMSNorm -> GEMV, GEMV ->
+residual add, and SwiGLU -> GEMV -> residual add. Prefill (a symbolic number
+of tokens): the tensor-core GEMM, with the residual add fused when there is one.
+
+Runs on the Relax graph before legalization, where the neighbours are still
+named ops (R.nn.rms_norm, R.add, R.nn.silu) and the projections are calls of
+kiln's `NT_matmul` TE kernels (frontends/models/base.py). Only static
+[1, 1, K] activations match (the decode function; prefill has a symbolic
+sequence length), only when the projection's input and output are in the
+weights' dtype, and only when the fused-away value has no other use. Biases
+(Qwen2's qkv, `attention_out_bias`) sit between the GEMV and the add, so
+those graphs keep the generic path. The now-dead neighbours are removed by
+DeadCodeElimination later in the pipeline.
+
+    rms_norm(x, g) -> NT_matmul(., W)                   => kiln_rmsnorm_gemv(x, g, W)
+    add(r, NT_matmul(a, W))                              => kiln_gemv_residual(a, W, r)
+    add(r, NT_matmul(silu(gu[0]) * gu[1], W)), gu=split => kiln_silu_mul_gemv_residual(gu_in, W, r)
+    NT_matmul(a [1, s, K], W)                            => kiln_gemm(a, W)             (s symbolic)
+    add(r, NT_matmul(a [1, s, K], W))                    => kiln_gemm_residual(a, W, r)
+"""
+
+from __future__ import annotations
+
+from ..compiler.kernels.gemm_cuda import gemm, gemm_residual, gemm_supported
+from ..compiler.kernels.gemv_cuda import gemv_residual, gemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
+from ..tvm_compat import compiler
+
+_t = compiler()
+relax = _t.relax
+
+
+def _static_shape(expr) -> tuple[int, ...] | None:
+    sinfo = expr.ty
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in sinfo.shape.values)
+    except TypeError:  # symbolic
+        return None
+
+
+def _same_shape(a, b) -> bool:
+    sa, sb = a.ty, b.ty
+    if not isinstance(sa, relax.TensorType) or not isinstance(sb, relax.TensorType) or sa.shape is None or sb.shape is None:
+        return False
+    return str(sa.dtype) == str(sb.dtype) and len(sa.shape.values) == len(sb.shape.values) and all(
+        _t.ffi.structural_equal(x, y) for x, y in zip(sa.shape.values, sb.shape.values))
+
+
+def _dtype(expr) -> str:
+    return str(expr.ty.dtype)
+
+
+class _Analysis:
+    """var -> bound value and use counts, over one function's dataflow blocks."""
+
+    def __init__(self, func):
+        self.value: dict = {}
+        self.uses: dict = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                self.value[b.var] = b.value
+                relax.analysis.post_order_visit(b.value, self._count)
+        relax.analysis.post_order_visit(func.body.body, self._count)
+
+    def _count(self, e):
+        if isinstance(e, relax.Var):
+            self.uses[e] = self.uses.get(e, 0) + 1
+
+    def bound(self, e):
+        return self.value.get(e) if isinstance(e, relax.Var) else None
+
+    def single_use(self, e) -> bool:
+        return isinstance(e, relax.Var) and self.uses.get(e, 0) == 1
+
+
+def _is_op(call, name: str) -> bool:
+    return isinstance(call, relax.Call) and isinstance(call.op, _t.tvm.ir.Op) and call.op.name == name
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, gemm: bool = True, gemv: bool = True):
+        super().__init__(mod)
+        self.use_gemm, self.use_gemv = gemm, gemv
+        self.mod_ = mod
+        self.an: _Analysis | None = None
+        self.cache: dict = {}
+
+    # --- recognisers ---------------------------------------------------------
+    @staticmethod
+    def _gemv(call):
+        """call = call_tir(NT_matmul*, (a [1,1,K], W [N,K])) in one dtype -> (a, W, K, N)."""
+        if not _is_op(call, "relax.call_tir"):
+            return None
+        gv = call.args[0]
+        if not gv.name_hint.startswith("NT_matmul") or len(call.args[1].fields) != 2:
+            return None
+        a, w = call.args[1].fields
+        sa, sw, so = _static_shape(a), _static_shape(w), _static_shape(call)
+        if sa is None or sw is None or so is None or len(sa) != 3 or sa[:2] != (1, 1) or len(sw) != 2:
+            return None
+        dt = _dtype(w)
+        if _dtype(a) != dt or str(call.ty.dtype) != dt or not gemv_supported(sa[2], dt):
+            return None
+        return a, w, sa[2], sw[0]
+
+    @staticmethod
+    def _gemm(call):
+        """call = call_tir(NT_matmul*, (a [1, s, K], W [N, K])), s symbolic, 16-bit -> (a, W, K, N)."""
+        if not _is_op(call, "relax.call_tir"):
+            return None
+        if not call.args[0].name_hint.startswith("NT_matmul") or len(call.args[1].fields) != 2:
+            return None
+        a, w = call.args[1].fields
+        sw = _static_shape(w)
+        shape = a.ty.shape.values if isinstance(a.ty, relax.TensorType) and a.ty.shape is not None else None
+        if sw is None or shape is None or len(shape) != 3 or _static_shape(a) is not None:
+            return None
+        dt = _dtype(w)
+        if _dtype(a) != dt or str(call.ty.dtype) != dt or not gemm_supported(sw[1], dt) or int(shape[2]) != sw[1]:
+            return None
+        return a, w, sw[1], sw[0]
+
+    def _swiglu_input(self, a):
+        """a = silu(gu[0]) * gu[1] with gu = split(h, 2, axis=-1) -> h."""
+        mul = self.an.bound(a)
+        if not _is_op(mul, "relax.multiply") or not self.an.single_use(a):
+            return None
+        silu = self.an.bound(mul.args[0])
+        if not _is_op(silu, "relax.nn.silu") or not self.an.single_use(mul.args[0]):
+            return None
+        g, u = self.an.bound(silu.args[0]), self.an.bound(mul.args[1])
+        if not (isinstance(g, relax.TupleGetItem) and isinstance(u, relax.TupleGetItem)) or g.index != 0 or u.index != 1:
+            return None
+        if not g.tuple_value.same_as(u.tuple_value):
+            return None
+        split = self.an.bound(g.tuple_value)
+        if not _is_op(split, "relax.split") or int(split.attrs.indices_or_sections) != 2:
+            return None
+        return split.args[0]
+
+    def _func(self, key, make):
+        if key not in self.cache:
+            name = f"kiln_{key[0]}_{key[2]}x{key[1]}_{key[3]}"  # unique per shape: each is its own kernel
+            self.cache[key] = self.builder_.add_func(make().with_attr("global_symbol", name), name)
+        return self.cache[key]
+
+    # --- rewriting -------------------------------------------------------------
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if _is_op(call, "relax.add") and self.an is not None:
+            for r, v in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                hit = self._gemv(self.an.bound(v)) if self.use_gemv and self.an.single_use(v) else None
+                if hit is None or _static_shape(r) != _static_shape(call):
+                    continue
+                a, w, K, N = hit
+                dt = _dtype(w)
+                out = relax.TensorType((1, 1, N), dt)
+                h = self._swiglu_input(a)
+                if h is not None and _static_shape(h) == (1, 1, 2 * K):
+                    gv = self._func(("silu_mul_gemv_residual", K, N, dt), lambda: silu_mul_gemv_residual(K, N, dt))
+                    return relax.call_tir(gv, [h, w, r], out)
+                gv = self._func(("gemv_residual", K, N, dt), lambda: gemv_residual(K, N, dt))
+                return relax.call_tir(gv, [a, w, r], out)
+            for r, v in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                hit = self._gemm(self.an.bound(v)) if self.use_gemm and self.an.single_use(v) else None
+                if hit is None or not _same_shape(r, v):
+                    continue
+                a, w, K, N = hit
+                gv = self._func(("gemm_residual", K, N, _dtype(w)), lambda: gemm_residual(K, N, _dtype(w)))
+                return relax.call_tir(gv, [a, w, r], v.ty)
+        if _is_op(call, "relax.call_tir") and self.an is not None and call.args[0].name_hint.startswith("NT_matmul"):
+            a = call.args[1].fields[0]
+            norm = self.an.bound(a)
+            if self.use_gemv and _is_op(norm, "relax.nn.rms_norm") and self.an.single_use(a):
+                hit = self._gemv(call)
+                if hit is not None:
+                    x, g = norm.args[0], norm.args[1]
+                    _, w, K, N = hit
+                    dt = _dtype(w)
+                    if _dtype(x) == dt and _dtype(g) == dt and [int(ax) for ax in norm.attrs.axes] in ([-1], [2]):
+                        eps = float(norm.attrs.epsilon)
+                        gv = self._func(("rmsnorm_gemv", K, N, dt, eps), lambda: rmsnorm_gemv(K, N, dt, eps))
+                        return relax.call_tir(gv, [x, g, w], relax.TensorType((1, 1, N), dt))
+            hit = self._gemm(call) if self.use_gemm else None
+            if hit is not None:
+                a, w, K, N = hit
+                gv = self._func(("gemm", K, N, _dtype(w)), lambda: gemm(K, N, _dtype(w)))
+                return relax.call_tir(gv, [a, w], call.ty)
+        return call
+
+    def run(self):
+        for gv, func in list(self.mod_.functions.items()):
+            if isinstance(func, relax.Function):
+                self.an = _Analysis(func)
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+
+@_t.tvm.transform.module_pass(opt_level=0, name="kiln.CudaProjections")
+class CudaProjections:
+    """See the module docstring. CUDA targets only (the pipeline decides).
+    gemm=False keeps prefill projections on dlight's Matmul (a diagnostic)."""
+
+    def __init__(self, gemm: bool = True, gemv: bool = True):
+        self.gemm, self.gemv = gemm, gemv
+
+    def transform_module(self, mod, _ctx):
+        return _Rewriter(mod, gemm=self.gemm, gemv=self.gemv).run()
+
+
+__all__ = ["CudaProjections"]
