@@ -35,7 +35,8 @@ def main() -> None:
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--ncu-range", action="store_true", help="no instrument hook; mark the timed steps for ncu --profile-from-start off")
     a = ap.parse_args()
-    s = load(a.artifact, device=a.device, threads=a.threads, verify=False, random_weights=a.random_weights)
+    s = load(a.artifact, device=a.device, threads=a.threads, verify=False, random_weights=a.random_weights,
+             max_seq_len=a.context + a.steps + 8)
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     started: dict[str, float] = {}

@@ -27,7 +27,7 @@ class PipelineOptions:
     target: object  # tvm Target
     dump_ir: Path | None = None
     cuda_gemm: bool = True  # prefill projections on kiln's tensor-core GEMM (False: dlight's Matmul)
-    cuda_gemv: bool = True  # decode projections on kiln's fused GEMVs (False: dlight's GEMV)
+    cuda_gemv: bool = False  # decode projections on kiln's fused GEMVs (measured slower than dlight's GEMV so far)
     on_phase: Callable[[str], None] | None = field(default=None, compare=False)
 
 

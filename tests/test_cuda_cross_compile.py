@@ -54,16 +54,21 @@ def test_multi_arch_fatbin(tiny_checkpoint, tmp_path):
     assert sorted(entries) == [("ptx", 90), ("sass", 80), ("sass", 89), ("sass", 90)]
 
 
-def test_cuda_decode_uses_kiln_kernels(tiny_checkpoint, tmp_path):
-    """head_dim 32 (qwen3 tiny): kiln's split-KV decode attention and the fused
-    decode GEMVs are in the library (not the SwiGLU one: intermediate 100 is not
-    whole 16-byte rows); head_dim 24 (llama tiny) would take TVM's decode kernel."""
+@pytest.mark.parametrize("fused_gemv", [False, True])
+def test_cuda_uses_kiln_kernels(tiny_checkpoint, tmp_path, fused_gemv):
+    """head_dim 32 (qwen3 tiny): kiln's split-KV decode attention and tensor-core
+    prefill GEMM are in the library; the fused decode GEMVs only with
+    KILN_CUDA_GEMV=1 (not the SwiGLU one: intermediate 100 is not whole 16-byte
+    rows). head_dim 24 (llama tiny) would take TVM's decode kernel."""
     out = tmp_path / "q3.kiln"
-    res = kiln("compile", str(tiny_checkpoint("qwen3")), "-o", str(out), "--target", "cuda:sm_90", "--dtype", "bfloat16", "--quiet")
+    env = dict(os.environ, KILN_CUDA_GEMV="1" if fused_gemv else "0")
+    res = kiln("compile", str(tiny_checkpoint("qwen3")), "-o", str(out), "--target", "cuda:sm_90", "--dtype", "bfloat16", "--quiet", env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     blob = (out / "lib" / "cuda.so").read_bytes()
-    for name in (b"kiln_paged_decode_attention", b"kiln_rmsnorm_gemv", b"kiln_gemv_residual"):
+    for name in (b"kiln_paged_decode_attention", b"kiln_gemm_"):
         assert name in blob, name
+    for name in (b"kiln_rmsnorm_gemv", b"kiln_gemv_residual"):
+        assert (name in blob) == fused_gemv, name
     assert b"kiln_silu_mul_gemv_residual" not in blob
 
 

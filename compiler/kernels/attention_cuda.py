@@ -12,6 +12,8 @@ computed per call on the host from the page count (nnz_pages is a shape the
 runtime knows before launch), so a 128-token context and a 32k one each get
 their own split count. Stage 1 writes each split's unnormalised output, max
 and sum to a workspace; stage 2 merges the splits (one block per query head).
+With one split (short contexts, or many sequences) stage 1 writes the final
+output and stage 2 returns at once.
 
 The math is CUDA C++ (kernels/cuda/attention_decode.cuh) called through
 T.call_extern from two TIR kernels that own the launch configuration, so the
@@ -32,7 +34,7 @@ T = _t.T
 CUDA_SOURCE = Path(__file__).parent / "cuda" / "attention_decode.cuh"
 C_TYPES = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}
 NUM_WARPS = 4
-MIN_KEYS_PER_SPLIT = 32
+MIN_KEYS_PER_SPLIT = 64
 TARGET_BLOCKS = 264  # 2 per SM on an H100 (132 SMs); more than enough on A100/L40
 
 
@@ -104,7 +106,8 @@ def paged_decode_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, dtyp
             for tx in T.thread_binding(NUM_WARPS * 32, thread="threadIdx.x"):
                 T.evaluate(T.call_extern("void", partial, T.address_of(q[0, 0, 0]), T.address_of(pages[0, 0, 0, 0, 0]),
                                          T.address_of(page_indptr[0]), T.address_of(page_values[0]), T.address_of(last_page_len[0]),
-                                         ws.access_ptr("rw"), kv_heads, chunks, page_size, num_splits(nnz_pages, B), sm_scale))
+                                         ws.access_ptr("rw"), T.address_of(output[0, 0, 0]), T.address_of(lse[0, 0]),
+                                         kv_heads, chunks, page_size, num_splits(nnz_pages, B), sm_scale))
         for bx in T.thread_binding(B * H, thread="blockIdx.x"):
             for tx in T.thread_binding(D, thread="threadIdx.x"):
                 T.evaluate(T.call_extern("void", merge, ws.access_ptr("rw"), T.address_of(output[0, 0, 0]), T.address_of(lse[0, 0]),

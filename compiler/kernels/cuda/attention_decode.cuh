@@ -57,6 +57,7 @@ template <typename T, int D, int G, int NW>
 __device__ __forceinline__ void attn_decode_partial(
     const T* __restrict__ Q, const T* __restrict__ pages, const int32_t* __restrict__ page_indptr,
     const int32_t* __restrict__ page_values, const int32_t* __restrict__ last_page_len, float* __restrict__ ws,
+    T* __restrict__ out, float* __restrict__ lse,
     int H_kv, int q_chunks, int page_size, int num_splits, float sm_scale) {
   constexpr int VEC = (sizeof(T) == 2 ? 8 : 4) * (D >= 256 ? 2 : 1);
   constexpr int L = D / VEC;
@@ -96,33 +97,43 @@ __device__ __forceinline__ void attn_decode_partial(
   const size_t kv_stride = (size_t)H_kv * page_size * D;  // K -> V within a page
   // Every lane of a warp runs the same number of iterations (the shuffles
   // need the whole warp); a lane group past the end contributes nothing.
-  for (int base = t_begin + warp * TPW; base < t_end; base += GROUPS) {
-    const int t = base + lane / L;
-    const bool valid = t < t_end;
-    float k[VEC], v[VEC];
-    if (valid) {
-      const int page = page_values[p0 + t / page_size];
-      const T* kp = pages + ((size_t)page * 2 * H_kv + kvh) * page_size * D + (size_t)(t % page_size) * D + li * VEC;
-      load_vec<T, VEC>(kp, k);
-      load_vec<T, VEC>(kp + kv_stride, v);
-    } else {
+  // U keys per group per iteration: all their K/V loads are issued before
+  // any math, so enough bytes are in flight to stream long contexts.
+  constexpr int U = VEC > 8 ? 2 : 4;
+  for (int base = t_begin + warp * TPW * U; base < t_end; base += GROUPS * U) {
+    float k[U][VEC], v[U][VEC];
+    bool valid[U];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) k[j] = v[j] = 0.f;
+    for (int u = 0; u < U; ++u) {
+      const int t = base + u * TPW + lane / L;
+      valid[u] = t < t_end;
+      if (valid[u]) {
+        const int page = page_values[p0 + t / page_size];
+        const T* kp = pages + ((size_t)page * 2 * H_kv + kvh) * page_size * D + (size_t)(t % page_size) * D + li * VEC;
+        load_vec<T, VEC>(kp, k[u]);
+        load_vec<T, VEC>(kp + kv_stride, v[u]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) k[u][j] = v[u][j] = 0.f;
+      }
     }
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float s = 0.f;
+    for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) s += q[g][j] * k[j];
+      for (int g = 0; g < G; ++g) {
+        float s = 0.f;
 #pragma unroll
-      for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (valid) {
-        const float m_new = fmaxf(m[g], s);
-        const float scale = exp2f(m[g] - m_new), p = exp2f(s - m_new);
-        l[g] = l[g] * scale + p;
+        for (int j = 0; j < VEC; ++j) s += q[g][j] * k[u][j];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) o[g][j] = o[g][j] * scale + p * v[j];
-        m[g] = m_new;
+        for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (valid[u]) {
+          const float m_new = fmaxf(m[g], s);
+          const float scale = exp2f(m[g] - m_new), p = exp2f(s - m_new);
+          l[g] = l[g] * scale + p;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) o[g][j] = o[g][j] * scale + p * v[u][j];
+          m[g] = m_new;
+        }
       }
     }
   }
@@ -148,9 +159,15 @@ __device__ __forceinline__ void attn_decode_partial(
       Lsum += s_l[r][g] * w;
       O += s_o[r][g][d] * w;
     }
-    float* dst = ws + (((size_t)b * H_qo + h0 + g) * num_splits + split) * (D + 2);
-    dst[d] = O;
-    if (d == 0) { dst[D] = M; dst[D + 1] = Lsum; }
+    if (num_splits == 1) {  // the whole context in this block: final output, no merge pass
+      const size_t h = (size_t)b * H_qo + h0 + g;
+      out[h * D + d] = from_float<T>(Lsum > 0.f ? O / Lsum : 0.f);
+      if (d == 0) lse[h] = Lsum > 0.f ? M + log2f(Lsum) : kNegBig;
+    } else {
+      float* dst = ws + (((size_t)b * H_qo + h0 + g) * num_splits + split) * (D + 2);
+      dst[d] = O;
+      if (d == 0) { dst[D] = M; dst[D + 1] = Lsum; }
+    }
   }
 }
 
@@ -158,11 +175,14 @@ __device__ __forceinline__ void attn_decode_partial(
 // write O in the cache dtype and lse (base 2) as TVM's decode kernel does.
 template <typename T, int D>
 __device__ __forceinline__ void attn_decode_merge(const float* __restrict__ ws, T* __restrict__ out, float* __restrict__ lse, int num_splits) {
+  if (num_splits == 1) return;  // stage 1 wrote the output
   const int bh = blockIdx.x, d = threadIdx.x;
   const float* src = ws + (size_t)bh * num_splits * (D + 2);
   float M = kNegBig;
+#pragma unroll 8
   for (int s = 0; s < num_splits; ++s) M = fmaxf(M, src[s * (D + 2) + D]);
   float Lsum = 0.f, O = 0.f;
+#pragma unroll 8
   for (int s = 0; s < num_splits; ++s) {
     const float w = exp2f(src[s * (D + 2) + D] - M);
     Lsum += src[s * (D + 2) + D + 1] * w;
