@@ -34,8 +34,9 @@ T = _t.T
 CUDA_SOURCE = Path(__file__).parent / "cuda" / "attention_decode.cuh"
 C_TYPES = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}
 NUM_WARPS = 4
-MIN_KEYS_PER_SPLIT = 64
-TARGET_BLOCKS = 264  # 2 per SM on an H100 (132 SMs); more than enough on A100/L40
+MIN_KEYS_PER_SPLIT = 32
+TARGET_BLOCKS = 1056  # 8 per SM on an H100 (132 SMs): warps enough to stream a long context
+MAX_SPLITS = 512  # kiln::kMaxSplits
 
 
 def _group_tile(group: int, vec: int) -> int:
@@ -64,7 +65,7 @@ def paged_decode_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, dtyp
     def num_splits(nnz_pages, B):
         by_keys = T.ceildiv(nnz_pages * page_size, B * MIN_KEYS_PER_SPLIT)
         by_gpu = T.ceildiv(TARGET_BLOCKS, B * kv_heads * chunks)
-        return T.max(T.min(by_keys, by_gpu), 1)
+        return T.max(T.min(T.min(by_keys, by_gpu), MAX_SPLITS), 1)
 
     @T.prim_func
     def paged_decode_attention(
