@@ -205,7 +205,11 @@ def cmd_inspect(a) -> int:
           f"{c['num_hidden_layers']} layers, dim {c['hidden_size']}, heads {c['num_attention_heads']}/{c['num_key_value_heads']}, vocab {c['vocab_size']}")
     print(f"  params   {m['model']['num_params'] / 1e6:.2f}M  dtype {m['dtype']}  quant {m.get('quant', 'none')}  ({len(m['params'])} tensors)")
     for t in m["targets"]:
-        desc = f"{t['kind']} {t.get('mcpu', t.get('arch', ''))} {t['triple']}"
+        if t["kind"] == "cuda":  # SASS per arch (+ PTX the driver can JIT for newer GPUs)
+            archs = ",".join(t.get("archs") or [t.get("arch", "")])
+            desc = f"cuda {archs}" + (f" + PTX {t['ptx']}" if t.get("ptx") else "") + f", compute {t.get('compute_dtype', '?')}, host {t['triple']}"
+        else:
+            desc = f"{t['kind']} {t.get('mcpu', '')} {t['triple']}"
         flags = t.get("required_cpu_flags")
         print(f"  target   {t['device']}: {desc}" + (f"  needs {' '.join(flags)}" if flags else ""))
     kv = m["kv_cache"]
