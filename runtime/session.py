@@ -81,7 +81,7 @@ class PagedKVCache:
 class Session:
     """A model ready to run. Create with `kiln.runtime.load(path)`."""
 
-    def __init__(self, artifact: Artifact, device: str = "cpu", max_seq_len: int | None = None, prefill_chunk: int = 1024,
+    def __init__(self, artifact: Artifact, device: str = "cpu", max_seq_len: int | None = None, prefill_chunk: int | None = None,
                  random_weights: bool = False):
         t0 = time.perf_counter()
         rt = runtime()
@@ -95,6 +95,10 @@ class Session:
         self.max_seq_len = min(limit, 4096) if max_seq_len is None else max_seq_len
         if not 1 <= self.max_seq_len <= limit:
             raise RequestError(f"max_seq_len {self.max_seq_len} is outside [1, {limit}] for this artifact")
+        # tokens per prefill call: attention across chunks runs TVM's slower paged
+        # kernel, so CUDA (memory to spare, tensor-core attention within a chunk) takes 2048
+        if prefill_chunk is None:
+            prefill_chunk = 2048 if device == "cuda" else 1024
         self.prefill_chunk = max(1, min(prefill_chunk, self.max_seq_len))
         tgt = artifact.target_for(device)
         self.dev = rt.tvm.cpu(0) if device == "cpu" else cuda_device(rt, tgt, artifact.path)
@@ -364,7 +368,7 @@ def cuda_device(rt, target: dict, path):
 
 
 def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, threads: int | None = None, verify: bool = True,
-         random_weights: bool = False) -> Session:
+         random_weights: bool = False, prefill_chunk: int | None = None) -> Session:
     """Load an artifact (checks manifest, machine and hashes first) and return a Session.
     random_weights: only for artifacts compiled with --no-weights (speed runs)."""
     if threads is not None:
@@ -372,4 +376,4 @@ def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, 
             raise RequestError(f"threads must be in [1, 1024], got {threads}")
         os.environ["TVM_NUM_THREADS"] = str(threads)
     art = open_artifact(path, device=device, verify_hashes=verify)
-    return Session(art, device=device, max_seq_len=max_seq_len, random_weights=random_weights)
+    return Session(art, device=device, max_seq_len=max_seq_len, random_weights=random_weights, prefill_chunk=prefill_chunk)

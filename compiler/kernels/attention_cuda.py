@@ -115,3 +115,61 @@ def paged_decode_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, dtyp
                                          num_splits(nnz_pages, B)))
 
     return paged_decode_attention
+
+
+def ragged_prefill_supported(head_dim: int, dtype: str) -> bool:
+    """WMMA needs 16-bit inputs and 16-wide head tiles; shared memory caps head_dim at 128."""
+    return dtype in ("bfloat16", "float16") and head_dim in (64, 128)
+
+
+def ragged_prefill_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, dtype: str):
+    """TVM's batch_prefill_ragged_kv contract (the KV cache calls it unchanged),
+    computed by kiln::attn_prefill_ragged (cuda/attention_prefill.cuh) on tensor cores."""
+    if not ragged_prefill_supported(head_dim, dtype):
+        raise ValueError(f"CUDA prefill attention: head_dim {head_dim} / dtype {dtype} not supported")
+    H, D = q_heads, head_dim
+    fn = f"kiln::attn_prefill_ragged<{C_TYPES[dtype]}, {D}>"
+
+    @T.prim_func
+    def ragged_prefill_attention(
+        var_q: T.handle,
+        var_q_indptr: T.handle,
+        var_k: T.handle,
+        var_v: T.handle,
+        var_kv_indptr: T.handle,
+        var_q_rope_position: T.handle,
+        var_k_rope_pos_offset: T.handle,
+        var_output: T.handle,
+        var_lse: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "kiln_ragged_prefill_attention"})
+        B = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        o1 = T.int32()
+        o2 = T.int32()
+        o3 = T.int32()
+        o4 = T.int32()
+        q = T.match_buffer(var_q, (qo_len, H, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (B + 1,), "int32", elem_offset=o1)
+        k = T.match_buffer(var_k, (kv_len, kv_heads, D), dtype)
+        v = T.match_buffer(var_v, (kv_len, kv_heads, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (B + 1,), "int32", elem_offset=o2)
+        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=o3)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (B,), "int32", elem_offset=o4)
+        output = T.match_buffer(var_output, (qo_len, H, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H), "float32")
+        # at most ceil(total / 64) + B row tiles (each sequence rounds up once)
+        for bx in T.thread_binding(T.ceildiv(qo_len, 64) + B, thread="blockIdx.x"):
+            for by in T.thread_binding(H, thread="blockIdx.y"):
+                for tx in T.thread_binding(128, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(q[0, 0, 0]), T.address_of(q_indptr[0]), T.address_of(k[0, 0, 0]),
+                                             T.address_of(v[0, 0, 0]), T.address_of(kv_indptr[0]), T.address_of(output[0, 0, 0]),
+                                             T.address_of(lse[0, 0]), B, H, kv_heads, causal, sm_scale))
+
+    return ragged_prefill_attention

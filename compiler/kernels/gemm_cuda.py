@@ -20,7 +20,7 @@ T = _t.T
 
 BM = BN = 128
 THREADS = 256
-SMEM_BYTES = 2 * (BM + BN) * (32 + 8) * 2  # kiln::GEMM_SMEM_BYTES
+SMEM_BYTES = 4 * (BM + BN) * (32 + 8) * 2  # kiln::GEMM_SMEM_BYTES (4 stages)
 
 
 def gemm_supported(K: int, dtype: str) -> bool:

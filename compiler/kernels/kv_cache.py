@@ -7,8 +7,8 @@ TVM's `TIRPagedKVCache` with some kernels swapped for kiln's:
   CPU:  decode and ragged prefill attention (attention_cpu.py); the rarely hot
         ones (prefill against earlier pages when a prompt is longer than one
         prefill chunk, tree attention, sliding window, page copies) stay TVM's.
-  CUDA: split-KV decode attention (attention_cuda.py); the rest is TVM's GPU
-        kernels.
+  CUDA: split-KV decode attention and tensor-core ragged prefill attention
+        (attention_cuda.py); the rest is TVM's GPU kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from ...passes.cpu_rules import vector_lanes
 from ...tvm_compat import compiler
 from .attention_cpu import paged_decode_attention_cpu, ragged_prefill_attention_cpu
-from .attention_cuda import cuda_decode_supported, paged_decode_attention_cuda
+from .attention_cuda import cuda_decode_supported, paged_decode_attention_cuda, ragged_prefill_attention_cuda, ragged_prefill_supported
 
 _t = compiler()
 _kv = _t.kv_cache
@@ -95,6 +95,10 @@ class CudaPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-meth
             decode = tir(paged_decode_attention_cuda(h_kv, h_q, d, dtype, page_size=16), "kiln_paged_decode_attention")
         else:  # head dims the split-KV kernel's lane mapping does not cover (e.g. 80, 96): TVM's kernel
             decode = tir(_kv._attention_decode(h_kv, h_q, d, dtype, False, rope_scaling, target), "tir_attention_decode")
+        if ragged_prefill_supported(d, dtype):
+            ragged = tir(ragged_prefill_attention_cuda(h_kv, h_q, d, dtype), "kiln_ragged_prefill_attention")
+        else:  # fp32 or other head dims: TVM's kernel
+            ragged = tir(_kv._attention_prefill_ragged(h_kv, h_q, d, d, dtype, rope_scaling, target), "tir_attention_prefill_ragged")
         args = [
             rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window, 1024]),
             rx.ShapeExpr([0, num_hidden_layers]),
@@ -111,7 +115,7 @@ class CudaPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-meth
             rx.op.zeros((), dtype),
             bb.add_func(_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
             bb.add_func(_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
-            tir(_kv._attention_prefill_ragged(h_kv, h_q, d, d, dtype, rope_scaling, target), "tir_attention_prefill_ragged"),
+            ragged,
             tir(_kv._attention_prefill(h_kv, h_q, d, dtype, False, rope_scaling, target), "tir_attention_prefill"),
             decode,
             rx.Tuple([]),  # sliding-window prefill: never enabled (the compiler caps the context at the window)

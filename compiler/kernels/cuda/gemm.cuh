@@ -4,11 +4,11 @@
 //
 // A is the activations (M = tokens), B the weights as stored ([out, in]).
 // Block tile 128 x 128, K step 32, 8 warps as 2 (M) x 4 (N), each warp 64 x 32
-// = 4 x 2 WMMA 16x16x16 fragments; A/B tiles double-buffered in shared memory
-// by cp.async (rows padded by 8 elements against bank conflicts); rows past M
-// or N are zero-filled. K must be a multiple of 32 (the TIR side checks).
-// Launch: grid (ceil(N / 128), ceil(M / 128)), 256 threads, GEMM_SMEM_BYTES
-// of dynamic shared memory.
+// = 4 x 2 WMMA 16x16x16 fragments; A/B tiles in a GEMM_STAGES-deep cp.async
+// ring in shared memory (rows padded by 8 elements against bank conflicts);
+// rows past M or N are zero-filled. K must be a multiple of 32 (the TIR side
+// checks). Launch: grid (ceil(N / 128), ceil(M / 128)), 256 threads,
+// GEMM_SMEM_BYTES of dynamic shared memory (over 48 KB: TVM sets the opt-in).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,7 +19,8 @@ namespace kiln {
 
 constexpr int GEMM_BM = 128, GEMM_BN = 128, GEMM_BK = 32, GEMM_PAD = 8, GEMM_LDS = GEMM_BK + GEMM_PAD;
 constexpr int GEMM_STAGE_ELEMS = (GEMM_BM + GEMM_BN) * GEMM_LDS;
-constexpr int GEMM_SMEM_BYTES = 2 * GEMM_STAGE_ELEMS * 2;  // two stages of 16-bit A and B tiles = 40 KB
+constexpr int GEMM_STAGES = 4;
+constexpr int GEMM_SMEM_BYTES = GEMM_STAGES * GEMM_STAGE_ELEMS * 2;  // 16-bit A and B tiles: 80 KB
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -27,7 +28,8 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 template <typename T>
 __device__ __forceinline__ float gemm_to_float(T x);
@@ -62,7 +64,6 @@ __device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __rest
       cp_async16(As + row * GEMM_LDS + col, A + (size_t)min(am, M - 1) * K + k0 + col, am < M);
       cp_async16(Bs + row * GEMM_LDS + col, B + (size_t)min(bn, N - 1) * K + k0 + col, bn < N);
     }
-    cp_async_commit();
   };
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
@@ -72,12 +73,19 @@ __device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __rest
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
   const int steps = K / GEMM_BK;
-  load_stage(0, 0);
+  // one commit group per K step (empty past the end) so wait_group counts stay exact
+#pragma unroll
+  for (int s = 0; s < GEMM_STAGES - 1; ++s) {
+    if (s < steps) load_stage(s, s * GEMM_BK);
+    cp_async_commit();
+  }
   for (int s = 0; s < steps; ++s) {
-    cp_async_wait_all();
-    __syncthreads();  // stage s landed for every thread; stage s-1 fully consumed
-    if (s + 1 < steps) load_stage((s + 1) & 1, (s + 1) * GEMM_BK);
-    const T* As = smem + (s & 1) * GEMM_STAGE_ELEMS;
+    cp_async_wait<GEMM_STAGES - 2>();  // step s's group landed (for this thread)
+    __syncthreads();  // ... for every thread; and step s-1's slot is free
+    const int nxt = s + GEMM_STAGES - 1;
+    if (nxt < steps) load_stage(nxt % GEMM_STAGES, nxt * GEMM_BK);
+    cp_async_commit();
+    const T* As = smem + (s % GEMM_STAGES) * GEMM_STAGE_ELEMS;
     const T* Bs = As + GEMM_BM * GEMM_LDS;
 #pragma unroll
     for (int kk = 0; kk < GEMM_BK; kk += 16) {
@@ -93,6 +101,7 @@ __device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __rest
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
   }
+  cp_async_wait<0>();
   __syncthreads();  // tiles no longer needed: reuse shared memory for the epilogue
 
   // epilogue: one 16 x 16 fp32 scratch per warp; 8 values per lane per fragment
