@@ -18,9 +18,9 @@ from .attention_cuda import C_TYPES
 _t = compiler()
 T = _t.T
 
-BM = BN = 128
+BM, BN = 128, 256
 THREADS = 256
-SMEM_BYTES = 4 * (BM + BN) * (32 + 8) * 2  # kiln::GEMM_SMEM_BYTES (4 stages)
+SMEM_BYTES = 3 * (BM + BN) * (32 + 8) * 2  # kiln::GEMM_SMEM_BYTES (3 stages)
 
 
 def gemm_supported(K: int, dtype: str) -> bool:
