@@ -21,7 +21,9 @@ from pathlib import Path
 from ..tvm_compat import compiler
 from .target import arch_number
 
-KERNEL_HEADERS = sorted((Path(__file__).parent / "kernels" / "cuda").glob("*.cuh"))
+_CUDA_DIR = Path(__file__).parent / "kernels" / "cuda"
+# common.cuh (shared helpers) first, then the kernels in a fixed order
+KERNEL_HEADERS = [_CUDA_DIR / "common.cuh"] + sorted(p for p in _CUDA_DIR.glob("*.cuh") if p.name != "common.cuh")
 
 
 def gencode_flags(archs: list[str]) -> list[str]:

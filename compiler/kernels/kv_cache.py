@@ -24,21 +24,23 @@ rx = _t.relax
 nn = _t.nn
 
 
-class CpuPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-methods
-    """Paged KV cache (MHA, RoPE applied on append) with kiln's CPU attention kernels."""
+class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-methods
+    """TVM's C++ paged KV cache (MHA, RoPE applied on append) with the kernel
+    table built here. The slots every target shares are filled in __init__;
+    `_kernels` (per target) fills the rest."""
 
     def __init__(self, *, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
                  num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int,
                  rope_scale: float, rope_theta: float, rope_scaling: dict, dtype: str, target, name: str = "paged_kv_cache"):
         bb = rx.BlockBuilder.current()
         h_kv, h_q, d = num_key_value_heads, num_attention_heads, head_dim
-        lanes = vector_lanes(target)
         rope_scaling = _kv._prepare_yarn_rope_scaling(rope_scaling, rope_theta)
-        attn_kind = [int(_kv.AttnKind.MHA) for _ in range(num_hidden_layers)]
 
         def tir(fn, name_):
             return rx.Tuple([_t.tvm.ir.StringImm("tirx"), bb.add_func(fn, name_)])
 
+        k = self._kernels(bb, tir, h_kv=h_kv, h_q=h_q, d=d, dtype=dtype, rope_scaling=rope_scaling, target=target,
+                          page_size=page_size)
         args = [
             rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window, 1024]),
             rx.ShapeExpr([0, num_hidden_layers]),
@@ -46,7 +48,7 @@ class CpuPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-metho
             rx.prim_value(h_kv),
             rx.prim_value(d),
             rx.prim_value(d),
-            rx.ShapeExpr(attn_kind),
+            rx.ShapeExpr([int(_kv.AttnKind.MHA) for _ in range(num_hidden_layers)]),
             rx.prim_value(False),  # disaggregation
             rx.prim_value(int(_kv.RopeMode.NORMAL)),
             rx.prim_value(rope_scale),
@@ -55,42 +57,52 @@ class CpuPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-metho
             rx.op.zeros((), dtype),
             bb.add_func(_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
             bb.add_func(_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
-            tir(ragged_prefill_attention_cpu(h_kv, h_q, d, dtype, lanes), "ragged_prefill_attention_cpu"),
-            tir(_kv._attention_prefill_cpu(h_kv, h_q, d, dtype, False, rope_scaling), "tir_attention_prefill_cpu"),
-            tir(paged_decode_attention_cpu(h_kv, h_q, d, dtype, lanes), "paged_decode_attention_cpu"),
+            k["ragged_prefill"],
+            k["paged_prefill"],
+            k["decode"],
             rx.Tuple([]),  # sliding-window prefill: never enabled (the compiler caps the context at the window)
             rx.Tuple([]),  # sliding-window decode
-            # Tree attention (speculative decoding) is not offered: an empty slot,
-            # as TVM does for MLA. Its TVM CPU kernel, merely present in the
-            # library, made the prefill GEMMs 2.5x slower (73 -> 29 GFLOP/s,
-            # found by bisecting the module's functions).
-            rx.Tuple([]),
-            rx.Tuple([]),
+            k["tree_paged"],
+            k["tree"],
             rx.Tuple([]),  # MLA prefill
-            rx.Tuple([bb.add_func(_kv._merge_state_inplace_cpu(dtype), "tir_attention_merge_state_cpu")]),
+            rx.Tuple([k["merge_state"]]),
             bb.add_func(_kv.llama_rope_with_position_map(rope_theta, rope_scale, d, h_q, h_kv, dtype, rope_scaling, d), "tir_split_rotary"),
-            bb.add_func(_kv._copy_single_page_cpu(h_kv, page_size, d, dtype), "kv_cache_copy_single_page_cpu"),
+            k["copy_page"],
             bb.add_func(_kv._kv_cache_debug_get_kv(num_hidden_layers, h_kv, d, dtype), "kv_cache_debug_get_kv"),
-            bb.add_func(_kv._compact_kv_copy_cpu(h_kv, d, dtype), "kv_cache_compact_kv_copy_cpu"),
+            k["compact_copy"],
         ]
         super().__init__(_expr=rx.call_pure_packed("vm.builtin.paged_attention_kv_cache_create", *args, ty_args=rx.AnyType()), _name=name)
 
+    def _kernels(self, bb, tir, *, h_kv, h_q, d, dtype, rope_scaling, target, page_size) -> dict:
+        raise NotImplementedError
 
-class CudaPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-methods
-    """Paged KV cache (MHA, RoPE applied on append) for CUDA: TVM's GPU kernels
-    with kiln's split-KV decode attention."""
 
-    def __init__(self, *, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
-                 num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int,
-                 rope_scale: float, rope_theta: float, rope_scaling: dict, dtype: str, target, name: str = "paged_kv_cache"):
-        bb = rx.BlockBuilder.current()
-        h_kv, h_q, d = num_key_value_heads, num_attention_heads, head_dim
-        rope_scaling = _kv._prepare_yarn_rope_scaling(rope_scaling, rope_theta)
-        attn_kind = [int(_kv.AttnKind.MHA) for _ in range(num_hidden_layers)]
+class CpuPagedKVCache(_KilnPagedKVCache):  # pylint: disable=too-few-public-methods
+    """kiln's CPU decode and ragged prefill attention; TVM's CPU kernels for the rest."""
 
-        def tir(fn, name_):
-            return rx.Tuple([_t.tvm.ir.StringImm("tirx"), bb.add_func(fn, name_)])
+    def _kernels(self, bb, tir, *, h_kv, h_q, d, dtype, rope_scaling, target, page_size) -> dict:
+        lanes = vector_lanes(target)
+        return {
+            "ragged_prefill": tir(ragged_prefill_attention_cpu(h_kv, h_q, d, dtype, lanes), "ragged_prefill_attention_cpu"),
+            "paged_prefill": tir(_kv._attention_prefill_cpu(h_kv, h_q, d, dtype, False, rope_scaling), "tir_attention_prefill_cpu"),
+            "decode": tir(paged_decode_attention_cpu(h_kv, h_q, d, dtype, lanes), "paged_decode_attention_cpu"),
+            # Tree attention (speculative decoding) is not offered: empty slots,
+            # as TVM does for MLA. Its TVM CPU kernel, merely present in the
+            # library, made the prefill GEMMs 2.5x slower (73 -> 29 GFLOP/s,
+            # found by bisecting the module's functions).
+            "tree_paged": rx.Tuple([]),
+            "tree": rx.Tuple([]),
+            "merge_state": bb.add_func(_kv._merge_state_inplace_cpu(dtype), "tir_attention_merge_state_cpu"),
+            "copy_page": bb.add_func(_kv._copy_single_page_cpu(h_kv, page_size, d, dtype), "kv_cache_copy_single_page_cpu"),
+            "compact_copy": bb.add_func(_kv._compact_kv_copy_cpu(h_kv, d, dtype), "kv_cache_compact_kv_copy_cpu"),
+        }
 
+
+class CudaPagedKVCache(_KilnPagedKVCache):  # pylint: disable=too-few-public-methods
+    """kiln's split-KV decode and tensor-core ragged prefill attention where they
+    apply (head dims, dtypes); TVM's GPU kernels for the rest."""
+
+    def _kernels(self, bb, tir, *, h_kv, h_q, d, dtype, rope_scaling, target, page_size) -> dict:
         if cuda_decode_supported(d, dtype):
             decode = tir(paged_decode_attention_cuda(h_kv, h_q, d, dtype, page_size=16), "kiln_paged_decode_attention")
         else:  # head dims the split-KV kernel's lane mapping does not cover (e.g. 80, 96): TVM's kernel
@@ -99,34 +111,14 @@ class CudaPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-meth
             ragged = tir(ragged_prefill_attention_cuda(h_kv, h_q, d, dtype), "kiln_ragged_prefill_attention")
         else:  # fp32 or other head dims: TVM's kernel
             ragged = tir(_kv._attention_prefill_ragged(h_kv, h_q, d, d, dtype, rope_scaling, target), "tir_attention_prefill_ragged")
-        args = [
-            rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window, 1024]),
-            rx.ShapeExpr([0, num_hidden_layers]),
-            rx.prim_value(h_q),
-            rx.prim_value(h_kv),
-            rx.prim_value(d),
-            rx.prim_value(d),
-            rx.ShapeExpr(attn_kind),
-            rx.prim_value(False),  # disaggregation
-            rx.prim_value(int(_kv.RopeMode.NORMAL)),
-            rx.prim_value(rope_scale),
-            rx.prim_value(rope_theta),
-            rx.prim_value(0),  # rope_ext_factors
-            rx.op.zeros((), dtype),
-            bb.add_func(_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
-            bb.add_func(_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
-            ragged,
-            tir(_kv._attention_prefill(h_kv, h_q, d, dtype, False, rope_scaling, target), "tir_attention_prefill"),
-            decode,
-            rx.Tuple([]),  # sliding-window prefill: never enabled (the compiler caps the context at the window)
-            rx.Tuple([]),  # sliding-window decode
-            tir(_kv.tree_attn_with_paged_kv_cache(h_kv, h_q, d, dtype, rope_scaling, target), "tir_attention_prefill_with_tree_mask_with_paged_kv_cache"),
-            tir(_kv.tree_attn(h_kv, h_q, d, dtype, rope_scaling, target), "tir_attention_prefill_with_tree_mask"),
-            rx.Tuple([]),  # MLA prefill
-            rx.Tuple([bb.add_func(_kv._merge_state_inplace(h_q, d, dtype, target, "tir_attention_merge_state"), "tir_attention_merge_state")]),
-            bb.add_func(_kv.llama_rope_with_position_map(rope_theta, rope_scale, d, h_q, h_kv, dtype, rope_scaling, d), "tir_split_rotary"),
-            bb.add_func(_kv._copy_single_page(h_kv, page_size, d, dtype, target), "kv_cache_copy_single_page"),
-            bb.add_func(_kv._kv_cache_debug_get_kv(num_hidden_layers, h_kv, d, dtype), "kv_cache_debug_get_kv"),
-            bb.add_func(_kv._compact_kv_copy(h_kv, d, dtype, target), "kv_cache_compact_kv_copy"),
-        ]
-        super().__init__(_expr=rx.call_pure_packed("vm.builtin.paged_attention_kv_cache_create", *args, ty_args=rx.AnyType()), _name=name)
+        return {
+            "ragged_prefill": ragged,
+            "paged_prefill": tir(_kv._attention_prefill(h_kv, h_q, d, dtype, False, rope_scaling, target), "tir_attention_prefill"),
+            "decode": decode,
+            "tree_paged": tir(_kv.tree_attn_with_paged_kv_cache(h_kv, h_q, d, dtype, rope_scaling, target),
+                              "tir_attention_prefill_with_tree_mask_with_paged_kv_cache"),
+            "tree": tir(_kv.tree_attn(h_kv, h_q, d, dtype, rope_scaling, target), "tir_attention_prefill_with_tree_mask"),
+            "merge_state": bb.add_func(_kv._merge_state_inplace(h_q, d, dtype, target, "tir_attention_merge_state"), "tir_attention_merge_state"),
+            "copy_page": bb.add_func(_kv._copy_single_page(h_kv, page_size, d, dtype, target), "kv_cache_copy_single_page"),
+            "compact_copy": bb.add_func(_kv._compact_kv_copy(h_kv, d, dtype, target), "kv_cache_compact_kv_copy"),
+        }

@@ -137,7 +137,7 @@ __device__ __forceinline__ void attn_prefill_ragged(const T* __restrict__ q, con
     for (int c = 0; c < BK / 2; ++c) {
       const int j = half + c;
       const float p = visible(lr, j0 + j) ? exp2f(Ss[lr * LDS + j] * scale - m_row) * inv_l : 0.f;
-      Ps[lr * (BK + 8) + j] = static_cast<T>(p);
+      Ps[lr * (BK + 8) + j] = from_float<T>(p);
     }
     __syncwarp();
 #pragma unroll
@@ -162,7 +162,7 @@ __device__ __forceinline__ void attn_prefill_ragged(const T* __restrict__ q, con
     __syncwarp();
     for (int e = lane; e < 256; e += 32) {
       const int r = e / 16, c = e % 16, row = warp * 16 + r;
-      if (row < rows) out[((size_t)(q0 + row) * H_qo + h) * D + n * 16 + c] = static_cast<T>(scratch[e]);
+      if (row < rows) out[((size_t)(q0 + row) * H_qo + h) * D + n * 16 + c] = from_float<T>(scratch[e]);
     }
     __syncwarp();
   }

@@ -31,19 +31,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-template <typename T>
-__device__ __forceinline__ float gemm_to_float(T x);
-template <>
-__device__ __forceinline__ float gemm_to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float gemm_to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T gemm_from_float(float x);
-template <>
-__device__ __forceinline__ __half gemm_from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 gemm_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
 template <typename T, bool RESIDUAL>
 __device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
                                         int M, int N, int K, unsigned char* __restrict__ smem_raw) {
@@ -124,8 +111,8 @@ __device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __rest
         for (int e = 0; e < 8; ++e) {
           if (gn + e < N) {
             float v = scratch[r * 16 + c0 + e];
-            if constexpr (RESIDUAL) v += gemm_to_float(R[(size_t)gm * N + gn + e]);
-            C[(size_t)gm * N + gn + e] = gemm_from_float<T>(v);
+            if constexpr (RESIDUAL) v += to_float(R[(size_t)gm * N + gn + e]);
+            C[(size_t)gm * N + gn + e] = from_float<T>(v);
           }
         }
       }

@@ -22,19 +22,6 @@ namespace kiln {
 
 enum GemvMode { kPlain = 0, kRmsNorm = 1, kSiluMul = 2 };
 
-template <typename T>
-__device__ __forceinline__ float gemv_to_float(T x) { return static_cast<float>(x); }
-template <>
-__device__ __forceinline__ float gemv_to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float gemv_to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T gemv_from_float(float x) { return static_cast<T>(x); }
-template <>
-__device__ __forceinline__ __half gemv_from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 gemv_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
 template <typename T, int MODE, int K, int NW, int ROWS, bool RESIDUAL>
 __device__ __forceinline__ void gemv(const T* __restrict__ x, const T* __restrict__ norm_w, const T* __restrict__ W,
                                      const T* __restrict__ residual, T* __restrict__ y, T* __restrict__ xs, int N, float eps) {
@@ -52,8 +39,8 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const T* __restric
   // T, as the unfused graph does). Plain and RMSNorm read x straight from L1/L2.
   if constexpr (MODE == kSiluMul) {
     for (int k = tid; k < K; k += NW * 32) {
-      const float g = gemv_to_float(x[k]), u = gemv_to_float(x[K + k]);
-      xs[k] = gemv_from_float<T>(g / (1.f + __expf(-g)) * u);
+      const float g = to_float(x[k]), u = to_float(x[K + k]);
+      xs[k] = from_float<T>(g / (1.f + __expf(-g)) * u);
     }
     __syncthreads();
   }
@@ -75,21 +62,21 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const T* __restric
     const T* xe = reinterpret_cast<const T*>(&xr);
     float xf[VEC];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) xf[j] = gemv_to_float(xe[j]);
+    for (int j = 0; j < VEC; ++j) xf[j] = to_float(xe[j]);
     if constexpr (MODE == kRmsNorm) {
       const uint4 nr = __ldg(nsrc + col);
       const T* ne = reinterpret_cast<const T*>(&nr);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         ss += xf[j] * xf[j];
-        xf[j] *= gemv_to_float(ne[j]);
+        xf[j] *= to_float(ne[j]);
       }
     }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const T* we = reinterpret_cast<const T*>(&wr[r]);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[r] += xf[j] * gemv_to_float(we[j]);
+      for (int j = 0; j < VEC; ++j) acc[r] += xf[j] * to_float(we[j]);
     }
   }
   float scale = 1.f;
@@ -106,8 +93,8 @@ __device__ __forceinline__ void gemv(const T* __restrict__ x, const T* __restric
     const int row = row0 + r;
     if (lane == 0 && row < N) {
       float out = v * scale;
-      if constexpr (RESIDUAL) out += gemv_to_float(residual[row]);
-      y[row] = gemv_from_float<T>(out);
+      if constexpr (RESIDUAL) out += to_float(residual[row]);
+      y[row] = from_float<T>(out);
     }
   }
 }
