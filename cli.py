@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's")
     c.add_argument("--max-seq-len", type=int, default=None, help="largest context the artifact supports")
     c.add_argument("--dump-ir", default=None, help="write the IR after each pass into this directory")
+    c.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (16, 32, 64; larger pages: fewer page-table reads at long contexts)")
     c.add_argument("--no-weights", action="store_true", help="MODEL may be a config.json: code and param spec only (for kiln bench --random-weights)")
     c.add_argument("--quiet", action="store_true")
 
@@ -125,7 +126,7 @@ def cmd_compile(a) -> int:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     summary = compile_model(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir,
-                            no_weights=a.no_weights, progress=progress)
+                            no_weights=a.no_weights, page_size=a.page_size, progress=progress)
     print(summary.line())
     return 0
 
@@ -279,7 +280,7 @@ def cmd_demo(a) -> int:
     art = cache_dir() / f"smollm2-{a.dtype}.kiln"
     art.parent.mkdir(parents=True, exist_ok=True)
     if a.recompile or not (art / "manifest.json").is_file():
-        ns = argparse.Namespace(model=str(gguf), output=str(art), target="llvm", dtype=a.dtype, max_seq_len=None, dump_ir=None, quiet=False, no_weights=False)
+        ns = argparse.Namespace(model=str(gguf), output=str(art), target="llvm", dtype=a.dtype, max_seq_len=None, dump_ir=None, quiet=False, no_weights=False, page_size=16)
         cmd_compile(ns)
     ns = argparse.Namespace(artifact=str(art), prompt=a.prompt, tokens=None, chat=True, max_new_tokens=a.max_new_tokens,
                             temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None, stop=[], ignore_eos=False,

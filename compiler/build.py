@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -31,6 +32,7 @@ from .weights import write_safetensors
 
 DTYPES = ("float32", "float16", "bfloat16")
 PAGE_SIZE = 16
+PAGE_SIZES = (16, 32, 64)
 
 
 @dataclass
@@ -60,6 +62,7 @@ def compile_model(
     max_seq_len: int | None = None,
     dump_ir: str | Path | None = None,
     no_weights: bool = False,
+    page_size: int = PAGE_SIZE,
     progress: Callable[[str], None] = _progress_noop,
 ) -> CompileSummary:
     """Compile a checkpoint (HF dir / .safetensors / .gguf) into an artifact directory.
@@ -84,6 +87,8 @@ def compile_model(
         if not 1 <= max_seq_len <= max_ctx:
             raise CompileError(f"--max-seq-len {max_seq_len} is outside [1, {max_ctx}] for this model")
         max_ctx = max_seq_len
+    if page_size not in PAGE_SIZES:
+        raise CompileError(f"--page-size {page_size} is not supported; supported: {', '.join(map(str, PAGE_SIZES))}")
     if dtype == "float16" and any(tg.kind == "cuda" for tg in targets):
         # TVM 0.27's dlight Matmul rule tensorizes fp16 matmuls and segfaults doing so
         # (seen on the Llama-3-8B shape): refuse rather than crash
@@ -104,7 +109,8 @@ def compile_model(
         mods = []
         for tg, tvm_target, precision in zip(targets, tvm_targets, precisions):
             with tvm_target:  # the KV cache picks its kernels by the current target
-                lm = family(config, precision, kv_cache_factory=CpuPagedKVCache if tg.kind == "llvm" else CudaPagedKVCache)
+                lm = family(config, precision, kv_cache_factory=functools.partial(CpuPagedKVCache if tg.kind == "llvm" else CudaPagedKVCache,
+                                                                              kernel_page_size=page_size))
                 mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
             mods.append(mod)
         order = [name for name, _ in named_params]
@@ -175,7 +181,7 @@ def compile_model(
             "kv_cache": {
                 "kind": "paged",
                 "dtype": kv_dtype,
-                "page_size": PAGE_SIZE,
+                "page_size": page_size,
                 "max_seq_len": max_ctx,
                 "num_layers": config.num_hidden_layers,
                 "num_kv_heads": config.num_key_value_heads,

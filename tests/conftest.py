@@ -128,8 +128,8 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return tokens
 
 
-def compile_artifact(model: Path, out: Path) -> Path:
-    """compile_model(model, out) for llvm in float32.
+def compile_artifact(model: Path, out: Path, **options) -> Path:
+    """compile_model(model, out, **options) for llvm in float32.
 
     In this process when it has (or can still load) the TVM compiler. The kiln
     runtime imports TVM runtime-only when it comes first in a process, after
@@ -147,9 +147,9 @@ def compile_artifact(model: Path, out: Path) -> Path:
     if in_process:
         from kiln.compiler.build import compile_model  # noqa: PLC0415
 
-        compile_model(model, out, target="llvm", dtype="float32")
+        compile_model(model, out, target="llvm", dtype="float32", **options)
         return out
-    code = f"from kiln.compiler.build import compile_model; compile_model({str(model)!r}, {str(out)!r}, target='llvm', dtype='float32')"
+    code = f"from kiln.compiler.build import compile_model; compile_model({str(model)!r}, {str(out)!r}, target='llvm', dtype='float32', **{options!r})"
     env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, f"compiling {model} in a child failed:\n{proc.stderr[-4000:]}"

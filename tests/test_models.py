@@ -75,6 +75,34 @@ def test_chunked_prefill_matches_transformers(compiled, hf_model):
     assert rel_err(got, hf_logits(hf_model(arch), ids)) < LOGITS_RTOL
 
 
+@pytest.mark.parametrize("page_size", [64])
+def test_page_size_matches_transformers(page_size, tiny_checkpoint, hf_model, tmp_path):
+    """--page-size 64: decode crosses page boundaries (5 + 80 tokens) and chunked
+    prefill reads earlier 64-token pages; both must still give transformers' results."""
+    from conftest import compile_artifact  # noqa: PLC0415
+    from kiln.runtime.artifact import open_artifact  # noqa: PLC0415
+    from kiln.runtime.session import Session  # noqa: PLC0415
+
+    arch = "llama"
+    art = compile_artifact(tiny_checkpoint(arch), tmp_path / "p.kiln", page_size=page_size)
+    assert json.loads((art / "manifest.json").read_text())["kv_cache"]["page_size"] == page_size
+    prompt = random_ids(PROMPT_LEN, seed=7)
+    res = load(art).generate(prompt, max_new_tokens=80, sampling=SamplingParams(temperature=0), ignore_eos=True)
+    assert res.tokens == hf_greedy(hf_model(arch), prompt, 80)
+    ids = random_ids(150)
+    got = Session(open_artifact(art), prefill_chunk=40).logits(ids)
+    assert rel_err(got, hf_logits(hf_model(arch), ids)) < LOGITS_RTOL
+
+
+def test_page_size_is_checked(tiny_checkpoint, tmp_path):
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+    from kiln.errors import CompileError  # noqa: PLC0415
+
+    with pytest.raises(CompileError, match="--page-size 48"):
+        compile_model(tiny_checkpoint("llama"), tmp_path / "x.kiln", page_size=48)
+    assert not (tmp_path / "x.kiln").exists()
+
+
 def test_rope_scaling_is_exercised(tiny_checkpoint, hf_model):
     """Guard on the fixtures themselves: at these sizes, llama3 and linear
     scaling must change transformers' logits, or the tests above prove nothing."""

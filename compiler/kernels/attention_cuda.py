@@ -35,7 +35,7 @@ CUDA_SOURCE = Path(__file__).parent / "cuda" / "attention_decode.cuh"
 C_TYPES = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}
 NUM_WARPS = 4
 MIN_KEYS_PER_SPLIT = 32
-TARGET_BLOCKS = 1056  # 8 per SM on an H100 (132 SMs): warps enough to stream a long context
+TARGET_BLOCKS = 528  # one wave on an H100: 132 SMs x 4 resident blocks (109 registers x 128 threads)
 MAX_SPLITS = 512  # kiln::kMaxSplits
 
 

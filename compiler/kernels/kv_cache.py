@@ -31,7 +31,10 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
 
     def __init__(self, *, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
                  num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int,
-                 rope_scale: float, rope_theta: float, rope_scaling: dict, dtype: str, target, name: str = "paged_kv_cache"):
+                 rope_scale: float, rope_theta: float, rope_scaling: dict, dtype: str, target, name: str = "paged_kv_cache",
+                 kernel_page_size: int = 16):
+        # page_size is a runtime shape (the runtime passes the manifest's); kiln's decode
+        # kernels are specialised for the compile-time page size the manifest records
         bb = rx.BlockBuilder.current()
         h_kv, h_q, d = num_key_value_heads, num_attention_heads, head_dim
         rope_scaling = _kv._prepare_yarn_rope_scaling(rope_scaling, rope_theta)
@@ -40,7 +43,7 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
             return rx.Tuple([_t.tvm.ir.StringImm("tirx"), bb.add_func(fn, name_)])
 
         k = self._kernels(bb, tir, h_kv=h_kv, h_q=h_q, d=d, dtype=dtype, rope_scaling=rope_scaling, target=target,
-                          page_size=page_size)
+                          page_size=kernel_page_size)
         args = [
             rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window, 1024]),
             rx.ShapeExpr([0, num_hidden_layers]),
@@ -55,8 +58,8 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
             rx.prim_value(rope_theta),
             rx.prim_value(0),  # rope_ext_factors
             rx.op.zeros((), dtype),
-            bb.add_func(_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
-            bb.add_func(_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
+            bb.add_func(_kv._kv_cache_transpose_append(h_kv, d, dtype, page_size=kernel_page_size), "kv_cache_transpose_append"),
+            bb.add_func(_kv._kv_cache_transpose_append_mla(d, dtype, page_size=kernel_page_size), "kv_cache_transpose_append_mla"),
             k["ragged_prefill"],
             k["paged_prefill"],
             k["decode"],
@@ -84,8 +87,8 @@ class CpuPagedKVCache(_KilnPagedKVCache):  # pylint: disable=too-few-public-meth
         lanes = vector_lanes(target)
         return {
             "ragged_prefill": tir(ragged_prefill_attention_cpu(h_kv, h_q, d, dtype, lanes), "ragged_prefill_attention_cpu"),
-            "paged_prefill": tir(_kv._attention_prefill_cpu(h_kv, h_q, d, dtype, False, rope_scaling), "tir_attention_prefill_cpu"),
-            "decode": tir(paged_decode_attention_cpu(h_kv, h_q, d, dtype, lanes), "paged_decode_attention_cpu"),
+            "paged_prefill": tir(_kv._attention_prefill_cpu(h_kv, h_q, d, dtype, False, rope_scaling, page_size=page_size), "tir_attention_prefill_cpu"),
+            "decode": tir(paged_decode_attention_cpu(h_kv, h_q, d, dtype, lanes, page_size=page_size), "paged_decode_attention_cpu"),
             # Tree attention (speculative decoding) is not offered: empty slots,
             # as TVM does for MLA. Its TVM CPU kernel, merely present in the
             # library, made the prefill GEMMs 2.5x slower (73 -> 29 GFLOP/s,
@@ -94,7 +97,7 @@ class CpuPagedKVCache(_KilnPagedKVCache):  # pylint: disable=too-few-public-meth
             "tree": rx.Tuple([]),
             "merge_state": bb.add_func(_kv._merge_state_inplace_cpu(dtype), "tir_attention_merge_state_cpu"),
             "copy_page": bb.add_func(_kv._copy_single_page_cpu(h_kv, page_size, d, dtype), "kv_cache_copy_single_page_cpu"),
-            "compact_copy": bb.add_func(_kv._compact_kv_copy_cpu(h_kv, d, dtype), "kv_cache_compact_kv_copy_cpu"),
+            "compact_copy": bb.add_func(_kv._compact_kv_copy_cpu(h_kv, d, dtype, page_size=page_size), "kv_cache_compact_kv_copy_cpu"),
         }
 
 
@@ -104,21 +107,22 @@ class CudaPagedKVCache(_KilnPagedKVCache):  # pylint: disable=too-few-public-met
 
     def _kernels(self, bb, tir, *, h_kv, h_q, d, dtype, rope_scaling, target, page_size) -> dict:
         if cuda_decode_supported(d, dtype):
-            decode = tir(paged_decode_attention_cuda(h_kv, h_q, d, dtype, page_size=16), "kiln_paged_decode_attention")
+            decode = tir(paged_decode_attention_cuda(h_kv, h_q, d, dtype, page_size=page_size), "kiln_paged_decode_attention")
         else:  # head dims the split-KV kernel's lane mapping does not cover (e.g. 80, 96): TVM's kernel
-            decode = tir(_kv._attention_decode(h_kv, h_q, d, dtype, False, rope_scaling, target), "tir_attention_decode")
+            decode = tir(_kv._attention_decode(h_kv, h_q, d, dtype, False, rope_scaling, target, page_size=page_size), "tir_attention_decode")
         if ragged_prefill_supported(d, dtype):
             ragged = tir(ragged_prefill_attention_cuda(h_kv, h_q, d, dtype), "kiln_ragged_prefill_attention")
         else:  # fp32 or other head dims: TVM's kernel
             ragged = tir(_kv._attention_prefill_ragged(h_kv, h_q, d, d, dtype, rope_scaling, target), "tir_attention_prefill_ragged")
         return {
             "ragged_prefill": ragged,
-            "paged_prefill": tir(_kv._attention_prefill(h_kv, h_q, d, dtype, False, rope_scaling, target), "tir_attention_prefill"),
+            "paged_prefill": tir(_kv._attention_prefill(h_kv, h_q, d, dtype, False, rope_scaling, target, page_size=page_size), "tir_attention_prefill"),
             "decode": decode,
-            "tree_paged": tir(_kv.tree_attn_with_paged_kv_cache(h_kv, h_q, d, dtype, rope_scaling, target),
-                              "tir_attention_prefill_with_tree_mask_with_paged_kv_cache"),
-            "tree": tir(_kv.tree_attn(h_kv, h_q, d, dtype, rope_scaling, target), "tir_attention_prefill_with_tree_mask"),
+            # tree attention (speculative decoding) is not offered, as on CPU: kiln never
+            # calls it, and TVM's paged tree kernel is fixed to 16-token pages
+            "tree_paged": rx.Tuple([]),
+            "tree": rx.Tuple([]),
             "merge_state": bb.add_func(_kv._merge_state_inplace(h_q, d, dtype, target, "tir_attention_merge_state"), "tir_attention_merge_state"),
             "copy_page": bb.add_func(_kv._copy_single_page(h_kv, page_size, d, dtype, target), "kv_cache_copy_single_page"),
-            "compact_copy": bb.add_func(_kv._compact_kv_copy(h_kv, d, dtype, target), "kv_cache_compact_kv_copy"),
+            "compact_copy": bb.add_func(_kv._compact_kv_copy(h_kv, d, dtype, target, page_size=page_size), "kv_cache_compact_kv_copy"),
         }

@@ -316,6 +316,17 @@ class DecoderLM(nn.Module):
         return sources
 
     @classmethod
+    def hf_sources(cls, c: ModelConfig) -> dict[str, tuple[str, ...]]:
+        """kiln param name -> the HF tensors concatenated (rows) to make it."""
+        sources: dict[str, tuple[str, ...]] = {"embed_tokens": ("model.embed_tokens.weight",), "norm.weight": ("model.norm.weight",)}
+        if not c.tie_word_embeddings:
+            sources["lm_head.weight"] = ("lm_head.weight",)
+        for i in range(c.num_hidden_layers):
+            for k, srcs in cls.hf_layer_sources(c).items():
+                sources[f"layers.{i}.{k}"] = tuple(f"model.layers.{i}.{s}" for s in srcs)
+        return sources
+
+    @classmethod
     def convert_hf(
         cls,
         config: ModelConfig,
@@ -331,12 +342,7 @@ class DecoderLM(nn.Module):
         derived buffers such as rotary inv_freq.
         """
         c = config
-        sources: dict[str, tuple[str, ...]] = {"embed_tokens": ("model.embed_tokens.weight",), "norm.weight": ("model.norm.weight",)}
-        if not c.tie_word_embeddings:
-            sources["lm_head.weight"] = ("lm_head.weight",)
-        for i in range(c.num_hidden_layers):
-            for k, srcs in cls.hf_layer_sources(c).items():
-                sources[f"layers.{i}.{k}"] = tuple(f"model.layers.{i}.{s}" for s in srcs)
+        sources = cls.hf_sources(c)
         available = set(names)
         wanted = {s for srcs in sources.values() for s in srcs}
         missing = sorted(wanted - available)

@@ -22,15 +22,6 @@ constexpr int GEMM_STAGE_ELEMS = (GEMM_BM + GEMM_BN) * GEMM_LDS;
 constexpr int GEMM_STAGES = 3;
 constexpr int GEMM_SMEM_BYTES = GEMM_STAGES * GEMM_STAGE_ELEMS * 2;  // 16-bit A and B tiles: 90 KB
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 template <typename T, bool RESIDUAL>
 __device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
                                         int M, int N, int K, unsigned char* __restrict__ smem_raw) {
