@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's")
     c.add_argument("--max-seq-len", type=int, default=None, help="largest context the artifact supports")
     c.add_argument("--dump-ir", default=None, help="write the IR after each pass into this directory")
+    c.add_argument("--quant", default=None, help="weight format: none (default), q8, q4g32, q4g128 (passes/quantize.py)")
+    c.add_argument("--keep", action="append", default=[], metavar="ROLE=FMT",
+                   help="per-role override, e.g. lm_head=q8 or embed=none (roles: qkv_proj, o_proj, gate_up_proj, down_proj, lm_head, embed)")
+    c.add_argument("--calib-text", default=None, help="with --quant: English text to measure quality on (default: a built-in text)")
+    c.add_argument("--max-kld", type=float, default=None, help="with --quant: fail (nothing written) if the mean KL divergence vs float32 is over this")
+    c.add_argument("--no-quality-check", action="store_true", help="with --quant: skip measuring quality (two extra CPU compiles and a run over the text)")
     c.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (16, 32, 64; larger pages: fewer page-table reads at long contexts)")
     c.add_argument("--no-weights", action="store_true", help="MODEL may be a config.json: code and param spec only (for kiln bench --random-weights)")
     c.add_argument("--quiet", action="store_true")
@@ -71,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--text", help="a UTF-8 text file")
     g.add_argument("--tokens", help="comma-separated token ids")
     e.add_argument("--logits-out", default=None, help="write float32 logits [T, vocab] to this .npy")
+    e.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    e.add_argument("--ref", default=None, help="reference artifact: report mean KLD, top-1 agreement and both perplexities against it")
+    e.add_argument("--window", type=int, default=512, help="with --ref: tokens per evaluation window (each from an empty cache)")
     e.add_argument("--max-seq-len", type=int, default=None)
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--json", action="store_true")
@@ -126,7 +135,8 @@ def cmd_compile(a) -> int:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     summary = compile_model(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir,
-                            no_weights=a.no_weights, page_size=a.page_size, progress=progress)
+                            no_weights=a.no_weights, page_size=a.page_size, quant=a.quant, keep=a.keep, calib_text=a.calib_text,
+                            max_kld=a.max_kld, quality_check=not a.no_quality_check, progress=progress)
     print(summary.line())
     return 0
 
@@ -166,7 +176,7 @@ def cmd_eval(a) -> int:
 
     from .runtime import load  # noqa: PLC0415
 
-    s = load(a.artifact, max_seq_len=a.max_seq_len, threads=a.threads)
+    s = load(a.artifact, max_seq_len=a.max_seq_len, threads=a.threads, device=a.device)
     if a.tokens is not None:
         ids = _parse_tokens(a.tokens)
     else:
@@ -178,6 +188,8 @@ def cmd_eval(a) -> int:
         ids = s.encode_prompt(text)
     if len(ids) < 2:
         raise KilnError("eval needs at least 2 tokens")
+    if a.ref is not None:
+        return _eval_against(a, s, ids)
     t0 = time.perf_counter()
     logits = s.logits(ids)
     secs = time.perf_counter() - t0
@@ -189,6 +201,26 @@ def cmd_eval(a) -> int:
         np.save(a.logits_out, logits.astype(np.float32))
     out = {"tokens": len(ids), "mean_nll": nll, "perplexity": math.exp(nll), "seconds": round(secs, 3)}
     print(json.dumps(out) if a.json else f"tokens {len(ids)}  mean NLL {nll:.4f}  perplexity {math.exp(nll):.3f}  ({secs:.2f} s)")
+    return 0
+
+
+def _eval_against(a, s, ids: list[int]) -> int:
+    from .runtime import load  # noqa: PLC0415
+    from .runtime.quality import compare_sessions  # noqa: PLC0415
+
+    if not 2 <= a.window <= 1 << 16:
+        raise KilnError(f"--window {a.window}: must be in [2, 65536]")
+    ref = load(a.ref, max_seq_len=a.max_seq_len, threads=a.threads, device=a.device)
+    if ref.vocab_size != s.vocab_size:
+        raise KilnError(f"--ref {a.ref}: a different vocabulary than {a.artifact}")
+    t0 = time.perf_counter()
+    r = compare_sessions(s, ref, ids, a.window)
+    r["seconds"] = round(time.perf_counter() - t0, 3)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"tokens {r['tokens']} (windows of {r['window']})  mean KLD {r['mean_kld']:.5f} (max {r['max_kld']:.3f})  "
+              f"top-1 agreement {100 * r['top1_agreement']:.2f}%  perplexity {r['perplexity']:.3f} (reference {r['ref_perplexity']:.3f})  ({r['seconds']:.1f} s)")
     return 0
 
 

@@ -40,6 +40,7 @@ import numpy as np
 # (peer, format): the order of one round, kiln first at each format
 ROUND = [("kiln", "F32"), ("llama.cpp", "F32"), ("transformers", "F32"),
          ("kiln", "F16"), ("llama.cpp", "F16"), ("llama.cpp", "Q4_1")]  # fmt: skip
+LLAMA_PEER_FORMAT = {"q8": "Q8_0", "q4g32": "Q4_0"}  # kiln format -> the llama.cpp format it is compared with
 REFERENCE = ("transformers", "F32")  # greedy tokens of the other peers are compared with its
 PROMPT_TEXT = (
     "The kiln stood at the edge of the village, a squat dome of brick blackened by a century of fires. "
@@ -239,7 +240,7 @@ def summarize(results: dict, gb_s: float, weights: dict, n_prompt: int) -> list[
     """One row per (peer, format): medians over rounds, bound, kiln/llama.cpp ratio, greedy agreement."""
     ref = next((r["tokens"] for r in results.get(REFERENCE, []) if "tokens" in r), None)
     rows = []
-    for peer, fmt in ROUND:
+    for peer, fmt in results:
         runs = [r for r in results.get((peer, fmt), []) if "error" not in r]
         row = {"peer": peer, "format": fmt, "runs": len(runs), "weights_bytes": weights[fmt],
                "errors": [r["error"] for r in results.get((peer, fmt), []) if "error" in r]}  # fmt: skip
@@ -253,7 +254,7 @@ def summarize(results: dict, gb_s: float, weights: dict, n_prompt: int) -> list[
         rows.append(row)
     by = {(r["peer"], r["format"]): r for r in rows}
     for r in rows:
-        peer = by.get(("llama.cpp", r["format"]))
+        peer = by.get(("llama.cpp", LLAMA_PEER_FORMAT.get(r["format"], r["format"])))
         if r["peer"] == "kiln" and "decode" in r and peer and "decode" in peer:
             r["ratio_decode"], r["ratio_prefill"] = r["decode"] / peer["decode"], r["prefill"] / peer["prefill"]
     return rows
@@ -287,6 +288,8 @@ def main() -> int:
     ap.add_argument("--max-outside-load", type=float, default=0.10,
                     help="retry a measurement while other processes kept more than this share of the CPUs busy")
     ap.add_argument("--retries", type=int, default=2)
+    ap.add_argument("--quant", action="store_true", help="also kiln q8 / q4g32 beside llama.cpp's own Q8_0 / Q4_0 (issue 4)")
+    ap.add_argument("--only-quant", action="store_true", help="only the quantized rows")
     ap.add_argument("--recompile", action="store_true", help="compile the kiln artifacts again even when cached")
     ap.add_argument("--json-out", default=None, help="also write every raw measurement here")
     ap.add_argument("--setup-only", action="store_true", help="make (or find) the model files and artifacts, then stop")
@@ -313,7 +316,11 @@ def main() -> int:
         return 0
     ids = make_prompt(src, a.prompt_tokens)
     has_llama = importlib.util.find_spec("llama_cpp") is not None
-    round_ = [p for p in ROUND if has_llama or p[0] != "llama.cpp"]
+    quant_rows = [("kiln", "q8"), ("llama.cpp", "Q8_0"), ("kiln", "q4g32"), ("llama.cpp", "Q4_0")]
+    if a.quant or a.only_quant:
+        peer_models.prepare_quant(src, files, a.recompile, log=lambda s: print(s, flush=True))
+    base = [] if a.only_quant else ROUND
+    round_ = [p for p in base + (quant_rows if a.quant or a.only_quant else []) if has_llama or p[0] != "llama.cpp"]
     if has_llama:
         print("  check: " + check_llama_permutation(files, a.threads), flush=True)
     else:
@@ -321,8 +328,21 @@ def main() -> int:
     model_of = {("kiln", "F32"): files["kiln"]["float32"][0], ("kiln", "F16"): files["kiln"]["float16"][0],
                 ("llama.cpp", "F32"): files["F32"], ("llama.cpp", "F16"): files["F16"], ("llama.cpp", "Q4_1"): src,
                 ("transformers", "F32"): files["hf"]}  # fmt: skip
+    for q in ("q8", "q4g32"):
+        if q in files["kiln"]:
+            model_of["kiln", q] = files["kiln"][q][0]
+    for ft in ("Q8_0", "Q4_0"):
+        if ft in files:
+            model_of["llama.cpp", ft] = files[ft]
     weights = {"F32": peer_models.gguf_weight_bytes(files["F32"]), "F16": peer_models.gguf_weight_bytes(files["F16"]),
                "Q4_1": peer_models.gguf_weight_bytes(src)}  # fmt: skip
+    for ft in ("Q8_0", "Q4_0"):
+        if ft in files:
+            weights[ft] = peer_models.gguf_weight_bytes(files[ft])
+    for q in ("q8", "q4g32"):
+        if q in files["kiln"]:
+            art = files["kiln"][q][0]
+            weights[q] = (art / "weights.safetensors").stat().st_size
 
     common = ["--prompt", ",".join(map(str, ids)), "--new-tokens", str(a.new_tokens)]
     results: dict = {}

@@ -166,18 +166,20 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def compile_kiln(src: Path, dtype: str, recompile: bool = False) -> tuple[Path, dict]:
-    """`kiln compile SRC -o DIR --dtype DTYPE`, once per (kiln source, CPU, GGUF); returns (dir, info).
+def compile_kiln(src: Path, dtype: str, recompile: bool = False, quant: str | None = None) -> tuple[Path, dict]:
+    """`kiln compile SRC -o DIR --dtype DTYPE [--quant Q]`, once per (kiln source, CPU, GGUF); returns (dir, info).
 
     info: compile_seconds (of the compile that made the cached artifact), size_bytes, key.
     """
-    key = _short_hash(kiln_source_hash(), _cpu_id(), _file_key(src), dtype)
-    out = BENCH_CACHE / f"kiln-{dtype}-{key}.kiln"
+    key = _short_hash(kiln_source_hash(), _cpu_id(), _file_key(src), dtype, *([quant] if quant else []))
+    out = BENCH_CACHE / f"kiln-{dtype}{'-' + quant if quant else ''}-{key}.kiln"
     info_path = out.with_name(out.name + ".json")
     if not recompile and (out / "manifest.json").is_file() and info_path.is_file():
         return out, json.loads(info_path.read_text())
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "kiln.cli", "compile", str(src), "-o", str(out), "--dtype", dtype, "--quiet"]
+    if quant:
+        cmd += ["--quant", quant, "--no-quality-check"]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     secs = time.perf_counter() - t0
@@ -196,6 +198,36 @@ def gguf_weight_bytes(path: Path) -> int:
     from kiln.frontends.gguf_reader import read_gguf_header  # noqa: PLC0415
 
     return sum(t.nbytes for t in read_gguf_header(path).tensors)
+
+
+LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0
+
+
+def llama_quantized(f32: Path, ftype: str) -> Path:
+    """llama.cpp's own quantization of the F32 GGUF with its default type mix
+    for `ftype` (what `llama-quantize F32.gguf OUT.gguf Q4_0` makes)."""
+    import llama_cpp  # noqa: PLC0415
+
+    out = f32.with_name(f32.stem.replace("-f32", "") + f"-{ftype.lower()}.gguf")
+    if not out.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_FTYPES[ftype]
+        params.nthread = os.cpu_count() or 2
+        tmp = out.with_name(out.name + ".tmp")
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp).encode(), params) != 0:
+            raise SystemExit(f"llama_model_quantize {ftype} failed")
+        tmp.rename(out)
+    return out
+
+
+def prepare_quant(src: Path, files: dict, recompile: bool = False, log=print) -> None:
+    """kiln q8 / q4g32 artifacts and llama.cpp Q8_0 / Q4_0 GGUFs (issue 4's CPU speed rows)."""
+    for q in ("q8", "q4g32"):
+        files["kiln"][q] = compile_kiln(src, "float32", recompile, quant=q)
+        log(f"  kiln {q}  {files['kiln'][q][0]}")
+    for ft in ("Q8_0", "Q4_0"):
+        files[ft] = llama_quantized(files["F32"], ft)
+        log(f"  llama.cpp {ft}  {files[ft]}")
 
 
 def prepare(src: Path, recompile: bool = False, log=print) -> dict:

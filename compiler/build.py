@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import tempfile
 import json
 import os
 import time
@@ -28,6 +30,7 @@ from .artifact import ArtifactWriter
 from .cuda_codegen import nvcc_callback
 from .kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
 from .target import CompileTarget, parse_target
+from ..passes.quantize import QuantPlan, expand_params, quantize, role_of
 from .weights import write_safetensors
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -63,6 +66,11 @@ def compile_model(
     dump_ir: str | Path | None = None,
     no_weights: bool = False,
     page_size: int = PAGE_SIZE,
+    quant: str | None = None,
+    keep: list[str] | tuple[str, ...] = (),
+    calib_text: str | Path | None = None,
+    max_kld: float | None = None,
+    quality_check: bool = True,
     progress: Callable[[str], None] = _progress_noop,
 ) -> CompileSummary:
     """Compile a checkpoint (HF dir / .safetensors / .gguf) into an artifact directory.
@@ -87,6 +95,13 @@ def compile_model(
         if not 1 <= max_seq_len <= max_ctx:
             raise CompileError(f"--max-seq-len {max_seq_len} is outside [1, {max_ctx}] for this model")
         max_ctx = max_seq_len
+    plan = QuantPlan.parse(quant, keep)
+    if max_kld is not None and not (math.isfinite(max_kld) and max_kld > 0):
+        raise CompileError(f"--max-kld {max_kld}: must be a positive number")
+    if plan is None and (calib_text is not None or max_kld is not None):
+        raise CompileError("--calib-text / --max-kld measure a quantized model: they need --quant")
+    if not quality_check and max_kld is not None:
+        raise CompileError("--max-kld needs the quality check (drop --no-quality-check)")
     if page_size not in PAGE_SIZES:
         raise CompileError(f"--page-size {page_size} is not supported; supported: {', '.join(map(str, PAGE_SIZES))}")
     if dtype == "float16" and any(tg.kind == "cuda" for tg in targets):
@@ -97,15 +112,33 @@ def compile_model(
         # CPU keeps norms fp32 and computes in fp32; CUDA computes in the storage dtype: one
         # weights file cannot serve both yet
         raise CompileError(f"--target {target}: CPU and CUDA in one artifact need --dtype float32 for now (got {dtype})")
+    quality = None
+    if plan is not None and not no_weights and quality_check and ck.tokenizer is None:
+        if max_kld is not None:
+            raise CompileError(f"{ck.source}: no tokenizer to read the calibration text with, so --max-kld cannot be checked")
+        progress("quality check skipped: the model has no tokenizer to read the calibration text with")
+    elif plan is not None and not no_weights and quality_check:
+        quality = measure_quality(model, dtype=dtype, quant=quant, keep=keep, calib_text=calib_text, progress=progress)
+        progress(f"quality: mean KLD {quality['mean_kld']:.5f}, top-1 {100 * quality['top1_agreement']:.2f}%, "
+                 f"perplexity {quality['perplexity']:.3f} (float {quality['ref_perplexity']:.3f})")
+        if max_kld is not None and quality["mean_kld"] > max_kld:
+            raise CompileError(f"--quant {quant}: mean KLD {quality['mean_kld']:.5f} over {quality['tokens']} tokens of "
+                               f"{quality['text']} is over --max-kld {max_kld} (top-1 agreement {100 * quality['top1_agreement']:.2f}%); nothing written")
     thunks = None if no_weights else family.convert_hf(config, ck.tensor_names, ck.load, ck.source)
-    expected = family.param_shapes(config)
+    expected = family.param_shapes(config)  # float params
+    expanded = expand_params(expected, plan, tied=config.tie_word_embeddings)
+    stored = {part: (base, spec) for base, e in expanded.items() for part, spec in e["parts"].items()}
+    if plan is not None:
+        unfit = [n for n, e in expanded.items() if e["fmt"] is None and role_of(n) and plan.format_for(role_of(n), config.tie_word_embeddings)]
+        if unfit:
+            progress(f"kept float (rows of a length that is not a multiple of 8): {', '.join(unfit[:4])}{' ...' if len(unfit) > 4 else ''}")
 
     out_path = Path(output)
     with ArtifactWriter(out_path) as writer:
         progress("convert weights")
         tvm_targets = [tg.tvm_target() for tg in targets]
         # CPU computes in fp32 whatever the storage; CUDA computes in the storage dtype
-        precisions = [Precision(dtype, COMPUTE_DTYPE if tg.kind == "llvm" else dtype) for tg in targets]
+        precisions = [Precision(dtype, COMPUTE_DTYPE if tg.kind == "llvm" else dtype, plan) for tg in targets]
         mods = []
         for tg, tvm_target, precision in zip(targets, tvm_targets, precisions):
             with tvm_target:  # the KV cache picks its kernels by the current target
@@ -115,18 +148,29 @@ def compile_model(
             mods.append(mod)
         order = [name for name, _ in named_params]
         param_dtypes = {name: str(p.dtype) for name, p in named_params}  # CPU: norms stay fp32
-        if set(order) != set(expected):
-            raise CompileError(f"internal: graph params and converted params differ: {sorted(set(order) ^ set(expected))[:5]}")
+        if set(order) != set(stored):
+            raise CompileError(f"internal: graph params and converted params differ: {sorted(set(order) ^ set(stored))[:5]}")
+        packed: dict[str, dict] = {}  # the last quantized matrix's arrays (parts are written consecutively)
 
         def produce(name: str) -> np.ndarray:
-            arr = thunks[name]()
-            check_finite(name, arr, ck.source)
-            return arr
+            base, _ = stored[name]
+            fmt = expanded[base]["fmt"]
+            if fmt is None:
+                arr = thunks[base]()
+                check_finite(base, arr, ck.source)
+                return arr
+            if base not in packed:
+                packed.clear()
+                arr = thunks[base]()
+                check_finite(base, arr, ck.source)
+                packed[base] = quantize(arr, fmt)
+            return packed[base][name.rsplit(".", 1)[1]]
 
+        shapes = {n: stored[n][1][0] for n in order}
         if not no_weights:
-            info = write_safetensors(writer.open("weights.safetensors"), order, {n: expected[n] for n in order}, param_dtypes, produce, progress)
+            info = write_safetensors(writer.open("weights.safetensors"), order, shapes, param_dtypes, produce, progress)
             writer.record("weights.safetensors", info)
-        num_params = int(sum(int(np.prod(expected[n])) for n in order))
+        num_params = int(sum(int(np.prod(v)) for v in expected.values()))
 
         lib_entries = []
         for tg, tvm_target, mod, precision in zip(targets, tvm_targets, mods, precisions):
@@ -174,9 +218,9 @@ def compile_model(
                 "num_params": num_params,
             },
             "dtype": dtype,  # storage; each target entry says its compute dtype
-            "quant": "none",
+            "quant": ({**plan.describe(), "quality": quality} if plan is not None else "none"),
             "targets": lib_entries,
-            "params": [{"name": n, "shape": list(expected[n]), "dtype": param_dtypes[n], "quant": "none"} for n in order],
+            "params": [_param_entry(n, shapes[n], param_dtypes[n], expanded[stored[n][0]]) for n in order],
             "weights_file": None if no_weights else "weights.safetensors",
             "kv_cache": {
                 "kind": "paged",
@@ -196,6 +240,40 @@ def compile_model(
         writer.commit(manifest)
         total = sum(f["size"] for f in writer.files.values())
     return CompileSummary(out_path, num_params, total, [f"{tg.kind}:{tg.label}" for tg in targets], time.perf_counter() - t0, dtype)
+
+
+BUILTIN_CALIB = Path(__file__).resolve().parent.parent / "passes" / "data" / "calib_en.txt"
+MAX_CALIB_TOKENS = 8192
+
+
+def measure_quality(model, *, dtype: str, quant: str, keep, calib_text=None, window: int = 512, progress=_progress_noop) -> dict:
+    """Compile the float32 model and the quantized one for this CPU into a
+    scratch directory, run both over the text and compare (runtime/quality.py).
+    CPU numerics (fp32 arithmetic): the quantization error itself, not a GPU's bf16."""
+    from ..runtime import load  # noqa: PLC0415  (the full TVM is loaded here: the runtime uses it)
+    from ..runtime.quality import compare_sessions  # noqa: PLC0415
+
+    path = Path(calib_text) if calib_text is not None else BUILTIN_CALIB
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CompileError(f"--calib-text {path}: cannot read UTF-8 text ({err})") from None
+    with tempfile.TemporaryDirectory(prefix="kiln-quality-") as tmp:
+        progress(f"quality check: float32 and {quant} for this CPU ({'built-in text' if calib_text is None else path})")
+        ref_dir = compile_model(model, Path(tmp) / "ref.kiln", target="llvm", dtype="float32", quality_check=False).output
+        q_dir = compile_model(model, Path(tmp) / "q.kiln", target="llvm", dtype=dtype, quant=quant, keep=keep, quality_check=False).output
+        ref, test = load(ref_dir), load(q_dir)
+        ids = ref.encode_prompt(text)[:MAX_CALIB_TOKENS]
+        if len(ids) < 64:
+            raise CompileError(f"--calib-text {path}: {len(ids)} tokens; at least 64 are needed")
+        r = compare_sessions(test, ref, ids, window)
+    return {**r, "text": "built-in English text" if calib_text is None else path.name, "measured_on": "cpu, float32 arithmetic"}
+
+
+def _param_entry(name: str, shape, dtype: str, e: dict) -> dict:
+    if e["fmt"] is None:
+        return {"name": name, "shape": list(shape), "dtype": dtype, "quant": "none"}
+    return {"name": name, "shape": list(shape), "dtype": dtype, "quant": e["fmt"].name, "group": e["group"]}
 
 
 def _build_library(mod, tvm_target, path: Path, tg: CompileTarget) -> None:

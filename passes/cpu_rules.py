@@ -86,6 +86,12 @@ class CpuGemv:
             return None
         block = main.block_rv
         batch, s, r, c = sch.get_loops(block)
+        if _int_extent(sch, c) not in (None, 1):
+            # packed 4-bit weights: normalize splits k by the 8 codes of a uint32 word
+            # (q[n, k // 8]); one reduction loop again, the codes vectorise with the lanes
+            r = sch.fuse(r, c)
+            c = sch.add_unit_loop(block)
+            batch, s, r, c = sch.get_loops(block)
         k = _int_extent(sch, r)
         n = _int_extent(sch, s)
         if k is None or n is None or _int_extent(sch, c) != 1 or _int_extent(sch, batch) != 1:
@@ -127,6 +133,7 @@ class CpuMatmul:
     n_tile/lanes vectors of W. W is [n, k] (the layout decode streams), so each
     parallel task first packs its n_tile rows of W to [k, n_tile] (contiguous
     vector loads). m is padded to the tile (pad_einsum), never predicated.
+    A quantized W (a dequantize block in front) is decoded in that packing step.
     AVX2 (16 ymm): 6 x 16 -> 12 accumulators + 2 W vectors + 1 broadcast.
     gate_up 3072x576, M=128, znver3: 63 GFLOP/s (v1, rfactor dot-product
     tiles with a horizontal sum per output: 45).
@@ -134,7 +141,12 @@ class CpuMatmul:
 
     def apply(self, func, target, _tunable=False):
         opened = _open(func, target)
-        parts = None if opened is None else _main_and_epilogue(opened[1])
+        if opened is None:
+            return None
+        infos = opened[1]
+        # a quantized weight: an injective dequantize block producing W first
+        prologue = infos[0] if len(infos) >= 2 and infos[0].is_injective() and infos[1].is_reduction() else None
+        parts = _main_and_epilogue(infos[1:] if prologue is not None else infos)
         if parts is None:
             return None
         sch, (main, _epilogue) = opened[0], parts  # the epilogue stays its own loop nest
@@ -166,6 +178,10 @@ class CpuMatmul:
             sch.reverse_compute_at(acc, mo)
             packed = sch.cache_read(block, 1, "global")
             sch.compute_at(packed, no)
+            if prologue is not None:
+                # decode the codes while packing each task's n_tile rows: the whole
+                # dequantized matrix never exists, each weight is decoded once per call
+                sch.compute_inline(prologue.block_rv)
             sch.transform_layout(block, ("read", 1), lambda nn_, kk: (kk, nn_))
             sch.vectorize(ni)
             sch.unroll(mi)

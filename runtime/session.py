@@ -331,12 +331,15 @@ def random_weights_for(params: list[dict]) -> list[tuple[dict, np.ndarray]]:
     and biases, norm weights 1. One 16 MiB random block is tiled across every
     tensor, so filling an 8B-parameter model takes seconds, not minutes."""
     block = (np.random.default_rng(0).standard_normal(1 << 22) * 0.02).astype(np.float32)
+    codes = np.random.default_rng(1).integers(0, 256, 1 << 22, dtype=np.uint8)
     out = []
     for spec in params:
         n = int(np.prod(spec["shape"]))
         dt = numpy_dtype(spec["dtype"])
         if len(spec["shape"]) == 1 and "norm" in spec["name"]:
             arr = np.ones(n, dtype=dt)
+        elif dt.kind in "iu":  # quantized codes: random bytes
+            arr = np.resize(codes, n * dt.itemsize).view(dt)
         else:
             arr = np.resize(block.astype(dt), n)
         out.append((spec, arr.view(np.uint8)))

@@ -47,6 +47,10 @@ class Precision:
 
     storage: str
     compute: str = COMPUTE_DTYPE
+    quant: object = None  # passes.quantize.QuantPlan: quantized matrices by role (None: all float)
+
+    def format_for(self, role: str, tied: bool = False):
+        return self.quant.format_for(role, tied) if self.quant is not None else None
 
 
 def _precision(dtype) -> Precision:
@@ -125,17 +129,95 @@ class RMSNorm(nn.Module):
         return op.rms_norm(x, self.weight, axes=[-1], epsilon=self.eps)
 
 
-class Linear(nn.Module):
-    """y = x @ W^T (+ b). W stays [out, in] so decode reads it row by row."""
+class QWeight(nn.Module):
+    """A quantized [N, K] matrix stored as the arrays of its format (params
+    `q`, `s`, and `z` for formats with a minimum; passes/quantize.py). Never
+    dequantized as a whole: kernels decode the codes where they read them."""
 
-    def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False):
+    def __init__(self, shape: tuple[int, int], fmt):
+        self.fmt = fmt
+        self.shape = tuple(shape)
+        self.group = fmt.group_for(shape[1])
+        self.q = self.s = self.z = None
+        for sfx, (shp, dt) in fmt.parts(self.shape).items():
+            setattr(self, sfx, nn.Parameter(shp, dt))
+
+    def params(self) -> list:
+        return [self.q, self.s] + ([self.z] if self.z is not None else [])
+
+
+def _dequant(fmt, group: int, q, s, z):
+    """(n, k) -> the fp32 weight, as a TE expression over the stored arrays."""
+    tir = _tvm.tirx
+
+    def w(n, k):
+        scale = s[n, k // group].astype("float32")
+        if fmt.bits == 8:
+            return q[n, k].astype("float32") * scale
+        code = (q[n, k // 8] >> (tir.Cast("uint32", k % 8) * tir.const(4, "uint32"))) & tir.const(15, "uint32")
+        return code.astype("float32") * scale + z[n, k // group].astype("float32")
+
+    return w
+
+
+def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = None):
+    """x @ dequant(W)^T: the dequantize stage and the reduction are one TIR
+    function; the schedules inline the dequantize into the GEMV (decode) or
+    into the per-tile packing of the GEMM (prefill), so a dequantized matrix
+    never exists in memory."""
+    te = _tvm.te
+    out_dtype = str(out_dtype or x.dtype)
+
+    def compute(xt, q, s, z=None):
+        *lead, k_ext = xt.shape
+        n_ext = qw.shape[0]
+        deq = _dequant(qw.fmt, qw.group, q, s, z)
+        w = te.compute((n_ext, k_ext), deq, name=name + "_dequant")
+        k = te.reduce_axis((0, k_ext), name="k")
+
+        def body(*idx):
+            xv = xt[(*idx[:-1], k)]
+            if str(xv.dtype) != "float32":
+                xv = xv.astype("float32")
+            return te.sum(xv * w[idx[-1], k], axis=k)
+
+        out = te.compute((*lead, n_ext), body, name=name)
+        if out_dtype == "float32":
+            return out
+        return te.compute(out.shape, lambda *i: out(*i).astype(out_dtype), name=name + "_cast")
+
+    return op.tensor_expr_op(compute, name, [x, *qw.params()])
+
+
+def q_take(qw: QWeight, ids, out_dtype: str):
+    """Rows `ids` of a quantized table, dequantized (the embedding lookup)."""
+    te = _tvm.te
+
+    def compute(idt, q, s, z=None):
+        deq = _dequant(qw.fmt, qw.group, q, s, z)
+        return te.compute((idt.shape[0], qw.shape[1]), lambda t, k: deq(idt[t], k).astype(out_dtype), name="q_take")
+
+    return op.tensor_expr_op(compute, "q_take", [ids, *qw.params()])
+
+
+def matmul_any(x, w, name: str = "NT_matmul", out_dtype: str | None = None):
+    return q_matmul(x, w, "NT_qmatmul" if name == "NT_matmul" else name, out_dtype) if isinstance(w, QWeight) else nt_matmul(x, w, name, out_dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T (+ b). W stays [out, in] so decode reads it row by row.
+    `role` names the projection for the quantization plan (--keep ROLE=...)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False, role: str = "body"):
         p = _precision(dtype)
         self.compute = p.compute
-        self.weight = nn.Parameter((out_features, in_features), p.storage)
+        fmt = p.format_for(role) if role != "body" else None
+        fmt = fmt if fmt is not None and fmt.fits(in_features) else None  # rows that cannot be grouped stay float
+        self.weight = QWeight((out_features, in_features), fmt) if fmt is not None else nn.Parameter((out_features, in_features), p.storage)
         self.bias = nn.Parameter((out_features,), p.storage) if bias else None
 
     def forward(self, x):
-        y = nt_matmul(x, self.weight)
+        y = matmul_any(x, self.weight)
         return y + to_compute(self.bias, self.compute) if self.bias is not None else y
 
 
@@ -178,11 +260,14 @@ class DecoderLM(nn.Module):
         self.dtype = self.precision.storage
         dtype = self.precision
         self.kv_cache_factory = kv_cache_factory or tvm_paged_kv_cache
-        self.embed_tokens = nn.Parameter((config.vocab_size, config.hidden_size), self.dtype)
+        emb_fmt = self.precision.format_for("embed", tied=config.tie_word_embeddings)
+        emb_fmt = emb_fmt if emb_fmt is not None and emb_fmt.fits(config.hidden_size) else None
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = QWeight(shape, emb_fmt) if emb_fmt is not None else nn.Parameter(shape, self.dtype)
         self.layers = nn.ModuleList([self.layer_cls(config, dtype) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, role="lm_head")
 
     # --- graph -------------------------------------------------------------
     def _body(self, h, kv_cache):
@@ -194,9 +279,11 @@ class DecoderLM(nn.Module):
         # fp32 logits straight from the fp32 accumulator: the sampler reads fp32,
         # and rounding logits to bf16 first would create ties at the top
         w = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head.weight
-        return nt_matmul(h, w, name="lm_head", out_dtype="float32")
+        return matmul_any(h, w, name="lm_head", out_dtype="float32")
 
     def embed(self, input_ids):
+        if isinstance(self.embed_tokens, QWeight):
+            return q_take(self.embed_tokens, input_ids, self.precision.compute)
         return to_compute(op.take(self.embed_tokens, input_ids, axis=0), self.precision.compute)
 
     def prefill(self, embeds, logit_pos, kv_cache):

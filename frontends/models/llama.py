@@ -18,8 +18,8 @@ from .base import DecoderLM, Linear, RMSNorm, nn, op
 class LlamaAttention(nn.Module):
     def __init__(self, c, dtype: str):
         self.c = c
-        self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, dtype, bias=c.attention_bias)
-        self.o_proj = Linear(c.q_size, c.hidden_size, dtype, bias=c.attention_out_bias)
+        self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, dtype, bias=c.attention_bias, role="qkv_proj")
+        self.o_proj = Linear(c.q_size, c.hidden_size, dtype, bias=c.attention_out_bias, role="o_proj")
 
     def qkv(self, x):
         """x [b, s, hidden] -> qkv [b, s, q_heads + 2 * kv_heads, head_dim]."""
@@ -38,8 +38,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, c, dtype: str):
         self.inter = c.intermediate_size
-        self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, dtype, bias=c.mlp_bias)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype, bias=c.mlp_bias)
+        self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, dtype, bias=c.mlp_bias, role="gate_up_proj")
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype, bias=c.mlp_bias, role="down_proj")
 
     def forward(self, x):
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)

@@ -1,0 +1,113 @@
+"""Quantization quality, kiln beside llama.cpp, on the bundled SmolLM2 (issue 4).
+
+Every model is judged against float32 logits of the same weights (the bundled
+Q4_1 GGUF dequantized once: that *is* the float model here), over the same
+token ids, in non-overlapping 512-token windows each started from an empty
+cache (runtime/quality.py):
+
+  kiln     `kiln compile GGUF --dtype float32 --quant FMT` for each format,
+           against kiln's float32 artifact;
+  llama.cpp  the F32 GGUF (benchmarks/peer_models.py) quantized by
+           `llama_model_quantize` with llama.cpp's default mix for Q8_0 and
+           Q4_0 (what `llama-quantize` makes), all-position logits from
+           llama-cpp-python (`logits_all=True`), against llama.cpp's F32.
+
+    python benchmarks/quant_quality.py [--text FILE] [--formats q8,q4g32,q4g128] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_models import BENCH_CACHE, _file_key, _short_hash, bundled_gguf, llama_quantized, write_float_gguf  # noqa: E402
+
+from kiln.runtime import load  # noqa: E402
+from kiln.runtime.quality import Accumulator, windows  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_TEXT = HERE.parent / "passes" / "data" / "calib_en.txt"
+
+
+def kiln_artifact(src: Path, quant: str | None) -> Path:
+    out = BENCH_CACHE / f"quality-{_short_hash(_file_key(src), quant or 'f32', _kiln_key())}.kiln"
+    if not out.exists():
+        cmd = ["kiln", "compile", str(src), "-o", str(out), "--dtype", "float32", "--quiet", "--no-quality-check"]
+        if quant:
+            cmd += ["--quant", quant]
+        env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}  # set by the runtime loaded here
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    return out
+
+
+def _kiln_key() -> str:
+    from peer_models import kiln_source_hash  # noqa: PLC0415
+
+    return kiln_source_hash()
+
+
+class LlamaCppLogits:
+    def __init__(self, path: Path, window: int):
+        from llama_cpp import Llama  # noqa: PLC0415
+
+        self.llm = Llama(model_path=str(path), n_ctx=window, n_batch=window, logits_all=True, n_threads=2, verbose=False)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+
+def run(test, ref, ids: list[int], window: int) -> dict:
+    acc = Accumulator()
+    for w in windows(ids, window):
+        acc.add(test.logits(w), ref.logits(w), w)
+    return acc.result()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--text", default=str(DEFAULT_TEXT))
+    ap.add_argument("--formats", default="q8,q4g32,q4g128")
+    ap.add_argument("--llama", default="Q8_0,Q4_0")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    src = bundled_gguf()
+    f32 = write_float_gguf(src, BENCH_CACHE / f"{_short_hash(_file_key(src))}-f32.gguf", "F32")
+    ref_art = load(kiln_artifact(src, None), threads=2)
+    ids = ref_art.encode_prompt(Path(a.text).read_text(encoding="utf-8"))
+    print(f"text {a.text}: {len(ids)} tokens, windows of {a.window}")
+    rows = []
+    for q in [f for f in a.formats.split(",") if f]:
+        t0 = time.perf_counter()
+        r = run(load(kiln_artifact(src, q), threads=2), ref_art, ids, a.window)
+        rows.append({"who": "kiln", "format": q, **r, "seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(rows[-1]))
+    lref = LlamaCppLogits(f32, a.window)
+    # the two float references agree (same weights, two engines)
+    rows.append({"who": "llama.cpp F32 vs kiln f32", "format": "F32", **run(lref, ref_art, ids, a.window)})
+    print(json.dumps(rows[-1]))
+    for ft in [f for f in a.llama.split(",") if f]:
+        t0 = time.perf_counter()
+        r = run(LlamaCppLogits(llama_quantized(f32, ft), a.window), lref, ids, a.window)
+        rows.append({"who": "llama.cpp", "format": ft, **r, "seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(rows[-1]))
+    print(f"\n| who | format | mean KLD | top-1 agreement | perplexity (float {rows[0]['ref_perplexity']:.3f}) |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['who']} | {r['format']} | {r['mean_kld']:.5f} | {100 * r['top1_agreement']:.2f}% | {r['perplexity']:.3f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"text": a.text, "tokens": len(ids), "window": a.window, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
