@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", help="comma-separated token ids")
     e.add_argument("--logits-out", default=None, help="write float32 logits [T, vocab] to this .npy")
     e.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    e.add_argument("--decode", action="store_true", help="logits through the decode path (one token per step) instead of prefill")
     e.add_argument("--ref", default=None, help="reference artifact: report mean KLD, top-1 agreement and both perplexities against it")
     e.add_argument("--window", type=int, default=512, help="with --ref: tokens per evaluation window (each from an empty cache)")
     e.add_argument("--max-seq-len", type=int, default=None)
@@ -191,7 +192,7 @@ def cmd_eval(a) -> int:
     if a.ref is not None:
         return _eval_against(a, s, ids)
     t0 = time.perf_counter()
-    logits = s.logits(ids)
+    logits = s.decode_logits(ids) if a.decode else s.logits(ids)
     secs = time.perf_counter() - t0
     x = logits[:-1].astype(np.float64)
     x -= x.max(axis=1, keepdims=True)

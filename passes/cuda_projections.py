@@ -18,13 +18,14 @@ DeadCodeElimination later in the pipeline.
     add(r, NT_matmul(a, W))                              => kiln_gemv_residual(a, W, r)
     add(r, NT_matmul(silu(gu[0]) * gu[1], W)), gu=split => kiln_silu_mul_gemv_residual(gu_in, W, r)
     NT_matmul(a [1, s, K], W)                            => kiln_gemm(a, W)             (s symbolic)
+    NT_qmatmul / lm_head (a [1, 1, K], q, s[, z])        => kiln_qgemv(a, q, s[, z])    (quantized, decode)
     add(r, NT_matmul(a [1, s, K], W))                    => kiln_gemm_residual(a, W, r)
 """
 
 from __future__ import annotations
 
 from ..compiler.kernels.gemm_cuda import gemm, gemm_residual, gemm_supported
-from ..compiler.kernels.gemv_cuda import gemv_residual, gemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
+from ..compiler.kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
 from ..tvm_compat import compiler
 
 _t = compiler()
@@ -82,9 +83,9 @@ def _is_op(call, name: str) -> bool:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, gemm: bool = True, gemv: bool = True):
+    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: bool = True):
         super().__init__(mod)
-        self.use_gemm, self.use_gemv = gemm, gemv
+        self.use_gemm, self.use_gemv, self.use_qgemv = gemm, gemv, qgemv
         self.mod_ = mod
         self.an: _Analysis | None = None
         self.cache: dict = {}
@@ -123,6 +124,25 @@ class _Rewriter(relax.PyExprMutator):
         if _dtype(a) != dt or str(call.ty.dtype) != dt or not gemm_supported(sw[1], dt) or int(shape[2]) != sw[1]:
             return None
         return a, w, sw[1], sw[0]
+
+    @staticmethod
+    def _qgemv(call):
+        """call = call_tir(NT_qmatmul* | lm_head*, (a [1,1,K], q, s[, z])) -> (K, N, group, bits, dtype, out dtype)."""
+        name = call.args[0].name_hint
+        if not (name.startswith("NT_qmatmul") or name.startswith("lm_head")) or len(call.args[1].fields) not in (3, 4):
+            return None
+        a, q, sc = call.args[1].fields[:3]
+        sa, sq, ss, so = _static_shape(a), _static_shape(q), _static_shape(sc), _static_shape(call)
+        if None in (sa, sq, ss, so) or len(sa) != 3 or sa[:2] != (1, 1) or len(sq) != 2 or len(ss) != 2:
+            return None
+        K, N = sa[2], sq[0]
+        bits = {"uint32": 4, "int8": 8}.get(_dtype(q))
+        if bits is None or (bits == 4) != (len(call.args[1].fields) == 4) or K % ss[1]:
+            return None
+        group, dt, odt = K // ss[1], _dtype(a), str(call.ty.dtype)
+        if odt not in (dt, "float32") or not qgemv_supported(K, group, bits, dt):
+            return None
+        return K, N, group, bits, dt, odt
 
     def _swiglu_input(self, a):
         """a = silu(gu[0]) * gu[1] with gu = split(h, 2, axis=-1) -> h."""
@@ -172,6 +192,12 @@ class _Rewriter(relax.PyExprMutator):
                 a, w, K, N = hit
                 gv = self._func(("gemm_residual", K, N, _dtype(w)), lambda: gemm_residual(K, N, _dtype(w)))
                 return relax.call_tir(gv, [a, w, r], v.ty)
+        if self.use_qgemv and _is_op(call, "relax.call_tir"):
+            hit = self._qgemv(call)
+            if hit is not None:
+                K, N, group, bits, dt, odt = hit
+                gv = self._func((f"qgemv{bits}g{group}_{odt}", K, N, dt), lambda: qgemv(K, N, group, bits, dt, odt))
+                return relax.call_tir(gv, list(call.args[1].fields), call.ty)
         if _is_op(call, "relax.call_tir") and self.an is not None and call.args[0].name_hint.startswith("NT_matmul"):
             a = call.args[1].fields[0]
             norm = self.an.bound(a)
@@ -205,11 +231,11 @@ class CudaProjections:
     """See the module docstring. CUDA targets only (the pipeline decides).
     gemm=False keeps prefill projections on dlight's Matmul (a diagnostic)."""
 
-    def __init__(self, gemm: bool = True, gemv: bool = True):
-        self.gemm, self.gemv = gemm, gemv
+    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: bool = True):
+        self.gemm, self.gemv, self.qgemv = gemm, gemv, qgemv
 
     def transform_module(self, mod, _ctx):
-        return _Rewriter(mod, gemm=self.gemm, gemv=self.gemv).run()
+        return _Rewriter(mod, gemm=self.gemm, gemv=self.gemv, qgemv=self.qgemv).run()
 
 
 __all__ = ["CudaProjections"]

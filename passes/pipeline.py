@@ -28,6 +28,7 @@ class PipelineOptions:
     dump_ir: Path | None = None
     cuda_gemm: bool = True  # prefill projections on kiln's tensor-core GEMM (False: dlight's Matmul)
     cuda_gemv: bool = False  # decode projections on kiln's fused GEMVs (measured slower than dlight's GEMV so far)
+    cuda_qgemv: bool = False  # quantized decode projections on kiln's qgemv.cuh (measured slower than dlight's GEMV so far)
     on_phase: Callable[[str], None] | None = field(default=None, compare=False)
 
 
@@ -36,7 +37,7 @@ def phases(opts: PipelineOptions) -> list[tuple[str, object]]:
     rx = t.relax.transform
     cuda = opts.target.kind.name == "cuda"
     return [
-        *([("cuda_projections", CudaProjections(gemm=opts.cuda_gemm, gemv=opts.cuda_gemv))] if cuda else []),
+        *([("cuda_projections", CudaProjections(gemm=opts.cuda_gemm, gemv=opts.cuda_gemv, qgemv=opts.cuda_qgemv))] if cuda else []),
         ("fuse_transpose_matmul", rx.FuseTransposeMatmul()),
         ("legalize_ops", rx.LegalizeOps()),
         ("annotate_tir_op_pattern", rx.AnnotateTIROpPattern()),

@@ -233,6 +233,21 @@ class Session:
         finally:
             self.kv.remove(0)
 
+    def decode_logits(self, token_ids) -> np.ndarray:
+        """Teacher-forced logits like `logits`, but through the decode path that
+        generation uses (a one-token prefill, then one decode step per token):
+        float32 [T, vocab]. For checking the decode kernels (e.g. quantized GEMVs)."""
+        ids = self._check_tokens(token_ids)
+        if len(ids) > self.max_seq_len:
+            raise RequestError(f"sequence has {len(ids)} tokens, over this session's context of {self.max_seq_len}")
+        self.kv.add(0)
+        try:
+            rows = [self._prefill_chunks(ids[:1], all_rows=True)[0]]
+            rows += [self._forward_decode(t) for t in ids[1:]]
+            return np.stack(rows)
+        finally:
+            self.kv.remove(0)
+
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise RequestError("this artifact has no tokenizer: pass token ids (--tokens) instead of text")

@@ -83,3 +83,44 @@ def silu_mul_gemv_residual(K: int, N: int, dtype: str):
                                          T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]), xs.access_ptr("rw"), N, T.float32(0)))
 
     return kiln_silu_mul_gemv_residual
+
+
+# --- quantized weights (kernels/cuda/qgemv.cuh) ---------------------------------
+Q_NUM_WARPS = 4
+Q_ROWS_PER_WARP = 4
+
+
+def qgemv_supported(K: int, group: int, bits: int, dtype: str) -> bool:
+    unit = 32 if bits == 4 else 16  # weights per 16-byte unit of codes
+    return dtype in C_TYPES and bits in (4, 8) and K % unit == 0 and group % unit == 0 and K % group == 0
+
+
+def qgemv(K: int, N: int, group: int, bits: int, dtype: str, out_dtype: str):
+    """y  # [1, 1, N] out_dtype = x  # [1, 1, K] dtype @ dequant(q, s[, z])^T, decode (batch 1).
+    Same arguments as the NT_qmatmul TE kernel it replaces (q4: q, s, z; q8: q, s)."""
+    nb = (N + Q_NUM_WARPS * Q_ROWS_PER_WARP - 1) // (Q_NUM_WARPS * Q_ROWS_PER_WARP)
+    fn = f"kiln::qgemv<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {bits}, {K}, {group}, {Q_NUM_WARPS}, {Q_ROWS_PER_WARP}>"
+    ng = K // group
+
+    if bits == 4:
+        @T.prim_func
+        def kiln_qgemv4(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K // 8), "uint32"), s: T.Buffer((N, ng), "float16"),
+                        z: T.Buffer((N, ng), "float16"), y: T.Buffer((1, 1, N), out_dtype)):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(Q_NUM_WARPS * 32, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                             T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), N))
+
+        return kiln_qgemv4
+
+    @T.prim_func
+    def kiln_qgemv8(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K), "int8"), s: T.Buffer((N, ng), "float16"),
+                    y: T.Buffer((1, 1, N), out_dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
+        for bx in T.thread_binding(nb, thread="blockIdx.x"):
+            for tx in T.thread_binding(Q_NUM_WARPS * 32, thread="threadIdx.x"):
+                T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                         T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), N))
+
+    return kiln_qgemv8

@@ -1,0 +1,99 @@
+// kiln: decode GEMV over quantized weights (passes/quantize.py formats), device functions.
+//
+//   y[n] = sum_g s[n,g] * sum_{k in g} x[k] q[n,k]  (+ z[n,g] * sum_{k in g} x[k])
+//
+// q4 (BITS 4): 8 codes per uint32, nibble j = element 8u + j, w = s q + z.
+// q8 (BITS 8): int8 codes, w = s q. Scales/minima fp16, one per G weights.
+// One warp per ROWS rows; lane l takes the 16-byte units u = l, l + 32, ...
+// of every row (32 q4 / 16 q8 weights; a warp reads 512 contiguous bytes
+// per row and step, all ROWS loads issued first), x for its unit comes from
+// L1 (shared by the ROWS rows, as is its sum for the minimum term).
+// Measured on H100, Llama-3-8B shape, whole decode step (share of copy BW):
+//   v1 (4-/8-byte units, 8 weights, ROWS 4): q4g128 31%, q8 45%
+//   v2 (this, 16-byte units): ROWS 4: q4g128 37-38%, q8 56%; ROWS 8: 38-39% / 45%
+//   dlight's GEMV on the dequantize expression: 39% / 69-70%  -> off by default
+//   (KILN_CUDA_QGEMV=1), correct (GPU = CPU to 7e-6 at fp32, both paths). Codes become floats without I2F (quarter rate on sm_90):
+// the code is OR-ed / byte-permuted into the mantissa of 2^23 and 2^23 is
+// subtracted (exact), so a weight costs an extract, an FADD and an FMA.
+// Launch (TIR side): grid ceil(N / (NW * ROWS)), block NW * 32.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace kiln {
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, float* out) {
+  if constexpr (sizeof(T) == 2) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = to_float(e[j]);
+  } else {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w; out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+  }
+}
+
+template <typename T, typename OutT, int BITS, int K, int G, int NW, int ROWS>
+__device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __restrict__ qv, const __half* __restrict__ s,
+                                      const __half* __restrict__ z, OutT* __restrict__ y, int N) {
+  constexpr int UW = BITS == 4 ? 32 : 16;  // weights per 16-byte unit of codes
+  static_assert(K % UW == 0 && G % UW == 0 && K % G == 0, "whole 16-byte units inside groups");
+  constexpr int UNITS = K / UW, NG = K / G;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int row0 = (blockIdx.x * NW + warp) * ROWS;
+  const uint4* q4 = reinterpret_cast<const uint4*>(qv);
+  float acc[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+  for (int u = lane; u < UNITS; u += 32) {
+    uint4 w[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) w[r] = __ldg(q4 + (size_t)min(row0 + r, N - 1) * UNITS + u);  // tail rows recompute the last row
+    float xf[UW];
+#pragma unroll
+    for (int c = 0; c < UW / 8; ++c) load8<T>(x + u * UW + c * 8, xf + c * 8);
+    float xw = 0.f;
+    if constexpr (BITS == 4) {
+#pragma unroll
+      for (int j = 0; j < UW; ++j) xw += xf[j];
+    }
+    const int g = u * UW / G;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const size_t row = (size_t)min(row0 + r, N - 1);
+      const uint32_t words[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (BITS == 4) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const float c = __uint_as_float(((words[i] >> (4 * j)) & 0xFu) | 0x4B000000u) - 8388608.f;
+            dot = fmaf(xf[8 * i + j], c, dot);
+          }
+        } else {
+          const uint32_t b = words[i] ^ 0x80808080u;  // int8 -> code + 128 (unsigned)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float c = __uint_as_float(__byte_perm(b, 0x4B000000u, 0x7540 + j)) - 8388736.f;  // 2^23 + 128
+            dot = fmaf(xf[4 * i + j], c, dot);
+          }
+        }
+      }
+      acc[r] = fmaf(__half2float(__ldg(s + row * NG + g)), dot, acc[r]);
+      if constexpr (BITS == 4) acc[r] = fmaf(__half2float(__ldg(z + row * NG + g)), xw, acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0 && row0 + r < N) y[row0 + r] = from_float<OutT>(v);
+  }
+}
+
+}  // namespace kiln
