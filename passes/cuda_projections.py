@@ -83,9 +83,11 @@ def _is_op(call, name: str) -> bool:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: bool = True):
+    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4"):
         super().__init__(mod)
-        self.use_gemm, self.use_gemv, self.use_qgemv = gemm, gemv, qgemv
+        self.use_gemm, self.use_gemv = gemm, gemv
+        self.qgemv_bits = {int(b) for b in str(qgemv).split(",") if b.strip()}
+        self.use_qgemv = bool(self.qgemv_bits)
         self.mod_ = mod
         self.an: _Analysis | None = None
         self.cache: dict = {}
@@ -194,7 +196,7 @@ class _Rewriter(relax.PyExprMutator):
                 return relax.call_tir(gv, [a, w, r], v.ty)
         if self.use_qgemv and _is_op(call, "relax.call_tir"):
             hit = self._qgemv(call)
-            if hit is not None:
+            if hit is not None and hit[3] in self.qgemv_bits:
                 K, N, group, bits, dt, odt = hit
                 gv = self._func((f"qgemv{bits}g{group}_{odt}", K, N, dt), lambda: qgemv(K, N, group, bits, dt, odt))
                 return relax.call_tir(gv, list(call.args[1].fields), call.ty)
@@ -231,7 +233,7 @@ class CudaProjections:
     """See the module docstring. CUDA targets only (the pipeline decides).
     gemm=False keeps prefill projections on dlight's Matmul (a diagnostic)."""
 
-    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: bool = True):
+    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4"):
         self.gemm, self.gemv, self.qgemv = gemm, gemv, qgemv
 
     def transform_module(self, mod, _ctx):

@@ -72,6 +72,27 @@ def test_cuda_uses_kiln_kernels(tiny_checkpoint, tmp_path, fused_gemv):
     assert b"kiln_silu_mul_gemv_residual" not in blob
 
 
+@pytest.mark.parametrize("widths", ["4", "4,8"])
+def test_cuda_quantized_decode_gemv(tmp_path, widths):
+    """--quant q4g32 on CUDA: the 4-bit decode projections run on kiln's
+    qgemv.cuh (default, measured faster than dlight's), the q8 LM head on
+    dlight's GEMV unless KILN_CUDA_QGEMV lists 8 too."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 256,
+           "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "q.kiln"
+    env = dict(os.environ, KILN_CUDA_QGEMV=widths)
+    res = kiln("compile", str(tmp_path / "config.json"), "--no-weights", "-o", str(out), "--target", "cuda:sm_90",
+               "--dtype", "bfloat16", "--quant", "q4g32", "--quiet", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    blob = (out / "lib" / "cuda.so").read_bytes()
+    assert b"kiln_qgemv4g32_bfloat16" in blob
+    assert (b"kiln_qgemv8g32" in blob) == ("8" in widths)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {p["dtype"] for p in manifest["params"] if p["quant"] == "q4g32"} == {"uint32", "float16"}
+
+
 def test_runtime_refuses_cuda_artifact_without_gpu(cuda_artifact):
     env = dict(os.environ)
     res = kiln("run", str(cuda_artifact), "--tokens", "1,2,3", "--device", "cuda", env=env)

@@ -98,7 +98,7 @@ def qgemv_supported(K: int, group: int, bits: int, dtype: str) -> bool:
 def qgemv(K: int, N: int, group: int, bits: int, dtype: str, out_dtype: str):
     """y  # [1, 1, N] out_dtype = x  # [1, 1, K] dtype @ dequant(q, s[, z])^T, decode (batch 1).
     Same arguments as the NT_qmatmul TE kernel it replaces (q4: q, s, z; q8: q, s)."""
-    nb = (N + Q_NUM_WARPS * Q_ROWS_PER_WARP - 1) // (Q_NUM_WARPS * Q_ROWS_PER_WARP)
+    nb = (N + Q_ROWS_PER_WARP - 1) // Q_ROWS_PER_WARP  # the block's warps split K of Q_ROWS_PER_WARP rows
     fn = f"kiln::qgemv<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {bits}, {K}, {group}, {Q_NUM_WARPS}, {Q_ROWS_PER_WARP}>"
     ng = K // group
 

@@ -4,18 +4,24 @@
 //
 // q4 (BITS 4): 8 codes per uint32, nibble j = element 8u + j, w = s q + z.
 // q8 (BITS 8): int8 codes, w = s q. Scales/minima fp16, one per G weights.
-// One warp per ROWS rows; lane l takes the 16-byte units u = l, l + 32, ...
-// of every row (32 q4 / 16 q8 weights; a warp reads 512 contiguous bytes
+// One block per ROWS rows, its NW warps splitting K (lane l of warp w takes
+// the 16-byte units u = 32 w + l, + 32 NW, ... of every row) (32 q4 / 16 q8 weights; a warp reads 512 contiguous bytes
 // per row and step, all ROWS loads issued first), x for its unit comes from
 // L1 (shared by the ROWS rows, as is its sum for the minimum term).
 // Measured on H100, Llama-3-8B shape, whole decode step (share of copy BW):
 //   v1 (4-/8-byte units, 8 weights, ROWS 4): q4g128 31%, q8 45%
 //   v2 (this, 16-byte units): ROWS 4: q4g128 37-38%, q8 56%; ROWS 8: 38-39% / 45%
 //   dlight's GEMV on the dequantize expression: 39% / 69-70%  -> off by default
+//   ncu of v2: 2 resident blocks/SM on N = 4096 (grid 256 x 4 warps): 12% warps
+//   active, down_proj 1432 us vs dlight 852 us per step -> v3 splits K across
+//   the block's warps (grid N / ROWS).
+//   v3 (this), NW 4 x ROWS 4: q4g128 44.8-46.0% (277-286 tok/s) vs dlight 41.4%
+//   (257) in the same call -> default for 4-bit codes; q8 67.7-69.3% vs dlight
+//   67.9-71.3% -> 8-bit stays on dlight. NW 8 x ROWS 2: 40-43% / 66-67%.
 //   (KILN_CUDA_QGEMV=1), correct (GPU = CPU to 7e-6 at fp32, both paths). Codes become floats without I2F (quarter rate on sm_90):
 // the code is OR-ed / byte-permuted into the mantissa of 2^23 and 2^23 is
 // subtracted (exact), so a weight costs an extract, an FADD and an FMA.
-// Launch (TIR side): grid ceil(N / (NW * ROWS)), block NW * 32.
+// Launch (TIR side): grid ceil(N / ROWS), block NW * 32.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,12 +49,12 @@ __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __res
   static_assert(K % UW == 0 && G % UW == 0 && K % G == 0, "whole 16-byte units inside groups");
   constexpr int UNITS = K / UW, NG = K / G;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int row0 = (blockIdx.x * NW + warp) * ROWS;
+  const int row0 = blockIdx.x * ROWS;  // the block's NW warps split K of the same ROWS rows
   const uint4* q4 = reinterpret_cast<const uint4*>(qv);
   float acc[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
-  for (int u = lane; u < UNITS; u += 32) {
+  for (int u = warp * 32 + lane; u < UNITS; u += NW * 32) {
     uint4 w[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) w[r] = __ldg(q4 + (size_t)min(row0 + r, N - 1) * UNITS + u);  // tail rows recompute the last row
@@ -87,12 +93,20 @@ __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __res
       if constexpr (BITS == 4) acc[r] = fmaf(__half2float(__ldg(z + row * NG + g)), xw, acc[r]);
     }
   }
+  __shared__ float part[NW][ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     float v = acc[r];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0 && row0 + r < N) y[row0 + r] = from_float<OutT>(v);
+    if (lane == 0) part[warp][r] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < ROWS && row0 + threadIdx.x < N) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) v += part[w][threadIdx.x];
+    y[row0 + threadIdx.x] = from_float<OutT>(v);
   }
 }
 
