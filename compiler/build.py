@@ -151,6 +151,8 @@ def compile_model(
         if set(order) != set(stored):
             raise CompileError(f"internal: graph params and converted params differ: {sorted(set(order) ^ set(stored))[:5]}")
         packed: dict[str, dict] = {}  # the last quantized matrix's arrays (parts are written consecutively)
+        imported = {"direct": 0, "requantized": 0}
+        sources = family.hf_sources(config) if plan is not None else {}
 
         def produce(name: str) -> np.ndarray:
             base, _ = stored[name]
@@ -161,15 +163,24 @@ def compile_model(
                 return arr
             if base not in packed:
                 packed.clear()
-                arr = thunks[base]()
-                check_finite(base, arr, ck.source)
-                packed[base] = quantize(arr, fmt)
+                direct = _direct_import(ck, sources.get(base, ()), fmt)
+                if direct is not None:
+                    imported["direct"] += 1
+                    packed[base] = direct
+                else:
+                    arr = thunks[base]()
+                    check_finite(base, arr, ck.source)
+                    packed[base] = quantize(arr, fmt)
+                    imported["requantized"] += 1
             return packed[base][name.rsplit(".", 1)[1]]
 
         shapes = {n: stored[n][1][0] for n in order}
         if not no_weights:
             info = write_safetensors(writer.open("weights.safetensors"), order, shapes, param_dtypes, produce, progress)
             writer.record("weights.safetensors", info)
+            if plan is not None:
+                progress(f"quantized matrices: {imported['direct']} taken from the file's own blocks as they are, "
+                         f"{imported['requantized']} re-quantized from float")
         num_params = int(sum(int(np.prod(v)) for v in expected.values()))
 
         lib_entries = []
@@ -220,7 +231,7 @@ def compile_model(
                 "num_params": num_params,
             },
             "dtype": dtype,  # storage; each target entry says its compute dtype
-            "quant": ({**plan.describe(), "quality": quality} if plan is not None else "none"),
+            "quant": ({**plan.describe(), "quality": quality, "matrices": imported} if plan is not None else "none"),
             "targets": lib_entries,
             "params": [_param_entry(n, shapes[n], param_dtypes[n], expanded[stored[n][0]]) for n in order],
             "weights_file": None if no_weights else "weights.safetensors",
@@ -242,6 +253,18 @@ def compile_model(
         writer.commit(manifest)
         total = sum(f["size"] for f in writer.files.values())
     return CompileSummary(out_path, num_params, total, [f"{tg.kind}:{tg.label}" for tg in targets], time.perf_counter() - t0, dtype)
+
+
+def _direct_import(ck, srcs, fmt) -> dict | None:
+    """The kiln arrays of a param straight from the checkpoint's quantized blocks
+    (GGUF Q4_1 -> q4g32, Q8_0 -> q8), concatenating rows like convert_hf; None
+    unless every source tensor is exactly that format."""
+    if ck.load_quantized is None or not srcs:
+        return None
+    parts = [ck.load_quantized(s, fmt.name) for s in srcs]
+    if any(p is None for p in parts):
+        return None
+    return {k: np.concatenate([p[k] for p in parts], axis=0) if len(parts) > 1 else parts[0][k] for k in parts[0]}
 
 
 BUILTIN_CALIB = Path(__file__).resolve().parent.parent / "passes" / "data" / "calib_en.txt"

@@ -53,6 +53,9 @@ class Checkpoint:
     source: str
     format: str  # "safetensors" | "gguf"
     tensor_dtypes: dict[str, str] = field(default_factory=dict)
+    # (name, kiln weight format) -> that format's arrays taken straight from the
+    # file's own quantized blocks when they are exactly that format, else None
+    load_quantized: Callable[[str, str], dict | None] | None = None
 
 
 def open_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:

@@ -545,6 +545,30 @@ def _build_tokenizer(header: GGUFHeader, vocab_size: int, path: Path) -> Tokeniz
 
 
 # --- entry point ---------------------------------------------------------------
+# GGUF block type -> the kiln weight format with exactly its grid (passes/quantize.py)
+DIRECT_IMPORTS = {("Q4_1", "q4g32"), ("Q8_0", "q8")}
+
+
+def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Raw GGUF blocks of an [N, K] tensor -> kiln's arrays, no float detour.
+    Q4_1 block (20 bytes): d fp16, m fp16, 16 bytes whose low nibbles are
+    elements 0..15 and high nibbles 16..31; x = d q + m.
+    Q8_0 block (34 bytes): d fp16, 32 int8; x = d q."""
+    n, k = shape
+    if qtype == "Q4_1":
+        b = data.reshape(n, k // 32, 20)
+        d = b[..., 0:2].copy().view(np.float16)[..., 0]
+        m = b[..., 2:4].copy().view(np.float16)[..., 0]
+        qs = b[..., 4:20]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint32).reshape(n, k // 8, 8)
+        shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+        return {"q": np.bitwise_or.reduce(codes << shifts, axis=2).astype(np.uint32), "s": d, "z": m}
+    if qtype == "Q8_0":
+        b = data.reshape(n, k // 32, 34)
+        return {"q": b[..., 2:34].copy().view(np.int8).reshape(n, k), "s": b[..., 0:2].copy().view(np.float16)[..., 0]}
+    raise ValueError(f"no direct import for {qtype}")
+
+
 def open_gguf(path: Path) -> Checkpoint:
     """Open a `.gguf` file as a Checkpoint with HF tensor names and an HF-style config.
 
@@ -635,6 +659,26 @@ def _open_gguf(path: Path) -> Checkpoint:
             arr = np.ascontiguousarray(unpermute_qk(arr, n))
         return arr
 
+    def load_quantized(name: str, fmt: str) -> dict | None:
+        """Q4_1 -> q4g32 and Q8_0 -> q8 block for block (the same grids: scale
+        and minimum per 32 / scale per 32, fp16), with the q/k row order undone
+        on the codes; None for any other pairing (the caller re-quantizes)."""
+        t = by_hf.get(name)
+        if t is None or len(t.shape) != 2 or (t.qtype.name, fmt) not in DIRECT_IMPORTS:
+            return None
+        data = np.empty(t.nbytes, np.uint8)
+        with open(path, "rb") as f:
+            f.seek(t.offset)
+            if f.readinto(data) != t.nbytes:
+                raise ModelFormatError(f"{path}: tensor {t.name}: file ended early (changed since it was opened?)")
+        parts = blocks_to_kiln(data, t.qtype.name, t.shape)
+        if spec.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+            n = heads if ".q_proj." in name else kv_heads
+            if t.shape[0] % (2 * n):
+                raise ModelFormatError(f"{path}: tensor {t.name} has {t.shape[0]} rows, not a multiple of 2 x {n} heads")
+            parts = {k: np.ascontiguousarray(unpermute_qk(v, n)) for k, v in parts.items()}
+        return parts
+
     if "rope_freqs.weight" in skipped:
         config["gguf_skipped_tensors"] = sorted(skipped)
         if config["rope_scaling"] is not None:
@@ -651,4 +695,5 @@ def _open_gguf(path: Path) -> Checkpoint:
         source=str(path),
         format="gguf",
         tensor_dtypes={hf: t.qtype.name for hf, t in by_hf.items()},
+        load_quantized=load_quantized,
     )

@@ -58,6 +58,23 @@ def test_groups_fall_back_to_a_divisor():
     assert set(e["layers.0.attn.o_proj.weight"]["parts"]) == {f"layers.0.attn.o_proj.weight.{s}" for s in "qsz"}
 
 
+@pytest.mark.parametrize(("qtype", "fmt"), [("Q4_1", "q4g32"), ("Q8_0", "q8")])
+def test_gguf_blocks_map_to_kiln_formats_exactly(qtype, fmt):
+    """GGUF Q4_1 / Q8_0 blocks become kiln q4g32 / q8 arrays with no float
+    detour: kiln's dequantization of them equals gguf's of the blocks."""
+    from gguf import quants  # noqa: PLC0415
+    from gguf.constants import GGMLQuantizationType  # noqa: PLC0415
+
+    from kiln.frontends.gguf_reader import blocks_to_kiln  # noqa: PLC0415
+
+    w = (RNG.standard_normal((24, 96)) * 0.1).astype(np.float32)
+    t = GGMLQuantizationType[qtype]
+    raw = quants.quantize(w, t)
+    want = quants.dequantize(raw, t)
+    parts = blocks_to_kiln(np.ascontiguousarray(raw).reshape(-1), qtype, w.shape)
+    assert np.array_equal(dequantize(parts, FORMATS[fmt], w.shape), want)
+
+
 def test_plan_defaults_and_overrides():
     p = QuantPlan.parse("q4g128")
     assert p.format_for("down_proj").name == "q4g128"
@@ -176,6 +193,10 @@ def test_smollm2_quality_bars(smollm2_gguf, tmp_path):
     for q, bar in KLD_BARS.items():
         r = compare_sessions(load(compile_artifact(smollm2_gguf, tmp_path / f"{q}.kiln", quant=q, quality_check=False)), ref, ids)
         got[q] = r["mean_kld"]
+        matrices = json.loads((tmp_path / f"{q}.kiln" / "manifest.json").read_text())["quant"]["matrices"]
+        # the file is Q4_1 with a Q8_0 embedding: q4g32 takes every block as it is,
+        # the others re-quantize the body and take the embedding (q8) as it is
+        assert matrices == ({"direct": 121, "requantized": 0} if q == "q4g32" else {"direct": 1, "requantized": 120}), (q, matrices)
         assert r["mean_kld"] <= bar, f"{q}: mean KLD {r['mean_kld']:.5f} over the bar {bar:.5f}"
     # the source is a Q4_1 GGUF: q4g32 (scale + minimum per 32) represents it exactly
     assert got["q4g32"] < 1e-6
