@@ -237,7 +237,18 @@ def cmd_inspect(a) -> int:
     print(f"{art.path}: kiln artifact v{m['format_version']} (kiln {m['kiln_version']}, TVM {m['tvm_version']}, runtime ABI {m['runtime_abi']})")
     print(f"  model    {m['model']['architecture']} from {m['model']['source']} ({m['model']['source_format']}): "
           f"{c['num_hidden_layers']} layers, dim {c['hidden_size']}, heads {c['num_attention_heads']}/{c['num_key_value_heads']}, vocab {c['vocab_size']}")
-    print(f"  params   {m['model']['num_params'] / 1e6:.2f}M  dtype {m['dtype']}  quant {m.get('quant', 'none')}  ({len(m['params'])} tensors)")
+    q = m.get("quant", "none")
+    qname = q["weights"] if isinstance(q, dict) else q
+    print(f"  params   {m['model']['num_params'] / 1e6:.2f}M  dtype {m['dtype']}  quant {qname}  ({len(m['params'])} tensors)")
+    if isinstance(q, dict):
+        roles = ", ".join(f"{r} {f}" for r, f in q.get("roles", {}).items())
+        print(f"  quant    {roles}")
+        qual = q.get("quality")
+        if qual:
+            print(f"  quality  mean KLD {qual['mean_kld']:.5f}, top-1 {100 * qual['top1_agreement']:.2f}%, perplexity {qual['perplexity']:.3f} "
+                  f"(float {qual['ref_perplexity']:.3f}) over {qual['tokens']} tokens of {qual['text']} ({qual['measured_on']})")
+        else:
+            print("  quality  not measured")
     for t in m["targets"]:
         if t["kind"] == "cuda":  # SASS per arch (+ PTX the driver can JIT for newer GPUs)
             archs = ",".join(t.get("archs") or [t.get("arch", "")])

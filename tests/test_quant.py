@@ -113,7 +113,7 @@ def dequantized_hf(model, plan: QuantPlan):
 
 
 @pytest.mark.parametrize(("arch", "quant"), [("llama", "q8"), ("llama_tied_rope3", "q4g32"), ("qwen2", "q4g128"), ("llama_bias", "q4g32")])
-def test_quantized_artifact_matches_dequantized_transformers(arch, quant, tiny_checkpoint, hf_model, tmp_path):
+def test_quantized_artifact_matches_dequantized_transformers(arch, quant, tiny_checkpoint, hf_model, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from kiln.runtime import SamplingParams, load  # noqa: PLC0415
 
@@ -142,6 +142,11 @@ def test_quantized_artifact_matches_dequantized_transformers(arch, quant, tiny_c
     prompt = ids[:5]
     res = session.generate(prompt, max_new_tokens=16, sampling=SamplingParams(temperature=0), ignore_eos=True)
     assert res.tokens == hf_greedy(ref, prompt, 16)
+    from kiln.cli import main  # noqa: PLC0415
+
+    assert main(["inspect", str(art)]) == 0
+    shown = capsys.readouterr().out
+    assert f"quant {quant}" in shown and "quality  not measured" in shown  # tiny checkpoints have no tokenizer
 
 
 def test_quality_metrics_against_a_reference(tiny_checkpoint, compiled, tmp_path):
