@@ -324,11 +324,10 @@ def cmd_demo(a) -> int:
     art = cache_dir() / f"smollm2-{a.dtype}.kiln"
     art.parent.mkdir(parents=True, exist_ok=True)
     if a.recompile or not (art / "manifest.json").is_file():
-        ns = argparse.Namespace(model=str(gguf), output=str(art), target="llvm", dtype=a.dtype, max_seq_len=None, dump_ir=None, quiet=False, no_weights=False, page_size=16)
-        cmd_compile(ns)
-    ns = argparse.Namespace(artifact=str(art), prompt=a.prompt, tokens=None, chat=True, max_new_tokens=a.max_new_tokens,
-                            temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None, stop=[], ignore_eos=False,
-                            max_seq_len=None, threads=a.threads, device="cpu", json=False)
+        # the real parsers, so every option the commands read has its default
+        cmd_compile(_parser().parse_args(["compile", str(gguf), "-o", str(art), "--target", "llvm", "--dtype", a.dtype]))
+    run_args = ["run", str(art), "--prompt", a.prompt, "--chat", "--max-new-tokens", str(a.max_new_tokens)]
+    ns = _parser().parse_args(run_args + (["--threads", str(a.threads)] if a.threads is not None else []))
     print(f"> {a.prompt}", file=sys.stderr)
     try:
         return cmd_run(ns)

@@ -84,3 +84,19 @@ def test_tokenizer_round_trip(sessions):
     assert s.tokenizer.decode(s.encode_prompt(text)) == text
     chat = s.tokenizer.decode(s.encode_prompt("hi", chat=True))
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_readme_demo_command(smollm2_gguf, tmp_path):
+    """`kiln demo` (the README's main job) compiles the bundled model into the
+    cache and answers a chat prompt: run as a user would, in a child process."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}
+    env.update(KILN_CACHE=str(tmp_path), KILN_SMOLLM2_GGUF=str(smollm2_gguf))
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "demo", "--max-new-tokens", "12"], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Paris" in proc.stdout, proc.stdout
+    assert (tmp_path / "smollm2-float16.kiln" / "manifest.json").is_file()
