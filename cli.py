@@ -176,6 +176,7 @@ def cmd_eval(a) -> int:
     import numpy as np  # noqa: PLC0415
 
     from .runtime import load  # noqa: PLC0415
+    from .runtime.quality import log_softmax  # noqa: PLC0415
 
     s = load(a.artifact, max_seq_len=a.max_seq_len, threads=a.threads, device=a.device)
     if a.tokens is not None:
@@ -194,9 +195,7 @@ def cmd_eval(a) -> int:
     t0 = time.perf_counter()
     logits = s.decode_logits(ids) if a.decode else s.logits(ids)
     secs = time.perf_counter() - t0
-    x = logits[:-1].astype(np.float64)
-    x -= x.max(axis=1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    logp = log_softmax(logits[:-1])
     nll = float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
     if a.logits_out:
         np.save(a.logits_out, logits.astype(np.float32))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_models import BENCH_CACHE, _file_key, _short_hash, bundled_gguf, llama_quantized, write_float_gguf  # noqa: E402
 
 from kiln.runtime import load  # noqa: E402
-from kiln.runtime.quality import Accumulator, windows  # noqa: E402
+from kiln.runtime.quality import compare_sessions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TEXT = HERE.parent / "passes" / "data" / "calib_en.txt"
@@ -66,13 +66,6 @@ class LlamaCppLogits:
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
 
-def run(test, ref, ids: list[int], window: int) -> dict:
-    acc = Accumulator()
-    for w in windows(ids, window):
-        acc.add(test.logits(w), ref.logits(w), w)
-    return acc.result()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", default=str(DEFAULT_TEXT))
@@ -89,16 +82,16 @@ def main() -> int:
     rows = []
     for q in [f for f in a.formats.split(",") if f]:
         t0 = time.perf_counter()
-        r = run(load(kiln_artifact(src, q), threads=2), ref_art, ids, a.window)
+        r = compare_sessions(load(kiln_artifact(src, q), threads=2), ref_art, ids, a.window)
         rows.append({"who": "kiln", "format": q, **r, "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]))
     lref = LlamaCppLogits(f32, a.window)
     # the two float references agree (same weights, two engines)
-    rows.append({"who": "llama.cpp F32 vs kiln f32", "format": "F32", **run(lref, ref_art, ids, a.window)})
+    rows.append({"who": "llama.cpp F32 vs kiln f32", "format": "F32", **compare_sessions(lref, ref_art, ids, a.window)})
     print(json.dumps(rows[-1]))
     for ft in [f for f in a.llama.split(",") if f]:
         t0 = time.perf_counter()
-        r = run(LlamaCppLogits(llama_quantized(f32, ft), a.window), lref, ids, a.window)
+        r = compare_sessions(LlamaCppLogits(llama_quantized(f32, ft), a.window), lref, ids, a.window)
         rows.append({"who": "llama.cpp", "format": ft, **r, "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]))
     print(f"\n| who | format | mean KLD | top-1 agreement | perplexity (float {rows[0]['ref_perplexity']:.3f}) |\n|---|---|---|---|---|")

@@ -30,7 +30,7 @@ from .artifact import ArtifactWriter
 from .cuda_codegen import nvcc_callback
 from .kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
 from .target import CompileTarget, parse_target
-from ..passes.quantize import QuantPlan, expand_params, quantize, role_of
+from ..passes.quantize import QuantPlan, expand_params, quantize
 from .weights import write_safetensors
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -129,7 +129,7 @@ def compile_model(
     expanded = expand_params(expected, plan, tied=config.tie_word_embeddings)
     stored = {part: (base, spec) for base, e in expanded.items() for part, spec in e["parts"].items()}
     if plan is not None:
-        unfit = [n for n, e in expanded.items() if e["fmt"] is None and role_of(n) and plan.format_for(role_of(n), config.tie_word_embeddings)]
+        unfit = [n for n, e in expanded.items() if e.get("kept_float")]
         if unfit:
             progress(f"kept float (rows of a length that is not a multiple of 8): {', '.join(unfit[:4])}{' ...' if len(unfit) > 4 else ''}")
 

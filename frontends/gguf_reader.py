@@ -622,13 +622,26 @@ def _open_gguf(path: Path) -> Checkpoint:
     model_config = ModelConfig.from_dict(config, str(path))  # validated now: errors come early and name the file
     heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
 
-    def read(t: GGUFTensorInfo) -> np.ndarray:
+    def read_raw(t: GGUFTensorInfo) -> np.ndarray:
         data = np.empty(t.nbytes, np.uint8)
         with open(path, "rb") as f:
             f.seek(t.offset)
             got = f.readinto(data)
         if got != t.nbytes:
             raise ModelFormatError(f"{path}: tensor {t.name}: file ended after {got} of {t.nbytes} bytes (changed since it was opened?)")
+        return data
+
+    def unpermute(name: str, t: GGUFTensorInfo, arr: np.ndarray) -> np.ndarray:
+        """Undo llama.cpp's q/k row order (on floats, or on codes and scales alike)."""
+        if not (spec.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))):
+            return arr
+        n = heads if ".q_proj." in name else kv_heads
+        if arr.shape[0] % (2 * n):
+            raise ModelFormatError(f"{path}: tensor {t.name} has {arr.shape[0]} rows, not a multiple of 2 x {n} heads")
+        return np.ascontiguousarray(unpermute_qk(arr, n))
+
+    def read(t: GGUFTensorInfo) -> np.ndarray:
+        data = read_raw(t)
         block, type_size = GGML_QUANT_SIZES[t.qtype]
         byte_shape = (*t.shape[:-1], t.shape[-1] // block * type_size)
         try:
@@ -651,13 +664,7 @@ def _open_gguf(path: Path) -> Checkpoint:
         t = by_hf.get(name)
         if t is None:
             raise ModelFormatError(f"{path}: no tensor {name}")
-        arr = read(t)
-        if spec.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-            n = heads if ".q_proj." in name else kv_heads
-            if arr.shape[0] % (2 * n):
-                raise ModelFormatError(f"{path}: tensor {t.name} has {arr.shape[0]} rows, not a multiple of 2 x {n} heads")
-            arr = np.ascontiguousarray(unpermute_qk(arr, n))
-        return arr
+        return unpermute(name, t, read(t))
 
     def load_quantized(name: str, fmt: str) -> dict | None:
         """Q4_1 -> q4g32 and Q8_0 -> q8 block for block (the same grids: scale
@@ -666,18 +673,8 @@ def _open_gguf(path: Path) -> Checkpoint:
         t = by_hf.get(name)
         if t is None or len(t.shape) != 2 or (t.qtype.name, fmt) not in DIRECT_IMPORTS:
             return None
-        data = np.empty(t.nbytes, np.uint8)
-        with open(path, "rb") as f:
-            f.seek(t.offset)
-            if f.readinto(data) != t.nbytes:
-                raise ModelFormatError(f"{path}: tensor {t.name}: file ended early (changed since it was opened?)")
-        parts = blocks_to_kiln(data, t.qtype.name, t.shape)
-        if spec.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
-            n = heads if ".q_proj." in name else kv_heads
-            if t.shape[0] % (2 * n):
-                raise ModelFormatError(f"{path}: tensor {t.name} has {t.shape[0]} rows, not a multiple of 2 x {n} heads")
-            parts = {k: np.ascontiguousarray(unpermute_qk(v, n)) for k, v in parts.items()}
-        return parts
+        parts = blocks_to_kiln(read_raw(t), t.qtype.name, t.shape)
+        return {k: unpermute(name, t, v) for k, v in parts.items()}
 
     if "rope_freqs.weight" in skipped:
         config["gguf_skipped_tensors"] = sorted(skipped)

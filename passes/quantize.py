@@ -32,7 +32,6 @@ Nothing here imports TVM: the codec is plain numpy, used by the compiler
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,18 +49,19 @@ class QFormat:
     group: int
     zero: bool  # asymmetric: a per-group minimum is stored
 
+    def _group(self, k: int) -> int | None:
+        g = self.group
+        while g >= 8 and k % g:
+            g //= 2
+        return g if g >= 8 and k % g == 0 else None
+
     def fits(self, k: int) -> bool:
         """Rows of k weights can be grouped (else the matrix stays float: see expand_params)."""
-        g = self.group
-        while g >= 8 and k % g:
-            g //= 2
-        return g >= 8 and k % g == 0
+        return self._group(k) is not None
 
     def group_for(self, k: int) -> int:
-        g = self.group
-        while g >= 8 and k % g:
-            g //= 2
-        if g < 8 or k % g:
+        g = self._group(k)
+        if g is None:
             raise CompileError(f"--quant {self.name}: a row of {k} weights cannot be split into groups of 8 or more")
         return g
 
@@ -74,10 +74,6 @@ class QFormat:
         if self.zero:
             out["z"] = ((n, k // g), "float16")
         return out
-
-    def bits_per_weight(self, k: int) -> float:
-        g = self.group_for(k)
-        return self.bits + 16 * (2 if self.zero else 1) / g
 
 
 FORMATS = {
@@ -194,6 +190,12 @@ class QuantPlan:
         # a tied LM head is the embedding table: one matrix, the head's format
         return self.roles["lm_head" if (tied and role == "embed") else role]
 
+    def matrix_format(self, role: str, k: int, tied: bool = False) -> QFormat | None:
+        """The format a matrix of this role with rows of k weights is stored in
+        (None: float, by the plan or because its rows cannot be grouped)."""
+        fmt = self.format_for(role, tied)
+        return fmt if fmt is not None and fmt.fits(k) else None
+
     def describe(self) -> dict:
         return {"weights": self.weights, "roles": {r: (f.name if f else "none") for r, f in self.roles.items()}}
 
@@ -215,18 +217,16 @@ def expand_params(shapes: dict[str, tuple[int, ...]], plan: QuantPlan | None, ti
 
     Stored names: `X.weight` -> `X.weight.q`, `X.weight.s` (, `X.weight.z`);
     `embed_tokens` -> `embed_tokens.q`, ... Unquantized params map to themselves
-    with dtype None (the graph decides: storage or fp32 norms)."""
+    with dtype None (the graph decides: storage or fp32 norms); `kept_float`
+    marks matrices the plan wanted quantized whose rows cannot be grouped."""
     out: dict[str, dict] = {}
     for name, shape in shapes.items():
         role = role_of(name)
-        fmt = plan.format_for(role, tied) if (plan is not None and role is not None) else None
-        if fmt is None or len(shape) != 2 or not fmt.fits(shape[1]):
-            out[name] = {"fmt": None, "parts": {name: (tuple(shape), None)}}
+        wanted = plan is not None and role is not None and len(shape) == 2 and plan.format_for(role, tied) is not None
+        fmt = plan.matrix_format(role, shape[1], tied) if wanted else None
+        if fmt is None:
+            out[name] = {"fmt": None, "kept_float": wanted, "parts": {name: (tuple(shape), None)}}
         else:
             out[name] = {"fmt": fmt, "group": fmt.group_for(shape[1]),
                          "parts": {f"{name}.{sfx}": spec for sfx, spec in fmt.parts(tuple(shape)).items()}}
     return out
-
-
-def packed_bytes(shape: tuple[int, int], fmt: QFormat) -> int:
-    return sum(math.prod(s) * np.dtype(d).itemsize for s, d in fmt.parts(shape).values())

@@ -72,7 +72,8 @@ class Accumulator:
 
 
 def compare_sessions(session, ref_session, ids: list[int], window: int = DEFAULT_WINDOW) -> dict:
-    """`session` against `ref_session` over `ids` (token ids of the text)."""
+    """`session` against `ref_session` over `ids` (token ids of the text). Either
+    may be anything with `.logits(ids) -> [T, vocab]` (benchmarks pass llama.cpp)."""
     acc = Accumulator()
     for w in windows(ids, window):
         acc.add(session.logits(w), ref_session.logits(w), w)

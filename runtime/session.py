@@ -5,6 +5,7 @@ Uses the TVM runtime only (tvm.runtime + the Relax VM), never the compiler.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -224,27 +225,27 @@ class Session:
     # --- public ------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
         """Teacher-forced logits at every position: float32 [T, vocab]; row i predicts token i+1."""
-        ids = self._check_tokens(token_ids)
-        if len(ids) > self.max_seq_len:
-            raise RequestError(f"sequence has {len(ids)} tokens, over this session's context of {self.max_seq_len}")
-        self.kv.add(0)
-        try:
+        with self._scratch_sequence(token_ids) as ids:
             return self._prefill_chunks(ids, all_rows=True)
-        finally:
-            self.kv.remove(0)
 
     def decode_logits(self, token_ids) -> np.ndarray:
         """Teacher-forced logits like `logits`, but through the decode path that
         generation uses (a one-token prefill, then one decode step per token):
         float32 [T, vocab]. For checking the decode kernels (e.g. quantized GEMVs)."""
+        with self._scratch_sequence(token_ids) as ids:
+            rows = [self._prefill_chunks(ids[:1], all_rows=True)[0]]
+            rows += [self._forward_decode(t) for t in ids[1:]]
+            return np.stack(rows)
+
+    @contextlib.contextmanager
+    def _scratch_sequence(self, token_ids):
+        """Checked ids of a teacher-forced pass, in sequence 0 of the cache for its duration."""
         ids = self._check_tokens(token_ids)
         if len(ids) > self.max_seq_len:
             raise RequestError(f"sequence has {len(ids)} tokens, over this session's context of {self.max_seq_len}")
         self.kv.add(0)
         try:
-            rows = [self._prefill_chunks(ids[:1], all_rows=True)[0]]
-            rows += [self._forward_decode(t) for t in ids[1:]]
-            return np.stack(rows)
+            yield ids
         finally:
             self.kv.remove(0)
 

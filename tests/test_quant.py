@@ -105,8 +105,8 @@ def dequantized_hf(model, plan: QuantPlan):
                 continue
             leaf = name.split(".")[-2]
             role = "embed" if "embed_tokens" in name else "lm_head" if name.startswith("lm_head") else HF_ROLES[leaf]
-            fmt = plan.format_for(role, tied)
-            if fmt is not None and fmt.fits(p.shape[1]):
+            fmt = plan.matrix_format(role, p.shape[1], tied)
+            if fmt is not None:
                 w = p.float().numpy()
                 p.copy_(torch.from_numpy(dequantize(quantize(w, fmt), fmt, w.shape)))
     return m

@@ -49,8 +49,9 @@ class Precision:
     compute: str = COMPUTE_DTYPE
     quant: object = None  # passes.quantize.QuantPlan: quantized matrices by role (None: all float)
 
-    def format_for(self, role: str, tied: bool = False):
-        return self.quant.format_for(role, tied) if self.quant is not None else None
+    def format_for(self, role: str, k: int, tied: bool = False):
+        """The quantized format of a matrix of this role with rows of k weights, or None (float)."""
+        return self.quant.matrix_format(role, k, tied) if self.quant is not None else None
 
 
 def _precision(dtype) -> Precision:
@@ -211,8 +212,7 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False, role: str = "body"):
         p = _precision(dtype)
         self.compute = p.compute
-        fmt = p.format_for(role) if role != "body" else None
-        fmt = fmt if fmt is not None and fmt.fits(in_features) else None  # rows that cannot be grouped stay float
+        fmt = p.format_for(role, in_features) if role != "body" else None
         self.weight = QWeight((out_features, in_features), fmt) if fmt is not None else nn.Parameter((out_features, in_features), p.storage)
         self.bias = nn.Parameter((out_features,), p.storage) if bias else None
 
@@ -260,8 +260,7 @@ class DecoderLM(nn.Module):
         self.dtype = self.precision.storage
         dtype = self.precision
         self.kv_cache_factory = kv_cache_factory or tvm_paged_kv_cache
-        emb_fmt = self.precision.format_for("embed", tied=config.tie_word_embeddings)
-        emb_fmt = emb_fmt if emb_fmt is not None and emb_fmt.fits(config.hidden_size) else None
+        emb_fmt = self.precision.format_for("embed", config.hidden_size, tied=config.tie_word_embeddings)
         shape = (config.vocab_size, config.hidden_size)
         self.embed_tokens = QWeight(shape, emb_fmt) if emb_fmt is not None else nn.Parameter(shape, self.dtype)
         self.layers = nn.ModuleList([self.layer_cls(config, dtype) for _ in range(config.num_hidden_layers)])

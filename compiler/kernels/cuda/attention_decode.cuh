@@ -15,28 +15,6 @@
 
 namespace kiln {
 
-// VEC elements of T (8 x 16-bit = one 16-byte load; 8 x fp32 = two) to fp32.
-template <typename T, int VEC, bool GLOBAL = true>
-__device__ __forceinline__ void load_vec(const T* __restrict__ p, float* out) {
-  if constexpr (sizeof(T) == 2) {
-    static_assert(VEC % 8 == 0, "16-bit loads are 8 wide");
-#pragma unroll
-    for (int c = 0; c < VEC / 8; ++c) {
-      uint4 raw = GLOBAL ? __ldg(reinterpret_cast<const uint4*>(p) + c) : reinterpret_cast<const uint4*>(p)[c];
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) out[c * 8 + j] = to_float(e[j]);
-    }
-  } else {
-    static_assert(VEC % 4 == 0, "fp32 loads are 4 wide");
-#pragma unroll
-    for (int c = 0; c < VEC / 4; ++c) {
-      float4 raw = GLOBAL ? __ldg(reinterpret_cast<const float4*>(p) + c) : reinterpret_cast<const float4*>(p)[c];
-      out[c * 4 + 0] = raw.x; out[c * 4 + 1] = raw.y; out[c * 4 + 2] = raw.z; out[c * 4 + 3] = raw.w;
-    }
-  }
-}
-
 constexpr float kNegBig = -1e30f;  // finite "minus infinity": exp2(kNegBig - m) is 0, never NaN
 constexpr int kStages = 4;  // cp.async ring depth of the decode kernel
 

@@ -29,19 +29,6 @@
 
 namespace kiln {
 
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ p, float* out) {
-  if constexpr (sizeof(T) == 2) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = to_float(e[j]);
-  } else {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w; out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
-  }
-}
-
 template <typename T, typename OutT, int BITS, int K, int G, int NW, int ROWS>
 __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __restrict__ qv, const __half* __restrict__ s,
                                       const __half* __restrict__ z, OutT* __restrict__ y, int N) {
@@ -60,7 +47,7 @@ __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __res
     for (int r = 0; r < ROWS; ++r) w[r] = __ldg(q4 + (size_t)min(row0 + r, N - 1) * UNITS + u);  // tail rows recompute the last row
     float xf[UW];
 #pragma unroll
-    for (int c = 0; c < UW / 8; ++c) load8<T>(x + u * UW + c * 8, xf + c * 8);
+    for (int c = 0; c < UW / 8; ++c) load_vec<T, 8>(x + u * UW + c * 8, xf + c * 8);
     float xw = 0.f;
     if constexpr (BITS == 4) {
 #pragma unroll
