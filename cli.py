@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-text", default=None, help="with --quant: English text to measure quality on (default: a built-in text)")
     c.add_argument("--max-kld", type=float, default=None, help="with --quant: fail (nothing written) if the mean KL divergence vs float32 is over this")
     c.add_argument("--no-quality-check", action="store_true", help="with --quant: skip measuring quality (two extra CPU compiles and a run over the text)")
+    c.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16", "int8", "fp8"],
+                   help="KV-cache format: the activations' float dtype (default), or int8 / fp8 (e4m3) with a scale per token and head "
+                        "(kiln's quantized cache; its quality is measured like --quant's)")
     c.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (16, 32, 64; larger pages: fewer page-table reads at long contexts)")
     c.add_argument("--no-weights", action="store_true", help="MODEL may be a config.json: code and param spec only (for kiln bench --random-weights)")
     c.add_argument("--quiet", action="store_true")
@@ -137,7 +140,7 @@ def cmd_compile(a) -> int:
 
     summary = compile_model(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir,
                             no_weights=a.no_weights, page_size=a.page_size, quant=a.quant, keep=a.keep, calib_text=a.calib_text,
-                            max_kld=a.max_kld, quality_check=not a.no_quality_check, progress=progress)
+                            max_kld=a.max_kld, quality_check=not a.no_quality_check, kv_dtype=a.kv_dtype, progress=progress)
     print(summary.line())
     return 0
 
@@ -257,7 +260,13 @@ def cmd_inspect(a) -> int:
         flags = t.get("required_cpu_flags")
         print(f"  target   {t['device']}: {desc}" + (f"  needs {' '.join(flags)}" if flags else ""))
     kv = m["kv_cache"]
-    print(f"  kv cache {kv['kind']} {kv['dtype']}, page {kv['page_size']}, max {kv['max_seq_len']} tokens, {kv['bytes_per_token'] / 1024:.1f} KiB/token")
+    full = kv["bytes_per_token"] * kv["max_seq_len"]
+    print(f"  kv cache {kv['kind']} {kv['dtype']}, page {kv['page_size']}, {kv['bytes_per_token'] / 1024:.1f} KiB/token "
+          f"({kv['bytes_per_token']} bytes), {full / 2**20:.1f} MiB at the max context of {kv['max_seq_len']} tokens")
+    kq = m.get("kv_quant")
+    if isinstance(kq, dict) and isinstance(kq.get("quality"), dict):
+        q = kq["quality"]
+        print(f"  kv quality mean KLD {q['mean_kld']:.5f}, top-1 {100 * q['top1_agreement']:.2f}% vs float32 ({q['tokens']} tokens of {q['text']})")
     print(f"  tokenizer {'yes' + (' + chat template' if (m.get('tokenizer') or {}).get('chat_template') else '') if m.get('tokenizer') else 'none (use --tokens)'}")
     for rel, info in m["files"].items():
         print(f"  file     {rel:24s} {info['size'] / 2**20:9.2f} MiB  sha256 {info['sha256'][:16]}…")

@@ -29,7 +29,9 @@ from ..tvm_compat import compiler
 from .artifact import ArtifactWriter
 from .cuda_codegen import nvcc_callback
 from .kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
+from .kernels.kv_quant import QuantKV
 from .target import CompileTarget, parse_target
+from ..passes.kv_quant import kv_format
 from ..passes.quantize import QuantPlan, expand_params, quantize
 from .weights import write_safetensors
 
@@ -71,6 +73,7 @@ def compile_model(
     calib_text: str | Path | None = None,
     max_kld: float | None = None,
     quality_check: bool = True,
+    kv_dtype: str | None = None,
     progress: Callable[[str], None] = _progress_noop,
 ) -> CompileSummary:
     """Compile a checkpoint (HF dir / .safetensors / .gguf) into an artifact directory.
@@ -96,10 +99,11 @@ def compile_model(
             raise CompileError(f"--max-seq-len {max_seq_len} is outside [1, {max_ctx}] for this model")
         max_ctx = max_seq_len
     plan = QuantPlan.parse(quant, keep)
+    kv_fmt = kv_format(kv_dtype)
     if max_kld is not None and not (math.isfinite(max_kld) and max_kld > 0):
         raise CompileError(f"--max-kld {max_kld}: must be a positive number")
-    if plan is None and (calib_text is not None or max_kld is not None):
-        raise CompileError("--calib-text / --max-kld measure a quantized model: they need --quant")
+    if plan is None and kv_fmt is None and (calib_text is not None or max_kld is not None):
+        raise CompileError("--calib-text / --max-kld measure a quantized model: they need --quant or --kv-dtype int8|fp8")
     if not quality_check and max_kld is not None:
         raise CompileError("--max-kld needs the quality check (drop --no-quality-check)")
     if page_size not in PAGE_SIZES:
@@ -112,17 +116,24 @@ def compile_model(
         # CPU keeps norms fp32 and computes in fp32; CUDA computes in the storage dtype: one
         # weights file cannot serve both yet
         raise CompileError(f"--target {target}: CPU and CUDA in one artifact need --dtype float32 for now (got {dtype})")
+    if kv_dtype is not None and kv_fmt is None and kv_dtype != ("float32" if all(tg.kind == "llvm" for tg in targets) else dtype):
+        # TVM's cache holds K/V in the activations' dtype: fp32 on CPU, the storage dtype on CUDA
+        raise CompileError(f"--kv-dtype {kv_dtype}: a float KV cache has the activations' dtype here "
+                           f"({'float32' if all(tg.kind == 'llvm' for tg in targets) else dtype}); quantized: int8 or fp8")
     quality = None
-    if plan is not None and not no_weights and quality_check and ck.tokenizer is None:
+    lossy = plan is not None or kv_fmt is not None
+    what = " ".join(x for x in (f"--quant {quant}" if plan else "", f"--kv-dtype {kv_dtype}" if kv_fmt else "") if x)
+    if lossy and not no_weights and quality_check and ck.tokenizer is None:
         if max_kld is not None:
             raise CompileError(f"{ck.source}: no tokenizer to read the calibration text with, so --max-kld cannot be checked")
         progress("quality check skipped: the model has no tokenizer to read the calibration text with")
-    elif plan is not None and not no_weights and quality_check:
-        quality = measure_quality(model, dtype=dtype, quant=quant, keep=keep, calib_text=calib_text, progress=progress)
+    elif lossy and not no_weights and quality_check:
+        quality = measure_quality(model, dtype=dtype, quant=quant, keep=keep, kv_dtype=kv_dtype if kv_fmt else None,
+                                  calib_text=calib_text, progress=progress)
         progress(f"quality: mean KLD {quality['mean_kld']:.5f}, top-1 {100 * quality['top1_agreement']:.2f}%, "
                  f"perplexity {quality['perplexity']:.3f} (float {quality['ref_perplexity']:.3f})")
         if max_kld is not None and quality["mean_kld"] > max_kld:
-            raise CompileError(f"--quant {quant}: mean KLD {quality['mean_kld']:.5f} over {quality['tokens']} tokens of "
+            raise CompileError(f"{what}: mean KLD {quality['mean_kld']:.5f} over {quality['tokens']} tokens of "
                                f"{quality['text']} is over --max-kld {max_kld} (top-1 agreement {100 * quality['top1_agreement']:.2f}%); nothing written")
     thunks = None if no_weights else family.convert_hf(config, ck.tensor_names, ck.load, ck.source)
     expected = family.param_shapes(config)  # float params
@@ -143,7 +154,8 @@ def compile_model(
         for tg, tvm_target, precision in zip(targets, tvm_targets, precisions):
             with tvm_target:  # the KV cache picks its kernels by the current target
                 lm = family(config, precision, kv_cache_factory=functools.partial(CpuPagedKVCache if tg.kind == "llvm" else CudaPagedKVCache,
-                                                                              kernel_page_size=page_size))
+                                                                              kernel_page_size=page_size),
+                            kv_quant=QuantKV(kv_fmt, page_size, tg.kind) if kv_fmt is not None else None)
                 mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
             mods.append(mod)
         order = [name for name, _ in named_params]
@@ -215,7 +227,9 @@ def compile_model(
                 "extra_eos_tokens": list(tok.extra_eos_tokens),
             }
 
-        kv_dtype = precisions[0].compute  # the KV cache holds compute-dtype K/V (quantized KV comes later)
+        compute = precisions[0].compute
+        # TVM's cache: K/V in the activations' dtype; kiln's quantized cache: codes + an fp32 scale per row
+        row_bytes = kv_fmt.bytes_per_row(config.head_dim) if kv_fmt is not None else config.head_dim * itemsize(compute)
         manifest = {
             "magic": MAGIC,
             "format_version": FORMAT_VERSION,
@@ -232,18 +246,20 @@ def compile_model(
             },
             "dtype": dtype,  # storage; each target entry says its compute dtype
             "quant": ({**plan.describe(), "quality": quality, "matrices": imported} if plan is not None else "none"),
+            "kv_quant": ({"format": kv_fmt.name, "quality": quality if plan is None else "see quant.quality"} if kv_fmt is not None else "none"),
             "targets": lib_entries,
             "params": [_param_entry(n, shapes[n], param_dtypes[n], expanded[stored[n][0]]) for n in order],
             "weights_file": None if no_weights else "weights.safetensors",
             "kv_cache": {
-                "kind": "paged",
-                "dtype": kv_dtype,
+                "kind": "paged" if kv_fmt is None else "kiln-quant",
+                "dtype": compute if kv_fmt is None else kv_fmt.name,
+                **({} if kv_fmt is None else {"code_dtype": kv_fmt.code_dtype, "scale_dtype": "float32"}),
                 "page_size": page_size,
                 "max_seq_len": max_ctx,
                 "num_layers": config.num_hidden_layers,
                 "num_kv_heads": config.num_key_value_heads,
                 "head_dim": config.head_dim,
-                "bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize(kv_dtype),
+                "bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * row_bytes,
             },
             "tokenizer": tok_manifest,
             "eos_token_ids": list(config.eos_token_ids),
@@ -271,7 +287,8 @@ BUILTIN_CALIB = Path(__file__).resolve().parent.parent / "passes" / "data" / "ca
 MAX_CALIB_TOKENS = 8192
 
 
-def measure_quality(model, *, dtype: str, quant: str, keep, calib_text=None, window: int = 512, progress=_progress_noop) -> dict:
+def measure_quality(model, *, dtype: str, quant: str | None, keep, kv_dtype: str | None = None, calib_text=None, window: int = 512,
+                    progress=_progress_noop) -> dict:
     """Compile the float32 model and the quantized one for this CPU into a
     scratch directory, run both over the text and compare (runtime/quality.py).
     CPU numerics (fp32 arithmetic): the quantization error itself, not a GPU's bf16."""
@@ -284,9 +301,11 @@ def measure_quality(model, *, dtype: str, quant: str, keep, calib_text=None, win
     except (OSError, UnicodeDecodeError) as err:
         raise CompileError(f"--calib-text {path}: cannot read UTF-8 text ({err})") from None
     with tempfile.TemporaryDirectory(prefix="kiln-quality-") as tmp:
-        progress(f"quality check: float32 and {quant} for this CPU ({'built-in text' if calib_text is None else path})")
+        what = " + ".join(x for x in (quant, f"{kv_dtype} KV" if kv_dtype else None) if x)
+        progress(f"quality check: float32 and {what} for this CPU ({'built-in text' if calib_text is None else path})")
         ref_dir = compile_model(model, Path(tmp) / "ref.kiln", target="llvm", dtype="float32", quality_check=False).output
-        q_dir = compile_model(model, Path(tmp) / "q.kiln", target="llvm", dtype=dtype, quant=quant, keep=keep, quality_check=False).output
+        q_dir = compile_model(model, Path(tmp) / "q.kiln", target="llvm", dtype=dtype, quant=quant, keep=keep, kv_dtype=kv_dtype,
+                              quality_check=False).output
         ref, test = load(ref_dir), load(q_dir)
         ids = ref.encode_prompt(text)[:MAX_CALIB_TOKENS]
         if len(ids) < 64:

@@ -85,6 +85,10 @@ def _check_types(m: dict[str, Any], path: str) -> None:
     need(isinstance(m["model"], dict) and isinstance(m["model"].get("config"), dict), "'model'")
     kv = m["kv_cache"]
     need(isinstance(kv, dict) and all(_pos_int(kv.get(k)) for k in ("max_seq_len", "page_size")), "'kv_cache'")
+    need(kv.get("kind", "paged") in ("paged", "kiln-quant"), "'kv_cache.kind'")
+    if kv.get("kind") == "kiln-quant":  # kiln's quantized cache: the runtime allocates it from these
+        need(kv.get("code_dtype") in ("int8", "uint8") and all(_pos_int(kv.get(k)) for k in ("num_layers", "num_kv_heads", "head_dim")),
+             "'kv_cache' (quantized: code_dtype, num_layers, num_kv_heads, head_dim)")
 
 
 def _pos_int(v: Any) -> bool:

@@ -18,6 +18,7 @@ from ..errors import ArtifactError, RequestError
 from ..tvm_compat import runtime
 from .artifact import Artifact, open_artifact, read_weights
 from .dtypes import numpy_dtype
+from .kv_cache import PagedKVCache, QuantKVCache
 from .sampler import NonFiniteLogitsError, Sampler, SamplingParams
 from .tokenizer import StopMatcher, StreamDecoder, Tokenizer
 
@@ -45,38 +46,6 @@ class GenerationResult:
         # the first generated token comes from prefill; decode produced the rest
         n = max(len(self.tokens) - 1, 0)
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-
-class PagedKVCache:
-    """The TVM runtime's paged KV cache object, one sequence at a time for now.
-
-    Pages hold page_size tokens x kv_heads x head_dim per layer; memory for
-    max_seq_len tokens is reserved once at creation.
-    """
-
-    def __init__(self, vm, rt, max_seq_len: int, page_size: int, prefill_chunk: int):
-        shape = rt.ffi.Shape
-        self.rt = rt
-        self.obj = vm["create_paged_kv_cache"](shape([1]), shape([max_seq_len]), shape([prefill_chunk]), shape([page_size]), shape([0]))
-        g = rt.get_global_func
-        self._add, self._remove = g("vm.builtin.kv_state_add_sequence"), g("vm.builtin.kv_state_remove_sequence")
-        self._begin, self._end = g("vm.builtin.kv_state_begin_forward"), g("vm.builtin.kv_state_end_forward")
-        self.live: set[int] = set()
-
-    def add(self, seq_id: int) -> None:
-        self._add(self.obj, seq_id)
-        self.live.add(seq_id)
-
-    def remove(self, seq_id: int) -> None:
-        if seq_id in self.live:
-            self._remove(self.obj, seq_id)
-            self.live.discard(seq_id)
-
-    def begin(self, seq_ids: list[int], lengths: list[int]) -> None:
-        self._begin(self.obj, self.rt.ffi.Shape(seq_ids), self.rt.ffi.Shape(lengths))
-
-    def end(self) -> None:
-        self._end(self.obj)
 
 
 class Session:
@@ -117,7 +86,10 @@ class Session:
             self.params = self._load_params(weights)
         else:
             self.params = [self._to_device(spec, raw) for spec, raw in weights]
-        self.kv = PagedKVCache(self.vm, rt, self.max_seq_len, int(kv["page_size"]), self.prefill_chunk)
+        if kv.get("kind", "paged") == "kiln-quant":
+            self.kv = QuantKVCache(rt, self.dev, kv, self.max_seq_len)
+        else:
+            self.kv = PagedKVCache(self.vm, rt, self.max_seq_len, int(kv["page_size"]), self.prefill_chunk)
         self._embed, self._prefill, self._decode = self.vm["embed"], self.vm["prefill"], self.vm["decode"]
         self._one_token = self._tensor(np.zeros(1, dtype=np.int32))
         self.tokenizer = None
@@ -174,7 +146,7 @@ class Session:
         self.kv.begin([0], [len(ids)])
         emb = self._embed(self._tensor(np.asarray(ids, dtype=np.int32)), self.params)
         emb = emb._create_view((1, len(ids), emb.shape[1]))
-        out = self._prefill(emb, self._tensor(logit_pos.astype(np.int32)), self.kv.obj, self.params)
+        out = self._prefill(emb, self._tensor(logit_pos.astype(np.int32)), *self.kv.args(), self.params)
         self.kv.end()
         return out[0].numpy()[0]
 
@@ -192,7 +164,7 @@ class Session:
         """One decode step on a device int32 [1] token; returns the device
         tensors (logits  # [1, 1, vocab] float32, greedy  # [2] int32 argmax, all-finite)."""
         self.kv.begin([0], [1])
-        out = self._decode(ids, self.kv.obj, self.params)
+        out = self._decode(ids, *self.kv.args(), self.params)
         self.kv.end()
         return out[0], out[1]
 

@@ -251,11 +251,15 @@ class DecoderLM(nn.Module):
 
     layer_cls: type = None  # the family's decoder layer, (config, dtype) -> nn.Module
 
-    def __init__(self, config: ModelConfig, dtype, kv_cache_factory=None):
+    def __init__(self, config: ModelConfig, dtype, kv_cache_factory=None, kv_quant=None):
         """dtype: storage dtype string, or a Precision (storage + compute).
         kv_cache_factory(**kwargs) -> PagedKVCache: the compiler picks the
-        attention kernels per target; the default is TVM's TIR cache."""
+        attention kernels per target; the default is TVM's TIR cache.
+        kv_quant: a quantized KV cache (compiler/kernels/kv_quant.py QuantKV)
+        instead: prefill/decode take the cache as three tensors (kv_cache is
+        then the int32 meta tensor) and return the updated pages and scales."""
         self.config = config
+        self.kv_quant = kv_quant
         self.precision = _precision(dtype)
         self.dtype = self.precision.storage
         dtype = self.precision
@@ -285,23 +289,42 @@ class DecoderLM(nn.Module):
             return q_take(self.embed_tokens, input_ids, self.precision.compute)
         return to_compute(op.take(self.embed_tokens, input_ids, axis=0), self.precision.compute)
 
-    def prefill(self, embeds, logit_pos, kv_cache):
-        h = self._body(embeds, kv_cache)
+    def _cache(self, kv_cache, kv_pages, kv_scales):
+        """The object the layers call attention on: TVM's cache, or kiln's quantized one."""
+        if self.kv_quant is None:
+            return kv_cache
+        return self.kv_quant.bind(kv_cache, kv_pages, kv_scales, **self._rope_args())
+
+    def _state(self, kv_cache, cache) -> tuple:
+        return (kv_cache,) if self.kv_quant is None else (cache.pages, cache.scales)
+
+    def prefill(self, embeds, logit_pos, kv_cache, kv_pages=None, kv_scales=None):
+        cache = self._cache(kv_cache, kv_pages, kv_scales)
+        h = self._body(embeds, cache)
         h = op.take(h, logit_pos, axis=1)
-        return self._project(h), kv_cache
+        return (self._project(h), *self._state(kv_cache, cache))
 
-    def decode(self, input_ids, kv_cache):
+    def decode(self, input_ids, kv_cache, kv_pages=None, kv_scales=None):
+        cache = self._cache(kv_cache, kv_pages, kv_scales)
         h = op.reshape(self.embed(input_ids), [1, 1, self.config.hidden_size])
-        logits = self._project(self._body(h, kv_cache))
-        return logits, greedy_pick(logits, self.config.vocab_size), kv_cache
+        logits = self._project(self._body(h, cache))
+        return (logits, greedy_pick(logits, self.config.vocab_size), *self._state(kv_cache, cache))
 
-    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window):
+    def _rope_args(self) -> dict:
         c = self.config
         rope_scaling = dict(c.rope_scaling or {})
         rope_scale = 1.0
         if rope_scaling.get("rope_type") == "linear":
             # HF divides positions by `factor`; TVM's RoPE (tir_split_rotary) uses `pos * rope_scale`.
             rope_scale = 1.0 / rope_scaling.pop("factor")
+            rope_scaling = {}
+        return {"rope_scale": rope_scale, "rope_theta": c.rope_theta, "rope_scaling": _tvm.kv_cache._prepare_yarn_rope_scaling(rope_scaling, c.rope_theta) or {}}
+
+    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window):
+        c = self.config
+        r = self._rope_args()
+        rope_scale, rope_scaling = r["rope_scale"], dict(c.rope_scaling or {})
+        if rope_scaling.get("rope_type") == "linear":
             rope_scaling = {}
         return self.kv_cache_factory(
             max_batch_size=max_batch_size,
@@ -323,16 +346,22 @@ class DecoderLM(nn.Module):
     def export_spec(self) -> dict:
         hidden = self.config.hidden_size
         packed = {"param_mode": "packed", "effect_mode": "none"}
-        kv = spec.Object(object_type=_tvm.kv_cache.PagedKVCache)
-        return {
+        # TVM's cache object, or kiln's quantized cache as tensors (meta, pages, scales)
+        kv = {"kv_cache": spec.Object(object_type=_tvm.kv_cache.PagedKVCache)} if self.kv_quant is None else self.kv_quant.spec(self.config)
+        fns = {
             "embed": {"input_ids": spec.Tensor(["seq_len"], "int32"), "$": packed},
             "prefill": {
                 "embeds": spec.Tensor([1, "seq_len", hidden], self.precision.compute),
                 "logit_pos": spec.Tensor(["num_logits"], "int32"),
-                "kv_cache": kv,
+                **kv,
                 "$": packed,
             },
-            "decode": {"input_ids": spec.Tensor([1], "int32"), "kv_cache": kv, "$": packed},
+            "decode": {"input_ids": spec.Tensor([1], "int32"), **kv, "$": packed},
+        }
+        if self.kv_quant is not None:
+            return fns
+        return {
+            **fns,
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,

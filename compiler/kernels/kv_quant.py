@@ -1,0 +1,120 @@
+"""kiln's quantized paged KV cache, graph side (`--kv-dtype int8|fp8`).
+
+The cache is three explicit tensors of prefill/decode instead of TVM's C++
+cache object (which holds K/V in the activations' dtype only):
+
+    kv_meta    # [1 + pages] int32: position of this call's first token, then the page table
+    kv_pages   # [layers, num_pages, 2, kv_heads, page_size, head_dim]  codes
+    kv_scales  # [layers, num_pages, 2, kv_heads, page_size]            float32
+
+The runtime owns page allocation and sequence lengths (runtime/kv_quant.py)
+and passes the page table each call. Per layer the graph applies RoPE to q
+and k (a TE op reading the position from kv_meta), quantizes k and v into
+their pages in place (`call_tir_inplace`; the updated cache is threaded from
+layer to layer, so the order is data flow), then attends over the pages.
+The kernels take the layer as a scalar: one function per kind serves every
+layer. Layout and codec: passes/kv_quant.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...passes.kv_quant import KVFormat
+from ...passes.cpu_rules import vector_lanes
+from ...tvm_compat import compiler
+
+_t = compiler()
+nn = _t.nn
+op = _t.op
+
+
+@dataclass
+class QuantKV:
+    """What the model needs to build its graph with a quantized cache: the
+    format, the page size the kernels are built for, and the kernels of the
+    current target (filled on first use)."""
+
+    fmt: KVFormat
+    page_size: int
+    target_kind: str  # "llvm" | "cuda"
+    _funcs: dict = field(default_factory=dict, repr=False)
+
+    def spec(self, config) -> dict:
+        """The export spec of the three cache tensors."""
+        c = config
+        shape = [c.num_hidden_layers, "num_pages", 2, c.num_key_value_heads, self.page_size]
+        return {
+            "kv_cache": _t.spec.Tensor(["meta_len"], "int32"),
+            "kv_pages": _t.spec.Tensor([*shape, c.head_dim], self.fmt.code_dtype),
+            "kv_scales": _t.spec.Tensor(shape, "float32"),
+        }
+
+    def kernels(self, *, kv_heads: int, q_heads: int, head_dim: int, dtype: str, sm_scale: float):
+        key = (kv_heads, q_heads, head_dim, dtype, sm_scale)
+        if key not in self._funcs:
+            if self.target_kind == "cuda":
+                from .kv_quant_cuda import kv_append_cuda, kv_attention_cuda  # noqa: PLC0415
+
+                self._funcs[key] = (kv_append_cuda(kv_heads, head_dim, self.page_size, self.fmt, dtype),
+                                    kv_attention_cuda(kv_heads, q_heads, head_dim, self.page_size, self.fmt, dtype, sm_scale))
+            else:
+                from .kv_quant_cpu import kv_append_cpu, kv_attention_cpu  # noqa: PLC0415
+
+                lanes = vector_lanes(_t.Target.current())
+                self._funcs[key] = (kv_append_cpu(kv_heads, head_dim, self.page_size, self.fmt, dtype),
+                                    kv_attention_cpu(kv_heads, q_heads, head_dim, self.page_size, self.fmt, dtype, sm_scale, lanes))
+        return self._funcs[key]
+
+    def bind(self, meta, pages, scales, **rope) -> "QuantKVAttention":
+        return QuantKVAttention(self, meta, pages, scales, **rope)
+
+
+def rope(x, meta, *, rope_theta: float, rope_scale: float, rope_scaling: dict, name: str):
+    """Rotate-half RoPE of x  # [1, s, heads, head_dim] at positions meta[0] + i
+    (the frequency rules, llama3/yarn scaling included, are TVM's)."""
+    te, tir = _t.te, _t.tirx
+    freq = _t.rope.switch_rope_freq_func(rope_scaling)
+
+    def compute(xt, mt):
+        d_range = int(xt.shape[3])
+
+        def body(b, s, h, d):
+            pos = (mt[0] + s.astype("int32")).astype("float32") * tir.const(rope_scale, "float32")
+            cos, sin, var_map = freq(pos, d, d_range, rope_theta, "float32")
+            half = d_range // 2
+            other = tir.if_then_else(d < half, -xt[b, s, h, d + half], xt[b, s, h, d - half]).astype("float32")
+            expr = cos * xt[b, s, h, d].astype("float32") + sin * other
+            for var, value in var_map.items():
+                expr = tir.Let(var, value, expr)
+            return expr.astype(xt.dtype)
+
+        return te.compute(xt.shape, body, name=name)
+
+    return op.tensor_expr_op(compute, name, [x, meta])
+
+
+class QuantKVAttention:
+    """Stands where TVM's cache object stands in the layers (the same
+    `attention_with_fused_qkv`), for one prefill or decode call."""
+
+    def __init__(self, qkv: QuantKV, meta, pages, scales, **rope_args):
+        self.q = qkv
+        self.meta, self.pages, self.scales = meta, pages, scales
+        self.rope = rope_args
+
+    def attention_with_fused_qkv(self, layer_id: int, qkv, num_qo_heads: int, sm_scale: float):
+        """qkv  # [1, s, q_heads + 2 kv_heads, head_dim] -> attention output  # [1, s, q_heads, head_dim]."""
+        tir = _t.tirx
+        b, s, fused, d = qkv.shape
+        hk = (fused - num_qo_heads) // 2
+        append, attention = self.q.kernels(kv_heads=hk, q_heads=num_qo_heads, head_dim=int(d), dtype=qkv.dtype, sm_scale=sm_scale)
+        q, k, v = op.split(qkv, [num_qo_heads, num_qo_heads + hk], axis=2)
+        q = rope(q, self.meta, name="rope_q", **self.rope)
+        k = rope(k, self.meta, name="rope_k", **self.rope)
+        layer = tir.IntImm("int64", layer_id)
+        self.pages, self.scales = op.tensor_ir_inplace_op(
+            append, "kv_append", [k, v, self.meta, self.pages, self.scales, layer], [3, 4],
+            [nn.Tensor.placeholder(self.pages.shape, self.pages.dtype), nn.Tensor.placeholder(self.scales.shape, "float32")])
+        return op.tensor_ir_op(attention, "kv_attention", [q, self.meta, self.pages, self.scales, layer],
+                               nn.Tensor.placeholder((b, s, num_qo_heads, d), qkv.dtype))

@@ -1,0 +1,118 @@
+"""The runtime's two KV caches, one sequence at a time for now.
+
+PagedKVCache: TVM's C++ paged cache object (K/V in the activations' dtype).
+QuantKVCache: kiln's quantized cache (--kv-dtype int8|fp8): the pages and
+scales are plain tensors passed to prefill/decode, which quantize on append
+and attend over them in place; this class owns page allocation and the
+sequence length, and writes the meta tensor each call:
+
+    meta    # [1 + pages] int32: position of the call's first token, then the page table
+    pages   # [layers, num_pages, 2, kv_heads, page_size, head_dim]  codes
+    scales  # [layers, num_pages, 2, kv_heads, page_size]            float32
+
+Both have add / remove / begin / end and `args()`: what the model's
+functions take in the cache's place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import RequestError
+
+
+class PagedKVCache:
+    """The TVM runtime's paged KV cache object. Pages hold page_size tokens x
+    kv_heads x head_dim per layer; memory for max_seq_len tokens is reserved
+    once at creation."""
+
+    def __init__(self, vm, rt, max_seq_len: int, page_size: int, prefill_chunk: int):
+        shape = rt.ffi.Shape
+        self.rt = rt
+        self.obj = vm["create_paged_kv_cache"](shape([1]), shape([max_seq_len]), shape([prefill_chunk]), shape([page_size]), shape([0]))
+        g = rt.get_global_func
+        self._add, self._remove = g("vm.builtin.kv_state_add_sequence"), g("vm.builtin.kv_state_remove_sequence")
+        self._begin, self._end = g("vm.builtin.kv_state_begin_forward"), g("vm.builtin.kv_state_end_forward")
+        self.live: set[int] = set()
+
+    def add(self, seq_id: int) -> None:
+        self._add(self.obj, seq_id)
+        self.live.add(seq_id)
+
+    def remove(self, seq_id: int) -> None:
+        if seq_id in self.live:
+            self._remove(self.obj, seq_id)
+            self.live.discard(seq_id)
+
+    def begin(self, seq_ids: list[int], lengths: list[int]) -> None:
+        self._begin(self.obj, self.rt.ffi.Shape(seq_ids), self.rt.ffi.Shape(lengths))
+
+    def end(self) -> None:
+        self._end(self.obj)
+
+    def args(self) -> tuple:
+        return (self.obj,)
+
+
+class QuantKVCache:
+    """kiln's quantized paged KV cache for one sequence (see the module doc).
+    Memory for max_seq_len tokens is allocated once; a sequence takes pages
+    from a free list as it grows and gives them back when removed."""
+
+    def __init__(self, rt, dev, kv: dict, max_seq_len: int):
+        self.rt, self.dev = rt, dev
+        self.page_size = int(kv["page_size"])
+        self.num_pages = -(-max_seq_len // self.page_size)
+        shape = (int(kv["num_layers"]), self.num_pages, 2, int(kv["num_kv_heads"]), self.page_size)
+        self.pages = rt.runtime.empty((*shape, int(kv["head_dim"])), kv["code_dtype"], dev)
+        self.scales = rt.runtime.empty(shape, "float32", dev)
+        self._meta_host = np.zeros(1 + self.num_pages, dtype=np.int32)
+        self._meta = rt.runtime.empty((1 + self.num_pages,), "int32", dev)
+        self._meta_view = None
+        self.free = list(range(self.num_pages - 1, -1, -1))
+        self.seqs: dict[int, list] = {}  # seq id -> [length, page ids]
+        self.live: set[int] = set()
+        self._cur: tuple[int, int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.pages.shape:
+            n *= int(d)
+        return n * (1 if "8" in str(self.pages.dtype) else 4) + 4 * n // int(self.pages.shape[-1])
+
+    def add(self, seq_id: int) -> None:
+        if seq_id in self.seqs:
+            raise RequestError(f"sequence {seq_id} is already in the KV cache")
+        self.seqs[seq_id] = [0, []]
+        self.live.add(seq_id)
+
+    def remove(self, seq_id: int) -> None:
+        if seq_id in self.seqs:
+            self.free.extend(reversed(self.seqs.pop(seq_id)[1]))
+            self.live.discard(seq_id)
+
+    def begin(self, seq_ids: list[int], lengths: list[int]) -> None:
+        if len(seq_ids) != 1:
+            raise RequestError("the quantized KV cache runs one sequence per call for now")
+        sid, n = seq_ids[0], lengths[0]
+        length, pages = self.seqs[sid]
+        need = -(-(length + n) // self.page_size)
+        if need > len(pages) + len(self.free):
+            raise RequestError(f"KV cache full: sequence {sid} needs {length + n} tokens, the cache holds {self.num_pages * self.page_size}")
+        while len(pages) < need:
+            pages.append(self.free.pop())
+        self._meta_host[0] = length
+        self._meta_host[1 : 1 + need] = pages
+        view = self._meta._create_view((1 + need,))
+        view.copyfrom(self._meta_host[: 1 + need])
+        self._meta_view = view
+        self._cur = (sid, n)
+
+    def end(self) -> None:
+        sid, n = self._cur
+        self.seqs[sid][0] += n
+        self._cur = None
+
+    def args(self) -> tuple:
+        return (self._meta_view, self.pages, self.scales)
