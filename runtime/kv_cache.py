@@ -66,6 +66,9 @@ class QuantKVCache:
         shape = (int(kv["num_layers"]), self.num_pages, 2, int(kv["num_kv_heads"]), self.page_size)
         self.pages = rt.runtime.empty((*shape, int(kv["head_dim"])), kv["code_dtype"], dev)
         self.scales = rt.runtime.empty(shape, "float32", dev)
+        # zero scales: a row never written decodes to 0 whatever its codes (every code is finite),
+        # so a cache advanced without the model (benchmarks) holds no NaN
+        self.scales.copyfrom(np.zeros(shape, dtype=np.float32))
         self._meta_host = np.zeros(1 + self.num_pages, dtype=np.int32)
         self._meta = rt.runtime.empty((1 + self.num_pages,), "int32", dev)
         self._meta_view = None
@@ -73,13 +76,6 @@ class QuantKVCache:
         self.seqs: dict[int, list] = {}  # seq id -> [length, page ids]
         self.live: set[int] = set()
         self._cur: tuple[int, int] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.pages.shape:
-            n *= int(d)
-        return n * (1 if "8" in str(self.pages.dtype) else 4) + 4 * n // int(self.pages.shape[-1])
 
     def add(self, seq_id: int) -> None:
         if seq_id in self.seqs:

@@ -97,6 +97,9 @@ def test_quantized_kv_matches_transformers_with_the_same_kv(arch, kv, tiny_check
     got = session.logits(ids)
     scale = np.abs(want).max()
     err = float(np.abs(got - want).max() / scale)
+    # measured 1e-6 (2e-5 for qwen3 fp8) while the quantization itself moves the logits by 1e-2 to 8e-2;
+    # a K value that differs in its last bit (another summation order) can round to the
+    # neighbouring code, which shows here as ~1e-3: exact ties are rare but possible
     assert err < 1e-4, f"{arch} {kv}: relative logits error {err:.2e} against transformers with the same quantized K/V"
     assert np.abs(float_logits - want).max() > 10 * np.abs(got - want).max()  # the quantization is really there
     dec = session.decode_logits(ids)  # one token per call: the same codes, through the decode graph

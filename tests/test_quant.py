@@ -184,6 +184,8 @@ def test_quality_gate_refuses_and_writes_nothing(smollm2_gguf, tmp_path):
 LLAMA_CPP_KLD = {"Q8_0": 0.00385, "Q4_0": 0.259}
 # issue 4's bars, pinned: kiln q8 <= Q8_0, q4g32 <= Q4_0, q4g128 <= 1.5 x Q4_0
 KLD_BARS = {"q8": LLAMA_CPP_KLD["Q8_0"], "q4g32": LLAMA_CPP_KLD["Q4_0"], "q4g128": 1.5 * LLAMA_CPP_KLD["Q4_0"]}
+# quantized KV cache with float weights: the KLD it adds (measured 2026-11-22: int8 0.00060, fp8 0.00342)
+KV_KLD_BARS = {"int8": 0.005, "fp8": 0.02}
 
 
 def test_smollm2_quality_bars(smollm2_gguf, tmp_path):
@@ -205,3 +207,7 @@ def test_smollm2_quality_bars(smollm2_gguf, tmp_path):
         assert r["mean_kld"] <= bar, f"{q}: mean KLD {r['mean_kld']:.5f} over the bar {bar:.5f}"
     # the source is a Q4_1 GGUF: q4g32 (scale + minimum per 32) represents it exactly
     assert got["q4g32"] < 1e-6
+    for kv, bar in KV_KLD_BARS.items():
+        r = compare_sessions(load(compile_artifact(smollm2_gguf, tmp_path / f"kv_{kv}.kiln", kv_dtype=kv, quality_check=False)), ref, ids)
+        assert 0 < r["mean_kld"] <= bar, f"{kv} KV: mean KLD {r['mean_kld']:.5f} over the bar {bar}"
+        assert r["top1_agreement"] > 0.95

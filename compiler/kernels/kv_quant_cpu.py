@@ -35,7 +35,7 @@ NEG = -1e30
 def encode_expr(y, fmt: KVFormat):
     """float32 y (|y| <= qmax) -> a code of fmt.code_dtype (passes/kv_quant.py's codec)."""
     if fmt.name == "int8":
-        return T.Cast("int8", T.max(T.min(T.round(y), T.float32(127)), T.float32(-127)))
+        return T.Cast("int8", T.max(T.min(T.nearbyint(y), T.float32(127)), T.float32(-127)))  # RNE, as numpy and CUDA
     mag = T.reinterpret("int32", T.fabs(y))
     r = mag + T.int32(0x7FFFF) + T.bitwise_and(T.shift_right(mag, T.int32(20)), T.int32(1))
     c = T.min(T.max(T.shift_right(r, T.int32(20)) - T.int32(120 << 3), T.int32(0)), T.int32(0x7E))
@@ -61,7 +61,7 @@ def kv_append_cpu(kv_heads: int, head_dim: int, page_size: int, fmt: KVFormat, d
 
     @T.prim_func
     def kv_append(var_k: T.handle, var_v: T.handle, var_meta: T.handle, var_pages: T.handle, var_scales: T.handle, layer: T.int64):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # opaque: never fused
         s = T.int64()
         m = T.int64()
         nl = T.int64()
@@ -103,7 +103,7 @@ def kv_attention_cpu(kv_heads: int, q_heads: int, head_dim: int, page_size: int,
 
     @T.prim_func
     def kv_attention(var_q: T.handle, var_meta: T.handle, var_pages: T.handle, var_scales: T.handle, layer: T.int64, var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # opaque: never fused
         s = T.int64()
         m = T.int64()
         nl = T.int64()
