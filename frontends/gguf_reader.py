@@ -546,15 +546,23 @@ def _build_tokenizer(header: GGUFHeader, vocab_size: int, path: Path) -> Tokeniz
 
 # --- entry point ---------------------------------------------------------------
 # GGUF block type -> the kiln weight format with exactly its grid (passes/quantize.py)
-DIRECT_IMPORTS = {("Q4_1", "q4g32"), ("Q8_0", "q8")}
+DIRECT_IMPORTS = {("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8")}
 
 
 def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Raw GGUF blocks of an [N, K] tensor -> kiln's arrays, no float detour.
     Q4_1 block (20 bytes): d fp16, m fp16, 16 bytes whose low nibbles are
     elements 0..15 and high nibbles 16..31; x = d q + m.
+    Q4_0 block (18 bytes): d fp16, 16 bytes of nibbles as Q4_1; x = d (q - 8),
+    i.e. q4g32 with minimum -8 d (exact in fp16: a power-of-two multiple).
     Q8_0 block (34 bytes): d fp16, 32 int8; x = d q."""
     n, k = shape
+    if qtype == "Q4_0":
+        b = data.reshape(n, k // 32, 18)
+        d = b[..., 0:2].copy().view(np.float16)[..., 0]
+        codes = np.concatenate([b[..., 2:18] & 0x0F, b[..., 2:18] >> 4], axis=-1).astype(np.uint32).reshape(n, k // 8, 8)
+        shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+        return {"q": np.bitwise_or.reduce(codes << shifts, axis=2).astype(np.uint32), "s": d, "z": (d * np.float16(-8)).astype(np.float16)}
     if qtype == "Q4_1":
         b = data.reshape(n, k // 32, 20)
         d = b[..., 0:2].copy().view(np.float16)[..., 0]
@@ -667,8 +675,8 @@ def _open_gguf(path: Path) -> Checkpoint:
         return unpermute(name, t, read(t))
 
     def load_quantized(name: str, fmt: str) -> dict | None:
-        """Q4_1 -> q4g32 and Q8_0 -> q8 block for block (the same grids: scale
-        and minimum per 32 / scale per 32, fp16), with the q/k row order undone
+        """Q4_1 / Q4_0 -> q4g32 and Q8_0 -> q8 block for block (the same grids:
+        scale and minimum per 32 / scale per 32, fp16), with the q/k row order undone
         on the codes; None for any other pairing (the caller re-quantizes)."""
         t = by_hf.get(name)
         if t is None or len(t.shape) != 2 or (t.qtype.name, fmt) not in DIRECT_IMPORTS:

@@ -7,6 +7,10 @@ Formats (K = the reduction axis, the rows of W [N, K] stay rows):
   q4g32   int4 with a minimum, fp16 scale and minimum per 32 weights:
   q4g128  w = s * q + m, q in [0, 15]; packed 8 per uint32, nibble j of word
           w holding element 8w + j. 5 / 4.25 bits/weight.
+  fp8     e4m3 codes (uint8, the KV cache's codec in passes/kv_quant.py), one
+          fp32 scale per row (output channel): w = s * e4m3(q). 8 bits/weight.
+          Decoded with integer arithmetic on the float bits everywhere (the
+          CPU has no fp8; on CUDA it is the same expression in the GEMV).
 Why the 4-bit formats carry a minimum (zero point): a group's weights are
 rarely centred, and a symmetric code wastes half a bit on the empty side;
 with 128-wide groups the outliers set the range, and the minimum halves the
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CompileError
+from .kv_quant import FP8_MAX, fp8_decode, fp8_encode
 
 ROLES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed")
 BODY_ROLES = ROLES[:4]
@@ -46,10 +51,13 @@ BODY_ROLES = ROLES[:4]
 class QFormat:
     name: str
     bits: int
-    group: int
+    group: int  # 0: one scale per row (per output channel)
     zero: bool  # asymmetric: a per-group minimum is stored
+    float8: bool = False  # codes are e4m3 floats (passes/kv_quant.py's codec), not integers
 
     def _group(self, k: int) -> int | None:
+        if self.group == 0:
+            return k
         g = self.group
         while g >= 8 and k % g:
             g //= 2
@@ -69,6 +77,8 @@ class QFormat:
         """Suffix -> (shape, dtype) of the stored arrays of a [N, K] matrix."""
         n, k = shape
         g = self.group_for(k)
+        if self.float8:  # e4m3 codes, one fp32 scale per row
+            return {"q": ((n, k), "uint8"), "s": ((n, 1), "float32")}
         q = ((n, k), "int8") if self.bits == 8 else ((n, k // 8), "uint32")
         out = {"q": q, "s": ((n, k // g), "float16")}
         if self.zero:
@@ -80,6 +90,7 @@ FORMATS = {
     "q8": QFormat("q8", 8, 32, False),
     "q4g32": QFormat("q4g32", 4, 32, True),
     "q4g128": QFormat("q4g128", 4, 128, True),
+    "fp8": QFormat("fp8", 8, 0, False, float8=True),
 }
 
 
@@ -94,6 +105,8 @@ def quantize(w: np.ndarray, fmt: QFormat, refine: int = 4) -> dict[str, np.ndarr
     error went down. Codes are always chosen for the rounded parameters."""
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
+    if fmt.float8:
+        return _quantize_fp8(w)
     g = fmt.group_for(k)
     wg = w.reshape(n, k // g, g).astype(np.float64)
     if fmt.bits == 8:
@@ -130,6 +143,17 @@ def quantize(w: np.ndarray, fmt: QFormat, refine: int = 4) -> dict[str, np.ndarr
     return {"q": packed, "s": s.astype(np.float16), "z": z.astype(np.float16)}
 
 
+def _quantize_fp8(w: np.ndarray) -> dict[str, np.ndarray]:
+    """e4m3 codes with one fp32 scale per row: the row maximum maps to 448
+    (e4m3's largest finite value), each weight rounds to the nearest e4m3
+    value (a floating grid: 3 mantissa bits at every magnitude, so no search
+    for a better scale helps much; under 2^-6 of the scaled range flushes to 0)."""
+    amax = np.abs(w).max(axis=1, keepdims=True)
+    s = (amax / np.float32(FP8_MAX)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(FP8_MAX) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return {"q": fp8_encode(w * inv), "s": s}
+
+
 def _f16(x: np.ndarray) -> np.ndarray:
     """Round to fp16 (the stored precision), back in float64 for the arithmetic."""
     return np.asarray(x, dtype=np.float64).astype(np.float16).astype(np.float64)
@@ -152,6 +176,8 @@ def dequantize(parts: dict[str, np.ndarray], fmt: QFormat, shape: tuple[int, int
     n, k = shape
     g = fmt.group_for(k)
     s = np.repeat(parts["s"].astype(np.float32), g, axis=1)
+    if fmt.float8:
+        return fp8_decode(parts["q"]) * s
     if fmt.bits == 8:
         return parts["q"].astype(np.float32) * s
     shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]

@@ -18,7 +18,22 @@ from kiln.passes.quantize import FORMATS, QuantPlan, dequantize, expand_params, 
 RNG = np.random.default_rng(0)
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+def test_fp8_weights_codec():
+    """fp8: e4m3 codes with a per-row fp32 scale; the row maximum is exact and
+    every weight is within e4m3's half-step (2^-4 relative) or flushed below
+    2^-6 of the scaled range."""
+    fmt = FORMATS["fp8"]
+    w = (RNG.standard_normal((48, 200)) * 0.05).astype(np.float32)
+    w[3, 17] = 0.9
+    parts = quantize(w, fmt)
+    assert parts["q"].dtype == np.uint8 and parts["s"].shape == (48, 1) and parts["s"].dtype == np.float32
+    got = dequantize(parts, fmt, w.shape)
+    s = parts["s"]
+    assert np.all(np.abs(got - w) <= np.maximum(np.abs(w) * 2.0**-4, s * 2.0**-6) * (1 + 1e-5))
+    assert got[3, 17] == pytest.approx(0.9, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if not f.float8])
 def test_codec_error_is_within_half_a_step(name):
     fmt = FORMATS[name]
     w = (RNG.standard_normal((48, 256)) * 0.05).astype(np.float32)
@@ -58,9 +73,9 @@ def test_groups_fall_back_to_a_divisor():
     assert set(e["layers.0.attn.o_proj.weight"]["parts"]) == {f"layers.0.attn.o_proj.weight.{s}" for s in "qsz"}
 
 
-@pytest.mark.parametrize(("qtype", "fmt"), [("Q4_1", "q4g32"), ("Q8_0", "q8")])
+@pytest.mark.parametrize(("qtype", "fmt"), [("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8")])
 def test_gguf_blocks_map_to_kiln_formats_exactly(qtype, fmt):
-    """GGUF Q4_1 / Q8_0 blocks become kiln q4g32 / q8 arrays with no float
+    """GGUF Q4_1 / Q4_0 / Q8_0 blocks become kiln q4g32 / q4g32 / q8 arrays with no float
     detour: kiln's dequantization of them equals gguf's of the blocks."""
     from gguf import quants  # noqa: PLC0415
     from gguf.constants import GGMLQuantizationType  # noqa: PLC0415
@@ -112,7 +127,8 @@ def dequantized_hf(model, plan: QuantPlan):
     return m
 
 
-@pytest.mark.parametrize(("arch", "quant"), [("llama", "q8"), ("llama_tied_rope3", "q4g32"), ("qwen2", "q4g128"), ("llama_bias", "q4g32")])
+@pytest.mark.parametrize(("arch", "quant"), [("llama", "q8"), ("llama_tied_rope3", "q4g32"), ("qwen2", "q4g128"), ("llama_bias", "q4g32"),
+                                             ("qwen3", "fp8")])
 def test_quantized_artifact_matches_dequantized_transformers(arch, quant, tiny_checkpoint, hf_model, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from kiln.runtime import SamplingParams, load  # noqa: PLC0415

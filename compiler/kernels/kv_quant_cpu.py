@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+from ...frontends.models.base import fp8_to_float
 from ...passes.kv_quant import FP8_MIN_NORMAL, KVFormat
 from ...tvm_compat import compiler
 from .attention_cpu import _lanes
@@ -46,12 +47,7 @@ def encode_expr(y, fmt: KVFormat):
 
 def decode_expr(code, fmt: KVFormat):
     """A code -> its float32 value (before the row scale)."""
-    if fmt.name == "int8":
-        return T.Cast("float32", code)
-    c = T.Cast("uint32", code)
-    mag = T.bitwise_and(c, T.uint32(0x7F))
-    bits = T.if_then_else(mag == T.uint32(0), T.uint32(0), T.shift_left(mag, T.uint32(20)) + T.uint32(120 << 23))
-    return T.reinterpret("float32", T.bitwise_or(bits, T.shift_left(T.bitwise_and(c, T.uint32(0x80)), T.uint32(24))))
+    return T.Cast("float32", code) if fmt.name == "int8" else fp8_to_float(code)
 
 
 def kv_append_cpu(kv_heads: int, head_dim: int, page_size: int, fmt: KVFormat, dtype: str):

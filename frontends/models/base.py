@@ -147,12 +147,26 @@ class QWeight(nn.Module):
         return [self.q, self.s] + ([self.z] if self.z is not None else [])
 
 
+def fp8_to_float(code):
+    """An e4m3 code (uint8 expression) -> its float32 value, with integer
+    arithmetic on the float bits (passes/kv_quant.py's codec; codes never
+    hold subnormals or NaN)."""
+    tir = _tvm.tirx
+    u32 = lambda v: tir.const(v, "uint32")  # noqa: E731
+    c = tir.Cast("uint32", code)
+    mag = tir.bitwise_and(c, u32(0x7F))
+    bits = tir.Select(mag == u32(0), u32(0), tir.shift_left(mag, u32(20)) + u32(120 << 23))
+    return tir.reinterpret("float32", tir.bitwise_or(bits, tir.shift_left(tir.bitwise_and(c, u32(0x80)), u32(24))))
+
+
 def _dequant(fmt, group: int, q, s, z):
     """(n, k) -> the fp32 weight, as a TE expression over the stored arrays."""
     tir = _tvm.tirx
 
     def w(n, k):
         scale = s[n, k // group].astype("float32")
+        if fmt.float8:
+            return fp8_to_float(q[n, k]) * scale
         if fmt.bits == 8:
             return q[n, k].astype("float32") * scale
         code = (q[n, k // 8] >> (tir.Cast("uint32", k % 8) * tir.const(4, "uint32"))) & tir.const(15, "uint32")
