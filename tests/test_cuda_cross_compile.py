@@ -126,3 +126,24 @@ def test_cuda_float16_is_refused_not_crashed(tiny_checkpoint, tmp_path):
     res = kiln("compile", str(tiny_checkpoint("llama")), "-o", str(tmp_path / "x.kiln"), "--target", "cuda:sm_90", "--dtype", "float16")
     assert res.returncode == 2 and "bfloat16" in res.stderr
     assert not (tmp_path / "x.kiln").exists()
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_cuda_quantized_kv_cache(tmp_path, kv):
+    """--kv-dtype int8|fp8 on CUDA: kiln's append and paged attention kernels are
+    in the library, TVM's cache factory is not exported, and the manifest tells
+    the runtime how to allocate the cache (GPU runs: benchmarks/results/kv_cache_gpu-*)."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 256,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256,
+           "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "kv.kiln"
+    res = kiln("compile", str(tmp_path / "config.json"), "--no-weights", "-o", str(out), "--target", "cuda:sm_90",
+               "--dtype", "bfloat16", "--kv-dtype", kv, "--quiet")
+    assert res.returncode == 0, res.stderr[-2000:]
+    blob = (out / "lib" / "cuda.so").read_bytes()
+    assert b"kv_append" in blob and b"kv_attention" in blob
+    assert b"create_paged_kv_cache" not in blob
+    kvm = json.loads((out / "manifest.json").read_text())["kv_cache"]
+    assert (kvm["kind"], kvm["dtype"], kvm["code_dtype"]) == ("kiln-quant", kv, "int8" if kv == "int8" else "uint8")
+    assert kvm["bytes_per_token"] == 2 * 2 * 2 * (64 + 4)  # layers x (k, v) x kv heads x (codes + fp32 scale)
