@@ -49,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-kld", type=float, default=None, help="with --quant: fail (nothing written) if the mean KL divergence vs float32 is over this")
     c.add_argument("--no-quality-check", action="store_true", help="with --quant: skip measuring quality (two extra CPU compiles and a run over the text)")
     c.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16", "int8", "fp8"],
-                   help="KV-cache format: the activations' float dtype (default), or int8 / fp8 (e4m3) with a scale per token and head "
-                        "(kiln's quantized cache; its quality is measured like --quant's)")
+                   help="KV-cache format: the activations' float dtype (default), int8 / fp8 (e4m3) with a scale per token and head "
+                        "(kiln's quantized cache; its quality is measured like --quant's), or float16 / bfloat16 on CPU targets")
     c.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (16, 32, 64; larger pages: fewer page-table reads at long contexts)")
     c.add_argument("--no-weights", action="store_true", help="MODEL may be a config.json: code and param spec only (for kiln bench --random-weights)")
     c.add_argument("--quiet", action="store_true")

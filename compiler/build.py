@@ -99,7 +99,8 @@ def compile_model(
             raise CompileError(f"--max-seq-len {max_seq_len} is outside [1, {max_ctx}] for this model")
         max_ctx = max_seq_len
     plan = QuantPlan.parse(quant, keep)
-    kv_fmt = kv_format(kv_dtype)
+    all_cpu = all(tg.kind == "llvm" for tg in targets)
+    kv_fmt = kv_format(kv_dtype, "float32" if all_cpu else dtype)
     if max_kld is not None and not (math.isfinite(max_kld) and max_kld > 0):
         raise CompileError(f"--max-kld {max_kld}: must be a positive number")
     if plan is None and kv_fmt is None and (calib_text is not None or max_kld is not None):
@@ -116,10 +117,9 @@ def compile_model(
         # CPU keeps norms fp32 and computes in fp32; CUDA computes in the storage dtype: one
         # weights file cannot serve both yet
         raise CompileError(f"--target {target}: CPU and CUDA in one artifact need --dtype float32 for now (got {dtype})")
-    if kv_dtype is not None and kv_fmt is None and kv_dtype != ("float32" if all(tg.kind == "llvm" for tg in targets) else dtype):
-        # TVM's cache holds K/V in the activations' dtype: fp32 on CPU, the storage dtype on CUDA
-        raise CompileError(f"--kv-dtype {kv_dtype}: a float KV cache has the activations' dtype here "
-                           f"({'float32' if all(tg.kind == 'llvm' for tg in targets) else dtype}); quantized: int8 or fp8")
+    if kv_fmt is not None and not kv_fmt.scaled and not all_cpu:
+        raise CompileError(f"--kv-dtype {kv_dtype}: 16-bit float caches are for CPU targets; on CUDA the cache has the "
+                           f"activations' dtype (--dtype {dtype}), or int8 / fp8")
     quality = None
     lossy = plan is not None or kv_fmt is not None
     what = " ".join(x for x in (f"--quant {quant}" if plan else "", f"--kv-dtype {kv_dtype}" if kv_fmt else "") if x)

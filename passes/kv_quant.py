@@ -43,25 +43,38 @@ FP8_MIN_NORMAL = 2.0**-6
 class KVFormat:
     name: str  # --kv-dtype code, recorded in the manifest
     code_dtype: str  # page element dtype
-    qmax: float  # largest code magnitude: the row maximum maps to it
+    qmax: float  # largest code magnitude: the row maximum maps to it (0: a float format, stored as is, scale 1)
 
     def bytes_per_row(self, head_dim: int) -> int:
         """Bytes one (token, kv head) row of K or V takes: codes + its fp32 scale."""
-        return head_dim + 4
+        return head_dim * (1 if "8" in self.code_dtype else 2) + 4
+
+    @property
+    def scaled(self) -> bool:
+        return self.qmax > 0
 
 
 KV_FORMATS = {"int8": KVFormat("int8", "int8", 127.0), "fp8": KVFormat("fp8", "uint8", FP8_MAX)}
-# what --kv-dtype accepts: the activations' own dtype keeps TVM's cache
+# 16-bit float K/V in kiln's cache, for CPU artifacts (activations fp32, which is
+# what TVM's cache would hold): stored as is with a unit scale (4 bytes per row
+# unused, kept so one layout and one set of kernels serve every format)
+FLOAT_KV_FORMATS = {"float16": KVFormat("float16", "float16", 0.0), "bfloat16": KVFormat("bfloat16", "bfloat16", 0.0)}
 KV_DTYPES = ("float32", "float16", "bfloat16", *KV_FORMATS)
 
 
-def kv_format(name: str | None) -> KVFormat | None:
-    """The quantized format for --kv-dtype NAME; None for a float dtype (TVM's cache)."""
-    if name is None or name in ("float32", "float16", "bfloat16"):
+def kv_format(name: str | None, activations: str = "float32") -> KVFormat | None:
+    """The kiln-cache format for --kv-dtype NAME when activations are in
+    `activations`; None when TVM's cache holds it (the activations' own dtype)."""
+    if name is None or name == activations:
         return None
-    if name not in KV_FORMATS:
-        raise CompileError(f"--kv-dtype {name!r} is not supported; supported: {', '.join(KV_DTYPES)}")
-    return KV_FORMATS[name]
+    if name in KV_FORMATS:
+        return KV_FORMATS[name]
+    if name in FLOAT_KV_FORMATS and activations == "float32":
+        return FLOAT_KV_FORMATS[name]
+    if name in KV_DTYPES:
+        raise CompileError(f"--kv-dtype {name}: a float KV cache has the activations' dtype ({activations}) here; "
+                           "quantized: int8 or fp8 (16-bit float caches are for CPU targets)")
+    raise CompileError(f"--kv-dtype {name!r} is not supported; supported: {', '.join(KV_DTYPES)}")
 
 
 def fp8_encode(y: np.ndarray) -> np.ndarray:
@@ -85,6 +98,8 @@ def fp8_decode(code: np.ndarray) -> np.ndarray:
 def encode_rows(x: np.ndarray, fmt: KVFormat) -> tuple[np.ndarray, np.ndarray]:
     """x  # [..., head_dim] float -> (codes [..., head_dim], scales [...] float32)."""
     x = np.asarray(x, dtype=np.float32)
+    if not fmt.scaled:
+        return x.astype(_np_float(fmt.code_dtype)), np.ones(x.shape[:-1], np.float32)
     amax = np.abs(x).max(axis=-1)
     scale = (amax / np.float32(fmt.qmax)).astype(np.float32)
     inv = np.where(amax > 0, np.float32(fmt.qmax) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
@@ -97,5 +112,13 @@ def encode_rows(x: np.ndarray, fmt: KVFormat) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_rows(codes: np.ndarray, scales: np.ndarray, fmt: KVFormat) -> np.ndarray:
-    vals = codes.astype(np.float32) if fmt.name == "int8" else fp8_decode(codes)
+    vals = codes.astype(np.float32) if fmt.name != "fp8" else fp8_decode(codes)
     return vals * scales[..., None]
+
+
+def _np_float(name: str):
+    if name == "bfloat16":
+        import ml_dtypes  # noqa: PLC0415
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)

@@ -87,7 +87,7 @@ def _check_types(m: dict[str, Any], path: str) -> None:
     need(isinstance(kv, dict) and all(_pos_int(kv.get(k)) for k in ("max_seq_len", "page_size")), "'kv_cache'")
     need(kv.get("kind", "paged") in ("paged", "kiln-quant"), "'kv_cache.kind'")
     if kv.get("kind") == "kiln-quant":  # kiln's quantized cache: the runtime allocates it from these
-        need(kv.get("code_dtype") in ("int8", "uint8") and all(_pos_int(kv.get(k)) for k in ("num_layers", "num_kv_heads", "head_dim")),
+        need(kv.get("code_dtype") in ("int8", "uint8", "float16", "bfloat16") and all(_pos_int(kv.get(k)) for k in ("num_layers", "num_kv_heads", "head_dim")),
              "'kv_cache' (quantized: code_dtype, num_layers, num_kv_heads, head_dim)")
 
 

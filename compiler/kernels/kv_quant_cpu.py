@@ -35,6 +35,8 @@ NEG = -1e30
 
 def encode_expr(y, fmt: KVFormat):
     """float32 y (|y| <= qmax) -> a code of fmt.code_dtype (passes/kv_quant.py's codec)."""
+    if not fmt.scaled:
+        return T.Cast(fmt.code_dtype, y)
     if fmt.name == "int8":
         return T.Cast("int8", T.max(T.min(T.nearbyint(y), T.float32(127)), T.float32(-127)))  # RNE, as numpy and CUDA
     mag = T.reinterpret("int32", T.fabs(y))
@@ -47,13 +49,14 @@ def encode_expr(y, fmt: KVFormat):
 
 def decode_expr(code, fmt: KVFormat):
     """A code -> its float32 value (before the row scale)."""
-    return T.Cast("float32", code) if fmt.name == "int8" else fp8_to_float(code)
+    return fp8_to_float(code) if fmt.name == "fp8" else T.Cast("float32", code)
 
 
 def kv_append_cpu(kv_heads: int, head_dim: int, page_size: int, fmt: KVFormat, dtype: str):
     """Quantize this call's K and V rows into their page slots (in place)."""
     Hk, D, P, cd = kv_heads, head_dim, page_size, fmt.code_dtype
-    qmax = T.float32(fmt.qmax)
+    scaled = fmt.scaled
+    qmax = T.float32(fmt.qmax if fmt.scaled else 1.0)
 
     @T.prim_func
     def kv_append(var_k: T.handle, var_v: T.handle, var_meta: T.handle, var_pages: T.handle, var_scales: T.handle, layer: T.int64):
@@ -78,9 +81,11 @@ def kv_append_cpu(kv_heads: int, head_dim: int, page_size: int, fmt: KVFormat, d
             slot: T.int64 = pos % P
             for d in T.serial(D):
                 row[d] = T.if_then_else(kv == 0, T.Cast("float32", k[0, t, h, d]), T.Cast("float32", v[0, t, h, d]))
-            st[0] = T.float32(0)
-            for d in T.serial(D):
-                st[0] = T.max(st[0], T.fabs(row[d]))
+            st[0] = T.float32(1)  # unscaled formats: the value itself, scale 1
+            if scaled:
+                st[0] = T.float32(0)
+                for d in T.serial(D):
+                    st[0] = T.max(st[0], T.fabs(row[d]))
             inv: T.float32 = T.if_then_else(st[0] > T.float32(0), qmax / st[0], T.float32(0))
             scales[layer, page, kv, h, slot] = st[0] / qmax
             for d in T.vectorized(D):
