@@ -201,10 +201,10 @@ def compile_model(
             # KILN_CUDA_GEMM=0: prefill GEMMs on dlight's Matmul instead of kiln's kernel;
             # KILN_CUDA_GEMV=1: decode on kiln's fused GEMVs (measured slower than dlight's
             # GEMV + separate norms on H100, benchmarks/NOTES.md: off by default);
-            # KILN_CUDA_QGEMV=4 (default) / 4,8 / "": code widths whose decode GEMVs run on kiln's
+            # KILN_CUDA_QGEMV=4,f8 (default) / 4,8,f8 / "": code kinds whose decode GEMVs run on kiln's
             # qgemv.cuh (4-bit: +8-11% over dlight on H100; 8-bit: on par or slower, so dlight)
             opts = PipelineOptions(target=tvm_target, cuda_gemm=os.environ.get("KILN_CUDA_GEMM") != "0",
-                                   cuda_gemv=os.environ.get("KILN_CUDA_GEMV") == "1", cuda_qgemv=os.environ.get("KILN_CUDA_QGEMV", "4"), dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
+                                   cuda_gemv=os.environ.get("KILN_CUDA_GEMV") == "1", cuda_qgemv=os.environ.get("KILN_CUDA_QGEMV", "4,f8"), dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
             lowered = run_pipeline(mod, opts)
             progress(f"codegen ({tg.kind} {tg.label})")
             rel = f"lib/{tg.device}.so"

@@ -83,10 +83,10 @@ def _is_op(call, name: str) -> bool:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4"):
+    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4,f8"):
         super().__init__(mod)
         self.use_gemm, self.use_gemv = gemm, gemv
-        self.qgemv_bits = {int(b) for b in str(qgemv).split(",") if b.strip()}
+        self.qgemv_bits = {b.strip() for b in str(qgemv).split(",") if b.strip()}  # code kinds: "4", "8", "f8"
         self.use_qgemv = bool(self.qgemv_bits)
         self.mod_ = mod
         self.an: _Analysis | None = None
@@ -138,8 +138,8 @@ class _Rewriter(relax.PyExprMutator):
         if None in (sa, sq, ss, so) or len(sa) != 3 or sa[:2] != (1, 1) or len(sq) != 2 or len(ss) != 2:
             return None
         K, N = sa[2], sq[0]
-        bits = {"uint32": 4, "int8": 8}.get(_dtype(q))
-        if bits is None or (bits == 4) != (len(call.args[1].fields) == 4) or K % ss[1]:
+        bits = {"uint32": "4", "int8": "8", "uint8": "f8"}.get(_dtype(q))  # the code kind
+        if bits is None or (bits == "4") != (len(call.args[1].fields) == 4) or K % ss[1]:
             return None
         group, dt, odt = K // ss[1], _dtype(a), str(call.ty.dtype)
         if odt not in (dt, "float32") or not qgemv_supported(K, group, bits, dt):
@@ -233,7 +233,7 @@ class CudaProjections:
     """See the module docstring. CUDA targets only (the pipeline decides).
     gemm=False keeps prefill projections on dlight's Matmul (a diagnostic)."""
 
-    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4"):
+    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4,f8"):
         self.gemm, self.gemv, self.qgemv = gemm, gemv, qgemv
 
     def transform_module(self, mod, _ctx):

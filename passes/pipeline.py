@@ -28,7 +28,7 @@ class PipelineOptions:
     dump_ir: Path | None = None
     cuda_gemm: bool = True  # prefill projections on kiln's tensor-core GEMM (False: dlight's Matmul)
     cuda_gemv: bool = False  # decode projections on kiln's fused GEMVs (measured slower than dlight's GEMV so far)
-    cuda_qgemv: str = "4"  # quantized decode projections on kiln's qgemv.cuh for these code widths ("4", "4,8", ""): 4-bit beats dlight, 8-bit does not
+    cuda_qgemv: str = "4,f8"  # quantized decode projections on kiln's qgemv.cuh for these code kinds ("4", "8", "f8"): 4-bit and fp8 beat dlight, int8 does not
     on_phase: Callable[[str], None] | None = field(default=None, compare=False)
 
 

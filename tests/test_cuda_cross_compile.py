@@ -72,7 +72,7 @@ def test_cuda_uses_kiln_kernels(tiny_checkpoint, tmp_path, fused_gemv):
     assert b"kiln_silu_mul_gemv_residual" not in blob
 
 
-@pytest.mark.parametrize("widths", ["4", "4,8"])
+@pytest.mark.parametrize("widths", ["4", "4,8", "4,f8"])
 def test_cuda_quantized_decode_gemv(tmp_path, widths):
     """--quant q4g32 on CUDA: the 4-bit decode projections run on kiln's
     qgemv.cuh (default, measured faster than dlight's), the q8 LM head on
@@ -88,9 +88,15 @@ def test_cuda_quantized_decode_gemv(tmp_path, widths):
     assert res.returncode == 0, res.stderr[-2000:]
     blob = (out / "lib" / "cuda.so").read_bytes()
     assert b"kiln_qgemv4g32_bfloat16" in blob
-    assert (b"kiln_qgemv8g32" in blob) == ("8" in widths)
+    assert (b"kiln_qgemv8g32" in blob) == ("8" in widths.split(","))
     manifest = json.loads((out / "manifest.json").read_text())
     assert {p["dtype"] for p in manifest["params"] if p["quant"] == "q4g32"} == {"uint32", "float16"}
+    if widths == "4,f8":  # fp8 weights: e4m3 codes through the same kernel (per-row fp32 scale)
+        res = kiln("compile", str(tmp_path / "config.json"), "--no-weights", "-o", str(tmp_path / "f8.kiln"), "--target",
+                   "cuda:sm_80,sm_90", "--dtype", "bfloat16", "--quant", "fp8", "--quiet", env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        blob = (tmp_path / "f8.kiln" / "lib" / "cuda.so").read_bytes()
+        assert b"kiln_qgemvf8g128_bfloat16" in blob and b"kiln_qgemvf8g128_float32" in blob  # body and (tied) head
 
 
 def test_runtime_refuses_cuda_artifact_without_gpu(cuda_artifact):

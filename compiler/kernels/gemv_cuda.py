@@ -90,19 +90,24 @@ Q_NUM_WARPS = 4
 Q_ROWS_PER_WARP = 4
 
 
-def qgemv_supported(K: int, group: int, bits: int, dtype: str) -> bool:
-    unit = 32 if bits == 4 else 16  # weights per 16-byte unit of codes
-    return dtype in C_TYPES and bits in (4, 8) and K % unit == 0 and group % unit == 0 and K % group == 0
+QGEMV_CODES = {"4": 4, "8": 8, "f8": 9}  # code kind -> qgemv.cuh's BITS (9: kiln::kF8, e4m3)
 
 
-def qgemv(K: int, N: int, group: int, bits: int, dtype: str, out_dtype: str):
+def qgemv_supported(K: int, group: int, code: str, dtype: str) -> bool:
+    unit = 32 if code == "4" else 16  # weights per 16-byte unit of codes
+    return dtype in C_TYPES and code in QGEMV_CODES and K % unit == 0 and group % unit == 0 and K % group == 0
+
+
+def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str):
     """y  # [1, 1, N] out_dtype = x  # [1, 1, K] dtype @ dequant(q, s[, z])^T, decode (batch 1).
-    Same arguments as the NT_qmatmul TE kernel it replaces (q4: q, s, z; q8: q, s)."""
+    Same arguments as the NT_qmatmul TE kernel it replaces (q4: q, s, z; q8: q, s; fp8: q, s per row)."""
     nb = (N + Q_ROWS_PER_WARP - 1) // Q_ROWS_PER_WARP  # the block's warps split K of Q_ROWS_PER_WARP rows
-    fn = f"kiln::qgemv<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {bits}, {K}, {group}, {Q_NUM_WARPS}, {Q_ROWS_PER_WARP}>"
+    fn = f"kiln::qgemv<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {QGEMV_CODES[code]}, {K}, {group}, {Q_NUM_WARPS}, {Q_ROWS_PER_WARP}>"
     ng = K // group
+    # q8 / fp8 differ in the codes' and scales' dtypes only
+    q_dtype, s_dtype = ("uint8", "float32") if code == "f8" else ("int8", "float16")
 
-    if bits == 4:
+    if code == "4":
         @T.prim_func
         def kiln_qgemv4(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K // 8), "uint32"), s: T.Buffer((N, ng), "float16"),
                         z: T.Buffer((N, ng), "float16"), y: T.Buffer((1, 1, N), out_dtype)):
@@ -115,12 +120,12 @@ def qgemv(K: int, N: int, group: int, bits: int, dtype: str, out_dtype: str):
         return kiln_qgemv4
 
     @T.prim_func
-    def kiln_qgemv8(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K), "int8"), s: T.Buffer((N, ng), "float16"),
+    def kiln_qgemv8(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K), q_dtype), s: T.Buffer((N, ng), s_dtype),
                     y: T.Buffer((1, 1, N), out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
         for bx in T.thread_binding(nb, thread="blockIdx.x"):
             for tx in T.thread_binding(Q_NUM_WARPS * 32, thread="threadIdx.x"):
                 T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                         T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), N))
+                                         T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), N))  # z: unused
 
     return kiln_qgemv8

@@ -70,28 +70,41 @@ class QuantKV:
         return QuantKVAttention(self, meta, pages, scales, **rope)
 
 
-def rope(x, meta, *, rope_theta: float, rope_scale: float, rope_scaling: dict, name: str):
-    """Rotate-half RoPE of x  # [1, s, heads, head_dim] at positions meta[0] + i
-    (the frequency rules, llama3/yarn scaling included, are TVM's)."""
+def rope_table(meta, seq_len, head_dim: int, *, rope_theta: float, rope_scale: float, rope_scaling: dict):
+    """cos and sin of every (position meta[0] + i, feature) of this call:
+    [2, s, head_dim] float32, computed once per forward and read by every
+    layer's RoPE (TVM's frequency rules, llama3/yarn scaling included)."""
     te, tir = _t.te, _t.tirx
     freq = _t.rope.switch_rope_freq_func(rope_scaling)
 
-    def compute(xt, mt):
-        d_range = int(xt.shape[3])
-
-        def body(b, s, h, d):
-            pos = (mt[0] + s.astype("int32")).astype("float32") * tir.const(rope_scale, "float32")
-            cos, sin, var_map = freq(pos, d, d_range, rope_theta, "float32")
-            half = d_range // 2
-            other = tir.if_then_else(d < half, -xt[b, s, h, d + half], xt[b, s, h, d - half]).astype("float32")
-            expr = cos * xt[b, s, h, d].astype("float32") + sin * other
+    def compute(mt):
+        def body(c, i, d):
+            pos = (mt[0] + i.astype("int32")).astype("float32") * tir.const(rope_scale, "float32")
+            cos, sin, var_map = freq(pos, d, head_dim, rope_theta, "float32")
+            expr = tir.Select(c == 0, cos, sin)
             for var, value in var_map.items():
                 expr = tir.Let(var, value, expr)
-            return expr.astype(xt.dtype)
+            return expr
+
+        return te.compute((2, seq_len, head_dim), body, name="rope_table")
+
+    return op.tensor_expr_op(compute, "rope_table", [meta])
+
+
+def rope(x, table, name: str):
+    """Rotate-half RoPE of x  # [1, s, heads, head_dim] with rope_table's cos/sin."""
+    te, tir = _t.te, _t.tirx
+
+    def compute(xt, tab):
+        half = int(xt.shape[3]) // 2
+
+        def body(b, s, h, d):
+            other = tir.if_then_else(d < half, -xt[b, s, h, d + half], xt[b, s, h, d - half]).astype("float32")
+            return (tab[0, s, d] * xt[b, s, h, d].astype("float32") + tab[1, s, d] * other).astype(xt.dtype)
 
         return te.compute(xt.shape, body, name=name)
 
-    return op.tensor_expr_op(compute, name, [x, meta])
+    return op.tensor_expr_op(compute, name, [x, table])
 
 
 class QuantKVAttention:
@@ -102,6 +115,7 @@ class QuantKVAttention:
         self.q = qkv
         self.meta, self.pages, self.scales = meta, pages, scales
         self.rope = rope_args
+        self.table = None  # rope_table of this call, made by the first layer
 
     def attention_with_fused_qkv(self, layer_id: int, qkv, num_qo_heads: int, sm_scale: float):
         """qkv  # [1, s, q_heads + 2 kv_heads, head_dim] -> attention output  # [1, s, q_heads, head_dim]."""
@@ -110,8 +124,10 @@ class QuantKVAttention:
         hk = (fused - num_qo_heads) // 2
         append, attention = self.q.kernels(kv_heads=hk, q_heads=num_qo_heads, head_dim=int(d), dtype=qkv.dtype, sm_scale=sm_scale)
         q, k, v = op.split(qkv, [num_qo_heads, num_qo_heads + hk], axis=2)
-        q = rope(q, self.meta, name="rope_q", **self.rope)
-        k = rope(k, self.meta, name="rope_k", **self.rope)
+        if self.table is None:
+            self.table = rope_table(self.meta, s, int(d), **self.rope)
+        q = rope(q, self.table, "rope_q")
+        k = rope(k, self.table, "rope_k")
         layer = tir.IntImm("int64", layer_id)
         self.pages, self.scales = op.tensor_ir_inplace_op(
             append, "kv_append", [k, v, self.meta, self.pages, self.scales, layer], [3, 4],

@@ -18,6 +18,50 @@ namespace kiln {
 constexpr float kNegBig = -1e30f;  // finite "minus infinity": exp2(kNegBig - m) is 0, never NaN
 constexpr int kStages = 4;  // cp.async ring depth of the decode kernel
 
+// The end of a split-KV stage 1 (here and in kv_quant.cuh): merge the online
+// softmax states (m, l, o) of a block's GROUPS lane groups through shared
+// memory `smem` (2 GROUPS G + GROUPS G D floats, free when called) and write
+// the block's result for query-head rows hrow0 .. hrow0 + G - 1: the final
+// output and lse when num_splits == 1, else the split's unnormalised O, max
+// and sum to ws [rows, num_splits, D + 2] for attn_decode_merge.
+template <typename T, int D, int G, int VEC, int GROUPS>
+__device__ __forceinline__ void merge_lane_groups(const float (&m)[G], const float (&l)[G], const float (&o)[G][VEC], float* smem,
+                                                  int grp, int li, size_t hrow0, int split, int num_splits, float* __restrict__ ws,
+                                                  T* __restrict__ out, float* __restrict__ lse) {
+  float (*s_m)[G] = reinterpret_cast<float (*)[G]>(smem);
+  float (*s_l)[G] = s_m + GROUPS;
+  float (*s_o)[G][D] = reinterpret_cast<float (*)[G][D]>(smem + 2 * GROUPS * G);
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (li == 0) { s_m[grp][g] = m[g]; s_l[grp][g] = l[g]; }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) s_o[grp][g][li * VEC + j] = o[g][j];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+    const int g = idx / D, d = idx % D;
+    float M = kNegBig;
+#pragma unroll
+    for (int r = 0; r < GROUPS; ++r) M = fmaxf(M, s_m[r][g]);
+    float Lsum = 0.f, O = 0.f;
+#pragma unroll
+    for (int r = 0; r < GROUPS; ++r) {
+      const float w = exp2f(s_m[r][g] - M);
+      Lsum += s_l[r][g] * w;
+      O += s_o[r][g][d] * w;
+    }
+    const size_t h = hrow0 + g;
+    if (num_splits == 1) {  // the whole context in this block: final output, no merge pass
+      out[h * D + d] = from_float<T>(Lsum > 0.f ? O / Lsum : 0.f);
+      if (d == 0) lse[h] = Lsum > 0.f ? M + log2f(Lsum) : kNegBig;
+    } else {
+      float* dst = ws + (h * num_splits + split) * (D + 2);
+      dst[d] = O;
+      if (d == 0) { dst[D] = M; dst[D + 1] = Lsum; }
+    }
+  }
+}
+
 // Stage 1. One block per (sequence b, kv head, query-head chunk, split); NW warps. The split's
 // tokens are dealt round-robin to lane groups of L = D / VEC lanes (VEC
 // elements each), TPW groups per warp; every group keeps an online softmax
@@ -135,39 +179,8 @@ __device__ __forceinline__ void attn_decode_partial(
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring is reused for the merge below
-  // merge the GROUPS lane groups of this block
-  float (*s_m)[G] = reinterpret_cast<float (*)[G]>(smem);
-  float (*s_l)[G] = s_m + GROUPS;
-  float (*s_o)[G][D] = reinterpret_cast<float (*)[G][D]>(reinterpret_cast<float*>(smem) + 2 * GROUPS * G);
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    if (li == 0) { s_m[grp][g] = m[g]; s_l[grp][g] = l[g]; }
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) s_o[grp][g][li * VEC + j] = o[g][j];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < G * D; idx += NW * 32) {
-    const int g = idx / D, d = idx % D;
-    float M = kNegBig;
-#pragma unroll
-    for (int r = 0; r < GROUPS; ++r) M = fmaxf(M, s_m[r][g]);
-    float Lsum = 0.f, O = 0.f;
-#pragma unroll
-    for (int r = 0; r < GROUPS; ++r) {
-      const float w = exp2f(s_m[r][g] - M);
-      Lsum += s_l[r][g] * w;
-      O += s_o[r][g][d] * w;
-    }
-    if (num_splits == 1) {  // the whole context in this block: final output, no merge pass
-      const size_t h = (size_t)b * H_qo + h0 + g;
-      out[h * D + d] = from_float<T>(Lsum > 0.f ? O / Lsum : 0.f);
-      if (d == 0) lse[h] = Lsum > 0.f ? M + log2f(Lsum) : kNegBig;
-    } else {
-      float* dst = ws + (((size_t)b * H_qo + h0 + g) * num_splits + split) * (D + 2);
-      dst[d] = O;
-      if (d == 0) { dst[D] = M; dst[D + 1] = Lsum; }
-    }
-  }
+  merge_lane_groups<T, D, G, VEC, GROUPS>(m, l, o, reinterpret_cast<float*>(smem), grp, li, (size_t)b * H_qo + h0, split, num_splits,
+                                         ws, out, lse);
 }
 
 // Stage 2. One block per (b, q head), D threads: merge the splits, normalise,

@@ -237,37 +237,8 @@ __device__ __forceinline__ void kv_quant_attention_partial(
       }
     }
   }
-  // merge the GROUPS lane groups of this block
-  __shared__ float s_m[GROUPS][G], s_l[GROUPS][G], s_o[GROUPS][G][D];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    if (li == 0) { s_m[grp][g] = m[g]; s_l[grp][g] = l[g]; }
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) s_o[grp][g][li * VEC + j] = o[g][j];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < G * D; idx += NW * 32) {
-    const int g = idx / D, d = idx % D;
-    float M = kNegBig;
-#pragma unroll
-    for (int x = 0; x < GROUPS; ++x) M = fmaxf(M, s_m[x][g]);
-    float Lsum = 0.f, O = 0.f;
-#pragma unroll
-    for (int x = 0; x < GROUPS; ++x) {
-      const float w = exp2f(s_m[x][g] - M);
-      Lsum += s_l[x][g] * w;
-      O += s_o[x][g][d] * w;
-    }
-    const size_t hrow = (size_t)r * H_qo + h0 + g;
-    if (num_splits == 1) {
-      out[hrow * D + d] = from_float<T>(Lsum > 0.f ? O / Lsum : 0.f);
-      if (d == 0) lse[hrow] = Lsum > 0.f ? M + log2f(Lsum) : kNegBig;
-    } else {
-      float* dst = ws + (hrow * num_splits + split) * (D + 2);
-      dst[d] = O;
-      if (d == 0) { dst[D] = M; dst[D + 1] = Lsum; }
-    }
-  }
+  __shared__ float smem[(2 + D) * GROUPS * G];
+  merge_lane_groups<T, D, G, VEC, GROUPS>(m, l, o, smem, grp, li, (size_t)r * H_qo + h0, split, num_splits, ws, out, lse);
 }
 
 }  // namespace kiln

@@ -4,6 +4,8 @@
 //
 // q4 (BITS 4): 8 codes per uint32, nibble j = element 8u + j, w = s q + z.
 // q8 (BITS 8): int8 codes, w = s q. Scales/minima fp16, one per G weights.
+// fp8 (BITS kF8): e4m3 codes (kv_quant.cuh's decoder: the sm_89+ cvt), w = s e4m3(q),
+// one fp32 scale per row (G = K).
 // One block per ROWS rows, its NW warps splitting K (lane l of warp w takes
 // the 16-byte units u = 32 w + l, + 32 NW, ... of every row) (32 q4 / 16 q8 weights; a warp reads 512 contiguous bytes
 // per row and step, all ROWS loads issued first), x for its unit comes from
@@ -29,10 +31,14 @@
 
 namespace kiln {
 
+constexpr int kF8 = 9;  // BITS value of e4m3 codes (8 bits, a float grid)
+
 template <typename T, typename OutT, int BITS, int K, int G, int NW, int ROWS>
-__device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __restrict__ qv, const __half* __restrict__ s,
-                                      const __half* __restrict__ z, OutT* __restrict__ y, int N) {
+__device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __restrict__ qv, const void* __restrict__ sv,
+                                      const void* __restrict__ zv, OutT* __restrict__ y, int N) {
+  const __half* __restrict__ z = static_cast<const __half*>(zv);  // q4 only
   constexpr int UW = BITS == 4 ? 32 : 16;  // weights per 16-byte unit of codes
+  const __half* __restrict__ s = static_cast<const __half*>(sv);
   static_assert(K % UW == 0 && G % UW == 0 && K % G == 0, "whole 16-byte units inside groups");
   constexpr int UNITS = K / UW, NG = K / G;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -67,6 +73,11 @@ __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __res
             const float c = __uint_as_float(((words[i] >> (4 * j)) & 0xFu) | 0x4B000000u) - 8388608.f;
             dot = fmaf(xf[8 * i + j], c, dot);
           }
+        } else if constexpr (BITS == kF8) {
+          float f[4];
+          kv_decode4<kKvFp8>(words[i], f);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) dot = fmaf(xf[4 * i + j], f[j], dot);
         } else {
           const uint32_t b = words[i] ^ 0x80808080u;  // int8 -> code + 128 (unsigned)
 #pragma unroll
@@ -76,7 +87,8 @@ __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __res
           }
         }
       }
-      acc[r] = fmaf(__half2float(__ldg(s + row * NG + g)), dot, acc[r]);
+      const float scale = BITS == kF8 ? __ldg(static_cast<const float*>(sv) + row) : __half2float(__ldg(s + row * NG + g));
+      acc[r] = fmaf(scale, dot, acc[r]);
       if constexpr (BITS == 4) acc[r] = fmaf(__half2float(__ldg(z + row * NG + g)), xw, acc[r]);
     }
   }
