@@ -285,6 +285,7 @@ def _direct_import(ck, srcs, fmt) -> dict | None:
 
 BUILTIN_CALIB = Path(__file__).resolve().parent.parent / "passes" / "data" / "calib_en.txt"
 MAX_CALIB_TOKENS = 8192
+MAX_CALIB_BYTES = 16 * 2**20
 
 
 def measure_quality(model, *, dtype: str, quant: str | None, keep, kv_dtype: str | None = None, calib_text=None, window: int = 512,
@@ -297,6 +298,10 @@ def measure_quality(model, *, dtype: str, quant: str | None, keep, kv_dtype: str
 
     path = Path(calib_text) if calib_text is not None else BUILTIN_CALIB
     try:
+        size = path.stat().st_size
+        if size > MAX_CALIB_BYTES:  # only the first MAX_CALIB_TOKENS tokens are used: never read a huge file whole
+            raise CompileError(f"--calib-text {path}: {size / 2**20:.0f} MiB; at most {MAX_CALIB_BYTES // 2**20} MiB "
+                               f"(the first {MAX_CALIB_TOKENS} tokens are used)")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise CompileError(f"--calib-text {path}: cannot read UTF-8 text ({err})") from None

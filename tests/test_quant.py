@@ -192,6 +192,12 @@ def test_quality_gate_refuses_and_writes_nothing(smollm2_gguf, tmp_path):
     assert list(tmp_path.iterdir()) in ([], [tmp_path / ".gate.kiln.lock"])
     with pytest.raises(CompileError, match="need --quant"):
         compile_model(smollm2_gguf, out, max_kld=0.1)
+    huge = tmp_path / "huge.txt"
+    with huge.open("wb") as f:  # sparse: 17 MiB on paper, nothing on disk
+        f.truncate(17 * 2**20)
+    with pytest.raises(CompileError, match=r"huge.txt: 17 MiB; at most 16 MiB"):
+        compile_model(smollm2_gguf, out, quant="q8", calib_text=huge)
+    assert not out.exists()
 
 
 # llama.cpp's own quantizations of the same float weights, measured side by side
