@@ -19,12 +19,13 @@ DeadCodeElimination later in the pipeline.
     add(r, NT_matmul(silu(gu[0]) * gu[1], W)), gu=split => kiln_silu_mul_gemv_residual(gu_in, W, r)
     NT_matmul(a [1, s, K], W)                            => kiln_gemm(a, W)             (s symbolic)
     NT_qmatmul / lm_head (a [1, 1, K], q, s[, z])        => kiln_qgemv(a, q, s[, z])    (quantized, decode)
+    NT_qmatmul (a [1, s, K], q, s[, z]), 16-bit         => kiln_qgemm(a, q, s[, z])    (quantized, prefill, tensor cores)
     add(r, NT_matmul(a [1, s, K], W))                    => kiln_gemm_residual(a, W, r)
 """
 
 from __future__ import annotations
 
-from ..compiler.kernels.gemm_cuda import gemm, gemm_residual, gemm_supported
+from ..compiler.kernels.gemm_cuda import gemm, gemm_residual, gemm_supported, qgemm, qgemm_supported
 from ..compiler.kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
 from ..tvm_compat import compiler
 
@@ -146,6 +147,25 @@ class _Rewriter(relax.PyExprMutator):
             return None
         return K, N, group, bits, dt, odt
 
+    @staticmethod
+    def _qgemm(call):
+        """call = call_tir(NT_qmatmul*, (a [1, s, K], q, s[, z])), s symbolic, 16-bit out = in -> (K, N, group, code, dtype)."""
+        if not call.args[0].name_hint.startswith("NT_qmatmul") or len(call.args[1].fields) not in (3, 4):
+            return None
+        a, q, sc = call.args[1].fields[:3]
+        shape = a.ty.shape.values if isinstance(a.ty, relax.TensorType) and a.ty.shape is not None else None
+        sq, ss = _static_shape(q), _static_shape(sc)
+        if shape is None or len(shape) != 3 or _static_shape(a) is not None or sq is None or ss is None or len(ss) != 2:
+            return None
+        K, N = int(shape[2]), sq[0]
+        code = {"uint32": "4", "int8": "8", "uint8": "f8"}.get(_dtype(q))
+        if code is None or (code == "4") != (len(call.args[1].fields) == 4) or K % ss[1]:
+            return None
+        group, dt = K // ss[1], _dtype(a)
+        if str(call.ty.dtype) != dt or not qgemm_supported(K, group, code, dt):
+            return None
+        return K, N, group, code, dt
+
     def _swiglu_input(self, a):
         """a = silu(gu[0]) * gu[1] with gu = split(h, 2, axis=-1) -> h."""
         mul = self.an.bound(a)
@@ -194,6 +214,12 @@ class _Rewriter(relax.PyExprMutator):
                 a, w, K, N = hit
                 gv = self._func(("gemm_residual", K, N, _dtype(w)), lambda: gemm_residual(K, N, _dtype(w)))
                 return relax.call_tir(gv, [a, w, r], v.ty)
+        if self.use_gemm and _is_op(call, "relax.call_tir"):
+            hit = self._qgemm(call)
+            if hit is not None:
+                K, N, group, code, dt = hit
+                gv = self._func((f"qgemm{code}g{group}", K, N, dt), lambda: qgemm(K, N, group, code, dt))
+                return relax.call_tir(gv, list(call.args[1].fields), call.ty)
         if self.use_qgemv and _is_op(call, "relax.call_tir"):
             hit = self._qgemv(call)
             if hit is not None and hit[3] in self.qgemv_bits:

@@ -76,7 +76,8 @@ def test_cuda_uses_kiln_kernels(tiny_checkpoint, tmp_path, fused_gemv):
 def test_cuda_quantized_decode_gemv(tmp_path, widths):
     """--quant q4g32 on CUDA: the 4-bit decode projections run on kiln's
     qgemv.cuh (default, measured faster than dlight's), the q8 LM head on
-    dlight's GEMV unless KILN_CUDA_QGEMV lists 8 too."""
+    dlight's GEMV unless KILN_CUDA_QGEMV lists 8 too; prefill projections on
+    kiln's quantized tensor-core GEMM."""
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
            "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 256,
            "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
@@ -88,6 +89,7 @@ def test_cuda_quantized_decode_gemv(tmp_path, widths):
     assert res.returncode == 0, res.stderr[-2000:]
     blob = (out / "lib" / "cuda.so").read_bytes()
     assert b"kiln_qgemv4g32_bfloat16" in blob
+    assert b"kiln_qgemm4g32_" in blob  # prefill: the tensor-core GEMM decoding the B tile in shared memory
     assert (b"kiln_qgemv8g32" in blob) == ("8" in widths.split(","))
     manifest = json.loads((out / "manifest.json").read_text())
     assert {p["dtype"] for p in manifest["params"] if p["quant"] == "q4g32"} == {"uint32", "float16"}
@@ -97,6 +99,7 @@ def test_cuda_quantized_decode_gemv(tmp_path, widths):
         assert res.returncode == 0, res.stderr[-2000:]
         blob = (tmp_path / "f8.kiln" / "lib" / "cuda.so").read_bytes()
         assert b"kiln_qgemvf8g128_bfloat16" in blob and b"kiln_qgemvf8g128_float32" in blob  # body and (tied) head
+        assert b"kiln_qgemmf8g128_" in blob
 
 
 def test_runtime_refuses_cuda_artifact_without_gpu(cuda_artifact):

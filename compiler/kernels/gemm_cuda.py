@@ -68,3 +68,54 @@ def gemm_residual(K: int, N: int, dtype: str):
                                              T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K, smem.access_ptr("rw")))
 
     return kiln_gemm_residual
+
+
+# --- quantized weights (gemm.cuh gemm_tn_q) ---------------------------------------
+QSMEM_BYTES = 3 * (BM * (32 + 8) * 2 + BN * 32) + BN * (32 + 8) * 2  # kiln::QGEMM_SMEM_BYTES
+QGEMM_CODES = {"4": 4, "8": 8, "f8": 9}  # as gemv_cuda.QGEMV_CODES
+
+
+def qgemm_supported(K: int, group: int, code: str, dtype: str) -> bool:
+    return dtype in ("bfloat16", "float16") and code in QGEMM_CODES and K % 32 == 0 and group % 32 == 0 and K % group == 0
+
+
+def qgemm(K: int, N: int, group: int, code: str, dtype: str):
+    """y  # [1, M, N] = a  # [1, M, K] @ dequant(q, s[, z])^T on tensor cores, M symbolic
+    (prefill). Same arguments as the NT_qmatmul TE kernel it replaces."""
+    fn, nb, ng = f"kiln::gemm_tn_q<{C_TYPES[dtype]}, {QGEMM_CODES[code]}, {group}>", (N + BN - 1) // BN, K // group
+    q_shape, q_dtype = ((N, K // 8), "uint32") if code == "4" else ((N, K), "uint8" if code == "f8" else "int8")
+    s_dtype = "float32" if code == "f8" else "float16"
+
+    if code == "4":
+        @T.prim_func
+        def kiln_qgemm4(var_a: T.handle, q: T.Buffer(q_shape, q_dtype), s: T.Buffer((N, ng), s_dtype), z: T.Buffer((N, ng), "float16"),
+                        var_y: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            M = T.int64()
+            a = T.match_buffer(var_a, (1, M, K), dtype)
+            y = T.match_buffer(var_y, (1, M, N), dtype)
+            for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
+                for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                    for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                        smem = T.alloc_buffer((QSMEM_BYTES,), "uint8", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                                 T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
+                                                 smem.access_ptr("rw")))
+
+        return kiln_qgemm4
+
+    @T.prim_func
+    def kiln_qgemm8(var_a: T.handle, q: T.Buffer(q_shape, q_dtype), s: T.Buffer((N, ng), s_dtype), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        M = T.int64()
+        a = T.match_buffer(var_a, (1, M, K), dtype)
+        y = T.match_buffer(var_y, (1, M, N), dtype)
+        for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    smem = T.alloc_buffer((QSMEM_BYTES,), "uint8", scope="shared.dyn")
+                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                             T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
+                                             smem.access_ptr("rw")))  # z: unused
+
+    return kiln_qgemm8

@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 
 namespace kiln {
@@ -44,6 +45,44 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float* out) {
       float4 raw = GLOBAL ? __ldg(reinterpret_cast<const float4*>(p) + c) : reinterpret_cast<const float4*>(p)[c];
       out[c * 4 + 0] = raw.x; out[c * 4 + 1] = raw.y; out[c * 4 + 2] = raw.z; out[c * 4 + 3] = raw.w;
     }
+  }
+}
+
+// int8 / e4m3 codes (passes/kv_quant.py): the KV cache, fp8 weights (qgemv, gemm_tn_q)
+constexpr int kKvInt8 = 0, kKvFp8 = 1;
+
+template <int FMT> __device__ __forceinline__ float kv_qmax() { return FMT == kKvInt8 ? 127.f : 448.f; }
+
+template <int FMT>
+__device__ __forceinline__ float kv_decode(uint32_t c) {
+  if constexpr (FMT == kKvInt8) {
+    return static_cast<float>(static_cast<int8_t>(c & 0xFF));
+  } else {
+    const uint32_t mag = c & 0x7F;
+    return __uint_as_float((mag ? (mag << 20) + (120u << 23) : 0u) | ((c & 0x80) << 24));
+  }
+}
+
+// The 4 codes of a 32-bit word -> floats (before the row scale), the same values
+// as kv_decode: int8 through the mantissa of 2^23 (one PRMT + one FADD per code,
+// no I2F); fp8 with the hardware e4m3x2 -> f16x2 conversion on sm_89+ (codes
+// 0x7F / 0xFF, NaN in e4m3fn, are never written).
+template <int FMT>
+__device__ __forceinline__ void kv_decode4(uint32_t w, float* f) {
+  if constexpr (FMT == kKvInt8) {
+    const uint32_t b = w ^ 0x80808080u;  // signed -> biased by 128
+#pragma unroll
+    for (int j = 0; j < 4; ++j) f[j] = __uint_as_float(__byte_perm(b, 0x4B000000u, 0x7650 + j)) - 8388736.f;  // 2^23 + 128
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xFFFF), __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> 16), __NV_E4M3);
+    const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
+    f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
+#else
+#pragma unroll
+    for (int j = 0; j < 4; ++j) f[j] = kv_decode<FMT>(w >> (8 * j));
+#endif
   }
 }
 
