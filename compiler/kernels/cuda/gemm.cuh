@@ -22,6 +22,27 @@ constexpr int GEMM_STAGE_ELEMS = (GEMM_BM + GEMM_BN) * GEMM_LDS;
 constexpr int GEMM_STAGES = 3;
 constexpr int GEMM_SMEM_BYTES = GEMM_STAGES * GEMM_STAGE_ELEMS * 2;  // 16-bit A and B tiles: 90 KB
 
+// One K step of a warp's 64 x 64 sub-tile (warp wm, wn of 2 x 4): A tile
+// [BM][LDS] and B tile [BN][LDS] in shared memory, 16-bit.
+template <typename T>
+__device__ __forceinline__ void gemm_mma_step(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[4][4],
+                                              const T* __restrict__ As, const T* __restrict__ Bs, int wm, int wn) {
+  using namespace nvcuda;
+#pragma unroll
+  for (int kk = 0; kk < GEMM_BK; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 64 + i * 16) * GEMM_LDS + kk, GEMM_LDS);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(fb[j], Bs + (wn * 64 + j * 16) * GEMM_LDS + kk, GEMM_LDS);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+  }
+}
+
 // Store a warp's 4 x 4 fragments (rows m_w.., columns n_w..) through a 16 x 16
 // fp32 scratch per warp in `smem_raw` (free when called): 8 values per lane per
 // fragment, rows past M / columns past N dropped, + R when RESIDUAL.
@@ -102,20 +123,7 @@ __device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __rest
     if (nxt < steps) load_stage(nxt % GEMM_STAGES, nxt * GEMM_BK);
     cp_async_commit();
     const T* As = smem + (s % GEMM_STAGES) * GEMM_STAGE_ELEMS;
-    const T* Bs = As + GEMM_BM * GEMM_LDS;
-#pragma unroll
-    for (int kk = 0; kk < GEMM_BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 64 + i * 16) * GEMM_LDS + kk, GEMM_LDS);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(fb[j], Bs + (wn * 64 + j * 16) * GEMM_LDS + kk, GEMM_LDS);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    gemm_mma_step<T>(acc, As, As + GEMM_BM * GEMM_LDS, wm, wn);
   }
   cp_async_wait<0>();
   __syncthreads();  // tiles no longer needed: reuse shared memory for the epilogue
@@ -218,20 +226,7 @@ __device__ __forceinline__ void gemm_tn_q(const T* __restrict__ A, const void* _
     const int nxt = s + GEMM_STAGES - 1;
     if (nxt < steps) load_stage(nxt % GEMM_STAGES, nxt * GEMM_BK);
     cp_async_commit();
-    const T* As = As0 + (s % GEMM_STAGES) * GEMM_BM * GEMM_LDS;
-#pragma unroll
-    for (int kk = 0; kk < GEMM_BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 64 + i * 16) * GEMM_LDS + kk, GEMM_LDS);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(fb[j], Bs + (wn * 64 + j * 16) * GEMM_LDS + kk, GEMM_LDS);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    gemm_mma_step<T>(acc, As0 + (s % GEMM_STAGES) * GEMM_BM * GEMM_LDS, Bs, wm, wn);
   }
   cp_async_wait<0>();
   __syncthreads();
