@@ -33,6 +33,9 @@ _t = compiler()
 relax = _t.relax
 
 
+CODE_KINDS = {"uint32": "4", "int8": "8", "uint8": "f8"}  # stored codes' dtype -> code kind (passes/quantize.py formats)
+
+
 def _static_shape(expr) -> tuple[int, ...] | None:
     sinfo = expr.ty
     if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
@@ -129,39 +132,44 @@ class _Rewriter(relax.PyExprMutator):
         return a, w, sw[1], sw[0]
 
     @staticmethod
-    def _qgemv(call):
-        """call = call_tir(NT_qmatmul* | lm_head*, (a [1,1,K], q, s[, z])) -> (K, N, group, bits, dtype, out dtype)."""
-        name = call.args[0].name_hint
-        if not (name.startswith("NT_qmatmul") or name.startswith("lm_head")) or len(call.args[1].fields) not in (3, 4):
-            return None
-        a, q, sc = call.args[1].fields[:3]
-        sa, sq, ss, so = _static_shape(a), _static_shape(q), _static_shape(sc), _static_shape(call)
-        if None in (sa, sq, ss, so) or len(sa) != 3 or sa[:2] != (1, 1) or len(sq) != 2 or len(ss) != 2:
-            return None
-        K, N = sa[2], sq[0]
-        bits = {"uint32": "4", "int8": "8", "uint8": "f8"}.get(_dtype(q))  # the code kind
-        if bits is None or (bits == "4") != (len(call.args[1].fields) == 4) or K % ss[1]:
-            return None
-        group, dt, odt = K // ss[1], _dtype(a), str(call.ty.dtype)
-        if odt not in (dt, "float32") or not qgemv_supported(K, group, bits, dt):
-            return None
-        return K, N, group, bits, dt, odt
-
-    @staticmethod
-    def _qgemm(call):
-        """call = call_tir(NT_qmatmul*, (a [1, s, K], q, s[, z])), s symbolic, 16-bit out = in -> (K, N, group, code, dtype)."""
-        if not call.args[0].name_hint.startswith("NT_qmatmul") or len(call.args[1].fields) not in (3, 4):
+    def _quantized(call, prefixes: tuple[str, ...]):
+        """call = call_tir(<prefix>*, (a [1, s, K], q, s[, z])) over a quantized [N, K] matrix ->
+        (a, K, N, group, code kind), or None. The code kind comes from the stored codes'
+        dtype; 4-bit codes come with a minimum (z), 8-bit ones without."""
+        if not call.args[0].name_hint.startswith(prefixes) or len(call.args[1].fields) not in (3, 4):
             return None
         a, q, sc = call.args[1].fields[:3]
         shape = a.ty.shape.values if isinstance(a.ty, relax.TensorType) and a.ty.shape is not None else None
         sq, ss = _static_shape(q), _static_shape(sc)
-        if shape is None or len(shape) != 3 or _static_shape(a) is not None or sq is None or ss is None or len(ss) != 2:
+        if shape is None or len(shape) != 3 or sq is None or len(sq) != 2 or ss is None or len(ss) != 2:
             return None
-        K, N = int(shape[2]), sq[0]
-        code = {"uint32": "4", "int8": "8", "uint8": "f8"}.get(_dtype(q))
+        try:
+            K = int(shape[2])
+        except TypeError:  # symbolic
+            return None
+        code = CODE_KINDS.get(_dtype(q))
         if code is None or (code == "4") != (len(call.args[1].fields) == 4) or K % ss[1]:
             return None
-        group, dt = K // ss[1], _dtype(a)
+        return a, K, sq[0], K // ss[1], code
+
+    def _qgemv(self, call):
+        """call = call_tir(NT_qmatmul* | lm_head*, (a [1,1,K], q, s[, z])) -> (K, N, group, code, dtype, out dtype)."""
+        hit = self._quantized(call, ("NT_qmatmul", "lm_head"))
+        if hit is None or _static_shape(hit[0]) is None or _static_shape(hit[0])[:2] != (1, 1) or _static_shape(call) is None:
+            return None
+        a, K, N, group, code = hit
+        dt, odt = _dtype(a), str(call.ty.dtype)
+        if odt not in (dt, "float32") or not qgemv_supported(K, group, code, dt):
+            return None
+        return K, N, group, code, dt, odt
+
+    def _qgemm(self, call):
+        """call = call_tir(NT_qmatmul*, (a [1, s, K], q, s[, z])), s symbolic, 16-bit out = in -> (K, N, group, code, dtype)."""
+        hit = self._quantized(call, ("NT_qmatmul",))
+        if hit is None or _static_shape(hit[0]) is not None:
+            return None
+        a, K, N, group, code = hit
+        dt = _dtype(a)
         if str(call.ty.dtype) != dt or not qgemm_supported(K, group, code, dt):
             return None
         return K, N, group, code, dt

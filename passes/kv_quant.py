@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CompileError
+from ..runtime.dtypes import itemsize, numpy_dtype
 
 FP8_MAX = 448.0
 FP8_MIN_NORMAL = 2.0**-6
@@ -47,7 +48,7 @@ class KVFormat:
 
     def bytes_per_row(self, head_dim: int) -> int:
         """Bytes one (token, kv head) row of K or V takes: codes + its fp32 scale."""
-        return head_dim * (1 if "8" in self.code_dtype else 2) + 4
+        return head_dim * itemsize(self.code_dtype) + 4
 
     @property
     def scaled(self) -> bool:
@@ -99,7 +100,7 @@ def encode_rows(x: np.ndarray, fmt: KVFormat) -> tuple[np.ndarray, np.ndarray]:
     """x  # [..., head_dim] float -> (codes [..., head_dim], scales [...] float32)."""
     x = np.asarray(x, dtype=np.float32)
     if not fmt.scaled:
-        return x.astype(_np_float(fmt.code_dtype)), np.ones(x.shape[:-1], np.float32)
+        return x.astype(numpy_dtype(fmt.code_dtype)), np.ones(x.shape[:-1], np.float32)
     amax = np.abs(x).max(axis=-1)
     scale = (amax / np.float32(fmt.qmax)).astype(np.float32)
     inv = np.where(amax > 0, np.float32(fmt.qmax) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
@@ -115,10 +116,3 @@ def decode_rows(codes: np.ndarray, scales: np.ndarray, fmt: KVFormat) -> np.ndar
     vals = codes.astype(np.float32) if fmt.name != "fp8" else fp8_decode(codes)
     return vals * scales[..., None]
 
-
-def _np_float(name: str):
-    if name == "bfloat16":
-        import ml_dtypes  # noqa: PLC0415
-
-        return ml_dtypes.bfloat16
-    return np.dtype(name)

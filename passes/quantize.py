@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CompileError
-from .kv_quant import FP8_MAX, fp8_decode, fp8_encode
+from .kv_quant import KV_FORMATS, encode_rows, fp8_decode
 
 ROLES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed")
 BODY_ROLES = ROLES[:4]
@@ -144,14 +144,12 @@ def quantize(w: np.ndarray, fmt: QFormat, refine: int = 4) -> dict[str, np.ndarr
 
 
 def _quantize_fp8(w: np.ndarray) -> dict[str, np.ndarray]:
-    """e4m3 codes with one fp32 scale per row: the row maximum maps to 448
-    (e4m3's largest finite value), each weight rounds to the nearest e4m3
-    value (a floating grid: 3 mantissa bits at every magnitude, so no search
-    for a better scale helps much; under 2^-6 of the scaled range flushes to 0)."""
-    amax = np.abs(w).max(axis=1, keepdims=True)
-    s = (amax / np.float32(FP8_MAX)).astype(np.float32)
-    inv = np.where(amax > 0, np.float32(FP8_MAX) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    return {"q": fp8_encode(w * inv), "s": s}
+    """e4m3 codes with one fp32 scale per row: the KV cache's row codec
+    (passes/kv_quant.py; the row maximum maps to 448, each weight rounds to the
+    nearest e4m3 value). A floating grid keeps 3 mantissa bits at every
+    magnitude, so searching for a better scale helps little."""
+    codes, scales = encode_rows(w, KV_FORMATS["fp8"])
+    return {"q": codes, "s": scales[:, None]}
 
 
 def _f16(x: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ...tvm_compat import compiler
 from .attention_cuda import C_TYPES
+from .gemv_cuda import QGEMV_CODES  # code kind -> the CODE / BITS template value of both quantized kernels
 
 _t = compiler()
 T = _t.T
@@ -72,17 +73,16 @@ def gemm_residual(K: int, N: int, dtype: str):
 
 # --- quantized weights (gemm.cuh gemm_tn_q) ---------------------------------------
 QSMEM_BYTES = 3 * (BM * (32 + 8) * 2 + BN * 32) + BN * (32 + 8) * 2  # kiln::QGEMM_SMEM_BYTES
-QGEMM_CODES = {"4": 4, "8": 8, "f8": 9}  # as gemv_cuda.QGEMV_CODES
 
 
 def qgemm_supported(K: int, group: int, code: str, dtype: str) -> bool:
-    return dtype in ("bfloat16", "float16") and code in QGEMM_CODES and K % 32 == 0 and group % 32 == 0 and K % group == 0
+    return dtype in ("bfloat16", "float16") and code in QGEMV_CODES and K % 32 == 0 and group % 32 == 0 and K % group == 0
 
 
 def qgemm(K: int, N: int, group: int, code: str, dtype: str):
     """y  # [1, M, N] = a  # [1, M, K] @ dequant(q, s[, z])^T on tensor cores, M symbolic
     (prefill). Same arguments as the NT_qmatmul TE kernel it replaces."""
-    fn, nb, ng = f"kiln::gemm_tn_q<{C_TYPES[dtype]}, {QGEMM_CODES[code]}, {group}>", (N + BN - 1) // BN, K // group
+    fn, nb, ng = f"kiln::gemm_tn_q<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {group}>", (N + BN - 1) // BN, K // group
     q_shape, q_dtype = ((N, K // 8), "uint32") if code == "4" else ((N, K), "uint8" if code == "f8" else "int8")
     s_dtype = "float32" if code == "f8" else "float16"
 
