@@ -123,6 +123,11 @@ def parse_target(spec: str) -> list[CompileTarget]:
                 raise CompileError(f"--target {part}: {mcpu!r} is not a CPU LLVM knows for {triple} (try x86-64-v3, znver4, skylake-avx512)")
             tgt = t.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu})
             feats = codegen.llvm_get_cpu_features(tgt)
+            if triple.startswith("x86_64") and "64bit" not in feats:
+                # a 32-bit CPU (pentium, i686, ...) is a valid LLVM name for the triple, but
+                # LLVM aborts the whole process building 64-bit code for it
+                raise CompileError(f"--target {part}: {mcpu!r} is a 32-bit CPU; kiln builds x86-64 code "
+                                   f"(try x86-64, x86-64-v3, znver4, skylake-avx512)")
             targets.append(CompileTarget("llvm", triple=triple, mcpu=mcpu, llvm_features=tuple(sorted(feats))))
         elif kind == "cuda":
             targets.append(_cuda_target(part, arg.split(",")))

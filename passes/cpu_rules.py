@@ -54,6 +54,29 @@ def vector_lanes(target, dtype_bits: int = 32) -> int:
     return bits // dtype_bits
 
 
+def reduction_tile(k: int, lanes: int, accumulators: int) -> tuple[int, int]:
+    """(vector width, accumulators) for a k-long dot product: the widest vector
+    (lanes, then halves down to scalar) and the most accumulators (then 2, 1)
+    whose product divides k at least twice. The split k loop then never has
+    extent 1, which TVM simplifies away under rfactor ("loops are not in a
+    chain"): K=64 at 16 lanes x 4 accumulators did. A K that only a narrower
+    vector divides (K=40 at 16 lanes) gets 8-lane vectors, not a refusal; an
+    odd K runs scalar but correct ((1, 1)). (0, 0) only when k < 2."""
+    vec = lanes
+    while vec >= 1:
+        for acc in dict.fromkeys((accumulators, 2, 1)):
+            if k % (vec * acc) == 0 and k // (vec * acc) >= 2:
+                return vec, acc
+        vec //= 2
+    return 0, 0
+
+
+def column_tile(n: int, lanes: int, preferred: int) -> int:
+    """Output columns per register tile: `preferred` (a multiple of lanes), then
+    lanes, then narrower vectors down to 1, the first that divides n."""
+    return next(c for c in (preferred, lanes, *(lanes >> s for s in range(1, lanes.bit_length()))) if c >= 1 and n % c == 0)
+
+
 def _int_extent(sch, loop) -> int | None:
     t = compiler()
     ext = sch.get(loop).extent
@@ -96,12 +119,17 @@ class CpuGemv:
         n = _int_extent(sch, s)
         if k is None or n is None or _int_extent(sch, c) != 1 or _int_extent(sch, batch) != 1:
             return None
-        lanes = vector_lanes(target)
-        inner = next((lanes * a for a in (self.acc, 2, 1) if k % (lanes * a) == 0), None)
-        if inner is None:
+        lanes, acc = reduction_tile(k, vector_lanes(target), self.acc)
+        if lanes == 0:
             return None
+        inner = lanes * acc
         rows = self.rows if n % self.rows == 0 else next(d for d in (8, 4, 2, 1) if n % d == 0)
         so, si = sch.split(s, [None, rows])
+        if inner == 1:  # odd K: a serial dot per row (rfactor over a unit loop does not schedule)
+            if epilogue is not None:
+                sch.reverse_compute_at(epilogue.block_rv, si)
+            sch.parallel(so)
+            return sch
         ro, ri = sch.split(r, [None, inner])
         rf = sch.rfactor(ri, 0)
         # rf block loops: batch, so, si, ro, ri, c ; write-back block: batch, so, si, ri, c
@@ -163,11 +191,8 @@ class CpuMatmul:
         if exts[-3] is not None or n_ext is None or k_ext is None:
             return None  # m must be the symbolic token dim; n and k static
         lanes = vector_lanes(target)
-        mt, nt = (8, 2 * lanes) if lanes >= 16 else (6, 2 * lanes)
-        if n_ext % nt:
-            nt = lanes
-            if n_ext % nt:
-                return None
+        mt = 8 if lanes >= 16 else 6
+        nt = column_tile(n_ext, lanes, 2 * lanes)
         try:
             sch.pad_einsum(block, [1] * (len(loops) - 3) + [mt, 1, 1])
             m, n, k = sch.get_loops(block)[-3:]

@@ -14,7 +14,8 @@ import pytest
 
 from kiln.compiler.kernels.attention_cpu import paged_decode_attention_cpu, ragged_prefill_attention_cpu
 from kiln.compiler.target import parse_target
-from kiln.passes.cpu_rules import CpuGemv, CpuInlineElementwise, CpuMatmul
+from kiln.passes.cpu_rules import CpuGemv, CpuInlineElementwise, CpuMatmul, reduction_tile, vector_lanes
+from kiln.runtime.hostinfo import host_cpu_flags, host_machine
 from kiln.tvm_compat import compiler
 
 TOL = {"float32": dict(rtol=2e-5, atol=2e-5), "float16": dict(rtol=2e-3, atol=2e-3)}
@@ -22,10 +23,22 @@ TOL = {"float32": dict(rtol=2e-5, atol=2e-5), "float16": dict(rtol=2e-3, atol=2e
 t = compiler()
 tvm, te = t.tvm, t.te
 
+# 4, 8 and 16 fp32 lanes on every host: each is compiled and checked for structure
+# everywhere; it runs where the host has the target's CPU flags (CI runs on
+# whatever CPU it gets: an AVX-512 host must not be the first to see 16 lanes).
+CPUS = {"x86-64-v2": 4, "x86-64-v3": 8, "x86-64-v4": 16}
+RUNNABLE: dict[str, bool] = {}
 
-@pytest.fixture(scope="module")
-def target():
-    return parse_target("llvm")[0].tvm_target()
+
+@pytest.fixture(scope="module", params=list(CPUS))
+def target(request):
+    if host_machine() != "x86_64":
+        pytest.skip("x86-64 targets")
+    tg = parse_target("llvm:" + request.param)[0]
+    tvm_target = tg.tvm_target()
+    assert vector_lanes(tvm_target) == CPUS[request.param]
+    RUNNABLE[request.param] = set(tg.required_cpu_flags()) <= host_cpu_flags()
+    return tvm_target
 
 
 def _nt_matmul_func(m, n, k, wdtype="float32", bias=False):
@@ -41,8 +54,15 @@ def _nt_matmul_func(m, n, k, wdtype="float32", bias=False):
     return te.create_prim_func([*args, y])
 
 
-def _run(func, target, arrays, out_shape, sym=None):
-    mod = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+def _build(func, target):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+
+
+def _run(func, target, arrays, out_shape):
+    """Compile for the target; run it when this host can, else only check the code is built."""
+    mod = _build(func, target)
+    if not RUNNABLE[str(target.attrs["mcpu"])]:
+        pytest.skip(f"compiled for {target.attrs['mcpu']}; this host lacks its CPU flags to run it")
     dev = tvm.cpu()
     out = tvm.runtime.empty(out_shape, "float32", dev)
     mod["main"](*[tvm.runtime.tensor(a, dev) for a in arrays], out)
@@ -55,13 +75,22 @@ def _schedule(rule, func, target):
     return sch.mod["main"]
 
 
+@pytest.mark.parametrize(("k", "lanes", "acc", "tile"), [
+    (40, 16, 4, (8, 1)), (64, 16, 4, (16, 2)), (576, 16, 4, (16, 4)), (13, 8, 4, (1, 1)), (6, 8, 4, (2, 1)), (1, 8, 4, (0, 0)),
+])
+def test_reduction_tile_divides_k_at_least_twice(k, lanes, acc, tile):
+    assert reduction_tile(k, lanes, acc) == tile
+
+
+@pytest.mark.parametrize(("n", "k"), [(72, 40), (64, 64), (72, 64), (80, 64), (24, 13), (16, 16)])
 @pytest.mark.parametrize("wdtype", ["float32", "float16"])
-def test_gemv_matches_numpy(target, wdtype):
-    rng = np.random.default_rng(0)
-    n, k = 72, 40
+def test_gemv_matches_numpy(target, wdtype, n, k):
+    rng = np.random.default_rng(n * k)
     func = _schedule(CpuGemv(), _nt_matmul_func(1, n, k, wdtype, bias=True), target)
     text = func.script()
-    assert "T.parallel" in text and "T.vectorized" in text
+    assert "T.parallel" in text
+    if k % 2 == 0:
+        assert "T.vectorized" in text
     x = rng.standard_normal((1, 1, k)).astype(np.float32)
     w = rng.standard_normal((n, k)).astype(wdtype)
     b = rng.standard_normal(n).astype(np.float32)
@@ -70,15 +99,23 @@ def test_gemv_matches_numpy(target, wdtype):
     np.testing.assert_allclose(got[0], ref, **TOL["float32"])
 
 
+def test_gemv_uses_the_targets_vector_registers(target):
+    """The widest registers of the target appear in the GEMV's machine code."""
+    func = _schedule(CpuGemv(), _nt_matmul_func(1, 64, 256), target)
+    asm = _build(func, target).mod.inspect_source("asm")
+    reg = {4: "xmm", 8: "ymm", 16: "zmm"}[vector_lanes(target)]
+    assert reg in asm
+
+
 def test_gemv_refuses_symbolic_rows(target):
     m = t.tirx.Var("m", "int64")
     assert CpuGemv().apply(_nt_matmul_func(m, 24, 40), target) is None
 
 
+@pytest.mark.parametrize(("n", "k"), [(24, 40), (72, 64), (96, 13), (7, 40)])
 @pytest.mark.parametrize("m", [1, 13, 32])
-def test_matmul_symbolic_m_matches_numpy(target, m):
-    rng = np.random.default_rng(m)
-    n, k = 24, 40
+def test_matmul_symbolic_m_matches_numpy(target, m, n, k):
+    rng = np.random.default_rng(m * n + k)
     sym = t.tirx.Var("m", "int64")
     func = _schedule(CpuMatmul(), _nt_matmul_func(sym, n, k, bias=True), target)
     assert "T.parallel" in func.script()
@@ -121,6 +158,13 @@ def test_inline_elementwise_removes_intermediates(target):
 H_Q, H_KV, D, PAGE = 6, 2, 24, 16
 
 
+def _runnable(func, target):
+    mod = _build(func, target)
+    if not RUNNABLE[str(target.attrs["mcpu"])]:
+        pytest.skip(f"compiled for {target.attrs['mcpu']}; this host lacks its CPU flags to run it")
+    return mod
+
+
 def _attention_ref(q, k, v, sm_scale, causal_offset=None):
     """q [nq, H, D], k/v [nk, H_KV, D] -> out [nq, H, D], lse2 [nq, H] (base-2), float64."""
     nq, nk = q.shape[0], k.shape[0]
@@ -147,8 +191,8 @@ def test_paged_decode_attention_matches_numpy(target):
     k = np.concatenate([pages[p, 0].transpose(1, 0, 2) for p in order])[:ctx]
     v = np.concatenate([pages[p, 1].transpose(1, 0, 2) for p in order])[:ctx]
     q = rng.standard_normal((1, H_Q, D)).astype(np.float32)
-    func = paged_decode_attention_cpu(H_KV, H_Q, D, "float32", lanes=8, page_size=PAGE)
-    mod = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    func = paged_decode_attention_cpu(H_KV, H_Q, D, "float32", lanes=vector_lanes(target), page_size=PAGE)
+    mod = _runnable(func, target)
     dev = tvm.cpu()
     T = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
     out = tvm.runtime.empty((1, H_Q, D), "float32", dev)
@@ -167,8 +211,8 @@ def test_ragged_prefill_attention_causal_matches_numpy(target):
     q = rng.standard_normal((nq, H_Q, D)).astype(np.float32)
     k = rng.standard_normal((nq, H_KV, D)).astype(np.float32)
     v = rng.standard_normal((nq, H_KV, D)).astype(np.float32)
-    func = ragged_prefill_attention_cpu(H_KV, H_Q, D, "float32", lanes=8)
-    mod = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    func = ragged_prefill_attention_cpu(H_KV, H_Q, D, "float32", lanes=vector_lanes(target))
+    mod = _runnable(func, target)
     dev = tvm.cpu()
     T = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
     out = tvm.runtime.empty((nq, H_Q, D), "float32", dev)
