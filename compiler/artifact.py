@@ -2,7 +2,8 @@
 
 Protocol (BAD_INPUTS 17-19):
 1. Take an exclusive lock `.NAME.lock` beside the output (two compiles to one
-   output: the second fails at once instead of interleaving files).
+   output: the second fails at once instead of interleaving files). The lock
+   file exists only while a compile runs.
 2. Remove leftovers of killed compiles (`.NAME.tmp-*`), which we may do since we
    hold the lock.
 3. Write every file into a fresh temp dir beside the output (same filesystem),
@@ -16,6 +17,7 @@ Protocol (BAD_INPUTS 17-19):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -73,6 +75,22 @@ def is_artifact(path: Path) -> bool:
         return False
 
 
+def _remove_orphans(parent: Path) -> None:
+    """Remove other outputs' temp dirs whose compile died (killed, or a native
+    abort no Python handler sees): `.X.kiln.tmp-PID-*` with no process PID.
+    A live PID (another compile right now) is left alone."""
+    for tmp in parent.glob(".*.tmp-*-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove(tmp)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 class HashingWriter:
     """A binary file writer that hashes what it writes and fsyncs on close."""
 
@@ -120,23 +138,11 @@ class ArtifactWriter:
         self._lock_fd: int | None = None
 
     def __enter__(self) -> "ArtifactWriter":
-        if self.output.exists() and not is_artifact(self.output):
-            raise CompileError(f"{self.output}: exists and is not a kiln artifact; refusing to overwrite it")
-        if not self.parent.is_dir():
-            raise CompileError(f"{self.parent}: output directory does not exist")
-        lock_path = self.parent / f".{self.output.name}.lock"
-        try:
-            self._lock_fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as err:
-            raise CompileError(f"cannot write to {self.parent}: {err.strerror}") from None
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise CompileError(f"{self.output}: another kiln compile is writing this artifact right now") from None
+        _check_place(self.output)
+        self._lock()
         for leftover in self.parent.glob(f".{self.output.name}.tmp-*"):
             _remove(leftover)
+        _remove_orphans(self.parent)
         for leftover in self.parent.glob(f".{self.output.name}.old-*"):
             _remove(leftover)
         self.tmp = self.parent / f".{self.output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -190,8 +196,34 @@ class ArtifactWriter:
         _fsync_dir(self.parent)
         self.tmp = None
 
+    def _lock(self) -> None:
+        """Hold `.NAME.lock` for the whole compile. The file exists only while a
+        compile runs: the holder unlinks it before unlocking, so a compile that
+        locked a file someone has since unlinked retries on a fresh one."""
+        self._lock_path = self.parent / f".{self.output.name}.lock"
+        while True:
+            try:
+                fd = os.open(self._lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+            except OSError as err:
+                raise CompileError(f"cannot write to {self.parent}: {err.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise CompileError(f"{self.output}: another kiln compile is writing this artifact right now") from None
+            try:
+                same = os.stat(self._lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_fd = fd
+                return
+            os.close(fd)  # unlinked by the compile that held it just before us: lock the new file
+
     def _unlock(self) -> None:
         if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_path)  # still holding the lock: no one else can be using this file
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -207,3 +239,31 @@ class ArtifactWriter:
             else:
                 what = f"{exc.strerror or type(exc).__name__}" + (f" ({exc.filename})" if exc.filename else "")
             raise CompileError(f"{what} while writing {self.output}; nothing was written there and any earlier artifact is intact") from exc
+
+
+def _check_place(output: Path) -> None:
+    if output.exists() and not is_artifact(output):
+        raise CompileError(f"{output}: exists and is not a kiln artifact; refusing to overwrite it")
+    if not output.parent.is_dir():
+        raise CompileError(f"{output.parent}: output directory does not exist")
+
+
+def check_output(output: str | Path) -> None:
+    """ArtifactWriter's checks on OUTPUT, without taking the lock or writing
+    anything. Cheap (no TVM): `kiln compile` runs them before importing TVM so
+    that a bad output fails at once, not seconds later. The writer checks again."""
+    output = Path(os.path.abspath(output))
+    parent = output.parent
+    _check_place(output)
+    if not os.access(parent, os.W_OK):
+        raise CompileError(f"cannot write to {parent}: permission denied")
+    try:
+        fd = os.open(parent / f".{output.name}.lock", os.O_RDONLY)
+    except OSError:
+        return  # no lock file: no compile is writing OUTPUT
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # probe only: closing the fd releases it
+    except BlockingIOError:
+        raise CompileError(f"{output}: another kiln compile is writing this artifact right now") from None
+    finally:
+        os.close(fd)

@@ -8,9 +8,11 @@ import math
 import tempfile
 import json
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from .artifact import ArtifactWriter
 from .cuda_codegen import nvcc_callback
 from .kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
 from .kernels.kv_quant import QuantKV
+from .progress import QUIET, Progress
 from .target import CompileTarget, parse_target
 from ..passes.kv_quant import kv_format
 from ..passes.quantize import QuantPlan, expand_params, quantize
@@ -48,16 +51,62 @@ class CompileSummary:
     targets: list[str]
     seconds: float
     dtype: str
+    warnings: list[str] = field(default_factory=list)  # things the user should know about the artifact
 
     def line(self) -> str:
         return (f"compiled {self.output}: {self.num_params / 1e6:.1f}M params, {self.dtype}, "
                 f"{self.artifact_bytes / 2**20:.1f} MiB, target {', '.join(self.targets)}, {self.seconds:.1f} s")
 
 
-def _progress_noop(_msg: str) -> None:
-    pass
+def _interruptible(fn):
+    """Ctrl-C anywhere in a compile ends it as KeyboardInterrupt (`kiln: interrupted`,
+    exit 130). TVM turns an interrupt that lands inside one of its calls (codegen,
+    a Python pass called from C++) into an ordinary error, which would otherwise
+    read as `codegen ... failed: RuntimeError`: a SIGINT seen while the compile ran
+    wins over whatever error came out of it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)  # signal handlers belong to the main thread
+        seen = threading.Event()
+        prev = signal.getsignal(signal.SIGINT)
+        saved_stderr = []
+
+        def on_sigint(signum, frame):
+            if prev == signal.SIG_IGN:
+                return
+            if not seen.is_set():
+                # what TVM prints while its objects unwind ("BlockBuilder destroyed with
+                # remaining blocks!") means nothing to someone who pressed Ctrl-C
+                with contextlib.suppress(OSError):
+                    sys.stderr.flush()
+                    saved_stderr.append(os.dup(2))
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 2)
+                    os.close(devnull)
+            seen.set()
+            if callable(prev):
+                prev(signum, frame)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if seen.is_set():
+                raise KeyboardInterrupt from err
+            raise
+        finally:
+            signal.signal(signal.SIGINT, prev)
+            for fd in saved_stderr:
+                os.dup2(fd, 2)
+                os.close(fd)
+
+    return wrapper
 
 
+@_interruptible
 def compile_model(
     model: str | Path,
     output: str | Path,
@@ -74,7 +123,7 @@ def compile_model(
     max_kld: float | None = None,
     quality_check: bool = True,
     kv_dtype: str | None = None,
-    progress: Callable[[str], None] = _progress_noop,
+    progress: Progress = QUIET,
 ) -> CompileSummary:
     """Compile a checkpoint (HF dir / .safetensors / .gguf) into an artifact directory.
 
@@ -188,7 +237,8 @@ def compile_model(
 
         shapes = {n: stored[n][1][0] for n in order}
         if not no_weights:
-            info = write_safetensors(writer.open("weights.safetensors"), order, shapes, param_dtypes, produce, progress)
+            info = write_safetensors(writer.open("weights.safetensors"), order, shapes, param_dtypes, produce,
+                                     lambda done, total: progress.count("weights", done, total))
             writer.record("weights.safetensors", info)
             if plan is not None:
                 progress(f"quantized matrices: {imported['direct']} taken from the file's own blocks as they are, "
@@ -208,7 +258,8 @@ def compile_model(
             lowered = run_pipeline(mod, opts)
             progress(f"codegen ({tg.kind} {tg.label})")
             rel = f"lib/{tg.device}.so"
-            _build_library(lowered, tvm_target, writer.path(rel), tg)
+            with progress.waiting(f"codegen ({tg.kind} {tg.label})"):
+                _build_library(lowered, tvm_target, writer.path(rel), tg)
             writer.record(rel)
             lib_entries.append({**tg.manifest(), "library": rel, "compute_dtype": precision.compute})
 
@@ -268,7 +319,12 @@ def compile_model(
         progress("write artifact")
         writer.commit(manifest)
         total = sum(f["size"] for f in writer.files.values())
-    return CompileSummary(out_path, num_params, total, [f"{tg.kind}:{tg.label}" for tg in targets], time.perf_counter() - t0, dtype)
+    warnings = []
+    if ck.tokenizer is None and not no_weights:
+        warnings.append(f"{ck.source} has no tokenizer (tokenizer.json): the artifact takes token ids only "
+                        f"(kiln run --tokens), not text prompts")
+    return CompileSummary(out_path, num_params, total, [f"{tg.kind}:{tg.label}" for tg in targets], time.perf_counter() - t0, dtype,
+                          warnings)
 
 
 def _direct_import(ck, srcs, fmt) -> dict | None:
@@ -289,7 +345,7 @@ MAX_CALIB_BYTES = 16 * 2**20
 
 
 def measure_quality(model, *, dtype: str, quant: str | None, keep, kv_dtype: str | None = None, calib_text=None, window: int = 512,
-                    progress=_progress_noop) -> dict:
+                    progress: Progress = QUIET) -> dict:
     """Compile the float32 model and the quantized one for this CPU into a
     scratch directory, run both over the text and compare (runtime/quality.py).
     CPU numerics (fp32 arithmetic): the quantization error itself, not a GPU's bf16."""
@@ -308,14 +364,18 @@ def measure_quality(model, *, dtype: str, quant: str | None, keep, kv_dtype: str
     with tempfile.TemporaryDirectory(prefix="kiln-quality-") as tmp:
         what = " + ".join(x for x in (quant, f"{kv_dtype} KV" if kv_dtype else None) if x)
         progress(f"quality check: float32 and {what} for this CPU ({'built-in text' if calib_text is None else path})")
-        ref_dir = compile_model(model, Path(tmp) / "ref.kiln", target="llvm", dtype="float32", quality_check=False).output
+        inner = progress.live_only()  # the scratch compiles: live bars, no phase lines of their own
+        progress("  quality check: compile float32")
+        ref_dir = compile_model(model, Path(tmp) / "ref.kiln", target="llvm", dtype="float32", quality_check=False, progress=inner).output
+        progress(f"  quality check: compile {what}")
         q_dir = compile_model(model, Path(tmp) / "q.kiln", target="llvm", dtype=dtype, quant=quant, keep=keep, kv_dtype=kv_dtype,
-                              quality_check=False).output
+                              quality_check=False, progress=inner).output
+        progress("  quality check: run both over the text")
         ref, test = load(ref_dir), load(q_dir)
         ids = ref.encode_prompt(text)[:MAX_CALIB_TOKENS]
         if len(ids) < 64:
             raise CompileError(f"--calib-text {path}: {len(ids)} tokens; at least 64 are needed")
-        r = compare_sessions(test, ref, ids, window)
+        r = compare_sessions(test, ref, ids, window, on_window=lambda done, total: progress.count("quality windows", done, total))
     return {**r, "text": "built-in English text" if calib_text is None else path.name, "measured_on": "cpu, float32 arithmetic"}
 
 

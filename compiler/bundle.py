@@ -3,11 +3,11 @@
     DIR/model.kiln/      the artifact
     DIR/site/tvm/        TVM's Python package, runtime libraries only (no libtvm_compiler.so)
     DIR/site/tvm_ffi/    apache-tvm-ffi for the target Python (from its wheel)
-    DIR/site/kiln/       kiln's runtime modules (and the CLI)
+    DIR/site/kiln/       kiln's runtime modules and the CLI (run, eval, inspect, bench only)
     DIR/kiln             launcher: `python3 DIR/kiln run DIR/model.kiln --prompt ...`
 
-The target needs Python and numpy (plus tokenizers/jinja2/ml_dtypes for text
-and bf16); no pip, no network.
+The target needs Python and numpy (plus tokenizers/jinja2 for text, ml_dtypes
+for bfloat16 weights); no pip, no network.
 """
 
 from __future__ import annotations
@@ -70,6 +70,19 @@ def _fetch_tvm_ffi(dst: Path, python: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def copy_kiln_runtime(site: Path) -> None:
+    """Copy kiln's runtime modules (and the CLI, which then offers only the
+    runtime's commands) into SITE/kiln."""
+    root = Path(__file__).resolve().parent.parent  # the kiln package directory
+    (site / "kiln").mkdir(parents=True)
+    for name in KILN_RUNTIME_FILES:
+        src = root / name
+        if src.is_dir():
+            shutil.copytree(src, site / "kiln" / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, site / "kiln" / name)
+
+
 def make_bundle(artifact: str | Path, out: str | Path, python: str = "3.12") -> dict:
     """Write the bundle folder; returns sizes in bytes."""
     from ..runtime.artifact import open_artifact  # noqa: PLC0415
@@ -78,20 +91,13 @@ def make_bundle(artifact: str | Path, out: str | Path, python: str = "3.12") -> 
     out = Path(out)
     if out.exists():
         raise CompileError(f"{out}: exists; choose a new folder for the bundle")
-    root = Path(__file__).resolve().parent.parent  # the kiln package directory
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         site = tmp / "site"
         site.mkdir(parents=True)
         _copy_tvm(site)
         _fetch_tvm_ffi(site, python)
-        (site / "kiln").mkdir()
-        for name in KILN_RUNTIME_FILES:
-            src = root / name
-            if src.is_dir():
-                shutil.copytree(src, site / "kiln" / name, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, site / "kiln" / name)
+        copy_kiln_runtime(site)
         shutil.copytree(art.path, tmp / "model.kiln")
         launcher = tmp / "kiln"
         launcher.write_text(LAUNCHER)

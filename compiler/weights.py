@@ -18,9 +18,10 @@ def write_safetensors(
     shapes: dict[str, tuple[int, ...]],
     dtypes: dict[str, str],
     produce: Callable[[str], np.ndarray],
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Write params in `order`, each converted to its dtype in `dtypes`; returns the file's hash info."""
+    """Write params in `order`, each converted to its dtype in `dtypes`; returns the file's hash info.
+    progress(done, total) after each tensor."""
     header: dict = {"__metadata__": {"format": "kiln"}}
     offset = 0
     for name in order:
@@ -38,8 +39,8 @@ def write_safetensors(
                 raise ValueError(f"param {name}: produced shape {list(arr.shape)}, expected {list(shapes[name])}")
             arr = np.ascontiguousarray(arr.astype(numpy_dtype(dtypes[name]), copy=False))
             out.write(arr.reshape(-1).view(np.uint8))
-            if progress and (i % 20 == 0 or i == len(order) - 1):
-                progress(f"  weights {i + 1}/{len(order)}")
+            if progress:
+                progress(i + 1, len(order))
     except BaseException:
         out.f.close()
         raise

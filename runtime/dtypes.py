@@ -4,8 +4,9 @@ weights) and the runtime (which reads them)."""
 
 from __future__ import annotations
 
-import ml_dtypes  # numpy has no bfloat16
 import numpy as np
+
+from ..errors import KilnError
 
 # manifest dtype -> safetensors dtype code
 SAFETENSORS_CODES = {
@@ -14,11 +15,24 @@ SAFETENSORS_CODES = {
     "int32": "I32", "uint32": "U32", "int64": "I64",
 }
 
+# Dtypes numpy lacks -> bytes per element. ml_dtypes provides them; it is
+# imported only when such an array is made, so a float16/float32 artifact runs
+# where ml_dtypes is not installed (an offline bundle).
+ML_DTYPES_SIZES = {"bfloat16": 2}
+
 
 def numpy_dtype(name: str) -> np.dtype:
     """numpy dtype of a manifest dtype name (bfloat16 through ml_dtypes)."""
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    if name not in ML_DTYPES_SIZES:
+        return np.dtype(name)
+    try:
+        import ml_dtypes  # noqa: PLC0415
+    except ImportError:
+        raise KilnError(f"{name} tensors need the Python package ml_dtypes (pip install ml_dtypes)") from None
+    return np.dtype(getattr(ml_dtypes, name))
 
 
 def itemsize(name: str) -> int:
-    return numpy_dtype(name).itemsize
+    if name in ML_DTYPES_SIZES:
+        return ML_DTYPES_SIZES[name]
+    return np.dtype(name).itemsize

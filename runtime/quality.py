@@ -71,10 +71,14 @@ class Accumulator:
         }
 
 
-def compare_sessions(session, ref_session, ids: list[int], window: int = DEFAULT_WINDOW) -> dict:
+def compare_sessions(session, ref_session, ids: list[int], window: int = DEFAULT_WINDOW, on_window=None) -> dict:
     """`session` against `ref_session` over `ids` (token ids of the text). Either
-    may be anything with `.logits(ids) -> [T, vocab]` (benchmarks pass llama.cpp)."""
+    may be anything with `.logits(ids) -> [T, vocab]` (benchmarks pass llama.cpp).
+    on_window(done, total) after each window."""
     acc = Accumulator()
-    for w in windows(ids, window):
+    parts = list(windows(ids, window))
+    for i, w in enumerate(parts):
         acc.add(session.logits(w), ref_session.logits(w), w)
+        if on_window is not None:
+            on_window(i + 1, len(parts))
     return {**acc.result(), "window": window, "tokens": len(ids)}

@@ -207,6 +207,57 @@ def test_killed_compile_leaves_nothing_and_next_compile_cleans_up(tiny, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("phase", "delay"), [("codegen (", 0.0), ("codegen (", 0.15), ("codegen (", 0.4), ("passes (", 0.0), ("read ", 0.3)])
+def test_ctrl_c_in_codegen_reads_as_interrupted(tiny, tmp_path, phase, delay):
+    """SIGINT early in codegen (inside TVM's calls) is `kiln: interrupted`, exit 130,
+    not `codegen ... failed: RuntimeError`; nothing is left behind."""
+    model, _ = tiny
+    out = tmp_path / "i.kiln"
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "kiln.cli", "compile", str(model), "-o", str(out), "--dtype", "float32"],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if phase in line:
+                time.sleep(delay)
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(lines) + rest
+    assert any(phase in x for x in lines), err
+    assert proc.returncode == 130, err
+    assert "kiln: interrupted" in err and "error" not in err.lower() and "BlockBuilder" not in err, err
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_orphaned_temp_dirs_of_dead_compiles_are_removed(tmp_path):
+    """A compile that died where no Python handler runs (SIGKILL, an LLVM abort)
+    leaves its temp dir; the next compile into the same folder removes it, even
+    for another output, but never a live compile's."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".other.kiln.tmp-{dead.pid}-0123abcd"
+    live = tmp_path / f".busy.kiln.tmp-{os.getppid()}-4567cdef"
+    for d in (orphan, live):
+        d.mkdir()
+        (d / "weights.safetensors").write_bytes(b"x" * 1024)
+    fake_artifact(tmp_path / "x.kiln")
+    assert not orphan.exists() and live.is_dir()
+
+
+def test_no_lock_file_stays_beside_the_artifact(tmp_path):
+    out = tmp_path / "x.kiln"
+    fake_artifact(out)
+    with pytest.raises(RuntimeError, match="codegen failed"), A.ArtifactWriter(tmp_path / "y.kiln"):
+        raise RuntimeError("codegen failed")  # a compile failing half-way: no temp dir, no lock file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.kiln"]
+
+
 # --- 19: unwritable output, occupied output, concurrent compiles ------------------
 
 

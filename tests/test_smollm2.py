@@ -1,13 +1,11 @@
 """The real bundled model, SmolLM2-135M-Instruct (Q4_1 GGUF), end to end.
 
-Compiled twice: from the GGUF directly, and from an HF checkpoint made of the
-same dequantized tensors. Both artifacts must give transformers' greedy tokens
+Compiled twice: from the GGUF directly, and from its HF export (`kiln export
+--hf`: the same dequantized tensors). Both artifacts must give transformers' greedy tokens
 on that HF checkpoint. Skips without the model file (see conftest.smollm2_gguf).
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -29,15 +27,11 @@ PROMPTS = [
 
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(smollm2_gguf, tmp_path_factory):
-    """The GGUF as an HF checkpoint: config.json + dequantized float32 tensors under HF names."""
-    from safetensors.numpy import save_file  # noqa: PLC0415
+    """The GGUF as an HF checkpoint (`kiln export --hf`): dequantized float32 tensors under HF names."""
+    from kiln.compiler.export import export_hf  # noqa: PLC0415
 
-    from kiln.frontends.checkpoint import open_checkpoint  # noqa: PLC0415
-
-    ck = open_checkpoint(smollm2_gguf)
     out = tmp_path_factory.mktemp("smollm2_hf")
-    (out / "config.json").write_text(json.dumps(ck.config, indent=1))
-    save_file({name: np.ascontiguousarray(ck.load(name)) for name in ck.tensor_names}, str(out / "model.safetensors"))
+    export_hf(smollm2_gguf, out)
     return out
 
 

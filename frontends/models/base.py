@@ -99,6 +99,15 @@ def nt_matmul(x, w, name: str = "NT_matmul", out_dtype: str | None = None):
     return op.tensor_expr_op(compute, name, [x, w])
 
 
+def take(x, indices, axis: int, name: str = "take"):
+    """x[indices] along `axis`, clipping out-of-range indices instead of reading
+    out of bounds (relax's default "fast" mode reads them, and TVM prints a
+    warning about that on every compile). Token ids are checked by the runtime;
+    this keeps a kernel safe even where a check is missed."""
+    r = _tvm.relax
+    return nn.wrap_nested(r.op.take(x._expr, indices._expr, axis=axis, mode="clip"), name)
+
+
 def greedy_pick(logits, vocab: int):
     """logits  # [1, 1, vocab] float32 -> [2] int32: the argmax, and 1 if every
     logit is finite (0 if any is NaN/Inf, which the runtime turns into an error
@@ -114,7 +123,7 @@ def greedy_pick(logits, vocab: int):
     inf = r.const(float("inf"), "float32")
     best = r.op.argmax(r.op.where(r.op.isfinite(x), x, inf), axis=2, keepdims=False)  # [1, 1] int64
     best = r.op.reshape(r.op.astype(best, "int32"), [1])
-    picked = r.op.take(r.op.reshape(x, [vocab]), best, axis=0)  # [1]
+    picked = r.op.take(r.op.reshape(x, [vocab]), best, axis=0, mode="clip")  # [1]
     return nn.wrap_nested(r.op.concat([best, r.op.astype(r.op.isfinite(picked), "int32")], axis=0), "greedy_pick")
 
 
@@ -301,7 +310,7 @@ class DecoderLM(nn.Module):
     def embed(self, input_ids):
         if isinstance(self.embed_tokens, QWeight):
             return q_take(self.embed_tokens, input_ids, self.precision.compute)
-        return to_compute(op.take(self.embed_tokens, input_ids, axis=0), self.precision.compute)
+        return to_compute(take(self.embed_tokens, input_ids, axis=0, name="embed"), self.precision.compute)
 
     def _cache(self, kv_cache, kv_pages, kv_scales):
         """The object the layers call attention on: TVM's cache, or kiln's quantized one."""
@@ -315,7 +324,7 @@ class DecoderLM(nn.Module):
     def prefill(self, embeds, logit_pos, kv_cache, kv_pages=None, kv_scales=None):
         cache = self._cache(kv_cache, kv_pages, kv_scales)
         h = self._body(embeds, cache)
-        h = op.take(h, logit_pos, axis=1)
+        h = take(h, logit_pos, axis=1, name="logit_rows")
         return (self._project(h), *self._state(kv_cache, cache))
 
     def decode(self, input_ids, kv_cache, kv_pages=None, kv_scales=None):
