@@ -283,46 +283,7 @@ def cmd_inspect(a) -> int:
     from .runtime.artifact import open_artifact  # noqa: PLC0415
 
     art = open_artifact(a.artifact, device=None, verify_hashes=True)
-    m = art.manifest
-    if a.json:
-        print(json.dumps(m, indent=1))
-        return 0
-    c = m["model"]["config"]
-    print(f"{art.path}: kiln artifact v{m['format_version']} (kiln {m['kiln_version']}, TVM {m['tvm_version']}, runtime ABI {m['runtime_abi']})")
-    print(f"  model    {m['model']['architecture']} from {m['model']['source']} ({m['model']['source_format']}): "
-          f"{c['num_hidden_layers']} layers, dim {c['hidden_size']}, heads {c['num_attention_heads']}/{c['num_key_value_heads']}, vocab {c['vocab_size']}")
-    q = m.get("quant", "none")
-    qname = q["weights"] if isinstance(q, dict) else q
-    print(f"  params   {m['model']['num_params'] / 1e6:.2f}M  dtype {m['dtype']}  quant {qname}  ({len(m['params'])} tensors)")
-    if isinstance(q, dict):
-        roles = ", ".join(f"{r} {f}" for r, f in q.get("roles", {}).items())
-        print(f"  quant    {roles}")
-        qual = q.get("quality")
-        if qual:
-            print(f"  quality  mean KLD {qual['mean_kld']:.5f}, top-1 {100 * qual['top1_agreement']:.2f}%, perplexity {qual['perplexity']:.3f} "
-                  f"(float {qual['ref_perplexity']:.3f}) over {qual['tokens']} tokens of {qual['text']} ({qual['measured_on']})")
-        else:
-            print("  quality  not measured")
-    for t in m["targets"]:
-        if t["kind"] == "cuda":  # SASS per arch (+ PTX the driver can JIT for newer GPUs)
-            archs = ",".join(t.get("archs") or [t.get("arch", "")])
-            desc = f"cuda {archs}" + (f" + PTX {t['ptx']}" if t.get("ptx") else "") + f", compute {t.get('compute_dtype', '?')}, host {t['triple']}"
-        else:
-            desc = f"{t['kind']} {t.get('mcpu', '')} {t['triple']}"
-        flags = t.get("required_cpu_flags")
-        print(f"  target   {t['device']}: {desc}" + (f"  needs {' '.join(flags)}" if flags else ""))
-    kv = m["kv_cache"]
-    full = kv["bytes_per_token"] * kv["max_seq_len"]
-    print(f"  kv cache {kv['kind']} {kv['dtype']}, page {kv['page_size']}, {kv['bytes_per_token'] / 1024:.1f} KiB/token "
-          f"({kv['bytes_per_token']} bytes), {full / 2**20:.1f} MiB at the max context of {kv['max_seq_len']} tokens")
-    kq = m.get("kv_quant")
-    if isinstance(kq, dict) and isinstance(kq.get("quality"), dict):
-        q = kq["quality"]
-        print(f"  kv quality mean KLD {q['mean_kld']:.5f}, top-1 {100 * q['top1_agreement']:.2f}% vs float32 ({q['tokens']} tokens of {q['text']})")
-    print(f"  tokenizer {'yes' + (' + chat template' if (m.get('tokenizer') or {}).get('chat_template') else '') if m.get('tokenizer') else 'none (use --tokens)'}")
-    for rel, info in m["files"].items():
-        print(f"  file     {rel:24s} {info['size'] / 2**20:9.2f} MiB  sha256 {info['sha256'][:16]}…")
-    print("  hashes   verified")
+    print(json.dumps(art.manifest, indent=1) if a.json else "\n".join(art.describe()))
     return 0
 
 
@@ -344,38 +305,14 @@ def cmd_bundle(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .runtime import SamplingParams, load  # noqa: PLC0415
-    from .runtime.bench import copy_bandwidth, decode_at_context, weight_bytes_per_token  # noqa: PLC0415
+    from .runtime import load  # noqa: PLC0415
+    from .runtime.bench import speed_run  # noqa: PLC0415
 
     if not 1 <= a.prompt_len <= 1 << 20 or not 1 <= a.gen_len <= 1 << 20 or not 0 <= a.context <= 1 << 20:
         raise KilnError("--prompt-len and --gen-len must be in [1, 1048576], --context in [0, 1048576]")
     s = load(a.artifact, device=a.device, threads=a.threads, random_weights=a.random_weights,
              max_seq_len=max(a.prompt_len, a.context) + a.gen_len + 2)
-    ids = [(i * 7919 + 13) % s.vocab_size for i in range(a.prompt_len)]
-    s.generate(ids[: min(8, len(ids))], max_new_tokens=4, ignore_eos=True)  # warm-up
-    res = s.generate(ids, max_new_tokens=a.gen_len, sampling=SamplingParams(temperature=0), ignore_eos=True)
-    per_token = weight_bytes_per_token(s.artifact.manifest)
-    kv = s.artifact.manifest["kv_cache"]["bytes_per_token"] * (a.prompt_len + a.gen_len / 2)
-    gbs = (per_token + kv) * res.decode_tok_per_s / 1e9
-    copy = copy_bandwidth(s)
-    out = {
-        "device": a.device, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
-        "load_seconds": round(s.load_seconds, 3),
-        "time_to_first_token_ms": round(res.prefill_seconds * 1e3, 2),
-        "prefill_tok_per_s": round(res.prefill_tok_per_s, 1),
-        "decode_tok_per_s": round(res.decode_tok_per_s, 2),
-        "weight_bytes_per_token": per_token, "kv_bytes_per_token_avg": int(kv),
-        "achieved_GB_per_s": round(gbs, 1),
-        "copy_GB_per_s": round(copy, 1),
-        "share_of_copy_bandwidth": round(gbs / copy, 3) if copy else None,
-    }
-    if a.context:
-        rate = decode_at_context(s, a.context, a.gen_len)
-        kv_c = s.artifact.manifest["kv_cache"]["bytes_per_token"] * (a.context + a.gen_len / 2)
-        gbs_c = (per_token + kv_c) * rate / 1e9
-        out.update({"context": a.context, "context_decode_tok_per_s": round(rate, 2),
-                    "context_kv_bytes_per_token_avg": int(kv_c), "context_achieved_GB_per_s": round(gbs_c, 1),
-                    "context_share_of_copy_bandwidth": round(gbs_c / copy, 3) if copy else None})
+    out = speed_run(s, a.prompt_len, a.gen_len, a.context)
     if a.json:
         print(json.dumps(out))
     else:

@@ -39,16 +39,16 @@ def kernel_times(s, steps: int = 10) -> dict[str, float]:
             totals[name] += time.perf_counter() - started.pop(name, time.perf_counter())
         return 0
 
-    # the steps profile_step.py takes (Session's step API is still private: issue 11)
-    s.kv.add(0)
-    s._prefill_chunks([1, 2, 3, 4, 5, 6, 7, 8], all_rows=False)
-    s.vm.set_instrument(instrument)
+    # the steps profile_step.py takes
+    seq = s.add_sequence()
+    s.prefill(seq, [1, 2, 3, 4, 5, 6, 7, 8])
+    s.set_instrument(instrument)
     try:
         for _ in range(steps):
-            s._greedy_decode(5)
+            s.decode_greedy([seq], [5])
     finally:
-        s.vm.set_instrument(None)
-        s.kv.remove(0)
+        s.set_instrument(None)
+        s.remove_sequence(seq)
     return {k: v / steps * 1e3 for k, v in totals.items()}
 
 

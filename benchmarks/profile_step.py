@@ -43,36 +43,36 @@ def main() -> None:
 
     def instrument(func, name, before, ret, *args):
         if before:
-            s.dev.sync()  # GPU launches are asynchronous: time each call to completion
+            s.sync()  # GPU launches are asynchronous: time each call to completion
             started[name] = time.perf_counter()
         else:
-            s.dev.sync()
+            s.sync()
             totals[name] += time.perf_counter() - started.pop(name, time.perf_counter())
             counts[name] += 1
         return 0
 
     ids = [(i * 7919) % s.vocab_size for i in range(a.context)]
 
-    s.kv.add(0)
-    s._prefill_chunks(ids, all_rows=False)
+    seq = s.add_sequence()
+    s.prefill(seq, ids)
     if a.ncu_range:
         import ctypes  # noqa: PLC0415
 
         cuda = ctypes.CDLL("libcuda.so.1")
-        s.dev.sync()
+        s.sync()
         cuda.cuProfilerStart()
     else:
-        s.vm.set_instrument(instrument)
+        s.set_instrument(instrument)
     t0 = time.perf_counter()
     if a.mode == "decode":
         for _ in range(a.steps):
-            s._greedy_decode(5)
+            s.decode_greedy([seq], [5])
     else:
         for _ in range(a.steps):
-            s.kv.remove(0)
-            s.kv.add(0)
-            s._prefill_chunks(ids, all_rows=False)
-    s.dev.sync()
+            s.remove_sequence(seq)
+            seq = s.add_sequence()
+            s.prefill(seq, ids)
+    s.sync()
     wall = (time.perf_counter() - t0) / a.steps
     if a.ncu_range:
         cuda.cuProfilerStop()

@@ -1,6 +1,6 @@
 """Write an artifact atomically.
 
-Protocol (BAD_INPUTS 17-19):
+Protocol (THREATS 17-19):
 1. Take an exclusive lock `.NAME.lock` beside the output (two compiles to one
    output: the second fails at once instead of interleaving files). The lock
    file exists only while a compile runs.

@@ -2,7 +2,7 @@
 
 `open_gguf(path)` parses the header itself with `struct`. Every count, length,
 type id and offset is checked against the file before anything is allocated
-(BAD_INPUTS 15: llama.cpp's own GGUF parser had repeated overflow CVEs). Then it
+(THREATS 15: llama.cpp's own GGUF parser had repeated overflow CVEs). Then it
 maps llama.cpp tensor names back to HF names and undoes llama.cpp's q/k row
 permutation, so `DecoderLM.convert_hf` serves a GGUF like any HF checkpoint.
 

@@ -2,13 +2,13 @@
 
 Accepted paths: a model directory, one `.safetensors` file (config.json beside
 it), or a sharded `model.safetensors.index.json`. Every file read must resolve
-inside the model directory (BAD_INPUTS 13): `..`, absolute shard names and
+inside the model directory (THREATS 13): `..`, absolute shard names and
 symlinks that point elsewhere are refused. The one exception is the HF hub
 cache, whose `snapshots/<rev>/` files are symlinks into the repo's `blobs/`.
 
 Pickle files (`.bin`, `.pt`, ...) are never opened, and no Python file of the
 model directory is ever imported: `auto_map` is ignored, the architecture
-registry decides (BAD_INPUTS 10, 14).
+registry decides (THREATS 10, 14).
 """
 
 from __future__ import annotations

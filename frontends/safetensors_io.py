@@ -4,7 +4,7 @@ Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON
 (``{name: {"dtype", "shape", "data_offsets": [start, end]}, "__metadata__": {str: str}}``),
 then the data section, which the tensors' byte ranges must tile exactly.
 
-Model files come from strangers (BAD_INPUTS 1-7), so everything the header
+Model files come from strangers (THREATS 1-7), so everything the header
 claims is checked against the file before any of it is allocated: the header
 is capped at 100 MB, offsets start at 0 and are contiguous, non-overlapping
 and cover the whole data section, shape x dtype size equals the byte span with

@@ -5,6 +5,13 @@
     ids = s.encode_prompt("Hello", chat=True)
     print(s.generate(ids, max_new_tokens=32).text)
     s.logits(ids)   # float32 [T, vocab], teacher-forced
+
+The step API generate is built from (Session's docstring has more):
+
+    seq = s.add_sequence()
+    last = s.prefill(seq, ids)                 # float32 [vocab]
+    nxt = s.decode_greedy([seq], [int(last.argmax())])
+    s.remove_sequence(seq)
 """
 
 from .sampler import SamplingParams

@@ -26,6 +26,7 @@ from .hostinfo import host_cpu_flags, host_machine, host_os
 class Artifact:
     path: Path
     manifest: dict
+    hashes_verified: bool = False  # every file's sha256 checked against the manifest (open_artifact)
 
     def target_for(self, device: str) -> dict:
         for t in self.manifest["targets"]:
@@ -36,6 +37,49 @@ class Artifact:
 
     def file(self, rel: str) -> Path:
         return self.path / rel
+
+    def describe(self) -> list[str]:
+        """What `kiln inspect` prints, one line per item: versions, model, params
+        and quantization (with its measured quality), targets, KV cache,
+        tokenizer, files with their sizes and hashes."""
+        m = self.manifest
+        c = m["model"]["config"]
+        lines = [f"{self.path}: kiln artifact v{m['format_version']} (kiln {m['kiln_version']}, TVM {m['tvm_version']}, runtime ABI {m['runtime_abi']})",
+                 f"  model    {m['model']['architecture']} from {m['model']['source']} ({m['model']['source_format']}): "
+                 f"{c['num_hidden_layers']} layers, dim {c['hidden_size']}, heads {c['num_attention_heads']}/{c['num_key_value_heads']}, vocab {c['vocab_size']}"]
+        q = m.get("quant", "none")
+        qname = q["weights"] if isinstance(q, dict) else q
+        lines.append(f"  params   {m['model']['num_params'] / 1e6:.2f}M  dtype {m['dtype']}  quant {qname}  ({len(m['params'])} tensors)")
+        if isinstance(q, dict):
+            lines.append("  quant    " + ", ".join(f"{r} {f}" for r, f in q.get("roles", {}).items()))
+            qual = q.get("quality")
+            if qual:
+                lines.append(f"  quality  mean KLD {qual['mean_kld']:.5f}, top-1 {100 * qual['top1_agreement']:.2f}%, perplexity {qual['perplexity']:.3f} "
+                             f"(float {qual['ref_perplexity']:.3f}) over {qual['tokens']} tokens of {qual['text']} ({qual['measured_on']})")
+            else:
+                lines.append("  quality  not measured")
+        for t in m["targets"]:
+            if t["kind"] == "cuda":  # SASS per arch (+ PTX the driver can JIT for newer GPUs)
+                archs = ",".join(t.get("archs") or [t.get("arch", "")])
+                desc = f"cuda {archs}" + (f" + PTX {t['ptx']}" if t.get("ptx") else "") + f", compute {t.get('compute_dtype', '?')}, host {t['triple']}"
+            else:
+                desc = f"{t['kind']} {t.get('mcpu', '')} {t['triple']}"
+            flags = t.get("required_cpu_flags")
+            lines.append(f"  target   {t['device']}: {desc}" + (f"  needs {' '.join(flags)}" if flags else ""))
+        kv = m["kv_cache"]
+        full = kv["bytes_per_token"] * kv["max_seq_len"]
+        lines.append(f"  kv cache {kv['kind']} {kv['dtype']}, page {kv['page_size']}, {kv['bytes_per_token'] / 1024:.1f} KiB/token "
+                     f"({kv['bytes_per_token']} bytes), {full / 2**20:.1f} MiB at the max context of {kv['max_seq_len']} tokens")
+        kq = m.get("kv_quant")
+        if isinstance(kq, dict) and isinstance(kq.get("quality"), dict):
+            q = kq["quality"]
+            lines.append(f"  kv quality mean KLD {q['mean_kld']:.5f}, top-1 {100 * q['top1_agreement']:.2f}% vs float32 ({q['tokens']} tokens of {q['text']})")
+        tok = m.get("tokenizer")
+        lines.append(f"  tokenizer {'yes' + (' + chat template' if tok.get('chat_template') else '') if tok else 'none (use --tokens)'}")
+        for rel, info in m["files"].items():
+            lines.append(f"  file     {rel:24s} {info['size'] / 2**20:9.2f} MiB  sha256 {info['sha256'][:16]}…")
+        lines.append("  hashes   verified" if self.hashes_verified else "  hashes   not checked")
+        return lines
 
 
 def _safe_rel(root: Path, rel: str) -> Path:
@@ -66,6 +110,7 @@ def open_artifact(path: str | Path, device: str | None = "cpu", verify_hashes: b
     if verify_hashes:
         for rel, info in manifest["files"].items():
             verify_file(root, rel, info)
+        art.hashes_verified = True
     return art
 
 

@@ -1,4 +1,5 @@
-"""Speed-run helpers for `kiln bench`: bytes a decode step reads, copy bandwidth."""
+"""Speed runs (`kiln bench`): prefill/decode tok/s, bytes a decode step reads,
+achieved and copy bandwidth. Built on Session's public step API."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import time
 
 import numpy as np
 
+from ..tvm_compat import runtime
 from .dtypes import itemsize
+from .sampler import SamplingParams
 
 
 def weight_bytes_per_token(manifest: dict) -> int:
@@ -25,38 +28,72 @@ def weight_bytes_per_token(manifest: dict) -> int:
 def copy_bandwidth(session, nbytes: int = 1 << 30, reps: int = 10) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read + written
     (the convention of the peers' table). Host memory copy on CPU."""
-    rt, dev = session.rt, session.dev
+    rt, dev = runtime(), session.tvm_device
     n = nbytes // 4
     a = rt.runtime.empty((n,), "float32", dev)
     b = rt.runtime.empty((n,), "float32", dev)
     a.copyto(b)
-    dev.sync()
+    session.sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         a.copyto(b)
-    dev.sync()
+    session.sync()
     secs = (time.perf_counter() - t0) / reps
     return 2 * nbytes / secs / 1e9
 
 
 def decode_at_context(session, context: int, gen_len: int, token: int = 13) -> float:
-    """Decode tok/s for sequence 0 after `context` tokens already in the KV cache.
-    The cache is advanced without running the model (its pages hold whatever
-    the allocator left there): the attention kernels still read every cached
-    byte, which is what a speed run at a long context measures, and it skips
-    a prefill that would cost more than the decode being timed."""
-    kv = session.kv
-    kv.add(0)
+    """Greedy decode tok/s of a sequence after `context` tokens already in the
+    KV cache. The cache is advanced without running the model
+    (Session.advance): the attention kernels still read every cached byte,
+    which is what a speed run at a long context measures, and it skips a
+    prefill that would cost more than the decode being timed."""
+    seq = session.add_sequence()
     try:
-        for s in range(0, context, session.prefill_chunk):
-            kv.begin([0], [min(session.prefill_chunk, context - s)])
-            kv.end()
-        session._greedy_decode(token)  # first step at this length: lazy setup out of the timing
-        session.dev.sync()
+        session.advance(seq, context)
+        session.decode_greedy([seq], [token])  # first step at this length: lazy setup out of the timing
+        session.sync()
         t0 = time.perf_counter()
         for _ in range(gen_len):
-            session._greedy_decode(token)
-        session.dev.sync()
+            session.decode_greedy([seq], [token])
+        session.sync()
         return gen_len / (time.perf_counter() - t0)
     finally:
-        kv.remove(0)
+        session.remove_sequence(seq)
+
+
+def speed_run(session, prompt_len: int, gen_len: int, context: int = 0) -> dict:
+    """What `kiln bench` prints: a warm-up, then one greedy generation of gen_len
+    tokens after a prompt_len-token prompt (EOS ignored), timed; bytes per token
+    (weights + the KV cache read at the average position), achieved GB/s and its
+    share of copy bandwidth. context > 0: the same for decode after `context`
+    cached tokens (decode_at_context). The session needs room for
+    max(prompt_len, context) + gen_len + 1 tokens."""
+    s = session
+    ids = [(i * 7919 + 13) % s.vocab_size for i in range(prompt_len)]
+    s.generate(ids[: min(8, len(ids))], max_new_tokens=4, ignore_eos=True)  # warm-up
+    res = s.generate(ids, max_new_tokens=gen_len, sampling=SamplingParams(temperature=0), ignore_eos=True)
+    m = s.artifact.manifest
+    per_token = weight_bytes_per_token(m)
+    kv = m["kv_cache"]["bytes_per_token"] * (prompt_len + gen_len / 2)
+    gbs = (per_token + kv) * res.decode_tok_per_s / 1e9
+    copy = copy_bandwidth(s)
+    out = {
+        "device": s.device, "prompt_len": prompt_len, "gen_len": gen_len,
+        "load_seconds": round(s.load_seconds, 3),
+        "time_to_first_token_ms": round(res.prefill_seconds * 1e3, 2),
+        "prefill_tok_per_s": round(res.prefill_tok_per_s, 1),
+        "decode_tok_per_s": round(res.decode_tok_per_s, 2),
+        "weight_bytes_per_token": per_token, "kv_bytes_per_token_avg": int(kv),
+        "achieved_GB_per_s": round(gbs, 1),
+        "copy_GB_per_s": round(copy, 1),
+        "share_of_copy_bandwidth": round(gbs / copy, 3) if copy else None,
+    }
+    if context:
+        rate = decode_at_context(s, context, gen_len)
+        kv_c = m["kv_cache"]["bytes_per_token"] * (context + gen_len / 2)
+        gbs_c = (per_token + kv_c) * rate / 1e9
+        out.update({"context": context, "context_decode_tok_per_s": round(rate, 2),
+                    "context_kv_bytes_per_token_avg": int(kv_c), "context_achieved_GB_per_s": round(gbs_c, 1),
+                    "context_share_of_copy_bandwidth": round(gbs_c / copy, 3) if copy else None})
+    return out

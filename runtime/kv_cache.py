@@ -1,4 +1,4 @@
-"""The runtime's two KV caches, one sequence at a time for now.
+"""The runtime's two KV caches: several sequences, one sequence per model call for now.
 
 PagedKVCache: TVM's C++ paged cache object (K/V in the activations' dtype).
 QuantKVCache: kiln's quantized cache (--kv-dtype int8|fp8): the pages and
@@ -23,13 +23,15 @@ from ..errors import RequestError
 
 class PagedKVCache:
     """The TVM runtime's paged KV cache object. Pages hold page_size tokens x
-    kv_heads x head_dim per layer; memory for max_seq_len tokens is reserved
-    once at creation."""
+    kv_heads x head_dim per layer; memory for max_sequences sequences of
+    max_seq_len tokens is reserved once at creation."""
 
-    def __init__(self, vm, rt, max_seq_len: int, page_size: int, prefill_chunk: int):
+    def __init__(self, vm, rt, max_seq_len: int, page_size: int, prefill_chunk: int, max_sequences: int = 1):
         shape = rt.ffi.Shape
         self.rt = rt
-        self.obj = vm["create_paged_kv_cache"](shape([1]), shape([max_seq_len]), shape([prefill_chunk]), shape([page_size]), shape([0]))
+        # whole pages per sequence: sequences do not share a page
+        tokens = max_seq_len if max_sequences == 1 else max_sequences * -(-max_seq_len // page_size) * page_size
+        self.obj = vm["create_paged_kv_cache"](shape([max_sequences]), shape([tokens]), shape([prefill_chunk]), shape([page_size]), shape([0]))
         g = rt.get_global_func
         self._add, self._remove = g("vm.builtin.kv_state_add_sequence"), g("vm.builtin.kv_state_remove_sequence")
         self._begin, self._end = g("vm.builtin.kv_state_begin_forward"), g("vm.builtin.kv_state_end_forward")
@@ -55,14 +57,15 @@ class PagedKVCache:
 
 
 class QuantKVCache:
-    """kiln's quantized paged KV cache for one sequence (see the module doc).
-    Memory for max_seq_len tokens is allocated once; a sequence takes pages
-    from a free list as it grows and gives them back when removed."""
+    """kiln's quantized paged KV cache (see the module doc). Memory for
+    max_sequences sequences of max_seq_len tokens is allocated once; a
+    sequence takes pages from a free list as it grows and gives them back
+    when removed."""
 
-    def __init__(self, rt, dev, kv: dict, max_seq_len: int):
+    def __init__(self, rt, dev, kv: dict, max_seq_len: int, max_sequences: int = 1):
         self.rt, self.dev = rt, dev
         self.page_size = int(kv["page_size"])
-        self.num_pages = -(-max_seq_len // self.page_size)
+        self.num_pages = max_sequences * -(-max_seq_len // self.page_size)
         shape = (int(kv["num_layers"]), self.num_pages, 2, int(kv["num_kv_heads"]), self.page_size)
         self.pages = rt.runtime.empty((*shape, int(kv["head_dim"])), kv["code_dtype"], dev)
         self.scales = rt.runtime.empty(shape, "float32", dev)

@@ -45,7 +45,7 @@ class Sampler:
             raise RequestError(f"sampling must be SamplingParams, got {type(params).__name__}")
         self.p = params
         self.rng = np.random.default_rng(params.seed)
-        # plain argmax: the device picks it (Session._greedy_decode), no logits copied back
+        # plain argmax: the device picks it (Session.decode_greedy), no logits copied back
         self.greedy = params.temperature == 0.0 and params.repetition_penalty == 1.0
 
     def __call__(self, logits: np.ndarray, history: list[int] | None = None) -> int:

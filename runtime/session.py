@@ -1,4 +1,5 @@
-"""A loaded model: paged KV cache, prefill, decode, generate, teacher-forced logits.
+"""A loaded model: sequences in a paged KV cache, the prefill / decode step API,
+and what is built on it (generate, stream, teacher-forced logits).
 
 Uses the TVM runtime only (tvm.runtime + the Relax VM), never the compiler.
 """
@@ -6,6 +7,7 @@ Uses the TVM runtime only (tvm.runtime + the Relax VM), never the compiler.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ from .tokenizer import StopMatcher, StreamDecoder, Tokenizer
 MAX_NEW_TOKENS_LIMIT = 1 << 20
 MAX_STOPS = 16
 MAX_STOP_LEN = 256
+MAX_SEQUENCES_LIMIT = 4096
 
 
 @dataclass
@@ -49,14 +52,31 @@ class GenerationResult:
 
 
 class Session:
-    """A model ready to run. Create with `kiln.runtime.load(path)`."""
+    """A model ready to run. Create with `kiln.runtime.load(path)`.
+
+    The step API, which generate, `kiln bench`, the benchmarks and (next) the
+    server are built from; sequences live in the session's paged KV cache:
+
+        seq = s.add_sequence()
+        last = s.prefill(seq, prompt_ids)            # float32 [vocab]: logits after the prompt
+        ids = s.decode_greedy([seq], [next_id])      # [1] argmax ids, picked on the device
+        rows = s.decode_step([seq], [next_id])       # float32 [1, vocab], for a host sampler
+        s.remove_sequence(seq)
+
+    Public attributes: artifact, config, vocab_size, max_seq_len (tokens per
+    sequence), max_sequences (sequences open at once), prefill_chunk (tokens
+    per prefill call), tokenizer (None without one), eos_ids, params (the
+    weights as TVM tensors, in the manifest's order), device ("cpu" | "cuda"),
+    tvm_device (the TVM Device), load_seconds.
+    """
 
     def __init__(self, artifact: Artifact, device: str = "cpu", max_seq_len: int | None = None, prefill_chunk: int | None = None,
-                 random_weights: bool = False):
+                 random_weights: bool = False, max_sequences: int = 1):
         t0 = time.perf_counter()
         rt = runtime()
-        self.rt = rt
+        self._rt = rt
         self.artifact = artifact
+        self.device = device
         m = artifact.manifest
         self.config = m["model"]["config"]
         self.vocab_size = int(self.config["vocab_size"])
@@ -65,15 +85,18 @@ class Session:
         self.max_seq_len = min(limit, 4096) if max_seq_len is None else max_seq_len
         if not 1 <= self.max_seq_len <= limit:
             raise RequestError(f"max_seq_len {self.max_seq_len} is outside [1, {limit}] for this artifact")
+        if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or not 1 <= max_sequences <= MAX_SEQUENCES_LIMIT:
+            raise RequestError(f"max_sequences must be an integer in [1, {MAX_SEQUENCES_LIMIT}], got {max_sequences!r}")
+        self.max_sequences = max_sequences
         # tokens per prefill call: attention across chunks runs TVM's slower paged
         # kernel, so CUDA (memory to spare, tensor-core attention within a chunk) takes 2048
         if prefill_chunk is None:
             prefill_chunk = 2048 if device == "cuda" else 1024
         self.prefill_chunk = max(1, min(prefill_chunk, self.max_seq_len))
         tgt = artifact.target_for(device)
-        self.dev = rt.tvm.cpu(0) if device == "cpu" else cuda_device(rt, tgt, artifact.path)
+        self.tvm_device = rt.tvm.cpu(0) if device == "cpu" else cuda_device(rt, tgt, artifact.path)
         lib = rt.runtime.load_module(str(artifact.file(tgt["library"])))
-        self.vm = rt.vm.VirtualMachine(lib, self.dev)
+        self._vm = rt.vm.VirtualMachine(lib, self.tvm_device)
         if m.get("weights_file") is None:
             if not random_weights:
                 raise ArtifactError(f"{artifact.path}: compiled with --no-weights; it runs only with random weights (kiln bench --random-weights)")
@@ -86,11 +109,13 @@ class Session:
             self.params = self._load_params(weights)
         else:
             self.params = [self._to_device(spec, raw) for spec, raw in weights]
+        # every open sequence may grow to max_seq_len: the cache reserves pages for all of them
         if kv.get("kind", "paged") == "kiln-quant":
-            self.kv = QuantKVCache(rt, self.dev, kv, self.max_seq_len)
+            self._kv = QuantKVCache(rt, self.tvm_device, kv, self.max_seq_len, max_sequences)
         else:
-            self.kv = PagedKVCache(self.vm, rt, self.max_seq_len, int(kv["page_size"]), self.prefill_chunk)
-        self._embed, self._prefill, self._decode = self.vm["embed"], self.vm["prefill"], self.vm["decode"]
+            self._kv = PagedKVCache(self._vm, rt, self.max_seq_len, int(kv["page_size"]), self.prefill_chunk, max_sequences)
+        self._lengths: dict[int, int] = {}  # open sequence id -> tokens in its KV cache
+        self._embed, self._prefill, self._decode = self._vm["embed"], self._vm["prefill"], self._vm["decode"]
         self._one_token = self._tensor(np.zeros(1, dtype=np.int32))
         self.tokenizer = None
         tm = m.get("tokenizer")
@@ -104,7 +129,118 @@ class Session:
                     self.eos_ids.add(i)
         self.load_seconds = time.perf_counter() - t0
 
+    # --- sequences ---------------------------------------------------------
+    def add_sequence(self) -> int:
+        """Open an empty sequence in the KV cache and return its id (the
+        smallest id not in use). At most `max_sequences` are open at once."""
+        if len(self._lengths) >= self.max_sequences:
+            raise RequestError(f"all {self.max_sequences} sequences of this session are open: remove one first, "
+                               f"or load with a larger max_sequences")
+        seq = next(i for i in itertools.count() if i not in self._lengths)
+        self._kv.add(seq)
+        self._lengths[seq] = 0
+        return seq
+
+    def remove_sequence(self, seq: int) -> None:
+        """Close a sequence and give its KV pages back; its id may be reused."""
+        self._length(seq)
+        del self._lengths[seq]
+        self._kv.remove(seq)
+
+    @property
+    def sequences(self) -> list[int]:
+        """Ids of the open sequences."""
+        return sorted(self._lengths)
+
+    def sequence_length(self, seq: int) -> int:
+        """Tokens in `seq`'s KV cache (its next token's position)."""
+        return self._length(seq)
+
+    # --- steps -------------------------------------------------------------
+    def prefill(self, seq: int, tokens, *, all_logits: bool = False) -> np.ndarray:
+        """Append `tokens` (ids, at least one) to `seq`, running them through the
+        model prefill_chunk tokens per call. Returns float32 logits of the last
+        token [vocab], or of every token given [len(tokens), vocab] when
+        all_logits (row i predicts the token after tokens[i]). Logits are
+        returned as computed: the Sampler refuses NaN/Inf."""
+        ids = self._check_tokens(tokens)
+        have = self._length(seq)
+        if have + len(ids) > self.max_seq_len:
+            raise RequestError(f"sequence {seq} holds {have} tokens: {len(ids)} more pass this session's context of {self.max_seq_len}")
+        rows = []
+        for s in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[s : s + self.prefill_chunk]
+            rows.append(self._forward_prefill(seq, chunk, np.arange(len(chunk)) if all_logits else np.array([len(chunk) - 1])))
+            self._lengths[seq] += len(chunk)
+        return np.concatenate(rows, axis=0) if all_logits else rows[-1][0]
+
+    def decode_step(self, seqs: list[int], tokens: list[int]) -> np.ndarray:
+        """Feed tokens[i] to open sequence seqs[i] (each once per step); returns
+        float32 logits [len(seqs), vocab], row i for seqs[i], for a host sampler.
+        Batched decode arrives with issue 12; today one call per sequence inside.
+        Every sequence and token is checked before any runs."""
+        self._check_decode(seqs, tokens)
+        rows = [self._decode_one(seq, tok)[0].numpy()[:, 0] for seq, tok in zip(seqs, tokens)]  # each [1, vocab]
+        if len(rows) == 1:
+            return rows[0]
+        return np.concatenate(rows, axis=0) if rows else np.zeros((0, self.vocab_size), np.float32)
+
+    def decode_greedy(self, seqs: list[int], tokens: list[int]) -> list[int]:
+        """decode_step, but returns each sequence's argmax token id, picked on the
+        device: 8 bytes per sequence come back instead of a logits row (0.5 MB
+        for a 128k vocabulary). Raises NonFiniteLogitsError on NaN/Inf logits."""
+        self._check_decode(seqs, tokens)
+        out = []
+        for seq, tok in zip(seqs, tokens):
+            best, finite = self._decode_one(seq, tok)[1].numpy()
+            if not finite:
+                raise NonFiniteLogitsError("the model produced NaN/Inf logits; refusing to sample")
+            out.append(int(best))
+        return out
+
+    def advance(self, seq: int, n: int) -> None:
+        """Grow `seq` by n positions without running the model: their K/V hold
+        whatever the cache pages held. Only for speed runs at a long context
+        (`kiln bench --context`): attention still reads every cached byte, and
+        the prefill that would cost more than the decode being timed is skipped."""
+        have = self._length(seq)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.max_seq_len - have:
+            raise RequestError(f"sequence {seq} holds {have} tokens: it can advance by 0 to {self.max_seq_len - have}, not {n!r}")
+        for s in range(0, n, self.prefill_chunk):
+            self._kv.begin([seq], [min(self.prefill_chunk, n - s)])
+            self._kv.end()
+        self._lengths[seq] += n
+
+    # --- profiling ---------------------------------------------------------
+    def set_instrument(self, fn: Callable | None) -> None:
+        """Call fn(func, name, before, ret, *args) before and after every call the
+        Relax VM makes (compiled kernels, builtins); fn returns 0. None removes
+        it. For per-kernel timing (benchmarks/profile_step.py)."""
+        self._vm.set_instrument(fn)
+
+    def sync(self) -> None:
+        """Wait until the device has finished the work queued so far (CUDA
+        launches are asynchronous): call before reading a clock."""
+        self.tvm_device.sync()
+
     # --- low level ---------------------------------------------------------
+    def _length(self, seq) -> int:
+        n = self._lengths.get(seq) if isinstance(seq, (int, np.integer)) and not isinstance(seq, bool) else None
+        if n is None:
+            raise RequestError(f"sequence {seq!r} is not open in this session (add_sequence opens one)")
+        return n
+
+    def _check_decode(self, seqs, tokens) -> None:
+        if not isinstance(seqs, (list, tuple)) or not isinstance(tokens, (list, tuple, np.ndarray)) or len(seqs) != len(tokens):
+            raise RequestError("decode takes a list of sequence ids and a list of as many token ids")
+        for seq, t in zip(seqs, tokens):
+            if self._length(seq) >= self.max_seq_len:
+                raise RequestError(f"sequence {seq} holds {self.max_seq_len} tokens, this session's context: no room to decode")
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size:
+                raise RequestError(f"token id {t!r} is outside [0, {self.vocab_size})")
+        if len(seqs) > 1 and len(set(seqs)) != len(seqs):
+            raise RequestError(f"a sequence appears twice in one decode step: {list(seqs)}")
+
     def _load_params(self, weights: list[tuple[dict, np.ndarray]]) -> list:
         """Copy all params into one arena backed by transparent huge pages.
 
@@ -126,61 +262,39 @@ class Session:
             view = buf[off : off + raw.nbytes]
             view[:] = raw
             if spec["dtype"] == "bfloat16":  # DLPack from numpy knows no bfloat16: share as uint16, view as bf16
-                base = self.rt.runtime.from_dlpack(view.view(np.uint16).reshape(spec["shape"]))
+                base = self._rt.runtime.from_dlpack(view.view(np.uint16).reshape(spec["shape"]))
                 params.append(base._create_view(tuple(spec["shape"]), "bfloat16"))
             else:
-                params.append(self.rt.runtime.from_dlpack(view.view(numpy_dtype(spec["dtype"])).reshape(spec["shape"])))
+                params.append(self._rt.runtime.from_dlpack(view.view(numpy_dtype(spec["dtype"])).reshape(spec["shape"])))
         self._arena = arena  # the views above keep it alive too; this documents ownership
         return params
 
     def _to_device(self, spec: dict, raw: np.ndarray):
-        arr = self.rt.runtime.empty(tuple(spec["shape"]), spec["dtype"], self.dev)
+        arr = self._rt.runtime.empty(tuple(spec["shape"]), spec["dtype"], self.tvm_device)
         arr.copyfrom(np.asarray(raw).view(numpy_dtype(spec["dtype"])).reshape(spec["shape"]))
         return arr
 
     def _tensor(self, a: np.ndarray):
-        return self.rt.runtime.tensor(a, self.dev)
+        return self._rt.runtime.tensor(a, self.tvm_device)
 
-    def _forward_prefill(self, ids: list[int], logit_pos: np.ndarray) -> np.ndarray:
-        """Run `ids` through the model for sequence 0 (already in the cache); logits  # [n, vocab]."""
-        self.kv.begin([0], [len(ids)])
+    def _forward_prefill(self, seq: int, ids: list[int], logit_pos: np.ndarray) -> np.ndarray:
+        """Run `ids` through the model for `seq` (at most prefill_chunk of them); logits  # [len(logit_pos), vocab]."""
+        self._kv.begin([seq], [len(ids)])
         emb = self._embed(self._tensor(np.asarray(ids, dtype=np.int32)), self.params)
         emb = emb._create_view((1, len(ids), emb.shape[1]))
-        out = self._prefill(emb, self._tensor(logit_pos.astype(np.int32)), *self.kv.args(), self.params)
-        self.kv.end()
+        out = self._prefill(emb, self._tensor(logit_pos.astype(np.int32)), *self._kv.args(), self.params)
+        self._kv.end()
         return out[0].numpy()[0]
 
-    def _prefill_chunks(self, ids: list[int], all_rows: bool) -> np.ndarray:
-        """Prefill `ids` for sequence 0 one prefill chunk per call (the cache's
-        workspace holds prefill_chunk tokens); logits of every position
-        [T, vocab], or of the last position only [vocab]."""
-        rows = []
-        for s in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[s : s + self.prefill_chunk]
-            rows.append(self._forward_prefill(chunk, np.arange(len(chunk)) if all_rows else np.array([len(chunk) - 1])))
-        return np.concatenate(rows, axis=0) if all_rows else rows[-1][0]
-
-    def _decode_step(self, ids):
-        """One decode step on a device int32 [1] token; returns the device
-        tensors (logits  # [1, 1, vocab] float32, greedy  # [2] int32 argmax, all-finite)."""
-        self.kv.begin([0], [1])
-        out = self._decode(ids, *self.kv.args(), self.params)
-        self.kv.end()
+    def _decode_one(self, seq: int, token: int):
+        """One decode step of `seq` on `token` (checked); returns the device tensors
+        (logits  # [1, 1, vocab] float32, greedy  # [2] int32: argmax, all-finite)."""
+        self._one_token.copyfrom(np.asarray([token], dtype=np.int32))
+        self._kv.begin([seq], [1])
+        out = self._decode(self._one_token, *self._kv.args(), self.params)
+        self._kv.end()
+        self._lengths[seq] += 1
         return out[0], out[1]
-
-    def _forward_decode(self, token: int) -> np.ndarray:
-        """Logits  # [vocab] float32 after feeding `token` (for the host sampler)."""
-        self._one_token.copyfrom(np.asarray([token], dtype=np.int32))
-        return self._decode_step(self._one_token)[0].numpy()[0, 0]
-
-    def _greedy_decode(self, token: int) -> int:
-        """The argmax after feeding `token`, picked on the device: 8 bytes come
-        back instead of the logits row (0.5 MB for a 128k vocabulary)."""
-        self._one_token.copyfrom(np.asarray([token], dtype=np.int32))
-        best, finite = self._decode_step(self._one_token)[1].numpy()
-        if not finite:
-            raise NonFiniteLogitsError("the model produced NaN/Inf logits; refusing to sample")
-        return int(best)
 
     def _check_tokens(self, ids) -> list[int]:
         if not isinstance(ids, (list, tuple, np.ndarray)):
@@ -194,33 +308,32 @@ class Session:
             out.append(int(t))
         return out
 
-    # --- public ------------------------------------------------------------
+    # --- whole requests ----------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
         """Teacher-forced logits at every position: float32 [T, vocab]; row i predicts token i+1."""
-        with self._scratch_sequence(token_ids) as ids:
-            return self._prefill_chunks(ids, all_rows=True)
+        with self._scratch_sequence(token_ids) as (seq, ids):
+            return self.prefill(seq, ids, all_logits=True)
 
     def decode_logits(self, token_ids) -> np.ndarray:
         """Teacher-forced logits like `logits`, but through the decode path that
         generation uses (a one-token prefill, then one decode step per token):
         float32 [T, vocab]. For checking the decode kernels (e.g. quantized GEMVs)."""
-        with self._scratch_sequence(token_ids) as ids:
-            rows = [self._prefill_chunks(ids[:1], all_rows=True)[0]]
-            rows += [self._forward_decode(t) for t in ids[1:]]
-            return np.stack(rows)
+        with self._scratch_sequence(token_ids) as (seq, ids):
+            rows = [self.prefill(seq, ids[:1], all_logits=True)]
+            rows += [self.decode_step([seq], [t]) for t in ids[1:]]
+            return np.concatenate(rows, axis=0)
 
     @contextlib.contextmanager
     def _scratch_sequence(self, token_ids):
-        """Checked ids of a teacher-forced pass, in sequence 0 of the cache for its duration."""
+        """(sequence, checked ids) of a teacher-forced pass; the sequence is open for its duration."""
         ids = self._check_tokens(token_ids)
         if len(ids) > self.max_seq_len:
             raise RequestError(f"sequence has {len(ids)} tokens, over this session's context of {self.max_seq_len}")
-        self.kv.add(0)
+        seq = self.add_sequence()
         try:
-            yield ids
+            yield seq, ids
         finally:
-            self.kv.remove(0)
-
+            self.remove_sequence(seq)
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise RequestError("this artifact has no tokenizer: pass token ids (--tokens) instead of text")
@@ -286,10 +399,10 @@ class Session:
         matcher = StopMatcher(stop)
         info.update(prompt=ids, finish="length", prefill_s=0.0, decode_s=0.0)
         history = list(ids)
-        self.kv.add(0)
+        seq = self.add_sequence()
         try:
             t0 = time.perf_counter()
-            tok = sampler(self._prefill_chunks(ids, all_rows=False), history)
+            tok = sampler(self.prefill(seq, ids), history)
             info["prefill_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             for i in range(max_new_tokens):
@@ -304,14 +417,14 @@ class Session:
                     break
                 if i == max_new_tokens - 1:
                     break
-                tok = self._greedy_decode(tok) if sampler.greedy else sampler(self._forward_decode(tok), history)
+                tok = self.decode_greedy([seq], [tok])[0] if sampler.greedy else sampler(self.decode_step([seq], [tok])[0], history)
             info["decode_s"] = time.perf_counter() - t1
             if detok and not matcher.stopped:
                 tail = matcher.feed(detok.flush()) + matcher.flush()
                 if tail:
                     yield -1, tail
         finally:
-            self.kv.remove(0)
+            self.remove_sequence(seq)
 
 
 def random_weights_for(params: list[dict]) -> list[tuple[dict, np.ndarray]]:
@@ -361,12 +474,15 @@ def cuda_device(rt, target: dict, path):
 
 
 def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, threads: int | None = None, verify: bool = True,
-         random_weights: bool = False, prefill_chunk: int | None = None) -> Session:
+         random_weights: bool = False, prefill_chunk: int | None = None, max_sequences: int = 1) -> Session:
     """Load an artifact (checks manifest, machine and hashes first) and return a Session.
+    max_seq_len: tokens per sequence (default: the artifact's, at most 4096);
+    max_sequences: sequences open at once (KV memory is reserved for each at max_seq_len);
     random_weights: only for artifacts compiled with --no-weights (speed runs)."""
     if threads is not None:
         if not 1 <= threads <= 1024:
             raise RequestError(f"threads must be in [1, 1024], got {threads}")
         os.environ["TVM_NUM_THREADS"] = str(threads)
     art = open_artifact(path, device=device, verify_hashes=verify)
-    return Session(art, device=device, max_seq_len=max_seq_len, random_weights=random_weights, prefill_chunk=prefill_chunk)
+    return Session(art, device=device, max_seq_len=max_seq_len, random_weights=random_weights, prefill_chunk=prefill_chunk,
+                   max_sequences=max_sequences)

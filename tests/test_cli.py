@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from _tiny_llama import subprocess_env
+from helpers import subprocess_env
 
 import kiln
 from kiln.cli import main
@@ -227,6 +227,7 @@ def test_help_texts(capsys):
 # --- 5 and 11: a quiet compile says only what the user can act on ---------------------------
 
 
+@pytest.mark.slow  # a `kiln compile` process
 def test_quiet_compile_prints_only_the_missing_tokenizer_warning(tiny_checkpoint, tmp_path):
     """No TVM chatter ("Warning: Fast mode segfaults ...", once per take op before);
     the one thing that matters about this checkpoint: it has no tokenizer."""
@@ -241,6 +242,7 @@ def test_quiet_compile_prints_only_the_missing_tokenizer_warning(tiny_checkpoint
 # --- 10: progress -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_progress_bars_only_on_a_terminal(tiny_checkpoint, tmp_path):
     import io  # noqa: PLC0415
 

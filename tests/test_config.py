@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from conftest import ARCHS
+from helpers import ARCHS
 from kiln.errors import UnsupportedModelError
 from kiln.frontends.config import ModelConfig
 

@@ -20,7 +20,12 @@ import pytest
 
 from kiln.compiler.fatbin import fatbin_entries
 
-pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("gcc") is None, reason="needs nvcc and gcc")
+# Every test here starts `kiln compile` processes, most of them running nvcc: slow as well.
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("gcc") is None, reason="needs nvcc and gcc"),
+]
 
 
 def kiln(*args, **kw):

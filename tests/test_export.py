@@ -1,8 +1,8 @@
 """`kiln export MODEL --hf DIR` (compiler/export.py): a GGUF or a float artifact
 becomes an HF directory that transformers loads, whose logits and tokens are
-kiln's own. A tiny GGUF (tests/test_gguf_reader.write_tiny: llama q/k
+kiln's own. A tiny GGUF (tests/helpers/tiny_gguf.write_tiny: llama q/k
 permutation, llama3 rope_freqs, F16/BF16/Q8_0 tensors, add_bos) always; the
-bundled SmolLM2 GGUF where it is present (conftest.smollm2_gguf)."""
+bundled SmolLM2 GGUF where it is present (the smollm2_gguf fixture)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from safetensors.numpy import load_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import compile_artifact, load_hf_model  # noqa: E402
-from test_gguf_reader import HEAD_DIM, write_tiny  # noqa: E402
+from helpers import compile_artifact, load_hf_model, slow_except  # noqa: E402
+from helpers.tiny_gguf import HEAD_DIM, write_tiny  # noqa: E402
 
 from kiln.cli import main as cli_main  # noqa: E402
 from kiln.compiler import export as export_mod  # noqa: E402
@@ -218,6 +218,7 @@ def test_cli_export(tiny, tmp_path, capsys):
 
 
 # --- (a) the bundled SmolLM2 GGUF ---------------------------------------------------------
+@pytest.mark.slow
 def test_smollm2_export_matches_kiln(smollm2_gguf, tmp_path_factory):
     root = tmp_path_factory.mktemp("export_smollm2")
     hf = root / "hf"
@@ -234,7 +235,7 @@ def test_smollm2_export_matches_kiln(smollm2_gguf, tmp_path_factory):
 
 
 
-@pytest.mark.parametrize("variant", ["qwen2", "qwen3", "llama_bias", "llama_tied_rope3", "mistral"])
+@pytest.mark.parametrize("variant", slow_except(["qwen2", "qwen3", "llama_bias", "llama_tied_rope3", "mistral"], "qwen3"))
 def test_artifact_export_per_architecture(variant, tiny_checkpoint, compiled, hf_model, tmp_path):
     """A float artifact of each architecture's tiny HF checkpoint exports back to that
     checkpoint: the same tensors (biases, q/k norms, tied embeddings) and the same logits."""

@@ -1,5 +1,5 @@
 """Opening HF checkpoint directories: layouts, tokenizer files, and hostile
-directories (BAD_INPUTS 7, 10, 13, 14)."""
+directories (THREATS 7, 10, 13, 14)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from helpers import compile_artifact, hf_greedy, slow_except
 
-from conftest import compile_artifact, hf_greedy
 from kiln.passes.kv_quant import FLOAT_KV_FORMATS, KV_FORMATS, decode_rows, encode_rows, fp8_decode, fp8_encode
 
 RNG = np.random.default_rng(7)
@@ -71,8 +71,8 @@ def qdq_transformers(model, fmt):
     return mod, orig, patched, transformers
 
 
-@pytest.mark.parametrize(("arch", "kv"), [(a, k) for k in ("int8", "fp8") for a in ("llama", "llama_tied_rope3", "qwen3")]
-                         + [("llama", "float16"), ("qwen3", "bfloat16")])
+@pytest.mark.parametrize(("arch", "kv"), slow_except([(a, k) for k in ("int8", "fp8") for a in ("llama", "llama_tied_rope3", "qwen3")]
+                                                     + [("llama", "float16"), ("qwen3", "bfloat16")], ("llama", "int8")))
 def test_quantized_kv_matches_transformers_with_the_same_kv(arch, kv, tiny_checkpoint, hf_model, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from kiln.runtime import SamplingParams, load  # noqa: PLC0415
@@ -115,6 +115,7 @@ def test_quantized_kv_matches_transformers_with_the_same_kv(arch, kv, tiny_check
     assert f"kv cache kiln-quant {kv}" in shown
 
 
+@pytest.mark.slow  # three `kiln compile` processes
 def test_kv_dtype_choices_are_checked(tiny_checkpoint, tmp_path):
     """16-bit float caches are kiln's on CPU targets only; a float cache on CUDA
     is the activations' dtype; unknown names are refused. Nothing is written."""

@@ -10,8 +10,8 @@ import json
 
 import numpy as np
 import pytest
+from helpers import compile_artifact, hf_greedy, slow_except
 
-from conftest import compile_artifact, hf_greedy
 from kiln.errors import CompileError
 from kiln.passes.quantize import FORMATS, QuantPlan, dequantize, expand_params, quantize
 
@@ -127,8 +127,8 @@ def dequantized_hf(model, plan: QuantPlan):
     return m
 
 
-@pytest.mark.parametrize(("arch", "quant"), [("llama", "q8"), ("llama_tied_rope3", "q4g32"), ("qwen2", "q4g128"), ("llama_bias", "q4g32"),
-                                             ("qwen3", "fp8")])
+@pytest.mark.parametrize(("arch", "quant"), slow_except([("llama", "q8"), ("llama_tied_rope3", "q4g32"), ("qwen2", "q4g128"), ("llama_bias", "q4g32"),
+                                                         ("qwen3", "fp8")], ("llama", "q8")))
 def test_quantized_artifact_matches_dequantized_transformers(arch, quant, tiny_checkpoint, hf_model, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from kiln.runtime import SamplingParams, load  # noqa: PLC0415
@@ -165,6 +165,7 @@ def test_quantized_artifact_matches_dequantized_transformers(arch, quant, tiny_c
     assert f"quant {quant}" in shown and "quality  not measured" in shown  # tiny checkpoints have no tokenizer
 
 
+@pytest.mark.slow
 def test_quality_metrics_against_a_reference(tiny_checkpoint, compiled, tmp_path):
     """runtime/quality.py: an artifact against itself is KLD 0 / top-1 1; a
     4-bit one is measurably off but mostly agrees."""
@@ -181,6 +182,7 @@ def test_quality_metrics_against_a_reference(tiny_checkpoint, compiled, tmp_path
     assert 0 < r["mean_kld"] < 0.5 and 0.5 < r["top1_agreement"] < 1
 
 
+@pytest.mark.slow
 def test_quality_gate_refuses_and_writes_nothing(smollm2_gguf, tmp_path):
     """--max-kld below what q4g128 reaches on SmolLM2: a CompileError naming
     the measured KLD, and no artifact (nor temp dir) left behind."""
@@ -210,6 +212,7 @@ KLD_BARS = {"q8": LLAMA_CPP_KLD["Q8_0"], "q4g32": LLAMA_CPP_KLD["Q4_0"], "q4g128
 KV_KLD_BARS = {"int8": 0.005, "fp8": 0.02}
 
 
+@pytest.mark.slow
 def test_smollm2_quality_bars(smollm2_gguf, tmp_path):
     from kiln.compiler.build import BUILTIN_CALIB  # noqa: PLC0415
     from kiln.runtime import load  # noqa: PLC0415

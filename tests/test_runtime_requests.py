@@ -1,4 +1,4 @@
-"""Request checks of the runtime and the CLI (BAD_INPUTS 25, 26, 29, 30): prompts
+"""Request checks of the runtime and the CLI (THREATS 25, 26, 29, 30): prompts
 over the context, bad generation and sampling values, text that is not valid
 Unicode, NaN logits, and the `kiln run/eval/inspect` commands."""
 
@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from _tiny_llama import VOCAB, prefer_full_tvm, shared_artifact, subprocess_env
+from helpers import VOCAB, prefer_full_tvm, shared_artifact, subprocess_env
 
 import kiln.runtime
 from kiln.errors import KilnError, RequestError
@@ -37,7 +37,7 @@ def no_leaked_sequences(request):
     """Every request, failed or not, frees its KV sequence."""
     yield
     if "session" in request.fixturenames:
-        assert request.getfixturevalue("session").kv.live == set()
+        assert request.getfixturevalue("session").sequences == []
 
 
 def cli(*args, timeout=120):
@@ -245,13 +245,13 @@ def _poison_final_norm(session):
 def test_nan_logits_in_decode_fail_the_request(session, monkeypatch, sampling):
     # prefill is clean; the weights turn NaN before the first decode step, so the
     # check under test is decode's: the device-side finite flag (greedy) or the host sampler
-    real = Session._prefill_chunks
+    real = Session.prefill
     restore = []
-    def prefill_then_poison(self, ids, all_rows):
-        out = real(self, ids, all_rows)
+    def prefill_then_poison(self, seq, tokens, **kw):
+        out = real(self, seq, tokens, **kw)
         restore.append(_poison_final_norm(self))
         return out
-    monkeypatch.setattr(Session, "_prefill_chunks", prefill_then_poison)
+    monkeypatch.setattr(Session, "prefill", prefill_then_poison)
     try:
         with pytest.raises(KilnError, match="NaN"):
             session.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True, sampling=sampling)
@@ -262,14 +262,14 @@ def test_nan_logits_in_decode_fail_the_request(session, monkeypatch, sampling):
 
 
 def test_nan_logits_in_prefill_emit_nothing(session, monkeypatch):
-    real = Session._forward_prefill
+    real = Session.prefill
 
-    def poisoned(self, ids, logit_pos):
-        out = real(self, ids, logit_pos)
+    def poisoned(self, seq, tokens, **kw):
+        out = real(self, seq, tokens, **kw)
         out[..., 7] = np.nan
         return out
 
-    monkeypatch.setattr(Session, "_forward_prefill", poisoned)
+    monkeypatch.setattr(Session, "prefill", poisoned)
     emitted = []
     with pytest.raises(KilnError, match="NaN"):
         for tok in session.stream([1, 2, 3], max_new_tokens=4):
@@ -325,14 +325,14 @@ def test_cli_nan_logits(art):
     code = f"""
 import sys, numpy as np
 import kiln.runtime.session as S
-real = S.Session._decode_step
-def nan_step(self, ids):
-    logits, greedy = real(self, ids)
+real = S.Session.decode_greedy
+def nan_step(self, seqs, tokens):
+    out = real(self, seqs, tokens)
     names = [p["name"] for p in self.artifact.manifest["params"]]
     w = self.params[names.index("norm.weight")]
     w.copyfrom(np.full(w.shape, np.nan, np.float32))  # every later step sees NaN logits
-    return logits, greedy
-S.Session._decode_step = nan_step
+    return out
+S.Session.decode_greedy = nan_step
 from kiln.cli import main
 sys.exit(main(["run", {str(art)!r}, "--tokens", "1,2,3", "--max-new-tokens", "4", "--ignore-eos", "--json"]))
 """

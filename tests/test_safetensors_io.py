@@ -1,4 +1,4 @@
-"""The safetensors reader against hand-crafted hostile files (BAD_INPUTS 1-7)."""
+"""The safetensors reader against hand-crafted hostile files (THREATS 1-7)."""
 
 from __future__ import annotations
 

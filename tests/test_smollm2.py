@@ -2,7 +2,7 @@
 
 Compiled twice: from the GGUF directly, and from its HF export (`kiln export
 --hf`: the same dequantized tensors). Both artifacts must give transformers' greedy tokens
-on that HF checkpoint. Skips without the model file (see conftest.smollm2_gguf).
+on that HF checkpoint. Skips without the model file (see the smollm2_gguf fixture in conftest.py).
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles SmolLM2 twice, runs the demo
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import compile_artifact, hf_greedy, load_hf_model  # noqa: E402
+from helpers import compile_artifact, hf_greedy, load_hf_model  # noqa: E402
+
 from kiln.runtime import SamplingParams, load  # noqa: E402
 
 NEW_TOKENS = 32

@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from _tiny_llama import write_model
+import pytest
+from helpers import compile_artifact, make_tiny_checkpoint
 
-from conftest import compile_artifact
 from kiln.passes.sort_shape_heap_stores import SortShapeHeapStores
 from kiln.runtime.manifest import MANIFEST_NAME
 from kiln.tvm_compat import compiler
@@ -118,9 +118,10 @@ def test_leaves_dependent_or_unsafe_runs_alone():
         assert after.same_as(before), before.script()
 
 
+@pytest.mark.slow
 def test_compiling_three_times_gives_identical_library(tmp_path):
     """VMShapeLower's store order varied from build to build (~1 in 3 libraries differed)."""
-    model = write_model(tmp_path / "model")
+    model = make_tiny_checkpoint(tmp_path / "model", writer="numpy")
     hashes = []
     for i in range(3):
         out = compile_artifact(model, tmp_path / f"m{i}.kiln")

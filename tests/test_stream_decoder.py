@@ -1,4 +1,4 @@
-"""Streaming detokenization and stop strings (BAD_INPUTS 29): characters split
+"""Streaming detokenization and stop strings (THREATS 29): characters split
 across tokens (emoji, CJK, combining marks, NUL) stream out whole, never as
 U+FFFD, and the streamed pieces add up to the full decode."""
 

@@ -24,9 +24,9 @@ def _compile(tiny_checkpoint, tmp_path, **kw):
 
 
 @pytest.mark.parametrize(("cpu", "needs", "lacks"), [
-    ("x86-64-v2", {"sse4_2", "popcnt"}, {"avx2", "avx512f"}),
+    pytest.param("x86-64-v2", {"sse4_2", "popcnt"}, {"avx2", "avx512f"}, marks=pytest.mark.slow),
     ("x86-64-v3", {"avx2", "fma"}, {"avx512f"}),
-    ("x86-64-v4", {"avx2", "avx512f", "avx512bw"}, set()),
+    pytest.param("x86-64-v4", {"avx2", "avx512f", "avx512bw"}, set(), marks=pytest.mark.slow),
 ])
 def test_explicit_cpu_target_runs_and_matches_native(tiny_checkpoint, compiled, tmp_path, cpu, needs, lacks):
     """4, 8 and 16 fp32 lanes: each whole model compiles on every host and runs
@@ -52,6 +52,7 @@ def test_explicit_cpu_target_runs_and_matches_native(tiny_checkpoint, compiled, 
     np.testing.assert_allclose(s.logits(ids), native, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, tol", [("float16", 2e-2), ("bfloat16", 5e-2)])
 def test_half_precision_storage_close_to_float32(tiny_checkpoint, compiled, tmp_path, dtype, tol):
     art = _compile(tiny_checkpoint, tmp_path, dtype=dtype)

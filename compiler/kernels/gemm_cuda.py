@@ -1,6 +1,6 @@
 """Prefill GEMM on tensor cores for CUDA: TIR wrappers around
-kernels/cuda/gemm.cuh (the pass passes/fuse_decode_gemv.py puts them in the
-prefill graph in place of kiln's NT_matmul kernels).
+kernels/cuda/gemm.cuh (the pass passes/cuda_projections.py, CudaProjections, puts them
+in the prefill graph in place of kiln's NT_matmul kernels).
 
     gemm(a, W)         a  # [1, M, K] (M symbolic: the prompt chunk), W  # [N, K] -> [1, M, N]
     gemm_residual(a, W, r)  -> r + a @ W^T

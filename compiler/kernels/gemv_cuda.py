@@ -1,6 +1,6 @@
 """Decode GEMV kernels for CUDA with their neighbours fused in (TIR wrappers
-around kernels/cuda/gemv.cuh; the pass passes/fuse_decode_gemv.py puts them in
-the graph).
+around kernels/cuda/gemv.cuh; the pass passes/cuda_projections.py, CudaProjections,
+puts them in the graph).
 
     rmsnorm_gemv(x, norm_w, W)            -> W @ rms_norm(x, norm_w)         (qkv, gate/up)
     gemv_residual(x, W, r)                -> r + W @ x                        (o_proj)

@@ -7,8 +7,8 @@ cache object (which holds K/V in the activations' dtype only):
     kv_pages   # [layers, num_pages, 2, kv_heads, page_size, head_dim]  codes
     kv_scales  # [layers, num_pages, 2, kv_heads, page_size]            float32
 
-The runtime owns page allocation and sequence lengths (runtime/kv_quant.py)
-and passes the page table each call. Per layer the graph applies RoPE to q
+The runtime owns page allocation and sequence lengths (runtime/kv_cache.py,
+QuantKVCache) and passes the page table each call. Per layer the graph applies RoPE to q
 and k (a TE op reading the position from kv_meta), quantizes k and v into
 their pages in place (`call_tir_inplace`; the updated cache is threaded from
 layer to layer, so the order is data flow), then attends over the pages.

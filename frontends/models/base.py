@@ -516,7 +516,7 @@ def _concat_thunk(name, srcs, shape, load, file):
 
 
 def check_finite(name: str, arr: np.ndarray, file: str) -> None:
-    """NaN/Inf weights are reported, never silently compiled (BAD_INPUTS 12)."""
+    """NaN/Inf weights are reported, never silently compiled (THREATS 12)."""
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise ModelFormatError(f"{file}: tensor {name} has {bad} NaN/Inf values")

@@ -1,0 +1,34 @@
+"""transformers as the reference: load a checkpoint, greedy tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_hf_model(path: Path):
+    """The transformers model for a checkpoint dir, float32, eager attention."""
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy tokens from transformers, never stopping early at EOS.
+
+    EOS is switched off on the model's own generation config: generate() merges
+    that config into any one passed in, and `min_new_tokens` would instead
+    *suppress* EOS, changing the tokens rather than just the stopping.
+    """
+    import torch  # noqa: PLC0415
+
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False, max_new_tokens=n
+        )
+    tokens = out[0, len(prompt) :].tolist()
+    assert len(tokens) == n, f"transformers stopped after {len(tokens)} of {n} tokens"
+    return tokens

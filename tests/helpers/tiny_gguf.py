@@ -1,0 +1,112 @@
+"""Tiny GGUF files written with gguf.GGUFWriter, shared by the GGUF reader and
+export tests: a 2-layer model (hidden 64, 4 heads, 2 KV heads, FFN 96) with a
+byte-level BPE tokenizer, llama.cpp's q/k permutation for llama, and any
+tensor stored as F32, F16, BF16 or a quantized GGML type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 96, 2
+HEAD_DIM = HIDDEN // HEADS
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["h e", "l l", "he ll", "Ġ w", "o r"]
+
+
+def _byte_chars() -> list[str]:
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def tiny_vocab() -> tuple[list[str], list[int]]:
+    merged = ["".join(m.split(" ")) for m in MERGES]
+    tokens = SPECIALS + _byte_chars() + merged + ["<think>"]
+    types = [3] * len(SPECIALS) + [1] * (256 + len(merged)) + [4]
+    return tokens, types
+
+
+def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute, verbatim."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny(path: Path, *, arch="llama", dtypes=None, extra=None, rope_freqs=None, tokenizer_model="gpt2"):
+    """A 2-layer model in GGUF; returns HF name -> the array load() must give back."""
+    rng = np.random.default_rng(7)
+    tokens, types = tiny_vocab()
+    vocab = len(tokens)
+    hf_shapes = {"model.embed_tokens.weight": (vocab, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (vocab, HIDDEN)}
+    gguf_names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    layer = {
+        "input_layernorm.weight": ("attn_norm.weight", (HIDDEN,)),
+        "self_attn.q_proj.weight": ("attn_q.weight", (HEADS * HEAD_DIM, HIDDEN)),
+        "self_attn.k_proj.weight": ("attn_k.weight", (KV_HEADS * HEAD_DIM, HIDDEN)),
+        "self_attn.v_proj.weight": ("attn_v.weight", (KV_HEADS * HEAD_DIM, HIDDEN)),
+        "self_attn.o_proj.weight": ("attn_output.weight", (HIDDEN, HEADS * HEAD_DIM)),
+        "post_attention_layernorm.weight": ("ffn_norm.weight", (HIDDEN,)),
+        "mlp.gate_proj.weight": ("ffn_gate.weight", (FFN, HIDDEN)),
+        "mlp.up_proj.weight": ("ffn_up.weight", (FFN, HIDDEN)),
+        "mlp.down_proj.weight": ("ffn_down.weight", (HIDDEN, FFN)),
+    }
+    for i in range(LAYERS):
+        for hf, (g, shape) in layer.items():
+            hf_shapes[f"model.layers.{i}.{hf}"] = shape
+            gguf_names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{g}"
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(LAYERS)
+    w.add_context_length(256)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(500000.0)
+    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    for k, v in (extra or {}).items():
+        w.add_key_value(k, v[0], v[1])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    expected = {}
+    for hf, shape in hf_shapes.items():
+        arr = rng.standard_normal(shape).astype(np.float32)
+        qtype = (dtypes or {}).get(hf, Q.F32)
+        if qtype == Q.F32:
+            stored = arr
+        elif qtype == Q.F16:
+            stored = arr.astype(np.float16)
+            arr = stored.astype(np.float32)
+        else:
+            stored = quants.quantize(arr, qtype)
+            arr = quants.dequantize(stored, qtype)
+        if arch == "llama" and (".q_proj." in hf or ".k_proj." in hf):
+            n = HEADS if ".q_proj." in hf else KV_HEADS
+            stored = llama_permute(stored, n) if qtype in (Q.F32, Q.F16) else quants.quantize(llama_permute(arr, n), qtype)
+        w.add_tensor(gguf_names[hf], stored, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+        expected[hf] = arr
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expected
