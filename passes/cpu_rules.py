@@ -9,7 +9,8 @@ CpuGemv (decode, one token): y[n] = sum_k x[k] * W[n, k] (+ epilogue)
   - rows n split into tasks of `rows` rows, parallel over tasks;
   - k split into (k_outer, lanes*accumulators); rfactor on the inner part so
     each row keeps `accumulators` vector registers of partial sums
-    (independent FMA chains hide FMA latency), vectorised over `lanes`;
+    (independent FMA chains hide FMA latency), vectorised over `lanes`:
+    32 partial sums per row (8 lanes x 4 on AVX2, 16 x 2 on AVX-512);
   - the partial sums live in a local buffer (registers), reduced once per row;
   - an injective epilogue (residual add) is computed per row right after.
 """
@@ -86,9 +87,12 @@ def _int_extent(sch, loop) -> int | None:
 class CpuGemv:
     """Decode GEMV: one output row per dot product, vectorised reduction, parallel rows."""
 
-    def __init__(self, rows_per_task: int = 16, accumulators: int = 4):
+    PARTIALS = 32  # vector lanes x accumulators per row; see apply
+
+    def __init__(self, rows_per_task: int = 16, accumulators: int | None = None, max_lanes: int | None = None):
         self.rows = rows_per_task
-        self.acc = accumulators
+        self.acc = accumulators  # None: PARTIALS // lanes (4 on AVX2, 2 on AVX-512)
+        self.max_lanes = max_lanes  # narrower vectors than the target's widest (experiments)
 
     def apply(self, func, target, _tunable=False):
         from tvm.s_tir.dlight.analysis.gemv import is_gemv, normalize  # noqa: PLC0415
@@ -119,7 +123,14 @@ class CpuGemv:
         n = _int_extent(sch, s)
         if k is None or n is None or _int_extent(sch, c) != 1 or _int_extent(sch, batch) != 1:
             return None
-        lanes, acc = reduction_tile(k, vector_lanes(target), self.acc)
+        # The rfactor write-back sums each row's lanes x accumulators partial sums one
+        # by one, so more partials cost more than the independent FMA chains gain
+        # once the loop is memory-bound: 32 per row measured best or level on an
+        # AVX-512 Xeon (16 lanes: 2 accumulators beat 4 by 5-50% on fp16, up to 13% on
+        # fp32 weights streamed from DRAM) and on AVX2 (8 lanes x 4, the v1 choice).
+        # benchmarks/cpu_gemv_variants.py, benchmarks/NOTES.md.
+        widest = min(vector_lanes(target), self.max_lanes or 64)
+        lanes, acc = reduction_tile(k, widest, self.acc or max(1, min(4, self.PARTIALS // widest)))
         if lanes == 0:
             return None
         inner = lanes * acc
