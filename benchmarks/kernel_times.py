@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from kiln.compiler.target import parse_target
-from kiln.frontends.checkpoint import open_checkpoint
+from kiln.frontends.readers import open_checkpoint
 from kiln.frontends.config import ModelConfig
 from kiln.frontends.models import family_for
 from kiln.passes.pipeline import PipelineOptions, run_pipeline

@@ -77,7 +77,8 @@ def write_float_gguf(src: Path, out: Path, ftype: str) -> Path:
     import gguf  # noqa: PLC0415
     from gguf import GGUFReader, GGUFValueType, GGUFWriter  # noqa: PLC0415
 
-    from kiln.frontends.gguf_reader import hf_tensor_name, open_gguf  # noqa: PLC0415
+    from kiln.frontends.gguf_names import hf_tensor_name  # noqa: PLC0415
+    from kiln.frontends.gguf_reader import open_gguf  # noqa: PLC0415
 
     key = f"v1:{ftype}:{_file_key(src)}"
     if _done(out, key):
@@ -195,7 +196,7 @@ def compile_kiln(src: Path, dtype: str, recompile: bool = False, quant: str | No
 
 def gguf_weight_bytes(path: Path) -> int:
     """Bytes of every tensor in a GGUF: what one decode step reads (tied embeddings count once, as lm_head)."""
-    from kiln.frontends.gguf_reader import read_gguf_header  # noqa: PLC0415
+    from kiln.frontends.gguf_header import read_gguf_header  # noqa: PLC0415
 
     return sum(t.nbytes for t in read_gguf_header(path).tensors)
 

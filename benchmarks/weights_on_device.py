@@ -24,7 +24,7 @@ import numpy as np
 
 
 def recipe(model: str, art: Path, out: Path) -> None:
-    from kiln.frontends.checkpoint import open_checkpoint  # noqa: PLC0415
+    from kiln.frontends.readers import open_checkpoint  # noqa: PLC0415
     from kiln.frontends.config import ModelConfig  # noqa: PLC0415
     from kiln.frontends.models import family_for  # noqa: PLC0415
 

@@ -19,10 +19,10 @@ import numpy as np
 
 from .. import __version__
 from ..errors import CompileError
-from ..frontends.checkpoint import open_checkpoint
 from ..frontends.config import ModelConfig
 from ..frontends.models import family_for
 from ..frontends.models.base import COMPUTE_DTYPE, Precision, check_finite
+from ..frontends.readers import open_checkpoint
 from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..passes.sort_shape_heap_stores import SortShapeHeapStores
 from ..runtime.dtypes import itemsize

@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, CompileError, ModelFormatError, UnsupportedModelError
-from ..frontends.checkpoint import TokenizerFiles, open_checkpoint
+from ..frontends.checkpoint import TokenizerFiles
 from ..frontends.config import ModelConfig
+from ..frontends.readers import open_checkpoint
 from ..runtime.dtypes import SAFETENSORS_CODES, numpy_dtype
 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")

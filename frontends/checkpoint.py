@@ -1,20 +1,17 @@
 """What every frontend produces: a validated checkpoint, read lazily.
 
-`open_checkpoint(path)` accepts an HF directory, a `.safetensors` file (with
-config.json beside it), a sharded `model.safetensors.index.json`, or a `.gguf`.
-Tensors are named with HF names (GGUF names are mapped and llama.cpp's q/k
+Every reader (frontends/readers.py lists them) returns a `Checkpoint` whose
+tensors are named with HF names (GGUF names are mapped and llama.cpp's q/k
 permutation undone), so one conversion (`DecoderLM.convert_hf`) serves all.
+This module imports no reader.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-
-from ..errors import ModelFormatError
 
 
 @dataclass
@@ -57,22 +54,3 @@ class Checkpoint:
     # file's own quantized blocks when they are exactly that format, else None
     load_quantized: Callable[[str, str], dict | None] | None = None
 
-
-def open_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
-    """Open and validate a checkpoint; ModelFormatError names the file on failure.
-
-    weights=False: only the config is read (`path` may be a config.json alone)."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelFormatError(f"{p}: no such file or directory")
-    if not weights:
-        from .hf import open_config_only  # noqa: PLC0415
-
-        return open_config_only(p)
-    if p.is_file() and p.suffix.lower() == ".gguf":
-        from .gguf_reader import open_gguf  # noqa: PLC0415
-
-        return open_gguf(p)
-    from .hf import open_hf_checkpoint  # noqa: PLC0415
-
-    return open_hf_checkpoint(p)

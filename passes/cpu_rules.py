@@ -84,13 +84,32 @@ def _int_extent(sch, loop) -> int | None:
     return int(ext) if isinstance(ext, t.tirx.IntImm) else None
 
 
+def _halving_sums(sch, wb, lanes: int) -> list:
+    """Replace the write-back's serial sum of a row's partial sums by halving
+    steps (partials[i] + partials[i + half], a vector add each) down to
+    `lanes // 2`... 2 values: rfactor the write-back over the lower half, again
+    and again. Returns the new blocks, producers first (still at the root):
+    rf -> parts[0] -> parts[1] -> ... -> wb."""
+    parts = []
+    while True:
+        ri = sch.get_loops(wb)[3]
+        ext = _int_extent(sch, ri)
+        if ext is None or ext <= 2 or ext % 2:
+            return parts
+        _, lo = sch.split(ri, [2, ext // 2])
+        part = sch.rfactor(lo, 0)
+        sch.set_scope(part, 0, "local")
+        parts.append(part)
+
+
 class CpuGemv:
     """Decode GEMV: one output row per dot product, vectorised reduction, parallel rows."""
 
     PARTIALS = 32  # vector lanes x accumulators per row; see apply
 
-    def __init__(self, rows_per_task: int = 16, accumulators: int | None = None, max_lanes: int | None = None):
+    def __init__(self, rows_per_task: int = 16, accumulators: int | None = None, max_lanes: int | None = None, tree: bool = False):
         self.rows = rows_per_task
+        self.tree = tree  # halving vector adds instead of a serial sum of the partials (experiment)
         self.acc = accumulators  # None: PARTIALS // lanes (4 on AVX2, 2 on AVX-512)
         self.max_lanes = max_lanes  # narrower vectors than the target's widest (experiments)
 
@@ -148,7 +167,15 @@ class CpuGemv:
         sch.reorder(rf_loops[1], rf_loops[2], rf_loops[3], rf_loops[4])
         sch.set_scope(rf, 0, "local")
         wb = sch.get_consumers(rf)[0]
+        parts = _halving_sums(sch, wb, lanes) if self.tree else []
+        for p in reversed(parts):  # consumers first: each lands under the row loop before its consumer
+            sch.compute_at(p, sch.get_loops(wb)[2])
         sch.compute_at(rf, sch.get_loops(wb)[2])
+        for p in parts:  # each part adds two halves of the partial sums: vector adds
+            lo_l, hi_l = sch.get_loops(p)[-2:]  # (the half, spatial; which half, reduced)
+            sch.reorder(hi_l, lo_l)
+            sch.vectorize(lo_l)
+            sch.unroll(hi_l)
         # after compute_at the rf block sits under (so, si) with loops (ri, ro)
         ri_loop, ro_loop = sch.get_loops(rf)[-2:]
         acc_loop, lane_loop = sch.split(ri_loop, [None, lanes])
@@ -160,6 +187,8 @@ class CpuGemv:
         sch.parallel(so)
         init = sch.decompose_reduction(rf, ro_loop)
         sch.vectorize(sch.get_loops(init)[-1])
+        for p in parts:
+            sch.vectorize(sch.get_loops(sch.decompose_reduction(p, sch.get_loops(p)[-2]))[-1])
         return sch
 
 

@@ -99,6 +99,20 @@ def test_gemv_matches_numpy(target, wdtype, n, k):
     np.testing.assert_allclose(got[0], ref, **TOL["float32"])
 
 
+@pytest.mark.parametrize("acc", [1, 2, 4])
+def test_gemv_halving_write_back_matches_numpy(target, acc):
+    """CpuGemv(tree=True): the partial sums are added by halving vector adds (an
+    experiment measured in benchmarks/NOTES.md), same results."""
+    rng = np.random.default_rng(acc)
+    n, k = 48, 576
+    func = _schedule(CpuGemv(accumulators=acc, tree=True), _nt_matmul_func(1, n, k, bias=True), target)
+    x = rng.standard_normal((1, 1, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    got = _run(func, target, [x, w, b], (1, 1, n))
+    np.testing.assert_allclose(got[0], x.astype(np.float64)[0] @ w.astype(np.float64).T + b, **TOL["float32"])
+
+
 def test_gemv_uses_the_targets_vector_registers(target):
     """The widest registers of the target appear in the GEMV's machine code."""
     func = _schedule(CpuGemv(), _nt_matmul_func(1, 64, 256), target)

@@ -26,7 +26,7 @@ from kiln.cli import main as cli_main  # noqa: E402
 from kiln.compiler import export as export_mod  # noqa: E402
 from kiln.compiler.export import export_hf  # noqa: E402
 from kiln.errors import ArtifactError, CompileError, ModelFormatError, UnsupportedModelError  # noqa: E402
-from kiln.frontends.checkpoint import open_checkpoint  # noqa: E402
+from kiln.frontends.readers import open_checkpoint  # noqa: E402
 from kiln.frontends.config import ModelConfig  # noqa: E402
 from kiln.runtime import load  # noqa: E402
 from kiln.runtime import manifest as mf  # noqa: E402

@@ -15,10 +15,12 @@ from helpers.tiny_gguf import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, llama_p
 from tokenizers import Tokenizer
 
 from kiln.errors import ModelFormatError, UnsupportedModelError
-from kiln.frontends.checkpoint import open_checkpoint
 from kiln.frontends.config import ModelConfig
-from kiln.frontends.gguf_reader import open_gguf, read_gguf_header, unpermute_qk
+from kiln.frontends.gguf_header import read_gguf_header
+from kiln.frontends.gguf_names import unpermute_qk
+from kiln.frontends.gguf_reader import open_gguf
 from kiln.frontends.models import family_for
+from kiln.frontends.readers import open_checkpoint
 
 
 # --- the real model ---------------------------------------------------------------

@@ -15,8 +15,8 @@ import safetensors.numpy
 
 from kiln.errors import ModelFormatError
 from kiln.frontends import hf
-from kiln.frontends.checkpoint import open_checkpoint
 from kiln.frontends.hf import open_hf_checkpoint
+from kiln.frontends.readers import open_checkpoint
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],

@@ -80,7 +80,7 @@ def test_gguf_blocks_map_to_kiln_formats_exactly(qtype, fmt):
     from gguf import quants  # noqa: PLC0415
     from gguf.constants import GGMLQuantizationType  # noqa: PLC0415
 
-    from kiln.frontends.gguf_reader import blocks_to_kiln  # noqa: PLC0415
+    from kiln.frontends.gguf_blocks import blocks_to_kiln  # noqa: PLC0415
 
     w = (RNG.standard_normal((24, 96)) * 0.1).astype(np.float32)
     t = GGMLQuantizationType[qtype]

@@ -1,0 +1,72 @@
+"""GGUF tensor data: quantized blocks dequantized to float32, or taken block
+for block into the kiln weight format with exactly the same grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import quants
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import ModelFormatError
+from .gguf_header import GGUFTensorInfo
+
+_dequantizable: dict[GGMLQuantizationType, bool] = {}
+
+
+def can_dequantize(qtype: GGMLQuantizationType) -> bool:
+    """Whether `gguf.quants` can dequantize this block type (asked once, on one zero block)."""
+    if qtype not in _dequantizable:
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        try:
+            quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+            _dequantizable[qtype] = True
+        except Exception:  # noqa: BLE001 - NotImplementedError, or anything else: not usable
+            _dequantizable[qtype] = False
+    return _dequantizable[qtype]
+
+
+def dequantize(data: np.ndarray, t: GGUFTensorInfo, path: Path) -> np.ndarray:
+    """One tensor's raw bytes (uint8 [nbytes]) -> float32 [*t.shape] (F32/F16/BF16 exactly)."""
+    block, type_size = GGML_QUANT_SIZES[t.qtype]
+    byte_shape = (*t.shape[:-1], t.shape[-1] // block * type_size)
+    try:
+        arr = quants.dequantize(data.reshape(byte_shape), t.qtype)
+    except Exception as e:
+        raise ModelFormatError(f"{path}: tensor {t.name}: cannot dequantize {t.qtype.name}: {e}") from e
+    if arr.shape != t.shape:
+        raise ModelFormatError(f"{path}: tensor {t.name}: dequantized to shape {list(arr.shape)}, expected {list(t.shape)}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+# GGUF block type -> the kiln weight format with exactly its grid (passes/quantize.py)
+DIRECT_IMPORTS = {("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8")}
+
+
+def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Raw GGUF blocks of an [N, K] tensor -> kiln's arrays, no float detour.
+    Q4_1 block (20 bytes): d fp16, m fp16, 16 bytes whose low nibbles are
+    elements 0..15 and high nibbles 16..31; x = d q + m.
+    Q4_0 block (18 bytes): d fp16, 16 bytes of nibbles as Q4_1; x = d (q - 8),
+    i.e. q4g32 with minimum -8 d (exact in fp16: a power-of-two multiple).
+    Q8_0 block (34 bytes): d fp16, 32 int8; x = d q."""
+    n, k = shape
+    if qtype == "Q4_0":
+        b = data.reshape(n, k // 32, 18)
+        d = b[..., 0:2].copy().view(np.float16)[..., 0]
+        codes = np.concatenate([b[..., 2:18] & 0x0F, b[..., 2:18] >> 4], axis=-1).astype(np.uint32).reshape(n, k // 8, 8)
+        shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+        return {"q": np.bitwise_or.reduce(codes << shifts, axis=2).astype(np.uint32), "s": d, "z": (d * np.float16(-8)).astype(np.float16)}
+    if qtype == "Q4_1":
+        b = data.reshape(n, k // 32, 20)
+        d = b[..., 0:2].copy().view(np.float16)[..., 0]
+        m = b[..., 2:4].copy().view(np.float16)[..., 0]
+        qs = b[..., 4:20]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint32).reshape(n, k // 8, 8)
+        shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+        return {"q": np.bitwise_or.reduce(codes << shifts, axis=2).astype(np.uint32), "s": d, "z": m}
+    if qtype == "Q8_0":
+        b = data.reshape(n, k // 32, 34)
+        return {"q": b[..., 2:34].copy().view(np.int8).reshape(n, k), "s": b[..., 0:2].copy().view(np.float16)[..., 0]}
+    raise ValueError(f"no direct import for {qtype}")

@@ -1,0 +1,113 @@
+"""GGUF metadata -> an HF-style config dict (the keys `ModelConfig.from_dict` reads)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelFormatError, UnsupportedModelError
+from .gguf_header import REQUIRED, GGUFHeader, GGUFTensorInfo, meta
+
+
+def llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, path: Path) -> dict | None:
+    """Recover HF's llama3 rope_scaling from llama.cpp's rope_freqs tensor.
+
+    llama.cpp's convert turns (factor, low_freq_factor, high_freq_factor,
+    original context) into one factor per rotary frequency and drops the
+    parameters. Every Llama 3.x model uses low 1, high 4, original 8192 with
+    factor 8 or 32: recompute with those and accept only an exact match.
+    """
+    f = np.asarray(factors, np.float64).reshape(-1)
+    if f.shape != (head_dim // 2,):
+        raise ModelFormatError(f"{path}: tensor rope_freqs.weight has {f.size} values, expected head_dim/2 = {head_dim // 2}")
+    if np.all(f == 1.0):
+        return None
+    cand = {"rope_type": "llama3", "factor": float(f.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}  # fmt: skip
+    freqs = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    wavelen = 2 * math.pi / freqs.astype(np.float64)
+    old, lo, hi, factor = 8192, 1.0, 4.0, cand["factor"]
+    smooth = (old / wavelen - lo) / (hi - lo)
+    want = np.where(wavelen < old / hi, 1.0, np.where(wavelen > old / lo, factor, 1 / ((1 - smooth) / factor + smooth)))
+    if not np.allclose(want, f, rtol=1e-4, atol=0):
+        raise UnsupportedModelError(f"{path}: tensor rope_freqs.weight does not match llama3 rope scaling "
+                                    f"(low 1, high 4, original context 8192); other rope frequency factors are not supported")  # fmt: skip
+    return cand
+
+
+def _rope_scaling(header: GGUFHeader, arch: str, path: Path) -> dict | None:
+    kind = meta(header, f"{arch}.rope.scaling.type", "str", path, "none")
+    factor = meta(header, f"{arch}.rope.scaling.factor", "float", path, None)
+    if kind == "none" and factor is None:
+        legacy = meta(header, f"{arch}.rope.scale_linear", "float", path, None)
+        if legacy is not None and legacy != 1.0:
+            return {"rope_type": "linear", "factor": legacy}
+        return None
+    if kind == "none":
+        return None
+    out = {"rope_type": kind, "factor": factor}
+    orig = meta(header, f"{arch}.rope.scaling.original_context_length", "int", path, None)
+    if orig is not None:
+        out["original_max_position_embeddings"] = orig
+    return out  # ModelConfig.from_dict rejects kinds kiln does not run (yarn, longrope)
+
+
+def build_config(header: GGUFHeader, arch: str, hf_arch: str, names: dict[str, GGUFTensorInfo], path: Path) -> dict:
+    def key(k, kind, default=REQUIRED):
+        return meta(header, f"{arch}.{k}", kind, path, default)
+
+    if key("expert_count", "int", 0):
+        raise UnsupportedModelError(f"{path}: mixture-of-experts GGUF models are not supported")
+    heads = key("attention.head_count", "int")
+    key_len, value_len = key("attention.key_length", "int", None), key("attention.value_length", "int", None)
+    rope_dim = key("rope.dimension_count", "int", None)
+    head_dim = key_len if key_len is not None else rope_dim
+    if value_len is not None and head_dim is not None and value_len != head_dim:
+        raise UnsupportedModelError(f"{path}: attention key length {head_dim} differs from value length {value_len}")
+    if rope_dim is not None and head_dim is not None and rope_dim != head_dim:
+        raise UnsupportedModelError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim {head_dim}) are not supported")
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    embd = names.get("model.embed_tokens.weight")
+    vocab = key("vocab_size", "int", None)
+    if vocab is None:
+        vocab = embd.shape[0] if embd is not None else len(tokens) if isinstance(tokens, list) else None
+    cfg: dict[str, Any] = {
+        "architectures": [hf_arch],
+        "model_type": arch,
+        "hidden_size": key("embedding_length", "int"),
+        "intermediate_size": key("feed_forward_length", "int"),
+        "num_hidden_layers": key("block_count", "int"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", "int", heads),
+        "vocab_size": vocab,
+        "max_position_embeddings": key("context_length", "int"),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", "float"),
+        "rope_theta": key("rope.freq_base", "float", 10000.0),
+        "rope_scaling": _rope_scaling(header, arch, path),
+        "tie_word_embeddings": "lm_head.weight" not in names,
+        "attention_bias": "model.layers.0.self_attn.q_proj.bias" in names,
+        "torch_dtype": "float32",
+    }
+    if head_dim is not None:
+        cfg["head_dim"] = head_dim
+    for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+        value = meta(header, f"tokenizer.ggml.{gguf_key}", "int", path, None)
+        if value is not None:
+            cfg[hf_key] = value
+    extra_eos = extra_eos_ids(header, path, cfg.get("eos_token_id"))
+    if extra_eos:
+        cfg["eos_token_id"] = [cfg["eos_token_id"], *extra_eos] if "eos_token_id" in cfg else extra_eos
+    return cfg
+
+
+def extra_eos_ids(header: GGUFHeader, path: Path, eos: int | None) -> list[int]:
+    """End-of-turn / end-of-message ids that also stop generation (Llama 3's <|eot_id|>)."""
+    out = []
+    for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        v = meta(header, k, "int", path, None)
+        if v is not None and v != eos and v not in out:
+            out.append(v)
+    return out

@@ -1,0 +1,67 @@
+"""GGUF tensor names -> HF names, and llama.cpp's q/k row permutation undone.
+
+Mapped back to HF names, a GGUF's tensors go through the same conversion
+(`DecoderLM.convert_hf`) as any HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class _Arch:
+    hf_architecture: str
+    permute_qk: bool  # llama.cpp's convert permuted q/k rows for its interleaved RoPE
+
+
+# GGUF general.architecture -> HF architecture.
+ARCHITECTURES = {
+    "llama": _Arch("LlamaForCausalLM", permute_qk=True),
+    "qwen2": _Arch("Qwen2ForCausalLM", permute_qk=False),
+    "qwen3": _Arch("Qwen3ForCausalLM", permute_qk=False),
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"blk\.(0|[1-9][0-9]{0,5})\.([a-z_]+)\.(weight|bias)")
+SKIPPED = ("rope_freqs.weight",)  # derived data; read into config, never a weight
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor, or None when it has no HF counterpart."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert llama.cpp's convert-time q/k permutation.
+
+    llama.cpp did `w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)`
+    (interleaving each head's two rotary halves); this restores HF's half-split rows.
+    w  # [n_head * head_dim, *rest] (a weight [out, in] or a bias [out])
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
