@@ -70,6 +70,22 @@ def _fetch_tvm_ffi(dst: Path, python: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Pure-Python modules the TVM runtime imports that a bare Python lacks
+# (apache-tvm-ffi's registry imports typing_extensions): copied from this
+# machine, one file each, any Python 3 they support.
+PURE_DEPENDENCIES = ("typing_extensions",)
+
+
+def copy_pure_dependencies(site: Path) -> None:
+    import importlib.util  # noqa: PLC0415
+
+    for name in PURE_DEPENDENCIES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            raise CompileError(f"kiln bundle needs the pure-Python module {name} on this machine (pip install {name.replace('_', '-')})")
+        shutil.copy2(spec.origin, site / f"{name}.py")
+
+
 def copy_kiln_runtime(site: Path) -> None:
     """Copy kiln's runtime modules (and the CLI, which then offers only the
     runtime's commands) into SITE/kiln."""
@@ -97,6 +113,7 @@ def make_bundle(artifact: str | Path, out: str | Path, python: str = "3.12") -> 
         site.mkdir(parents=True)
         _copy_tvm(site)
         _fetch_tvm_ffi(site, python)
+        copy_pure_dependencies(site)
         copy_kiln_runtime(site)
         shutil.copytree(art.path, tmp / "model.kiln")
         launcher = tmp / "kiln"

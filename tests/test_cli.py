@@ -123,6 +123,37 @@ def test_bundle_cli_lists_only_runtime_commands(tmp_path):
     assert proc.stderr.startswith("usage: kiln") and "invalid choice: 'compile'" in proc.stderr
 
 
+def test_bundle_runs_with_only_numpy(compiled, tmp_path, monkeypatch):
+    """A whole bundle on a Python that has numpy and nothing else (-S: no
+    site-packages): TVM runtime-only, apache-tvm-ffi and the pure-Python modules
+    they import all come from the bundle (the wheel download is replaced by this
+    machine's own apache-tvm-ffi, the same Python)."""
+    import importlib.util  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from kiln.compiler import bundle  # noqa: PLC0415
+
+    def local_tvm_ffi(dst, python):
+        src = os.path.dirname(importlib.util.find_spec("tvm_ffi").origin)
+        shutil.copytree(src, dst / "tvm_ffi", ignore=shutil.ignore_patterns("__pycache__"))
+
+    monkeypatch.setattr(bundle, "_fetch_tvm_ffi", local_tvm_ffi)
+    out = tmp_path / "b"
+    bundle.make_bundle(compiled("llama"), out, python=f"{sys.version_info.major}.{sys.version_info.minor}")
+    only_numpy = tmp_path / "only_numpy"
+    only_numpy.mkdir()
+    np_dir = os.path.dirname(importlib.util.find_spec("numpy").origin)
+    for name in os.listdir(os.path.dirname(np_dir)):
+        if name == "numpy" or name.startswith("numpy.") or name.startswith("numpy-"):
+            os.symlink(os.path.join(os.path.dirname(np_dir), name), only_numpy / name)
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(only_numpy)
+    proc = subprocess.run([sys.executable, "-S", str(out / "kiln"), "run", str(out / "model.kiln"), "--tokens", "1,2,3",
+                           "--max-new-tokens", "4", "--ignore-eos", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["tokens"]) == 4
+
+
 # --- 8: bad paths fail before TVM is imported ------------------------------------------------
 
 
