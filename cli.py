@@ -175,7 +175,11 @@ def cmd_compile(a) -> int:
     check_output(a.output)
     from .tvm_compat import compiler  # noqa: PLC0415
 
-    compiler(cuda="cuda" in a.target)  # before anything imports TVM: CUDA needs its plugin loadable
+    if "cuda" in a.target:
+        from .compiler.cuda_stub import prepare_cuda_compile  # noqa: PLC0415
+
+        prepare_cuda_compile()  # before anything imports TVM: CUDA needs its plugin loadable
+    compiler()
     from .compiler.build import compile_model  # noqa: PLC0415
 
     from .compiler.progress import Progress  # noqa: PLC0415

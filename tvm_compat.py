@@ -66,18 +66,12 @@ def runtime_only_loaded() -> bool:
     return bool(base is not None and getattr(base, "_RUNTIME_ONLY", False))
 
 
-def compiler(cuda: bool = False) -> types.SimpleNamespace:
+def compiler() -> types.SimpleNamespace:
     """Return the full TVM compiler API used by frontends/, passes/ and compiler/.
 
-    cuda=True (only meaningful on the first call in a process, before TVM is
-    imported): make TVM's CUDA plugin loadable on a machine without a GPU
-    driver, so CUDA targets embed compiled device code (compiler/cuda_stub.py).
-    """
-    if cuda and "tvm" not in sys.modules:
-        from .compiler.cuda_stub import driver_present, load_stand_in_driver  # noqa: PLC0415
-
-        if not driver_present():
-            load_stand_in_driver()
+    CUDA targets on a machine without a GPU driver need TVM's CUDA plugin made
+    loadable before TVM is imported: the compiler does that first
+    (compiler/cuda_stub.py prepare_cuda_compile)."""
     if runtime_only_loaded():
         raise KilnError(
             "TVM was imported runtime-only in this process (TVM_USE_RUNTIME_LIB=1); "

@@ -30,8 +30,8 @@ from ..runtime.manifest import FORMAT_VERSION, MAGIC, RUNTIME_ABI
 from ..tvm_compat import compiler
 from .artifact import ArtifactWriter
 from .cuda_codegen import nvcc_callback
-from .kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
-from .kernels.kv_quant import QuantKV
+from ..passes.kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
+from ..passes.kernels.kv_quant import QuantKV
 from .progress import QUIET, Progress
 from .target import CompileTarget, parse_target
 from ..passes.kv_quant import kv_format

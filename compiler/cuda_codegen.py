@@ -21,7 +21,7 @@ from pathlib import Path
 from ..tvm_compat import compiler
 from .target import arch_number
 
-_CUDA_DIR = Path(__file__).parent / "kernels" / "cuda"
+_CUDA_DIR = Path(__file__).resolve().parent.parent / "passes" / "kernels" / "cuda"
 # common.cuh (shared helpers) first, then the kernels in a fixed order
 KERNEL_HEADERS = [_CUDA_DIR / "common.cuh"] + sorted(p for p in _CUDA_DIR.glob("*.cuh") if p.name != "common.cuh")
 

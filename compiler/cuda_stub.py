@@ -66,3 +66,12 @@ def load_stand_in_driver() -> Path:
         os.replace(tmp, out)
     ctypes.CDLL(str(out), mode=ctypes.RTLD_GLOBAL)
     return out
+
+
+def prepare_cuda_compile() -> None:
+    """Before anything imports TVM in a process that will compile for CUDA: load a
+    stand-in driver where no real one exists, so TVM's CUDA plugin loads."""
+    import sys  # noqa: PLC0415
+
+    if "tvm" not in sys.modules and not driver_present():
+        load_stand_in_driver()

@@ -86,7 +86,7 @@ def _cuda_target(part: str, archs: list[str]) -> CompileTarget:
     if len(set(archs)) != len(archs):
         raise CompileError(f"--target {part}: an arch is listed twice")
     if t.tvm.get_global_func("device_api.cuda", allow_missing=True) is None:
-        raise CompileError(f"--target {part}: TVM's CUDA plugin is not loaded in this process (use the kiln CLI, or call kiln.tvm_compat.compiler(cuda=True) before anything imports TVM)")
+        raise CompileError(f"--target {part}: TVM's CUDA plugin is not loaded in this process (use the kiln CLI, or call kiln.compiler.cuda_stub.prepare_cuda_compile() before anything imports TVM)")
     if shutil.which("nvcc") is None:
         raise CompileError(f"--target {part}: nvcc is needed to build CUDA code and is not on PATH")
     archs = sorted(archs, key=arch_number)

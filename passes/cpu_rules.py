@@ -18,6 +18,7 @@ CpuGemv (decode, one token): y[n] = sum_k x[k] * W[n, k] (+ epilogue)
 from __future__ import annotations
 
 from ..tvm_compat import compiler
+from .kernels.cpu_isa import vector_lanes
 
 
 def cpu_rules() -> list:
@@ -46,13 +47,6 @@ def _main_and_epilogue(infos):
     if epilogue is not None and not epilogue.is_injective():
         return None
     return infos[0], epilogue
-
-
-def vector_lanes(target, dtype_bits: int = 32) -> int:
-    t = compiler()
-    feats = set(t.tvm.target.codegen.llvm_get_cpu_features(target))
-    bits = 512 if "avx512f" in feats else 256 if "avx" in feats else 128
-    return bits // dtype_bits
 
 
 def reduction_tile(k: int, lanes: int, accumulators: int) -> tuple[int, int]:

@@ -25,8 +25,8 @@ DeadCodeElimination later in the pipeline.
 
 from __future__ import annotations
 
-from ..compiler.kernels.gemm_cuda import gemm, gemm_residual, gemm_supported, qgemm, qgemm_supported
-from ..compiler.kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
+from .kernels.gemm_cuda import gemm, gemm_residual, gemm_supported, qgemm, qgemm_supported
+from .kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
 from ..tvm_compat import compiler
 
 _t = compiler()

@@ -4,7 +4,7 @@ TVM's C++ paged KV cache keeps K/V in the activations' dtype only (its
 scratch buffers are views of the page dtype), so quantized K/V live in kiln's
 own cache: pages and scales are explicit tensors of the prefill/decode
 functions, quantized on append and read by kiln's attention kernels
-(compiler/kernels/kv_quant_*.py). Layouts:
+(passes/kernels/kv_quant_*.py). Layouts:
 
     pages   # [layers, num_pages, 2 (k, v), kv_heads, page_size, head_dim]  codes
     scales  # [layers, num_pages, 2 (k, v), kv_heads, page_size]              float32

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from kiln.compiler.kernels.attention_cpu import paged_decode_attention_cpu, ragged_prefill_attention_cpu
+from kiln.passes.kernels.attention_cpu import paged_decode_attention_cpu, ragged_prefill_attention_cpu
 from kiln.compiler.target import parse_target
 from kiln.passes.cpu_rules import CpuGemv, CpuInlineElementwise, CpuMatmul, reduction_tile, vector_lanes
 from kiln.runtime.hostinfo import host_cpu_flags, host_machine

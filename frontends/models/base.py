@@ -278,7 +278,7 @@ class DecoderLM(nn.Module):
         """dtype: storage dtype string, or a Precision (storage + compute).
         kv_cache_factory(**kwargs) -> PagedKVCache: the compiler picks the
         attention kernels per target; the default is TVM's TIR cache.
-        kv_quant: a quantized KV cache (compiler/kernels/kv_quant.py QuantKV)
+        kv_quant: a quantized KV cache (passes/kernels/kv_quant.py QuantKV)
         instead: prefill/decode take the cache as three tensors (kv_cache is
         then the int32 meta tensor) and return the updated pages and scales."""
         self.config = config

@@ -13,7 +13,7 @@ TVM's `TIRPagedKVCache` with some kernels swapped for kiln's:
 
 from __future__ import annotations
 
-from ...passes.cpu_rules import vector_lanes
+from .cpu_isa import vector_lanes
 from ...tvm_compat import compiler
 from .attention_cpu import paged_decode_attention_cpu, ragged_prefill_attention_cpu
 from .attention_cuda import cuda_decode_supported, paged_decode_attention_cuda, ragged_prefill_attention_cuda, ragged_prefill_supported

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 from ...frontends.models.base import fp8_to_float
-from ...passes.kv_quant import FP8_MIN_NORMAL, KVFormat
+from ..kv_quant import FP8_MIN_NORMAL, KVFormat
 from ...tvm_compat import compiler
 from .attention_cpu import _lanes
 

@@ -1,4 +1,11 @@
-"""No import cycles among the frontends' modules (issue 11, item 6).
+"""Arrows only point down, and no import cycles (issue 11, items 1 and 6).
+
+Layers, top to bottom (docs/DESIGN.md, "Data flow"): cli -> compiler ->
+passes -> passes/kernels -> frontends (models included) -> quantization
+formats (passes/quantize.py, passes/kv_quant.py: numpy codecs the models,
+kernels and compiler share) -> runtime -> tvm_compat -> errors. A module may
+import its own layer and those below; the runtime imports only itself,
+tvm_compat and errors (it loads where only the TVM runtime exists).
 
 Imports are read with `ast`, those inside functions included: a lazy import
 hides a cycle from Python, not from a reader of the code. Package `__init__`
@@ -24,9 +31,11 @@ def _module_name(path: Path, root: Path, package: str) -> str:
     return ".".join([package, *parts])
 
 
-def import_graph(root: Path, package: str, under: str) -> dict[str, set[str]]:
-    """module -> the modules it imports, for every .py file below root/under (package `package` lives at root)."""
-    files = {_module_name(p, root, package): p for p in sorted((root / under).rglob("*.py"))}
+def import_graph(root: Path, package: str, under: str | list[Path]) -> dict[str, set[str]]:
+    """module -> the modules it imports, for every .py file below root/under, or
+    for the files listed (package `package` lives at root)."""
+    paths = sorted((root / under).rglob("*.py")) if isinstance(under, str) else sorted(under)
+    files = {_module_name(p, root, package): p for p in paths}
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         is_pkg = path.name == "__init__.py"
@@ -96,6 +105,68 @@ def find_cycles(graph: dict[str, set[str]], skip: set[str] = frozenset()) -> lis
 
 def _packages(root: Path, package: str, under: str) -> set[str]:
     return {_module_name(p, root, package) for p in (root / under).rglob("__init__.py")}
+
+
+# (module prefix, layer): the longest matching prefix decides; higher imports lower
+LAYERS = [
+    ("kiln.cli", 8),
+    ("kiln.compiler", 7),
+    ("kiln.passes", 6),
+    ("kiln.passes.kernels", 5),
+    ("kiln.frontends", 4),
+    ("kiln.passes.quantize", 3),
+    ("kiln.passes.kv_quant", 3),
+    ("kiln.runtime", 2),
+    ("kiln.tvm_compat", 1),
+    ("kiln.errors", 0),
+    ("kiln", 0),  # the package itself: its version only
+]
+SHIPPED = ("frontends", "passes", "compiler", "runtime")  # plus the top-level modules
+
+
+def layer(module: str) -> int:
+    return max(((len(p), lv) for p, lv in LAYERS if module == p or module.startswith(p + ".")), default=(0, -1))[1]
+
+
+def kiln_graph() -> dict[str, set[str]]:
+    files = [p for d in SHIPPED for p in (ROOT / d).rglob("*.py")] + [p for p in ROOT.glob("*.py")]
+    return import_graph(ROOT, "kiln", files)
+
+
+def test_every_module_has_a_layer():
+    assert all(layer(m) >= 0 for m in kiln_graph())
+    assert layer("kiln.passes.kernels.gemv_cuda") == 5 and layer("kiln.passes.cpu_rules") == 6 and layer("kiln.runtime.session") == 2
+
+
+def test_arrows_only_point_down():
+    graph = kiln_graph()
+    upward = sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts if layer(t) > layer(m))
+    assert not upward, "imports that point up a layer:\n  " + "\n  ".join(upward)
+
+
+def test_runtime_imports_only_itself_tvm_compat_and_errors():
+    graph = kiln_graph()
+    allowed = ("kiln.runtime", "kiln.tvm_compat", "kiln.errors")
+    bad = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("kiln.runtime")
+                 for t in ts if not t.startswith(allowed) and t != "kiln")
+    assert not bad, bad
+
+
+def test_no_import_cycles():
+    graph = kiln_graph()
+    cycles = find_cycles(graph, skip={m for m in graph if ROOT.joinpath(*m.split(".")[1:], "__init__.py").is_file()})
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_checker_sees_an_upward_import(tmp_path):
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "runtime" / "__init__.py").write_text("")
+    (tmp_path / "runtime" / "session.py").write_text("def f():\n    from ..compiler import build\n")
+    (tmp_path / "compiler").mkdir()
+    (tmp_path / "compiler" / "__init__.py").write_text("")
+    (tmp_path / "compiler" / "build.py").write_text("")
+    graph = import_graph(tmp_path, "kiln", [*tmp_path.rglob("*.py")])
+    assert graph["kiln.runtime.session"] == {"kiln.compiler.build"} and layer("kiln.compiler.build") > layer("kiln.runtime.session")
 
 
 def test_no_import_cycles_in_frontends():

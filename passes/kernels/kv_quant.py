@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...passes.kv_quant import KVFormat
-from ...passes.cpu_rules import vector_lanes
+from ..kv_quant import KVFormat
+from .cpu_isa import vector_lanes
 from ...tvm_compat import compiler
 
 _t = compiler()

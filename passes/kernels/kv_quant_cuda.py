@@ -10,7 +10,7 @@ launch has fewer than TARGET_BLOCKS blocks (a 2048-row prefill never splits).
 
 from __future__ import annotations
 
-from ...passes.kv_quant import KVFormat
+from ..kv_quant import KVFormat
 from ...tvm_compat import compiler
 from .attention_cuda import C_TYPES, MAX_SPLITS, MIN_KEYS_PER_SPLIT, NUM_WARPS, TARGET_BLOCKS
 
