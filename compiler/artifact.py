@@ -34,7 +34,8 @@ from ..runtime.manifest import MAGIC, MANIFEST_NAME, MAX_MANIFEST_BYTES, seal
 _RENAME_EXCHANGE = 2
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -178,7 +179,7 @@ class ArtifactWriter:
             f.flush()
             os.fsync(f.fileno())
         for d in {self.tmp, *[(self.tmp / r).parent for r in self.files]}:
-            _fsync_dir(d)
+            fsync_dir(d)
         if self.output.exists():
             if _exchange(self.tmp, self.output):
                 old = self.tmp  # after the swap the temp name holds the old artifact
@@ -193,7 +194,7 @@ class ArtifactWriter:
             _remove(old)
         else:
             os.rename(self.tmp, self.output)
-        _fsync_dir(self.parent)
+        fsync_dir(self.parent)
         self.tmp = None
 
     def _lock(self) -> None:

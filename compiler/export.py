@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifact import fsync_dir as _fsync_dir
 from ..errors import ArtifactError, CompileError, ModelFormatError, UnsupportedModelError
 from ..frontends.checkpoint import TokenizerFiles
 from ..frontends.config import ModelConfig
@@ -386,11 +387,3 @@ def _staging(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -147,7 +147,7 @@ def test_failure_while_committing_keeps_earlier_artifact(tmp_path, monkeypatch, 
     def boom(*_a, **_k):
         raise OSError(errno.ENOSPC if step == "fsync" else errno.EIO, os.strerror(errno.ENOSPC if step == "fsync" else errno.EIO))
 
-    monkeypatch.setattr(A, "_fsync_dir" if step == "fsync" else "_exchange", boom)
+    monkeypatch.setattr(A, "fsync_dir" if step == "fsync" else "_exchange", boom)
     with pytest.raises(CompileError) as ei:
         fake_artifact(out, b"new payload")
     assert str(out) in str(ei.value) and "earlier artifact is intact" in str(ei.value)
