@@ -1,4 +1,4 @@
-"""CUDA projections: kiln's own kernels in place of the `NT_matmul` calls.
+"""CUDA projections: kiln's own kernels in place of the models' projection calls.
 
 Decode (batch 1): fused GEMV kernels in place of RMSNorm -> GEMV, GEMV ->
 residual add, and SwiGLU -> GEMV -> residual add. Prefill (a symbolic number
@@ -6,7 +6,9 @@ of tokens): the tensor-core GEMM, with the residual add fused when there is one.
 
 Runs on the Relax graph before legalization, where the neighbours are still
 named ops (R.nn.rms_norm, R.add, R.nn.silu) and the projections are calls of
-kiln's `NT_matmul` TE kernels (frontends/models/base.py). Only static
+kiln's TE kernels that the model marked on purpose (frontends/models/base.py
+OP_ATTR "matmul" | "qmatmul", ROLE_ATTR "projection" | "lm_head"; below,
+NT_matmul = a float projection, NT_qmatmul = a quantized one). Only static
 [1, 1, K] activations match (the decode function; prefill has a symbolic
 sequence length), only when the projection's input and output are in the
 weights' dtype, and only when the fused-away value has no other use. Biases
@@ -27,10 +29,12 @@ from __future__ import annotations
 
 from .kernels.gemm_cuda import gemm, gemm_residual, gemm_supported, qgemm, qgemm_supported
 from .kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
+from ..frontends.models.base import OP_ATTR, ROLE_ATTR
 from ..tvm_compat import compiler
 
 _t = compiler()
 relax = _t.relax
+tirx = _t.tirx
 
 
 CODE_KINDS = {"uint32": "4", "int8": "8", "uint8": "f8"}  # stored codes' dtype -> code kind (passes/quantize.py formats)
@@ -97,13 +101,20 @@ class _Rewriter(relax.PyExprMutator):
         self.cache: dict = {}
 
     # --- recognisers ---------------------------------------------------------
-    @staticmethod
-    def _gemv(call):
-        """call = call_tir(NT_matmul*, (a [1,1,K], W [N,K])) in one dtype -> (a, W, K, N)."""
+    def _kind(self, call) -> tuple[str, str] | None:
+        """(op, role) a model set on the called PrimFunc (frontends/models/base.py
+        OP_ATTR / ROLE_ATTR), or None: projections are matched by that, not by name."""
         if not _is_op(call, "relax.call_tir"):
             return None
-        gv = call.args[0]
-        if not gv.name_hint.startswith("NT_matmul") or len(call.args[1].fields) != 2:
+        func = self.mod_[call.args[0]]
+        attrs = func.attrs if isinstance(func, tirx.PrimFunc) and func.attrs is not None else {}
+        if OP_ATTR not in attrs:
+            return None
+        return str(attrs[OP_ATTR]), str(attrs[ROLE_ATTR])
+
+    def _gemv(self, call):
+        """call = call_tir(<matmul projection>, (a [1,1,K], W [N,K])) in one dtype -> (a, W, K, N)."""
+        if self._kind(call) != ("matmul", "projection") or len(call.args[1].fields) != 2:
             return None
         a, w = call.args[1].fields
         sa, sw, so = _static_shape(a), _static_shape(w), _static_shape(call)
@@ -114,12 +125,9 @@ class _Rewriter(relax.PyExprMutator):
             return None
         return a, w, sa[2], sw[0]
 
-    @staticmethod
-    def _gemm(call):
-        """call = call_tir(NT_matmul*, (a [1, s, K], W [N, K])), s symbolic, 16-bit -> (a, W, K, N)."""
-        if not _is_op(call, "relax.call_tir"):
-            return None
-        if not call.args[0].name_hint.startswith("NT_matmul") or len(call.args[1].fields) != 2:
+    def _gemm(self, call):
+        """call = call_tir(<matmul projection>, (a [1, s, K], W [N, K])), s symbolic, 16-bit -> (a, W, K, N)."""
+        if self._kind(call) != ("matmul", "projection") or len(call.args[1].fields) != 2:
             return None
         a, w = call.args[1].fields
         sw = _static_shape(w)
@@ -131,12 +139,12 @@ class _Rewriter(relax.PyExprMutator):
             return None
         return a, w, sw[1], sw[0]
 
-    @staticmethod
-    def _quantized(call, prefixes: tuple[str, ...]):
-        """call = call_tir(<prefix>*, (a [1, s, K], q, s[, z])) over a quantized [N, K] matrix ->
-        (a, K, N, group, code kind), or None. The code kind comes from the stored codes'
-        dtype; 4-bit codes come with a minimum (z), 8-bit ones without."""
-        if not call.args[0].name_hint.startswith(prefixes) or len(call.args[1].fields) not in (3, 4):
+    def _quantized(self, call, roles: tuple[str, ...]):
+        """call = call_tir(<qmatmul of one of roles>, (a [1, s, K], q, s[, z])) over a quantized
+        [N, K] matrix -> (a, K, N, group, code kind), or None. The code kind comes from the
+        stored codes' dtype; 4-bit codes come with a minimum (z), 8-bit ones without."""
+        kind = self._kind(call)
+        if kind is None or kind[0] != "qmatmul" or kind[1] not in roles or len(call.args[1].fields) not in (3, 4):
             return None
         a, q, sc = call.args[1].fields[:3]
         shape = a.ty.shape.values if isinstance(a.ty, relax.TensorType) and a.ty.shape is not None else None
@@ -153,8 +161,8 @@ class _Rewriter(relax.PyExprMutator):
         return a, K, sq[0], K // ss[1], code
 
     def _qgemv(self, call):
-        """call = call_tir(NT_qmatmul* | lm_head*, (a [1,1,K], q, s[, z])) -> (K, N, group, code, dtype, out dtype)."""
-        hit = self._quantized(call, ("NT_qmatmul", "lm_head"))
+        """call = call_tir(<qmatmul projection | lm_head>, (a [1,1,K], q, s[, z])) -> (K, N, group, code, dtype, out dtype)."""
+        hit = self._quantized(call, ("projection", "lm_head"))
         if hit is None or _static_shape(hit[0]) is None or _static_shape(hit[0])[:2] != (1, 1) or _static_shape(call) is None:
             return None
         a, K, N, group, code = hit
@@ -164,8 +172,8 @@ class _Rewriter(relax.PyExprMutator):
         return K, N, group, code, dt, odt
 
     def _qgemm(self, call):
-        """call = call_tir(NT_qmatmul*, (a [1, s, K], q, s[, z])), s symbolic, 16-bit out = in -> (K, N, group, code, dtype)."""
-        hit = self._quantized(call, ("NT_qmatmul",))
+        """call = call_tir(<qmatmul projection>, (a [1, s, K], q, s[, z])), s symbolic, 16-bit out = in -> (K, N, group, code, dtype)."""
+        hit = self._quantized(call, ("projection",))
         if hit is None or _static_shape(hit[0]) is not None:
             return None
         a, K, N, group, code = hit
@@ -234,7 +242,7 @@ class _Rewriter(relax.PyExprMutator):
                 K, N, group, bits, dt, odt = hit
                 gv = self._func((f"qgemv{bits}g{group}_{odt}", K, N, dt), lambda: qgemv(K, N, group, bits, dt, odt))
                 return relax.call_tir(gv, list(call.args[1].fields), call.ty)
-        if _is_op(call, "relax.call_tir") and self.an is not None and call.args[0].name_hint.startswith("NT_matmul"):
+        if self.an is not None and self._kind(call) == ("matmul", "projection"):
             a = call.args[1].fields[0]
             norm = self.an.bound(a)
             if self.use_gemv and _is_op(norm, "relax.nn.rms_norm") and self.an.single_use(a):

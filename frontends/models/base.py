@@ -65,7 +65,13 @@ def to_compute(w, compute: str = COMPUTE_DTYPE):
     return w if w.dtype == compute else w.astype(compute)
 
 
-def nt_matmul(x, w, name: str = "NT_matmul", out_dtype: str | None = None):
+# What a projection kernel is, set on its PrimFunc on purpose so that passes
+# (passes/cuda_projections.py) match it by attribute, never by its name:
+# OP_ATTR "matmul" (float W) | "qmatmul" (quantized W); ROLE_ATTR "projection" | "lm_head".
+OP_ATTR, ROLE_ATTR = "kiln.op", "kiln.role"
+
+
+def nt_matmul(x, w, name: str = "NT_matmul", out_dtype: str | None = None, role: str = "projection"):
     """x @ w^T with w in its storage dtype: x  # [*, k], w  # [n, k] -> [*, n] in
     out_dtype (default: x's dtype).
 
@@ -96,7 +102,7 @@ def nt_matmul(x, w, name: str = "NT_matmul", out_dtype: str | None = None):
             return out
         return te.compute(out.shape, lambda *i: out(*i).astype(out_dtype), name=name + "_cast")
 
-    return op.tensor_expr_op(compute, name, [x, w])
+    return op.tensor_expr_op(compute, name, [x, w], attrs={OP_ATTR: "matmul", ROLE_ATTR: role})
 
 
 def take(x, indices, axis: int, name: str = "take"):
@@ -184,7 +190,7 @@ def _dequant(fmt, group: int, q, s, z):
     return w
 
 
-def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = None):
+def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = None, role: str = "projection"):
     """x @ dequant(W)^T: the dequantize stage and the reduction are one TIR
     function; the schedules inline the dequantize into the GEMV (decode) or
     into the per-tile packing of the GEMM (prefill), so a dequantized matrix
@@ -210,7 +216,7 @@ def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = N
             return out
         return te.compute(out.shape, lambda *i: out(*i).astype(out_dtype), name=name + "_cast")
 
-    return op.tensor_expr_op(compute, name, [x, *qw.params()])
+    return op.tensor_expr_op(compute, name, [x, *qw.params()], attrs={OP_ATTR: "qmatmul", ROLE_ATTR: role})
 
 
 def q_take(qw: QWeight, ids, out_dtype: str):
@@ -224,8 +230,10 @@ def q_take(qw: QWeight, ids, out_dtype: str):
     return op.tensor_expr_op(compute, "q_take", [ids, *qw.params()])
 
 
-def matmul_any(x, w, name: str = "NT_matmul", out_dtype: str | None = None):
-    return q_matmul(x, w, "NT_qmatmul" if name == "NT_matmul" else name, out_dtype) if isinstance(w, QWeight) else nt_matmul(x, w, name, out_dtype)
+def matmul_any(x, w, name: str = "NT_matmul", out_dtype: str | None = None, role: str = "projection"):
+    if isinstance(w, QWeight):
+        return q_matmul(x, w, "NT_qmatmul" if name == "NT_matmul" else name, out_dtype, role)
+    return nt_matmul(x, w, name, out_dtype, role)
 
 
 class Linear(nn.Module):
@@ -305,7 +313,7 @@ class DecoderLM(nn.Module):
         # fp32 logits straight from the fp32 accumulator: the sampler reads fp32,
         # and rounding logits to bf16 first would create ties at the top
         w = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head.weight
-        return matmul_any(h, w, name="lm_head", out_dtype="float32")
+        return matmul_any(h, w, name="lm_head", out_dtype="float32", role="lm_head")
 
     def embed(self, input_ids):
         if isinstance(self.embed_tokens, QWeight):
