@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import ModelFormatError
+from ...passes.quantize import QuantPlan  # a quantization format: a layer below the models (tests/test_layers.py)
 from ...tvm_compat import compiler
 from ..config import ModelConfig
 
@@ -47,7 +48,7 @@ class Precision:
 
     storage: str
     compute: str = COMPUTE_DTYPE
-    quant: object = None  # passes.quantize.QuantPlan: quantized matrices by role (None: all float)
+    quant: QuantPlan | None = None  # quantized matrices by role (None: all float)
 
     def format_for(self, role: str, k: int, tied: bool = False):
         """The quantized format of a matrix of this role with rows of k weights, or None (float)."""
