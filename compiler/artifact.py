@@ -201,7 +201,7 @@ class ArtifactWriter:
         """Hold `.NAME.lock` for the whole compile. The file exists only while a
         compile runs: the holder unlinks it before unlocking, so a compile that
         locked a file someone has since unlinked retries on a fresh one."""
-        self._lock_path = self.parent / f".{self.output.name}.lock"
+        self._lock_path = lock_path(self.output)
         while True:
             try:
                 fd = os.open(self._lock_path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -242,6 +242,11 @@ class ArtifactWriter:
             raise CompileError(f"{what} while writing {self.output}; nothing was written there and any earlier artifact is intact") from exc
 
 
+def lock_path(output: Path) -> Path:
+    """The lock file a compile of OUTPUT holds while it runs."""
+    return output.parent / f".{output.name}.lock"
+
+
 def _check_place(output: Path) -> None:
     if output.exists() and not is_artifact(output):
         raise CompileError(f"{output}: exists and is not a kiln artifact; refusing to overwrite it")
@@ -259,7 +264,7 @@ def check_output(output: str | Path) -> None:
     if not os.access(parent, os.W_OK):
         raise CompileError(f"cannot write to {parent}: permission denied")
     try:
-        fd = os.open(parent / f".{output.name}.lock", os.O_RDONLY)
+        fd = os.open(lock_path(output), os.O_RDONLY)
     except OSError:
         return  # no lock file: no compile is writing OUTPUT
     try:

@@ -37,12 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifact import HashingWriter
 from .artifact import fsync_dir as _fsync_dir
+from .weights import write_safetensors
 from ..errors import ArtifactError, CompileError, ModelFormatError, UnsupportedModelError
 from ..frontends.checkpoint import TokenizerFiles
 from ..frontends.config import ModelConfig
 from ..frontends.readers import open_checkpoint
-from ..runtime.dtypes import SAFETENSORS_CODES, numpy_dtype
+from ..runtime.dtypes import numpy_dtype
 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -323,28 +325,15 @@ def tokenizer_files(tok: TokenizerFiles, c: ModelConfig) -> dict[str, str]:
 def write_hf_safetensors(path: Path, order: list[str], shapes: dict[str, tuple[int, ...]], dtype: str,
                          produce: Callable[[str], np.ndarray], progress: Callable[[str], None] = _noop) -> None:
     """Stream tensors into a safetensors file, one in memory at a time, cast to
-    `dtype`. Metadata format "pt": transformers refuses any other (compiler.weights
-    writes kiln's own "kiln")."""
-    np_dtype = numpy_dtype(dtype)
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in order:
-        nbytes = int(np.prod(shapes[name], dtype=np.int64)) * np_dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+    `dtype`, through the artifact's writer (compiler/weights.py) with metadata
+    format "pt": transformers refuses any other."""
     step = max(1, len(order) // 10)
-    with open(path, "xb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for i, name in enumerate(order):
-            arr = np.ascontiguousarray(produce(name).astype(np_dtype, copy=False))
-            f.write(arr.reshape(-1).view(np.uint8))
-            if (i + 1) % step == 0 or i == len(order) - 1:
-                progress(f"  tensors {i + 1}/{len(order)}")
-        f.flush()
-        os.fsync(f.fileno())
+
+    def report(done: int, total: int) -> None:
+        if done % step == 0 or done == total:
+            progress(f"  tensors {done}/{total}")
+
+    write_safetensors(HashingWriter(path), order, shapes, dict.fromkeys(order, dtype), produce, report, fmt="pt")
 
 
 def _write_text(path: Path, text: str) -> None:

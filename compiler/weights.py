@@ -19,10 +19,12 @@ def write_safetensors(
     dtypes: dict[str, str],
     produce: Callable[[str], np.ndarray],
     progress: Callable[[int, int], None] | None = None,
+    fmt: str = "kiln",
 ) -> dict:
     """Write params in `order`, each converted to its dtype in `dtypes`; returns the file's hash info.
-    progress(done, total) after each tensor."""
-    header: dict = {"__metadata__": {"format": "kiln"}}
+    progress(done, total) after each tensor. fmt: the header's metadata format
+    ("kiln" in artifacts; transformers reads only "pt")."""
+    header: dict = {"__metadata__": {"format": fmt}}
     offset = 0
     for name in order:
         nbytes = int(np.prod(shapes[name], dtype=np.int64)) * numpy_dtype(dtypes[name]).itemsize

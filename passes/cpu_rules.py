@@ -78,12 +78,11 @@ def _int_extent(sch, loop) -> int | None:
     return int(ext) if isinstance(ext, t.tirx.IntImm) else None
 
 
-def _halving_sums(sch, wb, lanes: int) -> list:
+def _halving_sums(sch, wb) -> list:
     """Replace the write-back's serial sum of a row's partial sums by halving
-    steps (partials[i] + partials[i + half], a vector add each) down to
-    `lanes // 2`... 2 values: rfactor the write-back over the lower half, again
-    and again. Returns the new blocks, producers first (still at the root):
-    rf -> parts[0] -> parts[1] -> ... -> wb."""
+    steps (partials[i] + partials[i + half], vector adds) down to 2 values:
+    rfactor the write-back over the lower half, again and again. Returns the
+    new blocks, producers first (still at the root): rf -> parts[0] -> ... -> wb."""
     parts = []
     while True:
         ri = sch.get_loops(wb)[3]
@@ -161,7 +160,7 @@ class CpuGemv:
         sch.reorder(rf_loops[1], rf_loops[2], rf_loops[3], rf_loops[4])
         sch.set_scope(rf, 0, "local")
         wb = sch.get_consumers(rf)[0]
-        parts = _halving_sums(sch, wb, lanes) if self.tree else []
+        parts = _halving_sums(sch, wb) if self.tree else []
         for p in reversed(parts):  # consumers first: each lands under the row loop before its consumer
             sch.compute_at(p, sch.get_loops(wb)[2])
         sch.compute_at(rf, sch.get_loops(wb)[2])

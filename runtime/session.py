@@ -334,6 +334,7 @@ class Session:
             yield seq, ids
         finally:
             self.remove_sequence(seq)
+
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise RequestError("this artifact has no tokenizer: pass token ids (--tokens) instead of text")
