@@ -34,8 +34,7 @@ from ..passes.kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
 from ..passes.kernels.kv_quant import QuantKV
 from .progress import QUIET, Progress
 from .target import CompileTarget, parse_target
-from ..passes.kv_quant import kv_format
-from ..passes.quantize import QuantPlan, expand_params, quantize
+from ..passes.quant import QuantPlan, expand_params, kv_format
 from .weights import write_safetensors
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -231,7 +230,7 @@ def compile_model(
                 else:
                     arr = thunks[base]()
                     check_finite(base, arr, ck.source)
-                    packed[base] = quantize(arr, fmt)
+                    packed[base] = fmt.quantize(arr)
                     imported["requantized"] += 1
             return packed[base][name.rsplit(".", 1)[1]]
 
@@ -382,7 +381,10 @@ def measure_quality(model, *, dtype: str, quant: str | None, keep, kv_dtype: str
 def _param_entry(name: str, shape, dtype: str, e: dict) -> dict:
     if e["fmt"] is None:
         return {"name": name, "shape": list(shape), "dtype": dtype, "quant": "none"}
-    return {"name": name, "shape": list(shape), "dtype": dtype, "quant": e["fmt"].name, "group": e["group"]}
+    entry = {"name": name, "shape": list(shape), "dtype": dtype, "quant": e["fmt"].name, "group": e["group"]}
+    if name.endswith(".q") and e["fmt"].invalid_codes:  # byte values random weights must avoid (runtime/session.py)
+        entry["invalid_codes"] = list(e["fmt"].invalid_codes)
+    return entry
 
 
 def _build_library(mod, tvm_target, path: Path, tg: CompileTarget) -> None:

@@ -10,6 +10,7 @@ from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import ModelFormatError
+from ..passes.quant.codec import pack_nibbles
 from .gguf_header import GGUFTensorInfo
 
 _dequantizable: dict[GGMLQuantizationType, bool] = {}
@@ -40,7 +41,7 @@ def dequantize(data: np.ndarray, t: GGUFTensorInfo, path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-# GGUF block type -> the kiln weight format with exactly its grid (passes/quantize.py)
+# GGUF block type -> the kiln weight format with exactly its grid (passes/quant/formats/)
 DIRECT_IMPORTS = {("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8")}
 
 
@@ -55,17 +56,15 @@ def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict
     if qtype == "Q4_0":
         b = data.reshape(n, k // 32, 18)
         d = b[..., 0:2].copy().view(np.float16)[..., 0]
-        codes = np.concatenate([b[..., 2:18] & 0x0F, b[..., 2:18] >> 4], axis=-1).astype(np.uint32).reshape(n, k // 8, 8)
-        shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
-        return {"q": np.bitwise_or.reduce(codes << shifts, axis=2).astype(np.uint32), "s": d, "z": (d * np.float16(-8)).astype(np.float16)}
+        codes = np.concatenate([b[..., 2:18] & 0x0F, b[..., 2:18] >> 4], axis=-1).reshape(n, k)
+        return {"q": pack_nibbles(codes), "s": d, "z": (d * np.float16(-8)).astype(np.float16)}
     if qtype == "Q4_1":
         b = data.reshape(n, k // 32, 20)
         d = b[..., 0:2].copy().view(np.float16)[..., 0]
         m = b[..., 2:4].copy().view(np.float16)[..., 0]
         qs = b[..., 4:20]
-        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint32).reshape(n, k // 8, 8)
-        shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
-        return {"q": np.bitwise_or.reduce(codes << shifts, axis=2).astype(np.uint32), "s": d, "z": m}
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)
+        return {"q": pack_nibbles(codes), "s": d, "z": m}
     if qtype == "Q8_0":
         b = data.reshape(n, k // 32, 34)
         return {"q": b[..., 2:34].copy().view(np.int8).reshape(n, k), "s": b[..., 0:2].copy().view(np.float16)[..., 0]}

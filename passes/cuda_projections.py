@@ -29,15 +29,13 @@ from __future__ import annotations
 
 from .kernels.gemm_cuda import gemm, gemm_residual, gemm_supported, qgemm, qgemm_supported
 from .kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
-from ..frontends.models.base import OP_ATTR, ROLE_ATTR
+from ..frontends.models.base import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
+from .quant import WEIGHT_FORMATS
 from ..tvm_compat import compiler
 
 _t = compiler()
 relax = _t.relax
 tirx = _t.tirx
-
-
-CODE_KINDS = {"uint32": "4", "int8": "8", "uint8": "f8"}  # stored codes' dtype -> code kind (passes/quantize.py formats)
 
 
 def _static_shape(expr) -> tuple[int, ...] | None:
@@ -141,8 +139,9 @@ class _Rewriter(relax.PyExprMutator):
 
     def _quantized(self, call, roles: tuple[str, ...]):
         """call = call_tir(<qmatmul of one of roles>, (a [1, s, K], q, s[, z])) over a quantized
-        [N, K] matrix -> (a, K, N, group, code kind), or None. The code kind comes from the
-        stored codes' dtype; 4-bit codes come with a minimum (z), 8-bit ones without."""
+        [N, K] matrix -> (a, K, N, group, code kind), or None. The code kind is the CUDA
+        template kind of the weight format the model named (QFORMAT_ATTR; passes/quant);
+        formats with a minimum pass z, the others do not."""
         kind = self._kind(call)
         if kind is None or kind[0] != "qmatmul" or kind[1] not in roles or len(call.args[1].fields) not in (3, 4):
             return None
@@ -155,8 +154,10 @@ class _Rewriter(relax.PyExprMutator):
             K = int(shape[2])
         except TypeError:  # symbolic
             return None
-        code = CODE_KINDS.get(_dtype(q))
-        if code is None or (code == "4") != (len(call.args[1].fields) == 4) or K % ss[1]:
+        attrs = self.mod_[call.args[0]].attrs  # not None: _kind found OP_ATTR in it
+        fmt = WEIGHT_FORMATS.get(str(attrs[QFORMAT_ATTR])) if QFORMAT_ATTR in attrs else None
+        code = fmt.cuda_code if fmt is not None else None
+        if code is None or fmt.zero != (len(call.args[1].fields) == 4) or K % ss[1]:
             return None
         return a, K, sq[0], K // ss[1], code
 

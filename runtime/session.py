@@ -442,8 +442,9 @@ def random_weights_for(params: list[dict]) -> list[tuple[dict, np.ndarray]]:
             arr = np.ones(n, dtype=dt)
         elif dt.kind in "iu":  # quantized codes: random bytes
             arr = np.resize(codes, n * dt.itemsize).view(dt)
-            if spec.get("quant") == "fp8":  # 0x7F / 0xFF are NaN in e4m3: never written by the compiler
-                arr = np.where((arr & 0x7F) == 0x7F, arr - 1, arr).astype(dt)
+            bad = spec.get("invalid_codes")  # byte values the format never writes (e4m3 NaN): the next code down instead
+            if bad:
+                arr = np.where(np.isin(arr, bad), arr - 1, arr).astype(dt)
         else:
             arr = np.resize(block.astype(dt), n)
         out.append((spec, arr.view(np.uint8)))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from helpers import compile_artifact, hf_greedy, slow_except
 
-from kiln.passes.kv_quant import FLOAT_KV_FORMATS, KV_FORMATS, decode_rows, encode_rows, fp8_decode, fp8_encode
+from kiln.passes.quant import FLOAT_KV_FORMATS, KV_FORMATS
+from kiln.passes.quant.codec import fp8_decode, fp8_encode
 
 RNG = np.random.default_rng(7)
 
@@ -36,9 +37,9 @@ def test_fp8_codec_matches_e4m3_rounding():
 def test_row_codec_error(name):
     fmt = KV_FORMATS[name]
     x = (RNG.standard_normal((13, 3, 72)) * RNG.uniform(0.1, 30, (13, 3, 1))).astype(np.float32)
-    codes, scales = encode_rows(x, fmt)
+    codes, scales = fmt.encode_rows(x)
     assert codes.dtype == np.dtype(fmt.code_dtype) and scales.shape == (13, 3)
-    back = decode_rows(codes, scales, fmt)
+    back = fmt.decode_rows(codes, scales)
     amax = np.abs(x).max(-1, keepdims=True)
     if name == "int8":
         assert np.all(np.abs(back - x) <= amax / 127 * 0.5 * (1 + 1e-5))
@@ -47,8 +48,8 @@ def test_row_codec_error(name):
         assert np.all(np.abs(back - x)[big] <= np.abs(x)[big] * 2.0**-4 * (1 + 1e-5))
     top = np.abs(x).argmax(-1)[..., None]
     assert np.allclose(np.take_along_axis(back, top, -1), np.take_along_axis(x, top, -1), rtol=1e-6)  # the row maximum is exact
-    zero_codes, zero_scales = encode_rows(np.zeros((2, 8), np.float32), fmt)
-    assert not np.any(decode_rows(zero_codes, zero_scales, fmt))
+    zero_codes, zero_scales = fmt.encode_rows(np.zeros((2, 8), np.float32))
+    assert not np.any(fmt.decode_rows(zero_codes, zero_scales))
 
 
 def qdq_transformers(model, fmt):
@@ -61,8 +62,8 @@ def qdq_transformers(model, fmt):
     orig = mod.eager_attention_forward
 
     def qdq(t):
-        codes, scales = encode_rows(t.float().numpy(), fmt)
-        return torch.from_numpy(decode_rows(codes, scales, fmt)).to(t.dtype)
+        codes, scales = fmt.encode_rows(t.float().numpy())
+        return torch.from_numpy(fmt.decode_rows(codes, scales)).to(t.dtype)
 
     def patched(module, query, key, value, *args, **kwargs):
         return orig(module, query, qdq(key), qdq(value), *args, **kwargs)

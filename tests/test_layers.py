@@ -2,8 +2,8 @@
 
 Layers, top to bottom (docs/DESIGN.md, "Data flow"): cli -> compiler ->
 passes -> passes/kernels -> frontends (models included) -> quantization
-formats (passes/quantize.py, passes/kv_quant.py: numpy codecs the models,
-kernels and compiler share) -> runtime -> tvm_compat -> errors. A module may
+formats (passes/quant/: the format objects the models, kernels and compiler
+share) -> runtime -> tvm_compat -> errors. A module may
 import its own layer and those below; the runtime imports only itself,
 tvm_compat and errors (it loads where only the TVM runtime exists).
 
@@ -114,8 +114,7 @@ LAYERS = [
     ("kiln.passes", 6),
     ("kiln.passes.kernels", 5),
     ("kiln.frontends", 4),
-    ("kiln.passes.quantize", 3),
-    ("kiln.passes.kv_quant", 3),
+    ("kiln.passes.quant", 3),
     ("kiln.runtime", 2),
     ("kiln.tvm_compat", 1),
     ("kiln.errors", 0),

@@ -13,7 +13,8 @@ import pytest
 from helpers import compile_artifact, hf_greedy, slow_except
 
 from kiln.errors import CompileError
-from kiln.passes.quantize import FORMATS, QuantPlan, dequantize, expand_params, quantize
+from kiln.passes.quant import WEIGHT_FORMATS as FORMATS
+from kiln.passes.quant import QuantPlan, expand_params
 
 RNG = np.random.default_rng(0)
 
@@ -25,9 +26,9 @@ def test_fp8_weights_codec():
     fmt = FORMATS["fp8"]
     w = (RNG.standard_normal((48, 200)) * 0.05).astype(np.float32)
     w[3, 17] = 0.9
-    parts = quantize(w, fmt)
+    parts = fmt.quantize(w)
     assert parts["q"].dtype == np.uint8 and parts["s"].shape == (48, 1) and parts["s"].dtype == np.float32
-    got = dequantize(parts, fmt, w.shape)
+    got = fmt.dequantize(parts, w.shape)
     s = parts["s"]
     assert np.all(np.abs(got - w) <= np.maximum(np.abs(w) * 2.0**-4, s * 2.0**-6) * (1 + 1e-5))
     assert got[3, 17] == pytest.approx(0.9, rel=1e-6)
@@ -38,18 +39,18 @@ def test_codec_error_is_within_half_a_step(name):
     fmt = FORMATS[name]
     w = (RNG.standard_normal((48, 256)) * 0.05).astype(np.float32)
     w[3, 17] = 0.9  # an outlier sets its group's range only
-    parts = quantize(w, fmt, refine=0)  # the range-based start
-    got = dequantize(parts, fmt, w.shape)
+    parts = fmt.quantize(w, refine=0)  # the range-based start
+    got = fmt.dequantize(parts, w.shape)
     g = fmt.group_for(256)
     step = np.repeat(parts["s"].astype(np.float32), g, axis=1)
     # half a step, plus fp16 rounding of the minimum / scale products
     assert np.all(np.abs(got - w) <= step * 0.5 + 1e-3 * np.abs(w) + 1e-6)
     # least-squares refinement never makes a group worse, and helps overall
-    refined = dequantize(quantize(w, fmt), fmt, w.shape)
+    refined = fmt.dequantize(fmt.quantize(w), w.shape)
     per_group = lambda d: ((d - w) ** 2).reshape(48, -1, g).sum(axis=2)  # noqa: E731
     assert np.all(per_group(refined) <= per_group(got) * (1 + 1e-6) + 1e-12)
     assert per_group(refined).sum() < per_group(got).sum()
-    parts = quantize(w, fmt)
+    parts = fmt.quantize(w)
     for sfx, (shape, dtype) in fmt.parts(w.shape).items():
         assert parts[sfx].shape == shape and parts[sfx].dtype == np.dtype(dtype), sfx
 
@@ -58,9 +59,9 @@ def test_q4_packing_order():
     """Nibble j of word w holds element 8w + j (the kernels' contract)."""
     fmt = FORMATS["q4g32"]
     w = np.tile(np.arange(16, dtype=np.float32), 2)[None, :]  # min 0, step 1: codes = values
-    parts = quantize(w, fmt)
+    parts = fmt.quantize(w)
     assert parts["q"][0, 0] == 0x76543210 and parts["q"][0, 1] == 0xFEDCBA98
-    assert np.array_equal(dequantize(parts, fmt, w.shape), w)
+    assert np.array_equal(fmt.dequantize(parts, w.shape), w)
 
 
 def test_groups_fall_back_to_a_divisor():
@@ -87,7 +88,7 @@ def test_gguf_blocks_map_to_kiln_formats_exactly(qtype, fmt):
     raw = quants.quantize(w, t)
     want = quants.dequantize(raw, t)
     parts = blocks_to_kiln(np.ascontiguousarray(raw).reshape(-1), qtype, w.shape)
-    assert np.array_equal(dequantize(parts, FORMATS[fmt], w.shape), want)
+    assert np.array_equal(FORMATS[fmt].dequantize(parts, w.shape), want)
 
 
 def test_plan_defaults_and_overrides():
@@ -123,7 +124,7 @@ def dequantized_hf(model, plan: QuantPlan):
             fmt = plan.matrix_format(role, p.shape[1], tied)
             if fmt is not None:
                 w = p.float().numpy()
-                p.copy_(torch.from_numpy(dequantize(quantize(w, fmt), fmt, w.shape)))
+                p.copy_(torch.from_numpy(fmt.dequantize(fmt.quantize(w), w.shape)))
     return m
 
 

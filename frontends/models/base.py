@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import ModelFormatError
-from ...passes.quantize import QuantPlan  # a quantization format: a layer below the models (tests/test_layers.py)
+from ...passes.quant import QuantPlan  # quantization formats: a layer below the models (tests/test_layers.py)
 from ...tvm_compat import compiler
 from ..config import ModelConfig
 
@@ -70,6 +70,7 @@ def to_compute(w, compute: str = COMPUTE_DTYPE):
 # (passes/cuda_projections.py) match it by attribute, never by its name:
 # OP_ATTR "matmul" (float W) | "qmatmul" (quantized W); ROLE_ATTR "projection" | "lm_head".
 OP_ATTR, ROLE_ATTR = "kiln.op", "kiln.role"
+QFORMAT_ATTR = "kiln.qformat"  # a qmatmul's weight format (passes/quant WEIGHT_FORMATS name)
 
 
 def nt_matmul(x, w, name: str = "NT_matmul", out_dtype: str | None = None, role: str = "projection"):
@@ -148,7 +149,7 @@ class RMSNorm(nn.Module):
 
 class QWeight(nn.Module):
     """A quantized [N, K] matrix stored as the arrays of its format (params
-    `q`, `s`, and `z` for formats with a minimum; passes/quantize.py). Never
+    `q`, `s`, and `z` for formats with a minimum; passes/quant/formats/). Never
     dequantized as a whole: kernels decode the codes where they read them."""
 
     def __init__(self, shape: tuple[int, int], fmt):
@@ -163,34 +164,6 @@ class QWeight(nn.Module):
         return [self.q, self.s] + ([self.z] if self.z is not None else [])
 
 
-def fp8_to_float(code):
-    """An e4m3 code (uint8 expression) -> its float32 value, with integer
-    arithmetic on the float bits (passes/kv_quant.py's codec; codes never
-    hold subnormals or NaN)."""
-    tir = _tvm.tirx
-    u32 = lambda v: tir.const(v, "uint32")  # noqa: E731
-    c = tir.Cast("uint32", code)
-    mag = tir.bitwise_and(c, u32(0x7F))
-    bits = tir.Select(mag == u32(0), u32(0), tir.shift_left(mag, u32(20)) + u32(120 << 23))
-    return tir.reinterpret("float32", tir.bitwise_or(bits, tir.shift_left(tir.bitwise_and(c, u32(0x80)), u32(24))))
-
-
-def _dequant(fmt, group: int, q, s, z):
-    """(n, k) -> the fp32 weight, as a TE expression over the stored arrays."""
-    tir = _tvm.tirx
-
-    def w(n, k):
-        scale = s[n, k // group].astype("float32")
-        if fmt.float8:
-            return fp8_to_float(q[n, k]) * scale
-        if fmt.bits == 8:
-            return q[n, k].astype("float32") * scale
-        code = (q[n, k // 8] >> (tir.Cast("uint32", k % 8) * tir.const(4, "uint32"))) & tir.const(15, "uint32")
-        return code.astype("float32") * scale + z[n, k // group].astype("float32")
-
-    return w
-
-
 def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = None, role: str = "projection"):
     """x @ dequant(W)^T: the dequantize stage and the reduction are one TIR
     function; the schedules inline the dequantize into the GEMV (decode) or
@@ -202,7 +175,7 @@ def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = N
     def compute(xt, q, s, z=None):
         *lead, k_ext = xt.shape
         n_ext = qw.shape[0]
-        deq = _dequant(qw.fmt, qw.group, q, s, z)
+        deq = qw.fmt.te_weight(qw.group, q, s, z)
         w = te.compute((n_ext, k_ext), deq, name=name + "_dequant")
         k = te.reduce_axis((0, k_ext), name="k")
 
@@ -217,7 +190,7 @@ def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = N
             return out
         return te.compute(out.shape, lambda *i: out(*i).astype(out_dtype), name=name + "_cast")
 
-    return op.tensor_expr_op(compute, name, [x, *qw.params()], attrs={OP_ATTR: "qmatmul", ROLE_ATTR: role})
+    return op.tensor_expr_op(compute, name, [x, *qw.params()], attrs={OP_ATTR: "qmatmul", ROLE_ATTR: role, QFORMAT_ATTR: qw.fmt.name})
 
 
 def q_take(qw: QWeight, ids, out_dtype: str):
@@ -225,7 +198,7 @@ def q_take(qw: QWeight, ids, out_dtype: str):
     te = _tvm.te
 
     def compute(idt, q, s, z=None):
-        deq = _dequant(qw.fmt, qw.group, q, s, z)
+        deq = qw.fmt.te_weight(qw.group, q, s, z)
         return te.compute((idt.shape[0], qw.shape[1]), lambda t, k: deq(idt[t], k).astype(out_dtype), name="q_take")
 
     return op.tensor_expr_op(compute, "q_take", [ids, *qw.params()])

@@ -13,14 +13,14 @@ and k (a TE op reading the position from kv_meta), quantizes k and v into
 their pages in place (`call_tir_inplace`; the updated cache is threaded from
 layer to layer, so the order is data flow), then attends over the pages.
 The kernels take the layer as a scalar: one function per kind serves every
-layer. Layout and codec: passes/kv_quant.py.
+layer. Layout and codec: passes/quant/kv.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..kv_quant import KVFormat
+from ..quant import KVFormat
 from .cpu_isa import vector_lanes
 from ...tvm_compat import compiler
 

@@ -1,6 +1,6 @@
 """Quantized paged KV cache kernels for CPUs: append (quantize) and attention.
 
-Formats and layouts: passes/kv_quant.py. Both kernels take the whole cache
+Formats and layouts: passes/quant/kv.py. Both kernels take the whole cache
 and a layer index (a scalar argument), so one function serves every layer:
 
     k, v    # [1, tokens, kv_heads, head_dim]   after RoPE (compute dtype)
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import math
 
-from ...frontends.models.base import fp8_to_float
-from ..kv_quant import FP8_MIN_NORMAL, KVFormat
+from ..quant import KVFormat
 from ...tvm_compat import compiler
 from .attention_cpu import _lanes
 
@@ -34,22 +33,13 @@ NEG = -1e30
 
 
 def encode_expr(y, fmt: KVFormat):
-    """float32 y (|y| <= qmax) -> a code of fmt.code_dtype (passes/kv_quant.py's codec)."""
-    if not fmt.scaled:
-        return T.Cast(fmt.code_dtype, y)
-    if fmt.name == "int8":
-        return T.Cast("int8", T.max(T.min(T.nearbyint(y), T.float32(127)), T.float32(-127)))  # RNE, as numpy and CUDA
-    mag = T.reinterpret("int32", T.fabs(y))
-    r = mag + T.int32(0x7FFFF) + T.bitwise_and(T.shift_right(mag, T.int32(20)), T.int32(1))
-    c = T.min(T.max(T.shift_right(r, T.int32(20)) - T.int32(120 << 3), T.int32(0)), T.int32(0x7E))
-    c = T.if_then_else(T.fabs(y) < T.float32(FP8_MIN_NORMAL), T.int32(0), c)
-    sign = T.bitwise_and(T.shift_right(T.reinterpret("int32", y), T.int32(31)), T.int32(1))
-    return T.Cast("uint8", T.bitwise_or(c, T.shift_left(sign, T.int32(7))))
+    """float32 y (|y| <= qmax) -> a code of fmt.code_dtype (the format's own codec)."""
+    return fmt.tir_encode(y)
 
 
 def decode_expr(code, fmt: KVFormat):
     """A code -> its float32 value (before the row scale)."""
-    return fp8_to_float(code) if fmt.name == "fp8" else T.Cast("float32", code)
+    return fmt.tir_decode(code)
 
 
 def kv_append_cpu(kv_heads: int, head_dim: int, page_size: int, fmt: KVFormat, dtype: str):

@@ -10,14 +10,13 @@ launch has fewer than TARGET_BLOCKS blocks (a 2048-row prefill never splits).
 
 from __future__ import annotations
 
-from ..kv_quant import KVFormat
+from ..quant import KVFormat
 from ...tvm_compat import compiler
 from .attention_cuda import C_TYPES, MAX_SPLITS, MIN_KEYS_PER_SPLIT, NUM_WARPS, TARGET_BLOCKS
 
 _t = compiler()
 T = _t.T
 
-FMT_CODES = {"int8": "kiln::kKvInt8", "fp8": "kiln::kKvFp8"}
 # one wave on an H100: 132 SMs x 4 resident blocks (128 registers x 128 threads); measured
 # 8B at 32k: 126-130 tok/s, against 121-122 with a 4-deep pipeline at 167 registers and 396 blocks
 QTARGET_BLOCKS = TARGET_BLOCKS
@@ -31,7 +30,7 @@ def _check(head_dim: int, dtype: str) -> None:
 def kv_append_cuda(kv_heads: int, head_dim: int, page_size: int, fmt: KVFormat, dtype: str):
     _check(head_dim, dtype)
     Hk, D, P, cd = kv_heads, head_dim, page_size, fmt.code_dtype
-    fn = f"kiln::kv_quant_append<{C_TYPES[dtype]}, {D}, {FMT_CODES[fmt.name]}>"
+    fn = f"kiln::kv_quant_append<{C_TYPES[dtype]}, {D}, {fmt.cuda_code}>"
     warps = 4
 
     @T.prim_func
@@ -64,7 +63,7 @@ def kv_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, page_size: int
     G = max(g for g in range(1, min(group, cap) + 1) if group % g == 0)
     chunks = group // G
     ct = C_TYPES[dtype]
-    partial = f"kiln::kv_quant_attention_partial<{ct}, {D}, {G}, {NUM_WARPS}, {FMT_CODES[fmt.name]}>"
+    partial = f"kiln::kv_quant_attention_partial<{ct}, {D}, {G}, {NUM_WARPS}, {fmt.cuda_code}>"
     merge = f"kiln::attn_decode_merge<{ct}, {D}>"
 
     def num_splits(s, m):

@@ -1,0 +1,98 @@
+"""The quantization plan (`--quant`, `--keep`): which format each role gets.
+
+Roles: the body projections (qkv_proj, o_proj, gate_up_proj, down_proj), the
+LM head and the embeddings. Default for 4-bit formats: LM head and embeddings
+at q8 -- the head is the most sensitive matrix (llama.cpp keeps it at 6 bits
+in its Q4_0 mix), and a tied head *is* the embedding table. `--keep ROLE=FMT`
+overrides (FMT: a weight format, or `none` for the artifact's float dtype).
+
+A group must divide K: where the requested group does not (SmolLM2's hidden
+576 with g128), the format's group_for picks a smaller one and the manifest
+records the group each param actually has. A matrix whose K has no group of
+8 or more stays float, and the compiler says so (llama.cpp also falls back
+per tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...errors import CompileError
+from .registry import WEIGHT_FORMATS
+from .weights import WeightFormat
+
+ROLES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed")
+BODY_ROLES = ROLES[:4]
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Which format each role gets (None = the artifact's float dtype)."""
+
+    weights: str
+    roles: dict = field(default_factory=dict)  # role -> WeightFormat | None
+
+    @classmethod
+    def parse(cls, quant: str | None, keep: list[str] | tuple[str, ...] = ()) -> QuantPlan | None:
+        if quant in (None, "none"):
+            if keep:
+                raise CompileError("--keep needs --quant")
+            return None
+        if quant not in WEIGHT_FORMATS:
+            raise CompileError(f"--quant {quant!r} is not supported; supported: none, {', '.join(WEIGHT_FORMATS)}")
+        body = WEIGHT_FORMATS[quant]
+        head = WEIGHT_FORMATS["q8"] if body.bits < 8 else body
+        roles = {r: body for r in BODY_ROLES} | {"lm_head": head, "embed": head}
+        for item in keep:
+            role, sep, fmt = str(item).partition("=")
+            if not sep or role not in ROLES:
+                raise CompileError(f"--keep {item!r}: expected ROLE=FORMAT with ROLE one of {', '.join(ROLES)}")
+            if fmt != "none" and fmt not in WEIGHT_FORMATS:
+                raise CompileError(f"--keep {item!r}: FORMAT must be none or one of {', '.join(WEIGHT_FORMATS)}")
+            roles[role] = None if fmt == "none" else WEIGHT_FORMATS[fmt]
+        return cls(quant, roles)
+
+    def format_for(self, role: str, tied: bool = False) -> WeightFormat | None:
+        # a tied LM head is the embedding table: one matrix, the head's format
+        return self.roles["lm_head" if (tied and role == "embed") else role]
+
+    def matrix_format(self, role: str, k: int, tied: bool = False) -> WeightFormat | None:
+        """The format a matrix of this role with rows of k weights is stored in
+        (None: float, by the plan or because its rows cannot be grouped)."""
+        fmt = self.format_for(role, tied)
+        return fmt if fmt is not None and fmt.fits(k) else None
+
+    def describe(self) -> dict:
+        return {"weights": self.weights, "roles": {r: (f.name if f else "none") for r, f in self.roles.items()}}
+
+
+def role_of(name: str) -> str | None:
+    """The plan role of a float param name, or None if it is never quantized."""
+    if name == "embed_tokens":
+        return "embed"
+    if name == "lm_head.weight":
+        return "lm_head"
+    for r in BODY_ROLES:
+        if name.endswith(f".{r}.weight"):
+            return r
+    return None
+
+
+def expand_params(shapes: dict[str, tuple[int, ...]], plan: QuantPlan | None, tied: bool) -> dict[str, dict]:
+    """Float param name -> {stored name: (shape, dtype)} plus its format.
+
+    Stored names: `X.weight` -> `X.weight.q`, `X.weight.s` (, `X.weight.z`);
+    `embed_tokens` -> `embed_tokens.q`, ... Unquantized params map to themselves
+    with dtype None (the graph decides: storage or fp32 norms); `kept_float`
+    marks matrices the plan wanted quantized whose rows cannot be grouped."""
+    out: dict[str, dict] = {}
+    for name, shape in shapes.items():
+        role = role_of(name)
+        wanted = plan is not None and role is not None and len(shape) == 2 and plan.format_for(role, tied) is not None
+        fmt = plan.matrix_format(role, shape[1], tied) if wanted else None
+        if fmt is None:
+            out[name] = {"fmt": None, "kept_float": wanted, "parts": {name: (tuple(shape), None)}}
+        else:
+            out[name] = {"fmt": fmt, "group": fmt.group_for(shape[1]),
+                         "parts": {f"{name}.{sfx}": spec for sfx, spec in fmt.parts(tuple(shape)).items()}}
+    return out

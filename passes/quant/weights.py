@@ -1,0 +1,79 @@
+"""What a weight format is: one object owning everything kiln knows about it.
+
+A format stores an [N, K] matrix (K = the reduction axis; rows stay rows) as a
+few arrays (`parts`: codes `q`, scales `s`, and a minimum `z` for formats
+that have one) and answers, for every stage of the pipeline:
+  compile time   quantize (numpy, once), dequantize (the reference);
+  graph          te_weight: the fp32 value of element (n, k) as a TE
+                 expression over the stored arrays, which the kernels inline
+                 where they read the codes (frontends/models/layers.py);
+  kernels        cuda_code: the code kind of kiln's CUDA GEMV/GEMM templates
+                 (passes/kernels/cuda/*.cuh), None when it has none (dlight
+                 schedules the TE kernel);
+  runtime        invalid_codes: byte values random weights must avoid
+                 (recorded per param in the manifest, so the runtime needs no
+                 format knowledge);
+  docs / tools   bits_per_weight.
+Each concrete format is one file in passes/quant/formats/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import CompileError
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str  # --quant / --keep code, recorded in the manifest
+    bits: int
+    group: int  # weights per scale along K; 0: one scale per row (per output channel)
+    zero: bool = False  # a per-group minimum is stored (asymmetric)
+    cuda_code: str | None = None  # kiln's CUDA GEMV/GEMM template kind
+    invalid_codes: tuple[int, ...] = ()  # byte values no encoder writes
+    rank: int = 0  # order in listings (--help, error messages)
+    float8: bool = False  # the codes are e4m3 floats, not integers
+
+    def _group(self, k: int) -> int | None:
+        if self.group == 0:
+            return k
+        g = self.group
+        while g >= 8 and k % g:
+            g //= 2
+        return g if g >= 8 and k % g == 0 else None
+
+    def fits(self, k: int) -> bool:
+        """Rows of k weights can be grouped (else the matrix stays float: see plan.expand_params)."""
+        return self._group(k) is not None
+
+    def group_for(self, k: int) -> int:
+        """The group a row of k weights gets: the largest power of two <= the
+        format's group that divides k (SmolLM2's 576 with g128 -> 64)."""
+        g = self._group(k)
+        if g is None:
+            raise CompileError(f"--quant {self.name}: a row of {k} weights cannot be split into groups of 8 or more")
+        return g
+
+    def bits_per_weight(self, k: int) -> float:
+        """Stored bits per weight, scales and minimum included, for rows of k."""
+        return sum(int(np.prod(shape)) * np.dtype(dt).itemsize * 8 for shape, dt in self.parts((1, k)).values()) / k
+
+    # -- to be defined by each format -------------------------------------------------------------
+    def parts(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Suffix -> (shape, dtype) of the stored arrays of an [N, K] matrix."""
+        raise NotImplementedError
+
+    def quantize(self, w: np.ndarray, refine: int = 4) -> dict[str, np.ndarray]:
+        """[N, K] float -> the stored arrays (see parts)."""
+        raise NotImplementedError
+
+    def dequantize(self, parts: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+        """The float32 matrix the kernels compute with (reference for tests and tools)."""
+        raise NotImplementedError
+
+    def te_weight(self, group: int, q, s, z=None):
+        """(n, k) -> the fp32 weight, as a TE expression over the stored arrays."""
+        raise NotImplementedError
