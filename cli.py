@@ -25,6 +25,8 @@ EXAMPLES = {
     "bundle": "example: kiln bundle smollm2-sm90.kiln -o smollm2-bundle --python 3.12",
     "export": "example: kiln export SmolLM2-135M-Instruct.Q4_1.gguf --hf ./smollm2-hf   (then transformers' from_pretrained('./smollm2-hf'))",
     "bench": "example: kiln bench llama8b-sm90.kiln --device cuda --random-weights --prompt-len 128 --gen-len 128",
+    "serve": "example: kiln serve smollm2.kiln --port 8000 --max-batch 8\n\n"
+             "then any OpenAI client: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-').chat.completions.create(...)",
 }
 
 
@@ -135,6 +137,20 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=int, default=None)
     be.add_argument("--json", action="store_true")
 
+    sv = add("serve", "serve an artifact over HTTP with OpenAI's API (completions, chat, streaming), batching requests")
+    sv.add_argument("artifact")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact's name)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests running at once (each reserves KV memory for the context)")
+    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get HTTP 429")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ (default: $KILN_API_KEY, else none)")
+    sv.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    sv.add_argument("--random-weights", action="store_true", help="fill params with random values (artifacts compiled with --no-weights)")
+    sv.add_argument("--max-seq-len", type=int, default=None, help="context per request (KV memory is reserved for max-batch of them)")
+    sv.add_argument("--threads", type=int, default=None)
+    sv.add_argument("--grace", type=float, default=10.0, help="seconds running requests may finish after SIGTERM")
+
     if full:
         b = add("bundle", "make a self-contained folder (artifact + TVM runtime only + kiln runtime) for an offline machine")
         b.add_argument("artifact")
@@ -167,27 +183,27 @@ def _parse_tokens(text: str) -> list[int]:
 
 
 def cmd_compile(a) -> int:
-    # bad paths fail now, not after TVM's import (seconds) and reading the model
+    # bad paths and flags fail now, not after TVM's import (seconds) and reading the model
     if not os.path.exists(a.model):
         raise KilnError(f"{a.model}: no such file or directory")
     from .compiler.artifact import check_output  # noqa: PLC0415  (no TVM)
+    from .compiler.options import CompileOptions  # noqa: PLC0415  (no TVM)
 
+    opts = CompileOptions(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir,
+                          no_weights=a.no_weights, page_size=a.page_size, quant=a.quant, keep=tuple(a.keep), calib_text=a.calib_text,
+                          max_kld=a.max_kld, quality_check=not a.no_quality_check, kv_dtype=a.kv_dtype).check()
     check_output(a.output)
     from .tvm_compat import compiler  # noqa: PLC0415
 
-    if "cuda" in a.target:
+    if opts.cuda_targets:
         from .compiler.cuda_stub import prepare_cuda_compile  # noqa: PLC0415
 
         prepare_cuda_compile()  # before anything imports TVM: CUDA needs its plugin loadable
     compiler()
-    from .compiler.build import compile_model  # noqa: PLC0415
-
+    from .compiler.build import build  # noqa: PLC0415
     from .compiler.progress import Progress  # noqa: PLC0415
 
-    progress = Progress(quiet=a.quiet)
-    summary = compile_model(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir,
-                            no_weights=a.no_weights, page_size=a.page_size, quant=a.quant, keep=a.keep, calib_text=a.calib_text,
-                            max_kld=a.max_kld, quality_check=not a.no_quality_check, kv_dtype=a.kv_dtype, progress=progress)
+    summary = build(opts, Progress(quiet=a.quiet))
     for w in summary.warnings:
         print(f"kiln: warning: {w}", file=sys.stderr)
     print(summary.line())
@@ -325,6 +341,16 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .runtime.server import serve  # noqa: PLC0415
+
+    if not 0 <= a.grace <= 3600:
+        raise KilnError(f"--grace must be in [0, 3600] seconds, got {a.grace}")
+    return serve(a.artifact, host=a.host, port=a.port, model_name=a.model_name, max_batch=a.max_batch, max_queue=a.max_queue,
+                 api_key=a.api_key or os.environ.get("KILN_API_KEY") or None, device=a.device, random_weights=a.random_weights,
+                 max_seq_len=a.max_seq_len, threads=a.threads, grace=a.grace)
+
+
 def cmd_demo(a) -> int:
     from .frontends.bundled import cache_dir, smollm2_gguf  # noqa: PLC0415
 
@@ -369,7 +395,7 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo, "bundle": cmd_bundle, "bench": cmd_bench,
-               "export": cmd_export}[args.cmd]
+               "export": cmd_export, "serve": cmd_serve}[args.cmd]
     try:
         return handler(args)
     except KilnError as err:

@@ -171,13 +171,21 @@ class ArtifactWriter:
             info = hash_file(p)
         self.files[rel] = info
 
-    def commit(self, manifest: dict) -> None:
+    def seal(self, manifest: dict) -> Path:
+        """Write manifest.json into the staging directory, which is then a loadable
+        artifact at the returned path (the quality gate measures the artifact it
+        is about to publish there); nothing is published. May be called again:
+        the last manifest written is the one commit() publishes."""
         manifest = seal({**manifest, "files": dict(sorted(self.files.items()))})
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        with open(self.tmp / MANIFEST_NAME, "xb") as f:
+        with open(self.tmp / MANIFEST_NAME, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        return self.tmp
+
+    def commit(self, manifest: dict) -> None:
+        self.seal(manifest)
         for d in {self.tmp, *[(self.tmp / r).parent for r in self.files]}:
             fsync_dir(d)
         if self.output.exists():

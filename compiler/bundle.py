@@ -3,7 +3,8 @@
     DIR/model.kiln/      the artifact
     DIR/site/tvm/        TVM's Python package, runtime libraries only (no libtvm_compiler.so)
     DIR/site/tvm_ffi/    apache-tvm-ffi for the target Python (from its wheel)
-    DIR/site/kiln/       kiln's runtime modules and the CLI (run, eval, inspect, bench only)
+    DIR/site/kiln/       kiln's runtime modules and the CLI (run, eval, inspect, bench, serve)
+    DIR/site/starlette/, uvicorn/, ...   the server's HTTP stack (pure Python), when installed here
     DIR/kiln             launcher: `python3 DIR/kiln run DIR/model.kiln --prompt ...`
 
 The target needs Python and numpy (plus tokenizers/jinja2 for text, ml_dtypes
@@ -86,6 +87,33 @@ def copy_pure_dependencies(site: Path) -> None:
         shutil.copy2(spec.origin, site / f"{name}.py")
 
 
+# `kiln serve` on the offline machine: its HTTP stack, pure Python (uvicorn's
+# optional C speed-ups are not taken), copied from this machine when installed.
+SERVE_DEPENDENCIES = ("starlette", "uvicorn", "anyio", "h11", "click", "idna")
+
+
+def copy_serve_dependencies(site: Path) -> list[str]:
+    """Copy the server's packages into SITE; returns those missing here (then the
+    bundle runs everything but `kiln serve`)."""
+    import importlib.util  # noqa: PLC0415
+
+    missing = []
+    for name in SERVE_DEPENDENCIES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            missing.append(name)
+            continue
+        if spec.submodule_search_locations:
+            src = Path(next(iter(spec.submodule_search_locations)))
+            if any(src.rglob("*.so")):
+                missing.append(name)  # a compiled build: may not match the target's Python
+                continue
+            shutil.copytree(src, site / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(spec.origin, site / Path(spec.origin).name)
+    return missing
+
+
 def copy_kiln_runtime(site: Path) -> None:
     """Copy kiln's runtime modules (and the CLI, which then offers only the
     runtime's commands) into SITE/kiln."""
@@ -114,6 +142,7 @@ def make_bundle(artifact: str | Path, out: str | Path, python: str = "3.12") -> 
         _copy_tvm(site)
         _fetch_tvm_ffi(site, python)
         copy_pure_dependencies(site)
+        missing = copy_serve_dependencies(site)
         copy_kiln_runtime(site)
         shutil.copytree(art.path, tmp / "model.kiln")
         launcher = tmp / "kiln"
@@ -125,4 +154,4 @@ def make_bundle(artifact: str | Path, out: str | Path, python: str = "3.12") -> 
         raise
     runtime_bytes = sum(f.stat().st_size for f in (out / "site").rglob("*") if f.is_file())
     model_bytes = sum(f.stat().st_size for f in (out / "model.kiln").rglob("*") if f.is_file())
-    return {"runtime_bytes": runtime_bytes, "model_bytes": model_bytes}
+    return {"runtime_bytes": runtime_bytes, "model_bytes": model_bytes, "serve_missing": missing}

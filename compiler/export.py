@@ -126,7 +126,7 @@ def export_hf(model: str | Path, output: str | Path, *, dtype: str = "float32",
         order = list(layout)
         shapes = {name: layout[name][2] for name in order}
 
-        from ..frontends.models.base import check_finite  # noqa: PLC0415
+        from ..frontends.models.hf_names import check_finite  # noqa: PLC0415
 
         def produce(name: str) -> np.ndarray:
             arr = src.tensor(name)

@@ -6,7 +6,7 @@ of tokens): the tensor-core GEMM, with the residual add fused when there is one.
 
 Runs on the Relax graph before legalization, where the neighbours are still
 named ops (R.nn.rms_norm, R.add, R.nn.silu) and the projections are calls of
-kiln's TE kernels that the model marked on purpose (frontends/models/base.py
+kiln's TE kernels that the model marked on purpose (frontends/models/layers.py
 OP_ATTR "matmul" | "qmatmul", ROLE_ATTR "projection" | "lm_head"; below,
 NT_matmul = a float projection, NT_qmatmul = a quantized one). Only static
 [1, 1, K] activations match (the decode function; prefill has a symbolic
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from .kernels.gemm_cuda import gemm, gemm_residual, gemm_supported, qgemm, qgemm_supported
 from .kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
-from ..frontends.models.base import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
+from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from .quant import WEIGHT_FORMATS
 from ..tvm_compat import compiler
 
@@ -100,7 +100,7 @@ class _Rewriter(relax.PyExprMutator):
 
     # --- recognisers ---------------------------------------------------------
     def _kind(self, call) -> tuple[str, str] | None:
-        """(op, role) a model set on the called PrimFunc (frontends/models/base.py
+        """(op, role) a model set on the called PrimFunc (frontends/models/layers.py
         OP_ATTR / ROLE_ATTR), or None: projections are matched by that, not by name."""
         if not _is_op(call, "relax.call_tir"):
             return None

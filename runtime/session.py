@@ -21,12 +21,10 @@ from ..tvm_compat import runtime
 from .artifact import Artifact, open_artifact, read_weights
 from .dtypes import numpy_dtype
 from .kv_cache import PagedKVCache, QuantKVCache
-from .sampler import NonFiniteLogitsError, Sampler, SamplingParams
-from .tokenizer import StopMatcher, StreamDecoder, Tokenizer
+from .request import MAX_NEW_TOKENS_LIMIT, Generation, check_tokens
+from .sampler import NonFiniteLogitsError, SamplingParams
+from .tokenizer import Tokenizer
 
-MAX_NEW_TOKENS_LIMIT = 1 << 20
-MAX_STOPS = 16
-MAX_STOP_LEN = 256
 MAX_SEQUENCES_LIMIT = 4096
 
 
@@ -297,16 +295,7 @@ class Session:
         return out[0], out[1]
 
     def _check_tokens(self, ids) -> list[int]:
-        if not isinstance(ids, (list, tuple, np.ndarray)):
-            raise RequestError(f"the prompt must be a list of token ids, got {type(ids).__name__} (encode text with encode_prompt)")
-        if len(ids) == 0:
-            raise RequestError("the prompt is empty: give at least one token")
-        out = []
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= int(t) < self.vocab_size:
-                raise RequestError(f"token id {t!r} is outside [0, {self.vocab_size})")
-            out.append(int(t))
-        return out
+        return check_tokens(ids, self.vocab_size)
 
     # --- whole requests ----------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
@@ -384,46 +373,26 @@ class Session:
 
     def _run(self, prompt_tokens, max_new_tokens, sampling, stop, ignore_eos, info: dict):
         """The generation loop; fills `info` (prompt, finish reason, timings) as it goes."""
-        ids = self._check_tokens(prompt_tokens)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise RequestError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens!r}")
-        if len(ids) >= self.max_seq_len:
-            raise RequestError(f"prompt has {len(ids)} tokens; the context holds {self.max_seq_len} (prompt + generated)")
-        max_new_tokens = min(max_new_tokens, self.max_seq_len - len(ids))
-        if isinstance(stop, str):
-            stop = [stop]
-        stop = list(stop or [])
-        if len(stop) > MAX_STOPS or any(not isinstance(s, str) or len(s) > MAX_STOP_LEN for s in stop):
-            raise RequestError(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_LEN} characters")
-        sampler = Sampler(sampling or SamplingParams())
-        detok = StreamDecoder(self.tokenizer) if self.tokenizer else None
-        matcher = StopMatcher(stop)
-        info.update(prompt=ids, finish="length", prefill_s=0.0, decode_s=0.0)
-        history = list(ids)
+        g = Generation(self, prompt_tokens, max_new_tokens, sampling, stop, ignore_eos)
+        info.update(prompt=g.prompt, finish="length", prefill_s=0.0, decode_s=0.0)
         seq = self.add_sequence()
         try:
             t0 = time.perf_counter()
-            tok = sampler(self.prefill(seq, ids), history)
+            tok = g.sample(self.prefill(seq, g.prompt))
             info["prefill_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            for i in range(max_new_tokens):
-                history.append(tok)
-                if tok in self.eos_ids and not ignore_eos:
-                    info["finish"] = "eos"
+            while True:
+                text = g.accept(tok)
+                if text is not None:
+                    yield tok, text
+                if g.done:
                     break
-                text = matcher.feed(detok.push(tok)) if detok else ""
-                yield tok, text
-                if matcher.stopped:
-                    info["finish"] = "stop"
-                    break
-                if i == max_new_tokens - 1:
-                    break
-                tok = self.decode_greedy([seq], [tok])[0] if sampler.greedy else sampler(self.decode_step([seq], [tok])[0], history)
+                tok = self.decode_greedy([seq], [tok])[0] if g.greedy else g.sample(self.decode_step([seq], [tok])[0])
             info["decode_s"] = time.perf_counter() - t1
-            if detok and not matcher.stopped:
-                tail = matcher.feed(detok.flush()) + matcher.flush()
-                if tail:
-                    yield -1, tail
+            info["finish"] = g.finish
+            tail = g.tail()
+            if tail:
+                yield -1, tail
         finally:
             self.remove_sequence(seq)
 

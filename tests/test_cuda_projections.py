@@ -1,12 +1,12 @@
 """CudaProjections matches projections by the attribute a model sets on purpose
-(frontends/models/base.py OP_ATTR / ROLE_ATTR), never by a function's name:
+(frontends/models/layers.py OP_ATTR / ROLE_ATTR), never by a function's name:
 before/after IR of one prefill projection (issue 11, item 5)."""
 
 from __future__ import annotations
 
 import pytest
 
-from kiln.frontends.models.base import OP_ATTR, ROLE_ATTR
+from kiln.frontends.models.layers import OP_ATTR, ROLE_ATTR
 from kiln.passes.cuda_projections import CudaProjections
 from kiln.tvm_compat import compiler
 

@@ -237,3 +237,31 @@ def test_smollm2_quality_bars(smollm2_gguf, tmp_path):
         r = compare_sessions(load(compile_artifact(smollm2_gguf, tmp_path / f"kv_{kv}.kiln", kv_dtype=kv, quality_check=False)), ref, ids)
         assert 0 < r["mean_kld"] <= bar, f"{kv} KV: mean KLD {r['mean_kld']:.5f} over the bar {bar}"
         assert r["top1_agreement"] > 0.95
+
+
+@pytest.mark.slow
+def test_quality_gate_measures_the_staged_artifact_when_it_is_the_cpu_variant(tmp_path):
+    """The gate builds the float32 reference and, only when the artifact being
+    compiled is not itself the lossy CPU build, that build too (issue 11: no
+    recursive compile, no duplicate build). Both ways measure the same thing."""
+    import io  # noqa: PLC0415
+
+    from helpers.tiny_gguf import write_tiny  # noqa: PLC0415
+
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+    from kiln.compiler.progress import Progress  # noqa: PLC0415
+
+    gguf = tmp_path / "t.gguf"
+    write_tiny(gguf)
+    results = {}
+    for target in ("llvm", "llvm:x86-64-v2"):
+        log = io.StringIO()
+        out = tmp_path / f"{target.replace(':', '_')}.kiln"
+        compile_model(gguf, out, target=target, dtype="float32", quant="q8", progress=Progress(stream=log, live=False))
+        lines = log.getvalue()
+        assert "quality check: build float32" in lines, lines
+        assert ("quality check: build q8" in lines) == (target != "llvm"), lines
+        results[target] = json.loads((out / "manifest.json").read_text())["quant"]["quality"]
+    a, b = results["llvm"], results["llvm:x86-64-v2"]
+    assert a["tokens"] == b["tokens"] >= 64 and a["mean_kld"] > 0
+    assert a["mean_kld"] == pytest.approx(b["mean_kld"], rel=1e-3, abs=1e-7)

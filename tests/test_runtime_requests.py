@@ -16,7 +16,8 @@ from helpers import VOCAB, prefer_full_tvm, shared_artifact, subprocess_env
 import kiln.runtime
 from kiln.errors import KilnError, RequestError
 from kiln.runtime import SamplingParams
-from kiln.runtime.session import MAX_NEW_TOKENS_LIMIT, MAX_STOP_LEN, MAX_STOPS, Session
+from kiln.runtime.request import MAX_NEW_TOKENS_LIMIT, MAX_STOP_LEN, MAX_STOPS
+from kiln.runtime.session import Session
 
 CTX = 16
 

@@ -12,7 +12,8 @@ weights were concatenated at conversion time.
 from __future__ import annotations
 
 from . import register
-from .base import DecoderLM, Linear, RMSNorm, nn, op
+from .decoder import DecoderLM
+from .layers import Linear, RMSNorm, nn, op
 
 
 class LlamaAttention(nn.Module):

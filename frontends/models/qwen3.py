@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import register
-from .base import RMSNorm, op
+from .layers import RMSNorm, op
 from .llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 

@@ -1,0 +1,54 @@
+"""The manifest a build writes (its reader and checks: runtime/manifest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import __version__
+from ..runtime.dtypes import itemsize
+from ..runtime.manifest import FORMAT_VERSION, MAGIC, RUNTIME_ABI
+from ..tvm_compat import compiler
+
+
+def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict | None) -> dict:
+    """m: build.Model; built: stages.Built; quality: the gate's measurement (None: not measured)."""
+    config, plan, kv_fmt = m.config, m.plan, m.kv_fmt
+    compute = m.precision(m.targets[0]).compute
+    # TVM's cache: K/V in the activations' dtype; kiln's cache: codes + an fp32 scale per row
+    row_bytes = kv_fmt.bytes_per_row(config.head_dim) if kv_fmt is not None else config.head_dim * itemsize(compute)
+    return {
+        "magic": MAGIC,
+        "format_version": FORMAT_VERSION,
+        "kiln_version": __version__,
+        "tvm_version": compiler().version,
+        "runtime_abi": RUNTIME_ABI,
+        "model": {
+            "architecture": config.architecture,
+            "config": json.loads(json.dumps(config.to_dict(), default=list)),
+            "source": Path(m.ck.source).name,
+            "source_format": m.ck.format,
+            "source_dtypes": sorted(set(m.ck.tensor_dtypes.values())),
+            "num_params": built.num_params,
+        },
+        "dtype": m.dtype,  # storage; each target entry says its compute dtype
+        "quant": ({**plan.describe(), "quality": quality, "matrices": built.imported} if plan is not None else "none"),
+        "kv_quant": ({"format": kv_fmt.name, "quality": quality if plan is None else "see quant.quality"} if kv_fmt is not None else "none"),
+        "targets": built.libraries,
+        "params": built.params,
+        "weights_file": None if no_weights else "weights.safetensors",
+        "kv_cache": {
+            "kind": "paged" if kv_fmt is None else "kiln-quant",
+            "dtype": compute if kv_fmt is None else kv_fmt.name,
+            **({} if kv_fmt is None else {"code_dtype": kv_fmt.code_dtype, "scale_dtype": "float32"}),
+            "page_size": page_size,
+            "max_seq_len": m.max_ctx,
+            "num_layers": config.num_hidden_layers,
+            "num_kv_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * row_bytes,
+        },
+        "tokenizer": built.tokenizer,
+        "eos_token_ids": list(config.eos_token_ids),
+        "bos_token_id": config.bos_token_id,
+    }

@@ -1,0 +1,114 @@
+"""What `kiln compile` was asked to do, validated once: the CLI, the Python API
+(compile_model) and the quality gate all go through CompileOptions.
+
+`check()` is pure (no TVM, no model read): the CLI calls it before importing
+TVM, so a bad flag fails at once. Checks that need the model (max_seq_len
+against its context, the default dtype) happen in the driver (build.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..errors import CompileError
+from ..passes.quant import QuantPlan, kv_format
+
+DTYPES = ("float32", "float16", "bfloat16")
+PAGE_SIZE = 16
+PAGE_SIZES = (16, 32, 64)
+QGEMV_KINDS = ("4", "8", "f8")
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """Which of kiln's CUDA kernels replace TVM's (benchmarks/NOTES.md has the measurements behind each default).
+
+    gemm    prefill projections on kiln's tensor-core GEMM (else dlight's Matmul)
+    gemv    decode on kiln's fused GEMVs (RMSNorm / residual folded in; measured
+            slower than dlight's GEMV + separate norms on H100: off)
+    qgemv   weight code kinds whose decode GEMVs run on kiln's qgemv.cuh
+            ("4": +8-11% over dlight on H100; "8": on par or slower, so dlight)
+    graphs  capture static regions of each step into CUDA graphs (off only to
+            profile kernels one by one: benchmarks/profile_step.py)
+
+    For experiments, environment variables override these in any compile:
+    KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,8,f8 (or empty),
+    KILN_NO_CUDA_GRAPH=1."""
+
+    gemm: bool = True
+    gemv: bool = False
+    qgemv: tuple[str, ...] = ("4", "f8")
+    graphs: bool = True
+
+    def with_env(self, env=os.environ) -> CudaOptions:
+        out = self
+        if env.get("KILN_CUDA_GEMM") in ("0", "1"):
+            out = replace(out, gemm=env["KILN_CUDA_GEMM"] == "1")
+        if env.get("KILN_CUDA_GEMV") in ("0", "1"):
+            out = replace(out, gemv=env["KILN_CUDA_GEMV"] == "1")
+        if "KILN_CUDA_QGEMV" in env:
+            out = replace(out, qgemv=tuple(k for k in env["KILN_CUDA_QGEMV"].split(",") if k))
+        if env.get("KILN_NO_CUDA_GRAPH") == "1":
+            out = replace(out, graphs=False)
+        return out
+
+    def check(self) -> None:
+        bad = [k for k in self.qgemv if k not in QGEMV_KINDS]
+        if bad:
+            raise CompileError(f"CUDA qgemv code kinds {bad}: supported {', '.join(QGEMV_KINDS)}")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    model: Path
+    output: Path
+    target: str = "llvm"
+    dtype: str | None = None  # None: the checkpoint's own (torch_dtype / GGUF tensors)
+    max_seq_len: int | None = None
+    dump_ir: Path | None = None
+    no_weights: bool = False  # `model` may be a config.json alone; code and param spec, no weights
+    page_size: int = PAGE_SIZE
+    quant: str | None = None
+    keep: tuple[str, ...] = ()
+    calib_text: Path | None = None
+    max_kld: float | None = None
+    quality_check: bool = True
+    kv_dtype: str | None = None
+    cuda: CudaOptions = field(default_factory=CudaOptions)
+
+    def __post_init__(self):
+        for name in ("model", "output", "dump_ir", "calib_text"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, Path):
+                object.__setattr__(self, name, Path(v))
+        object.__setattr__(self, "keep", tuple(self.keep))
+
+    @property
+    def plan(self) -> QuantPlan | None:
+        return QuantPlan.parse(self.quant, self.keep)
+
+    @property
+    def cuda_targets(self) -> bool:
+        return "cuda" in self.target
+
+    def check(self) -> CompileOptions:
+        """Every check that needs neither TVM nor the model; returns self."""
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise CompileError(f"--dtype {self.dtype!r} is not supported; supported: {', '.join(DTYPES)}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise CompileError(f"--max-seq-len {self.max_seq_len}: must be at least 1")
+        if self.page_size not in PAGE_SIZES:
+            raise CompileError(f"--page-size {self.page_size} is not supported; supported: {', '.join(map(str, PAGE_SIZES))}")
+        plan = self.plan
+        kv_fmt = kv_format(self.kv_dtype, "float32")  # the name; the dtype pairing is checked with the model's dtype
+        if self.max_kld is not None and not (math.isfinite(self.max_kld) and self.max_kld > 0):
+            raise CompileError(f"--max-kld {self.max_kld}: must be a positive number")
+        if plan is None and kv_fmt is None and self.kv_dtype in (None, "float32") and (self.calib_text is not None or self.max_kld is not None):
+            raise CompileError("--calib-text / --max-kld measure a quantized model: they need --quant or --kv-dtype int8|fp8")
+        if not self.quality_check and self.max_kld is not None:
+            raise CompileError("--max-kld needs the quality check (drop --no-quality-check)")
+        self.cuda.check()
+        return self

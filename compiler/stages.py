@@ -1,0 +1,178 @@
+"""The stages of one build, each writing into an ArtifactWriter's staging
+directory: the graphs (one per target), the weights (converted, quantized or
+imported block for block), the libraries (passes + codegen) and the tokenizer.
+The driver (build.py) runs them in order; the quality gate runs them for its
+CPU variants of the same model."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CompileError
+from ..frontends.models.hf_names import check_finite
+from ..passes.kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
+from ..passes.kernels.kv_quant import QuantKV
+from ..passes.pipeline import PipelineOptions, run_pipeline
+from ..passes.quant import expand_params
+from ..passes.sort_shape_heap_stores import SortShapeHeapStores
+from ..tvm_compat import compiler
+from .cuda_codegen import nvcc_callback
+from .options import CudaOptions
+from .progress import Progress
+from .target import CompileTarget
+from .weights import write_safetensors
+
+
+@dataclass
+class Built:
+    """What the stages produced, for the manifest."""
+
+    params: list[dict]  # manifest param entries, in file order
+    num_params: int  # float parameters of the model
+    libraries: list[dict] = field(default_factory=list)  # manifest target entries
+    imported: dict = field(default_factory=lambda: {"direct": 0, "requantized": 0})
+    tokenizer: dict | None = None
+
+
+def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptions, dump_ir: Path | None,
+                 progress: Progress) -> Built:
+    """m: the model and its resolved settings (build.Model). Everything but the manifest."""
+    expected = m.family.param_shapes(m.config)  # float params
+    expanded = expand_params(expected, m.plan, tied=m.config.tie_word_embeddings)
+    stored = {part: (base, spec) for base, e in expanded.items() for part, spec in e["parts"].items()}
+    if m.plan is not None:
+        unfit = [n for n, e in expanded.items() if e.get("kept_float")]
+        if unfit:
+            progress(f"kept float (rows of a length that is not a multiple of 8): {', '.join(unfit[:4])}{' ...' if len(unfit) > 4 else ''}")
+
+    progress("convert weights")
+    mods, named_params = export_graphs(m, page_size)
+    order = [name for name, _ in named_params]
+    param_dtypes = {name: str(p.dtype) for name, p in named_params}  # CPU: norms stay fp32
+    if set(order) != set(stored):
+        raise CompileError(f"internal: graph params and converted params differ: {sorted(set(order) ^ set(stored))[:5]}")
+    shapes = {n: stored[n][1][0] for n in order}
+    built = Built([_param_entry(n, shapes[n], param_dtypes[n], expanded[stored[n][0]]) for n in order],
+                  int(sum(int(np.prod(v)) for v in expected.values())))
+    if not no_weights:
+        write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, built.imported, progress)
+
+    for tg, mod in zip(m.targets, mods):
+        progress(f"passes ({tg.kind})")
+        opts = PipelineOptions(target=tg.tvm_target(), cuda_gemm=cuda.gemm, cuda_gemv=cuda.gemv, cuda_qgemv=",".join(cuda.qgemv),
+                               dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
+        lowered = run_pipeline(mod, opts)
+        rel = f"lib/{tg.device}.so"
+        progress(f"codegen ({tg.kind} {tg.label})")
+        with progress.waiting(f"codegen ({tg.kind} {tg.label})"):
+            build_library(lowered, writer.path(rel), tg, cuda_graphs=cuda.graphs)
+        writer.record(rel)
+        built.libraries.append({**tg.manifest(), "library": rel, "compute_dtype": m.precision(tg).compute})
+
+    if m.ck.tokenizer is not None:
+        tok = m.ck.tokenizer
+        hw = writer.open("tokenizer.json")
+        hw.write(tok.tokenizer_json.encode("utf-8"))
+        writer.record("tokenizer.json", hw.close())
+        built.tokenizer = {"file": "tokenizer.json", "chat_template": tok.chat_template, "bos_token": tok.bos_token,
+                           "eos_token": tok.eos_token, "add_bos": tok.add_bos, "extra_eos_tokens": list(tok.extra_eos_tokens)}
+    return built
+
+
+def export_graphs(m, page_size: int):
+    """One Relax module per target (CPU computes in fp32 whatever the storage;
+    CUDA in the storage dtype), and the named params (the same for every target)."""
+    mods = []
+    named_params = None
+    for tg in m.targets:
+        with tg.tvm_target():  # the KV cache picks its kernels by the current target
+            kv_factory = functools.partial(CpuPagedKVCache if tg.kind == "llvm" else CudaPagedKVCache, kernel_page_size=page_size)
+            lm = m.family(m.config, m.precision(tg), kv_cache_factory=kv_factory,
+                          kv_quant=QuantKV(m.kv_fmt, page_size, tg.kind) if m.kv_fmt is not None else None)
+            mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
+        mods.append(mod)
+    return mods, named_params
+
+
+def write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, imported: dict, progress: Progress) -> None:
+    thunks = m.family.convert_hf(m.config, m.ck.tensor_names, m.ck.load, m.ck.source)
+    sources = m.family.hf_sources(m.config) if m.plan is not None else {}
+    packed: dict[str, dict] = {}  # the last quantized matrix's arrays (parts are written consecutively)
+
+    def produce(name: str) -> np.ndarray:
+        base, _ = stored[name]
+        fmt = expanded[base]["fmt"]
+        if fmt is None:
+            arr = thunks[base]()
+            check_finite(base, arr, m.ck.source)
+            return arr
+        if base not in packed:
+            packed.clear()
+            direct = _direct_import(m.ck, sources.get(base, ()), fmt)
+            if direct is not None:
+                imported["direct"] += 1
+                packed[base] = direct
+            else:
+                arr = thunks[base]()
+                check_finite(base, arr, m.ck.source)
+                packed[base] = fmt.quantize(arr)
+                imported["requantized"] += 1
+        return packed[base][name.rsplit(".", 1)[1]]
+
+    info = write_safetensors(writer.open("weights.safetensors"), order, shapes, param_dtypes, produce,
+                             lambda done, total: progress.count("weights", done, total))
+    writer.record("weights.safetensors", info)
+    if m.plan is not None:
+        progress(f"quantized matrices: {imported['direct']} taken from the file's own blocks as they are, "
+                 f"{imported['requantized']} re-quantized from float")
+
+
+def _direct_import(ck, srcs, fmt) -> dict | None:
+    """The kiln arrays of a param straight from the checkpoint's quantized blocks
+    (GGUF Q4_1 -> q4g32, Q8_0 -> q8), concatenating rows like convert_hf; None
+    unless every source tensor is exactly that format."""
+    if ck.load_quantized is None or not srcs:
+        return None
+    parts = [ck.load_quantized(s, fmt.name) for s in srcs]
+    if any(p is None for p in parts):
+        return None
+    return {k: np.concatenate([p[k] for p in parts], axis=0) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+
+
+def _param_entry(name: str, shape, dtype: str, e: dict) -> dict:
+    if e["fmt"] is None:
+        return {"name": name, "shape": list(shape), "dtype": dtype, "quant": "none"}
+    entry = {"name": name, "shape": list(shape), "dtype": dtype, "quant": e["fmt"].name, "group": e["group"]}
+    if name.endswith(".q") and e["fmt"].invalid_codes:  # byte values random weights must avoid (runtime/session.py)
+        entry["invalid_codes"] = list(e["fmt"].invalid_codes)
+    return entry
+
+
+def build_library(mod, path: Path, tg: CompileTarget, cuda_graphs: bool = True) -> None:
+    t = compiler()
+    tvm_target = tg.tvm_target()
+    is_cuda = tg.kind == "cuda"
+    # CUDA: device code compiled by nvcc at build time (kiln's callback: kiln's
+    # kernel headers, SASS per arch + PTX), never source left for NVRTC
+    hook = nvcc_callback(list(tg.archs)) if is_cuda else contextlib.nullcontext()
+    cfg = {}
+    if is_cuda:
+        if cuda_graphs:  # capture static regions of each step into CUDA graphs (launch overhead)
+            cfg["relax.backend.use_cuda_graph"] = True
+        # TIR common-subexpression elimination breaks the llama3-scaled RoPE
+        # kernels' codegen ("variable cse_v21 has been used before definition");
+        # nvcc eliminates common subexpressions itself
+        cfg["tirx.disable_cse_tir"] = True
+    try:
+        with hook, tvm_target, t.tvm.transform.PassContext(config=cfg):
+            # SortShapeHeapStores: VMShapeLower's store order changes between runs (see that pass)
+            pipeline = t.tvm.transform.Sequential([t.relax.pipeline.default_build_pipeline(), SortShapeHeapStores()])
+            ex = t.relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
+        ex.export_library(str(path))
+    except Exception as err:  # TVM raises many types; report one line
+        raise CompileError(f"codegen for {tvm_target} failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}") from err

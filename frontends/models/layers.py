@@ -1,0 +1,203 @@
+"""The layers and TE kernels every family builds from: the precision policy,
+projections (float and quantized, marked with the attributes passes match
+on), the embedding lookup, greedy pick on the device, RMSNorm, Linear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...passes.quant import QuantPlan  # quantization formats: a layer below the models (tests/test_layers.py)
+from ...tvm_compat import compiler
+
+_tvm = compiler()  # nn.Module subclasses below need TVM when their classes are defined
+nn = _tvm.nn
+op = _tvm.op
+
+
+COMPUTE_DTYPE = "float32"  # activations, accumulation and the KV cache on CPU
+
+
+@dataclass(frozen=True)
+class Precision:
+    """storage: the big matrices' dtype in the artifact; compute: activations,
+    norms, the KV cache. CPU: compute fp32 (fp16 arithmetic is not native);
+    GPU: compute = storage (bf16/fp16 tensor-core math, fp32 accumulation)."""
+
+    storage: str
+    compute: str = COMPUTE_DTYPE
+    quant: QuantPlan | None = None  # quantized matrices by role (None: all float)
+
+    def format_for(self, role: str, k: int, tied: bool = False):
+        """The quantized format of a matrix of this role with rows of k weights, or None (float)."""
+        return self.quant.matrix_format(role, k, tied) if self.quant is not None else None
+
+
+def _precision(dtype) -> Precision:
+    return dtype if isinstance(dtype, Precision) else Precision(dtype)
+
+
+def to_compute(w, compute: str = COMPUTE_DTYPE):
+    """Weights are stored in the artifact's dtype (fp16/bf16 halve the bytes a
+    token reads); arithmetic is in `compute`. The cast fuses into the consuming
+    kernel, so converted weights only ever exist in registers."""
+    return w if w.dtype == compute else w.astype(compute)
+
+
+# What a projection kernel is, set on its PrimFunc on purpose so that passes
+# (passes/cuda_projections.py) match it by attribute, never by its name:
+# OP_ATTR "matmul" (float W) | "qmatmul" (quantized W); ROLE_ATTR "projection" | "lm_head".
+OP_ATTR, ROLE_ATTR = "kiln.op", "kiln.role"
+QFORMAT_ATTR = "kiln.qformat"  # a qmatmul's weight format (passes/quant WEIGHT_FORMATS name)
+
+
+def nt_matmul(x, w, name: str = "NT_matmul", out_dtype: str | None = None, role: str = "projection"):
+    """x @ w^T with w in its storage dtype: x  # [*, k], w  # [n, k] -> [*, n] in
+    out_dtype (default: x's dtype).
+
+    One TE kernel with the casts inside, so fp16/bf16 weights are converted in
+    registers (FuseOps would leave a separate cast kernel that writes an fp32
+    copy of the whole matrix every call). 16-bit activations accumulate in
+    fp32 (a bf16 running sum over K = 14336 terms loses most of its bits);
+    the result is rounded once, at the end."""
+    te = _tvm.te
+    out_dtype = str(out_dtype or x.dtype)
+
+    def compute(xt, wt):
+        *lead, k_ext = xt.shape
+        k = te.reduce_axis((0, k_ext), name="k")
+        x_dtype = str(xt.dtype)
+        acc = "float32" if "16" in x_dtype or out_dtype == "float32" else x_dtype
+
+        def body(*idx):
+            xv, wv = xt[(*idx[:-1], k)], wt[idx[-1], k]
+            if str(xv.dtype) != acc:
+                xv = xv.astype(acc)
+            if str(wv.dtype) != acc:
+                wv = wv.astype(acc)
+            return te.sum(xv * wv, axis=k)
+
+        out = te.compute((*lead, wt.shape[0]), body, name=name)
+        if acc == out_dtype:
+            return out
+        return te.compute(out.shape, lambda *i: out(*i).astype(out_dtype), name=name + "_cast")
+
+    return op.tensor_expr_op(compute, name, [x, w], attrs={OP_ATTR: "matmul", ROLE_ATTR: role})
+
+
+def take(x, indices, axis: int, name: str = "take"):
+    """x[indices] along `axis`, clipping out-of-range indices instead of reading
+    out of bounds (relax's default "fast" mode reads them, and TVM prints a
+    warning about that on every compile). Token ids are checked by the runtime;
+    this keeps a kernel safe even where a check is missed."""
+    r = _tvm.relax
+    return nn.wrap_nested(r.op.take(x._expr, indices._expr, axis=axis, mode="clip"), name)
+
+
+def greedy_pick(logits, vocab: int):
+    """logits  # [1, 1, vocab] float32 -> [2] int32: the argmax, and 1 if every
+    logit is finite (0 if any is NaN/Inf, which the runtime turns into an error
+    as the host sampler does). Lets greedy decoding read 8 bytes per token instead
+    of the whole logits row.
+
+    One pass over the logits: non-finite values count as +inf in the argmax, so
+    if any exists the argmax lands on one, and checking the picked logit alone
+    tells whether all were finite. (A separate all-finite reduction got TVM's
+    one-thread fallback schedule: 128k serial loads.)"""
+    r = _tvm.relax
+    x = logits._expr
+    inf = r.const(float("inf"), "float32")
+    best = r.op.argmax(r.op.where(r.op.isfinite(x), x, inf), axis=2, keepdims=False)  # [1, 1] int64
+    best = r.op.reshape(r.op.astype(best, "int32"), [1])
+    picked = r.op.take(r.op.reshape(x, [vocab]), best, axis=0, mode="clip")  # [1]
+    return nn.wrap_nested(r.op.concat([best, r.op.astype(r.op.isfinite(picked), "int32")], axis=0), "greedy_pick")
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis. The weight
+    stays fp32 whatever the artifact dtype (a few KB per layer)."""
+
+    def __init__(self, size: int, eps: float, dtype):
+        self.weight = nn.Parameter((size,), _precision(dtype).compute)
+        self.eps = eps
+
+    def forward(self, x):
+        return op.rms_norm(x, self.weight, axes=[-1], epsilon=self.eps)
+
+
+class QWeight(nn.Module):
+    """A quantized [N, K] matrix stored as the arrays of its format (params
+    `q`, `s`, and `z` for formats with a minimum; passes/quant/formats/). Never
+    dequantized as a whole: kernels decode the codes where they read them."""
+
+    def __init__(self, shape: tuple[int, int], fmt):
+        self.fmt = fmt
+        self.shape = tuple(shape)
+        self.group = fmt.group_for(shape[1])
+        self.q = self.s = self.z = None
+        for sfx, (shp, dt) in fmt.parts(self.shape).items():
+            setattr(self, sfx, nn.Parameter(shp, dt))
+
+    def params(self) -> list:
+        return [self.q, self.s] + ([self.z] if self.z is not None else [])
+
+
+def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = None, role: str = "projection"):
+    """x @ dequant(W)^T: the dequantize stage and the reduction are one TIR
+    function; the schedules inline the dequantize into the GEMV (decode) or
+    into the per-tile packing of the GEMM (prefill), so a dequantized matrix
+    never exists in memory."""
+    te = _tvm.te
+    out_dtype = str(out_dtype or x.dtype)
+
+    def compute(xt, q, s, z=None):
+        *lead, k_ext = xt.shape
+        n_ext = qw.shape[0]
+        deq = qw.fmt.te_weight(qw.group, q, s, z)
+        w = te.compute((n_ext, k_ext), deq, name=name + "_dequant")
+        k = te.reduce_axis((0, k_ext), name="k")
+
+        def body(*idx):
+            xv = xt[(*idx[:-1], k)]
+            if str(xv.dtype) != "float32":
+                xv = xv.astype("float32")
+            return te.sum(xv * w[idx[-1], k], axis=k)
+
+        out = te.compute((*lead, n_ext), body, name=name)
+        if out_dtype == "float32":
+            return out
+        return te.compute(out.shape, lambda *i: out(*i).astype(out_dtype), name=name + "_cast")
+
+    return op.tensor_expr_op(compute, name, [x, *qw.params()], attrs={OP_ATTR: "qmatmul", ROLE_ATTR: role, QFORMAT_ATTR: qw.fmt.name})
+
+
+def q_take(qw: QWeight, ids, out_dtype: str):
+    """Rows `ids` of a quantized table, dequantized (the embedding lookup)."""
+    te = _tvm.te
+
+    def compute(idt, q, s, z=None):
+        deq = qw.fmt.te_weight(qw.group, q, s, z)
+        return te.compute((idt.shape[0], qw.shape[1]), lambda t, k: deq(idt[t], k).astype(out_dtype), name="q_take")
+
+    return op.tensor_expr_op(compute, "q_take", [ids, *qw.params()])
+
+
+def matmul_any(x, w, name: str = "NT_matmul", out_dtype: str | None = None, role: str = "projection"):
+    if isinstance(w, QWeight):
+        return q_matmul(x, w, "NT_qmatmul" if name == "NT_matmul" else name, out_dtype, role)
+    return nt_matmul(x, w, name, out_dtype, role)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T (+ b). W stays [out, in] so decode reads it row by row.
+    `role` names the projection for the quantization plan (--keep ROLE=...)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False, role: str = "body"):
+        p = _precision(dtype)
+        self.compute = p.compute
+        fmt = p.format_for(role, in_features) if role != "body" else None
+        self.weight = QWeight((out_features, in_features), fmt) if fmt is not None else nn.Parameter((out_features, in_features), p.storage)
+        self.bias = nn.Parameter((out_features,), p.storage) if bias else None
+
+    def forward(self, x):
+        y = matmul_any(x, self.weight)
+        return y + to_compute(self.bias, self.compute) if self.bias is not None else y
