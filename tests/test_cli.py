@@ -20,7 +20,7 @@ from kiln.cli import main
 from kiln.tvm_compat import tvm_version
 
 COMPILER_CMDS = {"compile", "bundle", "demo"}
-RUNTIME_CMDS = {"run", "eval", "inspect", "bench"}
+RUNTIME_CMDS = {"run", "eval", "inspect", "bench", "serve"}
 
 
 def assert_one_line_error(proc, *fragments):
@@ -152,6 +152,31 @@ def test_bundle_runs_with_only_numpy(compiled, tmp_path, monkeypatch):
                            "--max-new-tokens", "4", "--ignore-eos", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["tokens"]) == 4
+    # `kiln serve` from the bundle: its HTTP stack came with it
+    import re  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    srv = subprocess.Popen([sys.executable, "-S", str(out / "kiln"), "serve", str(out / "model.kiln"), "--port", "0", "--model-name", "m"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = srv.stdout.readline()
+        url = re.search(r"http://[\d.]+:\d+", line)
+        assert url, (line, srv.stderr.read() if srv.poll() is not None else "")
+        body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True}).encode()
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url.group(0) + "/v1/completions", data=body,
+                                                                   headers={"Content-Type": "application/json"}), timeout=30) as r:
+                    assert json.loads(r.read())["usage"]["completion_tokens"] == 4
+                break
+            except OSError:  # not accepting yet
+                time.sleep(0.05)
+        srv.send_signal(signal.SIGTERM)
+        assert srv.wait(timeout=60) == 0, srv.stderr.read()
+    finally:
+        if srv.poll() is None:
+            srv.kill()
 
 
 # --- 8: bad paths fail before TVM is imported ------------------------------------------------

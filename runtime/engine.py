@@ -1,0 +1,295 @@
+"""The serving engine: one thread that owns a Session and runs every admitted
+request a step at a time (iteration-level, "continuous" batching).
+
+Each step of the loop:
+  1. retire cancelled requests (their sequences and KV pages freed at once);
+  2. admit waiting requests in arrival order (FCFS) while sequences are free;
+  3. prefill: feed prompts in arrival order, at most `prefill_budget` tokens
+     per step in all, so a long prompt is cut into chunks between decode
+     steps and never stalls the running requests for its whole length;
+  4. decode: one token for every request past its prompt;
+  5. deliver tokens and text to each request's `on_event` and retire the
+     finished ones.
+A new request waits at most one step to start; none waits behind a later
+one. Today the model runs one sequence per call inside a step (the artifact's
+decode is batch 1): steps interleave requests fairly; batched decode kernels
+make a step one call for all of them (issue 12, next).
+
+Thread safety: submit / cancel / stats may be called from any thread; the
+Session is touched only by the engine thread. Events are delivered on the
+engine thread: on_event must not block (the HTTP server hands them to its
+event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import KilnError, RequestError
+from .request import Generation
+from .sampler import SamplingParams
+
+
+class QueueFullError(RequestError):
+    """Too many requests are waiting: try again later (HTTP 429)."""
+
+
+class ShuttingDownError(RequestError):
+    """The engine is stopping and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Event:
+    kind: str  # "token" | "done" | "error"
+    token: int = -1
+    text: str = ""
+    finish: str | None = None  # done: "eos" | "stop" | "length" | "cancelled"
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    id: int
+    gen: Generation
+    on_event: Callable[[Event], None]
+    arrived: float = field(default_factory=time.perf_counter)
+    seq: int | None = None
+    fed: int = 0  # prompt tokens in the KV cache
+    next_token: int | None = None  # sampled, not yet accepted
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.gen.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.gen.tokens)
+
+
+class Histogram:
+    """Prometheus-style cumulative buckets (seconds)."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.n = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if v <= b), len(self.bounds))] += 1
+        self.sum += v
+        self.n += 1
+
+
+LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Engine:
+    def __init__(self, session, *, max_queue: int = 256, prefill_budget: int | None = None):
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or not 1 <= max_queue <= 1 << 16:
+            raise RequestError(f"max_queue must be an integer in [1, 65536], got {max_queue!r}")
+        self.session = session
+        self.max_batch = session.max_sequences
+        self.max_queue = max_queue
+        self.prefill_budget = prefill_budget or session.prefill_chunk
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # metrics (read under the lock)
+        self.counters = collections.Counter()  # requests by outcome, tokens
+        self.ttft = Histogram(LATENCY_BOUNDS)
+        self.itl = Histogram(LATENCY_BOUNDS)
+        self.started_at = time.time()
+
+    # --- any thread ----------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, prompt_tokens, on_event: Callable[[Event], None], *, max_new_tokens: int = 128,
+               sampling: SamplingParams | None = None, stop=None, ignore_eos: bool = False) -> Request:
+        """Queue a request (checked now: RequestError for bad fields); events follow on the engine thread."""
+        gen = Generation(self.session, prompt_tokens, max_new_tokens, sampling, stop, ignore_eos)
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDownError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                self.counters["rejected_queue_full"] += 1
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting (the queue holds {self.max_queue}): try again later")
+            req = Request(next(self._ids), gen, on_event)
+            self._waiting.append(req)
+            self.counters["requests"] += 1
+            self._lock.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (a client went away): its sequence is freed on the next step."""
+        with self._lock:
+            req.cancelled = True
+            self._lock.notify()
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Take no new requests; let running ones finish for up to `grace` seconds,
+        then cancel what is left and end the thread."""
+        deadline = time.perf_counter() + grace
+        with self._lock:
+            self._stopping = True
+            for r in self._waiting:
+                r.cancelled = True
+            self._lock.notify()
+        while self._thread is not None and self._thread.is_alive() and time.perf_counter() < deadline:
+            with self._lock:
+                if not self._running and not self._waiting:
+                    break
+            time.sleep(0.01)
+        with self._lock:
+            for r in [*self._running, *self._waiting]:
+                r.cancelled = True
+            self._halt = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"waiting": len(self._waiting), "running": len(self._running), "max_batch": self.max_batch,
+                    "sequences_open": sum(1 for r in self._running if r.seq is not None), **self.counters}
+
+    # --- engine thread -------------------------------------------------------------------------------
+    _halt = False
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._halt and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._halt and not self._running and not self._waiting:
+                    return
+                self._retire_cancelled()
+                while self._waiting and len(self._running) < self.max_batch and not self._halt:
+                    req = self._waiting.popleft()
+                    self._running.append(req)
+                if self._halt:
+                    self._retire_cancelled()
+                    if not self._running and not self._waiting:
+                        return
+                running = list(self._running)
+            self._step(running)
+
+    def _retire_cancelled(self) -> None:  # under the lock
+        for r in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(r)
+            self._finish(r, Event("done", finish="cancelled"), "cancelled")
+        for r in [r for r in self._running if r.cancelled]:
+            self._finish(r, Event("done", finish="cancelled"), "cancelled")
+
+    def _step(self, running: list[Request]) -> None:
+        s = self.session
+        budget = self.prefill_budget
+        decoding = []
+        for r in running:
+            try:
+                if r.seq is None:
+                    r.seq = s.add_sequence()
+                if r.fed < r.prompt_tokens:
+                    if budget <= 0:
+                        continue
+                    n = min(budget, r.prompt_tokens - r.fed)
+                    logits = s.prefill(r.seq, r.gen.prompt[r.fed : r.fed + n])
+                    r.fed += n
+                    budget -= n
+                    if r.fed == r.prompt_tokens:
+                        r.next_token = r.gen.sample(logits)
+                        self._deliver(r)
+                elif not r.done:
+                    decoding.append(r)
+            except KilnError as err:
+                self._fail(r, err)
+        if decoding:
+            self._decode(decoding)
+
+    def _decode(self, reqs: list[Request]) -> None:
+        s = self.session
+        greedy = [r for r in reqs if r.gen.greedy]
+        sampled = [r for r in reqs if not r.gen.greedy]
+        if greedy:
+            try:
+                ids = s.decode_greedy([r.seq for r in greedy], [r.next_token for r in greedy])
+            except KilnError as err:
+                for r in greedy:
+                    self._fail(r, err)
+            else:
+                for r, tok in zip(greedy, ids):
+                    r.next_token = tok
+                    self._deliver(r)
+        if sampled:
+            try:
+                rows = s.decode_step([r.seq for r in sampled], [r.next_token for r in sampled])
+            except KilnError as err:
+                for r in sampled:
+                    self._fail(r, err)
+                return
+            rows = rows.reshape(len(sampled), -1)
+            for r, row in zip(sampled, rows):
+                try:
+                    r.next_token = r.gen.sample(row)
+                except KilnError as err:
+                    self._fail(r, err)
+                    continue
+                self._deliver(r)
+
+    def _deliver(self, r: Request) -> None:
+        """Accept r.next_token into r's generation; emit its text; retire r when done."""
+        now = time.perf_counter()
+        if r.first_token_at is None:
+            r.first_token_at = now
+            self.ttft.observe(now - r.arrived)
+        else:
+            self.itl.observe(now - r.last_token_at)
+        r.last_token_at = now
+        text = r.gen.accept(r.next_token)
+        if text is not None:
+            self.counters["completion_tokens"] += 1
+            self._emit(r, Event("token", token=r.next_token, text=text))
+        if r.gen.done:
+            tail = r.gen.tail()
+            if tail:
+                self._emit(r, Event("token", token=-1, text=tail))
+            with self._lock:
+                self._finish(r, Event("done", finish=r.gen.finish), "completed")
+
+    def _fail(self, r: Request, err: Exception) -> None:
+        with self._lock:
+            self._finish(r, Event("error", error=str(err)), "failed")
+
+    def _finish(self, r: Request, ev: Event, outcome: str) -> None:  # under the lock
+        if r.done:
+            return
+        r.done = True
+        if r in self._running:
+            self._running.remove(r)
+        if r.seq is not None:
+            self.session.remove_sequence(r.seq)
+            r.seq = None
+        self.counters[f"requests_{outcome}"] += 1
+        self.counters["prompt_tokens"] += r.fed
+        self._emit(r, ev)
+
+    def _emit(self, r: Request, ev: Event) -> None:
+        try:
+            r.on_event(ev)
+        except Exception:  # noqa: BLE001  (a consumer's failure must not stop the engine)
+            r.cancelled = True

@@ -1,0 +1,459 @@
+"""`kiln serve`: an OpenAI-compatible HTTP server over the serving engine.
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions,
+POST /v1/chat/completions (the artifact's chat template), GET /metrics
+(Prometheus text). `stream: true` answers with server-sent events
+(`stream_options.include_usage` adds a usage chunk). Errors have OpenAI's
+JSON shape: {"error": {"message", "type", "param", "code"}}.
+
+Starlette on uvicorn (the optional extra `kiln[serve]`; `kiln bundle` carries
+them). The HTTP side never runs the model: requests are handed to the engine
+thread (runtime/engine.py), whose events come back through the event loop.
+A client that disconnects cancels its request: its sequence and KV pages are
+freed on the engine's next step. SIGTERM: stop accepting, let running
+requests finish for the grace period, cancel the rest, exit 0.
+
+Limits (every field is checked; bad input is a 4xx naming the field, never a
+crash): body <= 1 MiB, messages <= 256 of <= 256 KiB text each, prompt (text
+or ids) within the context, max_tokens in [1, context], n = 1, stop <= 16
+strings, temperature in [0, 2], top_p in (0, 1], top_k in [0, vocab],
+logprobs not supported (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import threading
+import time
+import uuid
+
+from ..errors import KilnError, RequestError
+from .engine import Engine, Event, QueueFullError, ShuttingDownError
+from .sampler import SamplingParams
+
+MAX_BODY_BYTES = 1 << 20
+MAX_MESSAGES = 256
+MAX_TEXT_CHARS = 256 * 1024
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code, self.headers = status, message, param, kind, code, headers or {}
+
+
+def _bad(message: str, param: str | None = None) -> HTTPError:
+    return HTTPError(400, message, param=param)
+
+
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, grace: float = 10.0):
+    """The ASGI app. The engine is started and stopped with the app's lifespan."""
+    from starlette.applications import Starlette  # noqa: PLC0415
+    from starlette.requests import Request  # noqa: PLC0415
+    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: PLC0415
+    from starlette.routing import Route  # noqa: PLC0415
+
+    session = engine.session
+    created = int(time.time())
+
+    def error_response(err: HTTPError):
+        body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}}
+        return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+    def handler(fn):
+        async def wrapped(request: Request):
+            try:
+                if api_key is not None and request.url.path.startswith("/v1/"):
+                    auth = request.headers.get("authorization", "")
+                    if not hmac.compare_digest(auth.encode(), f"Bearer {api_key}".encode()):
+                        raise HTTPError(401, "invalid API key", kind="authentication_error", code="invalid_api_key")
+                return await fn(request)
+            except HTTPError as err:
+                return error_response(err)
+            except RequestError as err:
+                return error_response(_bad(str(err)))
+
+        return wrapped
+
+    async def read_json(request: Request) -> dict:
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+            raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+        try:
+            body = json.loads(raw.decode("utf-8"), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not JSON")))
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise _bad(f"the body is not valid JSON: {str(err)[:200]}") from None
+        if not isinstance(body, dict):
+            raise _bad("the body must be a JSON object")
+        return body
+
+    def check_model(body: dict) -> None:
+        m = body.get("model")
+        if not isinstance(m, str):
+            raise _bad("'model' must be a string", "model")
+        if m != model_name:
+            raise HTTPError(404, f"model {m[:100]!r} does not exist; this server serves {model_name!r}", param="model", code="model_not_found")
+
+    def generation_args(body: dict, prompt_len: int) -> dict:
+        """Sampling and limits from an OpenAI request body, checked."""
+        def number(name, default, lo, hi, *, integer=False, lo_open=False):
+            v = body.get(name)
+            if v is None:
+                return default
+            ok = (isinstance(v, int) if integer else isinstance(v, (int, float))) and not isinstance(v, bool)
+            if not ok or (not integer and not math.isfinite(v)) or v < lo or v > hi or (lo_open and v == lo):
+                raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'} in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}"[:300], name)
+            return v
+
+        for unsupported in ("logprobs", "top_logprobs", "tools", "functions", "response_format", "logit_bias"):
+            v = body.get(unsupported)
+            if v not in (None, False) and not (unsupported == "response_format" and v == {"type": "text"}):
+                raise _bad(f"'{unsupported}' is not supported by this server", unsupported)
+        if number("n", 1, 1, 1, integer=True) != 1:
+            raise _bad("'n' must be 1", "n")
+        context = session.max_seq_len
+        if prompt_len >= context:
+            raise HTTPError(413, f"the prompt has {prompt_len} tokens; this model's context holds {context} (prompt + completion)",
+                            param="messages" if "messages" in body else "prompt", code="context_length_exceeded")
+        limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = number(limit_name, context - prompt_len, 1, context, integer=True)
+        stop = body.get("stop")
+        if stop is not None:
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop):
+                raise _bad("'stop' must be a string or a list of at most 16 non-empty strings of at most 256 characters", "stop")
+        seed = number("seed", None, 0, 2**63 - 1, integer=True)
+        sampling = SamplingParams(
+            temperature=float(number("temperature", 1.0, 0.0, 2.0)),
+            top_p=float(number("top_p", 1.0, 0.0, 1.0, lo_open=True)),
+            top_k=int(number("top_k", 0, 0, session.vocab_size, integer=True)),
+            repetition_penalty=float(number("repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)),
+            seed=seed,
+        )
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _bad("'stream' must be a boolean", "stream")
+        opts = body.get("stream_options")
+        if opts is not None and (not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool)):
+            raise _bad("'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
+        return {"max_new_tokens": max_tokens, "sampling": sampling, "stop": stop, "ignore_eos": ignore_eos,
+                "stream": stream, "include_usage": bool(opts and opts.get("include_usage"))}
+
+    def prompt_ids(body: dict) -> list[int]:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]  # a batch of one
+        if isinstance(p, str):
+            if len(p) > MAX_TEXT_CHARS:
+                raise HTTPError(413, f"'prompt' is over {MAX_TEXT_CHARS} characters", param="prompt", code="context_length_exceeded")
+            if session.tokenizer is None:
+                raise _bad("this model has no tokenizer: send 'prompt' as a list of token ids", "prompt")
+            ids = session.encode_prompt(p)
+        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if len(p) > session.max_seq_len:
+                raise HTTPError(413, f"the prompt has {len(p)} tokens; this model's context holds {session.max_seq_len}",
+                                param="prompt", code="context_length_exceeded")
+            bad = next((t for t in p if not 0 <= t < session.vocab_size), None)
+            if bad is not None:
+                raise _bad(f"token id {bad} is outside [0, {session.vocab_size})", "prompt")
+            ids = list(p)
+        else:
+            raise _bad("'prompt' must be a string, or a list of token ids (one prompt per request)", "prompt")
+        if not ids:
+            raise _bad("'prompt' is empty", "prompt")
+        return ids
+
+    def chat_ids(body: dict) -> list[int]:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise _bad("'messages' must be a non-empty list", "messages")
+        if len(msgs) > MAX_MESSAGES:
+            raise _bad(f"'messages' holds at most {MAX_MESSAGES} messages", "messages")
+        clean = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise _bad(f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+            c = m.get("content")
+            if isinstance(c, list):  # content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
+                    raise _bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+                c = "".join(p["text"] for p in c)
+            if not isinstance(c, str):
+                raise _bad(f"messages[{i}].content must be a string", f"messages[{i}].content")
+            if len(c) > MAX_TEXT_CHARS:
+                raise HTTPError(413, f"messages[{i}].content is over {MAX_TEXT_CHARS} characters", param=f"messages[{i}].content",
+                                code="context_length_exceeded")
+            clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": c})
+        if session.tokenizer is None or not session.tokenizer.chat_template:
+            raise _bad("this model has no chat template: use /v1/completions", "messages")
+        return session.tokenizer.encode_chat(clean)
+
+    def submit(ids: list[int], args: dict, loop: asyncio.AbstractEventLoop):
+        """(engine request, asyncio queue of its events)."""
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_event(ev: Event) -> None:  # engine thread
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        try:
+            req = engine.submit(ids, on_event, max_new_tokens=args["max_new_tokens"], sampling=args["sampling"],
+                                stop=args["stop"], ignore_eos=args["ignore_eos"])
+        except QueueFullError as err:
+            raise HTTPError(429, str(err), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except ShuttingDownError as err:
+            raise HTTPError(503, str(err), kind="server_error", code="shutting_down", headers={"Retry-After": "5"}) from None
+        return req, events
+
+    async def collect(request: Request, req, events: asyncio.Queue) -> tuple[str, str, int]:
+        """Wait for the whole completion, cancelling it if the client goes away."""
+        async def client_gone():
+            while True:
+                msg = await request.receive()
+                if msg["type"] == "http.disconnect":
+                    return
+
+        gone = asyncio.ensure_future(client_gone())
+        texts = []
+        try:
+            while True:
+                get = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    get.cancel()
+                    engine.cancel(req)
+                    raise asyncio.CancelledError
+                ev = get.result()
+                if ev.kind == "token":
+                    texts.append(ev.text)
+                elif ev.kind == "error":
+                    raise HTTPError(500, f"generation failed: {ev.error}", kind="server_error")
+                else:
+                    return "".join(texts), ev.finish, req.completion_tokens
+        finally:
+            gone.cancel()
+
+    def finish_reason(f: str | None) -> str:
+        return "length" if f == "length" else "stop"
+
+    def usage(req) -> dict:
+        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
+                "total_tokens": req.prompt_tokens + req.completion_tokens}
+
+    async def run(request: Request, body: dict, ids: list[int], chat: bool):
+        args = generation_args(body, len(ids))
+        loop = asyncio.get_running_loop()
+        req, events = submit(ids, args, loop)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        obj = "chat.completion" if chat else "text_completion"
+        now = int(time.time())
+        if not args["stream"]:
+            try:
+                text, finish, _ = await collect(request, req, events)
+            except asyncio.CancelledError:
+                return PlainTextResponse("", status_code=499)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(finish)} if chat
+                      else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(finish)})
+            return JSONResponse({"id": rid, "object": obj, "created": now, "model": model_name, "choices": [choice], "usage": usage(req)})
+
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: dict | None = None, text: str | None = None, finish: str | None = None, **extra) -> bytes:
+            if chat:
+                choices = [{"index": 0, "delta": delta or {}, "finish_reason": finish}]
+            else:
+                choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+            body = {"id": rid, "object": chunk_obj, "created": now, "model": model_name, "choices": choices, **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+        async def sse():
+            finished = False
+            try:
+                if chat:
+                    yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    ev = await events.get()
+                    if ev.kind == "token":
+                        if ev.text:
+                            yield chunk({"content": ev.text}, ev.text)
+                    elif ev.kind == "error":
+                        err = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None, "code": None}}
+                        yield f"data: {json.dumps(err)}\n\n".encode()
+                        finished = True
+                        break
+                    else:
+                        yield chunk(finish=finish_reason(ev.finish))
+                        if args["include_usage"]:
+                            body = {"id": rid, "object": chunk_obj, "created": now, "model": model_name, "choices": [], "usage": usage(req)}
+                            yield f"data: {json.dumps(body)}\n\n".encode()
+                        finished = True
+                        break
+                yield b"data: [DONE]\n\n"
+            finally:
+                if not finished:  # the client went away (or the server is stopping): free the request's pages now
+                    engine.cancel(req)
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @handler
+    async def completions(request: Request):
+        body = await read_json(request)
+        check_model(body)
+        return await run(request, body, prompt_ids(body), chat=False)
+
+    @handler
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        check_model(body)
+        return await run(request, body, chat_ids(body), chat=True)
+
+    @handler
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "kiln",
+                                                         "max_model_len": session.max_seq_len}]})
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(request: Request):
+        return PlainTextResponse(prometheus_text(engine), media_type="text/plain; version=0.0.4")
+
+    async def not_found(request: Request, exc):
+        return error_response(HTTPError(404, f"no route {request.url.path[:100]}", code="not_found"))
+
+    async def method_not_allowed(request: Request, exc):
+        return error_response(HTTPError(405, f"{request.method} is not allowed on {request.url.path[:100]}"))
+
+    from contextlib import asynccontextmanager  # noqa: PLC0415
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, engine.stop, grace)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: method_not_allowed})
+
+
+def prometheus_text(engine: Engine) -> str:
+    st = engine.stats()
+    lines = []
+
+    def metric(name: str, kind: str, help_: str, value, labels: str = "") -> None:
+        lines.append(f"# HELP kiln_{name} {help_}")
+        lines.append(f"# TYPE kiln_{name} {kind}")
+        lines.append(f"kiln_{name}{labels} {value}")
+
+    metric("requests_total", "counter", "requests accepted", st.get("requests", 0))
+    lines.append("# HELP kiln_requests_finished_total requests finished, by outcome")
+    lines.append("# TYPE kiln_requests_finished_total counter")
+    for outcome in ("completed", "cancelled", "failed"):
+        lines.append(f'kiln_requests_finished_total{{outcome="{outcome}"}} {st.get(f"requests_{outcome}", 0)}')
+    metric("requests_rejected_total", "counter", "requests refused because the queue was full", st.get("rejected_queue_full", 0))
+    metric("queue_depth", "gauge", "requests waiting to start", st["waiting"])
+    metric("running", "gauge", "requests in the running batch", st["running"])
+    metric("max_batch", "gauge", "sequences the engine runs at once", st["max_batch"])
+    metric("sequences_open", "gauge", "sequences holding KV cache pages", st["sequences_open"])
+    metric("threads", "gauge", "threads in the server process", threading.active_count())
+    metric("prompt_tokens_total", "counter", "prompt tokens prefilled", st.get("prompt_tokens", 0))
+    metric("completion_tokens_total", "counter", "tokens generated", st.get("completion_tokens", 0))
+    for name, h, help_ in (("time_to_first_token_seconds", engine.ttft, "arrival to first token"),
+                           ("inter_token_latency_seconds", engine.itl, "time between tokens of a request")):
+        lines.append(f"# HELP kiln_{name} {help_}")
+        lines.append(f"# TYPE kiln_{name} histogram")
+        cum = 0
+        for b, c in zip([*h.bounds, "+Inf"], h.counts):
+            cum += c
+            lines.append(f'kiln_{name}_bucket{{le="{b}"}} {cum}')
+        lines.append(f"kiln_{name}_sum {h.sum:.6f}")
+        lines.append(f"kiln_{name}_count {h.n}")
+    return "\n".join(lines) + "\n"
+
+
+def _server_class():
+    import contextlib  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    import uvicorn  # noqa: PLC0415
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its graceful shutdown (the process then
+        dies of the signal); a server asked to stop that stopped cleanly exits 0.
+        A second signal forces the exit."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            def on_signal(signum, frame):
+                if self.should_exit:
+                    self.force_exit = True
+                self.should_exit = True
+
+            prev = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for sig, h in prev.items():
+                    signal.signal(sig, h)
+
+    return Server
+
+
+def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, max_batch: int = 8,
+          max_queue: int = 256, api_key: str | None = None, device: str = "cpu", random_weights: bool = False,
+          max_seq_len: int | None = None, threads: int | None = None, grace: float = 10.0, on_ready=None) -> int:
+    """Load the artifact, start the engine and serve until SIGTERM / SIGINT; returns the exit code."""
+    import socket  # noqa: PLC0415
+
+    try:
+        import uvicorn  # noqa: PLC0415
+    except ImportError:
+        raise KilnError("kiln serve needs starlette and uvicorn: pip install 'kiln[serve]'") from None
+    from .session import load  # noqa: PLC0415
+
+    _Server = _server_class()
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise RequestError(f"--port must be in [0, 65535], got {port!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
+        raise RequestError(f"--max-batch must be an integer in [1, 1024], got {max_batch!r}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # connections made before the app is up wait in the backlog
+    except OSError as err:
+        sock.close()
+        raise KilnError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    s = load(artifact, device=device, max_seq_len=max_seq_len, threads=threads, random_weights=random_weights, max_sequences=max_batch)
+    name = model_name or s.artifact.path.name.removesuffix(".kiln")
+    engine = Engine(s, max_queue=max_queue)
+    app = create_app(engine, model_name=name, api_key=api_key, grace=grace)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=max(grace, 1), lifespan="on")
+    server = _Server(config)
+    bound = sock.getsockname()
+    print(f"kiln: serving {name} on http://{bound[0]}:{bound[1]} (max batch {max_batch}, context {s.max_seq_len})", flush=True)
+    if on_ready is not None:
+        on_ready(bound)
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,298 @@
+"""`kiln serve` (issue 12): a live server on 127.0.0.1, started as a user
+would (`python -m kiln.cli serve`), driven by the real `openai` client and by
+raw HTTP for the error statuses. The reference is the runtime's own
+Session.generate on the same artifact (what `kiln run` prints)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from helpers.models import make_tiny_checkpoint
+from helpers.processes import compile_artifact, subprocess_env
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+PROMPTS = ["hello world", "the kiln fires", "abc", "one two three four", "zzz", "a", "serving tests", "xyz 123"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    model = make_tiny_checkpoint(root / "model", writer="numpy")
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHAT_TEMPLATE}))
+    return compile_artifact(model, root / "tiny.kiln")
+
+
+class Server:
+    def __init__(self, artifact: Path, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(artifact), "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+        line = self.proc.stdout.readline()
+        m = re.search(r"on http://([\d.]+):(\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise AssertionError(f"server did not start: {line!r} {self.proc.stderr.read()[-2000:]}")
+        self.url = f"http://{m.group(1)}:{m.group(2)}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if self.get("/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="-", max_retries=0, timeout=60)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read(), r.headers
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), e.headers
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def post(self, path: str, obj) -> tuple[int, dict, dict]:
+        status, raw, headers = self.request("POST", path, obj if isinstance(obj, bytes) else json.dumps(obj).encode())
+        return status, json.loads(raw) if raw else {}, headers
+
+    def metrics(self) -> dict[str, float]:
+        text = self.get("/metrics")[1].decode()
+        return {k: float(v) for k, v in re.findall(r"^(kiln_[\w{}=\"]+) ([\d.e+-]+)$", text, re.M)}
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    s = Server(artifact, "--max-batch", "4", "--model-name", "tiny")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def reference(artifact):
+    from kiln.runtime import SamplingParams, load  # noqa: PLC0415
+
+    session = load(artifact)
+
+    def generate(ids: list[int], n: int, ignore_eos: bool = False) -> str:
+        return session.generate(ids, max_new_tokens=n, sampling=SamplingParams(temperature=0), ignore_eos=ignore_eos).text
+
+    return session, generate
+
+
+def test_concurrent_greedy_requests_equal_the_runtime_token_for_token(server, reference):
+    """8 requests at once through a batch of 4: each text equals generate() alone."""
+    session, generate = reference
+
+    def one(prompt: str):
+        r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+        return r.choices[0].text, r.usage
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, PROMPTS))
+    for prompt, (text, usage) in zip(PROMPTS, got):
+        ids = session.encode_prompt(prompt)
+        assert text == generate(ids, 24), prompt
+        assert usage.prompt_tokens == len(ids) and 1 <= usage.completion_tokens <= 24
+
+
+def test_batching_does_not_change_greedy_tokens(artifact, reference):
+    """One request alone, and the same request among 31 others in a batch of 32."""
+    session, generate = reference
+    s = Server(artifact, "--max-batch", "32", "--model-name", "tiny")
+    try:
+        ids = session.encode_prompt("batch invariance")
+        alone = s.client.completions.create(model="tiny", prompt=ids, max_tokens=32, temperature=0, extra_body={"ignore_eos": True})
+        with ThreadPoolExecutor(32) as pool:
+            futs = [pool.submit(s.client.completions.create, model="tiny", prompt=ids if i == 7 else PROMPTS[i % len(PROMPTS)],
+                                max_tokens=32, temperature=0, extra_body={"ignore_eos": True}) for i in range(32)]
+            crowd = [f.result() for f in futs]
+        assert crowd[7].choices[0].text == alone.choices[0].text == generate(ids, 32, ignore_eos=True)
+        assert alone.usage.completion_tokens == crowd[7].usage.completion_tokens == 32
+    finally:
+        assert s.stop() == 0
+
+
+def test_chat_and_streaming_equal_non_streaming(server, reference):
+    session, generate = reference
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    full = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0)
+    ids = session.tokenizer.encode_chat(msgs)
+    assert full.choices[0].message.content == generate(ids, 20)
+    assert full.choices[0].message.role == "assistant" and full.usage.prompt_tokens == len(ids)
+    chunks = list(server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0, stream=True,
+                                                        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    comp = "".join(c.choices[0].text for c in server.client.completions.create(model="tiny", prompt="stream me", max_tokens=16,
+                                                                                temperature=0, stream=True))
+    assert comp == server.client.completions.create(model="tiny", prompt="stream me", max_tokens=16, temperature=0).choices[0].text
+
+
+def test_sampling_is_seeded_and_stop_strings_cut(server):
+    a = server.client.completions.create(model="tiny", prompt="seeded", max_tokens=16, temperature=0.9, top_p=0.9, seed=5)
+    b = server.client.completions.create(model="tiny", prompt="seeded", max_tokens=16, temperature=0.9, top_p=0.9, seed=5)
+    assert a.choices[0].text == b.choices[0].text
+    full = server.client.completions.create(model="tiny", prompt="hello world", max_tokens=24, temperature=0).choices[0].text
+    stop = full[3:5]
+    cut = server.client.completions.create(model="tiny", prompt="hello world", max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+BAD = [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 10**6]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": None}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/v1/completions", {"model": "tiny", "prompt": list(range(1, 200))}, 413, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "word " * 400}, 413, "prompt"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400, "tools"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_their_status_in_openai_shape(server, path, body, status, param):
+    got, obj, _ = server.post(path, body)
+    assert got == status, obj
+    assert set(obj["error"]) >= {"message", "type", "param", "code"} and obj["error"]["message"]
+    assert obj["error"]["param"] == param
+
+
+def test_body_over_the_limit_and_unknown_routes(server):
+    status, obj, _ = server.post("/v1/completions", b'{"model": "tiny", "prompt": "' + b"x" * (1 << 20) + b'"}')
+    assert status == 413 and obj["error"]["code"] == "body_too_large"
+    assert server.get("/v1/nothing")[0] == 404
+    assert server.request("GET", "/v1/completions")[0] == 405
+    assert server.get("/health")[0] == 200
+    models = server.client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+
+
+def test_api_key_is_required_when_set(artifact):
+    s = Server(artifact, "--api-key", "sekrit", "--model-name", "tiny")
+    try:
+        status, obj, _ = s.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert status == 401 and obj["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            s.client.completions.create(model="tiny", prompt="x", max_tokens=2)
+        ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sekrit", max_retries=0)
+        assert ok.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+        assert s.get("/health")[0] == 200  # health and metrics stay open for probes
+    finally:
+        assert s.stop() == 0
+
+
+def test_full_queue_is_429_with_retry_after(artifact):
+    s = Server(artifact, "--max-batch", "1", "--max-queue", "1", "--model-name", "tiny")
+    try:
+        body = {"model": "tiny", "prompt": "long", "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: s.post("/v1/completions", body), range(8)))
+        statuses = sorted(r[0] for r in results)
+        assert 200 in statuses and 429 in statuses, statuses
+        refused = next(r for r in results if r[0] == 429)
+        assert refused[2].get("Retry-After") == "1" and refused[1]["error"]["type"] == "rate_limit_error"
+        assert s.metrics()["kiln_requests_rejected_total"] == statuses.count(429)
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_client_that_disconnects_frees_its_sequence(server):
+    before = server.metrics()
+    stream = server.client.completions.create(model="tiny", prompt="go on", max_tokens=127 - 3, temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()  # the connection goes away mid-generation
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = server.metrics()
+        if m['kiln_requests_finished_total{outcome="cancelled"}'] > before['kiln_requests_finished_total{outcome="cancelled"}']:
+            break
+        time.sleep(0.05)
+    assert m['kiln_requests_finished_total{outcome="cancelled"}'] == before['kiln_requests_finished_total{outcome="cancelled"}'] + 1
+    assert m["kiln_sequences_open"] == 0 and m["kiln_running"] == 0
+
+
+def test_sigterm_lets_running_requests_finish_and_exits_0(artifact):
+    s = Server(artifact, "--model-name", "tiny", "--grace", "30")
+    out = {}
+
+    def long_request():
+        out["r"] = s.client.completions.create(model="tiny", prompt="finish me", max_tokens=100, temperature=0,
+                                               extra_body={"ignore_eos": True})
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.3)
+    assert s.stop() == 0
+    t.join(timeout=30)
+    assert out["r"].usage.completion_tokens == 100
+
+
+def test_soak_of_mixed_requests_leaves_nothing_behind(server):
+    threads_before = server.metrics()["kiln_threads"]
+    rng = __import__("random").Random(3)
+
+    def one(i: int):
+        kind = i % 4
+        if kind == 0:
+            return server.client.completions.create(model="tiny", prompt=PROMPTS[i % 8], max_tokens=rng.randint(1, 40), temperature=0)
+        if kind == 1:
+            return list(server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[i % 8]}],
+                                                              max_tokens=16, temperature=0.7, seed=i, stream=True))
+        if kind == 2:
+            st = server.client.completions.create(model="tiny", prompt="cut", max_tokens=60, stream=True, extra_body={"ignore_eos": True})
+            next(iter(st))
+            st.close()
+            return None
+        return server.post("/v1/completions", {"model": "tiny", "prompt": "x", "n": 3})
+
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(one, range(300)))
+    deadline = time.time() + 10
+    while time.time() < deadline and (server.metrics()["kiln_running"] or server.metrics()["kiln_sequences_open"]):
+        time.sleep(0.05)
+    m = server.metrics()
+    assert m["kiln_running"] == 0 and m["kiln_sequences_open"] == 0 and m["kiln_queue_depth"] == 0
+    assert m["kiln_threads"] <= threads_before + 2
