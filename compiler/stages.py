@@ -94,6 +94,7 @@ def export_graphs(m, page_size: int):
             kv_factory = functools.partial(CpuPagedKVCache if tg.kind == "llvm" else CudaPagedKVCache, kernel_page_size=page_size)
             lm = m.family(m.config, m.precision(tg), kv_cache_factory=kv_factory,
                           kv_quant=QuantKV(m.kv_fmt, page_size, tg.kind) if m.kv_fmt is not None else None)
+            lm.batch_decode = tg.kind == "llvm"  # CUDA: decode_batch waits for its kernels (issue 12)
             mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
         mods.append(mod)
     return mods, named_params

@@ -5,7 +5,8 @@ threads, znver3) — 8% of the ~40 GB/s the two cores can read. Decode is a
 chain of GEMVs, so that number is the decode speed. The rules here are
 matched by loop/buffer structure (via dlight's analysis), never by name.
 
-CpuGemv (decode, one token): y[n] = sum_k x[k] * W[n, k] (+ epilogue)
+CpuGemv (decode): y[b, n] = sum_k x[b, k] * W[n, k] (+ epilogue), b = 1 or a batch
+  (decode_batch; the b loop inside the row loop, so W is streamed once per step)
   - rows n split into tasks of `rows` rows, parallel over tasks;
   - k split into (k_outer, lanes*accumulators); rfactor on the inner part so
     each row keeps `accumulators` vector registers of partial sums
@@ -95,6 +96,46 @@ def _halving_sums(sch, wb) -> list:
         parts.append(part)
 
 
+def _region_buffer(region):
+    """The buffer a block's read region is of (`source` in TVM 0.27, `buffer` before)."""
+    return region.source if hasattr(region, "source") else region.buffer
+
+
+def _batched_gemv_loops(sch, main):
+    """(batch, n, k) loops of y[b, 0, n] = sum_k x[b, 0, k] * W(n, k), x [B, 1, K]
+    with B symbolic or > 1 (one token of each of B sequences: decode_batch), W read
+    through indices of n and k only and x through b and k only, loops in that
+    order; else None."""
+    t = compiler()
+    if [str(i.kind) for i in main.iters] != ["S", "S", "R"]:
+        return None
+    block = sch.get(main.block_rv)
+    loops = sch.get_loops(main.block_rv)
+    if len(loops) != 3 or len(block.reads) != 2:
+        return None
+    b_var, n_var, k_var = (iv.var for iv in block.iter_vars)
+
+    def uses(region) -> set:
+        names = set()
+        for rng in region.region:
+            names |= {v.name for v in t.tirx.analysis.undefined_vars(rng.min)}
+        return names
+
+    a, w = (uses(r) for r in block.reads)
+    x_buf = _region_buffer(block.reads[0])
+    b, n, k = b_var.name, n_var.name, k_var.name
+    if n in a:
+        a, w = w, a
+        x_buf = _region_buffer(block.reads[1])
+    if not (k in a and k in w and n in w and w <= {n, k} and b in a and a <= {b, k}):
+        return None
+    # rows of independent sequences, x [B, 1, K]; a prompt's rows, x [1, s, K], are a GEMM (CpuMatmul)
+    shape = [int(d) if isinstance(d, t.tirx.IntImm) else None for d in x_buf.shape]
+    if len(shape) != 3 or shape[1] != 1 or shape[0] == 1:
+        return None
+    return tuple(loops)
+
+
 class CpuGemv:
     """Decode GEMV: one output row per dot product, vectorised reduction, parallel rows."""
 
@@ -119,11 +160,18 @@ class CpuGemv:
         if parts is None:
             return None
         main, epilogue = parts
-        if len(main.iters) not in (2, 3) or is_gemv(sch, main) is None:
-            return None
-        if normalize(sch, main) is not True:  # only inner (contiguous-k) reduction
+        if len(main.iters) not in (2, 3):
             return None
         block = main.block_rv
+        if is_gemv(sch, main) is None:
+            # dlight's analysis takes no symbolic batch: decode_batch's [B, 1, K] x [N, K]
+            loops = _batched_gemv_loops(sch, main)
+            if loops is None:
+                return None
+            batch, s, r = loops
+            c = sch.add_unit_loop(block)
+        elif normalize(sch, main) is not True:  # only inner (contiguous-k) reduction
+            return None
         batch, s, r, c = sch.get_loops(block)
         if _int_extent(sch, c) not in (None, 1):
             # packed 4-bit weights: normalize splits k by the 8 codes of a uint32 word
@@ -133,8 +181,13 @@ class CpuGemv:
             batch, s, r, c = sch.get_loops(block)
         k = _int_extent(sch, r)
         n = _int_extent(sch, s)
-        if k is None or n is None or _int_extent(sch, c) != 1 or _int_extent(sch, batch) != 1:
+        if k is None or n is None or _int_extent(sch, c) != 1:
             return None
+        # batched decode (decode_batch: [B, 1, K] x [N, K], B symbolic): the batch loop
+        # goes inside the row loop, so a task streams its rows of W from memory once
+        # (the other rows b read them from L1) and every (b, n) is reduced exactly as
+        # the B = 1 GEMV reduces n: a sequence's logits never depend on its batch
+        batched = _int_extent(sch, batch) != 1
         # The rfactor write-back sums each row's lanes x accumulators partial sums one
         # by one, so more partials cost more than the independent FMA chains gain
         # once the loop is memory-bound: 32 per row measured best or level on an
@@ -149,18 +202,26 @@ class CpuGemv:
         rows = self.rows if n % self.rows == 0 else next(d for d in (8, 4, 2, 1) if n % d == 0)
         so, si = sch.split(s, [None, rows])
         if inner == 1:  # odd K: a serial dot per row (rfactor over a unit loop does not schedule)
+            if batched:
+                sch.reorder(so, si, batch)
             if epilogue is not None:
-                sch.reverse_compute_at(epilogue.block_rv, si)
+                sch.reverse_compute_at(epilogue.block_rv, batch if batched else si)
             sch.parallel(so)
             return sch
         ro, ri = sch.split(r, [None, inner])
         rf = sch.rfactor(ri, 0)
         # rf block loops: batch, so, si, ro, ri, c ; write-back block: batch, so, si, ri, c
         rf_loops = sch.get_loops(rf)
-        sch.reorder(rf_loops[1], rf_loops[2], rf_loops[3], rf_loops[4])
+        if batched:
+            sch.reorder(rf_loops[1], rf_loops[2], rf_loops[0], rf_loops[3], rf_loops[4])
+        else:
+            sch.reorder(rf_loops[1], rf_loops[2], rf_loops[3], rf_loops[4])
         sch.set_scope(rf, 0, "local")
         wb = sch.get_consumers(rf)[0]
-        parts = _halving_sums(sch, wb) if self.tree else []
+        if batched:  # write-back: so, si, batch, ri, c
+            wb_loops = sch.get_loops(wb)
+            sch.reorder(wb_loops[1], wb_loops[2], wb_loops[0])
+        parts = _halving_sums(sch, wb) if self.tree and not batched else []
         for p in reversed(parts):  # consumers first: each lands under the row loop before its consumer
             sch.compute_at(p, sch.get_loops(wb)[2])
         sch.compute_at(rf, sch.get_loops(wb)[2])

@@ -11,9 +11,9 @@ Each step of the loop:
   5. deliver tokens and text to each request's `on_event` and retire the
      finished ones.
 A new request waits at most one step to start; none waits behind a later
-one. Today the model runs one sequence per call inside a step (the artifact's
-decode is batch 1): steps interleave requests fairly; batched decode kernels
-make a step one call for all of them (issue 12, next).
+one. The decode of a step is one model call for all running requests where
+the artifact has decode_batch (CPU artifacts with TVM's paged cache), one call
+per request otherwise; prefill chunks are calls of their own.
 
 Thread safety: submit / cancel / stats may be called from any thread; the
 Session is touched only by the engine thread. Events are delivered on the
@@ -222,34 +222,27 @@ class Engine:
             self._decode(decoding)
 
     def _decode(self, reqs: list[Request]) -> None:
+        """One decode call for every request past its prompt: the device picks the
+        tokens when all are greedy, else the logits rows come back for the samplers
+        (a greedy request's sampler takes the argmax of the same row)."""
         s = self.session
-        greedy = [r for r in reqs if r.gen.greedy]
-        sampled = [r for r in reqs if not r.gen.greedy]
-        if greedy:
-            try:
-                ids = s.decode_greedy([r.seq for r in greedy], [r.next_token for r in greedy])
-            except KilnError as err:
-                for r in greedy:
-                    self._fail(r, err)
+        seqs, toks = [r.seq for r in reqs], [r.next_token for r in reqs]
+        try:
+            if all(r.gen.greedy for r in reqs):
+                picked, rows = s.decode_greedy(seqs, toks), None
             else:
-                for r, tok in zip(greedy, ids):
-                    r.next_token = tok
-                    self._deliver(r)
-        if sampled:
+                picked, rows = None, s.decode_step(seqs, toks).reshape(len(reqs), -1)
+        except KilnError as err:
+            for r in reqs:
+                self._fail(r, err)
+            return
+        for i, r in enumerate(reqs):
             try:
-                rows = s.decode_step([r.seq for r in sampled], [r.next_token for r in sampled])
+                r.next_token = picked[i] if picked is not None else r.gen.sample(rows[i])
             except KilnError as err:
-                for r in sampled:
-                    self._fail(r, err)
-                return
-            rows = rows.reshape(len(sampled), -1)
-            for r, row in zip(sampled, rows):
-                try:
-                    r.next_token = r.gen.sample(row)
-                except KilnError as err:
-                    self._fail(r, err)
-                    continue
-                self._deliver(r)
+                self._fail(r, err)
+                continue
+            self._deliver(r)
 
     def _deliver(self, r: Request) -> None:
         """Accept r.next_token into r's generation; emit its text; retire r when done."""

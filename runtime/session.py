@@ -114,6 +114,9 @@ class Session:
             self._kv = PagedKVCache(self._vm, rt, self.max_seq_len, int(kv["page_size"]), self.prefill_chunk, max_sequences)
         self._lengths: dict[int, int] = {}  # open sequence id -> tokens in its KV cache
         self._embed, self._prefill, self._decode = self._vm["embed"], self._vm["prefill"], self._vm["decode"]
+        # one call for a decode step of several sequences (artifacts with TVM's paged cache on CPU);
+        # without it (older artifacts, kiln's quantized cache, CUDA for now) one call per sequence
+        self._decode_batch = _vm_function(self._vm, "decode_batch") if isinstance(self._kv, PagedKVCache) else None
         self._one_token = self._tensor(np.zeros(1, dtype=np.int32))
         self.tokenizer = None
         tm = m.get("tokenizer")
@@ -175,9 +178,12 @@ class Session:
     def decode_step(self, seqs: list[int], tokens: list[int]) -> np.ndarray:
         """Feed tokens[i] to open sequence seqs[i] (each once per step); returns
         float32 logits [len(seqs), vocab], row i for seqs[i], for a host sampler.
-        Batched decode arrives with issue 12; today one call per sequence inside.
+        Several sequences run as one decode_batch call where the artifact has it
+        (row i is bit-identical to decoding seqs[i] alone), else one call each.
         Every sequence and token is checked before any runs."""
         self._check_decode(seqs, tokens)
+        if len(seqs) > 1 and self._decode_batch is not None:
+            return self._decode_many(seqs, tokens)[0].numpy()[:, 0]
         rows = [self._decode_one(seq, tok)[0].numpy()[:, 0] for seq, tok in zip(seqs, tokens)]  # each [1, vocab]
         if len(rows) == 1:
             return rows[0]
@@ -188,6 +194,11 @@ class Session:
         device: 8 bytes per sequence come back instead of a logits row (0.5 MB
         for a 128k vocabulary). Raises NonFiniteLogitsError on NaN/Inf logits."""
         self._check_decode(seqs, tokens)
+        if len(seqs) > 1 and self._decode_batch is not None:
+            picked = self._decode_many(seqs, tokens)[1].numpy()  # [B, 2]
+            if not picked[:, 1].all():
+                raise NonFiniteLogitsError("the model produced NaN/Inf logits; refusing to sample")
+            return [int(x) for x in picked[:, 0]]
         out = []
         for seq, tok in zip(seqs, tokens):
             best, finite = self._decode_one(seq, tok)[1].numpy()
@@ -294,6 +305,16 @@ class Session:
         self._lengths[seq] += 1
         return out[0], out[1]
 
+    def _decode_many(self, seqs: list[int], tokens: list[int]):
+        """One decode_batch call for checked (seqs, tokens); returns the device tensors
+        (logits  # [B, 1, vocab] float32, greedy  # [B, 2] int32: argmax, all-finite)."""
+        self._kv.begin(list(seqs), [1] * len(seqs))
+        out = self._decode_batch(self._tensor(np.asarray(tokens, dtype=np.int32)), *self._kv.args(), self.params)
+        self._kv.end()
+        for seq in seqs:
+            self._lengths[seq] += 1
+        return out[0], out[1]
+
     def _check_tokens(self, ids) -> list[int]:
         return check_tokens(ids, self.vocab_size)
 
@@ -395,6 +416,14 @@ class Session:
                 yield -1, tail
         finally:
             self.remove_sequence(seq)
+
+
+def _vm_function(vm, name: str):
+    """vm[name], or None when the artifact has no such function."""
+    try:
+        return vm[name]
+    except (AttributeError, KeyError, ValueError, RuntimeError):
+        return None
 
 
 def random_weights_for(params: list[dict]) -> list[tuple[dict, np.ndarray]]:

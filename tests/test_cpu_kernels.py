@@ -121,6 +121,39 @@ def test_gemv_uses_the_targets_vector_registers(target):
     assert reg in asm
 
 
+def _batched_matmul_func(n, k, bias=False):
+    """decode_batch's projection: one token of each of B sequences, x [B, 1, K], B symbolic."""
+    bsz = t.tirx.Var("batch_size", "int64")
+    x = te.placeholder((bsz, 1, k), "float32", name="x")
+    w = te.placeholder((n, k), "float32", name="w")
+    r = te.reduce_axis((0, k), name="r")
+    y = te.compute((bsz, 1, n), lambda b, i, j: te.sum(x[b, i, r] * w[j, r], axis=r), name="NT_matmul")
+    args = [x, w]
+    if bias:
+        bvec = te.placeholder((n,), "float32", name="bias")
+        y = te.compute((bsz, 1, n), lambda b, i, j: y[b, i, j] + bvec[j], name="add")
+        args.append(bvec)
+    return te.create_prim_func([*args, y])
+
+
+@pytest.mark.parametrize(("n", "k", "bias"), [(48, 576, True), (24, 40, False), (7, 13, False)])
+def test_batched_gemv_rows_are_the_single_row_gemv_bit_for_bit(target, n, k, bias):
+    """CpuGemv on [B, 1, K] x [N, K] (decode_batch): each row b is reduced exactly as
+    the B = 1 GEMV reduces it, so batching never changes a sequence's numbers."""
+    rng = np.random.default_rng(n + k)
+    batched = _schedule(CpuGemv(), _batched_matmul_func(n, k, bias), target)
+    single = _schedule(CpuGemv(), _nt_matmul_func(1, n, k, bias=bias), target)
+    xs = rng.standard_normal((5, 1, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    extra = [rng.standard_normal(n).astype(np.float32)] if bias else []
+    got = _run(batched, target, [xs, w, *extra], (5, 1, n))
+    for b in range(5):
+        one = _run(single, target, [xs[b : b + 1], w, *extra], (1, 1, n))
+        np.testing.assert_array_equal(got[b], one[0])
+    want = xs.astype(np.float64)[:, 0] @ w.astype(np.float64).T + (extra[0] if bias else 0)
+    np.testing.assert_allclose(got[:, 0], want, **TOL["float32"])
+
+
 def test_gemv_refuses_symbolic_rows(target):
     m = t.tirx.Var("m", "int64")
     assert CpuGemv().apply(_nt_matmul_func(m, 24, 40), target) is None

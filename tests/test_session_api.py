@@ -147,6 +147,39 @@ def test_two_sequences_interleaved_equal_each_alone(session):
         session.remove_sequence(b)
 
 
+def test_batched_decode_rows_are_bit_identical_to_each_alone(session):
+    """decode_step / decode_greedy over three sequences of different lengths (one
+    decode_batch call on TVM's paged cache): every row equals, bit for bit, the
+    row of that sequence decoded alone (the B = 1 decode function) -- batching
+    never changes a request's logits or its greedy tokens."""
+    prompts = [PROMPT_A, PROMPT_B, PROMPT_A[:4]]
+    n = 8
+    alone = [_alone(session, p, n) for p in prompts]
+    seqs = [session.add_sequence() for _ in prompts]
+    try:
+        rows = [[session.prefill(q, p)] for q, p in zip(seqs, prompts)]
+        toks = [[int(r[0].argmax())] for r in rows]
+        for i in range(n - 1):
+            if i % 2:
+                picked = session.decode_greedy(seqs, [t[-1] for t in toks])
+                for t, x in zip(toks, picked):
+                    t.append(x)
+                for r, (_, ref) in zip(rows, alone):
+                    r.append(ref[len(r)])  # the greedy step returns no rows: keep the reference's
+            else:
+                out = session.decode_step(seqs, [t[-1] for t in toks])
+                assert out.shape == (len(seqs), session.vocab_size)
+                for r, t, row in zip(rows, toks, out):
+                    r.append(row)
+                    t.append(int(row.argmax()))
+        for (ref_toks, ref_rows), got_toks, got_rows in zip(alone, toks, rows):
+            assert got_toks == ref_toks
+            np.testing.assert_array_equal(np.stack(got_rows), ref_rows)
+    finally:
+        for q in seqs:
+            session.remove_sequence(q)
+
+
 def test_decode_greedy_matches_generate_across_sequences(session):
     n = 8
     want_a = session.generate(PROMPT_A, max_new_tokens=n, ignore_eos=True).tokens

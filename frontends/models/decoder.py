@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from .hf_names import HFNames
-from .layers import Linear, QWeight, RMSNorm, _precision, _tvm, greedy_pick, matmul_any, nn, op, q_take, take, to_compute
+from .layers import Linear, QWeight, RMSNorm, _precision, _tvm, greedy_pick, greedy_pick_rows, matmul_any, nn, op, q_take, take, to_compute
 
 spec = _tvm.spec
 
@@ -54,6 +54,7 @@ class DecoderLM(HFNames, nn.Module):
     """Embeddings -> N decoder layers -> final norm -> LM head. Subclasses set `layer_cls`."""
 
     layer_cls: type = None  # the family's decoder layer, (config, dtype) -> nn.Module
+    batch_decode: bool = False  # export decode_batch too (the compiler sets it for targets with kernels for it)
 
     def __init__(self, config: ModelConfig, dtype, kv_cache_factory=None, kv_quant=None):
         """dtype: storage dtype string, or a Precision (storage + compute).
@@ -114,6 +115,17 @@ class DecoderLM(HFNames, nn.Module):
         logits = self._project(self._body(h, cache))
         return (logits, greedy_pick(logits, self.config.vocab_size), *self._state(kv_cache, cache))
 
+    def decode_batch(self, input_ids, kv_cache):
+        """One token for each of B sequences in one call (the server's decode
+        step): input_ids [B] -> logits [B, 1, vocab] float32, greedy [B, 2]
+        int32 (argmax, all-finite). Every kernel treats rows independently with
+        the same reduction order as `decode`, so a sequence's logits do not
+        depend on the others in the batch (tests/test_batch_decode.py)."""
+        b = input_ids.shape[0]
+        h = op.reshape(self.embed(input_ids), [b, 1, self.config.hidden_size])
+        logits = self._project(self._body(h, kv_cache))
+        return logits, greedy_pick_rows(logits)
+
     def _rope_args(self) -> dict:
         c = self.config
         rope_scaling = dict(c.rope_scaling or {})
@@ -163,7 +175,9 @@ class DecoderLM(HFNames, nn.Module):
             "decode": {"input_ids": spec.Tensor([1], "int32"), **kv, "$": packed},
         }
         if self.kv_quant is not None:
-            return fns
+            return fns  # kiln's quantized cache runs one sequence per call for now
+        if self.batch_decode:
+            fns["decode_batch"] = {"input_ids": spec.Tensor(["batch_size"], "int32"), **kv, "$": packed}
         return {
             **fns,
             "create_paged_kv_cache": {

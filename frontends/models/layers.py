@@ -112,6 +112,19 @@ def greedy_pick(logits, vocab: int):
     return nn.wrap_nested(r.op.concat([best, r.op.astype(r.op.isfinite(picked), "int32")], axis=0), "greedy_pick")
 
 
+def greedy_pick_rows(logits):
+    """logits  # [B, 1, vocab] float32 -> [B, 2] int32: per row the argmax and 1 if
+    every logit of the row is finite (greedy_pick for a batch; the finite flag is
+    a max over the row: a non-finite value counts as +inf there too)."""
+    r = _tvm.relax
+    x = logits._expr
+    inf = r.const(float("inf"), "float32")
+    y = r.op.where(r.op.isfinite(x), x, inf)
+    best = r.op.astype(r.op.argmax(y, axis=2, keepdims=False), "int32")  # [B, 1]
+    finite = r.op.astype(r.op.isfinite(r.op.max(y, axis=2, keepdims=False)), "int32")  # [B, 1]
+    return nn.wrap_nested(r.op.concat([best, finite], axis=1), "greedy_pick_rows")
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis. The weight
     stays fp32 whatever the artifact dtype (a few KB per layer)."""
