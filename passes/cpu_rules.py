@@ -141,9 +141,12 @@ class CpuGemv:
 
     PARTIALS = 32  # vector lanes x accumulators per row; see apply
 
-    def __init__(self, rows_per_task: int = 16, accumulators: int | None = None, max_lanes: int | None = None, tree: bool = False):
+    def __init__(self, rows_per_task: int = 16, accumulators: int | None = None, max_lanes: int | None = None, tree: bool | None = None):
         self.rows = rows_per_task
-        self.tree = tree  # halving vector adds instead of a serial sum of the partials (experiment)
+        # the write-back of a row's partial sums: halving vector adds (tree) or one serial chain.
+        # None: tree up to 8 lanes (AVX2: decode_batch B=8 +8%, B=1 level), serial on AVX-512
+        # (the tree cost the DRAM-bound lm_head 13-20% on the Xeon); benchmarks/NOTES.md
+        self.tree = tree
         self.acc = accumulators  # None: PARTIALS // lanes (4 on AVX2, 2 on AVX-512)
         self.max_lanes = max_lanes  # narrower vectors than the target's widest (experiments)
 
@@ -221,7 +224,8 @@ class CpuGemv:
         if batched:  # write-back: so, si, batch, ri, c
             wb_loops = sch.get_loops(wb)
             sch.reorder(wb_loops[1], wb_loops[2], wb_loops[0])
-        parts = _halving_sums(sch, wb) if self.tree and not batched else []
+        tree = self.tree if self.tree is not None else widest <= 8
+        parts = _halving_sums(sch, wb) if tree else []
         for p in reversed(parts):  # consumers first: each lands under the row loop before its consumer
             sch.compute_at(p, sch.get_loops(wb)[2])
         sch.compute_at(rf, sch.get_loops(wb)[2])
