@@ -11,7 +11,8 @@ Prompts are random token ids of --input tokens (a different prompt per
 request, the same prompts at every level), --output tokens each (EOS
 ignored). Per request: TTFT (send to first token), inter-token latency (gaps
 between streamed tokens). Per level: output tok/s (all tokens / wall time),
-requests/s, TTFT and ITL p50/p99. The single-stream line is concurrency 1.
+requests/s, TTFT and ITL p50/p99 (the server streams a chunk per token). The
+single-stream line is concurrency 1.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def one_request(host, port, model, prompt, n_out, timeout=600):
         obj = json.loads(line[6:])
         if obj.get("usage"):
             usage = obj["usage"]
-        if obj.get("choices") and obj["choices"][0].get("text"):
-            stamps.append(time.perf_counter())
+        if obj.get("choices") and obj["choices"][0].get("finish_reason") is None:
+            stamps.append(time.perf_counter())  # a chunk per token (its text may be "": no tokenizer, held back)
     conn.close()
     total = time.perf_counter() - t0
     toks = usage["completion_tokens"] if usage else len(stamps)

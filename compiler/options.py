@@ -33,15 +33,18 @@ class CudaOptions:
             ("4": +8-11% over dlight on H100; "8": on par or slower, so dlight)
     graphs  capture static regions of each step into CUDA graphs (off only to
             profile kernels one by one: benchmarks/profile_step.py)
+    decode_batch  export decode_batch (B sequences per call) for CUDA too; off
+            until its kernels are measured (dlight's schedules for now; issue 12)
 
     For experiments, environment variables override these in any compile:
     KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,8,f8 (or empty),
-    KILN_NO_CUDA_GRAPH=1."""
+    KILN_NO_CUDA_GRAPH=1, KILN_CUDA_DECODE_BATCH=0|1."""
 
     gemm: bool = True
     gemv: bool = False
     qgemv: tuple[str, ...] = ("4", "f8")
     graphs: bool = True
+    decode_batch: bool = False
 
     def with_env(self, env=os.environ) -> CudaOptions:
         out = self
@@ -53,6 +56,8 @@ class CudaOptions:
             out = replace(out, qgemv=tuple(k for k in env["KILN_CUDA_QGEMV"].split(",") if k))
         if env.get("KILN_NO_CUDA_GRAPH") == "1":
             out = replace(out, graphs=False)
+        if env.get("KILN_CUDA_DECODE_BATCH") in ("0", "1"):
+            out = replace(out, decode_batch=env["KILN_CUDA_DECODE_BATCH"] == "1")
         return out
 
     def check(self) -> None:

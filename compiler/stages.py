@@ -51,7 +51,7 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
             progress(f"kept float (rows of a length that is not a multiple of 8): {', '.join(unfit[:4])}{' ...' if len(unfit) > 4 else ''}")
 
     progress("convert weights")
-    mods, named_params = export_graphs(m, page_size)
+    mods, named_params = export_graphs(m, page_size, cuda_decode_batch=cuda.decode_batch)
     order = [name for name, _ in named_params]
     param_dtypes = {name: str(p.dtype) for name, p in named_params}  # CPU: norms stay fp32
     if set(order) != set(stored):
@@ -84,7 +84,7 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
     return built
 
 
-def export_graphs(m, page_size: int):
+def export_graphs(m, page_size: int, cuda_decode_batch: bool = False):
     """One Relax module per target (CPU computes in fp32 whatever the storage;
     CUDA in the storage dtype), and the named params (the same for every target)."""
     mods = []
@@ -94,7 +94,7 @@ def export_graphs(m, page_size: int):
             kv_factory = functools.partial(CpuPagedKVCache if tg.kind == "llvm" else CudaPagedKVCache, kernel_page_size=page_size)
             lm = m.family(m.config, m.precision(tg), kv_cache_factory=kv_factory,
                           kv_quant=QuantKV(m.kv_fmt, page_size, tg.kind) if m.kv_fmt is not None else None)
-            lm.batch_decode = tg.kind == "llvm"  # CUDA: decode_batch waits for its kernels (issue 12)
+            lm.batch_decode = tg.kind == "llvm" or cuda_decode_batch  # CUDA: opt-in until measured (issue 12)
             mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
         mods.append(mod)
     return mods, named_params

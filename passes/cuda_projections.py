@@ -19,7 +19,7 @@ DeadCodeElimination later in the pipeline.
     rms_norm(x, g) -> NT_matmul(., W)                   => kiln_rmsnorm_gemv(x, g, W)
     add(r, NT_matmul(a, W))                              => kiln_gemv_residual(a, W, r)
     add(r, NT_matmul(silu(gu[0]) * gu[1], W)), gu=split => kiln_silu_mul_gemv_residual(gu_in, W, r)
-    NT_matmul(a [1, s, K], W)                            => kiln_gemm(a, W)             (s symbolic)
+    NT_matmul(a [1, s, K] | [B, 1, K], W)                => kiln_gemm(a, W)             (s / B symbolic)
     NT_qmatmul / lm_head (a [1, 1, K], q, s[, z])        => kiln_qgemv(a, q, s[, z])    (quantized, decode)
     NT_qmatmul (a [1, s, K], q, s[, z]), 16-bit         => kiln_qgemm(a, q, s[, z])    (quantized, prefill, tensor cores)
     add(r, NT_matmul(a [1, s, K], W))                    => kiln_gemm_residual(a, W, r)
@@ -36,6 +36,12 @@ from ..tvm_compat import compiler
 _t = compiler()
 relax = _t.relax
 tirx = _t.tirx
+
+
+def _is_one(dim) -> bool:
+    """A dimension of 1: a prompt's rows [1, s, K], or decode_batch's [B, 1, K] (the float GEMM
+    takes both: M contiguous rows; the quantized GEMM only the first)."""
+    return isinstance(dim, tirx.IntImm) and int(dim) == 1
 
 
 def _static_shape(expr) -> tuple[int, ...] | None:
@@ -130,7 +136,7 @@ class _Rewriter(relax.PyExprMutator):
         a, w = call.args[1].fields
         sw = _static_shape(w)
         shape = a.ty.shape.values if isinstance(a.ty, relax.TensorType) and a.ty.shape is not None else None
-        if sw is None or shape is None or len(shape) != 3 or _static_shape(a) is not None:
+        if sw is None or shape is None or len(shape) != 3 or not (_is_one(shape[0]) or _is_one(shape[1])) or _static_shape(a) is not None:
             return None
         dt = _dtype(w)
         if _dtype(a) != dt or str(call.ty.dtype) != dt or not gemm_supported(sw[1], dt) or int(shape[2]) != sw[1]:
@@ -148,7 +154,7 @@ class _Rewriter(relax.PyExprMutator):
         a, q, sc = call.args[1].fields[:3]
         shape = a.ty.shape.values if isinstance(a.ty, relax.TensorType) and a.ty.shape is not None else None
         sq, ss = _static_shape(q), _static_shape(sc)
-        if shape is None or len(shape) != 3 or sq is None or len(sq) != 2 or ss is None or len(ss) != 2:
+        if shape is None or len(shape) != 3 or not _is_one(shape[0]) or sq is None or len(sq) != 2 or ss is None or len(ss) != 2:
             return None
         try:
             K = int(shape[2])

@@ -187,7 +187,14 @@ class Engine:
                     if not self._running and not self._waiting:
                         return
                 running = list(self._running)
-            self._step(running)
+            try:
+                self._step(running)
+            except Exception as err:  # noqa: BLE001  (a bug must fail the requests it hit, not hang every client)
+                import traceback  # noqa: PLC0415
+
+                traceback.print_exc()
+                for r in running:
+                    self._fail(r, RuntimeError(f"internal error: {type(err).__name__}: {err}"[:500]))
 
     def _retire_cancelled(self) -> None:  # under the lock
         for r in [r for r in self._waiting if r.cancelled]:

@@ -286,7 +286,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
                 while True:
                     ev = await events.get()
                     if ev.kind == "token":
-                        if ev.text:
+                        # one chunk per token, its text possibly "" (a character or a stop string held
+                        # back; no tokenizer): clients see progress and the token count as it grows
+                        if ev.token >= 0 or ev.text:
                             yield chunk({"content": ev.text}, ev.text)
                     elif ev.kind == "error":
                         err = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None, "code": None}}

@@ -309,8 +309,10 @@ class Session:
         """One decode_batch call for checked (seqs, tokens); returns the device tensors
         (logits  # [B, 1, vocab] float32, greedy  # [B, 2] int32: argmax, all-finite)."""
         self._kv.begin(list(seqs), [1] * len(seqs))
-        out = self._decode_batch(self._tensor(np.asarray(tokens, dtype=np.int32)), *self._kv.args(), self.params)
-        self._kv.end()
+        try:
+            out = self._decode_batch(self._tensor(np.asarray(tokens, dtype=np.int32)), *self._kv.args(), self.params)
+        finally:
+            self._kv.end()
         for seq in seqs:
             self._lengths[seq] += 1
         return out[0], out[1]

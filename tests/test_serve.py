@@ -123,6 +123,7 @@ def test_concurrent_greedy_requests_equal_the_runtime_token_for_token(server, re
         assert usage.prompt_tokens == len(ids) and 1 <= usage.completion_tokens <= 24
 
 
+@pytest.mark.slow
 def test_batching_does_not_change_greedy_tokens(artifact, reference):
     """One request alone, and the same request among 31 others in a batch of 32."""
     session, generate = reference
@@ -270,6 +271,7 @@ def test_sigterm_lets_running_requests_finish_and_exits_0(artifact):
     assert out["r"].usage.completion_tokens == 100
 
 
+@pytest.mark.slow
 def test_soak_of_mixed_requests_leaves_nothing_behind(server):
     threads_before = server.metrics()["kiln_threads"]
     rng = __import__("random").Random(3)
@@ -296,3 +298,39 @@ def test_soak_of_mixed_requests_leaves_nothing_behind(server):
     m = server.metrics()
     assert m["kiln_running"] == 0 and m["kiln_sequences_open"] == 0 and m["kiln_queue_depth"] == 0
     assert m["kiln_threads"] <= threads_before + 2
+
+
+def test_an_unexpected_engine_error_fails_the_request_and_the_engine_goes_on(artifact):
+    """A bug in a step (here: decode raising a plain ValueError) fails the requests
+    it hit with an error event; the engine thread lives on for the next request."""
+    import queue  # noqa: PLC0415
+
+    from kiln.runtime import load  # noqa: PLC0415
+    from kiln.runtime.engine import Engine  # noqa: PLC0415
+
+    session = load(artifact, max_sequences=2)
+    real = session.decode_greedy
+    calls = {"n": 0}
+
+    def flaky(seqs, toks):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("boom")
+        return real(seqs, toks)
+
+    session.decode_greedy = flaky
+    engine = Engine(session).start()
+    try:
+        for want in ("error", "done"):
+            events: queue.Queue = queue.Queue()
+            engine.submit([1, 2, 3], events.put, max_new_tokens=4, ignore_eos=True)
+            while True:
+                ev = events.get(timeout=60)
+                if ev.kind != "token":
+                    break
+            assert ev.kind == want, ev
+            if want == "error":
+                assert "internal error: ValueError: boom" in ev.error
+        assert engine.stats()["sequences_open"] == 0 and session.sequences == []
+    finally:
+        engine.stop()

@@ -2,7 +2,8 @@
 kernels/cuda/gemm.cuh (the pass passes/cuda_projections.py, CudaProjections, puts them
 in the prefill graph in place of kiln's NT_matmul kernels).
 
-    gemm(a, W)         a  # [1, M, K] (M symbolic: the prompt chunk), W  # [N, K] -> [1, M, N]
+    gemm(a, W)         a  # [1, M, K] (the prompt chunk) or [M, 1, K] (decode_batch: one token of
+                       each of M sequences) -- M contiguous rows either way; W  # [N, K] -> like a, N wide
     gemm_residual(a, W, r)  -> r + a @ W^T
 
 Why: TVM 0.27's dlight Matmul rule tensorizes only fp16 (and that segfaults on
@@ -38,15 +39,16 @@ def gemm(K: int, N: int, dtype: str):
     @T.prim_func
     def kiln_gemm(var_a: T.handle, w: T.Buffer((N, K), dtype), var_y: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        M = T.int64()
-        a = T.match_buffer(var_a, (1, M, K), dtype)
-        y = T.match_buffer(var_y, (1, M, N), dtype)
-        for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
+        B = T.int64()
+        S = T.int64()
+        a = T.match_buffer(var_a, (B, S, K), dtype)
+        y = T.match_buffer(var_y, (B, S, N), dtype)
+        for by in T.thread_binding((B * S + BM - 1) // BM, thread="blockIdx.y"):
             for bx in T.thread_binding(nb, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     smem = T.alloc_buffer((SMEM_BYTES,), "uint8", scope="shared.dyn")
                     T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(y[0, 0, 0]),
-                                             T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K, smem.access_ptr("rw")))
+                                             T.address_of(y[0, 0, 0]), T.Cast("int32", B * S), N, K, smem.access_ptr("rw")))
 
     return kiln_gemm
 
@@ -57,16 +59,17 @@ def gemm_residual(K: int, N: int, dtype: str):
     @T.prim_func
     def kiln_gemm_residual(var_a: T.handle, w: T.Buffer((N, K), dtype), var_r: T.handle, var_y: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        M = T.int64()
-        a = T.match_buffer(var_a, (1, M, K), dtype)
-        r = T.match_buffer(var_r, (1, M, N), dtype)
-        y = T.match_buffer(var_y, (1, M, N), dtype)
-        for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
+        B = T.int64()
+        S = T.int64()
+        a = T.match_buffer(var_a, (B, S, K), dtype)
+        r = T.match_buffer(var_r, (B, S, N), dtype)
+        y = T.match_buffer(var_y, (B, S, N), dtype)
+        for by in T.thread_binding((B * S + BM - 1) // BM, thread="blockIdx.y"):
             for bx in T.thread_binding(nb, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     smem = T.alloc_buffer((SMEM_BYTES,), "uint8", scope="shared.dyn")
                     T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
-                                             T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K, smem.access_ptr("rw")))
+                                             T.address_of(y[0, 0, 0]), T.Cast("int32", B * S), N, K, smem.access_ptr("rw")))
 
     return kiln_gemm_residual
 
