@@ -20,7 +20,7 @@ PROMPT_A = [5, 17, 99, 3, 150, 42, 7, 201, 64, 11, 90, 33, 120]  # 13 tokens: od
 PROMPT_B = [8, 160, 2, 77, 19, 140, 55]
 
 
-@pytest.fixture(scope="module", params=["paged", "int8"])
+@pytest.fixture(scope="module", params=["paged", pytest.param("int8", marks=pytest.mark.slow)])  # int8: kiln's cache, slow tier
 def art(request, compiled, tiny_checkpoint, tmp_path_factory):
     if request.param == "paged":
         return compiled("llama")
