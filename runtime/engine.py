@@ -105,13 +105,13 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
         self._ids = itertools.count(1)
-        self._stopping = False
+        self._stopping = False  # no new requests
+        self._halt = False  # the loop ends once nothing is left
         self._thread: threading.Thread | None = None
         # metrics (read under the lock)
         self.counters = collections.Counter()  # requests by outcome, tokens
         self.ttft = Histogram(LATENCY_BOUNDS)
         self.itl = Histogram(LATENCY_BOUNDS)
-        self.started_at = time.time()
 
     # --- any thread ----------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -169,8 +169,6 @@ class Engine:
                     "sequences_open": sum(1 for r in self._running if r.seq is not None), **self.counters}
 
     # --- engine thread -------------------------------------------------------------------------------
-    _halt = False
-
     def _loop(self) -> None:
         while True:
             with self._lock:

@@ -32,6 +32,7 @@ import uuid
 
 from ..errors import KilnError, RequestError
 from .engine import Engine, Event, QueueFullError, ShuttingDownError
+from .request import check_tokens
 from .sampler import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20
@@ -166,10 +167,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
             if len(p) > session.max_seq_len:
                 raise HTTPError(413, f"the prompt has {len(p)} tokens; this model's context holds {session.max_seq_len}",
                                 param="prompt", code="context_length_exceeded")
-            bad = next((t for t in p if not 0 <= t < session.vocab_size), None)
-            if bad is not None:
-                raise _bad(f"token id {bad} is outside [0, {session.vocab_size})", "prompt")
-            ids = list(p)
+            try:
+                ids = check_tokens(p, session.vocab_size)
+            except RequestError as err:
+                raise _bad(str(err), "prompt") from None
         else:
             raise _bad("'prompt' must be a string, or a list of token ids (one prompt per request)", "prompt")
         if not ids:

@@ -21,7 +21,7 @@ from ..tvm_compat import runtime
 from .artifact import Artifact, open_artifact, read_weights
 from .dtypes import numpy_dtype
 from .kv_cache import PagedKVCache, QuantKVCache
-from .request import MAX_NEW_TOKENS_LIMIT, Generation, check_tokens
+from .request import Generation, check_tokens
 from .sampler import NonFiniteLogitsError, SamplingParams
 from .tokenizer import Tokenizer
 

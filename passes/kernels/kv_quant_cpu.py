@@ -32,16 +32,6 @@ LOG2E = math.log2(math.e)
 NEG = -1e30
 
 
-def encode_expr(y, fmt: KVFormat):
-    """float32 y (|y| <= qmax) -> a code of fmt.code_dtype (the format's own codec)."""
-    return fmt.tir_encode(y)
-
-
-def decode_expr(code, fmt: KVFormat):
-    """A code -> its float32 value (before the row scale)."""
-    return fmt.tir_decode(code)
-
-
 def kv_append_cpu(kv_heads: int, head_dim: int, page_size: int, fmt: KVFormat, dtype: str):
     """Quantize this call's K and V rows into their page slots (in place)."""
     Hk, D, P, cd = kv_heads, head_dim, page_size, fmt.code_dtype
@@ -79,7 +69,7 @@ def kv_append_cpu(kv_heads: int, head_dim: int, page_size: int, fmt: KVFormat, d
             inv: T.float32 = T.if_then_else(st[0] > T.float32(0), qmax / st[0], T.float32(0))
             scales[layer, page, kv, h, slot] = st[0] / qmax
             for d in T.vectorized(D):
-                pages[layer, page, kv, h, slot, d] = encode_expr(row[d] * inv, fmt)
+                pages[layer, page, kv, h, slot, d] = fmt.tir_encode(row[d] * inv)
 
     return kv_append
 
@@ -128,7 +118,7 @@ def kv_attention_cpu(kv_heads: int, q_heads: int, head_dim: int, page_size: int,
                         acc[l] = T.float32(0)
                     for c in T.serial(D // L):
                         for l in T.vectorized(L):
-                            acc[l] = acc[l] + qv[c * L + l] * decode_expr(pages[layer, page, 0, hk, r, c * L + l], fmt)
+                            acc[l] = acc[l] + qv[c * L + l] * fmt.tir_decode(pages[layer, page, 0, hk, r, c * L + l])
                     sv[r] = T.float32(0)
                     for l in T.serial(L):
                         sv[r] = sv[r] + acc[l]
@@ -143,7 +133,7 @@ def kv_attention_cpu(kv_heads: int, q_heads: int, head_dim: int, page_size: int,
                     st[1] = st[1] + w
                     wv: T.float32 = w * scales[layer, page, 1, hk, r]
                     for d in T.vectorized(D):
-                        ov[d] = ov[d] + wv * decode_expr(pages[layer, page, 1, hk, r, d], fmt)
+                        ov[d] = ov[d] + wv * fmt.tir_decode(pages[layer, page, 1, hk, r, d])
                 st[0] = st[2]
             for d in T.vectorized(D):
                 out[0, i, h, d] = T.Cast(dtype, ov[d] / st[1])

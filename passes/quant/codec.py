@@ -43,6 +43,15 @@ def round_f16(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).astype(np.float16).astype(np.float64)
 
 
+def row_scales(x: np.ndarray, qmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., n] float32 -> (scale [...], 1 / scale [...]) that map each row's
+    maximum magnitude to qmax; an all-zero row gets scale 0 and inverse 0."""
+    amax = np.abs(x).max(axis=-1)
+    scale = (amax / np.float32(qmax)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(qmax) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return scale, inv
+
+
 def fp8_encode(y: np.ndarray) -> np.ndarray:
     """float32 values with |y| <= 448 -> e4m3 codes (uint8), as the kernels do."""
     y = np.asarray(y, dtype=np.float32)

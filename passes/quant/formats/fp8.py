@@ -11,16 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..codec import FP8_MAX, FP8_NAN_CODES, fp8_decode, fp8_encode, tir_fp8_decode
+from ..codec import FP8_MAX, FP8_NAN_CODES, fp8_decode, fp8_encode, row_scales, tir_fp8_decode
 from ..weights import WeightFormat
 
 
 def encode_rows_fp8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x [..., n] float -> (e4m3 codes [..., n], fp32 scales [...]): each row's maximum maps to 448."""
     x = np.asarray(x, dtype=np.float32)
-    amax = np.abs(x).max(axis=-1)
-    scale = (amax / np.float32(FP8_MAX)).astype(np.float32)
-    inv = np.where(amax > 0, np.float32(FP8_MAX) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    scale, inv = row_scales(x, FP8_MAX)
     return fp8_encode(x * inv[..., None]), scale
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..codec import row_scales
 from ..kv import KVFormat
 
 
@@ -13,9 +14,7 @@ from ..kv import KVFormat
 class Int8KV(KVFormat):
     def encode_rows(self, x):
         x = np.asarray(x, dtype=np.float32)
-        amax = np.abs(x).max(axis=-1)
-        scale = (amax / np.float32(self.qmax)).astype(np.float32)
-        inv = np.where(amax > 0, np.float32(self.qmax) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+        scale, inv = row_scales(x, self.qmax)
         return np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8), scale
 
     def tir_encode(self, y):
