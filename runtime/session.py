@@ -113,6 +113,7 @@ class Session:
         else:
             self._kv = PagedKVCache(self._vm, rt, self.max_seq_len, int(kv["page_size"]), self.prefill_chunk, max_sequences)
         self._lengths: dict[int, int] = {}  # open sequence id -> tokens in its KV cache
+        self._advanced: set[int] = set()  # sequences grown by advance(): K/V arbitrary, logits meaningless
         self._embed, self._prefill, self._decode = self._vm["embed"], self._vm["prefill"], self._vm["decode"]
         # one call for a decode step of several sequences (artifacts with TVM's paged cache on CPU);
         # without it (older artifacts, kiln's quantized cache, CUDA for now) one call per sequence
@@ -146,6 +147,7 @@ class Session:
         """Close a sequence and give its KV pages back; its id may be reused."""
         self._length(seq)
         del self._lengths[seq]
+        self._advanced.discard(seq)
         self._kv.remove(seq)
 
     @property
@@ -196,13 +198,13 @@ class Session:
         self._check_decode(seqs, tokens)
         if len(seqs) > 1 and self._decode_batch is not None:
             picked = self._decode_many(seqs, tokens)[1].numpy()  # [B, 2]
-            if not picked[:, 1].all():
+            if not all(ok or q in self._advanced for q, ok in zip(seqs, picked[:, 1])):
                 raise NonFiniteLogitsError("the model produced NaN/Inf logits; refusing to sample")
             return [int(x) for x in picked[:, 0]]
         out = []
         for seq, tok in zip(seqs, tokens):
             best, finite = self._decode_one(seq, tok)[1].numpy()
-            if not finite:
+            if not finite and seq not in self._advanced:
                 raise NonFiniteLogitsError("the model produced NaN/Inf logits; refusing to sample")
             out.append(int(best))
         return out
@@ -211,7 +213,9 @@ class Session:
         """Grow `seq` by n positions without running the model: their K/V hold
         whatever the cache pages held. Only for speed runs at a long context
         (`kiln bench --context`): attention still reads every cached byte, and
-        the prefill that would cost more than the decode being timed is skipped."""
+        the prefill that would cost more than the decode being timed is skipped.
+        Uninitialised pages may hold any bits, NaN included: decode_greedy does not
+        refuse such a sequence's non-finite logits (they mean nothing either way)."""
         have = self._length(seq)
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.max_seq_len - have:
             raise RequestError(f"sequence {seq} holds {have} tokens: it can advance by 0 to {self.max_seq_len - have}, not {n!r}")
@@ -219,6 +223,8 @@ class Session:
             self._kv.begin([seq], [min(self.prefill_chunk, n - s)])
             self._kv.end()
         self._lengths[seq] += n
+        if n:
+            self._advanced.add(seq)
 
     # --- profiling ---------------------------------------------------------
     def set_instrument(self, fn: Callable | None) -> None:
