@@ -19,7 +19,9 @@ DeadCodeElimination later in the pipeline.
     rms_norm(x, g) -> NT_matmul(., W)                   => kiln_rmsnorm_gemv(x, g, W)
     add(r, NT_matmul(a, W))                              => kiln_gemv_residual(a, W, r)
     add(r, NT_matmul(silu(gu[0]) * gu[1], W)), gu=split => kiln_silu_mul_gemv_residual(gu_in, W, r)
-    NT_matmul(a [1, s, K] | [B, 1, K], W)                => kiln_gemm(a, W)             (s / B symbolic)
+    NT_matmul(a [1, s, K], W)                            => kiln_gemm(a, W)             (s symbolic: a prompt)
+    NT_matmul(a [B, 1, K], W), projection or lm_head     => kiln_gemm_rows(a, W)        (B symbolic: decode_batch)
+    add(r, NT_matmul(a [B, 1, K], W))                    => kiln_gemm_rows_residual(a, W, r)
     NT_qmatmul / lm_head (a [1, 1, K], q, s[, z])        => kiln_qgemv(a, q, s[, z])    (quantized, decode)
     NT_qmatmul (a [1, s, K], q, s[, z]), 16-bit         => kiln_qgemm(a, q, s[, z])    (quantized, prefill, tensor cores)
     add(r, NT_matmul(a [1, s, K], W))                    => kiln_gemm_residual(a, W, r)
@@ -27,7 +29,7 @@ DeadCodeElimination later in the pipeline.
 
 from __future__ import annotations
 
-from .kernels.gemm_cuda import gemm, gemm_residual, gemm_supported, qgemm, qgemm_supported
+from .kernels.gemm_cuda import gemm, gemm_residual, gemm_rows, gemm_supported, qgemm, qgemm_supported
 from .kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from .quant import WEIGHT_FORMATS
@@ -129,9 +131,10 @@ class _Rewriter(relax.PyExprMutator):
             return None
         return a, w, sa[2], sw[0]
 
-    def _gemm(self, call):
-        """call = call_tir(<matmul projection>, (a [1, s, K], W [N, K])), s symbolic, 16-bit -> (a, W, K, N)."""
-        if self._kind(call) != ("matmul", "projection") or len(call.args[1].fields) != 2:
+    def _gemm(self, call, role: str = "projection", out: str | None = None):
+        """call = call_tir(<matmul of role>, (a [1, s, K] | [B, 1, K], W [N, K])), s / B symbolic, 16-bit,
+        out in W's dtype (or `out`) -> (a, W, K, N, rows): rows = decode_batch's [B, 1, K]."""
+        if self._kind(call) != ("matmul", role) or len(call.args[1].fields) != 2:
             return None
         a, w = call.args[1].fields
         sw = _static_shape(w)
@@ -139,9 +142,9 @@ class _Rewriter(relax.PyExprMutator):
         if sw is None or shape is None or len(shape) != 3 or not (_is_one(shape[0]) or _is_one(shape[1])) or _static_shape(a) is not None:
             return None
         dt = _dtype(w)
-        if _dtype(a) != dt or str(call.ty.dtype) != dt or not gemm_supported(sw[1], dt) or int(shape[2]) != sw[1]:
+        if _dtype(a) != dt or str(call.ty.dtype) != (out or dt) or not gemm_supported(sw[1], dt) or int(shape[2]) != sw[1]:
             return None
-        return a, w, sw[1], sw[0]
+        return a, w, sw[1], sw[0], _is_one(shape[1])
 
     def _quantized(self, call, roles: tuple[str, ...]):
         """call = call_tir(<qmatmul of one of roles>, (a [1, s, K], q, s[, z])) over a quantized
@@ -234,8 +237,12 @@ class _Rewriter(relax.PyExprMutator):
                 hit = self._gemm(self.an.bound(v)) if self.use_gemm and self.an.single_use(v) else None
                 if hit is None or not _same_shape(r, v):
                     continue
-                a, w, K, N = hit
-                gv = self._func(("gemm_residual", K, N, _dtype(w)), lambda: gemm_residual(K, N, _dtype(w)))
+                a, w, K, N, rows = hit
+                dt = _dtype(w)
+                if rows:
+                    gv = self._func(("gemm_rows_residual", K, N, dt), lambda: gemm_rows(K, N, dt, residual=True))
+                else:
+                    gv = self._func(("gemm_residual", K, N, dt), lambda: gemm_residual(K, N, dt))
                 return relax.call_tir(gv, [a, w, r], v.ty)
         if self.use_gemm and _is_op(call, "relax.call_tir"):
             hit = self._qgemm(call)
@@ -264,8 +271,19 @@ class _Rewriter(relax.PyExprMutator):
                         return relax.call_tir(gv, [x, g, w], relax.TensorType((1, 1, N), dt))
             hit = self._gemm(call) if self.use_gemm else None
             if hit is not None:
-                a, w, K, N = hit
-                gv = self._func(("gemm", K, N, _dtype(w)), lambda: gemm(K, N, _dtype(w)))
+                a, w, K, N, rows = hit
+                dt = _dtype(w)
+                if rows:
+                    gv = self._func(("gemm_rows", K, N, dt), lambda: gemm_rows(K, N, dt))
+                else:
+                    gv = self._func(("gemm", K, N, dt), lambda: gemm(K, N, dt))
+                return relax.call_tir(gv, [a, w], call.ty)
+        if self.use_gemm and self._kind(call) == ("matmul", "lm_head"):
+            hit = self._gemm(call, role="lm_head", out="float32")
+            if hit is not None and hit[4]:  # decode_batch's LM head, fp32 logits (a prompt's stays on dlight)
+                a, w, K, N, _ = hit
+                dt = _dtype(w)
+                gv = self._func(("gemm_rows_f32", K, N, dt), lambda: gemm_rows(K, N, dt, out_dtype="float32"))
                 return relax.call_tir(gv, [a, w], call.ty)
         return call
 

@@ -6,14 +6,15 @@ Each step of the loop:
   2. admit waiting requests in arrival order (FCFS) while sequences are free;
   3. prefill: feed prompts in arrival order, at most `prefill_budget` tokens
      per step in all, so a long prompt is cut into chunks between decode
-     steps and never stalls the running requests for its whole length;
+     steps and never stalls the running requests for its whole length; the
+     step's chunks go to the model as one ragged batch (Session.prefill_many);
   4. decode: one token for every request past its prompt;
   5. deliver tokens and text to each request's `on_event` and retire the
      finished ones.
 A new request waits at most one step to start; none waits behind a later
 one. The decode of a step is one model call for all running requests where
-the artifact has decode_batch (CPU artifacts with TVM's paged cache), one call
-per request otherwise; prefill chunks are calls of their own.
+the artifact has decode_batch (artifacts with TVM's paged cache), one call
+per request otherwise; the prefill chunks are one call before it.
 
 Thread safety: submit / cancel / stats may be called from any thread; the
 Session is touched only by the engine thread. Events are delivered on the
@@ -204,27 +205,44 @@ class Engine:
     def _step(self, running: list[Request]) -> None:
         s = self.session
         budget = self.prefill_budget
-        decoding = []
+        feeding, decoding = [], []  # (request, prompt tokens fed this step); requests past their prompt
         for r in running:
             try:
                 if r.seq is None:
                     r.seq = s.add_sequence()
-                if r.fed < r.prompt_tokens:
-                    if budget <= 0:
-                        continue
-                    n = min(budget, r.prompt_tokens - r.fed)
-                    logits = s.prefill(r.seq, r.gen.prompt[r.fed : r.fed + n])
-                    r.fed += n
-                    budget -= n
-                    if r.fed == r.prompt_tokens:
-                        r.next_token = r.gen.sample(logits)
-                        self._deliver(r)
-                elif not r.done:
-                    decoding.append(r)
             except KilnError as err:
                 self._fail(r, err)
+                continue
+            if r.fed < r.prompt_tokens:
+                if budget > 0:
+                    n = min(budget, r.prompt_tokens - r.fed)
+                    feeding.append((r, n))
+                    budget -= n
+            elif not r.done:
+                decoding.append(r)
+        if feeding:
+            self._prefill(feeding)
         if decoding:
             self._decode(decoding)
+
+    def _prefill(self, feeding: list[tuple[Request, int]]) -> None:
+        """The step's prompt chunks in one prefill call (a ragged batch); if that
+        call refuses them, one call each, so a bad request fails alone."""
+        s = self.session
+        chunks = [r.gen.prompt[r.fed : r.fed + n] for r, n in feeding]
+        try:
+            rows = s.prefill_many([r.seq for r, _ in feeding], chunks)
+        except KilnError:
+            rows = None
+        for i, (r, n) in enumerate(feeding):
+            try:
+                logits = rows[i] if rows is not None else s.prefill(r.seq, chunks[i])
+                r.fed += n
+                if r.fed == r.prompt_tokens:
+                    r.next_token = r.gen.sample(logits)
+                    self._deliver(r)
+            except KilnError as err:
+                self._fail(r, err)
 
     def _decode(self, reqs: list[Request]) -> None:
         """One decode call for every request past its prompt: the device picks the

@@ -177,6 +177,37 @@ class Session:
             self._lengths[seq] += len(chunk)
         return np.concatenate(rows, axis=0) if all_logits else rows[-1][0]
 
+    def prefill_many(self, seqs: list[int], token_lists: list) -> np.ndarray:
+        """Append token_lists[i] to seqs[i] (the server's prefill step): float32
+        logits of each list's last token, [len(seqs), vocab]. One model call for
+        all of them where the cache runs several sequences per call (TVM's paged
+        cache: a ragged batch, so one launch of each kernel instead of one per
+        prompt) and they fit one call (prefill_chunk tokens in all); otherwise
+        `prefill` one by one. Everything is checked before anything runs."""
+        if not isinstance(seqs, (list, tuple)) or not isinstance(token_lists, (list, tuple)) or len(seqs) != len(token_lists) or not seqs:
+            raise RequestError("prefill_many takes a list of sequence ids and a list of as many token lists")
+        if len(set(seqs)) != len(seqs):
+            raise RequestError(f"a sequence appears twice in one prefill step: {list(seqs)}")
+        lists = [self._check_tokens(t) for t in token_lists]
+        for seq, ids in zip(seqs, lists):
+            if self._length(seq) + len(ids) > self.max_seq_len:
+                raise RequestError(f"sequence {seq} holds {self._length(seq)} tokens: {len(ids)} more pass this session's context of {self.max_seq_len}")
+        total = sum(len(ids) for ids in lists)
+        if len(seqs) == 1 or self._decode_batch is None or total > self.prefill_chunk:
+            return np.stack([self.prefill(seq, ids) for seq, ids in zip(seqs, lists)])
+        flat = [t for ids in lists for t in ids]
+        self._kv.begin(list(seqs), [len(ids) for ids in lists])
+        try:
+            emb = self._embed(self._tensor(np.asarray(flat, dtype=np.int32)), self.params)
+            emb = emb._create_view((1, total, emb.shape[1]))
+            last = np.cumsum([len(ids) for ids in lists]) - 1  # each list's last token in the ragged batch
+            out = self._prefill(emb, self._tensor(last.astype(np.int32)), *self._kv.args(), self.params)
+        finally:
+            self._kv.end()
+        for seq, ids in zip(seqs, lists):
+            self._lengths[seq] += len(ids)
+        return out[0].numpy()[0]
+
     def decode_step(self, seqs: list[int], tokens: list[int]) -> np.ndarray:
         """Feed tokens[i] to open sequence seqs[i] (each once per step); returns
         float32 logits [len(seqs), vocab], row i for seqs[i], for a host sampler.

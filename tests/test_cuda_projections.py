@@ -14,9 +14,10 @@ t = compiler()
 relax, te, tirx = t.relax, t.te, t.tirx
 
 
-def _prefill_projection(name: str, attrs: dict | None, batch_rows: bool = False):
+def _prefill_projection(name: str, attrs: dict | None, batch_rows: bool = False, out: str = "bfloat16"):
     """main(x [1, s, 128] bf16, w [256, 128] bf16) = one call_tir of an x @ w^T TE kernel called `name`
-    (batch_rows: x [B, 1, 128], one token of each of B sequences, as decode_batch has it)."""
+    (batch_rows: x [B, 1, 128], one token of each of B sequences, as decode_batch has it; out: the
+    result's dtype, float32 for an LM head)."""
     bb = relax.BlockBuilder()
     s = tirx.Var("s", "int64")
     x = relax.Var("x", relax.TensorType([s, 1, 128] if batch_rows else [1, s, 128], "bfloat16"))
@@ -25,7 +26,7 @@ def _prefill_projection(name: str, attrs: dict | None, batch_rows: bool = False)
     def compute(xt, wt):
         k = te.reduce_axis((0, 128), name="k")
         acc = te.compute((*xt.shape[:2], 256), lambda b, i, j: te.sum(xt[b, i, k].astype("float32") * wt[j, k].astype("float32"), axis=k), name=name)
-        return te.compute(acc.shape, lambda *i: acc(*i).astype("bfloat16"), name=name + "_cast")
+        return acc if out == "float32" else te.compute(acc.shape, lambda *i: acc(*i).astype(out), name=name + "_cast")
 
     with bb.function("main", [x, w]):
         with bb.dataflow():
@@ -49,12 +50,28 @@ def test_projection_is_matched_by_attribute_not_name(name, attrs, swapped):
     assert (f"call_tir({name}," in main) != swapped, main
 
 
-def test_batch_rows_run_on_the_gemm_as_rows():
-    """decode_batch's [B, 1, K] projections (one token of each of B sequences) go to the
-    tensor-core GEMM as B contiguous rows, like a prompt's [1, s, K]: on the H200 dlight's
-    schedule for them ran at ~75 ms per step for B = 2..32 (8B shape, bf16)."""
-    mod = _prefill_projection("proj", {OP_ATTR: "matmul", ROLE_ATTR: "projection"}, batch_rows=True)
+@pytest.mark.parametrize(("role", "out", "kernel"), [
+    ("projection", "bfloat16", "kiln_gemm_rows_256x128_bfloat16"),
+    ("lm_head", "float32", "kiln_gemm_rows_f32_256x128_bfloat16"),  # fp32 logits straight from the accumulator
+])
+def test_batch_rows_run_on_the_rows_gemm(role, out, kernel):
+    """decode_batch's [B, 1, K] projections and LM head (one token of each of B sequences) go
+    to kiln_gemm_rows (the weight on the MMA's 16-row side, read once per step), not to the
+    prompt GEMM, whose 128 x 256 tiles left an H200 at 239 GB/s for B = 8 (16 blocks for N =
+    4096), nor to dlight's LM head schedule (553 GB/s)."""
+    mod = _prefill_projection("proj", {OP_ATTR: "matmul", ROLE_ATTR: role}, batch_rows=True, out=out)
     with t.Target({"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
                    "thread_warp_size": 32}):
         out = CudaProjections()(mod)
-    assert "call_tir(kiln_gemm_256x128_bfloat16," in out["main"].script()
+    main = out["main"].script()
+    assert f"call_tir({kernel}," in main, main
+    assert "kiln_gemm_256x128" not in main and "call_tir(proj," not in main, main
+
+
+def test_prompt_lm_head_keeps_its_own_path():
+    """A prompt's [1, s, K] LM head is not a decode_batch row GEMM (and not a projection)."""
+    mod = _prefill_projection("proj", {OP_ATTR: "matmul", ROLE_ATTR: "lm_head"}, out="float32")
+    with t.Target({"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                   "thread_warp_size": 32}):
+        out = CudaProjections()(mod)
+    assert "call_tir(proj," in out["main"].script()

@@ -180,6 +180,51 @@ def test_batched_decode_rows_are_bit_identical_to_each_alone(session):
             session.remove_sequence(q)
 
 
+def test_prefill_many_equals_each_prefill(session):
+    """prefill_many (the server's prefill step: one ragged call on TVM's paged cache)
+    gives each sequence the logits and the cache a prefill of it alone gives: the last
+    rows match, a second round on top of the first (a chunked prompt) matches the
+    teacher-forced row, and the decode step after it matches too."""
+    prompts = [PROMPT_A, PROMPT_B, PROMPT_A[:4]]
+    split = [6, 3, 1]  # first chunks; the rest in a second prefill_many over sequences with history
+    refs = [session.logits(p) for p in prompts]
+    seqs = [session.add_sequence() for _ in prompts]
+    try:
+        first = session.prefill_many(seqs, [p[:k] for p, k in zip(prompts, split)])
+        assert first.shape == (len(prompts), session.vocab_size) and first.dtype == np.float32
+        for row, ref, k in zip(first, refs, split):
+            np.testing.assert_allclose(row, ref[k - 1], rtol=0, atol=1e-5)
+        last = session.prefill_many(seqs, [p[k:] for p, k in zip(prompts, split)])
+        for row, ref in zip(last, refs):
+            np.testing.assert_allclose(row, ref[-1], rtol=0, atol=1e-5)
+        assert [session.sequence_length(q) for q in seqs] == [len(p) for p in prompts]
+        nxt = [int(r.argmax()) for r in last]
+        out = session.decode_step(seqs, nxt)
+    finally:
+        for q in seqs:
+            session.remove_sequence(q)
+    for row, p, t in zip(out, prompts, nxt):  # (logits() needs a free sequence)
+        np.testing.assert_allclose(row, session.logits(p + [t])[-1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("lists", "msg"), [
+    ([[5, 6], []], "empty"),
+    ([[5, 6], [7, 211]], "outside"),
+    ([[5] * (CTX - 1), [5] * (CTX + 1)], "pass this session's context"),
+])
+def test_prefill_many_checks_everything_first(session, lists, msg):
+    seqs = [session.add_sequence() for _ in lists]
+    try:
+        with pytest.raises(RequestError, match=msg):
+            session.prefill_many(seqs, lists)
+        assert [session.sequence_length(q) for q in seqs] == [0, 0]  # nothing ran
+        with pytest.raises(RequestError, match="twice"):
+            session.prefill_many([seqs[0], seqs[0]], [[5], [6]])
+    finally:
+        for q in seqs:
+            session.remove_sequence(q)
+
+
 def test_decode_greedy_matches_generate_across_sequences(session):
     n = 8
     want_a = session.generate(PROMPT_A, max_new_tokens=n, ignore_eos=True).tokens

@@ -114,14 +114,17 @@ def greedy_pick(logits, vocab: int):
 
 def greedy_pick_rows(logits):
     """logits  # [B, 1, vocab] float32 -> [B, 2] int32: per row the argmax and 1 if
-    every logit of the row is finite (greedy_pick for a batch; the finite flag is
-    a max over the row: a non-finite value counts as +inf there too)."""
+    every logit of the row is finite (greedy_pick for a batch, with its one-pass
+    trick: non-finite values count as +inf in the argmax, so the picked logit
+    alone says whether the row was all finite; a separate max over the row got a
+    one-block schedule on CUDA, 4.9 ms of an 8B step at B = 8)."""
     r = _tvm.relax
     x = logits._expr
     inf = r.const(float("inf"), "float32")
-    y = r.op.where(r.op.isfinite(x), x, inf)
-    best = r.op.astype(r.op.argmax(y, axis=2, keepdims=False), "int32")  # [B, 1]
-    finite = r.op.astype(r.op.isfinite(r.op.max(y, axis=2, keepdims=False)), "int32")  # [B, 1]
+    best = r.op.argmax(r.op.where(r.op.isfinite(x), x, inf), axis=2, keepdims=True)  # [B, 1, 1] int64
+    picked = r.op.gather_elements(x, best, axis=2)  # [B, 1, 1]
+    finite = r.op.astype(r.op.isfinite(r.op.squeeze(picked, axis=[2])), "int32")  # [B, 1]
+    best = r.op.astype(r.op.squeeze(best, axis=[2]), "int32")  # [B, 1]
     return nn.wrap_nested(r.op.concat([best, finite], axis=1), "greedy_pick_rows")
 
 

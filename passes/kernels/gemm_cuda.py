@@ -5,6 +5,9 @@ in the prefill graph in place of kiln's NT_matmul kernels).
     gemm(a, W)         a  # [1, M, K] (the prompt chunk) or [M, 1, K] (decode_batch: one token of
                        each of M sequences) -- M contiguous rows either way; W  # [N, K] -> like a, N wide
     gemm_residual(a, W, r)  -> r + a @ W^T
+    gemm_rows(a, W[, r])    decode_batch's a  # [B, 1, K]: kernels/cuda/gemm_rows.cuh (the weight
+                            on the MMA's 16-row side; read once per step at any B), out in the
+                            weights' dtype or fp32 (the LM head)
 
 Why: TVM 0.27's dlight Matmul rule tensorizes only fp16 (and that segfaults on
 Llama-3-8B shapes), so bf16 prefill GEMMs ran on CUDA cores at ~29 TFLOP/s
@@ -72,6 +75,51 @@ def gemm_residual(K: int, N: int, dtype: str):
                                              T.address_of(y[0, 0, 0]), T.Cast("int32", B * S), N, K, smem.access_ptr("rw")))
 
     return kiln_gemm_residual
+
+
+ROWS_N, ROWS_M, ROWS_THREADS = 32, 64, 256  # kiln::GROWS_N, GROWS_M, GROWS_WARPS * 32
+ROWS_RED_FLOATS = 8 * 2 * 4 * 32  # kiln::GROWS_RED_FLOATS
+
+
+def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str | None = None):
+    """y  # [B, 1, N] (out_dtype: dtype or float32) = a  # [B, 1, K] @ W  # [N, K]^T (+ r  # [B, 1, N]),
+    B symbolic: one token of each of B sequences (decode_batch). A token's result does not
+    depend on B (kernels/cuda/gemm_rows.cuh: a fixed K split, summed in a fixed order)."""
+    out_dtype = out_dtype or dtype
+    fn = f"kiln::gemm_rows<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {'true' if residual else 'false'}>"
+    nb = (N + ROWS_N - 1) // ROWS_N
+
+    if residual:
+        @T.prim_func
+        def kiln_gemm_rows_residual(var_a: T.handle, w: T.Buffer((N, K), dtype), var_r: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            B = T.int64()
+            a = T.match_buffer(var_a, (B, 1, K), dtype)
+            r = T.match_buffer(var_r, (B, 1, N), dtype)
+            y = T.match_buffer(var_y, (B, 1, N), out_dtype)
+            for by in T.thread_binding(nb, thread="blockIdx.y"):
+                for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
+                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                        red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
+                        T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
+                                                 T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
+
+        return kiln_gemm_rows_residual
+
+    @T.prim_func
+    def kiln_gemm_rows(var_a: T.handle, w: T.Buffer((N, K), dtype), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        B = T.int64()
+        a = T.match_buffer(var_a, (B, 1, K), dtype)
+        y = T.match_buffer(var_y, (B, 1, N), out_dtype)
+        for by in T.thread_binding(nb, thread="blockIdx.y"):
+            for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
+                for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                    red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
+                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(a[0, 0, 0]),
+                                             T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))  # r: unused
+
+    return kiln_gemm_rows
 
 
 # --- quantized weights (gemm.cuh gemm_tn_q) ---------------------------------------

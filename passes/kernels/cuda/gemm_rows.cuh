@@ -1,0 +1,140 @@
+// kiln: the decode_batch GEMM -- a few activation rows (one token of each of M
+// sequences) times a large weight, on tensor cores, reading the weight once.
+//
+//   C[M, N] = A[M, K] . W[N, K]^T  (+ R[M, N])       A, W, R in T (bf16/fp16); C in OutT (T or fp32)
+//
+// Why not gemm_tn: its 128 x 256 tiles put M = 8..128 sequences on a 128-row
+// side and N / 256 blocks on the grid (16 for N = 4096: 239 GB/s on an H200).
+// Here the weight sits on the MMA's 16-row A side and the activations on its
+// 8-wide B side ("A/B swap": the weight's large N fills the tensor core even
+// when M = 1), mma.sync m16n8k16, fp32 accumulation.
+//
+// K is permuted inside each 32-wide chunk so that every operand a lane needs is
+// one 16-byte load straight from global memory (no shared-memory staging):
+// lane (g = lane / 4, q = lane % 4) loads W[row g (+8)][8q .. 8q + 7] and
+// A[token g][8q .. 8q + 7]; registers .x/.y feed one mma, .z/.w a second. A and
+// W use the same permutation, so the sum over k is unchanged (only its order).
+//
+// A block is 8 warps over 32 weight rows and up to 64 tokens; warp w takes the
+// K chunks w, w + 8, ... (its weight loads one chunk ahead of its MMAs), and
+// the 8 partial sums are added in warp order at the end (through `red`, 8 KB of
+// shared memory, GROWS_RED_FLOATS). A token's result therefore depends on K alone -- not on M or
+// on the other tokens in the step (batch-invariant), whichever token-tile count
+// the block picks. Launch: grid (ceil(M / 64), ceil(N / 32)), 256 threads.
+// K must be a multiple of 32 (the TIR side checks).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace kiln {
+
+constexpr int GROWS_WARPS = 8, GROWS_N = 32, GROWS_M = 64;
+constexpr int GROWS_RED_FLOATS = GROWS_WARPS * 2 * 4 * 32;  // [warp][row tile][acc reg][lane]
+
+template <typename T> struct MmaIsBf16 { static constexpr bool value = false; };
+template <> struct MmaIsBf16<__nv_bfloat16> { static constexpr bool value = true; };
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  if constexpr (MmaIsBf16<T>::value) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// One block's 32 weight rows x TT * 8 tokens (tokens m0.., rows n0..).
+template <typename T, typename OutT, bool RESIDUAL, int TT>
+__device__ __forceinline__ void gemm_rows_tile(const T* __restrict__ A, const T* __restrict__ W, const T* __restrict__ R,
+                                               OutT* __restrict__ C, int M, int N, int K, int m0, int n0, float* __restrict__ red) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
+  const uint4* wp[2][2];  // [row tile][+0 / +8 rows]: this lane's 16 bytes of each 32-wide chunk
+#pragma unroll
+  for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      wp[rt][h] = reinterpret_cast<const uint4*>(W + (size_t)min(n0 + rt * 16 + h * 8 + g, N - 1) * K + 8 * q);  // tail rows: recompute the last
+  const uint4* xp[TT];
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt) xp[tt] = reinterpret_cast<const uint4*>(A + (size_t)min(m0 + tt * 8 + g, M - 1) * K + 8 * q);
+
+  float acc[2][TT][4];
+#pragma unroll
+  for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+    for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[rt][tt][e] = 0.f;
+
+  const int chunks = K / 32;  // a chunk is 4 uint4 per row: chunk c starts at uint4 index 4c
+  uint4 wc[2][2], wn[2][2];
+  int c = warp;
+  if (c < chunks) {
+#pragma unroll
+    for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wc[rt][h] = __ldg(wp[rt][h] + 4 * c);
+  }
+  for (; c < chunks; c += GROWS_WARPS) {
+    const int cn = c + GROWS_WARPS;
+    if (cn < chunks) {
+#pragma unroll
+      for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wn[rt][h] = __ldg(wp[rt][h] + 4 * cn);
+    }
+#pragma unroll
+    for (int tt = 0; tt < TT; ++tt) {
+      const uint4 xb = __ldg(xp[tt] + 4 * c);
+#pragma unroll
+      for (int rt = 0; rt < 2; ++rt) {
+        mma_16816<T>(acc[rt][tt], wc[rt][0].x, wc[rt][1].x, wc[rt][0].y, wc[rt][1].y, xb.x, xb.y);
+        mma_16816<T>(acc[rt][tt], wc[rt][0].z, wc[rt][1].z, wc[rt][0].w, wc[rt][1].w, xb.z, xb.w);
+      }
+    }
+#pragma unroll
+    for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wc[rt][h] = wn[rt][h];
+  }
+
+  // acc[rt][tt][e] holds C^T[row n0 + rt * 16 + g + (e >= 2 ? 8 : 0)][token m0 + tt * 8 + 2q + (e & 1)]
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt) {
+#pragma unroll
+    for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[((warp * 2 + rt) * 4 + e) * 32 + lane] = acc[rt][tt][e];
+    __syncthreads();
+    {
+      const int rt = tid / 128, e = (tid / 32) % 4, ln = tid % 32;  // 256 threads = 2 x 4 x 32 outputs
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < GROWS_WARPS; ++w) v += red[((w * 2 + rt) * 4 + e) * 32 + ln];  // fixed order: batch-invariant
+      const int row = n0 + rt * 16 + ln / 4 + (e >= 2 ? 8 : 0), tok = m0 + tt * 8 + 2 * (ln % 4) + (e & 1);
+      if (row < N && tok < M) {
+        if constexpr (RESIDUAL) v += to_float(R[(size_t)tok * N + row]);
+        C[(size_t)tok * N + row] = from_float<OutT>(v);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_rows(const T* __restrict__ A, const T* __restrict__ W, const T* __restrict__ R, OutT* __restrict__ C,
+                                          int M, int N, int K, float* __restrict__ red) {
+  const int m0 = blockIdx.x * GROWS_M, n0 = blockIdx.y * GROWS_N, mt = M - m0;
+  // fewer token tiles when fewer tokens: the MMA work scales with the tokens present
+  if (mt <= 8) gemm_rows_tile<T, OutT, RESIDUAL, 1>(A, W, R, C, M, N, K, m0, n0, red);
+  else if (mt <= 16) gemm_rows_tile<T, OutT, RESIDUAL, 2>(A, W, R, C, M, N, K, m0, n0, red);
+  else if (mt <= 32) gemm_rows_tile<T, OutT, RESIDUAL, 4>(A, W, R, C, M, N, K, m0, n0, red);
+  else gemm_rows_tile<T, OutT, RESIDUAL, 8>(A, W, R, C, M, N, K, m0, n0, red);
+}
+
+}  // namespace kiln
