@@ -22,6 +22,7 @@ MAX_HEADS = 1024
 MAX_HEAD_DIM = 1024
 MAX_VOCAB = 1 << 22
 MAX_CONTEXT = 1 << 22  # 4M tokens
+MAX_EXPERTS = 1 << 12
 
 _ALIASES = {
     "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
@@ -38,6 +39,9 @@ _KNOWN = {
     "sliding_window", "use_sliding_window", "max_window_layers", "model_type", "hidden_act",
     "transformers_version", "initializer_range", "use_cache", "attention_dropout", "pretraining_tp",
     "rope_parameters", "layer_types",
+    # mixture of experts: normalised below, or training-only (aux loss, router noise, router logits output)
+    "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "router_jitter_noise", "output_router_logits",
 }
 _ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -125,6 +129,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     source_dtype: str = "float32"
+    # mixture of experts (0 experts: a dense model). Which layers are sparse:
+    # `is_moe_layer`; norm_topk_prob None = the config does not say (the family decides)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's FFN width
+    norm_topk_prob: bool | None = None
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -163,11 +175,13 @@ class ModelConfig:
         if dtype not in ("float32", "float16", "bfloat16"):
             dtype = "float32"
         known = set(_KNOWN).union(*_ALIASES.values())
+        layers = _int(_field(cfg, "num_hidden_layers", file), "num_hidden_layers", file, 1, MAX_LAYERS)
+        inter = _int(_field(cfg, "intermediate_size", file), "intermediate_size", file, 1, MAX_HIDDEN * 8)
         return cls(
             architecture=archs[0],
             hidden_size=hidden,
-            intermediate_size=_int(_field(cfg, "intermediate_size", file), "intermediate_size", file, 1, MAX_HIDDEN * 8),
-            num_hidden_layers=_int(_field(cfg, "num_hidden_layers", file), "num_hidden_layers", file, 1, MAX_LAYERS),
+            intermediate_size=inter,
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
@@ -184,6 +198,7 @@ class ModelConfig:
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=eos,
             source_dtype=dtype,
+            **_moe_fields(cfg, file, layers, inter),
             extra={k: v for k, v in cfg.items() if k not in known},
         )
 
@@ -197,6 +212,32 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i's MLP is a mixture of experts (transformers' Qwen3-MoE rule; Mixtral: every layer)."""
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+
+
+def _moe_fields(cfg: dict, file: str, layers: int, inter: int) -> dict:
+    """The mixture-of-experts keys (Mixtral: num_local_experts; Qwen3-MoE: num_experts, which
+    transformers 5 also writes as num_local_experts)."""
+    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    if experts is None or experts == 0:
+        return {}
+    experts = _int(experts, "num_experts", file, 1, MAX_EXPERTS)
+    top_k = _int(cfg.get("num_experts_per_tok"), "num_experts_per_tok", file, 1, experts)
+    norm = cfg.get("norm_topk_prob")
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, list):
+        raise ModelFormatError(f"{file}: field 'mlp_only_layers' must be a list of layer indices, got {only!r}")
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": _int(cfg.get("moe_intermediate_size", inter), "moe_intermediate_size", file, 1, MAX_HIDDEN * 8),
+        "norm_topk_prob": None if norm is None else _bool(norm, "norm_topk_prob", file),
+        "decoder_sparse_step": _int(cfg.get("decoder_sparse_step", 1), "decoder_sparse_step", file, 1, MAX_LAYERS),
+        "mlp_only_layers": tuple(sorted({_int(i, "mlp_only_layers", file, 0, layers - 1) for i in only})),
+    }
 
 
 def _bool(value: Any, name: str, file: str) -> bool:

@@ -14,6 +14,9 @@ CpuGemv (decode): y[b, n] = sum_k x[b, k] * W[n, k] (+ epilogue), b = 1 or a bat
     32 partial sums per row (8 lanes x 4 on AVX2, 16 x 2 on AVX-512);
   - the partial sums live in a local buffer (registers), reduced once per row;
   - an injective epilogue (residual add) is computed per row right after.
+
+CpuExpertGemv (mixture of experts): the same row dot products where the
+weight rows are gathered through expert ids read from a buffer (W[ids[t, j], n, k]).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .kernels.cpu_isa import vector_lanes
 
 def cpu_rules() -> list:
     """Ordered: the first rule that fits a function schedules it."""
-    return [CpuGemv(), CpuMatmul(), CpuInlineElementwise()]
+    return [CpuGemv(), CpuMatmul(), CpuExpertGemv(), CpuInlineElementwise()]
 
 
 def _open(func, target):
@@ -247,6 +250,83 @@ class CpuGemv:
         sch.vectorize(sch.get_loops(init)[-1])
         for p in parts:
             sch.vectorize(sch.get_loops(sch.decompose_reduction(p, sch.get_loops(p)[-2]))[-1])
+        return sch
+
+
+def _loads(expr) -> bool:
+    """expr reads a buffer (TVM 0.27's Python has no TIR expression visitor)."""
+    compiler()
+    from tvm.ir.expr import Expr, TensorLoad  # noqa: PLC0415  (TIR's BufferLoad in TVM 0.27)
+
+    if isinstance(expr, TensorLoad):
+        return True
+    kids = [getattr(expr, f) for f in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, f)]
+    kids += list(getattr(expr, "args", None) or [])
+    return any(isinstance(c, Expr) and _loads(c) for c in kids)
+
+
+def _gathers(block) -> bool:
+    """A read of the block is indexed by a value loaded from a buffer (W[ids[t, j], ...])."""
+    return any(_loads(rng.min) for region in block.reads for rng in region.region)
+
+
+class CpuExpertGemv:
+    """Expert GEMVs: y[s..., n] = sum_{r..., k} f(...) * W[ids[...], n, k], one
+    reduction block whose weight rows are gathered through expert ids (MoE:
+    frontends/models/moe.py expert_matmul / expert_down), any number of tokens.
+
+    First schedule, correct and simple (benchmarks/NOTES.md says what comes
+    next): output rows split into tasks of up to 16 rows, parallel over
+    (tokens x experts x row tasks); each row's contiguous k loop is a vector
+    dot product (rfactor into lanes x accumulators partial sums, as CpuGemv);
+    an odd k runs a serial dot. Rows of the same expert are re-read for each
+    token that picked it (prefill: no grouping of tokens by expert yet)."""
+
+    def apply(self, func, target, _tunable=False):
+        opened = _open(func, target)
+        if opened is None:
+            return None
+        sch, infos = opened
+        if len(infos) != 1 or not infos[0].is_reduction():
+            return None
+        block = infos[0].block_rv
+        if not _gathers(sch.get(block)):
+            return None
+        kinds = "".join(i.kind for i in infos[0].iters)
+        n_s = len(kinds.rstrip("R"))
+        if n_s == 0 or "R" in kinds[:n_s]:
+            return None
+        loops = sch.get_loops(block)
+        n, k = _int_extent(sch, loops[n_s - 1]), _int_extent(sch, loops[-1])
+        if n is None or k is None:
+            return None
+        lanes, acc = reduction_tile(k, vector_lanes(target), 4)
+        inner = lanes * acc
+        rows = next(d for d in (16, 8, 4, 2, 1) if n % d == 0)
+        try:
+            so, si = sch.split(loops[n_s - 1], [None, rows])
+            outer = [*loops[: n_s - 1], so]
+            if inner <= 1:  # odd or tiny k: a serial dot per row
+                sch.parallel(sch.fuse(*outer) if len(outer) > 1 else so)
+                return sch
+            ko, ki = sch.split(loops[-1], [None, inner])
+            rf = sch.rfactor(ki, 0)
+            sch.set_scope(rf, 0, "local")
+            wb = sch.get_consumers(rf)[0]
+            sch.compute_at(rf, sch.get_loops(wb)[n_s])  # under the row loop si
+            # rf loops under si: (ki, other reductions..., ko) -> (others..., ko, acc, lane)
+            rf_loops = sch.get_loops(rf)[n_s + 1 :]
+            ki_loop, rest = rf_loops[0], rf_loops[1:]
+            acc_loop, lane_loop = sch.split(ki_loop, [None, lanes])
+            sch.reorder(*rest, acc_loop, lane_loop)
+            sch.vectorize(lane_loop)
+            sch.unroll(acc_loop)
+            wb_outer = sch.get_loops(wb)[:n_s]
+            sch.parallel(sch.fuse(*wb_outer) if len(wb_outer) > 1 else wb_outer[0])
+            init = sch.decompose_reduction(rf, rest[0])
+            sch.vectorize(sch.get_loops(init)[-1])
+        except Exception:  # noqa: BLE001 - ScheduleError: the rule does not fit
+            return None
         return sch
 
 

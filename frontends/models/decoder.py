@@ -72,10 +72,14 @@ class DecoderLM(HFNames, nn.Module):
         emb_fmt = self.precision.format_for("embed", config.hidden_size, tied=config.tie_word_embeddings)
         shape = (config.vocab_size, config.hidden_size)
         self.embed_tokens = QWeight(shape, emb_fmt) if emb_fmt is not None else nn.Parameter(shape, self.dtype)
-        self.layers = nn.ModuleList([self.layer_cls(config, dtype) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.make_layer(config, dtype, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, role="lm_head")
+
+    def make_layer(self, config: ModelConfig, dtype, i: int):
+        """Decoder layer i (alike for every i unless a family's layers differ, e.g. MoE)."""
+        return self.layer_cls(config, dtype)
 
     # --- graph -------------------------------------------------------------
     def _body(self, h, kv_cache):

@@ -1,5 +1,6 @@
 """HF tensor names -> kiln params: the shapes the graph expects, which HF
-tensors are concatenated (axis 0) into each (QKV, gate/up), and the strict
+tensors are concatenated (axis 0) into each (QKV, gate/up; a stack of
+per-expert matrices is their concatenation reshaped), and the strict
 conversion (missing or unexpected tensors are errors; NaN/Inf weights too).
 Plain numpy: no TVM here."""
 
@@ -18,7 +19,8 @@ IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
 
 class HFNames:
     """The weight side of a decoder family (mixed into DecoderLM); families
-    override layer_param_shapes / hf_layer_sources where their layers differ."""
+    override layer_param_shapes / hf_layer_sources where their layers differ,
+    and the `_at` variants where layers differ from each other (MoE)."""
 
     @classmethod
     def param_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -28,8 +30,17 @@ class HFNames:
         if not c.tie_word_embeddings:
             shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
         for i in range(c.num_hidden_layers):
-            shapes.update({f"layers.{i}.{k}": v for k, v in cls.layer_param_shapes(c).items()})
+            shapes.update({f"layers.{i}.{k}": v for k, v in cls.layer_param_shapes_at(c, i).items()})
         return shapes
+
+    @classmethod
+    def layer_param_shapes_at(cls, c: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+        """Layer i's params (every layer alike unless a family says otherwise)."""
+        return cls.layer_param_shapes(c)
+
+    @classmethod
+    def hf_layer_sources_at(cls, c: ModelConfig, i: int) -> dict[str, tuple[str, ...]]:
+        return cls.hf_layer_sources(c)
 
     @classmethod
     def layer_param_shapes(cls, c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -79,9 +90,15 @@ class HFNames:
         if not c.tie_word_embeddings:
             sources["lm_head.weight"] = ("lm_head.weight",)
         for i in range(c.num_hidden_layers):
-            for k, srcs in cls.hf_layer_sources(c).items():
+            for k, srcs in cls.hf_layer_sources_at(c, i).items():
                 sources[f"layers.{i}.{k}"] = tuple(f"model.layers.{i}.{s}" for s in srcs)
         return sources
+
+    @classmethod
+    def hf_sources_for(cls, c: ModelConfig, names: set[str]) -> dict[str, tuple[str, ...]]:
+        """hf_sources for the tensors a checkpoint has: a family whose params are
+        spelled more than one way on disk picks the spelling here."""
+        return cls.hf_sources(c)
 
     @classmethod
     def convert_hf(
@@ -99,8 +116,8 @@ class HFNames:
         derived buffers such as rotary inv_freq.
         """
         c = config
-        sources = cls.hf_sources(c)
         available = set(names)
+        sources = cls.hf_sources_for(c, available)
         wanted = {s for srcs in sources.values() for s in srcs}
         missing = sorted(wanted - available)
         if missing:
@@ -122,10 +139,16 @@ class HFNames:
 def _concat_thunk(name, srcs, shape, load, file):
     def thunk() -> np.ndarray:
         parts = [load(s) for s in srcs]
+        # a stack [E, rows, k] made of 2-D per-expert matrices [*, k]: concatenate, then reshape
+        stacked = len(shape) == 3 and parts[0].ndim == 2
+        row = tuple(shape[2:]) if stacked else tuple(shape[1:])
+        ndim = len(shape) - 1 if stacked else len(shape)
         for s, p in zip(srcs, parts):
-            if p.ndim != len(shape) or p.shape[1:] != tuple(shape[1:]):
-                raise ModelFormatError(f"{file}: tensor {s} has shape {list(p.shape)}, expected [*, {', '.join(map(str, shape[1:]))}] for {name}")
+            if p.ndim != ndim or p.shape[1:] != row:
+                raise ModelFormatError(f"{file}: tensor {s} has shape {list(p.shape)}, expected [*, {', '.join(map(str, row))}] for {name}")
         arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        if stacked and arr.shape[0] == shape[0] * shape[1]:
+            arr = arr.reshape(shape)
         if arr.shape != tuple(shape):
             got = " + ".join(str(list(p.shape)) for p in parts)
             raise ModelFormatError(f"{file}: tensor(s) {', '.join(srcs)} have shape {got}, expected {list(shape)} from config.json")

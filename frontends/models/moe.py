@@ -1,0 +1,216 @@
+"""The mixture-of-experts MLP every MoE family shares: a router and stacked experts.
+
+    logits  = x @ W_router^T                      # [T, E] float32
+    ids     = top-k experts by logit              # [T, k] int32 (ties: lower expert index)
+    weights = softmax(logits)[ids]                # [T, k], / their sum when renormalised
+    out     = sum_j weights[j] * down_{ids[j]}(silu(gate_{ids[j]}(x)) * up_{ids[j]}(x))
+
+Only the chosen experts are computed: the expert kernels read rows of the
+stacked weights through `ids`, which stay device data (no host round trip).
+Experts are stacked at conversion time, one tensor per layer:
+`experts.gate_up  # [E, 2F, D]` (gate rows, then up rows, per expert) and
+`experts.down  # [E, D, F]`. The DeepSeek block adds shared experts (a dense
+MLP beside these) and its own selection scores (sigmoid + correction bias,
+group limits) in place of `select_experts`; the expert kernels stay.
+"""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+from .layers import OP_ATTR, _precision, _tvm, nn, nt_matmul, op
+
+te = _tvm.te
+tir = _tvm.tirx
+
+# What the expert kernels are, set on purpose so schedule rules and passes can
+# match them by attribute as well as by structure (cf. layers.OP_ATTR).
+EXPERT_OP = "expert_matmul"
+
+
+def _f32(v):
+    return v if str(v.dtype) == "float32" else v.astype("float32")
+
+
+# --- kernels (TE: the schedule rules of each target pick them up by structure) ---
+def te_topk_experts(lg, k: int):
+    """lg  # [T, E] float32 -> ids  # [T, k] int32, best first.
+
+    An expert's rank is the number of experts with a larger logit, or an equal
+    one and a lower index, so ties go to the lower expert index whatever the
+    target (docs/DESIGN.md). Ranking the logits is ranking the softmax
+    (monotone) without the rounding that can make two probabilities equal.
+    O(E^2) compares per token: nothing next to an expert's GEMV at decode."""
+    n_tok, n_exp = lg.shape
+    o = te.reduce_axis((0, n_exp), name="o")
+
+    def beats(t, e):
+        return tir.Or(lg[t, o] > lg[t, e], tir.And(lg[t, o] == lg[t, e], o < e))
+
+    rank = te.compute((n_tok, n_exp), lambda t, e: te.sum(tir.Select(beats(t, e), 1, 0), axis=o), name="expert_rank")
+    e = te.reduce_axis((0, n_exp), name="e")
+    return te.compute((n_tok, k), lambda t, j: te.sum(tir.Select(rank[t, e] == j, e.astype("int32"), 0), axis=e), name="topk_experts")
+
+
+def te_routing_weights(lg, idt, renormalize: bool):
+    """lg  # [T, E] float32, idt  # [T, k] int32 -> weights  # [T, k] float32: the chosen
+    experts' softmax probabilities, divided by their sum when `renormalize`."""
+    n_tok, n_exp = lg.shape
+    k = idt.shape[1]
+    e = te.reduce_axis((0, n_exp), name="e")
+    mx = te.compute((n_tok,), lambda t: te.max(lg[t, e], axis=e), name="router_max")
+
+    def chosen(t, j):
+        return te.exp(lg[t, _expert(idt, t, j, n_exp)] - mx[t])
+
+    if renormalize:
+        j = te.reduce_axis((0, k), name="j")
+        den = te.compute((n_tok,), lambda t: te.sum(chosen(t, j), axis=j), name="router_den")
+    else:
+        e2 = te.reduce_axis((0, n_exp), name="e2")
+        den = te.compute((n_tok,), lambda t: te.sum(te.exp(lg[t, e2] - mx[t]), axis=e2), name="router_den")
+    return te.compute((n_tok, k), lambda t, j: chosen(t, j) / den[t], name="routing_weights")
+
+
+def te_expert_matmul(xt, wt, idt, out_dtype: str = "float32", name: str = "expert_gate_up"):
+    """xt  # [T, K], wt  # [E, N, K] (storage dtype), idt  # [T, k] int32 -> y  # [T, k, N]:
+    y[t, j] = W[ids[t, j]] @ x[t], the chosen experts' rows only (fp32 accumulation)."""
+    n_tok, k_ext = xt.shape
+    n_exp, n_ext, _ = wt.shape
+    r = te.reduce_axis((0, k_ext), name="k")
+    y = te.compute((n_tok, idt.shape[1], n_ext),
+                   lambda t, j, n: te.sum(_f32(xt[t, r]) * _f32(wt[_expert(idt, t, j, n_exp), n, r]), axis=r), name=name)
+    return y if out_dtype == "float32" else te.compute(y.shape, lambda *i: y(*i).astype(out_dtype), name=name + "_cast")
+
+
+def te_expert_down(at, wt, idt, wts, out_dtype: str = "float32", name: str = "expert_down"):
+    """at  # [T, k, F], wt  # [E, D, F], idt  # [T, k] int32, wts  # [T, k] float32 ->
+    out  # [T, D]: sum_j wts[t, j] * (W[ids[t, j]] @ a[t, j]); the routing weights
+    and the sum over the k experts are in the same reduction."""
+    n_tok, k, f_ext = at.shape
+    n_exp, d_ext, _ = wt.shape
+    j = te.reduce_axis((0, k), name="j")
+    r = te.reduce_axis((0, f_ext), name="k")
+    y = te.compute((n_tok, d_ext),
+                   lambda t, d: te.sum(wts[t, j] * _f32(at[t, j, r]) * _f32(wt[_expert(idt, t, j, n_exp), d, r]), axis=[j, r]),
+                   name=name)
+    return y if out_dtype == "float32" else te.compute(y.shape, lambda *i: y(*i).astype(out_dtype), name=name + "_cast")
+
+
+def _expert(idt, t, j, n_exp):
+    # clamped: a kernel stays in bounds even if ids were wrong (cf. layers.take)
+    return tir.max(tir.min(idt[t, j], n_exp - 1), 0)
+
+
+# --- the graph ops ---------------------------------------------------------------
+def topk_experts(logits, k: int):
+    return op.tensor_expr_op(lambda lg: te_topk_experts(lg, k), "topk_experts", [logits])
+
+
+def routing_weights(logits, ids, renormalize: bool):
+    return op.tensor_expr_op(lambda lg, idt: te_routing_weights(lg, idt, renormalize), "routing_weights", [logits, ids])
+
+
+def expert_matmul(x, w, ids, name: str = "expert_gate_up"):
+    out = str(x.dtype)
+    return op.tensor_expr_op(lambda xt, wt, idt: te_expert_matmul(xt, wt, idt, out, name), name, [x, w, ids], attrs={OP_ATTR: EXPERT_OP})
+
+
+def expert_down(a, w, ids, weights, name: str = "expert_down"):
+    out = str(a.dtype)
+    return op.tensor_expr_op(lambda at, wt, idt, wts: te_expert_down(at, wt, idt, wts, out, name), name, [a, w, ids, weights],
+                             attrs={OP_ATTR: EXPERT_OP})
+
+
+class Router(nn.Module):
+    """logits = x @ W^T in float32 (W [E, hidden], the artifact's float dtype: never quantized)."""
+
+    def __init__(self, hidden: int, experts: int, dtype):
+        self.weight = nn.Parameter((experts, hidden), _precision(dtype).storage)
+
+    def forward(self, x):
+        return nt_matmul(x, self.weight, name="router", out_dtype="float32", role="router")
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stacked: gate_up  # [E, 2F, hidden], down  # [E, hidden, F]."""
+
+    def __init__(self, hidden: int, inter: int, experts: int, dtype):
+        storage = _precision(dtype).storage
+        self.gate_up = nn.Parameter((experts, 2 * inter, hidden), storage)
+        self.down = nn.Parameter((experts, hidden, inter), storage)
+
+    def forward(self, x, ids, weights):
+        """x [T, hidden], ids [T, k], weights [T, k] -> [T, hidden]."""
+        gate, up = op.split(expert_matmul(x, self.gate_up, ids), 2, axis=-1)  # [T, k, F] each
+        return expert_down(op.silu(gate) * up, self.down, ids, weights)
+
+
+class SparseMoE(nn.Module):
+    """The MLP of an MoE layer: route each token to its top-k experts, run only those."""
+
+    def __init__(self, c: ModelConfig, dtype):
+        self.top_k = c.num_experts_per_tok
+        self.renormalize = bool(c.norm_topk_prob)
+        self.gate = Router(c.hidden_size, c.num_experts, dtype)
+        self.experts = Experts(c.hidden_size, c.moe_intermediate_size, c.num_experts, dtype)
+
+    def select_experts(self, logits):
+        """-> (ids [T, k] int32, weights [T, k] float32). DeepSeek's routings replace this."""
+        ids = topk_experts(logits, self.top_k)
+        return ids, routing_weights(logits, ids, self.renormalize)
+
+    def forward(self, x):
+        b, s, hidden = x.shape
+        x = op.reshape(x, (b * s, hidden))
+        ids, weights = self.select_experts(self.gate(x))
+        return op.reshape(self.experts(x, ids, weights), (b, s, hidden))
+
+
+class MoEFamily:
+    """Mixed in before a dense family: MoE layers (config.is_moe_layer) get a
+    SparseMoE as their `mlp`, and their weights are read from either HF layout:
+    per-expert matrices (`{hf_moe}.experts.{e}.{gate|up|down}.weight`, what
+    transformers' save_pretrained writes) or transformers 5's fused tensors
+    (`mlp.experts.gate_up_proj` [E, 2F, hidden], `mlp.experts.down_proj`)."""
+
+    hf_moe = "mlp"  # the HF module holding router and experts on disk
+    hf_expert = ("gate_proj", "up_proj", "down_proj")  # per-expert matrix names: gate, up, down
+
+    def make_layer(self, config, dtype, i: int):
+        layer = super().make_layer(config, dtype, i)
+        if config.is_moe_layer(i):
+            layer.mlp = SparseMoE(config, dtype)
+        return layer
+
+    @classmethod
+    def layer_param_shapes_at(cls, c, i):
+        shapes = super().layer_param_shapes_at(c, i)
+        if not c.is_moe_layer(i):
+            return shapes
+        e, f, d = c.num_experts, c.moe_intermediate_size, c.hidden_size
+        return {k: v for k, v in shapes.items() if not k.startswith("mlp.")} | {
+            "mlp.gate.weight": (e, d), "mlp.experts.gate_up": (e, 2 * f, d), "mlp.experts.down": (e, d, f)}
+
+    @classmethod
+    def hf_layer_sources_at(cls, c, i):
+        sources = super().hf_layer_sources_at(c, i)
+        if not c.is_moe_layer(i):
+            return sources
+        ex = f"{cls.hf_moe}.experts"
+        gate, up, down = cls.hf_expert
+        return {k: v for k, v in sources.items() if not k.startswith("mlp.")} | {
+            "mlp.gate.weight": (f"{cls.hf_moe}.gate.weight",),
+            "mlp.experts.gate_up": tuple(f"{ex}.{e}.{p}.weight" for e in range(c.num_experts) for p in (gate, up)),
+            "mlp.experts.down": tuple(f"{ex}.{e}.{down}.weight" for e in range(c.num_experts)),
+        }
+
+    @classmethod
+    def hf_sources_for(cls, c, names):
+        sources = super().hf_sources_for(c, names)
+        for i in range(c.num_hidden_layers):
+            fused = f"model.layers.{i}.mlp.experts"
+            if c.is_moe_layer(i) and f"{fused}.gate_up_proj" in names:
+                p = f"layers.{i}.mlp"
+                sources.update({f"{p}.gate.weight": (f"model.layers.{i}.mlp.gate.weight",),
+                                f"{p}.experts.gate_up": (f"{fused}.gate_up_proj",), f"{p}.experts.down": (f"{fused}.down_proj",)})
+        return sources
