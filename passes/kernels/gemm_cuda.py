@@ -78,32 +78,41 @@ def gemm_residual(K: int, N: int, dtype: str):
 
 
 ROWS_N, ROWS_M, ROWS_THREADS = 32, 64, 256  # kiln::GROWS_N, GROWS_M, GROWS_WARPS * 32
-ROWS_RED_FLOATS = 8 * 2 * 4 * 32  # kiln::GROWS_RED_FLOATS
+ROWS_RED_FLOATS = 8 * 4 * 4 * 32  # kiln::GROWS_RED_FLOATS
 
 
 def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str | None = None):
     """y  # [B, 1, N] (out_dtype: dtype or float32) = a  # [B, 1, K] @ W  # [N, K]^T (+ r  # [B, 1, N]),
-    B symbolic: one token of each of B sequences (decode_batch). A token's result does not
-    depend on B (kernels/cuda/gemm_rows.cuh: a fixed K split, summed in a fixed order)."""
+    B symbolic: one token of each of B sequences (decode_batch). Two kernels, picked on the
+    host by B (<= 8: one token tile per block, fewer registers); a token's result does not
+    depend on B either way (kernels/cuda/gemm_rows.cuh: a fixed K split, summed in a fixed order)."""
     out_dtype = out_dtype or dtype
-    fn = f"kiln::gemm_rows<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {'true' if residual else 'false'}>"
+    res = "true" if residual else "false"
+    small, large = (f"kiln::gemm_rows<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {res}, {tt}>" for tt in (1, 8))
     nb = (N + ROWS_N - 1) // ROWS_N
 
-    if residual:
-        @T.prim_func
-        def kiln_gemm_rows_residual(var_a: T.handle, w: T.Buffer((N, K), dtype), var_r: T.handle, var_y: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            B = T.int64()
-            a = T.match_buffer(var_a, (B, 1, K), dtype)
-            r = T.match_buffer(var_r, (B, 1, N), dtype)
-            y = T.match_buffer(var_y, (B, 1, N), out_dtype)
+    @T.prim_func
+    def kiln_gemm_rows_residual(var_a: T.handle, w: T.Buffer((N, K), dtype), var_r: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        B = T.int64()
+        a = T.match_buffer(var_a, (B, 1, K), dtype)
+        r = T.match_buffer(var_r, (B, 1, N), dtype)
+        y = T.match_buffer(var_y, (B, 1, N), out_dtype)
+        if B <= 8:
+            for by in T.thread_binding(nb, thread="blockIdx.y"):
+                for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                    red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
+                    T.evaluate(T.call_extern("void", small, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
+                                             T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
+        else:
             for by in T.thread_binding(nb, thread="blockIdx.y"):
                 for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
                     for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
                         red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                        T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
+                        T.evaluate(T.call_extern("void", large, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
                                                  T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
 
+    if residual:
         return kiln_gemm_rows_residual
 
     @T.prim_func
@@ -112,12 +121,19 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
         B = T.int64()
         a = T.match_buffer(var_a, (B, 1, K), dtype)
         y = T.match_buffer(var_y, (B, 1, N), out_dtype)
-        for by in T.thread_binding(nb, thread="blockIdx.y"):
-            for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
+        if B <= 8:  # r: unused (RESIDUAL is false), a's address in its place
+            for by in T.thread_binding(nb, thread="blockIdx.y"):
                 for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
                     red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(a[0, 0, 0]),
-                                             T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))  # r: unused
+                    T.evaluate(T.call_extern("void", small, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(a[0, 0, 0]),
+                                             T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
+        else:
+            for by in T.thread_binding(nb, thread="blockIdx.y"):
+                for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
+                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                        red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
+                        T.evaluate(T.call_extern("void", large, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(a[0, 0, 0]),
+                                                 T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
 
     return kiln_gemm_rows
 

@@ -20,7 +20,8 @@
 // the 8 partial sums are added in warp order at the end (through `red`, 8 KB of
 // shared memory, GROWS_RED_FLOATS). A token's result therefore depends on K alone -- not on M or
 // on the other tokens in the step (batch-invariant), whichever token-tile count
-// the block picks. Launch: grid (ceil(M / 64), ceil(N / 32)), 256 threads.
+// the block picks. Launch: grid (ceil(M / 64), ceil(N / 32)), 256 threads (or, for
+// M <= 8, the TTMAX = 1 kernel: grid (1, ceil(N / 32))).
 // K must be a multiple of 32 (the TIR side checks).
 #pragma once
 #include <cuda_bf16.h>
@@ -30,7 +31,7 @@
 namespace kiln {
 
 constexpr int GROWS_WARPS = 8, GROWS_N = 32, GROWS_M = 64;
-constexpr int GROWS_RED_FLOATS = GROWS_WARPS * 2 * 4 * 32;  // [warp][row tile][acc reg][lane]
+constexpr int GROWS_RED_FLOATS = GROWS_WARPS * 4 * 4 * 32;  // [warp][row tile (at most 4)][acc reg][lane]
 
 template <typename T> struct MmaIsBf16 { static constexpr bool value = false; };
 template <> struct MmaIsBf16<__nv_bfloat16> { static constexpr bool value = true; };
@@ -48,14 +49,15 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
   }
 }
 
-// One block's 32 weight rows x TT * 8 tokens (tokens m0.., rows n0..).
-template <typename T, typename OutT, bool RESIDUAL, int TT>
+// One block's RT * 16 weight rows x TT * 8 tokens (tokens m0.., rows n0..); each
+// warp keeps its weight loads PF chunks ahead of its MMAs.
+template <typename T, typename OutT, bool RESIDUAL, int TT, int RT = 2, int PF = 1>
 __device__ __forceinline__ void gemm_rows_tile(const T* __restrict__ A, const T* __restrict__ W, const T* __restrict__ R,
                                                OutT* __restrict__ C, int M, int N, int K, int m0, int n0, float* __restrict__ red) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
-  const uint4* wp[2][2];  // [row tile][+0 / +8 rows]: this lane's 16 bytes of each 32-wide chunk
+  const uint4* wp[RT][2];  // [row tile][+0 / +8 rows]: this lane's 16 bytes of each 32-wide chunk
 #pragma unroll
-  for (int rt = 0; rt < 2; ++rt)
+  for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
       wp[rt][h] = reinterpret_cast<const uint4*>(W + (size_t)min(n0 + rt * 16 + h * 8 + g, N - 1) * K + 8 * q);  // tail rows: recompute the last
@@ -63,59 +65,66 @@ __device__ __forceinline__ void gemm_rows_tile(const T* __restrict__ A, const T*
 #pragma unroll
   for (int tt = 0; tt < TT; ++tt) xp[tt] = reinterpret_cast<const uint4*>(A + (size_t)min(m0 + tt * 8 + g, M - 1) * K + 8 * q);
 
-  float acc[2][TT][4];
+  float acc[RT][TT][4];
 #pragma unroll
-  for (int rt = 0; rt < 2; ++rt)
+  for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
     for (int tt = 0; tt < TT; ++tt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[rt][tt][e] = 0.f;
 
   const int chunks = K / 32;  // a chunk is 4 uint4 per row: chunk c starts at uint4 index 4c
-  uint4 wc[2][2], wn[2][2];
-  int c = warp;
-  if (c < chunks) {
+  uint4 wbuf[PF + 1][RT][2];  // ring of weight registers: slot i holds chunk warp + 8 * (step + i)
 #pragma unroll
-    for (int rt = 0; rt < 2; ++rt)
+  for (int p = 0; p < PF; ++p) {
+    const int cp = warp + GROWS_WARPS * p;
+    if (cp < chunks) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) wc[rt][h] = __ldg(wp[rt][h] + 4 * c);
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wbuf[p][rt][h] = __ldg(wp[rt][h] + 4 * cp);
+    }
   }
-  for (; c < chunks; c += GROWS_WARPS) {
-    const int cn = c + GROWS_WARPS;
+  for (int c = warp; c < chunks; c += GROWS_WARPS) {
+    const int cn = c + GROWS_WARPS * PF;
     if (cn < chunks) {
 #pragma unroll
-      for (int rt = 0; rt < 2; ++rt)
+      for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) wn[rt][h] = __ldg(wp[rt][h] + 4 * cn);
+        for (int h = 0; h < 2; ++h) wbuf[PF][rt][h] = __ldg(wp[rt][h] + 4 * cn);
     }
 #pragma unroll
     for (int tt = 0; tt < TT; ++tt) {
       const uint4 xb = __ldg(xp[tt] + 4 * c);
 #pragma unroll
-      for (int rt = 0; rt < 2; ++rt) {
-        mma_16816<T>(acc[rt][tt], wc[rt][0].x, wc[rt][1].x, wc[rt][0].y, wc[rt][1].y, xb.x, xb.y);
-        mma_16816<T>(acc[rt][tt], wc[rt][0].z, wc[rt][1].z, wc[rt][0].w, wc[rt][1].w, xb.z, xb.w);
+      for (int rt = 0; rt < RT; ++rt) {
+        const uint4(&w)[2] = wbuf[0][rt];
+        mma_16816<T>(acc[rt][tt], w[0].x, w[1].x, w[0].y, w[1].y, xb.x, xb.y);
+        mma_16816<T>(acc[rt][tt], w[0].z, w[1].z, w[0].w, w[1].w, xb.z, xb.w);
       }
     }
 #pragma unroll
-    for (int rt = 0; rt < 2; ++rt)
+    for (int p = 0; p < PF; ++p)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) wc[rt][h] = wn[rt][h];
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wbuf[p][rt][h] = wbuf[p + 1][rt][h];
   }
 
   // acc[rt][tt][e] holds C^T[row n0 + rt * 16 + g + (e >= 2 ? 8 : 0)][token m0 + tt * 8 + 2q + (e & 1)]
 #pragma unroll
   for (int tt = 0; tt < TT; ++tt) {
 #pragma unroll
-    for (int rt = 0; rt < 2; ++rt)
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) red[((warp * 2 + rt) * 4 + e) * 32 + lane] = acc[rt][tt][e];
+      for (int e = 0; e < 4; ++e) red[((warp * RT + rt) * 4 + e) * 32 + lane] = acc[rt][tt][e];
     __syncthreads();
-    {
-      const int rt = tid / 128, e = (tid / 32) % 4, ln = tid % 32;  // 256 threads = 2 x 4 x 32 outputs
+#pragma unroll
+    for (int i = tid; i < RT * 4 * 32; i += GROWS_WARPS * 32) {
+      const int rt = i / 128, e = (i / 32) % 4, ln = i % 32;
       float v = 0.f;
 #pragma unroll
-      for (int w = 0; w < GROWS_WARPS; ++w) v += red[((w * 2 + rt) * 4 + e) * 32 + ln];  // fixed order: batch-invariant
+      for (int w = 0; w < GROWS_WARPS; ++w) v += red[((w * RT + rt) * 4 + e) * 32 + ln];  // fixed order: batch-invariant
       const int row = n0 + rt * 16 + ln / 4 + (e >= 2 ? 8 : 0), tok = m0 + tt * 8 + 2 * (ln % 4) + (e & 1);
       if (row < N && tok < M) {
         if constexpr (RESIDUAL) v += to_float(R[(size_t)tok * N + row]);
@@ -126,15 +135,23 @@ __device__ __forceinline__ void gemm_rows_tile(const T* __restrict__ A, const T*
   }
 }
 
-template <typename T, typename OutT, bool RESIDUAL>
+// The block's tokens m0 .. m0 + 63 (TTMAX = 8) or m0 .. m0 + 7 (TTMAX = 1). Two
+// kernels because registers are allocated for a kernel's largest branch: the
+// 1-token-tile kernel (B <= 8: 88 registers against 174) keeps more weight loads
+// in flight per SM -- 3.3-3.8 TB/s on the 8B shape's large-N matrices against
+// 2.5-2.7 (benchmarks/NOTES.md). Same K split, so the same bits either way.
+template <typename T, typename OutT, bool RESIDUAL, int TTMAX>
 __device__ __forceinline__ void gemm_rows(const T* __restrict__ A, const T* __restrict__ W, const T* __restrict__ R, OutT* __restrict__ C,
                                           int M, int N, int K, float* __restrict__ red) {
-  const int m0 = blockIdx.x * GROWS_M, n0 = blockIdx.y * GROWS_N, mt = M - m0;
-  // fewer token tiles when fewer tokens: the MMA work scales with the tokens present
-  if (mt <= 8) gemm_rows_tile<T, OutT, RESIDUAL, 1>(A, W, R, C, M, N, K, m0, n0, red);
-  else if (mt <= 16) gemm_rows_tile<T, OutT, RESIDUAL, 2>(A, W, R, C, M, N, K, m0, n0, red);
-  else if (mt <= 32) gemm_rows_tile<T, OutT, RESIDUAL, 4>(A, W, R, C, M, N, K, m0, n0, red);
-  else gemm_rows_tile<T, OutT, RESIDUAL, 8>(A, W, R, C, M, N, K, m0, n0, red);
+  const int m0 = blockIdx.x * TTMAX * 8, n0 = blockIdx.y * GROWS_N, mt = M - m0;
+  if constexpr (TTMAX == 1) {
+    gemm_rows_tile<T, OutT, RESIDUAL, 1, 2, 2>(A, W, R, C, M, N, K, m0, n0, red);
+  } else {  // fewer token tiles when fewer tokens: the MMA work scales with the tokens present
+    if (mt <= 8) gemm_rows_tile<T, OutT, RESIDUAL, 1, 2, 2>(A, W, R, C, M, N, K, m0, n0, red);
+    else if (mt <= 16) gemm_rows_tile<T, OutT, RESIDUAL, 2, 2, 2>(A, W, R, C, M, N, K, m0, n0, red);
+    else if (mt <= 32) gemm_rows_tile<T, OutT, RESIDUAL, 4, 2, 2>(A, W, R, C, M, N, K, m0, n0, red);
+    else gemm_rows_tile<T, OutT, RESIDUAL, 8, 2, 2>(A, W, R, C, M, N, K, m0, n0, red);
+  }
 }
 
 }  // namespace kiln
