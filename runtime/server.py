@@ -26,6 +26,7 @@ import asyncio
 import hmac
 import json
 import math
+import sys
 import threading
 import time
 import uuid
@@ -38,6 +39,7 @@ from .sampler import SamplingParams
 MAX_BODY_BYTES = 1 << 20
 MAX_MESSAGES = 256
 MAX_TEXT_CHARS = 256 * 1024
+GIL_SWITCH_INTERVAL = 0.0005  # seconds; see serve()
 ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
@@ -455,6 +457,11 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_nam
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=max(grace, 1), lifespan="on")
     server = _Server(config)
     bound = sock.getsockname()
+    # The engine thread runs the model with the GIL released, then needs it back for a
+    # little Python per step, while the event loop holds it writing one SSE chunk per
+    # stream. At the default 5 ms switch interval that wait was ~6 ms of a 17.6 ms
+    # step at 128 streams (H200, 8B): inter-token latency 23.4 ms.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     print(f"kiln: serving {name} on http://{bound[0]}:{bound[1]} (max batch {max_batch}, context {s.max_seq_len})", flush=True)
     if on_ready is not None:
         on_ready(bound)
