@@ -30,6 +30,7 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
             "source_format": m.ck.format,
             "source_dtypes": sorted(set(m.ck.tensor_dtypes.values())),
             "num_params": built.num_params,
+            **({"num_active_params": config.active_params(built.num_params)} if config.num_experts else {}),
         },
         "dtype": m.dtype,  # storage; each target entry says its compute dtype
         "quant": ({**plan.describe(), "quality": quality, "matrices": built.imported} if plan is not None else "none"),

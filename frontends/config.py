@@ -213,6 +213,12 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    def active_params(self, total: int) -> int:
+        """Of `total` parameters, those one token reads: all but the experts it does not pick."""
+        sparse = sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+        unpicked = self.num_experts - self.num_experts_per_tok
+        return total - sparse * unpicked * 3 * self.moe_intermediate_size * self.hidden_size
+
     def is_moe_layer(self, i: int) -> bool:
         """Layer i's MLP is a mixture of experts (transformers' Qwen3-MoE rule; Mixtral: every layer)."""
         return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0

@@ -178,7 +178,8 @@ def test_logits_and_greedy_match_transformers(arch, compiled, hf_model):
 
 
 def test_manifest_counts_every_expert(compiled, tiny_checkpoint):
-    """The artifact holds every expert (stacked per layer) and the dense layer's MLP."""
+    """The artifact holds every expert (stacked per layer) and the dense layer's MLP;
+    the manifest counts all parameters and those one token reads."""
     manifest = json.loads((compiled("qwen3_moe") / "manifest.json").read_text())
     params = {p["name"]: p["shape"] for p in manifest["params"]}
     cfg = json.loads((tiny_checkpoint("qwen3_moe") / "config.json").read_text())
@@ -187,6 +188,10 @@ def test_manifest_counts_every_expert(compiled, tiny_checkpoint):
     assert params["layers.0.mlp.experts.down"] == [e, d, f]
     assert params["layers.0.mlp.gate.weight"] == [e, d]
     assert params["layers.1.mlp.gate_up_proj.weight"] == [2 * cfg["intermediate_size"], d]  # mlp_only_layers=[1]
+    model = manifest["model"]
+    assert model["num_params"] == sum(int(np.prod(s)) for s in params.values())
+    # one sparse layer: a token skips E - k of its experts (kiln inspect --json shows both counts)
+    assert model["num_active_params"] == model["num_params"] - (e - cfg["num_experts_per_tok"]) * 3 * f * d
 
 
 def test_routing_choices_matter(tiny_checkpoint, hf_model):
@@ -243,3 +248,21 @@ def test_fused_expert_layout_converts_alike(arch, tiny_checkpoint, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+def test_moe_cross_compiles_for_cuda(tiny_checkpoint, tmp_path):
+    """The routing and expert kernels compile for CUDA too (dlight's generic GPU
+    rules for now; kiln's own CUDA MoE kernels are the next milestone)."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    if shutil.which("nvcc") is None or shutil.which("gcc") is None:
+        pytest.skip("needs nvcc and gcc")
+    out = tmp_path / "mixtral-sm90.kiln"
+    res = subprocess.run([sys.executable, "-m", "kiln.cli", "compile", str(tiny_checkpoint("mixtral")), "-o", str(out),
+                          "--target", "cuda:sm_90", "--dtype", "bfloat16", "--quiet"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["model"]["num_active_params"] > 0

@@ -17,14 +17,14 @@ group limits) in place of `select_experts`; the expert kernels stay.
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .layers import OP_ATTR, _precision, _tvm, nn, nt_matmul, op
+from .layers import OP_ATTR, ROLE_ATTR, _precision, _tvm, nn, nt_matmul, op
 
 te = _tvm.te
 tir = _tvm.tirx
 
-# What the expert kernels are, set on purpose so schedule rules and passes can
-# match them by attribute as well as by structure (cf. layers.OP_ATTR).
-EXPERT_OP = "expert_matmul"
+# What the expert kernels are, set on purpose so passes can match them by
+# attribute (cf. layers.OP_ATTR; a pass reading OP_ATTR reads ROLE_ATTR too)
+EXPERT_ATTRS = {OP_ATTR: "expert_matmul", ROLE_ATTR: "expert"}
 
 
 def _f32(v):
@@ -112,13 +112,13 @@ def routing_weights(logits, ids, renormalize: bool):
 
 def expert_matmul(x, w, ids, name: str = "expert_gate_up"):
     out = str(x.dtype)
-    return op.tensor_expr_op(lambda xt, wt, idt: te_expert_matmul(xt, wt, idt, out, name), name, [x, w, ids], attrs={OP_ATTR: EXPERT_OP})
+    return op.tensor_expr_op(lambda xt, wt, idt: te_expert_matmul(xt, wt, idt, out, name), name, [x, w, ids], attrs=EXPERT_ATTRS)
 
 
 def expert_down(a, w, ids, weights, name: str = "expert_down"):
     out = str(a.dtype)
     return op.tensor_expr_op(lambda at, wt, idt, wts: te_expert_down(at, wt, idt, wts, out, name), name, [a, w, ids, weights],
-                             attrs={OP_ATTR: EXPERT_OP})
+                             attrs=EXPERT_ATTRS)
 
 
 class Router(nn.Module):
