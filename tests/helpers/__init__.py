@@ -5,8 +5,9 @@
   tokenizer), the variants and their seeds, where the bundled SmolLM2 GGUF is.
 - tiny_gguf: tiny GGUF files written with gguf.GGUFWriter.
 - processes: compiling from a test, in this process or in a child
-  (`compile_artifact`, `run_compiler_code`, `run_python`), and the artifact
-  shared by the artifact and runtime-request tests.
+  (`compile_artifact`, `compile_artifacts` two at a time, `run_compiler_code`,
+  `run_python`), the artifact shared by the artifact and runtime-request tests,
+  and `MemoLogits` (a reference's logits computed once for several candidates).
 - reference: transformers as the reference (`load_hf_model`, `hf_greedy`).
 - tiers: `slow_except`, to keep one or two cases of a long sweep in the fast tier.
 
@@ -16,7 +17,9 @@ Tests import them as `from helpers import ...`: pytest puts tests/ on sys.path
 
 from .models import ARCHS, SEEDS, TINY, VARIANTS, VOCAB, make_tiny_checkpoint, smollm2_path
 from .processes import (
+    MemoLogits,
     compile_artifact,
+    compile_artifacts,
     compile_script,
     copy_artifact,
     prefer_full_tvm,

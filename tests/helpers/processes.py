@@ -101,6 +101,35 @@ def compile_artifact(model: Path, out: Path, **options) -> Path:
     return out
 
 
+def compile_artifacts(jobs: list[tuple[Path, Path, dict]]) -> list[Path]:
+    """compile_artifact for each (model, out, options), two at a time in child
+    processes: a compile is one thread (TVM's LLVM codegen), so on CI's two cores
+    a pair takes the time of one. Returns the outs in order."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    if len(jobs) < 2:
+        return [compile_artifact(m, o, **opts) for m, o, opts in jobs]
+    workers = max(2, min(len(jobs), os.cpu_count() or 2))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda job: run_python(compile_script(job[0], job[1], **job[2])), jobs))
+    return [o for _, o, _ in jobs]
+
+
+class MemoLogits:
+    """A reference for runtime.quality.compare_sessions whose teacher-forced logits
+    are computed once per window and reused against every candidate."""
+
+    def __init__(self, session):
+        self.session = session
+        self._rows: dict[tuple[int, ...], object] = {}
+
+    def logits(self, ids):
+        key = tuple(ids)
+        if key not in self._rows:
+            self._rows[key] = self.session.logits(ids)
+        return self._rows[key]
+
+
 _SHARED: dict[str, Path] = {}
 
 
