@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # compiles SmolLM2 twice, runs the demo
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from helpers import compile_artifact, hf_greedy, load_hf_model  # noqa: E402
+from helpers import compile_artifacts, hf_greedy, load_hf_model  # noqa: E402
 
 from kiln.runtime import SamplingParams, load  # noqa: E402
 
@@ -42,7 +42,8 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory):
 def smollm2_artifacts(smollm2_gguf, smollm2_hf_dir, tmp_path_factory):
     """source -> compiled artifact (float32, llvm), for source in ("gguf", "hf")."""
     root = tmp_path_factory.mktemp("smollm2_art")
-    return {name: compile_artifact(src, root / f"{name}.kiln") for name, src in (("gguf", smollm2_gguf), ("hf", smollm2_hf_dir))}
+    sources = {"gguf": smollm2_gguf, "hf": smollm2_hf_dir}
+    return dict(zip(sources, compile_artifacts([(src, root / f"{name}.kiln", {}) for name, src in sources.items()])))
 
 
 @pytest.fixture(scope="module")
