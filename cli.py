@@ -142,12 +142,16 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     sv.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact's name)")
-    sv.add_argument("--max-batch", type=int, default=8, help="requests running at once (each reserves KV memory for the context)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests running at once (each reserves KV memory for the context, "
+                                                              "unless --kv-pages sizes a shared pool)")
     sv.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get HTTP 429")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ (default: $KILN_API_KEY, else none)")
     sv.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     sv.add_argument("--random-weights", action="store_true", help="fill params with random values (artifacts compiled with --no-weights)")
     sv.add_argument("--max-seq-len", type=int, default=None, help="context per request (KV memory is reserved for max-batch of them)")
+    sv.add_argument("--kv-pages", type=int, default=None,
+                    help="KV pool in pages shared by the running requests (at least one context); when it runs out, "
+                         "the youngest request is preempted and recomputed later")
     sv.add_argument("--threads", type=int, default=None)
     sv.add_argument("--grace", type=float, default=10.0, help="seconds running requests may finish after SIGTERM")
 
@@ -348,7 +352,7 @@ def cmd_serve(a) -> int:
         raise KilnError(f"--grace must be in [0, 3600] seconds, got {a.grace}")
     return serve(a.artifact, host=a.host, port=a.port, model_name=a.model_name, max_batch=a.max_batch, max_queue=a.max_queue,
                  api_key=a.api_key or os.environ.get("KILN_API_KEY") or None, device=a.device, random_weights=a.random_weights,
-                 max_seq_len=a.max_seq_len, threads=a.threads, grace=a.grace)
+                 max_seq_len=a.max_seq_len, threads=a.threads, grace=a.grace, kv_pages=a.kv_pages)
 
 
 def cmd_demo(a) -> int:

@@ -60,8 +60,10 @@ class Request:
     on_event: Callable[[Event], None]
     arrived: float = field(default_factory=time.perf_counter)
     seq: int | None = None
-    fed: int = 0  # prompt tokens in the KV cache
-    next_token: int | None = None  # sampled, not yet accepted
+    feed: list[int] = field(default_factory=list)  # tokens to prefill: the prompt, or after a preemption all but the pending token
+    fed: int = 0  # tokens of `feed` in the KV cache
+    resume: bool = False  # feeding after a preemption: the next token is known, nothing is sampled
+    next_token: int | None = None  # sampled and accepted, not yet in the KV cache
     first_token_at: float | None = None
     last_token_at: float | None = None
     cancelled: bool = False
@@ -113,6 +115,8 @@ class Engine:
         self.counters = collections.Counter()  # requests by outcome, tokens
         self.ttft = Histogram(LATENCY_BOUNDS)
         self.itl = Histogram(LATENCY_BOUNDS)
+        self.kv_pages_total = session.kv_pages_total  # None: kiln's quantized cache (no shared pool)
+        self.kv_pages_free = self.kv_pages_total
 
     # --- any thread ----------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -130,7 +134,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 self.counters["rejected_queue_full"] += 1
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (the queue holds {self.max_queue}): try again later")
-            req = Request(next(self._ids), gen, on_event)
+            req = Request(next(self._ids), gen, on_event, feed=gen.prompt)
             self._waiting.append(req)
             self.counters["requests"] += 1
             self._lock.notify()
@@ -167,7 +171,8 @@ class Engine:
     def stats(self) -> dict:
         with self._lock:
             return {"waiting": len(self._waiting), "running": len(self._running), "max_batch": self.max_batch,
-                    "sequences_open": sum(1 for r in self._running if r.seq is not None), **self.counters}
+                    "sequences_open": sum(1 for r in self._running if r.seq is not None),
+                    "kv_pages_total": self.kv_pages_total, "kv_pages_free": self.kv_pages_free, **self.counters}
 
     # --- engine thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -178,9 +183,9 @@ class Engine:
                 if self._halt and not self._running and not self._waiting:
                     return
                 self._retire_cancelled()
-                while self._waiting and len(self._running) < self.max_batch and not self._halt:
-                    req = self._waiting.popleft()
-                    self._running.append(req)
+                if not self._halt:
+                    self._schedule()
+                self.kv_pages_free = self.session.kv_pages_free()
                 if self._halt:
                     self._retire_cancelled()
                     if not self._running and not self._waiting:
@@ -188,12 +193,64 @@ class Engine:
                 running = list(self._running)
             try:
                 self._step(running)
+                self.kv_pages_free = self.session.kv_pages_free()
             except Exception as err:  # noqa: BLE001  (a bug must fail the requests it hit, not hang every client)
                 import traceback  # noqa: PLC0415
 
                 traceback.print_exc()
                 for r in running:
                     self._fail(r, RuntimeError(f"internal error: {type(err).__name__}: {err}"[:500]))
+
+    def _schedule(self) -> None:  # under the lock, on the engine thread
+        """Admit waiting requests FCFS while sequences and KV pages allow; when the
+        running ones' next step needs more pages than are free, preempt the
+        youngest (free its pages now, recompute its tokens when it is readmitted).
+
+        Pages: a request still feeding is owed the pages its whole feed needs (it
+        got the promise at admission); a decoding one needs a page when its length
+        is a multiple of the page size. A head request is admitted when its feed
+        plus one page fits beside those; a later one never jumps it (no starvation).
+        The pool holds at least one context, so the oldest request always fits."""
+        s = self.session
+        free = s.kv_pages_free()
+        if free is None:  # kiln's quantized cache: every sequence reserves its context
+            while self._waiting and len(self._running) < self.max_batch:
+                self._running.append(self._waiting.popleft())
+            return
+
+        def held(r):
+            return s.pages_for(s.sequence_length(r.seq)) if r.seq is not None else 0
+
+        def wants(r):  # pages r's next step may take
+            if r.fed < len(r.feed):
+                return s.pages_for(len(r.feed)) - held(r)
+            return 1 if r.seq is not None and s.sequence_length(r.seq) % s.page_size == 0 else 0
+
+        need = sum(wants(r) for r in self._running)
+        while need > free and len(self._running) > 1:
+            victim = self._running[-1]
+            need -= wants(victim)
+            free += held(victim)
+            self._preempt(victim)
+        while self._waiting and len(self._running) < self.max_batch:
+            head = self._waiting[0]
+            if need + s.pages_for(len(head.feed)) + 1 > free:
+                break
+            need += s.pages_for(len(head.feed))
+            self._running.append(self._waiting.popleft())
+
+    def _preempt(self, r: Request) -> None:  # under the lock
+        """Give r's pages back and requeue it first: when readmitted it prefills its
+        prompt and the tokens it has produced (all but the pending one), then goes on."""
+        self._running.remove(r)
+        if r.seq is not None:
+            self.session.remove_sequence(r.seq)
+            r.seq = None
+        if r.next_token is not None:
+            r.feed, r.resume = r.gen.history[:-1], True
+        r.fed = 0
+        self._waiting.appendleft(r)
+        self.counters["preemptions"] += 1
 
     def _retire_cancelled(self) -> None:  # under the lock
         for r in [r for r in self._waiting if r.cancelled]:
@@ -213,9 +270,9 @@ class Engine:
             except KilnError as err:
                 self._fail(r, err)
                 continue
-            if r.fed < r.prompt_tokens:
+            if r.fed < len(r.feed):
                 if budget > 0:
-                    n = min(budget, r.prompt_tokens - r.fed)
+                    n = min(budget, len(r.feed) - r.fed)
                     feeding.append((r, n))
                     budget -= n
             elif not r.done:
@@ -229,7 +286,7 @@ class Engine:
         """The step's prompt chunks in one prefill call (a ragged batch); if that
         call refuses them, one call each, so a bad request fails alone."""
         s = self.session
-        chunks = [r.gen.prompt[r.fed : r.fed + n] for r, n in feeding]
+        chunks = [r.feed[r.fed : r.fed + n] for r, n in feeding]
         try:
             rows = s.prefill_many([r.seq for r, _ in feeding], chunks)
         except KilnError:
@@ -238,9 +295,13 @@ class Engine:
             try:
                 logits = rows[i] if rows is not None else s.prefill(r.seq, chunks[i])
                 r.fed += n
-                if r.fed == r.prompt_tokens:
-                    r.next_token = r.gen.sample(logits)
-                    self._deliver(r)
+                self.counters["prompt_tokens"] += n
+                if r.fed == len(r.feed):
+                    if r.resume:  # recomputed after a preemption: its next token is already known
+                        r.resume = False
+                    else:
+                        r.next_token = r.gen.sample(logits)
+                        self._deliver(r)
             except KilnError as err:
                 self._fail(r, err)
 
@@ -301,7 +362,6 @@ class Engine:
             self.session.remove_sequence(r.seq)
             r.seq = None
         self.counters[f"requests_{outcome}"] += 1
-        self.counters["prompt_tokens"] += r.fed
         self._emit(r, ev)
 
     def _emit(self, r: Request, ev: Event) -> None:

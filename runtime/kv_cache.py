@@ -26,16 +26,25 @@ class PagedKVCache:
     kv_heads x head_dim per layer; memory for max_sequences sequences of
     max_seq_len tokens is reserved once at creation."""
 
-    def __init__(self, vm, rt, max_seq_len: int, page_size: int, prefill_chunk: int, max_sequences: int = 1):
+    def __init__(self, vm, rt, max_seq_len: int, page_size: int, prefill_chunk: int, max_sequences: int = 1, pages: int | None = None):
+        """pages: the pool's size in pages (default: every sequence at max_seq_len;
+        whole pages per sequence, sequences do not share a page)."""
         shape = rt.ffi.Shape
         self.rt = rt
-        # whole pages per sequence: sequences do not share a page
-        tokens = max_seq_len if max_sequences == 1 else max_sequences * -(-max_seq_len // page_size) * page_size
+        if pages is not None:
+            tokens = pages * page_size
+        else:
+            tokens = max_seq_len if max_sequences == 1 else max_sequences * -(-max_seq_len // page_size) * page_size
         self.obj = vm["create_paged_kv_cache"](shape([max_sequences]), shape([tokens]), shape([prefill_chunk]), shape([page_size]), shape([0]))
         g = rt.get_global_func
         self._add, self._remove = g("vm.builtin.kv_state_add_sequence"), g("vm.builtin.kv_state_remove_sequence")
         self._begin, self._end = g("vm.builtin.kv_state_begin_forward"), g("vm.builtin.kv_state_end_forward")
+        self._available = g("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.live: set[int] = set()
+        self.total_pages = self.free_pages()
+
+    def free_pages(self) -> int:
+        return int(self._available(self.obj))
 
     def add(self, seq_id: int) -> None:
         self._add(self.obj, seq_id)

@@ -381,6 +381,10 @@ def prometheus_text(engine: Engine) -> str:
     metric("max_batch", "gauge", "sequences the engine runs at once", st["max_batch"])
     metric("sequences_open", "gauge", "sequences holding KV cache pages", st["sequences_open"])
     metric("threads", "gauge", "threads in the server process", threading.active_count())
+    if st.get("kv_pages_total") is not None:
+        metric("kv_pages_total", "gauge", "pages in the KV cache pool", st["kv_pages_total"])
+        metric("kv_pages_free", "gauge", "KV cache pages held by no sequence", st["kv_pages_free"])
+    metric("preemptions_total", "counter", "running requests preempted for KV pages (recomputed later)", st.get("preemptions", 0))
     metric("prompt_tokens_total", "counter", "prompt tokens prefilled", st.get("prompt_tokens", 0))
     metric("completion_tokens_total", "counter", "tokens generated", st.get("completion_tokens", 0))
     for name, h, help_ in (("time_to_first_token_seconds", engine.ttft, "arrival to first token"),
@@ -426,7 +430,8 @@ def _server_class():
 
 def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, max_batch: int = 8,
           max_queue: int = 256, api_key: str | None = None, device: str = "cpu", random_weights: bool = False,
-          max_seq_len: int | None = None, threads: int | None = None, grace: float = 10.0, on_ready=None) -> int:
+          max_seq_len: int | None = None, threads: int | None = None, grace: float = 10.0, on_ready=None,
+          kv_pages: int | None = None) -> int:
     """Load the artifact, start the engine and serve until SIGTERM / SIGINT; returns the exit code."""
     import socket  # noqa: PLC0415
 
@@ -450,7 +455,8 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_nam
     except OSError as err:
         sock.close()
         raise KilnError(f"cannot listen on {host}:{port}: {err.strerror}") from None
-    s = load(artifact, device=device, max_seq_len=max_seq_len, threads=threads, random_weights=random_weights, max_sequences=max_batch)
+    s = load(artifact, device=device, max_seq_len=max_seq_len, threads=threads, random_weights=random_weights, max_sequences=max_batch,
+             kv_pages=kv_pages)
     name = model_name or s.artifact.path.name.removesuffix(".kiln")
     engine = Engine(s, max_queue=max_queue)
     app = create_app(engine, model_name=name, api_key=api_key, grace=grace)

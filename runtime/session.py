@@ -63,13 +63,13 @@ class Session:
 
     Public attributes: artifact, config, vocab_size, max_seq_len (tokens per
     sequence), max_sequences (sequences open at once), prefill_chunk (tokens
-    per prefill call), tokenizer (None without one), eos_ids, params (the
+    per prefill call), page_size (tokens per KV page), tokenizer (None without one), eos_ids, params (the
     weights as TVM tensors, in the manifest's order), device ("cpu" | "cuda"),
     tvm_device (the TVM Device), load_seconds.
     """
 
     def __init__(self, artifact: Artifact, device: str = "cpu", max_seq_len: int | None = None, prefill_chunk: int | None = None,
-                 random_weights: bool = False, max_sequences: int = 1):
+                 random_weights: bool = False, max_sequences: int = 1, kv_pages: int | None = None):
         t0 = time.perf_counter()
         rt = runtime()
         self._rt = rt
@@ -108,10 +108,18 @@ class Session:
         else:
             self.params = [self._to_device(spec, raw) for spec, raw in weights]
         # every open sequence may grow to max_seq_len: the cache reserves pages for all of them
+        self.page_size = int(kv["page_size"])
         if kv.get("kind", "paged") == "kiln-quant":
+            if kv_pages is not None:
+                raise RequestError("kv_pages sizes TVM's paged cache; this artifact's quantized KV cache reserves each sequence's pages")
             self._kv = QuantKVCache(rt, self.tvm_device, kv, self.max_seq_len, max_sequences)
         else:
-            self._kv = PagedKVCache(self._vm, rt, self.max_seq_len, int(kv["page_size"]), self.prefill_chunk, max_sequences)
+            if kv_pages is not None:
+                low, high = self.pages_for(self.max_seq_len), max_sequences * self.pages_for(self.max_seq_len)
+                if isinstance(kv_pages, bool) or not isinstance(kv_pages, int) or not low <= kv_pages <= high:
+                    raise RequestError(f"kv_pages must be an integer in [{low}, {high}] (one to max_sequences contexts of "
+                                       f"{self.max_seq_len} tokens in pages of {self.page_size}), got {kv_pages!r}")
+            self._kv = PagedKVCache(self._vm, rt, self.max_seq_len, self.page_size, self.prefill_chunk, max_sequences, pages=kv_pages)
         self._lengths: dict[int, int] = {}  # open sequence id -> tokens in its KV cache
         self._advanced: set[int] = set()  # sequences grown by advance(): K/V arbitrary, logits meaningless
         self._embed, self._prefill, self._decode = self._vm["embed"], self._vm["prefill"], self._vm["decode"]
@@ -149,6 +157,19 @@ class Session:
         del self._lengths[seq]
         self._advanced.discard(seq)
         self._kv.remove(seq)
+
+    def pages_for(self, tokens: int) -> int:
+        """KV pages that hold `tokens` tokens of one sequence."""
+        return -(-tokens // self.page_size)
+
+    def kv_pages_free(self) -> int | None:
+        """Pages of the KV pool not held by any sequence (None: kiln's quantized
+        cache, which reserves max_seq_len for every sequence it may open)."""
+        return self._kv.free_pages() if isinstance(self._kv, PagedKVCache) else None
+
+    @property
+    def kv_pages_total(self) -> int | None:
+        return self._kv.total_pages if isinstance(self._kv, PagedKVCache) else None
 
     @property
     def sequences(self) -> list[int]:
@@ -513,10 +534,11 @@ def cuda_device(rt, target: dict, path):
 
 
 def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, threads: int | None = None, verify: bool = True,
-         random_weights: bool = False, prefill_chunk: int | None = None, max_sequences: int = 1) -> Session:
+         random_weights: bool = False, prefill_chunk: int | None = None, max_sequences: int = 1, kv_pages: int | None = None) -> Session:
     """Load an artifact (checks manifest, machine and hashes first) and return a Session.
     max_seq_len: tokens per sequence (default: the artifact's, at most 4096);
-    max_sequences: sequences open at once (KV memory is reserved for each at max_seq_len);
+    max_sequences: sequences open at once (KV memory is reserved for each at max_seq_len,
+    unless kv_pages sizes a smaller pool that they share: at least one context's pages);
     random_weights: only for artifacts compiled with --no-weights (speed runs)."""
     if threads is not None:
         if not 1 <= threads <= 1024:
@@ -524,4 +546,4 @@ def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, 
         os.environ["TVM_NUM_THREADS"] = str(threads)
     art = open_artifact(path, device=device, verify_hashes=verify)
     return Session(art, device=device, max_seq_len=max_seq_len, random_weights=random_weights, prefill_chunk=prefill_chunk,
-                   max_sequences=max_sequences)
+                   max_sequences=max_sequences, kv_pages=kv_pages)

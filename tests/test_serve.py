@@ -334,3 +334,32 @@ def test_an_unexpected_engine_error_fails_the_request_and_the_engine_goes_on(art
         assert engine.stats()["sequences_open"] == 0 and session.sequences == []
     finally:
         engine.stop()
+
+
+def test_a_small_kv_pool_preempts_and_outputs_stay_right(artifact, reference):
+    """A pool of 5 pages (16 tokens each) for 4 requests that grow to ~4 pages each:
+    the youngest are preempted and recomputed, and every text still equals
+    generate() alone; afterwards every page is free again."""
+    session, generate = reference
+    s = Server(artifact, "--max-batch", "4", "--max-seq-len", "64", "--kv-pages", "5", "--model-name", "tiny")
+    try:
+        m = s.metrics()
+        assert m["kiln_kv_pages_total"] == m["kiln_kv_pages_free"] >= 5
+        prompts = PROMPTS[:4]
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda p: s.client.completions.create(model="tiny", prompt=p, max_tokens=40, temperature=0,
+                                                                         extra_body={"ignore_eos": True}).choices[0].text, prompts))
+        for p, text in zip(prompts, texts):
+            assert text == generate(session.encode_prompt(p), 40, ignore_eos=True), p
+        m = s.metrics()
+        assert m["kiln_preemptions_total"] > 0
+        assert m["kiln_kv_pages_free"] == m["kiln_kv_pages_total"] and m["kiln_sequences_open"] == 0
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_kv_pool_under_one_context_is_refused(artifact):
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "serve", str(artifact), "--port", "0", "--max-seq-len", "64", "--kv-pages", "3"],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode != 0
+    assert "kv_pages must be an integer in [4, 32]" in proc.stderr, proc.stderr[-2000:]

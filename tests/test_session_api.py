@@ -6,6 +6,7 @@ on TVM's paged cache and on kiln's int8 cache."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -418,3 +419,31 @@ def test_too_many_sequences(session):
 def test_bad_max_sequences(art, n):
     with pytest.raises(RequestError, match=r"max_sequences must be an integer in \[1, 4096\]"):
         kiln.runtime.load(art, max_seq_len=CTX, max_sequences=n)
+
+
+def _quantized_cache(art) -> bool:
+    return json.loads((art / "manifest.json").read_text())["kv_cache"].get("kind") == "kiln-quant"
+
+
+@pytest.mark.parametrize("n", [0, 2, 10, True, 1.5, "4"])
+def test_bad_kv_pages(art, n):
+    """The shared pool holds one to max_sequences contexts (here 3 to 9 pages of 16 for a
+    context of 40); kiln's quantized cache has no shared pool to size."""
+    msg = "quantized KV cache reserves" if _quantized_cache(art) else r"kv_pages must be an integer in \[3, 9\]"
+    with pytest.raises(RequestError, match=msg):
+        kiln.runtime.load(art, max_seq_len=CTX, max_sequences=3, kv_pages=n)
+
+
+def test_kv_pool_pages_are_counted(art):
+    if _quantized_cache(art):
+        s = kiln.runtime.load(art, max_seq_len=CTX, max_sequences=3)
+        assert s.kv_pages_total is None and s.kv_pages_free() is None
+        return
+    s = kiln.runtime.load(art, max_seq_len=CTX, max_sequences=3, kv_pages=4)
+    total = s.kv_pages_total
+    assert total >= 4 and s.kv_pages_free() == total and s.pages_for(17) == 2 and s.page_size == 16
+    seq = s.add_sequence()
+    s.prefill(seq, PROMPT_A + PROMPT_B)  # 20 tokens: 2 pages
+    assert s.kv_pages_free() == total - 2
+    s.remove_sequence(seq)
+    assert s.kv_pages_free() == total
