@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     sv.add_argument("--random-weights", action="store_true", help="fill params with random values (artifacts compiled with --no-weights)")
     sv.add_argument("--max-seq-len", type=int, default=None, help="context per request (KV memory is reserved for max-batch of them)")
+    sv.add_argument("--prefix-cache", type=int, default=0,
+                    help="sequences kept for prefix caching: whole KV pages of earlier prompts reused by requests that start "
+                         "the same way (logits equal to ~1e-6, not bit for bit; default 0: off)")
     sv.add_argument("--kv-pages", type=int, default=None,
                     help="KV pool in pages shared by the running requests (at least one context); when it runs out, "
                          "the youngest request is preempted and recomputed later")
@@ -352,7 +355,8 @@ def cmd_serve(a) -> int:
         raise KilnError(f"--grace must be in [0, 3600] seconds, got {a.grace}")
     return serve(a.artifact, host=a.host, port=a.port, model_name=a.model_name, max_batch=a.max_batch, max_queue=a.max_queue,
                  api_key=a.api_key or os.environ.get("KILN_API_KEY") or None, device=a.device, random_weights=a.random_weights,
-                 max_seq_len=a.max_seq_len, threads=a.threads, grace=a.grace, kv_pages=a.kv_pages)
+                 max_seq_len=a.max_seq_len, threads=a.threads, grace=a.grace, kv_pages=a.kv_pages,
+                 prefix_cache=a.prefix_cache)
 
 
 def cmd_demo(a) -> int:

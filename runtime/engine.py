@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import KilnError, RequestError
+from .prefix_cache import PrefixCache
 from .request import Generation
 from .sampler import SamplingParams
 
@@ -97,11 +98,19 @@ LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 
 
 class Engine:
-    def __init__(self, session, *, max_queue: int = 256, prefill_budget: int | None = None):
+    def __init__(self, session, *, max_queue: int = 256, prefill_budget: int | None = None, prefix_cache: int = 0):
+        """prefix_cache: sequences kept for prefix caching (runtime/prefix_cache.py);
+        they come out of session.max_sequences, the rest run requests."""
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or not 1 <= max_queue <= 1 << 16:
             raise RequestError(f"max_queue must be an integer in [1, 65536], got {max_queue!r}")
+        if isinstance(prefix_cache, bool) or not isinstance(prefix_cache, int) or not 0 <= prefix_cache < session.max_sequences:
+            raise RequestError(f"prefix_cache must be an integer in [0, {session.max_sequences - 1}] (sequences beside the batch), "
+                               f"got {prefix_cache!r}")
+        if prefix_cache and session.kv_pages_total is None:
+            raise RequestError("prefix caching needs TVM's paged KV cache (this artifact has kiln's quantized cache)")
         self.session = session
-        self.max_batch = session.max_sequences
+        self.prefix = PrefixCache(session, prefix_cache) if prefix_cache else None
+        self.max_batch = session.max_sequences - prefix_cache
         self.max_queue = max_queue
         self.prefill_budget = prefill_budget or session.prefill_chunk
         self._lock = threading.Condition()
@@ -172,7 +181,9 @@ class Engine:
         with self._lock:
             return {"waiting": len(self._waiting), "running": len(self._running), "max_batch": self.max_batch,
                     "sequences_open": sum(1 for r in self._running if r.seq is not None),
-                    "kv_pages_total": self.kv_pages_total, "kv_pages_free": self.kv_pages_free, **self.counters}
+                    "kv_pages_total": self.kv_pages_total, "kv_pages_free": self.kv_pages_free,
+                    "prefix_entries": len(self.prefix) if self.prefix is not None else 0,
+                    "prefix_lookup_tokens": self.prefix.lookup_tokens if self.prefix is not None else 0, **self.counters}
 
     # --- engine thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -203,8 +214,10 @@ class Engine:
 
     def _schedule(self) -> None:  # under the lock, on the engine thread
         """Admit waiting requests FCFS while sequences and KV pages allow; when the
-        running ones' next step needs more pages than are free, preempt the
-        youngest (free its pages now, recompute its tokens when it is readmitted).
+        running ones' next step needs more pages than are free, evict cached
+        prefixes, then preempt the youngest (free its pages now, recompute its
+        tokens when it is readmitted). A request whose tokens start with a cached
+        prefix is forked from it at admission and feeds only the rest.
 
         Pages: a request still feeding is owed the pages its whole feed needs (it
         got the promise at admission); a decoding one needs a page when its length
@@ -226,17 +239,35 @@ class Engine:
                 return s.pages_for(len(r.feed)) - held(r)
             return 1 if r.seq is not None and s.sequence_length(r.seq) % s.page_size == 0 else 0
 
+        def evict() -> bool:  # a prefix-cache entry gives back the pages only it held
+            nonlocal free
+            if self.prefix is None or not self.prefix.evict():
+                return False
+            free = s.kv_pages_free()
+            return True
+
         need = sum(wants(r) for r in self._running)
-        while need > free and len(self._running) > 1:
+        while need > free:  # cached prefixes go first, then the youngest requests
+            if evict():
+                continue
+            if len(self._running) <= 1:
+                break
             victim = self._running[-1]
             need -= wants(victim)
-            free += held(victim)
             self._preempt(victim)
+            free = s.kv_pages_free()
         while self._waiting and len(self._running) < self.max_batch:
             head = self._waiting[0]
-            if need + s.pages_for(len(head.feed)) + 1 > free:
+            if head.seq is None and self.prefix is not None:
+                hit = self.prefix.lookup(head.feed)
+                if hit is not None:  # share the cached pages: only the rest is computed
+                    head.seq, head.fed = s.fork_sequence(*hit), hit[1]
+                    self.counters["prefix_hit_tokens"] += hit[1]
+            while need + wants(head) + 1 > free and evict():
+                pass
+            if need + wants(head) + 1 > free:
                 break
-            need += s.pages_for(len(head.feed))
+            need += wants(head)
             self._running.append(self._waiting.popleft())
 
     def _preempt(self, r: Request) -> None:  # under the lock
@@ -300,6 +331,9 @@ class Engine:
                     if r.resume:  # recomputed after a preemption: its next token is already known
                         r.resume = False
                     else:
+                        if self.prefix is not None:
+                            with self._lock:
+                                self.prefix.donate(r.seq, r.gen.prompt)
                         r.next_token = r.gen.sample(logits)
                         self._deliver(r)
             except KilnError as err:

@@ -55,6 +55,12 @@ class PagedKVCache:
             self._remove(self.obj, seq_id)
             self.live.discard(seq_id)
 
+    def fork(self, parent: int, child: int, length: int) -> None:
+        """child := parent's first `length` tokens: whole pages shared (reference-counted
+        by TVM, so either may be removed first), a partial last page copied."""
+        self.rt.get_global_func("vm.builtin.kv_state_fork_sequence")(self.obj, parent, child, length)
+        self.live.add(child)
+
     def begin(self, seq_ids: list[int], lengths: list[int]) -> None:
         self._begin(self.obj, self.rt.ffi.Shape(seq_ids), self.rt.ffi.Shape(lengths))
 

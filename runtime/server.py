@@ -384,6 +384,10 @@ def prometheus_text(engine: Engine) -> str:
     if st.get("kv_pages_total") is not None:
         metric("kv_pages_total", "gauge", "pages in the KV cache pool", st["kv_pages_total"])
         metric("kv_pages_free", "gauge", "KV cache pages held by no sequence", st["kv_pages_free"])
+    metric("prefix_cache_entries", "gauge", "prompt prefixes kept in the KV cache", st.get("prefix_entries", 0))
+    metric("prefix_cache_hit_tokens_total", "counter", "prompt tokens reused from cached prefixes", st.get("prefix_hit_tokens", 0))
+    metric("prefix_cache_lookup_tokens_total", "counter", "prompt tokens looked up in the prefix cache (hit rate: hits / lookups)",
+           st.get("prefix_lookup_tokens", 0))
     metric("preemptions_total", "counter", "running requests preempted for KV pages (recomputed later)", st.get("preemptions", 0))
     metric("prompt_tokens_total", "counter", "prompt tokens prefilled", st.get("prompt_tokens", 0))
     metric("completion_tokens_total", "counter", "tokens generated", st.get("completion_tokens", 0))
@@ -431,7 +435,7 @@ def _server_class():
 def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, max_batch: int = 8,
           max_queue: int = 256, api_key: str | None = None, device: str = "cpu", random_weights: bool = False,
           max_seq_len: int | None = None, threads: int | None = None, grace: float = 10.0, on_ready=None,
-          kv_pages: int | None = None) -> int:
+          kv_pages: int | None = None, prefix_cache: int = 0) -> int:
     """Load the artifact, start the engine and serve until SIGTERM / SIGINT; returns the exit code."""
     import socket  # noqa: PLC0415
 
@@ -455,10 +459,12 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_nam
     except OSError as err:
         sock.close()
         raise KilnError(f"cannot listen on {host}:{port}: {err.strerror}") from None
-    s = load(artifact, device=device, max_seq_len=max_seq_len, threads=threads, random_weights=random_weights, max_sequences=max_batch,
-             kv_pages=kv_pages)
+    if isinstance(prefix_cache, bool) or not isinstance(prefix_cache, int) or not 0 <= prefix_cache <= 1024:
+        raise RequestError(f"--prefix-cache must be an integer in [0, 1024], got {prefix_cache!r}")
+    s = load(artifact, device=device, max_seq_len=max_seq_len, threads=threads, random_weights=random_weights,
+             max_sequences=max_batch + prefix_cache, kv_pages=kv_pages)
     name = model_name or s.artifact.path.name.removesuffix(".kiln")
-    engine = Engine(s, max_queue=max_queue)
+    engine = Engine(s, max_queue=max_queue, prefix_cache=prefix_cache)
     app = create_app(engine, model_name=name, api_key=api_key, grace=grace)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=max(grace, 1), lifespan="on")
     server = _Server(config)

@@ -151,6 +151,26 @@ class Session:
         self._lengths[seq] = 0
         return seq
 
+    def fork_sequence(self, parent: int, length: int) -> int:
+        """Open a sequence holding the first `length` tokens of open sequence `parent`
+        (1 <= length <= its length): their KV pages are shared, not recomputed or
+        copied (a partial last page is copied). The server's prefix cache is built on
+        it. TVM's paged cache only."""
+        have = self._length(parent)
+        if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= have:
+            raise RequestError(f"sequence {parent} holds {have} tokens: a fork takes 1 to {have} of them, not {length!r}")
+        if not isinstance(self._kv, PagedKVCache):
+            raise RequestError("fork_sequence needs TVM's paged KV cache (this artifact has kiln's quantized cache)")
+        if len(self._lengths) >= self.max_sequences:
+            raise RequestError(f"all {self.max_sequences} sequences of this session are open: remove one first, "
+                               f"or load with a larger max_sequences")
+        seq = next(i for i in itertools.count() if i not in self._lengths)
+        self._kv.fork(parent, seq, length)
+        self._lengths[seq] = length
+        if parent in self._advanced:
+            self._advanced.add(seq)
+        return seq
+
     def remove_sequence(self, seq: int) -> None:
         """Close a sequence and give its KV pages back; its id may be reused."""
         self._length(seq)

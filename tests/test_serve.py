@@ -363,3 +363,34 @@ def test_a_kv_pool_under_one_context_is_refused(artifact):
                           capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert proc.returncode != 0
     assert "kv_pages must be an integer in [4, 32]" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt(artifact, reference):
+    """Chats that share a long system prompt: later ones fork its cached KV pages
+    and prefill only the rest (hit tokens in /metrics), and their greedy texts equal
+    generate() alone. On a small pool the cache gives its pages back before any
+    running request is preempted."""
+    session, generate = reference
+    system = "You are the kiln test assistant. Answer in one short line. "  # one token per character here
+    s = Server(artifact, "--max-batch", "2", "--max-seq-len", "128", "--prefix-cache", "2", "--kv-pages", "14", "--model-name", "tiny")
+    try:
+        users = ["first question", "second one", "a third", "and a fourth", "fifth"]
+        for u in users:
+            msgs = [{"role": "system", "content": system}, {"role": "user", "content": u}]
+            r = s.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
+            assert r.choices[0].message.content == generate(session.tokenizer.encode_chat(msgs), 12), u
+        m = s.metrics()
+        shared = len(session.tokenizer.encode_chat([{"role": "system", "content": system}])) // session.page_size * session.page_size
+        assert shared >= 3 * session.page_size
+        assert m["kiln_prefix_cache_hit_tokens_total"] >= (len(users) - 1) * (shared - session.page_size)
+        assert 0 < m["kiln_prefix_cache_hit_tokens_total"] < m["kiln_prefix_cache_lookup_tokens_total"]
+        assert 1 <= m["kiln_prefix_cache_entries"] <= 2
+        with ThreadPoolExecutor(4) as pool:  # page pressure: 4 long requests on 14 pages
+            texts = list(pool.map(lambda u: s.client.completions.create(model="tiny", prompt=system + u, max_tokens=40, temperature=0,
+                                                                         extra_body={"ignore_eos": True}).choices[0].text, users[:4]))
+        for u, text in zip(users, texts):
+            assert text == generate(session.encode_prompt(system + u), 40, ignore_eos=True), u
+        m = s.metrics()
+        assert m["kiln_sequences_open"] == 0 and m["kiln_running"] == 0
+    finally:
+        assert s.stop() == 0

@@ -447,3 +447,35 @@ def test_kv_pool_pages_are_counted(art):
     assert s.kv_pages_free() == total - 2
     s.remove_sequence(seq)
     assert s.kv_pages_free() == total
+
+
+def test_fork_sequence_shares_a_prefix(art):
+    """fork_sequence(parent, n): a new sequence holding parent's first n tokens, its
+    pages shared (no new page for whole pages); the rest prefilled on top gives the
+    teacher-forced logits; either may be removed first."""
+    if _quantized_cache(art):
+        s = kiln.runtime.load(art, max_seq_len=CTX, max_sequences=3)
+        a = s.add_sequence()
+        s.prefill(a, PROMPT_A)
+        with pytest.raises(RequestError, match="paged KV cache"):
+            s.fork_sequence(a, 4)
+        return
+    s = kiln.runtime.load(art, max_seq_len=CTX, max_sequences=3)
+    prompt = PROMPT_A + PROMPT_B + PROMPT_A  # 33 tokens: 3 pages of 16
+    ref = s.logits(prompt)
+    a = s.add_sequence()
+    s.prefill(a, prompt[:20])
+    free = s.kv_pages_free()
+    b = s.fork_sequence(a, 16)  # a whole page: shared
+    assert s.kv_pages_free() == free and s.sequence_length(b) == 16
+    c = s.fork_sequence(a, 19)  # a partial page: copied
+    assert s.kv_pages_free() == free - 1
+    s.remove_sequence(a)
+    np.testing.assert_allclose(s.prefill(b, prompt[16:]), ref[-1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(s.prefill(c, prompt[19:]), ref[-1], rtol=0, atol=1e-5)
+    for bad in (0, 34, True, 1.5):  # b holds 33 now
+        with pytest.raises(RequestError, match="a fork takes 1 to 33"):
+            s.fork_sequence(b, bad)
+    s.remove_sequence(b)
+    s.remove_sequence(c)
+    assert s.kv_pages_free() == s.kv_pages_total
