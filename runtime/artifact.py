@@ -50,6 +50,8 @@ class Artifact:
         q = m.get("quant", "none")
         qname = q["weights"] if isinstance(q, dict) else q
         lines.append(f"  params   {m['model']['num_params'] / 1e6:.2f}M  dtype {m['dtype']}  quant {qname}  ({len(m['params'])} tensors)")
+        if m["model"].get("num_active_params") is not None:  # mixture of experts: what one token reads
+            lines.append(f"  active   {m['model']['num_active_params'] / 1e6:.2f}M params per token (experts it is not routed to are skipped)")
         if isinstance(q, dict):
             lines.append("  quant    " + ", ".join(f"{r} {f}" for r, f in q.get("roles", {}).items()))
             qual = q.get("quality")

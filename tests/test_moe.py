@@ -192,6 +192,10 @@ def test_manifest_counts_every_expert(compiled, tiny_checkpoint):
     assert model["num_params"] == sum(int(np.prod(s)) for s in params.values())
     # one sparse layer: a token skips E - k of its experts (kiln inspect --json shows both counts)
     assert model["num_active_params"] == model["num_params"] - (e - cfg["num_experts_per_tok"]) * 3 * f * d
+    from kiln.runtime.artifact import open_artifact  # noqa: PLC0415
+
+    lines = open_artifact(compiled("qwen3_moe")).describe()
+    assert any(line.startswith(f"  active   {model['num_active_params'] / 1e6:.2f}M params per token") for line in lines), lines
 
 
 def test_routing_choices_matter(tiny_checkpoint, hf_model):
