@@ -31,10 +31,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import KilnError, RequestError
 from .prefix_cache import PrefixCache
 from .request import Generation
 from .sampler import SamplingParams
+
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit)
 
 
 class QueueFullError(RequestError):
@@ -52,6 +57,8 @@ class Event:
     text: str = ""
     finish: str | None = None  # done: "eos" | "stop" | "length" | "cancelled"
     error: str | None = None
+    logprob: float | None = None  # token: its log-probability under the model (requests asking for logprobs)
+    top: list[tuple[int, float]] | None = None  # token: the most likely ids and their log-probabilities, best first
 
 
 @dataclass
@@ -65,6 +72,8 @@ class Request:
     fed: int = 0  # tokens of `feed` in the KV cache
     resume: bool = False  # feeding after a preemption: the next token is known, nothing is sampled
     next_token: int | None = None  # sampled and accepted, not yet in the KV cache
+    logprobs: int | None = None  # alternatives to report per token (None: no logprobs)
+    picked_logprobs: tuple | None = None  # (logprob, top) of next_token, for its event
     first_token_at: float | None = None
     last_token_at: float | None = None
     cancelled: bool = False
@@ -134,8 +143,11 @@ class Engine:
         return self
 
     def submit(self, prompt_tokens, on_event: Callable[[Event], None], *, max_new_tokens: int = 128,
-               sampling: SamplingParams | None = None, stop=None, ignore_eos: bool = False) -> Request:
-        """Queue a request (checked now: RequestError for bad fields); events follow on the engine thread."""
+               sampling: SamplingParams | None = None, stop=None, ignore_eos: bool = False, logprobs: int | None = None) -> Request:
+        """Queue a request (checked now: RequestError for bad fields); events follow on the engine thread.
+        logprobs: report each token's log-probability and this many alternatives (0-20)."""
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise RequestError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
         gen = Generation(self.session, prompt_tokens, max_new_tokens, sampling, stop, ignore_eos)
         with self._lock:
             if self._stopping:
@@ -143,7 +155,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 self.counters["rejected_queue_full"] += 1
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (the queue holds {self.max_queue}): try again later")
-            req = Request(next(self._ids), gen, on_event, feed=gen.prompt)
+            req = Request(next(self._ids), gen, on_event, feed=gen.prompt, logprobs=logprobs)
             self._waiting.append(req)
             self.counters["requests"] += 1
             self._lock.notify()
@@ -335,6 +347,7 @@ class Engine:
                             with self._lock:
                                 self.prefix.donate(r.seq, r.gen.prompt)
                         r.next_token = r.gen.sample(logits)
+                        self._note_logprobs(r, logits)
                         self._deliver(r)
             except KilnError as err:
                 self._fail(r, err)
@@ -346,7 +359,7 @@ class Engine:
         s = self.session
         seqs, toks = [r.seq for r in reqs], [r.next_token for r in reqs]
         try:
-            if all(r.gen.greedy for r in reqs):
+            if all(r.gen.greedy and r.logprobs is None for r in reqs):
                 picked, rows = s.decode_greedy(seqs, toks), None
             else:
                 picked, rows = None, s.decode_step(seqs, toks).reshape(len(reqs), -1)
@@ -360,7 +373,23 @@ class Engine:
             except KilnError as err:
                 self._fail(r, err)
                 continue
+            if rows is not None:
+                self._note_logprobs(r, rows[i])
             self._deliver(r)
+
+    def _note_logprobs(self, r: Request, logits: np.ndarray) -> None:
+        """The picked token's log-probability under the model's distribution (the
+        logits as computed, before temperature / top-p) and the `r.logprobs` best."""
+        if r.logprobs is None:
+            return
+        x = logits.astype(np.float64)
+        lse = float(x.max() + np.log(np.exp(x - x.max()).sum()))
+        top = []
+        if r.logprobs:
+            best = np.argpartition(-x, r.logprobs - 1)[: r.logprobs]
+            best = best[np.lexsort((best, -x[best]))]  # by logit, ties to the lower id
+            top = [(int(t), float(x[t]) - lse) for t in best]
+        r.picked_logprobs = (float(x[r.next_token]) - lse, top)
 
     def _deliver(self, r: Request) -> None:
         """Accept r.next_token into r's generation; emit its text; retire r when done."""
@@ -374,7 +403,8 @@ class Engine:
         text = r.gen.accept(r.next_token)
         if text is not None:
             self.counters["completion_tokens"] += 1
-            self._emit(r, Event("token", token=r.next_token, text=text))
+            lp, top = r.picked_logprobs or (None, None)
+            self._emit(r, Event("token", token=r.next_token, text=text, logprob=lp, top=top))
         if r.gen.done:
             tail = r.gen.tail()
             if tail:

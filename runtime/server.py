@@ -17,7 +17,9 @@ Limits (every field is checked; bad input is a 4xx naming the field, never a
 crash): body <= 1 MiB, messages <= 256 of <= 256 KiB text each, prompt (text
 or ids) within the context, max_tokens in [1, context], n = 1, stop <= 16
 strings, temperature in [0, 2], top_p in (0, 1], top_k in [0, vocab],
-logprobs not supported (400).
+logprobs (completions: 0-20 alternatives; chat: a boolean and top_logprobs
+0-20), each token's log-probability under the model's distribution before
+temperature and top-p.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 import uuid
 
 from ..errors import KilnError, RequestError
-from .engine import Engine, Event, QueueFullError, ShuttingDownError
+from .engine import MAX_TOP_LOGPROBS, Engine, Event, QueueFullError, ShuttingDownError
 from .request import check_tokens
 from .sampler import SamplingParams
 
@@ -118,7 +120,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
                 raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'} in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}"[:300], name)
             return v
 
-        for unsupported in ("logprobs", "top_logprobs", "tools", "functions", "response_format", "logit_bias"):
+        for unsupported in ("tools", "functions", "response_format", "logit_bias"):
             v = body.get(unsupported)
             if v not in (None, False) and not (unsupported == "response_format" and v == {"type": "text"}):
                 raise _bad(f"'{unsupported}' is not supported by this server", unsupported)
@@ -152,8 +154,20 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
         opts = body.get("stream_options")
         if opts is not None and (not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool)):
             raise _bad("'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
+        if "messages" in body:  # chat: a boolean, and how many alternatives per token
+            want = body.get("logprobs")
+            if want is not None and not isinstance(want, bool):
+                raise _bad("'logprobs' must be a boolean", "logprobs")
+            top = number("top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+            if top is not None and not want:
+                raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            logprobs = (top or 0) if want else None
+        else:  # completions: how many alternatives per token
+            if body.get("top_logprobs") is not None:
+                raise _bad("'top_logprobs' is for chat completions; completions take 'logprobs': N", "top_logprobs")
+            logprobs = number("logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
         return {"max_new_tokens": max_tokens, "sampling": sampling, "stop": stop, "ignore_eos": ignore_eos,
-                "stream": stream, "include_usage": bool(opts and opts.get("include_usage"))}
+                "stream": stream, "include_usage": bool(opts and opts.get("include_usage")), "logprobs": logprobs}
 
     def prompt_ids(body: dict) -> list[int]:
         p = body.get("prompt")
@@ -213,15 +227,16 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
 
         try:
             req = engine.submit(ids, on_event, max_new_tokens=args["max_new_tokens"], sampling=args["sampling"],
-                                stop=args["stop"], ignore_eos=args["ignore_eos"])
+                                stop=args["stop"], ignore_eos=args["ignore_eos"], logprobs=args["logprobs"])
         except QueueFullError as err:
             raise HTTPError(429, str(err), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         except ShuttingDownError as err:
             raise HTTPError(503, str(err), kind="server_error", code="shutting_down", headers={"Retry-After": "5"}) from None
         return req, events
 
-    async def collect(request: Request, req, events: asyncio.Queue) -> tuple[str, str, int]:
-        """Wait for the whole completion, cancelling it if the client goes away."""
+    async def collect(request: Request, req, events: asyncio.Queue, tokens: list) -> tuple[str, str, int]:
+        """Wait for the whole completion, cancelling it if the client goes away;
+        the token events are appended to `tokens` (for logprobs)."""
         async def client_gone():
             while True:
                 msg = await request.receive()
@@ -241,12 +256,35 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
                 ev = get.result()
                 if ev.kind == "token":
                     texts.append(ev.text)
+                    if ev.token >= 0:
+                        tokens.append(ev)
                 elif ev.kind == "error":
                     raise HTTPError(500, f"generation failed: {ev.error}", kind="server_error")
                 else:
                     return "".join(texts), ev.finish, req.completion_tokens
         finally:
             gone.cancel()
+
+    def token_text(t: int) -> str:
+        return session.tokenizer.decode([t]) if session.tokenizer is not None else str(t)
+
+    def logprobs_json(tokens: list, chat: bool, offset: int = 0) -> dict:
+        """Token events with logprobs -> OpenAI's logprobs object (chat: `content`
+        entries with bytes; completions: parallel lists with text offsets)."""
+        if chat:
+            def entry(t, lp):
+                text = token_text(t)
+                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+            return {"content": [{**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top or []]}
+                                for ev in tokens]}
+        texts = [token_text(ev.token) for ev in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": texts, "token_logprobs": [ev.logprob for ev in tokens],
+                "top_logprobs": [{token_text(t): lp for t, lp in ev.top or []} for ev in tokens], "text_offset": offsets}
 
     def finish_reason(f: str | None) -> str:
         return "length" if f == "length" else "stop"
@@ -262,22 +300,30 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
         now = int(time.time())
+        want_lp = args["logprobs"] is not None
         if not args["stream"]:
+            tokens: list = []
             try:
-                text, finish, _ = await collect(request, req, events)
+                text, finish, _ = await collect(request, req, events, tokens)
             except asyncio.CancelledError:
                 return PlainTextResponse("", status_code=499)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(finish)} if chat
-                      else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(finish)})
+            lp = logprobs_json(tokens, chat) if want_lp else None
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish_reason(finish)}
+                      if chat else {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason(finish)})
             return JSONResponse({"id": rid, "object": obj, "created": now, "model": model_name, "choices": [choice], "usage": usage(req)})
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: dict | None = None, text: str | None = None, finish: str | None = None, **extra) -> bytes:
+        offset = [0]  # completions' text_offset across chunks
+
+        def chunk(delta: dict | None = None, text: str | None = None, finish: str | None = None, ev=None, **extra) -> bytes:
+            lp = logprobs_json([ev], chat, offset[0]) if want_lp and ev is not None and ev.token >= 0 else None
+            if lp is not None and not chat:
+                offset[0] += len(token_text(ev.token))
             if chat:
-                choices = [{"index": 0, "delta": delta or {}, "finish_reason": finish}]
+                choices = [{"index": 0, "delta": delta or {}, "logprobs": lp, "finish_reason": finish}]
             else:
-                choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+                choices = [{"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}]
             body = {"id": rid, "object": chunk_obj, "created": now, "model": model_name, "choices": choices, **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
@@ -292,7 +338,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
                         # one chunk per token, its text possibly "" (a character or a stop string held
                         # back; no tokenizer): clients see progress and the token count as it grows
                         if ev.token >= 0 or ev.text:
-                            yield chunk({"content": ev.text}, ev.text)
+                            yield chunk({"content": ev.text}, ev.text, ev=ev)
                     elif ev.kind == "error":
                         err = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None, "code": None}}
                         yield f"data: {json.dumps(err)}\n\n".encode()

@@ -17,6 +17,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers.models import make_tiny_checkpoint
@@ -178,7 +179,13 @@ BAD = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": 2}, 400, "logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 10**6]}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": None}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": "yes"}, 400, "stream"),
@@ -394,3 +401,37 @@ def test_prefix_cache_reuses_a_shared_system_prompt(artifact, reference):
         assert m["kiln_sequences_open"] == 0 and m["kiln_running"] == 0
     finally:
         assert s.stop() == 0
+
+
+def test_logprobs_are_the_model_s(server, reference):
+    """Completions with logprobs=3 and chat with top_logprobs=2 (streamed and not): each
+    token's log-probability and the alternatives equal log_softmax of the runtime's
+    own logits for that position; the best alternative is the greedy pick."""
+    session, _ = reference
+    ids = session.encode_prompt("the kiln fires")
+    r = server.client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, logprobs=3,
+                                         extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens == 6
+    generated = session.generate(ids, max_new_tokens=6, ignore_eos=True).tokens
+    rows = session.logits(ids + generated[:-1])[len(ids) - 1:]  # row i predicts generated[i]
+    for i, (t, row) in enumerate(zip(generated, rows)):
+        x = row.astype(np.float64)
+        ref = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+        assert abs(lp.token_logprobs[i] - ref[t]) < 1e-4
+        best = np.argsort(-ref, kind="stable")[:3]
+        assert list(lp.top_logprobs[i].values()) == pytest.approx([ref[b] for b in best], abs=1e-4)
+        assert list(lp.top_logprobs[i])[0] == session.tokenizer.decode([t]) == lp.tokens[i]
+    assert lp.text_offset == list(np.cumsum([0] + [len(x) for x in lp.tokens[:-1]]))
+    msgs = [{"role": "user", "content": "hi there"}]
+    full = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob and e.logprob == e.top_logprobs[0].logprob for e in content)
+    assert "".join(e.token for e in content) == full.choices[0].message.content
+    streamed = [c for c in server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0, logprobs=True,
+                                                                   top_logprobs=2, stream=True) if c.choices and c.choices[0].logprobs]
+    got = [e for c in streamed for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in got] == [(e.token, round(e.logprob, 5)) for e in content]
+    plain = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == full.choices[0].message.content
