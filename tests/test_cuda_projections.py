@@ -75,3 +75,13 @@ def test_prompt_lm_head_keeps_its_own_path():
                    "thread_warp_size": 32}):
         out = CudaProjections()(mod)
     assert "call_tir(proj," in out["main"].script()
+
+
+@pytest.mark.parametrize(("n", "k", "ks"), [(4096, 4096, 4), (6144, 4096, 4), (4096, 14336, 4), (28672, 4096, 1), (128256, 4096, 1),
+                                            (256, 128, 2), (77, 4160, 1)])
+def test_rows_ksplit_fills_the_chip_and_divides_k(n, k, ks):
+    """gemm_rows_big's split of K is fixed per matrix (so a token's result never depends
+    on B): enough blocks for ~120 SMs at 128 tokens, and whole 64-wide steps per range."""
+    from kiln.passes.kernels.gemm_cuda import BIG_BK, rows_ksplit  # noqa: PLC0415
+
+    assert rows_ksplit(n, k) == ks and k % (BIG_BK * ks) == 0

@@ -6,8 +6,8 @@ in the prefill graph in place of kiln's NT_matmul kernels).
                        each of M sequences) -- M contiguous rows either way; W  # [N, K] -> like a, N wide
     gemm_residual(a, W, r)  -> r + a @ W^T
     gemm_rows(a, W[, r])    decode_batch's a  # [B, 1, K]: kernels/cuda/gemm_rows.cuh (the weight
-                            on the MMA's 16-row side; read once per step at any B), out in the
-                            weights' dtype or fp32 (the LM head)
+                            on the MMA's 16-row side), out in the weights' dtype or fp32 (the
+                            LM head); three kernels by B
 
 Why: TVM 0.27's dlight Matmul rule tensorizes only fp16 (and that segfaults on
 Llama-3-8B shapes), so bf16 prefill GEMMs ran on CUDA cores at ~29 TFLOP/s
@@ -79,40 +79,76 @@ def gemm_residual(K: int, N: int, dtype: str):
 
 ROWS_N, ROWS_M, ROWS_THREADS = 32, 64, 256  # kiln::GROWS_N, GROWS_M, GROWS_WARPS * 32
 ROWS_RED_FLOATS = 8 * 4 * 4 * 32  # kiln::GROWS_RED_FLOATS
+BIG_W, BIG_T, BIG_BK = 128, 128, 64  # kiln::GBIG_W, GBIG_T, GBIG_BK
+BIG_SMEM_BYTES = 4 * (BIG_W + BIG_T) * BIG_BK * 2  # kiln::GBIG_SMEM_BYTES
+ROWS_SMALL_B, ROWS_BIG_B = 8, 64  # B <= 8: one token tile per block; B > 64: the multistage GEMM
+
+
+def rows_ksplit(N: int, K: int) -> int:
+    """K ranges of gemm_rows_big for an N x K weight: enough blocks to fill an H100/H200
+    (~120+ for 128 tokens) -- 4 for N = 4096 or 6144, 1 for the large N. Fixed per
+    matrix, so a token's result does not depend on B."""
+    tiles, ks = -(-N // BIG_W), 1
+    while tiles * ks < 120 and ks < 8 and K % (BIG_BK * ks * 2) == 0:
+        ks *= 2
+    return ks
 
 
 def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str | None = None):
     """y  # [B, 1, N] (out_dtype: dtype or float32) = a  # [B, 1, K] @ W  # [N, K]^T (+ r  # [B, 1, N]),
-    B symbolic: one token of each of B sequences (decode_batch). Two kernels, picked on the
-    host by B (<= 8: one token tile per block, fewer registers); a token's result does not
-    depend on B either way (kernels/cuda/gemm_rows.cuh: a fixed K split, summed in a fixed order)."""
+    B symbolic: one token of each of B sequences (decode_batch). Three kernels, picked on the
+    host by B (kernels/cuda/gemm_rows.cuh): B <= 8 one token tile per block (fewer registers);
+    up to 64 up to eight; above, the multistage GEMM with a fixed split of K. Within each
+    range a token's result does not depend on B (the first two are even bit-equal)."""
     out_dtype = out_dtype or dtype
     res = "true" if residual else "false"
-    small, large = (f"kiln::gemm_rows<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {res}, {tt}>" for tt in (1, 8))
-    nb = (N + ROWS_N - 1) // ROWS_N
+    ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
+    small, mid = (f"kiln::gemm_rows<{ct}, {co}, {res}, {tt}>" for tt in (1, 8))
+    big, reduce = f"kiln::gemm_rows_big<{ct}, {co}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>"
+    nb, ks = (N + ROWS_N - 1) // ROWS_N, rows_ksplit(N, K)
+    mid_max = ROWS_BIG_B if K % (BIG_BK * ks) == 0 else 1 << 30  # (else the middle kernel takes every B > 8)
 
-    @T.prim_func
-    def kiln_gemm_rows_residual(var_a: T.handle, w: T.Buffer((N, K), dtype), var_r: T.handle, var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        B = T.int64()
-        a = T.match_buffer(var_a, (B, 1, K), dtype)
-        r = T.match_buffer(var_r, (B, 1, N), dtype)
-        y = T.match_buffer(var_y, (B, 1, N), out_dtype)
-        if B <= 8:
+    @T.macro
+    def launch(a, w, r, y, B):
+        if B <= ROWS_SMALL_B:
             for by in T.thread_binding(nb, thread="blockIdx.y"):
                 for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
                     red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
                     T.evaluate(T.call_extern("void", small, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
                                              T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
-        else:
+        elif B <= mid_max:
             for by in T.thread_binding(nb, thread="blockIdx.y"):
                 for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
                     for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
                         red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                        T.evaluate(T.call_extern("void", large, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
+                        T.evaluate(T.call_extern("void", mid, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
                                                  T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
+        else:
+            ws = T.alloc_buffer((ks * B * N if ks > 1 else 1,), "float32")  # split-K partials [ks, B, N]
+            for bz in T.thread_binding(ks, thread="blockIdx.z"):
+                for by in T.thread_binding((N + BIG_W - 1) // BIG_W, thread="blockIdx.y"):
+                    for bx in T.thread_binding((B + BIG_T - 1) // BIG_T, thread="blockIdx.x"):
+                        for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                            smem = T.alloc_buffer((BIG_SMEM_BYTES,), "uint8", scope="shared.dyn")
+                            T.evaluate(T.call_extern("void", big, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
+                                                     T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", B), N, K, ks,
+                                                     smem.access_ptr("rw")))
+            if ks > 1:
+                for bx in T.thread_binding((B * N + 255) // 256, thread="blockIdx.x"):
+                    for tx in T.thread_binding(256, thread="threadIdx.x"):
+                        T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                                                 T.Cast("int32", B), N, ks))
 
     if residual:
+        @T.prim_func
+        def kiln_gemm_rows_residual(var_a: T.handle, w: T.Buffer((N, K), dtype), var_r: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            B = T.int64()
+            a = T.match_buffer(var_a, (B, 1, K), dtype)
+            r = T.match_buffer(var_r, (B, 1, N), dtype)
+            y = T.match_buffer(var_y, (B, 1, N), out_dtype)
+            launch(a, w, r, y, B)
+
         return kiln_gemm_rows_residual
 
     @T.prim_func
@@ -121,19 +157,7 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
         B = T.int64()
         a = T.match_buffer(var_a, (B, 1, K), dtype)
         y = T.match_buffer(var_y, (B, 1, N), out_dtype)
-        if B <= 8:  # r: unused (RESIDUAL is false), a's address in its place
-            for by in T.thread_binding(nb, thread="blockIdx.y"):
-                for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                    red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                    T.evaluate(T.call_extern("void", small, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(a[0, 0, 0]),
-                                             T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
-        else:
-            for by in T.thread_binding(nb, thread="blockIdx.y"):
-                for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
-                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                        red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                        T.evaluate(T.call_extern("void", large, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(a[0, 0, 0]),
-                                                 T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
+        launch(a, w, a, y, B)  # r: not read (RESIDUAL is false); a's address in its place
 
     return kiln_gemm_rows
 

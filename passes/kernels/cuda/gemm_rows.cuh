@@ -135,6 +135,127 @@ __device__ __forceinline__ void gemm_rows_tile(const T* __restrict__ A, const T*
   }
 }
 
+// Large B (gemm_rows_tile is L2-bound there: each 32-row block re-reads all B
+// activation rows): the ordinary multistage GEMM, with the same A/B swap and
+// K permutation. A block is 128 weight rows x 128 tokens; both tiles come
+// through a GBIG_STAGES-deep cp.async ring of 64-wide K steps in shared memory
+// (rows of 128 bytes, 16-byte chunks XOR-swizzled by row parity so the 8 lanes
+// of each 128-bit phase -- two rows, four chunks -- hit distinct banks); 8
+// warps as 4 (32 weight rows) x 2 (64 tokens), each 2 x 8 MMA tiles. K is cut
+// into `ksplit` contiguous ranges over grid.z (so N = 4096 still fills the
+// chip); with ksplit > 1 each range's fp32 sums go to `ws` [ksplit, M, N] and
+// gemm_rows_big_reduce adds them in order z = 0, 1, ... (+ R). The order of
+// every sum depends on K and ksplit alone -- fixed per matrix -- so a token's
+// result does not depend on B within this kernel's range (it differs in the
+// last bits from gemm_rows_tile's, which sums 8 interleaved partials).
+// Launch: grid (ceil(M / 128), ceil(N / 128), ksplit), 256 threads,
+// GBIG_SMEM_BYTES of dynamic shared memory; K % (64 * ksplit) == 0.
+constexpr int GBIG_W = 128, GBIG_T = 128, GBIG_BK = 64, GBIG_STAGES = 4;
+constexpr int GBIG_STAGE_ELEMS = (GBIG_W + GBIG_T) * GBIG_BK;
+constexpr int GBIG_SMEM_BYTES = GBIG_STAGES * GBIG_STAGE_ELEMS * 2;  // 128 KB
+
+__device__ __forceinline__ int gbig_swizzle(int row, int chunk) { return chunk ^ ((row & 1) << 2); }
+
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_rows_big(const T* __restrict__ A, const T* __restrict__ W, const T* __restrict__ R,
+                                              OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int ksplit,
+                                              unsigned char* __restrict__ smem_raw) {
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
+  const int wr = warp / 2, wt = warp % 2;
+  const int m0 = blockIdx.x * GBIG_T, n0 = blockIdx.y * GBIG_W, z = blockIdx.z;
+  const int kper = K / ksplit, kbeg = z * kper, steps = kper / GBIG_BK;
+
+  auto load_stage = [&](int stage, int k0) {
+    T* ws_ = smem + stage * GBIG_STAGE_ELEMS;
+    T* xs_ = ws_ + GBIG_W * GBIG_BK;
+#pragma unroll
+    for (int i = 0; i < GBIG_W * 8 / 256; ++i) {  // 128 rows x 8 chunks of 16 bytes, both tiles
+      const int c = tid + i * 256, row = c / 8, j = c % 8, n = n0 + row, t = m0 + row;
+      cp_async16(ws_ + row * GBIG_BK + gbig_swizzle(row, j) * 8, W + (size_t)min(n, N - 1) * K + k0 + j * 8, n < N);
+      cp_async16(xs_ + row * GBIG_BK + gbig_swizzle(row, j) * 8, A + (size_t)min(t, M - 1) * K + k0 + j * 8, t < M);
+    }
+  };
+
+  float acc[2][8][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+#pragma unroll
+  for (int st = 0; st < GBIG_STAGES - 1; ++st) {
+    if (st < steps) load_stage(st, kbeg + st * GBIG_BK);
+    cp_async_commit();
+  }
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait<GBIG_STAGES - 2>();
+    __syncthreads();  // step s landed for every thread; step s - 1's slot is free
+    const int nxt = s + GBIG_STAGES - 1;
+    if (nxt < steps) load_stage(nxt % GBIG_STAGES, kbeg + nxt * GBIG_BK);
+    cp_async_commit();
+    const T* ws_ = smem + (s % GBIG_STAGES) * GBIG_STAGE_ELEMS;
+    const T* xs_ = ws_ + GBIG_W * GBIG_BK;
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub) {  // the step's two 32-wide chunks
+      uint4 wa[2][2], xb[8];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = wr * 32 + mt * 16 + h * 8 + g;
+          wa[mt][h] = *reinterpret_cast<const uint4*>(ws_ + row * GBIG_BK + gbig_swizzle(row, sub * 4 + q) * 8);
+        }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int row = wt * 64 + nt * 8 + g;
+        xb[nt] = *reinterpret_cast<const uint4*>(xs_ + row * GBIG_BK + gbig_swizzle(row, sub * 4 + q) * 8);
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+          mma_16816<T>(acc[mt][nt], wa[mt][0].x, wa[mt][1].x, wa[mt][0].y, wa[mt][1].y, xb[nt].x, xb[nt].y);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+          mma_16816<T>(acc[mt][nt], wa[mt][0].z, wa[mt][1].z, wa[mt][0].w, wa[mt][1].w, xb[nt].z, xb[nt].w);
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = n0 + wr * 32 + mt * 16 + g + (e >= 2 ? 8 : 0), tok = m0 + wt * 64 + nt * 8 + 2 * q + (e & 1);
+        if (row < N && tok < M) {
+          if (ksplit == 1) {
+            float v = acc[mt][nt][e];
+            if constexpr (RESIDUAL) v += to_float(R[(size_t)tok * N + row]);
+            C[(size_t)tok * N + row] = from_float<OutT>(v);
+          } else {
+            ws[((size_t)z * M + tok) * N + row] = acc[mt][nt][e];
+          }
+        }
+      }
+}
+
+// gemm_rows_big's split-K partials, summed in order (+ R): grid ceil(M * N / 256), 256 threads.
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_rows_big_reduce(const float* __restrict__ ws, const T* __restrict__ R, OutT* __restrict__ C,
+                                                     int M, int N, int ksplit) {
+  const size_t mn = (size_t)M * N, i = (size_t)blockIdx.x * 256 + threadIdx.x;
+  if (i >= mn) return;
+  float v = 0.f;
+  for (int z = 0; z < ksplit; ++z) v += ws[z * mn + i];
+  if constexpr (RESIDUAL) v += to_float(R[i]);
+  C[i] = from_float<OutT>(v);
+}
+
 // The block's tokens m0 .. m0 + 63 (TTMAX = 8) or m0 .. m0 + 7 (TTMAX = 1). Two
 // kernels because registers are allocated for a kernel's largest branch: the
 // 1-token-tile kernel (B <= 8: 88 registers against 174) keeps more weight loads
