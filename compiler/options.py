@@ -33,8 +33,10 @@ class CudaOptions:
             ("4": +8-11% over dlight on H100; "8": on par or slower, so dlight)
     graphs  capture static regions of each step into CUDA graphs (off only to
             profile kernels one by one: benchmarks/profile_step.py)
-    decode_batch  export decode_batch (B sequences per call) for CUDA too; off
-            until its kernels are measured (dlight's schedules for now; issue 12)
+    decode_batch  export decode_batch (B sequences per call: the server's step) for
+            CUDA too. None (auto): when the weights are 16-bit floats, whose [B, 1, K]
+            projections run on kiln_gemm_rows; quantized and fp32 weights would get
+            dlight's generic schedules for them, slower than one call per sequence
 
     For experiments, environment variables override these in any compile:
     KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,8,f8 (or empty),
@@ -44,7 +46,7 @@ class CudaOptions:
     gemv: bool = False
     qgemv: tuple[str, ...] = ("4", "f8")
     graphs: bool = True
-    decode_batch: bool = False
+    decode_batch: bool | None = None
 
     def with_env(self, env=os.environ) -> CudaOptions:
         out = self

@@ -84,7 +84,15 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
     return built
 
 
-def export_graphs(m, page_size: int, cuda_decode_batch: bool = False):
+def _cuda_decode_batch(option: bool | None, m, tg) -> bool:
+    """CudaOptions.decode_batch, with None (auto) meaning: 16-bit float weights, which
+    kiln_gemm_rows takes (quantized or fp32 ones would fall to dlight's schedules)."""
+    if option is not None:
+        return option
+    return m.plan is None and m.precision(tg).storage in ("bfloat16", "float16")
+
+
+def export_graphs(m, page_size: int, cuda_decode_batch: bool | None = None):
     """One Relax module per target (CPU computes in fp32 whatever the storage;
     CUDA in the storage dtype), and the named params (the same for every target)."""
     mods = []
@@ -94,7 +102,7 @@ def export_graphs(m, page_size: int, cuda_decode_batch: bool = False):
             kv_factory = functools.partial(CpuPagedKVCache if tg.kind == "llvm" else CudaPagedKVCache, kernel_page_size=page_size)
             lm = m.family(m.config, m.precision(tg), kv_cache_factory=kv_factory,
                           kv_quant=QuantKV(m.kv_fmt, page_size, tg.kind) if m.kv_fmt is not None else None)
-            lm.batch_decode = tg.kind == "llvm" or cuda_decode_batch  # CUDA: opt-in until measured (issue 12)
+            lm.batch_decode = tg.kind == "llvm" or _cuda_decode_batch(cuda_decode_batch, m, tg)
             mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
         mods.append(mod)
     return mods, named_params

@@ -41,17 +41,21 @@ def cuda_artifact(tiny_checkpoint, tmp_path_factory):
 
 
 def test_cuda_artifact_holds_sass_not_source(cuda_artifact):
+    """(float32: no decode_batch -- its projections would get dlight's generic schedules.)"""
     manifest = json.loads((cuda_artifact / "manifest.json").read_text())
     (tgt,) = manifest["targets"]
     assert (tgt["device"], tgt["arch"], tgt["archs"], tgt["ptx"], tgt["library"]) == ("cuda", "sm_90", ["sm_90"], "compute_90", "lib/cuda.so")
     blob = (cuda_artifact / "lib" / "cuda.so").read_bytes()
     assert sorted(fatbin_entries(blob)) == [("ptx", 90), ("sass", 90)]
     assert b"__global__" not in blob and b"extern \"C\"" not in blob  # no CUDA source for NVRTC
+    assert b"decode_batch" not in blob
 
 
 def test_multi_arch_fatbin(tiny_checkpoint, tmp_path):
     out = tmp_path / "multi.kiln"
-    res = kiln("compile", str(tiny_checkpoint("qwen3")), "-o", str(out), "--target", "cuda:sm_90,sm_80,sm_89", "--dtype", "bfloat16", "--quiet")
+    env = dict(os.environ, KILN_CUDA_DECODE_BATCH="0")  # (fatbin entries only: skip compiling the batch kernels three times)
+    res = kiln("compile", str(tiny_checkpoint("qwen3")), "-o", str(out), "--target", "cuda:sm_90,sm_80,sm_89", "--dtype", "bfloat16", "--quiet",
+               env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     (tgt,) = json.loads((out / "manifest.json").read_text())["targets"]
     assert (tgt["arch"], tgt["archs"], tgt["ptx"]) == ("sm_80", ["sm_80", "sm_89", "sm_90"], "compute_90")
@@ -70,7 +74,7 @@ def test_cuda_uses_kiln_kernels(tiny_checkpoint, tmp_path, fused_gemv):
     res = kiln("compile", str(tiny_checkpoint("qwen3")), "-o", str(out), "--target", "cuda:sm_90", "--dtype", "bfloat16", "--quiet", env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     blob = (out / "lib" / "cuda.so").read_bytes()
-    for name in (b"kiln_paged_decode_attention", b"kiln_gemm_"):
+    for name in (b"kiln_paged_decode_attention", b"kiln_gemm_", b"kiln_gemm_rows", b"decode_batch"):  # bf16: decode_batch by default
         assert name in blob, name
     for name in (b"kiln_rmsnorm_gemv", b"kiln_gemv_residual"):
         assert (name in blob) == fused_gemv, name
@@ -96,6 +100,7 @@ def test_cuda_quantized_decode_gemv(tmp_path, widths):
     assert b"kiln_qgemv4g32_bfloat16" in blob
     assert b"kiln_qgemm4g32_" in blob  # prefill: the tensor-core GEMM decoding the B tile in shared memory
     assert (b"kiln_qgemv8g32" in blob) == ("8" in widths.split(","))
+    assert b"decode_batch" not in blob  # quantized weights: not on by default (no quantized row GEMM yet)
     manifest = json.loads((out / "manifest.json").read_text())
     assert {p["dtype"] for p in manifest["params"] if p["quant"] == "q4g32"} == {"uint32", "float16"}
     if widths == "4,f8":  # fp8 weights: e4m3 codes through the same kernel (per-row fp32 scale)
