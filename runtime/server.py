@@ -39,6 +39,7 @@ from .request import check_tokens
 from .sampler import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20
+DRAIN_BODY_BYTES = 16 << 20  # a refused body up to this size is read before the 413 (larger: the connection closes)
 MAX_MESSAGES = 256
 MAX_TEXT_CHARS = 256 * 1024
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see serve()
@@ -88,6 +89,11 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
     async def read_json(request: Request) -> dict:
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+            if size.isdigit() and int(size) <= DRAIN_BODY_BYTES:
+                # read it (and drop it) first: answering while the client is still sending
+                # makes it see a broken pipe instead of the 413
+                async for _ in request.stream():
+                    pass
             raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
         raw = bytearray()
         async for chunk in request.stream():
