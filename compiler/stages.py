@@ -86,9 +86,12 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
 
 def _cuda_decode_batch(option: bool | None, m, tg) -> bool:
     """CudaOptions.decode_batch, with None (auto) meaning: 16-bit float weights, which
-    kiln_gemm_rows takes (quantized or fp32 ones would fall to dlight's schedules)."""
+    kiln_gemm_rows takes (quantized or fp32 ones would fall to dlight's schedules; fp8
+    has a row kernel, ROWS_QCODES, used when decode_batch is asked for)."""
     if option is not None:
         return option
+    # fp8 weights have a row kernel too (ROWS_QCODES), checked standalone on the H200 but
+    # not yet end to end: opt-in (KILN_CUDA_DECODE_BATCH=1) until it is
     return m.plan is None and m.precision(tg).storage in ("bfloat16", "float16")
 
 

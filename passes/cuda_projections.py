@@ -24,12 +24,13 @@ DeadCodeElimination later in the pipeline.
     add(r, NT_matmul(a [B, 1, K], W))                    => kiln_gemm_rows_residual(a, W, r)
     NT_qmatmul / lm_head (a [1, 1, K], q, s[, z])        => kiln_qgemv(a, q, s[, z])    (quantized, decode)
     NT_qmatmul (a [1, s, K], q, s[, z]), 16-bit         => kiln_qgemm(a, q, s[, z])    (quantized, prefill, tensor cores)
+    NT_qmatmul (a [B, 1, K], q, s), fp8, 16-bit a        => kiln_gemm_rows_f8(a, q, s)  (decode_batch; projection or LM head)
     add(r, NT_matmul(a [1, s, K], W))                    => kiln_gemm_residual(a, W, r)
 """
 
 from __future__ import annotations
 
-from .kernels.gemm_cuda import gemm, gemm_residual, gemm_rows, gemm_supported, qgemm, qgemm_supported
+from .kernels.gemm_cuda import ROWS_QCODES, gemm, gemm_residual, gemm_rows, gemm_rows_q, gemm_supported, qgemm, qgemm_supported
 from .kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from .quant import WEIGHT_FORMATS
@@ -181,6 +182,27 @@ class _Rewriter(relax.PyExprMutator):
             return None
         return K, N, group, code, dt, odt
 
+    def _qrows(self, call):
+        """call = call_tir(<qmatmul projection | lm_head>, (a [B, 1, K], q, s)), B symbolic, 16-bit a, a format
+        with a row kernel (fp8) -> (K, N, code, dtype, out dtype)."""
+        kind = self._kind(call)
+        if kind is None or kind[0] != "qmatmul" or kind[1] not in ("projection", "lm_head") or len(call.args[1].fields) != 3:
+            return None
+        a, q, sc = call.args[1].fields
+        shape = a.ty.shape.values if isinstance(a.ty, relax.TensorType) and a.ty.shape is not None else None
+        sq, ss = _static_shape(q), _static_shape(sc)
+        if shape is None or len(shape) != 3 or not _is_one(shape[1]) or _is_one(shape[0]) or sq is None or ss != (sq[0], 1):
+            return None
+        attrs = self.mod_[call.args[0]].attrs
+        fmt = WEIGHT_FORMATS.get(str(attrs[QFORMAT_ATTR])) if QFORMAT_ATTR in attrs else None
+        dt, odt = _dtype(a), str(call.ty.dtype)
+        if fmt is None or fmt.cuda_code not in ROWS_QCODES or dt not in ("bfloat16", "float16") or odt not in (dt, "float32"):
+            return None
+        K = sq[1]
+        if K % 32 or int(shape[2]) != K:
+            return None
+        return K, sq[0], fmt.cuda_code, dt, odt
+
     def _qgemm(self, call):
         """call = call_tir(<qmatmul projection>, (a [1, s, K], q, s[, z])), s symbolic, 16-bit out = in -> (K, N, group, code, dtype)."""
         hit = self._quantized(call, ("projection",))
@@ -245,6 +267,11 @@ class _Rewriter(relax.PyExprMutator):
                     gv = self._func(("gemm_residual", K, N, dt), lambda: gemm_residual(K, N, dt))
                 return relax.call_tir(gv, [a, w, r], v.ty)
         if self.use_gemm and _is_op(call, "relax.call_tir"):
+            hit = self._qrows(call)
+            if hit is not None:
+                K, N, code, dt, odt = hit
+                gv = self._func((f"gemm_rows_{code}_{odt}", K, N, dt), lambda: gemm_rows_q(K, N, dt, code, odt))
+                return relax.call_tir(gv, list(call.args[1].fields), call.ty)
             hit = self._qgemm(call)
             if hit is not None:
                 K, N, group, code, dt = hit

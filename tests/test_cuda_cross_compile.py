@@ -103,13 +103,14 @@ def test_cuda_quantized_decode_gemv(tmp_path, widths):
     assert b"decode_batch" not in blob  # quantized weights: not on by default (no quantized row GEMM yet)
     manifest = json.loads((out / "manifest.json").read_text())
     assert {p["dtype"] for p in manifest["params"] if p["quant"] == "q4g32"} == {"uint32", "float16"}
-    if widths == "4,f8":  # fp8 weights: e4m3 codes through the same kernel (per-row fp32 scale)
+    if widths == "4,f8":  # fp8 weights: e4m3 codes through the same kernel (per-row fp32 scale); decode_batch asked for
         res = kiln("compile", str(tmp_path / "config.json"), "--no-weights", "-o", str(tmp_path / "f8.kiln"), "--target",
-                   "cuda:sm_80,sm_90", "--dtype", "bfloat16", "--quant", "fp8", "--quiet", env=env)
+                   "cuda:sm_80,sm_90", "--dtype", "bfloat16", "--quant", "fp8", "--quiet", env={**env, "KILN_CUDA_DECODE_BATCH": "1"})
         assert res.returncode == 0, res.stderr[-2000:]
         blob = (tmp_path / "f8.kiln" / "lib" / "cuda.so").read_bytes()
         assert b"kiln_qgemvf8g128_bfloat16" in blob and b"kiln_qgemvf8g128_float32" in blob  # body and (tied) head
         assert b"kiln_qgemmf8g128_" in blob
+        assert b"decode_batch" in blob and b"kiln_gemm_rows_f8" in blob  # fp8's row kernel (sm_80: software e4m3 decode)
 
 
 def test_runtime_refuses_cuda_artifact_without_gpu(cuda_artifact):

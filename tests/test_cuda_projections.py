@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.frontends.models.layers import OP_ATTR, ROLE_ATTR
+from kiln.frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from kiln.passes.cuda_projections import CudaProjections
 from kiln.tvm_compat import compiler
 
@@ -85,3 +85,32 @@ def test_rows_ksplit_fills_the_chip_and_divides_k(n, k, ks):
     from kiln.passes.kernels.gemm_cuda import BIG_BK, rows_ksplit  # noqa: PLC0415
 
     assert rows_ksplit(n, k) == ks and k % (BIG_BK * ks) == 0
+
+
+@pytest.mark.parametrize(("fmt", "routed"), [("fp8", True), ("q8", False)])
+def test_fp8_batch_rows_run_on_the_rows_gemm(fmt, routed):
+    """decode_batch's [B, 1, K] projection over fp8 weights (e4m3 codes [N, K], row scales
+    [N, 1]) goes to kiln_gemm_rows_f8; formats without a row kernel keep their path."""
+    bb = relax.BlockBuilder()
+    s = tirx.Var("s", "int64")
+    x = relax.Var("x", relax.TensorType([s, 1, 128], "bfloat16"))
+    q = relax.Var("q", relax.TensorType([256, 128], "uint8" if fmt == "fp8" else "int8"))
+    sc = relax.Var("sc", relax.TensorType([256, 1], "float32"))
+
+    def compute(xt, qt, st):
+        k = te.reduce_axis((0, 128), name="k")
+        acc = te.compute((xt.shape[0], 1, 256), lambda b, i, j: te.sum(xt[b, i, k].astype("float32") * qt[j, k].astype("float32") * st[j, 0], axis=k),
+                         name="qproj")
+        return te.compute(acc.shape, lambda *i: acc(*i).astype("bfloat16"), name="qproj_cast")
+
+    with bb.function("main", [x, q, sc]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.call_te(compute, x, q, sc, primfunc_name_hint="qproj",
+                                          primfunc_attrs={OP_ATTR: "qmatmul", ROLE_ATTR: "projection", QFORMAT_ATTR: fmt}))
+        bb.emit_func_output(y)
+    with t.Target({"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                   "thread_warp_size": 32}):
+        out = CudaProjections()(bb.get())
+    main = out["main"].script()
+    assert ("call_tir(kiln_gemm_rows_f8_bfloat16_256x128_bfloat16," in main) == routed, main
+    assert ("call_tir(qproj," in main) != routed, main

@@ -12,7 +12,7 @@ using bf = __nv_bfloat16;
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 __global__ void __launch_bounds__(256) kmid(const bf* A, const bf* W, const bf* R, bf* C, int M, int N, int K) {
   __shared__ float red[kiln::GROWS_RED_FLOATS];
-  kiln::gemm_rows<bf, bf, true, 8>(A, W, R, C, M, N, K, red);
+  kiln::gemm_rows<bf, bf, true, 8>(A, W, W, R, C, M, N, K, red);
 }
 __global__ void __launch_bounds__(256) kbig(const bf* A, const bf* W, const bf* R, bf* C, float* ws, int M, int N, int K, int ks) {
   extern __shared__ __align__(16) unsigned char sm[];

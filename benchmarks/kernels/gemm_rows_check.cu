@@ -13,7 +13,7 @@ using bf = __nv_bfloat16;
 template <typename OutT, bool RES>
 __global__ void k_rows(const bf* A, const bf* W, const bf* R, OutT* C, int M, int N, int K) {
   __shared__ float red[kiln::GROWS_RED_FLOATS];
-  kiln::gemm_rows<bf, OutT, RES, 8>(A, W, R, C, M, N, K, red);
+  kiln::gemm_rows<bf, OutT, RES, 8>(A, W, W, R, C, M, N, K, red);
 }
 __global__ void k_tn(const bf* A, const bf* W, bf* C, int M, int N, int K) {
   extern __shared__ __align__(16) unsigned char sm[];

@@ -14,14 +14,14 @@ template <int TTMAX, int RT, int PF>
 __global__ void __launch_bounds__(256) kv(const bf* A, const bf* W, const bf* R, bf* C, int M, int N, int K) {
   __shared__ float red[kiln::GROWS_RED_FLOATS];
   const int m0 = blockIdx.x * TTMAX * 8, n0 = blockIdx.y * RT * 16, mt = M - m0;
-  if (TTMAX == 1 || mt <= 8) kiln::gemm_rows_tile<bf, bf, true, 1, RT, PF>(A, W, R, C, M, N, K, m0, n0, red);
+  if (TTMAX == 1 || mt <= 8) kiln::gemm_rows_tile<bf, bf, true, 1, RT, PF>(A, W, W, R, C, M, N, K, m0, n0, red);
   else if constexpr (TTMAX >= 2) {
-    if (TTMAX == 2 || mt <= 16) kiln::gemm_rows_tile<bf, bf, true, 2, RT, PF>(A, W, R, C, M, N, K, m0, n0, red);
+    if (TTMAX == 2 || mt <= 16) kiln::gemm_rows_tile<bf, bf, true, 2, RT, PF>(A, W, W, R, C, M, N, K, m0, n0, red);
     else if constexpr (TTMAX >= 4) {
-      if (TTMAX == 4 || mt <= 32) kiln::gemm_rows_tile<bf, bf, true, 4, RT, PF>(A, W, R, C, M, N, K, m0, n0, red);
+      if (TTMAX == 4 || mt <= 32) kiln::gemm_rows_tile<bf, bf, true, 4, RT, PF>(A, W, W, R, C, M, N, K, m0, n0, red);
       else if constexpr (TTMAX >= 8) {
-        if (TTMAX == 8 || mt <= 64) kiln::gemm_rows_tile<bf, bf, true, 8, RT, PF>(A, W, R, C, M, N, K, m0, n0, red);
-        else if constexpr (TTMAX >= 16) kiln::gemm_rows_tile<bf, bf, true, 16, RT, PF>(A, W, R, C, M, N, K, m0, n0, red);
+        if (TTMAX == 8 || mt <= 64) kiln::gemm_rows_tile<bf, bf, true, 8, RT, PF>(A, W, W, R, C, M, N, K, m0, n0, red);
+        else if constexpr (TTMAX >= 16) kiln::gemm_rows_tile<bf, bf, true, 16, RT, PF>(A, W, W, R, C, M, N, K, m0, n0, red);
       }
     }
   }

@@ -116,15 +116,17 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
             for by in T.thread_binding(nb, thread="blockIdx.y"):
                 for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
                     red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                    T.evaluate(T.call_extern("void", small, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
-                                             T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
+                    T.evaluate(T.call_extern("void", small, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(w[0, 0]),
+                                             T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K,
+                                             red.access_ptr("rw")))
         elif B <= mid_max:
             for by in T.thread_binding(nb, thread="blockIdx.y"):
                 for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
                     for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
                         red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                        T.evaluate(T.call_extern("void", mid, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
-                                                 T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K, red.access_ptr("rw")))
+                        T.evaluate(T.call_extern("void", mid, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(w[0, 0]),
+                                                 T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K,
+                                                 red.access_ptr("rw")))
         else:
             ws = T.alloc_buffer((ks * B * N if ks > 1 else 1,), "float32")  # split-K partials [ks, B, N]
             for bz in T.thread_binding(ks, thread="blockIdx.z"):
@@ -162,6 +164,46 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
         launch(a, w, a, y, B)  # r: not read (RESIDUAL is false); a's address in its place
 
     return kiln_gemm_rows
+
+
+ROWS_QCODES = ("f8",)  # quantized code kinds with a row kernel (gemm_rows over e4m3 codes)
+
+
+def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = None):
+    """decode_batch's projection over quantized weights: y  # [B, 1, N] = a  # [B, 1, K] @ dequant(q, s)^T,
+    B symbolic. fp8 ("f8": e4m3 codes q  # [N, K] uint8, per-row fp32 scales s  # [N, 1]) only:
+    the codes widen exactly to 16 bits in registers and the scale multiplies the row's sum
+    (kernels/cuda/gemm_rows.cuh). Small and middle kernels by B (no multistage one yet)."""
+    if code not in ROWS_QCODES:
+        raise ValueError(f"no row kernel for code kind {code!r}")
+    out_dtype = out_dtype or dtype
+    ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
+    small, mid = (f"kiln::gemm_rows<{ct}, {co}, false, {tt}, uint8_t>" for tt in (1, 8))
+    nb = (N + ROWS_N - 1) // ROWS_N
+
+    @T.prim_func
+    def kiln_gemm_rows_f8(var_a: T.handle, q: T.Buffer((N, K), "uint8"), s: T.Buffer((N, 1), "float32"), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        B = T.int64()
+        a = T.match_buffer(var_a, (B, 1, K), dtype)
+        y = T.match_buffer(var_y, (B, 1, N), out_dtype)
+        if B <= ROWS_SMALL_B:
+            for by in T.thread_binding(nb, thread="blockIdx.y"):
+                for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                    red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
+                    T.evaluate(T.call_extern("void", small, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                             T.address_of(a[0, 0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K,
+                                             red.access_ptr("rw")))
+        else:
+            for by in T.thread_binding(nb, thread="blockIdx.y"):
+                for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
+                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                        red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
+                        T.evaluate(T.call_extern("void", mid, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                                 T.address_of(a[0, 0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K,
+                                                 red.access_ptr("rw")))
+
+    return kiln_gemm_rows_f8
 
 
 # --- quantized weights (gemm.cuh gemm_tn_q) ---------------------------------------

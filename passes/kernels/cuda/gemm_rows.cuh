@@ -49,18 +49,64 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
   }
 }
 
+// How a lane reads its 8 weights of a 32-wide chunk. `Raw` is what is loaded and
+// kept in the prefetch ring; widen() makes the 4 registers of 16-bit pairs the
+// MMA takes. 16-bit weights: 16 bytes that already are the operand. e4m3 codes
+// (fp8 weights, one fp32 scale per row applied after the sum): 8 bytes, widened
+// exactly (an e4m3 value has 4 significant bits and fits bf16 / fp16).
+template <typename A, typename B> struct RowsSame { static constexpr bool value = false; };
+template <typename A> struct RowsSame<A, A> { static constexpr bool value = true; };
+
+template <typename T, typename WS> struct RowsWeights {
+  using Raw = uint4;
+  static __device__ __forceinline__ const Raw* row(const void* W, size_t r, int K, int q) {
+    return reinterpret_cast<const uint4*>(static_cast<const T*>(W) + r * K + 8 * q);
+  }
+  static __device__ __forceinline__ uint4 widen(Raw v) { return v; }
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t e4m3x2_to_16x2(uint32_t codes) {  // two codes in the low 16 bits
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes & 0xFFFF), __NV_E4M3);
+  const float2 f = __half22float2(__half2(h));
+#else
+  const float2 f = make_float2(kv_decode<kKvFp8>(codes & 0xFF), kv_decode<kKvFp8>((codes >> 8) & 0xFF));
+#endif
+  if constexpr (MmaIsBf16<T>::value) {
+    const __nv_bfloat162 b = __float22bfloat162_rn(f);
+    return *reinterpret_cast<const uint32_t*>(&b);
+  } else {
+    const __half2 b = __float22half2_rn(f);
+    return *reinterpret_cast<const uint32_t*>(&b);
+  }
+}
+
+template <typename T> struct RowsWeights<T, uint8_t> {
+  using Raw = uint2;
+  static __device__ __forceinline__ const Raw* row(const void* W, size_t r, int K, int q) {
+    return reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(W) + r * K + 8 * q);
+  }
+  static __device__ __forceinline__ uint4 widen(Raw v) {
+    return make_uint4(e4m3x2_to_16x2<T>(v.x), e4m3x2_to_16x2<T>(v.x >> 16), e4m3x2_to_16x2<T>(v.y), e4m3x2_to_16x2<T>(v.y >> 16));
+  }
+};
+
 // One block's RT * 16 weight rows x TT * 8 tokens (tokens m0.., rows n0..); each
 // warp keeps its weight loads PF chunks ahead of its MMAs.
-template <typename T, typename OutT, bool RESIDUAL, int TT, int RT = 2, int PF = 1>
-__device__ __forceinline__ void gemm_rows_tile(const T* __restrict__ A, const T* __restrict__ W, const T* __restrict__ R,
-                                               OutT* __restrict__ C, int M, int N, int K, int m0, int n0, float* __restrict__ red) {
+template <typename T, typename OutT, bool RESIDUAL, int TT, int RT = 2, int PF = 1, typename WS = T>
+__device__ __forceinline__ void gemm_rows_tile(const T* __restrict__ A, const void* __restrict__ W, const void* __restrict__ S,
+                                               const T* __restrict__ R, OutT* __restrict__ C, int M, int N, int K, int m0, int n0,
+                                               float* __restrict__ red) {
+  using WL = RowsWeights<T, WS>;
+  using Raw = typename WL::Raw;
+  constexpr bool SCALED = !RowsSame<WS, T>::value;  // e4m3 codes: a row scale after the sum
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
-  const uint4* wp[RT][2];  // [row tile][+0 / +8 rows]: this lane's 16 bytes of each 32-wide chunk
+  const Raw* wp[RT][2];  // [row tile][+0 / +8 rows]: this lane's part of each 32-wide chunk (4 Raw per row per chunk)
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-      wp[rt][h] = reinterpret_cast<const uint4*>(W + (size_t)min(n0 + rt * 16 + h * 8 + g, N - 1) * K + 8 * q);  // tail rows: recompute the last
+    for (int h = 0; h < 2; ++h) wp[rt][h] = WL::row(W, (size_t)min(n0 + rt * 16 + h * 8 + g, N - 1), K, q);  // tail rows: recompute the last
   const uint4* xp[TT];
 #pragma unroll
   for (int tt = 0; tt < TT; ++tt) xp[tt] = reinterpret_cast<const uint4*>(A + (size_t)min(m0 + tt * 8 + g, M - 1) * K + 8 * q);
@@ -74,7 +120,7 @@ __device__ __forceinline__ void gemm_rows_tile(const T* __restrict__ A, const T*
       for (int e = 0; e < 4; ++e) acc[rt][tt][e] = 0.f;
 
   const int chunks = K / 32;  // a chunk is 4 uint4 per row: chunk c starts at uint4 index 4c
-  uint4 wbuf[PF + 1][RT][2];  // ring of weight registers: slot i holds chunk warp + 8 * (step + i)
+  Raw wbuf[PF + 1][RT][2];  // ring of weight registers: slot i holds chunk warp + 8 * (step + i)
 #pragma unroll
   for (int p = 0; p < PF; ++p) {
     const int cp = warp + GROWS_WARPS * p;
@@ -93,12 +139,17 @@ __device__ __forceinline__ void gemm_rows_tile(const T* __restrict__ A, const T*
 #pragma unroll
         for (int h = 0; h < 2; ++h) wbuf[PF][rt][h] = __ldg(wp[rt][h] + 4 * cn);
     }
+    uint4 wv[RT][2];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wv[rt][h] = WL::widen(wbuf[0][rt][h]);
 #pragma unroll
     for (int tt = 0; tt < TT; ++tt) {
       const uint4 xb = __ldg(xp[tt] + 4 * c);
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt) {
-        const uint4(&w)[2] = wbuf[0][rt];
+        const uint4(&w)[2] = wv[rt];
         mma_16816<T>(acc[rt][tt], w[0].x, w[1].x, w[0].y, w[1].y, xb.x, xb.y);
         mma_16816<T>(acc[rt][tt], w[0].z, w[1].z, w[0].w, w[1].w, xb.z, xb.w);
       }
@@ -127,6 +178,7 @@ __device__ __forceinline__ void gemm_rows_tile(const T* __restrict__ A, const T*
       for (int w = 0; w < GROWS_WARPS; ++w) v += red[((w * RT + rt) * 4 + e) * 32 + ln];  // fixed order: batch-invariant
       const int row = n0 + rt * 16 + ln / 4 + (e >= 2 ? 8 : 0), tok = m0 + tt * 8 + 2 * (ln % 4) + (e & 1);
       if (row < N && tok < M) {
+        if constexpr (SCALED) v *= static_cast<const float*>(S)[row];
         if constexpr (RESIDUAL) v += to_float(R[(size_t)tok * N + row]);
         C[(size_t)tok * N + row] = from_float<OutT>(v);
       }
@@ -256,22 +308,24 @@ __device__ __forceinline__ void gemm_rows_big_reduce(const float* __restrict__ w
   C[i] = from_float<OutT>(v);
 }
 
-// The block's tokens m0 .. m0 + 63 (TTMAX = 8) or m0 .. m0 + 7 (TTMAX = 1). Two
+// W: T weights, or e4m3 codes (WS = uint8_t) with S their per-row fp32 scales
+// (unused for T weights). The block's tokens m0 .. m0 + 63 (TTMAX = 8) or m0 .. m0 + 7 (TTMAX = 1). Two
 // kernels because registers are allocated for a kernel's largest branch: the
 // 1-token-tile kernel (B <= 8: 88 registers against 174) keeps more weight loads
 // in flight per SM -- 3.3-3.8 TB/s on the 8B shape's large-N matrices against
 // 2.5-2.7 (benchmarks/NOTES.md). Same K split, so the same bits either way.
-template <typename T, typename OutT, bool RESIDUAL, int TTMAX>
-__device__ __forceinline__ void gemm_rows(const T* __restrict__ A, const T* __restrict__ W, const T* __restrict__ R, OutT* __restrict__ C,
-                                          int M, int N, int K, float* __restrict__ red) {
+template <typename T, typename OutT, bool RESIDUAL, int TTMAX, typename WS = T>
+__device__ __forceinline__ void gemm_rows(const T* __restrict__ A, const void* __restrict__ W, const void* __restrict__ S,
+                                          const T* __restrict__ R, OutT* __restrict__ C, int M, int N, int K, float* __restrict__ red) {
   const int m0 = blockIdx.x * TTMAX * 8, n0 = blockIdx.y * GROWS_N, mt = M - m0;
+  constexpr int PF = RowsSame<WS, T>::value ? 2 : 4;  // e4m3 rows: half the bytes per load, so twice the chunks in flight
   if constexpr (TTMAX == 1) {
-    gemm_rows_tile<T, OutT, RESIDUAL, 1, 2, 2>(A, W, R, C, M, N, K, m0, n0, red);
+    gemm_rows_tile<T, OutT, RESIDUAL, 1, 2, PF, WS>(A, W, S, R, C, M, N, K, m0, n0, red);
   } else {  // fewer token tiles when fewer tokens: the MMA work scales with the tokens present
-    if (mt <= 8) gemm_rows_tile<T, OutT, RESIDUAL, 1, 2, 2>(A, W, R, C, M, N, K, m0, n0, red);
-    else if (mt <= 16) gemm_rows_tile<T, OutT, RESIDUAL, 2, 2, 2>(A, W, R, C, M, N, K, m0, n0, red);
-    else if (mt <= 32) gemm_rows_tile<T, OutT, RESIDUAL, 4, 2, 2>(A, W, R, C, M, N, K, m0, n0, red);
-    else gemm_rows_tile<T, OutT, RESIDUAL, 8, 2, 2>(A, W, R, C, M, N, K, m0, n0, red);
+    if (mt <= 8) gemm_rows_tile<T, OutT, RESIDUAL, 1, 2, PF, WS>(A, W, S, R, C, M, N, K, m0, n0, red);
+    else if (mt <= 16) gemm_rows_tile<T, OutT, RESIDUAL, 2, 2, PF, WS>(A, W, S, R, C, M, N, K, m0, n0, red);
+    else if (mt <= 32) gemm_rows_tile<T, OutT, RESIDUAL, 4, 2, PF, WS>(A, W, S, R, C, M, N, K, m0, n0, red);
+    else gemm_rows_tile<T, OutT, RESIDUAL, 8, 2, PF, WS>(A, W, S, R, C, M, N, K, m0, n0, red);
   }
 }
 
