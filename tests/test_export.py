@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from helpers import compile_artifact, load_hf_model, slow_except  # noqa: E402
+from helpers import compile_artifact, hf_logits, load_hf_model, rel_err, slow_except  # noqa: E402
 from helpers.tiny_gguf import HEAD_DIM, write_tiny  # noqa: E402
 
 from kiln.cli import main as cli_main  # noqa: E402
@@ -41,15 +41,6 @@ def _llama3_factors(theta=500000.0, factor=8.0) -> np.ndarray:
     wavelen = 2 * math.pi / freqs
     smooth = (8192 / wavelen - 1) / 3
     return np.where(wavelen < 2048, 1.0, np.where(wavelen > 8192, factor, 1 / ((1 - smooth) / factor + smooth)))
-
-
-def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def _hf_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
 
 
 def _chat_ids(tok, text: str) -> list[int]:
@@ -116,7 +107,7 @@ def test_tiny_transformers_matches_kiln(tiny):
     assert _chat_ids(tok, "hello") == s.encode_prompt("hello", chat=True)
     model = load_hf_model(hf)
     ids = ids + [(7 * i + 3) % s.vocab_size for i in range(9)]  # 17 tokens
-    err = _rel_err(s.logits(ids), _hf_logits(model, ids))
+    err = rel_err(s.logits(ids), hf_logits(model, ids))
     assert err < REL_TOL, f"relative logits error {err:.2e}"
 
 
@@ -230,9 +221,8 @@ def test_smollm2_export_matches_kiln(smollm2_gguf, tmp_path_factory):
     ids = s.encode_prompt(prompt)
     assert tok(prompt).input_ids == ids
     assert _chat_ids(tok, "What is 2+2?") == s.encode_prompt("What is 2+2?", chat=True)
-    err = _rel_err(s.logits(ids), _hf_logits(load_hf_model(hf), ids))
+    err = rel_err(s.logits(ids), hf_logits(load_hf_model(hf), ids))
     assert err < REL_TOL, f"relative logits error {err:.2e}"
-
 
 
 @pytest.mark.parametrize("variant", slow_except(["qwen2", "qwen3", "llama_bias", "llama_tied_rope3", "mistral"]))  # all slow: test_tiny_export_files_and_config keeps llama fast
@@ -247,5 +237,5 @@ def test_artifact_export_per_architecture(variant, tiny_checkpoint, compiled, hf
     for name in got:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     ids = [(11 * i + 5) % 211 for i in range(13)]
-    err = _rel_err(_hf_logits(load_hf_model(out), ids), _hf_logits(hf_model(variant), ids))
+    err = rel_err(hf_logits(load_hf_model(out), ids), hf_logits(hf_model(variant), ids))
     assert err < 1e-6, f"relative logits error {err:.2e}"

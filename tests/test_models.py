@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ARCHS, compile_artifact, hf_greedy, slow_except
+from helpers import ARCHS, compile_artifact, hf_greedy, hf_logits, random_ids, rel_err, slow_except
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -30,19 +30,6 @@ LOGITS_RTOL = 1e-4
 # the inner loop (`-m "not slow"`) compiles these two; CI every architecture. qwen3_moe
 # stands in for qwen3: its layer 1 is a dense Qwen3 layer, its layer 0 a sparse MoE one
 FAST_ARCHS = ("llama", "qwen3_moe")
-
-
-def random_ids(n: int, vocab: int = 211, seed: int = 1234) -> list[int]:
-    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
-
-
-def hf_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
-def rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.mark.parametrize("arch", slow_except(ARCHS, *FAST_ARCHS))

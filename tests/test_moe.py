@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import SEEDS, hf_greedy, make_tiny_checkpoint, slow_except
+from helpers import hf_greedy, hf_logits, random_ids, rel_err, slow_except
 
 from kiln.compiler.target import parse_target
 from kiln.passes.cpu_rules import CpuExpertGemv
@@ -145,19 +145,6 @@ def test_routing_matches_numpy_with_ties(target, tokens, experts, k, renormalize
 
 
 # --- whole models vs transformers -------------------------------------------------
-def random_ids(n: int, vocab: int = 211, seed: int = 1234) -> list[int]:
-    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
-
-
-def hf_logits(model, ids: list[int]) -> np.ndarray:
-    import torch  # noqa: PLC0415
-
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
-def rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.mark.parametrize("arch", slow_except(MOE_ARCHS, *FAST_ARCHS))

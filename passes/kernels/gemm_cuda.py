@@ -94,6 +94,25 @@ def rows_ksplit(N: int, K: int) -> int:
     return ks
 
 
+def _rows_tiles(N: int, K: int):
+    """The launch of kiln::gemm_rows (the small- and middle-B kernels): blocks_m x ceil(N / 32)
+    blocks of 256 threads with their 8 KB reduction buffer. w: the weight or its codes; s: the
+    codes' row scales (the weight again when it has none); r: the residual (a when none)."""
+    nb = (N + ROWS_N - 1) // ROWS_N
+
+    @T.macro
+    def tiles(fn, a, w, s, r, y, B, blocks_m):
+        for by in T.thread_binding(nb, thread="blockIdx.y"):
+            for bx in T.thread_binding(blocks_m, thread="blockIdx.x"):
+                for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                    red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
+                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(s[0, 0]),
+                                             T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K,
+                                             red.access_ptr("rw")))
+
+    return tiles
+
+
 def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str | None = None):
     """y  # [B, 1, N] (out_dtype: dtype or float32) = a  # [B, 1, K] @ W  # [N, K]^T (+ r  # [B, 1, N]),
     B symbolic: one token of each of B sequences (decode_batch). Three kernels, picked on the
@@ -105,28 +124,19 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
     ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
     small, mid = (f"kiln::gemm_rows<{ct}, {co}, {res}, {tt}>" for tt in (1, 8))
     big, reduce = f"kiln::gemm_rows_big<{ct}, {co}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>"
-    nb, ks = (N + ROWS_N - 1) // ROWS_N, rows_ksplit(N, K)
+    ks = rows_ksplit(N, K)
     # the middle kernel takes every B > 8 where the big one cannot split K or N is small (a few
     # blocks walking all of K one after another: N = 77 took 81 us against 12 on the H200)
     mid_max = ROWS_BIG_B if K % (BIG_BK * ks) == 0 and N >= 1024 else 1 << 30
 
+    tiles = _rows_tiles(N, K)
+
     @T.macro
     def launch(a, w, r, y, B):
         if B <= ROWS_SMALL_B:
-            for by in T.thread_binding(nb, thread="blockIdx.y"):
-                for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                    red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                    T.evaluate(T.call_extern("void", small, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(w[0, 0]),
-                                             T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K,
-                                             red.access_ptr("rw")))
+            tiles(small, a, w, w, r, y, B, 1)
         elif B <= mid_max:
-            for by in T.thread_binding(nb, thread="blockIdx.y"):
-                for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
-                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                        red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                        T.evaluate(T.call_extern("void", mid, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(w[0, 0]),
-                                                 T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K,
-                                                 red.access_ptr("rw")))
+            tiles(mid, a, w, w, r, y, B, (B + ROWS_M - 1) // ROWS_M)
         else:
             ws = T.alloc_buffer((ks * B * N if ks > 1 else 1,), "float32")  # split-K partials [ks, B, N]
             for bz in T.thread_binding(ks, thread="blockIdx.z"):
@@ -179,7 +189,7 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     out_dtype = out_dtype or dtype
     ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
     small, mid = (f"kiln::gemm_rows<{ct}, {co}, false, {tt}, uint8_t>" for tt in (1, 8))
-    nb = (N + ROWS_N - 1) // ROWS_N
+    tiles = _rows_tiles(N, K)
 
     @T.prim_func
     def kiln_gemm_rows_f8(var_a: T.handle, q: T.Buffer((N, K), "uint8"), s: T.Buffer((N, 1), "float32"), var_y: T.handle):
@@ -188,20 +198,9 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
         a = T.match_buffer(var_a, (B, 1, K), dtype)
         y = T.match_buffer(var_y, (B, 1, N), out_dtype)
         if B <= ROWS_SMALL_B:
-            for by in T.thread_binding(nb, thread="blockIdx.y"):
-                for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                    red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                    T.evaluate(T.call_extern("void", small, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                             T.address_of(a[0, 0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K,
-                                             red.access_ptr("rw")))
+            tiles(small, a, q, s, a, y, B, 1)
         else:
-            for by in T.thread_binding(nb, thread="blockIdx.y"):
-                for bx in T.thread_binding((B + ROWS_M - 1) // ROWS_M, thread="blockIdx.x"):
-                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                        red = T.alloc_buffer((ROWS_RED_FLOATS,), "float32", scope="shared")
-                        T.evaluate(T.call_extern("void", mid, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                                 T.address_of(a[0, 0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", B), N, K,
-                                                 red.access_ptr("rw")))
+            tiles(mid, a, q, s, a, y, B, (B + ROWS_M - 1) // ROWS_M)
 
     return kiln_gemm_rows_f8
 

@@ -8,7 +8,8 @@
   (`compile_artifact`, `compile_artifacts` two at a time, `run_compiler_code`,
   `run_python`), the artifact shared by the artifact and runtime-request tests,
   and `MemoLogits` (a reference's logits computed once for several candidates).
-- reference: transformers as the reference (`load_hf_model`, `hf_greedy`).
+- reference: transformers as the reference (`load_hf_model`, `hf_logits`, `hf_greedy`),
+  `random_ids`, and `rel_err` (max |got - want| / max |want|).
 - tiers: `slow_except`, to keep one or two cases of a long sweep in the fast tier.
 
 Tests import them as `from helpers import ...`: pytest puts tests/ on sys.path
@@ -28,7 +29,7 @@ from .processes import (
     shared_artifact,
     subprocess_env,
 )
-from .reference import hf_greedy, load_hf_model
+from .reference import hf_greedy, hf_logits, load_hf_model, random_ids, rel_err
 from .tiers import slow_except
 
 __all__ = [

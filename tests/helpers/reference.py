@@ -1,8 +1,10 @@
-"""transformers as the reference: load a checkpoint, greedy tokens."""
+"""transformers as the reference: load a checkpoint, its logits, greedy tokens; the error measure."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 
 def load_hf_model(path: Path):
@@ -35,3 +37,20 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     tokens = out[0, len(prompt) :].tolist()
     assert len(tokens) == n, f"transformers stopped after {len(tokens)} of {n} tokens"
     return tokens
+
+
+def random_ids(n: int, vocab: int = 211, seed: int = 1234) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    """transformers' float32 logits  # [len(ids), vocab] for one sequence."""
+    import torch  # noqa: PLC0415
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max |want|: the tolerance tables' measure."""
+    return float(np.abs(got - want).max() / np.abs(want).max())
