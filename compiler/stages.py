@@ -92,7 +92,8 @@ def _cuda_decode_batch(option: bool | None, m, tg) -> bool:
         return option
     # fp8 weights have a row kernel too (ROWS_QCODES), checked standalone on the H200 but
     # not yet end to end: opt-in (KILN_CUDA_DECODE_BATCH=1) until it is
-    return m.plan is None and m.precision(tg).storage in ("bfloat16", "float16")
+    # (MoE expert matmuls have no row kernel: their decode_batch would run on dlight's schedules)
+    return m.plan is None and m.precision(tg).storage in ("bfloat16", "float16") and not m.config.num_experts
 
 
 def export_graphs(m, page_size: int, cuda_decode_batch: bool | None = None):

@@ -207,7 +207,15 @@ class Engine:
                     return
                 self._retire_cancelled()
                 if not self._halt:
-                    self._schedule()
+                    try:
+                        self._schedule()
+                    except Exception as err:  # noqa: BLE001  (fail the head it stopped at, not the engine)
+                        import traceback  # noqa: PLC0415
+
+                        traceback.print_exc()
+                        if self._waiting:
+                            head = self._waiting.popleft()
+                            self._finish(head, Event("error", error=f"internal error: {type(err).__name__}: {err}"[:500]), "failed")
                 self.kv_pages_free = self.session.kv_pages_free()
                 if self._halt:
                     self._retire_cancelled()
@@ -251,9 +259,9 @@ class Engine:
                 return s.pages_for(len(r.feed)) - held(r)
             return 1 if r.seq is not None and s.sequence_length(r.seq) % s.page_size == 0 else 0
 
-        def evict() -> bool:  # a prefix-cache entry gives back the pages only it held
+        def evict(keep: int | None = None) -> bool:  # a prefix-cache entry gives back the pages only it held
             nonlocal free
-            if self.prefix is None or not self.prefix.evict():
+            if self.prefix is None or not self.prefix.evict(keep=keep):
                 return False
             free = s.kv_pages_free()
             return True
@@ -270,16 +278,25 @@ class Engine:
             free = s.kv_pages_free()
         while self._waiting and len(self._running) < self.max_batch:
             head = self._waiting[0]
-            if head.seq is None and self.prefix is not None:
-                hit = self.prefix.lookup(head.feed)
-                if hit is not None:  # share the cached pages: only the rest is computed
-                    head.seq, head.fed = s.fork_sequence(*hit), hit[1]
-                    self.counters["prefix_hit_tokens"] += hit[1]
-            while need + wants(head) + 1 > free and evict():
+            # a cached prefix is shared, not taken: only the rest of the feed needs pages. The
+            # fork happens once the head is admitted, so a refused head holds nothing.
+            hit = self.prefix.lookup(head.feed) if self.prefix is not None else None
+            want = s.pages_for(len(head.feed)) - (s.pages_for(hit[1]) if hit else 0)
+
+            def fits() -> bool:  # with a page to grow into; alone, the pool (>= one context) always fits
+                return need + want + 1 <= free or (not self._running and want <= free)
+
+            while not fits() and evict(keep=hit[0] if hit else None):
                 pass
-            if need + wants(head) + 1 > free:
+            if not fits():
                 break
-            need += wants(head)
+            if hit is not None:
+                head.seq, head.fed = s.fork_sequence(*hit), hit[1]
+                self.prefix.count(len(head.feed), hit[1])
+                self.counters["prefix_hit_tokens"] += hit[1]
+            elif self.prefix is not None:
+                self.prefix.count(len(head.feed), 0)
+            need += want
             self._running.append(self._waiting.popleft())
 
     def _preempt(self, r: Request) -> None:  # under the lock
@@ -343,10 +360,13 @@ class Engine:
                     if r.resume:  # recomputed after a preemption: its next token is already known
                         r.resume = False
                     else:
+                        r.next_token = r.gen.sample(logits)  # (NaN/Inf logits raise here: nothing is cached then)
                         if self.prefix is not None:
-                            with self._lock:
-                                self.prefix.donate(r.seq, r.gen.prompt)
-                        r.next_token = r.gen.sample(logits)
+                            try:
+                                with self._lock:
+                                    self.prefix.donate(r.seq, r.gen.prompt)
+                            except KilnError:  # (no slot or page for an entry: the request goes on without one)
+                                pass
                         self._note_logprobs(r, logits)
                         self._deliver(r)
             except KilnError as err:
@@ -385,8 +405,9 @@ class Engine:
         x = logits.astype(np.float64)
         lse = float(x.max() + np.log(np.exp(x - x.max()).sum()))
         top = []
-        if r.logprobs:
-            best = np.argpartition(-x, r.logprobs - 1)[: r.logprobs]
+        n = min(r.logprobs, len(x))
+        if n:
+            best = np.argpartition(-x, n - 1)[:n]
             best = best[np.lexsort((best, -x[best]))]  # by logit, ties to the lower id
             top = [(int(t), float(x[t]) - lse) for t in best]
         r.picked_logprobs = (float(x[r.next_token]) - lse, top)

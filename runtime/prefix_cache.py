@@ -42,10 +42,14 @@ class PrefixCache:
             h = hash((h, tuple(tokens[(k - 1) * self.page : k * self.page])))
             yield k * self.page, h
 
+    def count(self, tokens: int, hit: int) -> None:
+        """Record an admitted request's lookup (the engine looks a waiting head up again each step)."""
+        self.lookup_tokens += tokens
+        self.hit_tokens += hit
+
     def lookup(self, tokens: list[int]) -> tuple[int, int] | None:
         """(entry sequence, tokens to reuse) for the longest cached prefix of `tokens`
         that leaves at least one token to compute, or None."""
-        self.lookup_tokens += len(tokens)
         best = None
         for n, h in self._hashes(tokens[:-1]):
             hit = self._keys.get(h)
@@ -55,7 +59,6 @@ class PrefixCache:
         if best is None or self._entries[best[0]][: best[1]] != tokens[: best[1]]:  # a hash collision reads as a miss
             return None
         self._entries.move_to_end(best[0])
-        self.hit_tokens += best[1]
         return best
 
     def donate(self, seq: int, tokens: list[int]) -> None:
@@ -78,11 +81,12 @@ class PrefixCache:
         for length, key in self._hashes(tokens[:n]):
             self._keys[key] = (entry, length)
 
-    def evict(self) -> bool:
-        """Drop the least recently used entry; False when there is none."""
-        if not self._entries:
+    def evict(self, keep: int | None = None) -> bool:
+        """Drop the least recently used entry but `keep`; False when there is none."""
+        seq = next((e for e in self._entries if e != keep), None)
+        if seq is None:
             return False
-        seq, tokens = self._entries.popitem(last=False)
+        tokens = self._entries.pop(seq)
         for length, key in self._hashes(tokens):
             if self._keys.get(key) == (seq, length):
                 del self._keys[key]
