@@ -130,7 +130,9 @@ class Engine:
         self._halt = False  # the loop ends once nothing is left
         self._thread: threading.Thread | None = None
         # metrics (read under the lock)
-        self.counters = collections.Counter()  # requests by outcome, tokens
+        # requests by outcome, tokens; the keys the engine thread bumps outside the lock exist from the
+        # start, so stats() (under the lock, any thread) never sees the dict change size
+        self.counters = collections.Counter(dict.fromkeys(("prompt_tokens", "completion_tokens", "preemptions", "prefix_hit_tokens"), 0))
         self.ttft = Histogram(LATENCY_BOUNDS)
         self.itl = Histogram(LATENCY_BOUNDS)
         self.kv_pages_total = session.kv_pages_total  # None: kiln's quantized cache (no shared pool)

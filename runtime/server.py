@@ -513,8 +513,10 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_nam
         raise KilnError(f"cannot listen on {host}:{port}: {err.strerror}") from None
     if isinstance(prefix_cache, bool) or not isinstance(prefix_cache, int) or not 0 <= prefix_cache <= 1024:
         raise RequestError(f"--prefix-cache must be an integer in [0, 1024], got {prefix_cache!r}")
+    # prefix-cache entries are sequences too, but they share their pages with requests: the pool
+    # stays max_batch contexts (not one more per entry) unless --kv-pages says otherwise
     s = load(artifact, device=device, max_seq_len=max_seq_len, threads=threads, random_weights=random_weights,
-             max_sequences=max_batch + prefix_cache, kv_pages=kv_pages)
+             max_sequences=max_batch + prefix_cache, kv_pages=kv_pages, kv_contexts=max_batch if prefix_cache else None)
     name = model_name or s.artifact.path.name.removesuffix(".kiln")
     engine = Engine(s, max_queue=max_queue, prefix_cache=prefix_cache)
     app = create_app(engine, model_name=name, api_key=api_key, grace=grace)

@@ -69,7 +69,7 @@ class Session:
     """
 
     def __init__(self, artifact: Artifact, device: str = "cpu", max_seq_len: int | None = None, prefill_chunk: int | None = None,
-                 random_weights: bool = False, max_sequences: int = 1, kv_pages: int | None = None):
+                 random_weights: bool = False, max_sequences: int = 1, kv_pages: int | None = None, kv_contexts: int | None = None):
         t0 = time.perf_counter()
         rt = runtime()
         self._rt = rt
@@ -114,6 +114,8 @@ class Session:
                 raise RequestError("kv_pages sizes TVM's paged cache; this artifact's quantized KV cache reserves each sequence's pages")
             self._kv = QuantKVCache(rt, self.tvm_device, kv, self.max_seq_len, max_sequences)
         else:
+            if kv_pages is None and kv_contexts is not None:  # a pool of that many whole contexts
+                kv_pages = min(max(int(kv_contexts), 1), max_sequences) * self.pages_for(self.max_seq_len)
             if kv_pages is not None:
                 low, high = self.pages_for(self.max_seq_len), max_sequences * self.pages_for(self.max_seq_len)
                 if isinstance(kv_pages, bool) or not isinstance(kv_pages, int) or not low <= kv_pages <= high:
@@ -554,11 +556,13 @@ def cuda_device(rt, target: dict, path):
 
 
 def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, threads: int | None = None, verify: bool = True,
-         random_weights: bool = False, prefill_chunk: int | None = None, max_sequences: int = 1, kv_pages: int | None = None) -> Session:
+         random_weights: bool = False, prefill_chunk: int | None = None, max_sequences: int = 1, kv_pages: int | None = None,
+         kv_contexts: int | None = None) -> Session:
     """Load an artifact (checks manifest, machine and hashes first) and return a Session.
     max_seq_len: tokens per sequence (default: the artifact's, at most 4096);
     max_sequences: sequences open at once (KV memory is reserved for each at max_seq_len,
-    unless kv_pages sizes a smaller pool that they share: at least one context's pages);
+    unless kv_pages sizes a smaller pool that they share: at least one context's pages;
+    kv_contexts: that pool as so many whole contexts, when kv_pages is not given);
     random_weights: only for artifacts compiled with --no-weights (speed runs)."""
     if threads is not None:
         if not 1 <= threads <= 1024:
@@ -566,4 +570,4 @@ def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, 
         os.environ["TVM_NUM_THREADS"] = str(threads)
     art = open_artifact(path, device=device, verify_hashes=verify)
     return Session(art, device=device, max_seq_len=max_seq_len, random_weights=random_weights, prefill_chunk=prefill_chunk,
-                   max_sequences=max_sequences, kv_pages=kv_pages)
+                   max_sequences=max_sequences, kv_pages=kv_pages, kv_contexts=kv_contexts)

@@ -439,6 +439,8 @@ def test_kv_pool_pages_are_counted(art):
         s = kiln.runtime.load(art, max_seq_len=CTX, max_sequences=3)
         assert s.kv_pages_total is None and s.kv_pages_free() is None
         return
+    one_context = kiln.runtime.load(art, max_seq_len=CTX, max_sequences=3, kv_contexts=1)  # (the server's pool with a prefix cache)
+    assert one_context.kv_pages_total == kiln.runtime.load(art, max_seq_len=CTX, max_sequences=3, kv_pages=3).kv_pages_total
     s = kiln.runtime.load(art, max_seq_len=CTX, max_sequences=3, kv_pages=4)
     total = s.kv_pages_total
     assert total >= 4 and s.kv_pages_free() == total and s.pages_for(17) == 2 and s.page_size == 16
