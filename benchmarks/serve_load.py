@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py ARTIFACT [--concurrency 1,2,4,8] [--input 128] [--output 128]
         [--requests-per-level 16] [--max-batch 8] [--threads 2] [--device cpu] [--random-weights]
+        [--shared-prefix N --prefix-cache SLOTS]   (prompts that start alike, with and without the cache)
         [--json-out FILE] [--plot FILE.png]
 
 Starts the server (`python -m kiln.cli serve`, --max-batch = the largest
@@ -105,6 +106,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--max-seq-len", type=int, default=None)
+    ap.add_argument("--shared-prefix", type=int, default=0, help="the first N of the --input tokens are the same in every prompt (a system prompt)")
+    ap.add_argument("--prefix-cache", type=int, default=0, help="kiln serve --prefix-cache N")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--plot", default=None, help="PNG of output tok/s against concurrency (needs matplotlib)")
     a = ap.parse_args()
@@ -116,6 +119,10 @@ def main() -> int:
         cmd.append("--random-weights")
     if a.max_seq_len:
         cmd += ["--max-seq-len", str(a.max_seq_len)]
+    if a.prefix_cache:
+        cmd += ["--prefix-cache", str(a.prefix_cache)]
+    if not 0 <= a.shared_prefix < a.input:
+        raise SystemExit("--shared-prefix must be in [0, --input)")
     srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = srv.stdout.readline()
@@ -136,7 +143,8 @@ def main() -> int:
         if a.input + a.output > ctx:
             raise SystemExit(f"--input + --output = {a.input + a.output} is over the served context {ctx} (--max-seq-len)")
         rng = np.random.default_rng(0)
-        prompts = [rng.integers(3, vocab, a.input).tolist() for _ in range(max(64, a.requests_per_level))]
+        shared = rng.integers(3, vocab, a.shared_prefix).tolist()
+        prompts = [shared + rng.integers(3, vocab, a.input - a.shared_prefix).tolist() for _ in range(max(64, a.requests_per_level))]
         one_request(host, port, "m", prompts[0], 8)  # warm-up
         rows = []
         for c in levels:
@@ -147,7 +155,8 @@ def main() -> int:
         srv.terminate()
         srv.wait(timeout=60)
     base = rows[0]["output_tok_s"]
-    print(f"\nkiln serve {a.artifact}: {a.input}/{a.output} tokens, max batch {max_batch}, {a.threads} threads, device {a.device}\n")
+    extra = f", {a.shared_prefix} shared prompt tokens, --prefix-cache {a.prefix_cache}" if a.shared_prefix or a.prefix_cache else ""
+    print(f"\nkiln serve {a.artifact}: {a.input}/{a.output} tokens, max batch {max_batch}, {a.threads} threads, device {a.device}{extra}\n")
     print("| concurrency | output tok/s | x concurrency 1 | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | per-stream tok/s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
