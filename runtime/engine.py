@@ -35,11 +35,20 @@ import numpy as np
 
 from ..errors import KilnError, RequestError
 from .prefix_cache import PrefixCache
+from .quality import log_softmax
 from .request import Generation
 from .sampler import SamplingParams
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit)
+
+
+def _internal_error(err: Exception) -> str:
+    """A bug's report for the requests it hit (its traceback goes to stderr)."""
+    import traceback  # noqa: PLC0415
+
+    traceback.print_exception(err)
+    return f"internal error: {type(err).__name__}: {err}"[:500]
 
 
 class QueueFullError(RequestError):
@@ -212,12 +221,8 @@ class Engine:
                     try:
                         self._schedule()
                     except Exception as err:  # noqa: BLE001  (fail the head it stopped at, not the engine)
-                        import traceback  # noqa: PLC0415
-
-                        traceback.print_exc()
                         if self._waiting:
-                            head = self._waiting.popleft()
-                            self._finish(head, Event("error", error=f"internal error: {type(err).__name__}: {err}"[:500]), "failed")
+                            self._finish(self._waiting.popleft(), Event("error", error=_internal_error(err)), "failed")
                 self.kv_pages_free = self.session.kv_pages_free()
                 if self._halt:
                     self._retire_cancelled()
@@ -228,11 +233,9 @@ class Engine:
                 self._step(running)
                 self.kv_pages_free = self.session.kv_pages_free()
             except Exception as err:  # noqa: BLE001  (a bug must fail the requests it hit, not hang every client)
-                import traceback  # noqa: PLC0415
-
-                traceback.print_exc()
+                message = _internal_error(err)
                 for r in running:
-                    self._fail(r, RuntimeError(f"internal error: {type(err).__name__}: {err}"[:500]))
+                    self._fail(r, RuntimeError(message))
 
     def _schedule(self) -> None:  # under the lock, on the engine thread
         """Admit waiting requests FCFS while sequences and KV pages allow; when the
@@ -404,15 +407,14 @@ class Engine:
         logits as computed, before temperature / top-p) and the `r.logprobs` best."""
         if r.logprobs is None:
             return
-        x = logits.astype(np.float64)
-        lse = float(x.max() + np.log(np.exp(x - x.max()).sum()))
+        lp = log_softmax(logits)
         top = []
-        n = min(r.logprobs, len(x))
+        n = min(r.logprobs, len(lp))
         if n:
-            best = np.argpartition(-x, n - 1)[:n]
-            best = best[np.lexsort((best, -x[best]))]  # by logit, ties to the lower id
-            top = [(int(t), float(x[t]) - lse) for t in best]
-        r.picked_logprobs = (float(x[r.next_token]) - lse, top)
+            best = np.argpartition(-lp, n - 1)[:n]
+            best = best[np.lexsort((best, -lp[best]))]  # by logit, ties to the lower id
+            top = [(int(t), float(lp[t])) for t in best]
+        r.picked_logprobs = (float(lp[r.next_token]), top)
 
     def _deliver(self, r: Request) -> None:
         """Accept r.next_token into r's generation; emit its text; retire r when done."""

@@ -92,7 +92,3 @@ class PrefixCache:
                 del self._keys[key]
         self.session.remove_sequence(seq)
         return True
-
-    def clear(self) -> None:
-        while self.evict():
-            pass

@@ -325,7 +325,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
         def chunk(delta: dict | None = None, text: str | None = None, finish: str | None = None, ev=None, **extra) -> bytes:
             lp = logprobs_json([ev], chat, offset[0]) if want_lp and ev is not None and ev.token >= 0 else None
             if lp is not None and not chat:
-                offset[0] += len(token_text(ev.token))
+                offset[0] += len(lp["tokens"][0])
             if chat:
                 choices = [{"index": 0, "delta": delta or {}, "logprobs": lp, "finish_reason": finish}]
             else:

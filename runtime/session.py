@@ -145,10 +145,7 @@ class Session:
     def add_sequence(self) -> int:
         """Open an empty sequence in the KV cache and return its id (the
         smallest id not in use). At most `max_sequences` are open at once."""
-        if len(self._lengths) >= self.max_sequences:
-            raise RequestError(f"all {self.max_sequences} sequences of this session are open: remove one first, "
-                               f"or load with a larger max_sequences")
-        seq = next(i for i in itertools.count() if i not in self._lengths)
+        seq = self._free_sequence_id()
         self._kv.add(seq)
         self._lengths[seq] = 0
         return seq
@@ -163,15 +160,19 @@ class Session:
             raise RequestError(f"sequence {parent} holds {have} tokens: a fork takes 1 to {have} of them, not {length!r}")
         if not isinstance(self._kv, PagedKVCache):
             raise RequestError("fork_sequence needs TVM's paged KV cache (this artifact has kiln's quantized cache)")
-        if len(self._lengths) >= self.max_sequences:
-            raise RequestError(f"all {self.max_sequences} sequences of this session are open: remove one first, "
-                               f"or load with a larger max_sequences")
-        seq = next(i for i in itertools.count() if i not in self._lengths)
+        seq = self._free_sequence_id()
         self._kv.fork(parent, seq, length)
         self._lengths[seq] = length
         if parent in self._advanced:
             self._advanced.add(seq)
         return seq
+
+    def _free_sequence_id(self) -> int:
+        """The smallest id not in use; RequestError when max_sequences are open."""
+        if len(self._lengths) >= self.max_sequences:
+            raise RequestError(f"all {self.max_sequences} sequences of this session are open: remove one first, "
+                               f"or load with a larger max_sequences")
+        return next(i for i in itertools.count() if i not in self._lengths)
 
     def remove_sequence(self, seq: int) -> None:
         """Close a sequence and give its KV pages back; its id may be reused."""
@@ -210,14 +211,11 @@ class Session:
         all_logits (row i predicts the token after tokens[i]). Logits are
         returned as computed: the Sampler refuses NaN/Inf."""
         ids = self._check_tokens(tokens)
-        have = self._length(seq)
-        if have + len(ids) > self.max_seq_len:
-            raise RequestError(f"sequence {seq} holds {have} tokens: {len(ids)} more pass this session's context of {self.max_seq_len}")
+        self._check_room(seq, len(ids))
         rows = []
         for s in range(0, len(ids), self.prefill_chunk):
             chunk = ids[s : s + self.prefill_chunk]
-            rows.append(self._forward_prefill(seq, chunk, np.arange(len(chunk)) if all_logits else np.array([len(chunk) - 1])))
-            self._lengths[seq] += len(chunk)
+            rows.append(self._forward_prefill([seq], [chunk], np.arange(len(chunk)) if all_logits else np.array([len(chunk) - 1])))
         return np.concatenate(rows, axis=0) if all_logits else rows[-1][0]
 
     def prefill_many(self, seqs: list[int], token_lists: list) -> np.ndarray:
@@ -233,23 +231,10 @@ class Session:
             raise RequestError(f"a sequence appears twice in one prefill step: {list(seqs)}")
         lists = [self._check_tokens(t) for t in token_lists]
         for seq, ids in zip(seqs, lists):
-            if self._length(seq) + len(ids) > self.max_seq_len:
-                raise RequestError(f"sequence {seq} holds {self._length(seq)} tokens: {len(ids)} more pass this session's context of {self.max_seq_len}")
-        total = sum(len(ids) for ids in lists)
-        if len(seqs) == 1 or self._decode_batch is None or total > self.prefill_chunk:
+            self._check_room(seq, len(ids))
+        if len(seqs) == 1 or self._decode_batch is None or sum(len(ids) for ids in lists) > self.prefill_chunk:
             return np.stack([self.prefill(seq, ids) for seq, ids in zip(seqs, lists)])
-        flat = [t for ids in lists for t in ids]
-        self._kv.begin(list(seqs), [len(ids) for ids in lists])
-        try:
-            emb = self._embed(self._tensor(np.asarray(flat, dtype=np.int32)), self.params)
-            emb = emb._create_view((1, total, emb.shape[1]))
-            last = np.cumsum([len(ids) for ids in lists]) - 1  # each list's last token in the ragged batch
-            out = self._prefill(emb, self._tensor(last.astype(np.int32)), *self._kv.args(), self.params)
-        finally:
-            self._kv.end()
-        for seq, ids in zip(seqs, lists):
-            self._lengths[seq] += len(ids)
-        return out[0].numpy()[0]
+        return self._forward_prefill(list(seqs), lists, np.cumsum([len(ids) for ids in lists]) - 1)  # each list's last token
 
     def decode_step(self, seqs: list[int], tokens: list[int]) -> np.ndarray:
         """Feed tokens[i] to open sequence seqs[i] (each once per step); returns
@@ -366,14 +351,27 @@ class Session:
     def _tensor(self, a: np.ndarray):
         return self._rt.runtime.tensor(a, self.tvm_device)
 
-    def _forward_prefill(self, seq: int, ids: list[int], logit_pos: np.ndarray) -> np.ndarray:
-        """Run `ids` through the model for `seq` (at most prefill_chunk of them); logits  # [len(logit_pos), vocab]."""
-        self._kv.begin([seq], [len(ids)])
-        emb = self._embed(self._tensor(np.asarray(ids, dtype=np.int32)), self.params)
-        emb = emb._create_view((1, len(ids), emb.shape[1]))
-        out = self._prefill(emb, self._tensor(logit_pos.astype(np.int32)), *self._kv.args(), self.params)
-        self._kv.end()
+    def _forward_prefill(self, seqs: list[int], lists: list[list[int]], logit_pos: np.ndarray) -> np.ndarray:
+        """Run lists[i] through the model for seqs[i], one ragged batch of at most
+        prefill_chunk tokens in all (TVM's paged cache: several sequences in one
+        begin_forward); logit_pos indexes the concatenated tokens. Returns logits
+        # [len(logit_pos), vocab] and grows each sequence by its list."""
+        flat = [t for ids in lists for t in ids]
+        self._kv.begin(list(seqs), [len(ids) for ids in lists])
+        try:
+            emb = self._embed(self._tensor(np.asarray(flat, dtype=np.int32)), self.params)
+            emb = emb._create_view((1, len(flat), emb.shape[1]))
+            out = self._prefill(emb, self._tensor(np.asarray(logit_pos, dtype=np.int32)), *self._kv.args(), self.params)
+        finally:
+            self._kv.end()
+        for seq, ids in zip(seqs, lists):
+            self._lengths[seq] += len(ids)
         return out[0].numpy()[0]
+
+    def _check_room(self, seq: int, n: int) -> None:
+        have = self._length(seq)
+        if have + n > self.max_seq_len:
+            raise RequestError(f"sequence {seq} holds {have} tokens: {n} more pass this session's context of {self.max_seq_len}")
 
     def _decode_one(self, seq: int, token: int):
         """One decode step of `seq` on `token` (checked); returns the device tensors
