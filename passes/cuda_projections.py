@@ -147,18 +147,20 @@ class _Rewriter(relax.PyExprMutator):
             return None
         return a, w, sw[1], sw[0], _is_one(shape[1])
 
-    def _quantized(self, call, roles: tuple[str, ...]):
+    def _quantized(self, call, roles: tuple[str, ...], rows: bool = False):
         """call = call_tir(<qmatmul of one of roles>, (a [1, s, K], q, s[, z])) over a quantized
-        [N, K] matrix -> (a, K, N, group, code kind), or None. The code kind is the CUDA
-        template kind of the weight format the model named (QFORMAT_ATTR; passes/quant);
-        formats with a minimum pass z, the others do not."""
+        [N, K] matrix -- or, with rows, decode_batch's a [B, 1, K] (B symbolic) -- -> (a, K, N,
+        group, code kind), or None. The code kind is the CUDA template kind of the weight format
+        the model named (QFORMAT_ATTR; passes/quant); formats with a minimum pass z, the others do not."""
         kind = self._kind(call)
         if kind is None or kind[0] != "qmatmul" or kind[1] not in roles or len(call.args[1].fields) not in (3, 4):
             return None
         a, q, sc = call.args[1].fields[:3]
         shape = a.ty.shape.values if isinstance(a.ty, relax.TensorType) and a.ty.shape is not None else None
         sq, ss = _static_shape(q), _static_shape(sc)
-        if shape is None or len(shape) != 3 or not _is_one(shape[0]) or sq is None or len(sq) != 2 or ss is None or len(ss) != 2:
+        if shape is None or len(shape) != 3 or sq is None or len(sq) != 2 or ss is None or len(ss) != 2:
+            return None
+        if not (_is_one(shape[1]) and not _is_one(shape[0]) if rows else _is_one(shape[0])):
             return None
         try:
             K = int(shape[2])
@@ -185,23 +187,14 @@ class _Rewriter(relax.PyExprMutator):
     def _qrows(self, call):
         """call = call_tir(<qmatmul projection | lm_head>, (a [B, 1, K], q, s)), B symbolic, 16-bit a, a format
         with a row kernel (fp8) -> (K, N, code, dtype, out dtype)."""
-        kind = self._kind(call)
-        if kind is None or kind[0] != "qmatmul" or kind[1] not in ("projection", "lm_head") or len(call.args[1].fields) != 3:
+        hit = self._quantized(call, ("projection", "lm_head"), rows=True)
+        if hit is None:
             return None
-        a, q, sc = call.args[1].fields
-        shape = a.ty.shape.values if isinstance(a.ty, relax.TensorType) and a.ty.shape is not None else None
-        sq, ss = _static_shape(q), _static_shape(sc)
-        if shape is None or len(shape) != 3 or not _is_one(shape[1]) or _is_one(shape[0]) or sq is None or ss != (sq[0], 1):
-            return None
-        attrs = self.mod_[call.args[0]].attrs
-        fmt = WEIGHT_FORMATS.get(str(attrs[QFORMAT_ATTR])) if QFORMAT_ATTR in attrs else None
+        a, K, N, group, code = hit
         dt, odt = _dtype(a), str(call.ty.dtype)
-        if fmt is None or fmt.cuda_code not in ROWS_QCODES or dt not in ("bfloat16", "float16") or odt not in (dt, "float32"):
-            return None
-        K = sq[1]
-        if K % 32 or int(shape[2]) != K:
-            return None
-        return K, sq[0], fmt.cuda_code, dt, odt
+        if code not in ROWS_QCODES or group != K or K % 32 or dt not in ("bfloat16", "float16") or odt not in (dt, "float32"):
+            return None  # (the row kernel takes one scale per row)
+        return K, N, code, dt, odt
 
     def _qgemm(self, call):
         """call = call_tir(<qmatmul projection>, (a [1, s, K], q, s[, z])), s symbolic, 16-bit out = in -> (K, N, group, code, dtype)."""

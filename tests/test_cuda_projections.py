@@ -12,6 +12,7 @@ from kiln.tvm_compat import compiler
 
 t = compiler()
 relax, te, tirx = t.relax, t.te, t.tirx
+SM90 = {"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024, "thread_warp_size": 32}
 
 
 def _prefill_projection(name: str, attrs: dict | None, batch_rows: bool = False, out: str = "bfloat16"):
@@ -42,8 +43,7 @@ def _prefill_projection(name: str, attrs: dict | None, batch_rows: bool = False,
 ])
 def test_projection_is_matched_by_attribute_not_name(name, attrs, swapped):
     mod = _prefill_projection(name, attrs)
-    with t.Target({"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
-                   "thread_warp_size": 32}):
+    with t.Target(SM90):
         out = CudaProjections()(mod)
     main = out["main"].script()
     assert ("call_tir(kiln_gemm_256x128_bfloat16," in main) == swapped, main
@@ -60,8 +60,7 @@ def test_batch_rows_run_on_the_rows_gemm(role, out, kernel):
     prompt GEMM, whose 128 x 256 tiles left an H200 at 239 GB/s for B = 8 (16 blocks for N =
     4096), nor to dlight's LM head schedule (553 GB/s)."""
     mod = _prefill_projection("proj", {OP_ATTR: "matmul", ROLE_ATTR: role}, batch_rows=True, out=out)
-    with t.Target({"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
-                   "thread_warp_size": 32}):
+    with t.Target(SM90):
         out = CudaProjections()(mod)
     main = out["main"].script()
     assert f"call_tir({kernel}," in main, main
@@ -71,8 +70,7 @@ def test_batch_rows_run_on_the_rows_gemm(role, out, kernel):
 def test_prompt_lm_head_keeps_its_own_path():
     """A prompt's [1, s, K] LM head is not a decode_batch row GEMM (and not a projection)."""
     mod = _prefill_projection("proj", {OP_ATTR: "matmul", ROLE_ATTR: "lm_head"}, out="float32")
-    with t.Target({"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
-                   "thread_warp_size": 32}):
+    with t.Target(SM90):
         out = CudaProjections()(mod)
     assert "call_tir(proj," in out["main"].script()
 
@@ -108,8 +106,7 @@ def test_fp8_batch_rows_run_on_the_rows_gemm(fmt, routed):
             y = bb.emit_output(bb.call_te(compute, x, q, sc, primfunc_name_hint="qproj",
                                           primfunc_attrs={OP_ATTR: "qmatmul", ROLE_ATTR: "projection", QFORMAT_ATTR: fmt}))
         bb.emit_func_output(y)
-    with t.Target({"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
-                   "thread_warp_size": 32}):
+    with t.Target(SM90):
         out = CudaProjections()(bb.get())
     main = out["main"].script()
     assert ("call_tir(kiln_gemm_rows_f8_bfloat16_256x128_bfloat16," in main) == routed, main

@@ -33,12 +33,12 @@ namespace kiln {
 constexpr int GROWS_WARPS = 8, GROWS_N = 32, GROWS_M = 64;
 constexpr int GROWS_RED_FLOATS = GROWS_WARPS * 4 * 4 * 32;  // [warp][row tile (at most 4)][acc reg][lane]
 
-template <typename T> struct MmaIsBf16 { static constexpr bool value = false; };
-template <> struct MmaIsBf16<__nv_bfloat16> { static constexpr bool value = true; };
+template <typename A, typename B> struct RowsSame { static constexpr bool value = false; };
+template <typename A> struct RowsSame<A, A> { static constexpr bool value = true; };
 
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-  if constexpr (MmaIsBf16<T>::value) {
+  if constexpr (RowsSame<T, __nv_bfloat16>::value) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -54,9 +54,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 // MMA takes. 16-bit weights: 16 bytes that already are the operand. e4m3 codes
 // (fp8 weights, one fp32 scale per row applied after the sum): 8 bytes, widened
 // exactly (an e4m3 value has 4 significant bits and fits bf16 / fp16).
-template <typename A, typename B> struct RowsSame { static constexpr bool value = false; };
-template <typename A> struct RowsSame<A, A> { static constexpr bool value = true; };
-
 template <typename T, typename WS> struct RowsWeights {
   using Raw = uint4;
   static __device__ __forceinline__ const Raw* row(const void* W, size_t r, int K, int q) {
@@ -73,7 +70,7 @@ __device__ __forceinline__ uint32_t e4m3x2_to_16x2(uint32_t codes) {  // two cod
 #else
   const float2 f = make_float2(kv_decode<kKvFp8>(codes & 0xFF), kv_decode<kKvFp8>((codes >> 8) & 0xFF));
 #endif
-  if constexpr (MmaIsBf16<T>::value) {
+  if constexpr (RowsSame<T, __nv_bfloat16>::value) {
     const __nv_bfloat162 b = __float22bfloat162_rn(f);
     return *reinterpret_cast<const uint32_t*>(&b);
   } else {
