@@ -247,18 +247,36 @@ def test_full_queue_is_429_with_retry_after(artifact):
 
 
 def test_a_client_that_disconnects_frees_its_sequence(server):
+    # Deterministic: the batch (4) is full of long requests and four more wait ahead of
+    # ours, so the stream is still queued (no token yet) when its client goes away --
+    # a running tiny-model request could otherwise finish before the disconnect is seen.
     before = server.metrics()
-    stream = server.client.completions.create(model="tiny", prompt="go on", max_tokens=127 - 3, temperature=0, stream=True,
+    blockers = []
+
+    def block():
+        blockers.append(server.client.completions.create(model="tiny", prompt="hold the batch", max_tokens=100,
+                                                         temperature=0, extra_body={"ignore_eos": True}))
+
+    threads = [threading.Thread(target=block) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 10
+    while server.metrics()["kiln_running"] < 4 and time.time() < deadline:
+        time.sleep(0.01)
+    stream = server.client.completions.create(model="tiny", prompt="go on", max_tokens=124, temperature=0, stream=True,
                                               extra_body={"ignore_eos": True})
-    next(iter(stream))
-    stream.close()  # the connection goes away mid-generation
+    stream.close()  # the connection goes away before the request got a token
+    for t in threads:
+        t.join(timeout=60)
     deadline = time.time() + 10
     while time.time() < deadline:
         m = server.metrics()
-        if m['kiln_requests_finished_total{outcome="cancelled"}'] > before['kiln_requests_finished_total{outcome="cancelled"}']:
+        if m["kiln_running"] == 0 and m["kiln_sequences_open"] == 0:
             break
         time.sleep(0.05)
+    assert len(blockers) == 8 and all(r.usage.completion_tokens == 100 for r in blockers)
     assert m['kiln_requests_finished_total{outcome="cancelled"}'] == before['kiln_requests_finished_total{outcome="cancelled"}'] + 1
+    assert m['kiln_requests_finished_total{outcome="completed"}'] == before['kiln_requests_finished_total{outcome="completed"}'] + 8
     assert m["kiln_sequences_open"] == 0 and m["kiln_running"] == 0
 
 
