@@ -426,6 +426,8 @@ class CpuInlineElementwise:
         vectorise the contiguous inner loop, parallelise the outer ones.
         SmolLM2 prefill SwiGLU (128 x 1536): 1.4 ms serial scalar."""
         loops = sch.get_loops(block)
+        if not loops:  # a scalar (ONNX graphs compute some): nothing to split
+            return
         inner = _int_extent(sch, loops[-1])
         if inner is None or inner % lanes:
             return
