@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--dump-ir", default=None, help="write the IR after each pass into this directory")
         c.add_argument("--quant", default=None, help="weight format: none (default), q8, q4g32, q4g128, fp8 (passes/quant/formats/)")
         c.add_argument("--keep", action="append", default=[], metavar="ROLE=FMT",
-                       help="per-role override, e.g. lm_head=q8 or embed=none (roles: qkv_proj, o_proj, gate_up_proj, down_proj, lm_head, embed)")
+                       help="per-role override, e.g. lm_head=q8 or embed=none (roles: qkv_proj, o_proj, gate_up_proj, down_proj, expert_gate_up, expert_down, lm_head, embed)")
         c.add_argument("--calib-text", default=None, help="with --quant: English text to measure quality on (default: a built-in text)")
         c.add_argument("--max-kld", type=float, default=None, help="with --quant: fail (nothing written) if the mean KL divergence vs float32 is over this")
         c.add_argument("--no-quality-check", action="store_true", help="with --quant: skip measuring quality (two extra CPU compiles and a run over the text)")

@@ -114,7 +114,7 @@ def export_graphs(m, page_size: int, cuda_decode_batch: bool | None = None):
 
 def write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, imported: dict, progress: Progress) -> None:
     thunks = m.family.convert_hf(m.config, m.ck.tensor_names, m.ck.load, m.ck.source)
-    sources = m.family.hf_sources(m.config) if m.plan is not None else {}
+    sources = m.family.hf_sources_for(m.config, set(m.ck.tensor_names)) if m.plan is not None else {}
     packed: dict[str, dict] = {}  # the last quantized matrix's arrays (parts are written consecutively)
 
     def produce(name: str) -> np.ndarray:
@@ -133,7 +133,7 @@ def write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, impo
             else:
                 arr = thunks[base]()
                 check_finite(base, arr, m.ck.source)
-                packed[base] = fmt.quantize(arr)
+                packed[base] = fmt.quantize_stacked(arr)  # [N, K], or [E, N, K] experts
                 imported["requantized"] += 1
         return packed[base][name.rsplit(".", 1)[1]]
 
@@ -147,14 +147,14 @@ def write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, impo
 
 def _direct_import(ck, srcs, fmt) -> dict | None:
     """The kiln arrays of a param straight from the checkpoint's quantized blocks
-    (GGUF Q4_1 -> q4g32, Q8_0 -> q8), concatenating rows like convert_hf; None
-    unless every source tensor is exactly that format."""
+    (GGUF Q4_1 -> q4g32, Q8_0 -> q8), concatenating rows like convert_hf (within
+    each expert for [E, N, K] stacks); None unless every source tensor is exactly that format."""
     if ck.load_quantized is None or not srcs:
         return None
     parts = [ck.load_quantized(s, fmt.name) for s in srcs]
     if any(p is None for p in parts):
         return None
-    return {k: np.concatenate([p[k] for p in parts], axis=0) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+    return {k: np.concatenate([p[k] for p in parts], axis=-2) if len(parts) > 1 else parts[0][k] for k in parts[0]}
 
 
 def _param_entry(name: str, shape, dtype: str, e: dict) -> dict:

@@ -13,6 +13,7 @@ from helpers import hf_greedy, hf_logits, random_ids, rel_err, slow_except
 
 from kiln.compiler.target import parse_target
 from kiln.passes.cpu_rules import CpuExpertGemv
+from kiln.passes.quant import WEIGHT_FORMATS
 from kiln.passes.schedule_tir import ScheduleTIR
 from kiln.tvm_compat import compiler
 
@@ -109,6 +110,56 @@ def test_expert_down_matches_numpy(target, tokens, k, experts, d, f, wdtype):
     (got,) = _run(lib, [aa, wa, ia, ra], [((tokens, d), "float32")])
     want = np.einsum("tj,tjf,tjdf->td", ra.astype(np.float64), aa.astype(np.float64), wa.astype(np.float64)[ia])
     np.testing.assert_allclose(got, want, **TOL[wdtype])
+
+
+def _quant_placeholders(fmt, experts, n, kdim):
+    """TE placeholders for a quantized [E, N, K] stack's arrays, in parts order."""
+    return tuple(te.placeholder(shp, dt, name=f"w_{sfx}") for sfx, (shp, dt) in fmt.stacked_parts((experts, n, kdim)).items())
+
+
+def _quantized_stack(fmt, rng, experts, n, kdim):
+    """(arrays in parts order, the float64 stack the kernel must compute with)."""
+    parts = fmt.quantize_stacked(_rand(rng, experts, n, kdim) * 0.5)
+    return [parts[sfx] for sfx in fmt.stacked_parts((experts, n, kdim))], fmt.dequantize_stacked(parts, (experts, n, kdim)).astype(np.float64)
+
+
+# quantized experts: every weight format, decode (1 token) and prefill (13), gate/up and down
+QUANT_KERNEL_CASES = [(f, *c) for f in WEIGHT_FORMATS for c in [(1, 3, 5, 40, 72), (13, 2, 4, 24, 64)]]
+
+
+@pytest.mark.parametrize(("fmt_name", "tokens", "k", "experts", "n", "kdim"),
+                         slow_except(QUANT_KERNEL_CASES, ("q8", 1, 3, 5, 40, 72), ("q4g32", 13, 2, 4, 24, 64),
+                                                     ("q4g128", 1, 3, 5, 40, 72), ("fp8", 13, 2, 4, 24, 64)))
+def test_quantized_expert_kernels_match_numpy(target, fmt_name, tokens, k, experts, n, kdim):
+    """expert_matmul and expert_down over quantized stacks: only the chosen experts'
+    codes are decoded, inside the reduction; against float64 numpy on the
+    format's own dequantized stack."""
+    fmt = WEIGHT_FORMATS[fmt_name]
+    rng = np.random.default_rng(tokens * 7 + kdim)
+    tok = tokens if tokens == 1 else t.tirx.Var("seq_len", "int64")
+    ids = te.placeholder((tok, k), "int32", name="ids")
+    ia = _ids(rng, tokens, k, experts)
+
+    x = te.placeholder((tok, kdim), "float32", name="x")
+    wq = _quant_placeholders(fmt, experts, n, kdim)
+    y = moe.te_expert_matmul(x, wq, ids, fmt=fmt)
+    lib, func = _build(te.create_prim_func([x, *wq, ids, y]), target, CpuExpertGemv())
+    assert {"parallel", "vectorized"} <= _loops(func), "expected parallel rows and vector dot products"
+    arrays, wd = _quantized_stack(fmt, rng, experts, n, kdim)
+    xa = _rand(rng, tokens, kdim)
+    (got,) = _run(lib, [xa, *arrays, ia], [((tokens, k, n), "float32")])
+    np.testing.assert_allclose(got, np.einsum("tk,tjnk->tjn", xa.astype(np.float64), wd[ia]), **TOL["float32"])
+
+    a = te.placeholder((tok, k, kdim), "float32", name="a")
+    wts = te.placeholder((tok, k), "float32", name="wts")
+    wq = _quant_placeholders(fmt, experts, n, kdim)  # down: [E, D=n, F=kdim]
+    y = moe.te_expert_down(a, wq, ids, wts, fmt=fmt)
+    lib, _ = _build(te.create_prim_func([a, *wq, ids, wts, y]), target, CpuExpertGemv())
+    arrays, wd = _quantized_stack(fmt, rng, experts, n, kdim)
+    aa, ra = _rand(rng, tokens, k, kdim), rng.uniform(0.1, 1.0, (tokens, k)).astype("float32")
+    (got,) = _run(lib, [aa, *arrays, ia, ra], [((tokens, n), "float32")])
+    want = np.einsum("tj,tjf,tjdf->td", ra.astype(np.float64), aa.astype(np.float64), wd[ia])
+    np.testing.assert_allclose(got, want, **TOL["float32"])
 
 
 def _routing_twin(logits: np.ndarray, k: int, renormalize: bool):

@@ -5,12 +5,11 @@ whatever the format's own quantization error."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
-from helpers import MemoLogits, compile_artifact, compile_artifacts, hf_greedy, slow_except
+from helpers import MemoLogits, compile_artifact, compile_artifacts, dequantized_hf, hf_greedy, slow_except
 
 from kiln.errors import CompileError
 from kiln.passes.quant import WEIGHT_FORMATS as FORMATS
@@ -103,29 +102,6 @@ def test_plan_defaults_and_overrides():
             QuantPlan.parse(*bad)
     with pytest.raises(CompileError, match="--keep needs --quant"):
         QuantPlan.parse(None, ["lm_head=q8"])
-
-
-HF_ROLES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
-            "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
-
-
-def dequantized_hf(model, plan: QuantPlan):
-    """A copy of `model` whose matrices are what the kiln artifact computes with."""
-    import torch  # noqa: PLC0415
-
-    tied = bool(model.config.tie_word_embeddings)
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.ndim != 2:
-                continue
-            leaf = name.split(".")[-2]
-            role = "embed" if "embed_tokens" in name else "lm_head" if name.startswith("lm_head") else HF_ROLES[leaf]
-            fmt = plan.matrix_format(role, p.shape[1], tied)
-            if fmt is not None:
-                w = p.float().numpy()
-                p.copy_(torch.from_numpy(fmt.dequantize(fmt.quantize(w), w.shape)))
-    return m
 
 
 @pytest.mark.parametrize(("arch", "quant"), slow_except([("llama", "q8"), ("llama_tied_rope3", "q4g32"), ("qwen2", "q4g128"), ("llama_bias", "q4g32"),

@@ -17,7 +17,7 @@ group limits) in place of `select_experts`; the expert kernels stay.
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .layers import OP_ATTR, ROLE_ATTR, _precision, _tvm, nn, nt_matmul, op
+from .layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR, _precision, _tvm, nn, nt_matmul, op
 
 te = _tvm.te
 tir = _tvm.tirx
@@ -71,29 +71,39 @@ def te_routing_weights(lg, idt, renormalize: bool):
     return te.compute((n_tok, k), lambda t, j: chosen(t, j) / den[t], name="routing_weights")
 
 
-def te_expert_matmul(xt, wt, idt, out_dtype: str = "float32", name: str = "expert_gate_up"):
-    """xt  # [T, K], wt  # [E, N, K] (storage dtype), idt  # [T, k] int32 -> y  # [T, k, N]:
-    y[t, j] = W[ids[t, j]] @ x[t], the chosen experts' rows only (fp32 accumulation)."""
+def te_expert_matmul(xt, wt, idt, out_dtype: str = "float32", name: str = "expert_gate_up", fmt=None):
+    """xt  # [T, K], wt  # [E, N, K] (storage dtype; with `fmt`: the format's arrays
+    (q, s[, z]), each [E, N, ...]), idt  # [T, k] int32 -> y  # [T, k, N]:
+    y[t, j] = W[ids[t, j]] @ x[t], the chosen experts' rows only (fp32 accumulation;
+    quantized codes decoded inside the reduction, as q_matmul does for dense weights)."""
     n_tok, k_ext = xt.shape
-    n_exp, n_ext, _ = wt.shape
+    w, n_exp, n_ext = _weights(wt, fmt, int(k_ext))
     r = te.reduce_axis((0, k_ext), name="k")
     y = te.compute((n_tok, idt.shape[1], n_ext),
-                   lambda t, j, n: te.sum(_f32(xt[t, r]) * _f32(wt[_expert(idt, t, j, n_exp), n, r]), axis=r), name=name)
+                   lambda t, j, n: te.sum(_f32(xt[t, r]) * w(_expert(idt, t, j, n_exp), n, r), axis=r), name=name)
     return y if out_dtype == "float32" else te.compute(y.shape, lambda *i: y(*i).astype(out_dtype), name=name + "_cast")
 
 
-def te_expert_down(at, wt, idt, wts, out_dtype: str = "float32", name: str = "expert_down"):
-    """at  # [T, k, F], wt  # [E, D, F], idt  # [T, k] int32, wts  # [T, k] float32 ->
-    out  # [T, D]: sum_j wts[t, j] * (W[ids[t, j]] @ a[t, j]); the routing weights
-    and the sum over the k experts are in the same reduction."""
+def te_expert_down(at, wt, idt, wts, out_dtype: str = "float32", name: str = "expert_down", fmt=None):
+    """at  # [T, k, F], wt  # [E, D, F] (or the format's arrays, as te_expert_matmul),
+    idt  # [T, k] int32, wts  # [T, k] float32 -> out  # [T, D]:
+    sum_j wts[t, j] * (W[ids[t, j]] @ a[t, j]); the routing weights and the sum over
+    the k experts are in the same reduction."""
     n_tok, k, f_ext = at.shape
-    n_exp, d_ext, _ = wt.shape
+    w, n_exp, d_ext = _weights(wt, fmt, int(f_ext))
     j = te.reduce_axis((0, k), name="j")
     r = te.reduce_axis((0, f_ext), name="k")
     y = te.compute((n_tok, d_ext),
-                   lambda t, d: te.sum(wts[t, j] * _f32(at[t, j, r]) * _f32(wt[_expert(idt, t, j, n_exp), d, r]), axis=[j, r]),
+                   lambda t, d: te.sum(wts[t, j] * _f32(at[t, j, r]) * w(_expert(idt, t, j, n_exp), d, r), axis=[j, r]),
                    name=name)
     return y if out_dtype == "float32" else te.compute(y.shape, lambda *i: y(*i).astype(out_dtype), name=name + "_cast")
+
+
+def _weights(wt, fmt, k: int):
+    """(read(e, n, k) -> fp32, E, N) for a float stack or a quantized one's arrays."""
+    if fmt is None:
+        return (lambda e, n, r: _f32(wt[e, n, r])), wt.shape[0], wt.shape[1]
+    return fmt.te_stacked_weight(fmt.group_for(k), *wt), wt[0].shape[0], wt[0].shape[1]
 
 
 def _expert(idt, t, j, n_exp):
@@ -110,15 +120,33 @@ def routing_weights(logits, ids, renormalize: bool):
     return op.tensor_expr_op(lambda lg, idt: te_routing_weights(lg, idt, renormalize), "routing_weights", [logits, ids])
 
 
+def _weight_args(w):
+    """(graph args, format, kernel attrs) of a float stack or a QExperts."""
+    if isinstance(w, QExperts):
+        return w.params(), w.fmt, EXPERT_ATTRS | {QFORMAT_ATTR: w.fmt.name}
+    return [w], None, EXPERT_ATTRS
+
+
 def expert_matmul(x, w, ids, name: str = "expert_gate_up"):
     out = str(x.dtype)
-    return op.tensor_expr_op(lambda xt, wt, idt: te_expert_matmul(xt, wt, idt, out, name), name, [x, w, ids], attrs=EXPERT_ATTRS)
+    args, fmt, attrs = _weight_args(w)
+
+    def compute(xt, *rest):
+        *wt, idt = rest
+        return te_expert_matmul(xt, tuple(wt) if fmt else wt[0], idt, out, name, fmt)
+
+    return op.tensor_expr_op(compute, name, [x, *args, ids], attrs=attrs)
 
 
 def expert_down(a, w, ids, weights, name: str = "expert_down"):
     out = str(a.dtype)
-    return op.tensor_expr_op(lambda at, wt, idt, wts: te_expert_down(at, wt, idt, wts, out, name), name, [a, w, ids, weights],
-                             attrs=EXPERT_ATTRS)
+    args, fmt, attrs = _weight_args(w)
+
+    def compute(at, *rest):
+        *wt, idt, wts = rest
+        return te_expert_down(at, tuple(wt) if fmt else wt[0], idt, wts, out, name, fmt)
+
+    return op.tensor_expr_op(compute, name, [a, *args, ids, weights], attrs=attrs)
 
 
 class Router(nn.Module):
@@ -131,13 +159,36 @@ class Router(nn.Module):
         return nt_matmul(x, self.weight, name="router", out_dtype="float32", role="router")
 
 
+class QExperts(nn.Module):
+    """A quantized stack of expert matrices [E, N, K], stored as its format's arrays
+    with the expert axis kept (params `q`, `s`, and `z` for formats with a minimum;
+    passes/quant/weights.py stacked_parts). The expert kernels decode only the
+    chosen experts' codes, where they read them."""
+
+    def __init__(self, shape: tuple[int, int, int], fmt):
+        self.fmt = fmt
+        self.shape = tuple(shape)
+        self.q = self.s = self.z = None
+        for sfx, (shp, dt) in fmt.stacked_parts(self.shape).items():
+            setattr(self, sfx, nn.Parameter(shp, dt))
+
+    def params(self) -> list:
+        return [self.q, self.s] + ([self.z] if self.z is not None else [])
+
+
+def _stack(shape, role: str, precision):
+    fmt = precision.format_for(role, shape[-1])
+    return QExperts(shape, fmt) if fmt is not None else nn.Parameter(shape, precision.storage)
+
+
 class Experts(nn.Module):
-    """E SwiGLU experts stacked: gate_up  # [E, 2F, hidden], down  # [E, hidden, F]."""
+    """E SwiGLU experts stacked: gate_up  # [E, 2F, hidden], down  # [E, hidden, F]
+    (float, or quantized per the plan's expert_gate_up / expert_down roles)."""
 
     def __init__(self, hidden: int, inter: int, experts: int, dtype):
-        storage = _precision(dtype).storage
-        self.gate_up = nn.Parameter((experts, 2 * inter, hidden), storage)
-        self.down = nn.Parameter((experts, hidden, inter), storage)
+        p = _precision(dtype)
+        self.gate_up = _stack((experts, 2 * inter, hidden), "expert_gate_up", p)
+        self.down = _stack((experts, hidden, inter), "expert_down", p)
 
     def forward(self, x, ids, weights):
         """x [T, hidden], ids [T, k], weights [T, k] -> [T, hidden]."""

@@ -1,7 +1,9 @@
 """The quantization plan (`--quant`, `--keep`): which format each role gets.
 
-Roles: the body projections (qkv_proj, o_proj, gate_up_proj, down_proj), the
-LM head and the embeddings. Default for 4-bit formats: LM head and embeddings
+Roles: the body projections (qkv_proj, o_proj, gate_up_proj, down_proj), a
+mixture of experts' stacked expert matrices (expert_gate_up, expert_down: every
+expert of a layer in one [E, N, K] param, each row quantized alone; the router
+stays float), the LM head and the embeddings. Default for 4-bit formats: LM head and embeddings
 at q8 -- the head is the most sensitive matrix (llama.cpp keeps it at 6 bits
 in its Q4_0 mix), and a tied head *is* the embedding table. `--keep ROLE=FMT`
 overrides (FMT: a weight format, or `none` for the artifact's float dtype).
@@ -21,8 +23,10 @@ from ...errors import CompileError
 from .registry import WEIGHT_FORMATS
 from .weights import WeightFormat
 
-ROLES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed")
-BODY_ROLES = ROLES[:4]
+ROLES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "expert_gate_up", "expert_down", "lm_head", "embed")
+BODY_ROLES = ROLES[:6]
+# stacked expert params (frontends/models/moe.py Experts) -> their role
+_EXPERT_ROLES = {".experts.gate_up": "expert_gate_up", ".experts.down": "expert_down"}
 
 
 @dataclass(frozen=True)
@@ -75,24 +79,26 @@ def role_of(name: str) -> str | None:
     for r in BODY_ROLES:
         if name.endswith(f".{r}.weight"):
             return r
-    return None
+    return next((r for sfx, r in _EXPERT_ROLES.items() if name.endswith(sfx)), None)
 
 
 def expand_params(shapes: dict[str, tuple[int, ...]], plan: QuantPlan | None, tied: bool) -> dict[str, dict]:
     """Float param name -> {stored name: (shape, dtype)} plus its format.
 
     Stored names: `X.weight` -> `X.weight.q`, `X.weight.s` (, `X.weight.z`);
-    `embed_tokens` -> `embed_tokens.q`, ... Unquantized params map to themselves
+    `embed_tokens` -> `embed_tokens.q`, ...; a stack of expert matrices
+    [E, N, K] keeps its leading axis in every part. Unquantized params map to themselves
     with dtype None (the graph decides: storage or fp32 norms); `kept_float`
     marks matrices the plan wanted quantized whose rows cannot be grouped."""
     out: dict[str, dict] = {}
     for name, shape in shapes.items():
         role = role_of(name)
-        wanted = plan is not None and role is not None and len(shape) == 2 and plan.format_for(role, tied) is not None
-        fmt = plan.matrix_format(role, shape[1], tied) if wanted else None
+        matrix = len(shape) == (3 if role in _EXPERT_ROLES.values() else 2)
+        wanted = plan is not None and role is not None and matrix and plan.format_for(role, tied) is not None
+        fmt = plan.matrix_format(role, shape[-1], tied) if wanted else None
         if fmt is None:
             out[name] = {"fmt": None, "kept_float": wanted, "parts": {name: (tuple(shape), None)}}
         else:
-            out[name] = {"fmt": fmt, "group": fmt.group_for(shape[1]),
-                         "parts": {f"{name}.{sfx}": spec for sfx, spec in fmt.parts(tuple(shape)).items()}}
+            out[name] = {"fmt": fmt, "group": fmt.group_for(shape[-1]),
+                         "parts": {f"{name}.{sfx}": spec for sfx, spec in fmt.stacked_parts(tuple(shape)).items()}}
     return out

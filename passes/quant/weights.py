@@ -14,7 +14,10 @@ that have one) and answers, for every stage of the pipeline:
                  (recorded per param in the manifest, so the runtime needs no
                  format knowledge);
   docs / tools   bits_per_weight.
-Each concrete format is one file in passes/quant/formats/.
+Each concrete format is one file in passes/quant/formats/. A stack of
+matrices [..., N, K] (a mixture of experts' experts, one param per layer) is
+stored as the same arrays with the leading axes kept: every format is row-local,
+so the stack quantizes as its [E * N, K] rows (the `stacked_*` methods).
 """
 
 from __future__ import annotations
@@ -61,6 +64,30 @@ class WeightFormat:
         """Stored bits per weight, scales and minimum included, for rows of k."""
         return sum(int(np.prod(shape)) * np.dtype(dt).itemsize * 8 for shape, dt in self.parts((1, k)).values()) / k
 
+    # -- stacks of matrices [..., N, K] (experts), written once from the 2-D ones below ------------
+    def stacked_parts(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], str]]:
+        """parts() of an [..., N, K] stack: the leading axes kept in every array."""
+        lead = tuple(shape[:-2])
+        return {sfx: ((*lead, *shp), dt) for sfx, (shp, dt) in self.parts(tuple(shape[-2:])).items()}
+
+    def quantize_stacked(self, w: np.ndarray, refine: int = 4) -> dict[str, np.ndarray]:
+        """[..., N, K] float -> stacked_parts arrays (rows are quantized alone, so a stack is its rows)."""
+        w = np.asarray(w)
+        parts = self.quantize(w.reshape(-1, w.shape[-1]), refine)
+        return {sfx: parts[sfx].reshape(shp) for sfx, (shp, _) in self.stacked_parts(w.shape).items()}
+
+    def dequantize_stacked(self, parts: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        """The float32 [..., N, K] stack (reference for tests and tools)."""
+        rows = (int(np.prod(shape[:-1])), shape[-1])
+        return self.dequantize({sfx: a.reshape(rows[0], -1) for sfx, a in parts.items()}, rows).reshape(shape)
+
+    def te_stacked_weight(self, group: int, q, s, z=None):
+        """(e, n, k) -> the fp32 weight of matrix e of a stack [E, N, K], as a TE expression."""
+        def weight(e, n, k):
+            view = [None if a is None else _Fixed(a, e) for a in (q, s, z)]
+            return self.te_weight(group, *view)(n, k)
+        return weight
+
     # -- to be defined by each format -------------------------------------------------------------
     def parts(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], str]]:
         """Suffix -> (shape, dtype) of the stored arrays of an [N, K] matrix."""
@@ -77,3 +104,13 @@ class WeightFormat:
     def te_weight(self, group: int, q, s, z=None):
         """(n, k) -> the fp32 weight, as a TE expression over the stored arrays."""
         raise NotImplementedError
+
+
+class _Fixed:
+    """A TE tensor [E, ...] seen as one of its matrices: t[i, j] reads t[e, i, j]."""
+
+    def __init__(self, tensor, e):
+        self.tensor, self.e = tensor, e
+
+    def __getitem__(self, idx):
+        return self.tensor[(self.e, *(idx if isinstance(idx, tuple) else (idx,)))]

@@ -9,7 +9,8 @@
   `run_python`), the artifact shared by the artifact and runtime-request tests,
   and `MemoLogits` (a reference's logits computed once for several candidates).
 - reference: transformers as the reference (`load_hf_model`, `hf_logits`, `hf_greedy`),
-  `random_ids`, and `rel_err` (max |got - want| / max |want|).
+  `random_ids`, `rel_err` (max |got - want| / max |want|), and `dequantized_hf` (the
+  reference with a quantized artifact's weights).
 - tiers: `slow_except`, to keep one or two cases of a long sweep in the fast tier.
 
 Tests import them as `from helpers import ...`: pytest puts tests/ on sys.path
@@ -29,7 +30,7 @@ from .processes import (
     shared_artifact,
     subprocess_env,
 )
-from .reference import hf_greedy, hf_logits, load_hf_model, random_ids, rel_err
+from .reference import dequantized_hf, hf_greedy, hf_logits, load_hf_model, random_ids, rel_err
 from .tiers import slow_except
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "compile_artifact",
     "compile_script",
     "copy_artifact",
+    "dequantized_hf",
     "hf_greedy",
     "load_hf_model",
     "make_tiny_checkpoint",

