@@ -16,8 +16,10 @@ import time
 from .errors import KilnError
 
 EXAMPLES = {
-    "compile": "example: kiln compile ./SmolLM2-135M-Instruct/ -o smollm2.kiln --dtype float32",
-    "run": 'example: kiln run smollm2.kiln --prompt "What is the capital of France?" --chat --max-new-tokens 64',
+    "compile": "example: kiln compile ./SmolLM2-135M-Instruct/ -o smollm2.kiln --dtype float32\n"
+               "         kiln compile model.onnx -o model.kiln --input-shape image=1,3,224,224   (an ONNX graph)",
+    "run": 'example: kiln run smollm2.kiln --prompt "What is the capital of France?" --chat --max-new-tokens 64\n'
+           "         kiln run model.kiln --input image=x.npy --outputs out.npz   (a graph artifact)",
     "eval": "example: kiln eval smollm2.kiln --text book.txt --logits-out logits.npy --json",
     "inspect": "example: kiln inspect smollm2.kiln --json",
     "demo": 'example: kiln demo --prompt "Write a haiku about kilns."\n\n'
@@ -69,9 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     if full:
-        c = add("compile", "compile a model (HF dir, .safetensors + config.json, or .gguf) into an artifact")
+        c = add("compile", "compile a model (HF dir, .safetensors + config.json, .gguf, or an .onnx graph) into an artifact")
         c.add_argument("model")
-        c.add_argument("-o", "--output", required=True, help="artifact directory to write (NAME.kiln)")
+        c.add_argument("-o", "--output", default=None, help="artifact directory to write (NAME.kiln; for .onnx the default is MODEL.kiln here)")
+        c.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                       help=".onnx: pin an input's shape (a name instead of a number keeps that dimension symbolic); others stay dynamic")
         c.add_argument("--target", default="llvm", help="llvm (this CPU), llvm:CPU (e.g. llvm:x86-64-v3), cuda:sm_90 (no GPU needed to compile)")
         c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's")
         c.add_argument("--max-seq-len", type=int, default=None, help="largest context the artifact supports")
@@ -89,9 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--no-weights", action="store_true", help="MODEL may be a config.json: code and param spec only (for kiln bench --random-weights)")
         c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
-    r = add("run", "generate text from an artifact")
+    r = add("run", "generate text from an artifact, or run a graph artifact on .npy/.npz inputs")
     r.add_argument("artifact")
-    g = r.add_mutually_exclusive_group(required=True)
+    r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="graph artifacts: one input")
+    r.add_argument("--inputs", default=None, metavar="IN.npz", help="graph artifacts: inputs by name")
+    r.add_argument("--outputs", default=None, metavar="OUT.npz", help="graph artifacts: write the outputs here (default: print a summary)")
+    g = r.add_mutually_exclusive_group()
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--tokens", help="comma-separated prompt token ids (no tokenizer needed)")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -193,6 +200,12 @@ def cmd_compile(a) -> int:
     # bad paths and flags fail now, not after TVM's import (seconds) and reading the model
     if not os.path.exists(a.model):
         raise KilnError(f"{a.model}: no such file or directory")
+    if a.model.lower().endswith(".onnx"):
+        return _compile_onnx(a)
+    if a.output is None:
+        raise KilnError("-o/--output is required (the artifact directory to write, NAME.kiln)")
+    if a.input_shape:
+        raise KilnError("--input-shape is for .onnx graphs")
     from .compiler.artifact import check_output  # noqa: PLC0415  (no TVM)
     from .compiler.options import CompileOptions  # noqa: PLC0415  (no TVM)
 
@@ -217,8 +230,77 @@ def cmd_compile(a) -> int:
     return 0
 
 
+def _compile_onnx(a) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from .compiler.artifact import check_output  # noqa: PLC0415  (no TVM)
+    from .compiler.onnx_build import GraphOptions  # noqa: PLC0415
+
+    llm_only = {"--dtype": a.dtype, "--max-seq-len": a.max_seq_len, "--quant": a.quant, "--keep": a.keep, "--calib-text": a.calib_text,
+                "--max-kld": a.max_kld, "--kv-dtype": a.kv_dtype, "--no-weights": a.no_weights, "--page-size": a.page_size != 16}
+    given = [k for k, v in llm_only.items() if v]
+    if given:
+        raise KilnError(f"{', '.join(given)}: not available for .onnx graphs yet")
+    opts = GraphOptions(a.model, a.output or Path(a.model).stem + ".kiln", target=a.target, input_shapes=a.input_shape, dump_ir=a.dump_ir).check()
+    check_output(opts.output)
+    if "cuda" in a.target:
+        from .compiler.cuda_stub import prepare_cuda_compile  # noqa: PLC0415
+
+        prepare_cuda_compile()  # before anything imports TVM
+    from .tvm_compat import compiler  # noqa: PLC0415
+
+    compiler()
+    from .compiler.onnx_build import build_graph  # noqa: PLC0415
+    from .compiler.progress import Progress  # noqa: PLC0415
+
+    print(build_graph(opts, Progress(quiet=a.quiet)).line())
+    return 0
+
+
+def _run_graph(a) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    from .runtime import load  # noqa: PLC0415
+
+    if a.prompt is not None or a.tokens is not None:
+        raise KilnError(f"{a.artifact} is a graph artifact: give --input NAME=FILE.npy or --inputs IN.npz, not a prompt")
+    inputs = {}
+    try:
+        if a.inputs:
+            with np.load(a.inputs, allow_pickle=False) as z:
+                inputs.update({k: z[k] for k in z.files})
+        for spec in a.input:
+            name, eq, file = spec.partition("=")
+            if not eq or not name:
+                raise KilnError(f"--input {spec!r}: expected NAME=FILE.npy")
+            inputs[name] = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise KilnError(f"cannot read the inputs: {str(err).splitlines()[0][:200]}") from None
+    m = load(a.artifact, device=a.device, threads=a.threads)
+    t0 = time.perf_counter()
+    outs = m.run(inputs)
+    secs = time.perf_counter() - t0
+    if a.outputs:
+        np.savez(a.outputs, **outs)
+    if a.json:
+        print(json.dumps({"outputs": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in outs.items()}, "seconds": round(secs, 6)}))
+    else:
+        for k, v in outs.items():
+            print(f"{k}: {v.dtype}{list(v.shape)}" + (f" min {v.min():.6g} max {v.max():.6g} mean {v.mean():.6g}" if v.size and v.dtype.kind in "fiu" else ""))
+        print(f"[run {secs * 1e3:.2f} ms | load {m.load_seconds:.2f} s]", file=sys.stderr)
+    return 0
+
+
 def cmd_run(a) -> int:
     from .runtime import SamplingParams, load  # noqa: PLC0415
+    from .runtime.loader import artifact_kind  # noqa: PLC0415
+
+    if artifact_kind(a.artifact) == "graph":
+        return _run_graph(a)
+    if a.input or a.inputs or a.outputs:
+        raise KilnError("--input/--inputs/--outputs are for graph artifacts (kiln compile model.onnx)")
+    if a.prompt is None and a.tokens is None:
+        raise KilnError("one of --prompt or --tokens is required")
 
     sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed)
     s = load(a.artifact, device=a.device, max_seq_len=a.max_seq_len, threads=a.threads)

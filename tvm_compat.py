@@ -110,3 +110,21 @@ def compiler() -> types.SimpleNamespace:
         ffi=tvm_ffi,
         version=tvm_version(),
     )
+
+
+def onnx_importer() -> types.SimpleNamespace:
+    """TVM's Relax ONNX importer (needs the full TVM and the `onnx` package):
+    Importer (ONNXGraphImporter: `Importer(shape_dict, dtype_dict, keep_params_in_input=..,
+    sanitize=..).from_onnx(graph, opset)`), from_onnx, and supported(op_type)."""
+    t = compiler()
+    from tvm.relax.frontend.onnx import onnx_frontend  # noqa: PLC0415
+
+    convert_map = onnx_frontend._get_convert_map()  # noqa: SLF001 - the importer's own table of converters
+    direct = {"Constant", "If"}  # handled inside the importer, not through the table
+    return types.SimpleNamespace(
+        tvm=t.tvm,
+        relax=t.relax,
+        Importer=onnx_frontend.ONNXGraphImporter,
+        from_onnx=onnx_frontend.from_onnx,
+        supported=lambda op: op in convert_map or op in direct,
+    )

@@ -12,9 +12,16 @@ The step API generate is built from (Session's docstring has more):
     last = s.prefill(seq, ids)                 # float32 [vocab]
     nxt = s.decode_greedy([seq], [int(last.argmax())])
     s.remove_sequence(seq)
+
+A graph artifact (`kiln compile model.onnx`) loads as a GraphModel:
+
+    m = load("model.kiln")
+    outs = m.run({"input_ids": ids})          # {output name: np.ndarray}
 """
 
+from .graph import GraphModel
+from .loader import load
 from .sampler import SamplingParams
-from .session import GenerationResult, Session, load
+from .session import GenerationResult, Session
 
-__all__ = ["load", "Session", "SamplingParams", "GenerationResult"]
+__all__ = ["load", "Session", "GraphModel", "SamplingParams", "GenerationResult"]

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import ArtifactError
 from . import manifest as mf
 from .dtypes import SAFETENSORS_CODES, itemsize
+from .manifest import GRAPH_KIND
 from .hostinfo import host_cpu_flags, host_machine, host_os
 
 
@@ -43,6 +44,8 @@ class Artifact:
         and quantization (with its measured quality), targets, KV cache,
         tokenizer, files with their sizes and hashes."""
         m = self.manifest
+        if m.get("kind") == GRAPH_KIND:
+            return self._describe_graph()
         c = m["model"]["config"]
         lines = [f"{self.path}: kiln artifact v{m['format_version']} (kiln {m['kiln_version']}, TVM {m['tvm_version']}, runtime ABI {m['runtime_abi']})",
                  f"  model    {m['model']['architecture']} from {m['model']['source']} ({m['model']['source_format']}): "
@@ -78,6 +81,30 @@ class Artifact:
             lines.append(f"  kv quality mean KLD {q['mean_kld']:.5f}, top-1 {100 * q['top1_agreement']:.2f}% vs float32 ({q['tokens']} tokens of {q['text']})")
         tok = m.get("tokenizer")
         lines.append(f"  tokenizer {'yes' + (' + chat template' if tok.get('chat_template') else '') if tok else 'none (use --tokens)'}")
+        for rel, info in m["files"].items():
+            lines.append(f"  file     {rel:24s} {info['size'] / 2**20:9.2f} MiB  sha256 {info['sha256'][:16]}…")
+        lines.append("  hashes   verified" if self.hashes_verified else "  hashes   not checked")
+        return lines
+
+
+    def _describe_graph(self) -> list[str]:
+        m = self.manifest
+        src = m["model"]
+        lines = [f"{self.path}: kiln graph artifact v{m['format_version']} (kiln {m['kiln_version']}, TVM {m['tvm_version']}, runtime ABI {m['runtime_abi']})",
+                 f"  model    {src.get('source')} ({src.get('source_format')}, opset {src.get('opset')}, {src.get('producer') or 'unknown producer'}): "
+                 f"{src.get('nodes')} nodes, {src.get('folded_nodes', 0)} folded at compile time"]
+        lines.append(f"  params   {src.get('num_params', 0) / 1e6:.3f}M  dtype {m.get('dtype')}  ({len(m['params'])} tensors)")
+        for key in ("inputs", "outputs"):
+            for x in m["graph"][key]:
+                shape = "[" + ", ".join(str(d) for d in x["shape"]) + "]"
+                lines.append(f"  {key[:-1]:8s} {x['name']}: {x['dtype']} {shape}")
+        ops = src.get("ops") or {}
+        if ops:
+            lines.append("  ops      " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])))
+        for t in m["targets"]:
+            flags = t.get("required_cpu_flags")
+            lines.append(f"  target   {t['device']}: {t['kind']} {t.get('mcpu') or ','.join(t.get('archs') or [])} {t['triple']}"
+                         + (f"  needs {' '.join(flags)}" if flags else ""))
         for rel, info in m["files"].items():
             lines.append(f"  file     {rel:24s} {info['size'] / 2**20:9.2f} MiB  sha256 {info['sha256'][:16]}…")
         lines.append("  hashes   verified" if self.hashes_verified else "  hashes   not checked")
@@ -146,6 +173,10 @@ def loaded_files(manifest: dict) -> list[str]:
     weights = manifest.get("weights_file", "weights.safetensors")
     if weights is not None:  # None: compiled with --no-weights (random weights at load)
         rels.append(weights)
+    tp = manifest.get("tensor_parallel")
+    if tp is not None:  # a split model: the collective plugin and each shard's weights
+        files = tp.get("weights_files") if isinstance(tp, dict) else None
+        rels += [tp.get("ccl_library") if isinstance(tp, dict) else None, *(files if isinstance(files, list) else [])]
     tok = manifest.get("tokenizer")
     if tok:
         rels.append(tok.get("file") if isinstance(tok, dict) else None)
@@ -179,13 +210,14 @@ def verify_file(root: Path, rel: str, info: dict) -> None:
         raise ArtifactError(f"{root}: {rel} fails its sha256 check (corrupted or modified): recompile or re-copy the artifact")
 
 
-def read_weights(art: Artifact) -> list[tuple[dict, np.ndarray]]:
-    """Memory-map the packed weights; returns (param spec, array view) in manifest order.
+def read_weights(art: Artifact, rel: str | None = None) -> list[tuple[dict, np.ndarray]]:
+    """Memory-map the packed weights (rel: a tensor-parallel shard's file; default the
+    artifact's one weights file); returns (param spec, array view) in manifest order.
 
     The file was hashed already; here the header must agree with the manifest's
     param spec exactly (name, shape, dtype, order).
     """
-    path = _safe_rel(art.path, art.manifest.get("weights_file", "weights.safetensors"))
+    path = _safe_rel(art.path, rel or art.manifest.get("weights_file", "weights.safetensors"))
     size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")

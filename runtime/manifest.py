@@ -26,6 +26,11 @@ MAX_MANIFEST_BYTES = 64 << 20
 
 REQUIRED_FIELDS = ("magic", "format_version", "kiln_version", "tvm_version", "runtime_abi", "model", "dtype",
                    "targets", "params", "files", "kv_cache", "manifest_sha256")
+# "kind": absent for language models; "graph" for a general graph (ONNX, issue 18:
+# runtime/graph.py), whose library has main(*inputs, *params) and no KV cache
+GRAPH_KIND = "graph"
+GRAPH_REQUIRED_FIELDS = ("magic", "format_version", "kiln_version", "tvm_version", "runtime_abi", "kind", "model", "graph",
+                         "targets", "params", "files", "manifest_sha256")
 
 
 def canonical_bytes(manifest: dict) -> bytes:
@@ -54,7 +59,10 @@ def parse(raw: bytes, path: str) -> dict:
             f"{path}: artifact format version {version!r}, this runtime reads version {FORMAT_VERSION}: "
             f"recompile the model with this kiln, or use a kiln whose runtime reads version {version!r}"
         )
-    missing = [f for f in REQUIRED_FIELDS if f not in manifest]
+    kind = manifest.get("kind")
+    if kind not in (None, GRAPH_KIND):
+        raise ArtifactError(f"{path}: artifact kind {kind!r}; this runtime runs language models and {GRAPH_KIND!r} artifacts: use a newer kiln")
+    missing = [f for f in (GRAPH_REQUIRED_FIELDS if kind == GRAPH_KIND else REQUIRED_FIELDS) if f not in manifest]
     if missing:
         raise ArtifactError(
             f"{path}: manifest says format version {version!r} (this runtime reads version {FORMAT_VERSION}) "
@@ -82,7 +90,22 @@ def _check_types(m: dict[str, Any], path: str) -> None:
         and isinstance(t.get("required_cpu_flags", []), list) and all(isinstance(f, str) for f in t.get("required_cpu_flags", []))
         for t in m["targets"]), "'targets'")
     need(isinstance(m["tvm_version"], str), "'tvm_version'")
+    if m.get("kind") == GRAPH_KIND:
+        g = m["graph"]
+        need(isinstance(m["model"], dict) and isinstance(g, dict) and isinstance(g.get("function"), str), "'graph'")
+        for key in ("inputs", "outputs"):
+            need(isinstance(g.get(key), list) and all(
+                isinstance(x, dict) and isinstance(x.get("name"), str) and isinstance(x.get("dtype"), str) and isinstance(x.get("shape"), list)
+                and all(isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in x["shape"])
+                for x in g[key]), f"'graph.{key}'")
+        return
     need(isinstance(m["model"], dict) and isinstance(m["model"].get("config"), dict), "'model'")
+    tp = m.get("tensor_parallel")
+    if tp is not None:
+        files = tp.get("weights_files") if isinstance(tp, dict) else None
+        need(isinstance(tp, dict) and _pos_int(tp.get("size")) and tp["size"] >= 2 and isinstance(tp.get("ccl_library"), str)
+             and (files is None or (isinstance(files, list) and len(files) == tp["size"] and all(isinstance(f, str) for f in files))),
+             "'tensor_parallel' (size >= 2, ccl_library, one weights file per shard)")
     kv = m["kv_cache"]
     need(isinstance(kv, dict) and all(_pos_int(kv.get(k)) for k in ("max_seq_len", "page_size")), "'kv_cache'")
     need(kv.get("kind", "paged") in ("paged", "kiln-quant"), "'kv_cache.kind'")

@@ -1,0 +1,141 @@
+"""`kiln compile model.onnx`: an ONNX graph -> a "graph" artifact (issue 18).
+
+read_onnx (frontends/onnx.py: bounded checks before and after parsing) ->
+import_onnx (frontends/onnx_graph.py: folding, params, TVM's importer) ->
+WrapGatherIndices, HoistShapeBindings -> kiln's pipeline (the same phases
+and CPU schedules as the LLMs; dlight's rules where kiln's do not fit) ->
+codegen per target -> weights.safetensors -> manifest (kind "graph") ->
+atomic publish with the same ArtifactWriter.
+
+The library's `main(*inputs, *params)` is what the runtime calls
+(runtime/graph.py); the manifest lists inputs and outputs with names, dtypes
+and shapes (symbolic dimensions by name).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..errors import CompileError
+from ..frontends.onnx import read_onnx
+from ..frontends.onnx_graph import import_onnx, parse_input_shapes
+from ..passes.hoist_shape_bindings import HoistShapeBindings
+from ..passes.pipeline import PipelineOptions, run_pipeline
+from ..passes.wrap_gather_indices import WrapGatherIndices
+from ..runtime.manifest import FORMAT_VERSION, GRAPH_KIND, MAGIC, RUNTIME_ABI
+from ..tvm_compat import compiler
+from .artifact import ArtifactWriter
+from .interrupt import interruptible
+from .progress import QUIET, Progress
+from .stages import build_library
+from .target import parse_target
+from .weights import write_safetensors
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    model: Path
+    output: Path
+    target: str = "llvm"
+    input_shapes: tuple[str, ...] = ()  # NAME=1,3,224,224
+    dump_ir: Path | None = None
+
+    def __post_init__(self):
+        for name in ("model", "output", "dump_ir"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, Path):
+                object.__setattr__(self, name, Path(v))
+        object.__setattr__(self, "input_shapes", tuple(self.input_shapes))
+
+    def check(self) -> GraphOptions:
+        """Checks that need neither TVM nor the model (the CLI runs them first)."""
+        parse_input_shapes(self.input_shapes)
+        return self
+
+
+@dataclass
+class GraphSummary:
+    output: Path
+    num_params: int
+    artifact_bytes: int
+    targets: list[str]
+    seconds: float
+    inputs: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"compiled {self.output}: ONNX graph, {self.num_params / 1e6:.2f}M params, inputs {', '.join(self.inputs)}, "
+                f"{self.artifact_bytes / 2**20:.1f} MiB, target {', '.join(self.targets)}, {self.seconds:.1f} s")
+
+
+def compile_onnx(model: str | Path, output: str | Path, *, progress: Progress = QUIET, **options) -> GraphSummary:
+    """Compile an .onnx file into a graph artifact (options: GraphOptions' fields)."""
+    return build_graph(GraphOptions(Path(model), Path(output), **options), progress)
+
+
+@interruptible
+def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
+    t0 = time.perf_counter()
+    opts = opts.check()
+    pinned = parse_input_shapes(opts.input_shapes)
+    targets = parse_target(opts.target)
+    progress(f"read {opts.model}")
+    model = read_onnx(opts.model)
+    progress(f"import (opset {model.opset}, {len(model.graph.node)} nodes)")
+    graph = import_onnx(model, pinned)
+    mod = HoistShapeBindings()(WrapGatherIndices()(graph.mod))
+    inits = model.initializers
+    params = [{"name": n, "shape": list(inits[n].shape), "dtype": inits[n].dtype, "quant": "none"} for n in graph.params]
+    with ArtifactWriter(opts.output) as writer:
+        libraries = []
+        for tg in targets:
+            progress(f"passes ({tg.kind})")
+            popts = PipelineOptions(target=tg.tvm_target(), dump_ir=Path(opts.dump_ir) / tg.device if opts.dump_ir else None,
+                                    on_phase=lambda n: progress(f"  pass {n}"))
+            try:
+                lowered = run_pipeline(mod, popts)
+            except Exception as err:  # noqa: BLE001 - TVM raises many types; one line
+                msg = str(err).strip().splitlines()
+                raise CompileError(f"{opts.model}: kiln's passes failed for {tg.kind}: {type(err).__name__}: {(msg[-1] if msg else '')[:200]}") from None
+            rel = f"lib/{tg.device}.so"
+            with progress.waiting(f"codegen ({tg.kind} {tg.label})"):
+                build_library(lowered, writer.path(rel), tg, cuda_graphs=False)
+            writer.record(rel)
+            libraries.append({**tg.manifest(), "library": rel, "compute_dtype": "as in the graph"})
+        progress("write weights")
+        info = write_safetensors(writer.open("weights.safetensors"), list(graph.params), {n: inits[n].shape for n in graph.params},
+                                 {n: inits[n].dtype for n in graph.params}, lambda n: inits[n].load(),
+                                 lambda done, total: progress.count("weights", done, total))
+        writer.record("weights.safetensors", info)
+        num_params = sum(inits[n].size for n in graph.params)
+        progress("write artifact")
+        writer.commit({
+            "magic": MAGIC,
+            "format_version": FORMAT_VERSION,
+            "kiln_version": __version__,
+            "tvm_version": compiler().version,
+            "runtime_abi": RUNTIME_ABI,
+            "kind": GRAPH_KIND,
+            "model": {
+                "source": opts.model.name,
+                "source_format": "onnx",
+                "opset": model.opset,
+                "producer": f"{model.proto.producer_name} {model.proto.producer_version}".strip(),
+                "num_params": num_params,
+                "nodes": len(model.graph.node),
+                "folded_nodes": graph.folded,
+                "ops": dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items())),
+            },
+            "dtype": ",".join(sorted({p["dtype"] for p in params})) or "none",
+            "graph": {"function": "main", "inputs": [i.manifest() for i in graph.inputs], "outputs": [o.manifest() for o in graph.outputs]},
+            "targets": libraries,
+            "params": params,
+            "weights_file": "weights.safetensors",
+        })
+        total = sum(f["size"] for f in writer.files.values())
+    return GraphSummary(opts.output, num_params, total, [f"{tg.kind}:{tg.label}" for tg in targets], time.perf_counter() - t0,
+                        [f"{i.name}{list(i.shape)}" for i in graph.inputs])

@@ -1,0 +1,45 @@
+"""`kiln.runtime.load`: a language-model artifact gives a Session
+(runtime/session.py), a graph artifact (ONNX, manifest kind "graph") a
+GraphModel (runtime/graph.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import RequestError
+from . import manifest as mf
+from .artifact import open_artifact
+from .graph import GraphModel
+from .session import Session
+from .session import load as load_session
+
+
+def artifact_kind(path: str | Path) -> str | None:
+    """The manifest's kind ("graph"), None for a language model or anything unreadable
+    (the full checks of load / open_artifact then say what is wrong)."""
+    try:
+        p = Path(path) / mf.MANIFEST_NAME
+        if p.stat().st_size > mf.MAX_MANIFEST_BYTES:
+            return None
+        kind = json.loads(p.read_bytes()).get("kind")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def load(path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True, **session_options) -> Session | GraphModel:
+    """Load an artifact (checks manifest, machine and hashes first). A language
+    model gives a Session (session_options: see runtime.session.load); a graph
+    artifact gives a GraphModel with run({name: array}) -> {name: array}."""
+    if artifact_kind(path) != mf.GRAPH_KIND:
+        return load_session(path, device=device, threads=threads, verify=verify, **session_options)
+    given = sorted(k for k, v in session_options.items() if v not in (None, False))
+    if given:
+        raise RequestError(f"{path}: a graph artifact takes no {', '.join(given)} (those are for language models)")
+    if threads is not None:
+        if not 1 <= threads <= 1024:
+            raise RequestError(f"threads must be in [1, 1024], got {threads}")
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    return GraphModel(open_artifact(path, device=device, verify_hashes=verify), device=device)

@@ -1,0 +1,91 @@
+"""Tiny ONNX models for the ONNX tests: exported with torch.onnx.export (the
+TorchScript exporter, dynamo=False: no onnxscript needed) from tiny random torch
+/ transformers models, or built node by node with onnx.helper for the bad-file
+cases; and onnxruntime as the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def export_cnn(path: Path, seed: int = 0) -> Path:
+    """A small CNN (conv + batchnorm + relu, max pool, strided conv, global mean,
+    linear, softmax): input `image` [batch, 3, h, w] with batch, h, w dynamic."""
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+
+    class CNN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.c2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.c1(x)))
+            x = torch.nn.functional.max_pool2d(x, 2)
+            x = torch.relu(self.c2(x))
+            return torch.softmax(self.fc(x.mean(dim=(2, 3))), -1)
+
+    m = CNN().eval()
+    with torch.no_grad():  # non-trivial batchnorm statistics
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+    torch.onnx.export(m, (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, input_names=["image"], output_names=["probs"],
+                      dynamic_axes={"image": {0: "batch", 2: "h", 3: "w"}}, opset_version=17)
+    return path
+
+
+def export_bert(path: Path, seed: int = 0) -> Path:
+    """A tiny random BERT encoder (transformers BertModel: 2 layers, hidden 32, 4 heads,
+    vocab 100), inputs input_ids / attention_mask [batch, seq] int64, outputs
+    last_hidden_state [batch, seq, 32] and pooler_output [batch, 32]."""
+    import torch  # noqa: PLC0415
+    from transformers import BertConfig, BertModel  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64)
+    bert = BertModel(cfg).eval()
+
+    class Encoder(torch.nn.Module):  # positional inputs, tuple outputs (export takes no kwargs-only models)
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            o = self.m(input_ids=input_ids, attention_mask=attention_mask)
+            return o.last_hidden_state, o.pooler_output
+
+    ids = torch.randint(0, 100, (2, 7))
+    torch.onnx.export(Encoder(bert), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+                      input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state", "pooler_output"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}, opset_version=17)
+    return path
+
+
+def gather_model(path: Path, rows: int = 4, dim: int = 300, opset: int = 17) -> Path:
+    """y = Gather(table, ids) * 2: a float table of rows x dim (a param), ids [n] int64."""
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    table = np.arange(rows * dim, dtype=np.float32).reshape(rows, dim) / dim
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["g"], name="lookup"), helper.make_node("Mul", ["g", "two"], ["y"], name="scale")],
+        "gather", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", dim])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    return path
+
+
+def ort_run(path: Path, feeds: dict) -> dict:
+    """onnxruntime's outputs (CPU), by name."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))

@@ -1,0 +1,147 @@
+"""ONNX graphs (issue 18): exported from tiny random torch / transformers models,
+compiled for this CPU, run through kiln.runtime.load(...).run and compared
+with onnxruntime at two input shapes each; input checks at run time; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers.onnx_models import export_bert, export_cnn, gather_model, ort_run
+
+from kiln.cli import main
+from kiln.compiler.onnx_build import compile_onnx
+from kiln.errors import CompileError, RequestError
+from kiln.runtime import GraphModel, load
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+RTOL = 1e-4  # max |kiln - onnxruntime| / max |onnxruntime|, fp32
+
+
+def rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx_cnn")
+    onnx_path = export_cnn(d / "cnn.onnx")
+    art = d / "cnn.kiln"
+    assert main(["compile", str(onnx_path), "-o", str(art), "--quiet"]) == 0  # through the CLI
+    return onnx_path, art
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx_bert")
+    onnx_path = export_bert(d / "bert.onnx")
+    art = d / "bert.kiln"
+    compile_onnx(onnx_path, art)
+    return onnx_path, art
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 20, 28)])
+def test_cnn_matches_onnxruntime(cnn, shape):
+    onnx_path, art = cnn
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    m = load(art)
+    assert isinstance(m, GraphModel)
+    got = m.run({"image": x})
+    want = ort_run(onnx_path, {"image": x})
+    assert list(got) == ["probs"] and got["probs"].shape == (shape[0], 10)
+    assert rel(got["probs"], want["probs"]) < RTOL
+
+
+@pytest.mark.parametrize("batch,seq", [(2, 7), (1, 13)])
+def test_bert_matches_onnxruntime(bert, batch, seq):
+    onnx_path, art = bert
+    rng = np.random.default_rng(seq)
+    ids = rng.integers(0, 100, (batch, seq)).astype(np.int64)
+    mask = np.ones((batch, seq), np.int64)
+    mask[0, seq - 2:] = 0  # padding: the attention mask matters
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    got, want = load(art).run(feeds), ort_run(onnx_path, feeds)
+    assert list(got) == ["last_hidden_state", "pooler_output"]
+    for k in got:
+        assert got[k].shape == want[k].shape and rel(got[k], want[k]) < RTOL, k
+
+
+def test_manifest_records_the_graph(bert):
+    _, art = bert
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["kind"] == "graph" and m["model"]["source_format"] == "onnx" and m["model"]["opset"] == 17
+    assert m["graph"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                                    {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]}]
+    assert [o["shape"] for o in m["graph"]["outputs"]] == [["batch", "seq", 32], ["batch", 32]]
+    names = [p["name"] for p in m["params"]]
+    assert "m.embeddings.word_embeddings.weight" in names and all(p["dtype"] == "float32" for p in m["params"])
+    assert set(m["files"]) == {"lib/cpu.so", "weights.safetensors"}
+
+
+def test_run_refuses_bad_inputs(bert):
+    _, art = bert
+    m = load(art)
+    ids = np.zeros((2, 5), np.int64)
+    cases = [
+        ({"input_ids": ids}, "missing attention_mask"),
+        ({"input_ids": ids, "attention_mask": ids, "token_type_ids": ids}, "unknown token_type_ids"),
+        ({"input_ids": ids.astype(np.int32), "attention_mask": ids}, "input input_ids: dtype int32, the graph takes int64"),
+        ({"input_ids": ids[0], "attention_mask": ids}, "input input_ids: rank 1 [5], the graph takes rank 2"),
+        ({"input_ids": ids, "attention_mask": np.zeros((3, 5), np.int64)}, "dimension 0 (batch) is 3, but batch is 2 in input input_ids"),
+        ({"input_ids": ids.tolist(), "attention_mask": ids}, "expected a numpy array"),
+        ({"input_ids": np.zeros((2, 0), np.int64), "attention_mask": np.zeros((2, 0), np.int64)}, "must be in [1,"),
+    ]
+    for feeds, msg in cases:
+        with pytest.raises(RequestError) as e:
+            m.run(feeds)
+        assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pinned_input_shape(cnn, tmp_path, capsys):
+    onnx_path, _ = cnn
+    art = tmp_path / "pinned.kiln"
+    compile_onnx(onnx_path, art, input_shapes=["image=2,3,h,16"])
+    m = load(art)
+    assert m.inputs[0]["shape"] == [2, 3, "h", 16]
+    x = np.random.default_rng(2).standard_normal((2, 3, 24, 16)).astype(np.float32)
+    assert rel(m.run({"image": x})["probs"], ort_run(onnx_path, {"image": x})["probs"]) < RTOL
+    with pytest.raises(RequestError, match=r"input image: dimension 3 is 20, the graph takes 16"):
+        m.run({"image": np.zeros((2, 3, 24, 20), np.float32)})
+    for spec, msg in [("image=1,3,8", "3 dimensions given, the model's input has 4"), ("image=1,4,8,8", "dimension 1 is 3 in the model, 4 given"),
+                      ("pixels=1,3,8,8", "no input of that name; its inputs: image"), ("image=1,3,-1,8", "neither an integer")]:
+        with pytest.raises(CompileError, match=msg):
+            compile_onnx(onnx_path, tmp_path / "x.kiln", input_shapes=[spec])
+
+
+def test_cli_run_and_inspect(cnn, tmp_path, capsys):
+    onnx_path, art = cnn
+    x = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(art), "--input", f"image={tmp_path / 'x.npy'}", "--outputs", str(tmp_path / "out.npz")]) == 0
+    with np.load(tmp_path / "out.npz") as z:
+        assert rel(z["probs"], ort_run(onnx_path, {"image": x})["probs"]) < RTOL
+    np.savez(tmp_path / "in.npz", image=x.astype(np.float64))
+    capsys.readouterr()
+    assert main(["run", str(art), "--inputs", str(tmp_path / "in.npz")]) == 2
+    assert "kiln: error: input image: dtype float64, the graph takes float32" in capsys.readouterr().err
+    assert main(["run", str(art), "--prompt", "hi"]) == 2
+    assert main(["inspect", str(art)]) == 0
+    out = capsys.readouterr().out
+    assert "kiln graph artifact" in out and "input    image: float32 [batch, 3, h, w]" in out and "output   probs: float32 [batch, 10]" in out
+
+
+def test_gather_indices_stay_inside_the_table(tmp_path):
+    """An out-of-range index wraps (ONNX's rule for negatives), never reads outside the table."""
+    onnx_path = gather_model(tmp_path / "gather.onnx")
+    art = tmp_path / "gather.kiln"
+    compile_onnx(onnx_path, art)
+    m = load(art)
+    ids = np.array([0, 3, -1, 2], np.int64)
+    assert rel(m.run({"ids": ids})["y"], ort_run(onnx_path, {"ids": ids})["y"]) < RTOL
+    y = m.run({"ids": np.array([5, -6, 1 << 40], np.int64)})["y"]
+    table = np.arange(4 * 300, dtype=np.float32).reshape(4, 300) / 300
+    assert np.allclose(y, 2 * table[[5 % 4, -6 % 4, (1 << 40) % 4]])
+    assert [p["name"] for p in json.loads((art / "manifest.json").read_text())["params"]] == ["table"]
