@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import CompileError, UnsupportedModelError
 from ..tvm_compat import onnx_importer
+from .onnx_ops import CONVERTERS
 from .onnx import DTYPES, FLOAT_DTYPES, OnnxModel, check_operators, dims_of, onnx_package
 
 LIFT_MIN_ELEMENTS = 256  # float initializers this big or bigger become params
@@ -143,7 +144,7 @@ def import_onnx(model: OnnxModel, pinned: dict[str, list] | None = None) -> Impo
     m2.opset_import.extend(model.proto.opset_import)
     m2.graph.CopyFrom(g2)
 
-    importer = t.Importer(None, None, keep_params_in_input=False, sanitize=True)
+    importer = _importer_class(t)(None, None, keep_params_in_input=False, sanitize=True)
     log = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log):
@@ -157,6 +158,20 @@ def import_onnx(model: OnnxModel, pinned: dict[str, list] | None = None) -> Impo
                                     f"{type(err).__name__}: {(msg[-1] if msg else '')[:200]}") from None
     _shapes_from_ir(mod, outputs)
     return ImportedGraph(mod, inputs, outputs, [i.name for i in lifted], folded)
+
+
+def _importer_class(t):
+    """TVM's importer with kiln's converters (frontends/onnx_ops.py) tried first."""
+
+    class Importer(t.Importer):
+        def _convert_operator(self, op_name, inputs, attrs, opset):
+            convert = CONVERTERS.get(op_name)
+            out = convert(t, self.bb, inputs, attrs) if convert is not None else None
+            if out is None:
+                return super()._convert_operator(op_name, inputs, attrs, opset)
+            return self.bb.normalize(out)
+
+    return Importer
 
 
 def _shapes_from_ir(mod, outputs: list[GraphIO]) -> None:

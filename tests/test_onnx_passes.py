@@ -1,0 +1,90 @@
+"""Before/after IR of the passes the ONNX path adds (HoistShapeBindings,
+WrapGatherIndices) and the scalar case of CpuInlineElementwise; end to end, a
+Range over a dynamic dimension (what broke FuseOps on BERT) vs onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers.onnx_models import ort_run
+
+from kiln.compiler.onnx_build import compile_onnx
+from kiln.passes.cpu_rules import CpuInlineElementwise
+from kiln.passes.hoist_shape_bindings import HoistShapeBindings
+from kiln.passes.wrap_gather_indices import WrapGatherIndices
+from kiln.runtime import load
+from kiln.tvm_compat import compiler
+
+onnx = pytest.importorskip("onnx")
+
+
+def _names(mod):
+    return [b.var.name for b in mod["main"].body.blocks[0].bindings]
+
+
+def test_hoist_shape_bindings_moves_match_casts_first():
+    t = compiler()
+    relax, tirx = t.relax, t.tirx
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1], "int64"))
+    y = relax.Var("y", relax.TensorType([8], "float32"))
+    n = tirx.Var("n", "int64")
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.add(y, y), name_hint="a")
+            s = bb.emit(relax.op.tensor_to_shape(x), name_hint="s")
+            bb.match_cast(s, relax.ShapeType([n]), name_hint="m")
+            r = bb.emit(relax.op.arange(0, n, 1, "int64"), name_hint="r")
+            out = bb.emit_output(relax.Tuple([a, r]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert _names(mod) == ["a", "s", "m", "r", "gv"]
+    after = HoistShapeBindings()(mod)
+    assert _names(after) == ["s", "m", "a", "r", "gv"]
+    t.tvm.ir.assert_structural_equal(HoistShapeBindings()(after), after)  # nothing left to move
+
+
+def test_wrap_gather_indices():
+    t = compiler()
+    relax = t.relax
+    bb = relax.BlockBuilder()
+    table = relax.Var("table", relax.TensorType([4, 3], "float32"))
+    ids = relax.Var("ids", relax.TensorType([2], "int64"))
+    with bb.function("main", [table, ids]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.take(table, ids, axis=0))
+        bb.emit_func_output(out)
+    before = bb.get()
+    assert 'mode="fast"' in before.script()
+    after = WrapGatherIndices()(before)
+    assert 'mode="wrap"' in after.script() and 'mode="fast"' not in after.script()
+
+
+def test_scalar_block_is_left_alone():
+    t = compiler()
+    a = t.te.placeholder((), "int64", name="a")
+    b = t.te.compute((), lambda: a() + 1, name="b")
+    scalar = t.te.create_prim_func([a, b])
+    target = t.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"})
+    assert CpuInlineElementwise().apply(scalar, target) is not None
+
+
+def test_range_over_a_dynamic_dimension(tmp_path):
+    """positions = Range(0, Shape(x)[1], 1) added to x: the shape arithmetic BERT exports."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    c = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Gather", ["shape", "one"], ["n"]),
+             helper.make_node("Range", ["zero", "n", "one"], ["pos"]), helper.make_node("Cast", ["pos"], ["posf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "posf"], ["y"]), helper.make_node("ConstantOfShape", ["empty"], ["z"], value=numpy_helper.from_array(np.array([2.0], np.float32))),
+             helper.make_node("Mul", ["y", "z"], ["out"])]
+    g = helper.make_graph(nodes, "range", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s"])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s"])],
+                          [c("zero", 0), c("one", 1), numpy_helper.from_array(np.zeros(0, np.int64), "empty")])
+    p = tmp_path / "range.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    compile_onnx(p, tmp_path / "range.kiln")
+    m = load(tmp_path / "range.kiln")
+    for shape in [(2, 5), (3, 9)]:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        assert np.allclose(m.run({"x": x})["out"], ort_run(p, {"x": x})["out"], rtol=1e-6)
