@@ -59,8 +59,6 @@ def build_config(header: GGUFHeader, arch: str, hf_arch: str, names: dict[str, G
     def key(k, kind, default=REQUIRED):
         return meta(header, f"{arch}.{k}", kind, path, default)
 
-    if key("expert_count", "int", 0):
-        raise UnsupportedModelError(f"{path}: mixture-of-experts GGUF models are not supported")
     heads = key("attention.head_count", "int")
     key_len, value_len = key("attention.key_length", "int", None), key("attention.value_length", "int", None)
     rope_dim = key("rope.dimension_count", "int", None)
@@ -93,6 +91,7 @@ def build_config(header: GGUFHeader, arch: str, hf_arch: str, names: dict[str, G
     }
     if head_dim is not None:
         cfg["head_dim"] = head_dim
+    cfg.update(_moe_config(key, cfg, names, path))
     for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
         value = meta(header, f"tokenizer.ggml.{gguf_key}", "int", path, None)
         if value is not None:
@@ -101,6 +100,33 @@ def build_config(header: GGUFHeader, arch: str, hf_arch: str, names: dict[str, G
     if extra_eos:
         cfg["eos_token_id"] = [cfg["eos_token_id"], *extra_eos] if "eos_token_id" in cfg else extra_eos
     return cfg
+
+
+def _moe_config(key, cfg: dict, names: dict[str, GGUFTensorInfo], path: Path) -> dict:
+    """The HF mixture-of-experts keys from `{arch}.expert_*` (none for a dense model).
+
+    Expert width: `expert_feed_forward_length` (qwen3moe), else `feed_forward_length`
+    (llama-arch Mixtral). Top-k weights renormalised unless `expert_weights_norm`
+    says false (llama.cpp renormalises for both architectures). Layers without a
+    router tensor keep a dense MLP (mlp_only_layers). Shared experts and other
+    gating functions (DeepSeek, Qwen2-MoE) are refused by name."""
+    experts = key("expert_count", "int", 0)
+    if not experts:
+        return {}
+    shared = key("expert_shared_count", "int", 0)
+    if shared:
+        raise UnsupportedModelError(f"{path}: {shared} shared experts (expert_shared_count) are not supported yet")
+    gating = key("expert_gating_func", "int", 1)
+    if gating != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE: 1 softmax, 2 sigmoid
+        raise UnsupportedModelError(f"{path}: expert_gating_func {gating} is not supported (only 1, softmax)")
+    layers = cfg["num_hidden_layers"] if isinstance(cfg["num_hidden_layers"], int) else 0
+    return {
+        "num_local_experts": experts,
+        "num_experts_per_tok": key("expert_used_count", "int"),
+        "moe_intermediate_size": key("expert_feed_forward_length", "int", cfg["intermediate_size"]),
+        "norm_topk_prob": key("expert_weights_norm", "bool", True),
+        "mlp_only_layers": [i for i in range(layers) if f"model.layers.{i}.mlp.gate.weight" not in names],
+    }
 
 
 def extra_eos_ids(header: GGUFHeader, path: Path, eos: int | None) -> list[int]:

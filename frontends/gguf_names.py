@@ -1,7 +1,10 @@
 """GGUF tensor names -> HF names, and llama.cpp's q/k row permutation undone.
 
 Mapped back to HF names, a GGUF's tensors go through the same conversion
-(`DecoderLM.convert_hf`) as any HF checkpoint.
+(`DecoderLM.convert_hf`) as any HF checkpoint. Stacked expert tensors
+(`ffn_*_exps`) have no HF spelling; they keep the stack under the per-expert
+module's name (`mlp.experts.gate_proj.weight  # [E, F, hidden]`), which the
+MoE families recognise (moe.py MoEFamily.hf_sources_for).
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import numpy as np
 class _Arch:
     hf_architecture: str
     permute_qk: bool  # llama.cpp's convert permuted q/k rows for its interleaved RoPE
+    hf_moe_architecture: str | None = None  # the family when `{arch}.expert_count` > 0 (llama: Mixtral)
 
 
 # GGUF general.architecture -> HF architecture.
 ARCHITECTURES = {
-    "llama": _Arch("LlamaForCausalLM", permute_qk=True),
+    "llama": _Arch("LlamaForCausalLM", permute_qk=True, hf_moe_architecture="MixtralForCausalLM"),
     "qwen2": _Arch("Qwen2ForCausalLM", permute_qk=False),
     "qwen3": _Arch("Qwen3ForCausalLM", permute_qk=False),
+    "qwen3moe": _Arch("Qwen3MoeForCausalLM", permute_qk=False, hf_moe_architecture="Qwen3MoeForCausalLM"),
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -41,6 +46,12 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixtures of experts: the router, and every expert of a layer stacked in one tensor
+    # ([E, F, hidden] gate and up, [E, hidden, F] down; frontends/models/moe.py reads them)
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 _BLOCK_RE = re.compile(r"blk\.(0|[1-9][0-9]{0,5})\.([a-z_]+)\.(weight|bias)")
 SKIPPED = ("rope_freqs.weight",)  # derived data; read into config, never a weight

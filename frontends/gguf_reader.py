@@ -72,7 +72,11 @@ def _open_gguf(path: Path) -> Checkpoint:
         ok = sorted(q.name for q in GGML_QUANT_SIZES if can_dequantize(q))
         raise UnsupportedModelError(f"{path}: tensor {bad.name} has type {bad.qtype.name}, supported: {', '.join(ok)}")
 
-    config = build_config(header, arch, spec.hf_architecture, by_hf, path)
+    hf_arch = spec.hf_moe_architecture if meta(header, f"{arch}.expert_count", "int", path, 0) else spec.hf_architecture
+    if hf_arch is None:
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} with experts is not supported; "
+                                    f"mixtures of experts: {', '.join(a for a, s in ARCHITECTURES.items() if s.hf_moe_architecture)}")
+    config = build_config(header, arch, hf_arch, by_hf, path)
     model_config = ModelConfig.from_dict(config, str(path))  # validated now: errors come early and name the file
     heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
 
@@ -114,12 +118,14 @@ def _open_gguf(path: Path) -> Checkpoint:
     def load_quantized(name: str, fmt: str) -> dict | None:
         """Q4_1 / Q4_0 -> q4g32 and Q8_0 -> q8 block for block (the same grids:
         scale and minimum per 32 / scale per 32, fp16), with the q/k row order undone
-        on the codes; None for any other pairing (the caller re-quantizes)."""
+        on the codes; a stack of experts [E, N, K] keeps its leading axis in every
+        array. None for any other pairing (the caller re-quantizes)."""
         t = by_hf.get(name)
-        if t is None or len(t.shape) != 2 or (t.qtype.name, fmt) not in DIRECT_IMPORTS:
+        if t is None or len(t.shape) not in (2, 3) or (t.qtype.name, fmt) not in DIRECT_IMPORTS:
             return None
-        parts = blocks_to_kiln(read_raw(t), t.qtype.name, t.shape)
-        return {k: unpermute(name, t, v) for k, v in parts.items()}
+        rows = (int(np.prod(t.shape[:-1])), t.shape[-1])
+        parts = blocks_to_kiln(read_raw(t), t.qtype.name, rows)
+        return {k: unpermute(name, t, v.reshape(*t.shape[:-1], v.shape[-1])) for k, v in parts.items()}
 
     if "rope_freqs.weight" in skipped:
         config["gguf_skipped_tensors"] = sorted(skipped)

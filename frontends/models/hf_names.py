@@ -139,14 +139,17 @@ class HFNames:
 def _concat_thunk(name, srcs, shape, load, file):
     def thunk() -> np.ndarray:
         parts = [load(s) for s in srcs]
-        # a stack [E, rows, k] made of 2-D per-expert matrices [*, k]: concatenate, then reshape
+        # a stack [E, rows, k] made of 2-D per-expert matrices [*, k]: concatenate, then reshape;
+        # made of stacks [E, *, k] (GGUF's gate and up experts): concatenate within each expert
         stacked = len(shape) == 3 and parts[0].ndim == 2
-        row = tuple(shape[2:]) if stacked else tuple(shape[1:])
+        axis = 1 if len(shape) == 3 and parts[0].ndim == 3 else 0
+        row = tuple(shape[2:]) if stacked else tuple(shape[axis + 1:])
         ndim = len(shape) - 1 if stacked else len(shape)
         for s, p in zip(srcs, parts):
-            if p.ndim != ndim or p.shape[1:] != row:
-                raise ModelFormatError(f"{file}: tensor {s} has shape {list(p.shape)}, expected [*, {', '.join(map(str, row))}] for {name}")
-        arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+            if p.ndim != ndim or p.shape[axis + 1:] != row or p.shape[:axis] != tuple(shape[:axis]):
+                want = ", ".join(map(str, (*shape[:axis], "*", *row)))
+                raise ModelFormatError(f"{file}: tensor {s} has shape {list(p.shape)}, expected [{want}] for {name}")
+        arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
         if stacked and arr.shape[0] == shape[0] * shape[1]:
             arr = arr.reshape(shape)
         if arr.shape != tuple(shape):

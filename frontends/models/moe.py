@@ -257,11 +257,22 @@ class MoEFamily:
 
     @classmethod
     def hf_sources_for(cls, c, names):
+        """Per layer, the spelling the checkpoint has: per-expert matrices (hf_layer_sources_at),
+        transformers 5's fused stacks, or GGUF's stacks (`ffn_{gate,up,down}_exps`, named
+        `mlp.experts.{gate,up,down}_proj.weight  # [E, rows, k]` by frontends/gguf_names.py;
+        gate and up are joined within each expert)."""
         sources = super().hf_sources_for(c, names)
         for i in range(c.num_hidden_layers):
-            fused = f"model.layers.{i}.mlp.experts"
-            if c.is_moe_layer(i) and f"{fused}.gate_up_proj" in names:
-                p = f"layers.{i}.mlp"
-                sources.update({f"{p}.gate.weight": (f"model.layers.{i}.mlp.gate.weight",),
-                                f"{p}.experts.gate_up": (f"{fused}.gate_up_proj",), f"{p}.experts.down": (f"{fused}.down_proj",)})
+            ex = f"model.layers.{i}.mlp.experts"
+            if not c.is_moe_layer(i):
+                continue
+            if f"{ex}.gate_up_proj" in names:
+                gate_up, down = (f"{ex}.gate_up_proj",), (f"{ex}.down_proj",)
+            elif f"{ex}.gate_proj.weight" in names:
+                gate_up, down = (f"{ex}.gate_proj.weight", f"{ex}.up_proj.weight"), (f"{ex}.down_proj.weight",)
+            else:
+                continue
+            p = f"layers.{i}.mlp"
+            sources.update({f"{p}.gate.weight": (f"model.layers.{i}.mlp.gate.weight",),
+                            f"{p}.experts.gate_up": gate_up, f"{p}.experts.down": down})
         return sources

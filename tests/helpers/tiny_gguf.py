@@ -1,7 +1,9 @@
 """Tiny GGUF files written with gguf.GGUFWriter, shared by the GGUF reader and
 export tests: a 2-layer model (hidden 64, 4 heads, 2 KV heads, FFN 96) with a
 byte-level BPE tokenizer, llama.cpp's q/k permutation for llama, and any
-tensor stored as F32, F16, BF16 or a quantized GGML type."""
+tensor stored as F32, F16, BF16 or a quantized GGML type; and (write_moe) a
+transformers mixture-of-experts model written as llama.cpp writes Mixtral
+(llama arch) and Qwen3-MoE (qwen3moe): experts stacked per layer."""
 
 from __future__ import annotations
 
@@ -110,3 +112,85 @@ def write_tiny(path: Path, *, arch="llama", dtypes=None, extra=None, rope_freqs=
     w.write_tensors_to_file()
     w.close()
     return expected
+
+
+# transformers' MoE families -> (GGUF architecture, llama.cpp permutes q/k)
+MOE_ARCHS = {"MixtralForCausalLM": ("llama", True), "Qwen3MoeForCausalLM": ("qwen3moe", False)}
+
+
+def write_moe(path: Path, model, *, expert_type=Q.F32, tokenizer: bool = True, extra=None) -> dict:
+    """A transformers Mixtral / Qwen3-MoE model as a GGUF, as llama.cpp's convert lays it
+    out: `blk.N.ffn_{gate,up,down}_exps` stacks ([E, F, hidden] / [E, hidden, F]) in
+    `expert_type`, the router `ffn_gate_inp`, everything else F32; `{arch}.expert_*`
+    metadata (and `extra`: key -> (value, GGUFValueType)); a byte-level tokenizer of the
+    model's vocabulary size (3 specials and bytes 0..vocab-4: ASCII text encodes). Returns transformers' parameter name -> the
+    float32 values the GGUF holds, for the parameters whose values changed (quantized
+    experts, fused gate_up_proj rebuilt), so a reference model can load them."""
+    c = model.config
+    arch, permute = MOE_ARCHS[c.architectures[0]]
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    experts = getattr(c, "num_local_experts", None) or c.num_experts
+    moe_ffn = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(c.vocab_size)
+    w.add_expert_count(experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    if arch == "qwen3moe":
+        w.add_expert_feed_forward_length(moe_ffn)
+        w.add_expert_weights_norm(bool(c.norm_topk_prob))
+    for k, v in (extra or {}).items():
+        w.add_key_value(k, v[0], v[1])
+    if tokenizer:
+        chars = _byte_chars()[: c.vocab_size - len(SPECIALS)]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(SPECIALS + chars)
+        w.add_token_types([3] * len(SPECIALS) + [1] * len(chars))
+        w.add_token_merges([])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    changed = {}
+
+    def add(name, arr, qtype=Q.F32):
+        if qtype == Q.F32:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+            return arr
+        raw = quants.quantize(arr.reshape(-1, arr.shape[-1]), qtype)
+        w.add_tensor(name, raw.reshape(*arr.shape[:-1], raw.shape[-1]), raw_shape=None, raw_dtype=qtype)
+        return quants.dequantize(raw, qtype).reshape(arr.shape)
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    add("output_norm.weight", state["model.norm.weight"])
+    add("output.weight", state["lm_head.weight"])
+    for i in range(c.num_hidden_layers):
+        hf, b = f"model.layers.{i}.", f"blk.{i}."
+        for g, n in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"), ("attn_v", "self_attn.v_proj"),
+                     ("attn_output", "self_attn.o_proj"), ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")):
+            if hf + n + ".weight" in state:
+                add(b + g + ".weight", state[hf + n + ".weight"])
+        for g, n, heads in (("attn_q", "q_proj", c.num_attention_heads), ("attn_k", "k_proj", c.num_key_value_heads)):
+            q = state[hf + f"self_attn.{n}.weight"]
+            add(b + g + ".weight", llama_permute(q, heads) if permute else q)
+        add(b + "ffn_gate_inp.weight", state[hf + "mlp.gate.weight"])
+        gate_up, down = state[hf + "mlp.experts.gate_up_proj"], state[hf + "mlp.experts.down_proj"]  # [E, 2F, D], [E, D, F]
+        gate = add(b + "ffn_gate_exps.weight", gate_up[:, :moe_ffn], expert_type)
+        up = add(b + "ffn_up_exps.weight", gate_up[:, moe_ffn:], expert_type)
+        changed[hf + "mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=1)
+        changed[hf + "mlp.experts.down_proj"] = add(b + "ffn_down_exps.weight", down, expert_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return changed
