@@ -88,7 +88,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
     progress(f"import (opset {model.opset}, {len(model.graph.node)} nodes)")
     graph = import_onnx(model, pinned)
     mod = HoistShapeBindings()(WrapGatherIndices()(graph.mod))
-    inits = model.initializers
+    inits = {**model.initializers, **model.constants}
     params = [{"name": n, "shape": list(inits[n].shape), "dtype": inits[n].dtype, "quant": "none"} for n in graph.params]
     with ArtifactWriter(opts.output) as writer:
         libraries = []

@@ -70,6 +70,7 @@ class OnnxModel:
     proto: object  # onnx.ModelProto
     opset: int
     initializers: dict[str, Initializer] = field(default_factory=dict)
+    constants: dict[str, Initializer] = field(default_factory=dict)  # Constant nodes' tensors, by output name (checked like initializers)
 
     @property
     def graph(self):
@@ -200,11 +201,19 @@ def dims_of(value_info) -> tuple[str, list[int | str] | None]:
         return dtype, None
     dims: list[int | str] = []
     for i, d in enumerate(tt.shape.dim):
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value >= 0:
             dims.append(int(d.dim_value))
-        else:
-            dims.append(d.dim_param or f"{value_info.name}_dim{i}")
+        elif d.HasField("dim_param") and d.dim_param not in ("", "?"):
+            dims.append(d.dim_param)
+        else:  # no name, "?" or -1 (Paddle's exports): a symbol of its own
+            dims.append(_symbol(f"{value_info.name}_dim{i}"))
     return dtype, dims
+
+
+def _symbol(name: str) -> str:
+    """A dimension name from a tensor name (any string) that reads as an identifier."""
+    out = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return out if out[:1].isalpha() or out[:1] == "_" else "d_" + out
 
 
 def _check_graph(model: OnnxModel) -> None:
@@ -237,6 +246,11 @@ def _check_graph(model: OnnxModel) -> None:
             if i and i not in defined:
                 raise ModelFormatError(f"{path}: node {label} reads {i!r}, which no earlier node, input or initializer defines "
                                        f"(a cycle, an undefined value, or nodes out of order)")
+        if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and len(node.output) == 1:
+            value = next((a.t for a in node.attribute if a.name == "value" and a.type == 4), None)  # a TENSOR attribute
+            if value is not None:  # Paddle's exports keep their weights here
+                value.name = node.output[0]
+                model.constants[node.output[0]] = _initializer(model, value)
         for o in node.output:
             if o and o in defined:
                 raise ModelFormatError(f"{path}: node {label} writes {o!r}, which is already defined")

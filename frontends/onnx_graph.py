@@ -122,7 +122,8 @@ def import_onnx(model: OnnxModel, pinned: dict[str, list] | None = None) -> Impo
     from onnx import helper  # noqa: PLC0415
 
     g = model.graph
-    lifted = [i for i in model.initializers.values() if i.dtype in FLOAT_DTYPES and i.size >= LIFT_MIN_ELEMENTS]
+    weights = {**model.initializers, **model.constants}
+    lifted = [i for i in weights.values() if i.dtype in FLOAT_DTYPES and i.size >= LIFT_MIN_ELEMENTS]
     lifted_names = {i.name for i in lifted}
     g2 = onnx.GraphProto(name=g.name or "main")
     consts: dict[str, np.ndarray] = {}
@@ -137,7 +138,7 @@ def import_onnx(model: OnnxModel, pinned: dict[str, list] | None = None) -> Impo
         g2.input.append(helper.make_tensor_value_info(io_.name, _elem_type(io_.dtype), io_.shape))
     for init in lifted:
         g2.input.append(helper.make_tensor_value_info(init.name, _elem_type(init.dtype), list(init.shape)))
-    nodes, folded = _fold(model, consts)
+    nodes, folded = _fold(model, consts, skip=lifted_names)
     g2.node.extend(nodes)
     g2.output.extend(g.output)
     m2 = onnx.ModelProto(ir_version=model.proto.ir_version, producer_name=model.proto.producer_name)
@@ -208,12 +209,15 @@ def _tensor(arr: np.ndarray, name: str, dtype: str):
 
 # ---------------------------------------------------------------- constant folding
 
-def _fold(model: OnnxModel, consts: dict[str, np.ndarray]) -> tuple[list, int]:
-    """The graph's nodes with constant shape arithmetic replaced by Constant nodes."""
+def _fold(model: OnnxModel, consts: dict[str, np.ndarray], skip: set[str]) -> tuple[list, int]:
+    """The graph's nodes with constant shape arithmetic replaced by Constant nodes;
+    Constant nodes whose output is in `skip` (lifted to params) left out."""
     from onnx import helper  # noqa: PLC0415
 
     out, folded = [], 0
     for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in skip:
+            continue
         ok = (node.domain in ("", "ai.onnx") and node.op_type in _FOLD_OPS and all(not i or i in consts for i in node.input)
               and not any(a.type in (5, 10) for a in node.attribute))  # no subgraphs
         vals = _evaluate(node, consts, model.proto.opset_import) if ok else None

@@ -8,6 +8,8 @@ broadcast shape is unknown, and legalization fails ("emit_te now only supports
 Tensor that has ShapeExpr shape"). When the bounds are dimensions (PrimValues,
 as TVM's Gather makes of `Shape(x)[i]`) or constants, kiln emits `arange` over
 them directly: its length is then `s`, the same symbol as x's dimension.
+
+Cast: see convert_cast.
 """
 
 from __future__ import annotations
@@ -45,4 +47,13 @@ def convert_range(t, bb, inputs, attrs):
     return t.relax.op.arange(i64(start), i64(limit), i64(delta), dtype=dtype)
 
 
-CONVERTERS: dict[str, Callable] = {"Range": convert_range}
+def convert_cast(t, bb, inputs, attrs):
+    """Cast of a shape (Shape -> Cast(int32) -> Slice -> Cast(int64) -> Concat -> Reshape: Paddle's exports)
+    to an integer type keeps it a shape: TVM's converter makes it a tensor, and the Reshape
+    at the end of the chain then has no shape to reshape to."""
+    if isinstance(inputs[0], t.relax.ShapeExpr) and attrs.get("to") in (6, 7):  # INT32, INT64
+        return inputs[0]
+    return None
+
+
+CONVERTERS: dict[str, Callable] = {"Range": convert_range, "Cast": convert_cast}

