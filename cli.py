@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--calib-text", default=None, help="with --quant: English text to measure quality on (default: a built-in text)")
         c.add_argument("--max-kld", type=float, default=None, help="with --quant: fail (nothing written) if the mean KL divergence vs float32 is over this")
         c.add_argument("--no-quality-check", action="store_true", help="with --quant: skip measuring quality (two extra CPU compiles and a run over the text)")
+        c.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                       help="split the model over N GPUs (heads, FFN columns and LM-head rows; one weights file per GPU); "
+                            "the runtime starts N workers through TVM's disco and NCCL")
         c.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16", "int8", "fp8"],
                        help="KV-cache format: the activations' float dtype (default), int8 / fp8 (e4m3) with a scale per token and head "
                             "(kiln's quantized cache; its quality is measured like --quant's), or float16 / bfloat16 on CPU targets")
@@ -211,7 +214,8 @@ def cmd_compile(a) -> int:
 
     opts = CompileOptions(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir,
                           no_weights=a.no_weights, page_size=a.page_size, quant=a.quant, keep=tuple(a.keep), calib_text=a.calib_text,
-                          max_kld=a.max_kld, quality_check=not a.no_quality_check, kv_dtype=a.kv_dtype).check()
+                          max_kld=a.max_kld, quality_check=not a.no_quality_check, kv_dtype=a.kv_dtype,
+                          tensor_parallel=a.tensor_parallel).check()
     check_output(a.output)
     from .tvm_compat import compiler  # noqa: PLC0415
 

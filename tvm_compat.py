@@ -54,6 +54,27 @@ def runtime() -> types.SimpleNamespace:
     )
 
 
+def disco() -> types.SimpleNamespace:
+    """TVM's disco runtime (worker processes and their message channels), for
+    tensor-parallel sessions. Runtime-only TVM does not load the library that holds
+    it (libtvm_runtime_extra.so): load it, then re-read disco's function table,
+    which was filled when the functions were not there yet."""
+    import ctypes  # noqa: PLC0415
+    import importlib  # noqa: PLC0415
+
+    rt = runtime()
+    if rt.get_global_func("runtime.disco.SessionProcess") is None:
+        lib = os.path.join(os.path.dirname(rt.tvm.base._LOADED_LIBS["tvm_runtime"]._name), "libtvm_runtime_extra.so")
+        try:
+            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+        except OSError as err:
+            raise KilnError(f"cannot load TVM's disco runtime ({lib}): {err}") from None
+    api = importlib.import_module("tvm.runtime.disco._ffi_api")
+    rt.ffi.init_ffi_api("runtime.disco", api.__name__)  # what its import did, now with the functions there
+    session = importlib.import_module("tvm.runtime.disco.session")
+    return types.SimpleNamespace(ProcessSession=session.ProcessSession, api=api)
+
+
 def tvm_version() -> str:
     import tvm  # noqa: PLC0415
 
@@ -89,6 +110,7 @@ def compiler() -> types.SimpleNamespace:
     from tvm.support import nvcc  # noqa: PLC0415
     from tvm.target import Target  # noqa: PLC0415
     import tvm_ffi  # noqa: PLC0415
+    from tvm_ffi import libinfo as ffi_libinfo  # noqa: PLC0415  (headers + library for kiln's C++ plugins)
 
     if runtime_only_loaded():
         raise KilnError("libtvm_compiler.so could not be loaded: the TVM compiler is unavailable in this install")
@@ -108,6 +130,7 @@ def compiler() -> types.SimpleNamespace:
         Target=Target,
         nvcc=nvcc,
         ffi=tvm_ffi,
+        ffi_libinfo=ffi_libinfo,
         version=tvm_version(),
     )
 

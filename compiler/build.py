@@ -16,6 +16,7 @@ from ..errors import CompileError
 from ..frontends.config import ModelConfig
 from ..frontends.models import family_for
 from ..frontends.models.layers import COMPUTE_DTYPE, Precision
+from ..frontends.models.sharding import shard_config
 from ..frontends.readers import open_checkpoint
 from ..passes.quant import KVFormat, QuantPlan, kv_format
 from .artifact import ArtifactWriter
@@ -42,6 +43,12 @@ class Model:
     plan: QuantPlan | None
     kv_dtype: str | None
     kv_fmt: KVFormat | None  # kiln's cache format; None: TVM's cache in the activations' dtype
+    tp: int = 1  # tensor-parallel shards
+
+    @property
+    def graph_config(self) -> ModelConfig:
+        """The config each shard's graph is built from (the model's own when tp = 1)."""
+        return shard_config(self.config, self.tp)
 
     def precision(self, tg: CompileTarget) -> Precision:
         # CPU computes in fp32 whatever the storage; CUDA computes in the storage dtype
@@ -136,7 +143,11 @@ def read_model(opts: CompileOptions, progress: Progress) -> Model:
     if kv_fmt is not None and not kv_fmt.scaled and not all_cpu:
         raise CompileError(f"--kv-dtype {opts.kv_dtype}: 16-bit float caches are for CPU targets; on CUDA the cache has the "
                            f"activations' dtype (--dtype {dtype}), or int8 / fp8")
-    return Model(ck, config, family, dtype, max_ctx, targets, plan, opts.kv_dtype, kv_fmt)
+    m = Model(ck, config, family, dtype, max_ctx, targets, plan, opts.kv_dtype, kv_fmt, opts.tensor_parallel)
+    m.graph_config  # an uneven split is refused here, before any work
+    if m.tp > 1 and kv_fmt is not None:
+        raise CompileError(f"--tensor-parallel {m.tp}: kiln's quantized KV cache (--kv-dtype {opts.kv_dtype}) does not split over GPUs yet")
+    return m
 
 
 def _gate_needed(m: Model, opts: CompileOptions, progress: Progress) -> bool:

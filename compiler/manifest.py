@@ -16,6 +16,7 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
     config, plan, kv_fmt = m.config, m.plan, m.kv_fmt
     compute = m.precision(m.targets[0]).compute
     # TVM's cache: K/V in the activations' dtype; kiln's cache: codes + an fp32 scale per row
+    kv_heads = m.graph_config.num_key_value_heads  # per GPU when the model is split over several
     row_bytes = kv_fmt.bytes_per_row(config.head_dim) if kv_fmt is not None else config.head_dim * itemsize(compute)
     return {
         "magic": MAGIC,
@@ -37,7 +38,8 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
         "kv_quant": ({"format": kv_fmt.name, "quality": quality if plan is None else "see quant.quality"} if kv_fmt is not None else "none"),
         "targets": built.libraries,
         "params": built.params,
-        "weights_file": None if no_weights else "weights.safetensors",
+        "weights_file": None if no_weights or built.tensor_parallel else "weights.safetensors",
+        **({"tensor_parallel": built.tensor_parallel} if built.tensor_parallel else {}),
         "kv_cache": {
             "kind": "paged" if kv_fmt is None else "kiln-quant",
             "dtype": compute if kv_fmt is None else kv_fmt.name,
@@ -45,9 +47,9 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
             "page_size": page_size,
             "max_seq_len": m.max_ctx,
             "num_layers": config.num_hidden_layers,
-            "num_kv_heads": config.num_key_value_heads,
+            "num_kv_heads": kv_heads,
             "head_dim": config.head_dim,
-            "bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * row_bytes,
+            "bytes_per_token": 2 * config.num_hidden_layers * kv_heads * row_bytes,
         },
         "tokenizer": built.tokenizer,
         "eos_token_ids": list(config.eos_token_ids),

@@ -85,6 +85,7 @@ class CompileOptions:
     max_kld: float | None = None
     quality_check: bool = True
     kv_dtype: str | None = None
+    tensor_parallel: int = 1  # shards (GPUs) the model is split over (frontends/models/sharding.py)
     cuda: CudaOptions = field(default_factory=CudaOptions)
 
     def __post_init__(self):
@@ -118,5 +119,8 @@ class CompileOptions:
             raise CompileError("--calib-text / --max-kld measure a quantized model: they need --quant or --kv-dtype int8|fp8")
         if not self.quality_check and self.max_kld is not None:
             raise CompileError("--max-kld needs the quality check (drop --no-quality-check)")
+        tp = self.tensor_parallel
+        if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 64:
+            raise CompileError(f"--tensor-parallel {tp!r}: must be an integer in [1, 64]")
         self.cuda.check()
         return self

@@ -34,15 +34,17 @@ def cpu_variant(m, *, lossy: bool):
     """The model as the gate builds it: for this CPU, float32 (the reference) or
     the storage dtype with the plan and KV format of the compile (lossy)."""
     host = tuple(parse_target("llvm"))
+    # one process, whole graphs: a tensor-parallel artifact's shards are the whole model's
+    # quantized matrices cut along groups, so the unsharded variant measures the same codes
     if not lossy:
-        return replace(m, targets=host, dtype="float32", plan=None, kv_fmt=None)
-    return replace(m, targets=host, kv_fmt=kv_format(m.kv_dtype, "float32") if m.kv_fmt is not None else None)
+        return replace(m, targets=host, dtype="float32", plan=None, kv_fmt=None, tp=1)
+    return replace(m, targets=host, tp=1, kv_fmt=kv_format(m.kv_dtype, "float32") if m.kv_fmt is not None else None)
 
 
 def is_cpu_variant(m) -> bool:
     """Whether the artifact being compiled is the gate's lossy variant (reuse it)."""
     v = cpu_variant(m, lossy=True)
-    return (m.targets, m.dtype, m.plan, m.kv_fmt) == (v.targets, v.dtype, v.plan, v.kv_fmt)
+    return (m.targets, m.dtype, m.plan, m.kv_fmt, m.tp) == (v.targets, v.dtype, v.plan, v.kv_fmt, v.tp)
 
 
 def read_calibration(calib_text: Path | None) -> str:

@@ -22,8 +22,10 @@ from ..passes.quant import expand_params
 from ..passes.sort_shape_heap_stores import SortShapeHeapStores
 from ..tvm_compat import compiler
 from .cuda_codegen import nvcc_callback
+from .ccl import build_ccl
 from .options import CudaOptions
 from .progress import Progress
+from .shards import sharding_of, write_shards
 from .target import CompileTarget
 from .weights import write_safetensors
 
@@ -37,13 +39,15 @@ class Built:
     libraries: list[dict] = field(default_factory=list)  # manifest target entries
     imported: dict = field(default_factory=lambda: {"direct": 0, "requantized": 0})
     tokenizer: dict | None = None
+    tensor_parallel: dict | None = None  # manifest `tensor_parallel` (shards > 1)
 
 
 def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptions, dump_ir: Path | None,
                  progress: Progress) -> Built:
     """m: the model and its resolved settings (build.Model). Everything but the manifest."""
-    expected = m.family.param_shapes(m.config)  # float params
-    expanded = expand_params(expected, m.plan, tied=m.config.tie_word_embeddings)
+    gc = m.graph_config  # a shard's (tensor parallel) or the whole model's
+    expected = m.family.param_shapes(gc)  # float params
+    expanded = expand_params(expected, m.plan, tied=gc.tie_word_embeddings)
     stored = {part: (base, spec) for base, e in expanded.items() for part, spec in e["parts"].items()}
     if m.plan is not None:
         unfit = [n for n, e in expanded.items() if e.get("kept_float")]
@@ -58,8 +62,14 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
         raise CompileError(f"internal: graph params and converted params differ: {sorted(set(order) ^ set(stored))[:5]}")
     shapes = {n: stored[n][1][0] for n in order}
     built = Built([_param_entry(n, shapes[n], param_dtypes[n], expanded[stored[n][0]]) for n in order],
-                  int(sum(int(np.prod(v)) for v in expected.values())))
-    if not no_weights:
+                  int(sum(int(np.prod(v)) for v in m.family.param_shapes(m.config).values())))
+    if m.tp > 1:
+        files = None if no_weights else write_shards(m, writer, order, shapes, param_dtypes, stored, expanded, progress)
+        build_ccl(writer.path("lib/ccl.so"))
+        writer.record("lib/ccl.so")
+        built.tensor_parallel = {"size": m.tp, "ccl_library": "lib/ccl.so", "weights_files": files,
+                                 "sharding": sharding_of(m, order, stored)}
+    elif not no_weights:
         write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, built.imported, progress)
 
     for tg, mod in zip(m.targets, mods):
@@ -104,7 +114,7 @@ def export_graphs(m, page_size: int, cuda_decode_batch: bool | None = None):
     for tg in m.targets:
         with tg.tvm_target():  # the KV cache picks its kernels by the current target
             kv_factory = functools.partial(CpuPagedKVCache if tg.kind == "llvm" else CudaPagedKVCache, kernel_page_size=page_size)
-            lm = m.family(m.config, m.precision(tg), kv_cache_factory=kv_factory,
+            lm = m.family(m.graph_config, m.precision(tg), kv_cache_factory=kv_factory,
                           kv_quant=QuantKV(m.kv_fmt, page_size, tg.kind) if m.kv_fmt is not None else None)
             lm.batch_decode = tg.kind == "llvm" or _cuda_decode_batch(cuda_decode_batch, m, tg)
             mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)

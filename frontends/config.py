@@ -137,6 +137,9 @@ class ModelConfig:
     norm_topk_prob: bool | None = None
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # shards the graph is split into (frontends/models/sharding.py shard_config sets it on a
+    # shard's config; a checkpoint's config is always 1)
+    tensor_parallel: int = 1
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -13,6 +13,7 @@ from . import manifest as mf
 from .artifact import open_artifact
 from .graph import GraphModel
 from .session import Session
+from .tensor_parallel import TensorParallelSession
 from .session import load as load_session
 
 
@@ -29,11 +30,21 @@ def artifact_kind(path: str | Path) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def _tensor_parallel(path: str | Path) -> bool:
+    """Whether the manifest splits the model over several workers (its checks come later)."""
+    try:
+        return bool(json.loads((Path(path) / mf.MANIFEST_NAME).read_bytes()).get("tensor_parallel"))
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+        return False
+
+
 def load(path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True, **session_options) -> Session | GraphModel:
     """Load an artifact (checks manifest, machine and hashes first). A language
     model gives a Session (session_options: see runtime.session.load); a graph
     artifact gives a GraphModel with run({name: array}) -> {name: array}."""
     if artifact_kind(path) != mf.GRAPH_KIND:
+        if _tensor_parallel(path):  # split over GPUs: one disco worker per shard
+            session_options["cls"] = TensorParallelSession
         return load_session(path, device=device, threads=threads, verify=verify, **session_options)
     given = sorted(k for k, v in session_options.items() if v not in (None, False))
     if given:

@@ -69,7 +69,10 @@ class Session:
     """
 
     def __init__(self, artifact: Artifact, device: str = "cpu", max_seq_len: int | None = None, prefill_chunk: int | None = None,
-                 random_weights: bool = False, max_sequences: int = 1, kv_pages: int | None = None, kv_contexts: int | None = None):
+                 random_weights: bool = False, max_sequences: int = 1, kv_pages: int | None = None, kv_contexts: int | None = None,
+                 shard: int = 0):
+        """shard: which tensor-parallel shard this process runs (its weights file and, on
+        CUDA, GPU `shard`); runtime/tensor_parallel.py starts one Session per shard."""
         t0 = time.perf_counter()
         rt = runtime()
         self._rt = rt
@@ -92,10 +95,15 @@ class Session:
             prefill_chunk = 2048 if device == "cuda" else 1024
         self.prefill_chunk = max(1, min(prefill_chunk, self.max_seq_len))
         tgt = artifact.target_for(device)
-        self.tvm_device = rt.tvm.cpu(0) if device == "cpu" else cuda_device(rt, tgt, artifact.path)
+        self.tvm_device = rt.tvm.cpu(0) if device == "cpu" else cuda_device(rt, tgt, artifact.path, index=shard)
         lib = rt.runtime.load_module(str(artifact.file(tgt["library"])))
         self._vm = rt.vm.VirtualMachine(lib, self.tvm_device)
-        if m.get("weights_file") is None:
+        tp = m.get("tensor_parallel")
+        if tp is not None and tp.get("weights_files") is not None:
+            if random_weights:
+                raise RequestError("random_weights is for artifacts compiled with --no-weights")
+            weights = read_weights(artifact, tp["weights_files"][shard])
+        elif m.get("weights_file") is None:
             if not random_weights:
                 raise ArtifactError(f"{artifact.path}: compiled with --no-weights; it runs only with random weights (kiln bench --random-weights)")
             weights = random_weights_for(m["params"])
@@ -530,8 +538,8 @@ def random_weights_for(params: list[dict]) -> list[tuple[dict, np.ndarray]]:
     return out
 
 
-def cuda_device(rt, target: dict, path):
-    """The first CUDA GPU, after loading TVM's CUDA plugin (runtime-only TVM does
+def cuda_device(rt, target: dict, path, index: int = 0):
+    """CUDA GPU `index` (the first by default), after loading TVM's CUDA plugin (runtime-only TVM does
     not load it by itself) and checking the artifact has code for its arch."""
     import ctypes  # noqa: PLC0415
 
@@ -542,8 +550,10 @@ def cuda_device(rt, target: dict, path):
             ctypes.CDLL(str(plugin), mode=ctypes.RTLD_GLOBAL)
         except OSError as err:
             raise ArtifactError(f"cannot load TVM's CUDA runtime ({plugin}): {err}") from None
-    dev = rt.tvm.cuda(0)
+    dev = rt.tvm.cuda(index)
     if not dev.exist:
+        if index:
+            raise ArtifactError(f"{path}: needs GPU {index} (one per tensor-parallel shard); this machine has fewer GPUs")
         raise ArtifactError(f"{path}: no CUDA GPU on this machine; run with --device cpu on an artifact compiled with --target llvm")
     here = "sm_" + str(dev.compute_version).replace(".", "")
     archs = target.get("archs") or [target.get("arch")]
@@ -556,17 +566,20 @@ def cuda_device(rt, target: dict, path):
 
 def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, threads: int | None = None, verify: bool = True,
          random_weights: bool = False, prefill_chunk: int | None = None, max_sequences: int = 1, kv_pages: int | None = None,
-         kv_contexts: int | None = None) -> Session:
+         kv_contexts: int | None = None, cls: type | None = None) -> Session:
     """Load an artifact (checks manifest, machine and hashes first) and return a Session.
     max_seq_len: tokens per sequence (default: the artifact's, at most 4096);
     max_sequences: sequences open at once (KV memory is reserved for each at max_seq_len,
     unless kv_pages sizes a smaller pool that they share: at least one context's pages;
     kv_contexts: that pool as so many whole contexts, when kv_pages is not given);
-    random_weights: only for artifacts compiled with --no-weights (speed runs)."""
+    random_weights: only for artifacts compiled with --no-weights (speed runs);
+    cls: the Session class (kiln.runtime.load passes TensorParallelSession for split artifacts)."""
     if threads is not None:
         if not 1 <= threads <= 1024:
             raise RequestError(f"threads must be in [1, 1024], got {threads}")
         os.environ["TVM_NUM_THREADS"] = str(threads)
     art = open_artifact(path, device=device, verify_hashes=verify)
-    return Session(art, device=device, max_seq_len=max_seq_len, random_weights=random_weights, prefill_chunk=prefill_chunk,
+    if art.manifest.get("tensor_parallel") and (cls is None or not issubclass(cls, Session) or cls is Session):
+        raise ArtifactError(f"{path}: a tensor-parallel artifact: load it with kiln.runtime.load (one worker per shard)")
+    return (cls or Session)(art, device=device, max_seq_len=max_seq_len, random_weights=random_weights, prefill_chunk=prefill_chunk,
                    max_sequences=max_sequences, kv_pages=kv_pages, kv_contexts=kv_contexts)

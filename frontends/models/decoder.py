@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from .hf_names import HFNames
-from .layers import Linear, QWeight, RMSNorm, _precision, _tvm, greedy_pick, greedy_pick_rows, matmul_any, nn, op, q_take, take, to_compute
+from .layers import Linear, QWeight, RMSNorm, _precision, _tvm, gather_vocab, greedy_pick, greedy_pick_rows, matmul_any, nn, op, q_take, take, to_compute
 
 spec = _tvm.spec
 
@@ -75,7 +75,8 @@ class DecoderLM(HFNames, nn.Module):
         self.layers = nn.ModuleList([self.make_layer(config, dtype, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, role="lm_head")
+            # a tensor-parallel shard holds vocab / shards rows of the head (frontends/models/sharding.py)
+            self.lm_head = Linear(config.hidden_size, -(-config.vocab_size // config.tensor_parallel), dtype, role="lm_head")
 
     def make_layer(self, config: ModelConfig, dtype, i: int):
         """Decoder layer i (alike for every i unless a family's layers differ, e.g. MoE)."""
@@ -91,7 +92,7 @@ class DecoderLM(HFNames, nn.Module):
         # fp32 logits straight from the fp32 accumulator: the sampler reads fp32,
         # and rounding logits to bf16 first would create ties at the top
         w = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head.weight
-        return matmul_any(h, w, name="lm_head", out_dtype="float32", role="lm_head")
+        return gather_vocab(matmul_any(h, w, name="lm_head", out_dtype="float32", role="lm_head"), self.config.tensor_parallel, self.config.vocab_size)
 
     def embed(self, input_ids):
         if isinstance(self.embed_tokens, QWeight):

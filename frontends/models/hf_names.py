@@ -28,7 +28,7 @@ class HFNames:
         c = config
         shapes = {"embed_tokens": (c.vocab_size, c.hidden_size), "norm.weight": (c.hidden_size,)}
         if not c.tie_word_embeddings:
-            shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+            shapes["lm_head.weight"] = (-(-c.vocab_size // c.tensor_parallel), c.hidden_size)  # a shard's vocab rows
         for i in range(c.num_hidden_layers):
             shapes.update({f"layers.{i}.{k}": v for k, v in cls.layer_param_shapes_at(c, i).items()})
         return shapes

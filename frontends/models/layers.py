@@ -128,6 +128,29 @@ def greedy_pick_rows(logits):
     return nn.wrap_nested(r.op.concat([best, finite], axis=1), "greedy_pick_rows")
 
 
+def all_reduce(x, shards: int, name: str = "allreduce"):
+    """The sum of x over the shards of a tensor-parallel graph (after a row-parallel
+    projection); x itself when the graph is whole. kiln.ccl.allreduce is kiln's
+    collective plugin (compiler/ccl/kiln_ccl.cc), registered in each worker process."""
+    if shards == 1:
+        return x
+    return op.extern("kiln.ccl.allreduce", [x], nn.Tensor.placeholder(x.shape, x.dtype, name=name))
+
+
+def gather_vocab(logits, shards: int, vocab: int):
+    """logits  # [b, s, ceil(vocab / shards)] of this shard's LM-head rows -> [b, s, vocab]:
+    every shard's rows, gathered (rank-major [shards, b, s, v] from the collective), less
+    the zero rows that pad the last shard."""
+    if shards == 1:
+        return logits
+    b, s, v = logits.shape
+    g = op.extern("kiln.ccl.allgather", [logits], nn.Tensor.placeholder([shards, b, s, v], logits.dtype, name="gathered"))
+    g = op.reshape(op.permute_dims(g, [1, 2, 0, 3]), [b, s, v * shards])
+    if v * shards != vocab:
+        g = op.split(g, [vocab], axis=2)[0]
+    return g
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis. The weight
     stays fp32 whatever the artifact dtype (a few KB per layer)."""

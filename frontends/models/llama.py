@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from . import register
 from .decoder import DecoderLM
-from .layers import Linear, RMSNorm, nn, op
+from .layers import Linear, RMSNorm, all_reduce, nn, op
 
 
 class LlamaAttention(nn.Module):
@@ -33,18 +33,19 @@ class LlamaAttention(nn.Module):
         c = self.c
         b, s, _ = x.shape
         attn = kv_cache.attention_with_fused_qkv(layer_id, self.qkv(x), c.num_attention_heads, sm_scale=c.head_dim**-0.5)
-        return self.o_proj(op.reshape(attn, (b, s, c.q_size)))
+        return all_reduce(self.o_proj(op.reshape(attn, (b, s, c.q_size))), c.tensor_parallel)  # heads are split over shards
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, c, dtype: str):
         self.inter = c.intermediate_size
+        self.shards = c.tensor_parallel
         self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, dtype, bias=c.mlp_bias, role="gate_up_proj")
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype, bias=c.mlp_bias, role="down_proj")
 
     def forward(self, x):
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        return all_reduce(self.down_proj(op.silu(gate) * up), self.shards)  # FFN columns are split over shards
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,0 +1,263 @@
+"""Tensor-parallel sessions: an artifact split over N GPUs (`kiln compile
+--tensor-parallel N`) runs as N workers of TVM's disco runtime, one per shard.
+
+Each worker holds a whole kiln `Session` over its shard (its weights file, its
+slice of every head and FFN column, its KV heads, GPU `rank`); the compiled
+graph's collectives (kiln.ccl.allreduce / allgather: compiler/ccl/kiln_ccl.cc,
+NCCL on CUDA, shared memory on CPU) keep the shards in step. The controller
+sends each step to every worker as one small message (the method name and its
+JSON arguments) and reads the result from worker 0, which disco runs as a
+thread of this process: logits come back without a copy between processes.
+
+So `TensorParallelSession` is a `Session` whose primitives (sequences, prefill,
+decode) are broadcast; generate, stream, logits, the bench and the server's
+engine run on top of them unchanged. Arguments are checked by every worker the
+same way (same state, same checks), so a bad request fails on all shards
+before any collective, and worker 0's error is raised here.
+
+Worker processes run this module (`python -m kiln.runtime.tensor_parallel`):
+TVM runtime only, like the rest of the runtime.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, KilnError, RequestError
+from ..tvm_compat import disco, runtime
+from .artifact import Artifact, open_artifact
+from .session import Session
+
+ENTRYPOINT = "kiln.runtime.tensor_parallel"
+SHM_SLOT_BYTES = 8 << 20  # CPU collectives go through slots of this size, chunk by chunk
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("KILN_CCL_TIMEOUT", "120"))  # CPU: a rank waiting longer at a collective reports the others as dead
+
+# this process's shard: worker 0 lives in the controller's process (a disco thread)
+_WORKER: dict = {"session": None, "result": None}
+
+
+def _register_worker_functions() -> None:
+    rt = runtime()
+
+    def ok(value=None):
+        _WORKER["result"] = ("ok", value)
+
+    def open_shard(path: str, device: str, opts_json: str, ccl_json: str) -> None:
+        try:
+            rank = int(rt.get_global_func("runtime.disco.worker_rank")())
+            ccl = json.loads(ccl_json)
+            art = open_artifact(path, device=device, verify_hashes=False)  # the controller checked every hash
+            # the plugin first: the VM looks up the graph's kiln.ccl.* functions when it loads
+            ctypes.CDLL(str(art.file(art.manifest["tensor_parallel"]["ccl_library"])), mode=ctypes.RTLD_GLOBAL)
+            session = Session(art, device=device, shard=rank, **json.loads(opts_json))
+            rt.get_global_func("kiln.ccl.init")(ccl["backend"], rank, ccl["world"], rank if device == "cuda" else 0,
+                                                ccl["key"], ccl.get("lib", ""), SHM_SLOT_BYTES, COLLECTIVE_TIMEOUT_S)
+            _WORKER["session"] = session
+            ok(rank)
+        except BaseException as err:  # noqa: BLE001  (an exception escaping worker 0's thread aborts the process)
+            _failed(err)
+
+    def call(method: str, args_json: str) -> None:
+        try:
+            args, kwargs = json.loads(args_json)
+            ok(getattr(_WORKER["session"], method)(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001
+            _failed(err)
+
+    def close() -> None:
+        try:
+            shutdown = rt.get_global_func("kiln.ccl.shutdown")
+            if shutdown is not None:
+                shutdown(False)
+            _WORKER["session"] = None
+            ok()
+        except BaseException as err:  # noqa: BLE001
+            _WORKER["result"] = ("error", err)
+
+    for name, fn in (("kiln.tp.open", open_shard), ("kiln.tp.call", call), ("kiln.tp.close", close)):
+        rt.ffi.register_global_func(name, fn, override=True)
+
+
+def _failed(err: BaseException) -> None:
+    """Keep the error for the controller (worker 0); other workers also say it on stderr,
+    where it is the only trace of a failure that worker 0 did not share."""
+    _WORKER["result"] = ("error", err)
+    rt = runtime()
+    rank = int(rt.get_global_func("runtime.disco.worker_rank")())
+    if rank != 0 and not isinstance(err, RequestError):
+        print(f"kiln tensor-parallel worker {rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+
+
+def _nccl_library() -> str:
+    """libnccl for the workers: $KILN_NCCL_LIBRARY, else NVIDIA's wheel (nvidia-nccl-cu13/-cu12,
+    as torch installs it) on this Python's path, else the loader's search path."""
+    env = os.environ.get("KILN_NCCL_LIBRARY")
+    if env:
+        return env
+    for base in sys.path:
+        p = Path(base or ".") / "nvidia" / "nccl" / "lib" / "libnccl.so.2"
+        if p.is_file():
+            return str(p)
+    return "libnccl.so.2"
+
+
+class TensorParallelSession(Session):
+    """A Session over a tensor-parallel artifact: `load()` returns one for such an
+    artifact. Same API as Session; `params` is None (the weights live in the workers)."""
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", **opts):
+        # no Session.__init__: the model lives in the workers, this process keeps the handle
+        t0 = time.perf_counter()
+        self.artifact = artifact
+        self.device = device
+        tp = artifact.manifest["tensor_parallel"]
+        self.shards = int(tp["size"])
+        if device == "cuda" and opts.get("random_weights") is False and tp.get("weights_files") is None:
+            raise ArtifactError(f"{artifact.path}: compiled with --no-weights; it runs only with random weights (kiln bench --random-weights)")
+        rt = runtime()
+        d = disco()
+        _register_worker_functions()
+        ctypes.CDLL(str(artifact.file(tp["ccl_library"])), mode=ctypes.RTLD_GLOBAL)  # worker 0's rank is in this process
+        shm = None
+        if device == "cuda":
+            lib = _nccl_library()
+            try:
+                key = str(rt.get_global_func("kiln.ccl.nccl_unique_id")(lib))
+            except Exception as err:  # noqa: BLE001  (TVM error types vary)
+                raise ArtifactError(f"{artifact.path}: a tensor-parallel CUDA artifact needs NCCL: {str(err).strip().splitlines()[-1]} "
+                                    f"(pip install nvidia-nccl-cu13, or set KILN_NCCL_LIBRARY to libnccl.so.2)") from None
+            ccl = {"backend": "nccl", "world": self.shards, "key": key, "lib": lib}
+        else:
+            fd, shm = tempfile.mkstemp(prefix="kiln-ccl-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            os.ftruncate(fd, 64 + self.shards * SHM_SLOT_BYTES)
+            os.close(fd)
+            ccl = {"backend": "shm", "world": self.shards, "key": shm}
+        self._disco = d.ProcessSession(num_workers=self.shards, entrypoint=ENTRYPOINT)
+        self._closed = False
+        try:
+            self._broadcast("kiln.tp.open", str(artifact.path), device, json.dumps(opts), json.dumps(ccl))
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if shm is not None:
+                os.unlink(shm)  # every rank mapped it (or failed): nothing is left in /dev/shm
+        w = _WORKER["session"]
+        self._w0 = w
+        for name in ("config", "vocab_size", "max_seq_len", "max_sequences", "prefill_chunk", "page_size", "tokenizer", "eos_ids",
+                     "tvm_device"):
+            setattr(self, name, getattr(w, name))
+        self.params = None
+        self.load_seconds = time.perf_counter() - t0
+
+    # --- the broadcast -----------------------------------------------------------
+    def _broadcast(self, func: str, *args):
+        """Call func(*args) on every worker; return worker 0's result or raise its error."""
+        if self._closed:
+            raise RequestError("this tensor-parallel session is closed")
+        _WORKER["result"] = None
+        self._disco.get_global_func(func)(*args)
+        self._disco._sync_worker(0)
+        res = _WORKER["result"]
+        if res is None:
+            raise KilnError(f"tensor-parallel worker 0 returned nothing from {func}")
+        kind, value = res
+        _WORKER["result"] = None
+        if kind == "error":
+            raise value
+        return value
+
+    def _call(self, method: str, *args, **kwargs):
+        return self._broadcast("kiln.tp.call", method, json.dumps([list(args), kwargs], default=_plain))
+
+    def close(self) -> None:
+        """Stop the workers and free their GPUs (dropping the session does it too)."""
+        if not self._closed:
+            try:
+                self._broadcast("kiln.tp.close")
+            except Exception:  # noqa: BLE001,S110  (closing must not fail)
+                pass
+            self._closed = True
+            # disco's destructor shuts the workers down and reaps them (an explicit shutdown
+            # first would make it write to their closed pipes and abort)
+            self._disco = None
+
+    # --- the Session primitives, on every shard ------------------------------------
+    def add_sequence(self) -> int:
+        return self._call("add_sequence")
+
+    def fork_sequence(self, parent: int, length: int) -> int:
+        return self._call("fork_sequence", parent, length)
+
+    def remove_sequence(self, seq: int) -> None:
+        return self._call("remove_sequence", seq)
+
+    def prefill(self, seq: int, tokens, *, all_logits: bool = False) -> np.ndarray:
+        return self._call("prefill", seq, tokens, all_logits=all_logits)
+
+    def prefill_many(self, seqs, token_lists) -> np.ndarray:
+        return self._call("prefill_many", seqs, token_lists)
+
+    def decode_step(self, seqs, tokens) -> np.ndarray:
+        return self._call("decode_step", seqs, tokens)
+
+    def decode_greedy(self, seqs, tokens) -> list[int]:
+        return self._call("decode_greedy", seqs, tokens)
+
+    def advance(self, seq: int, n: int) -> None:
+        return self._call("advance", seq, n)
+
+    def sync(self) -> None:
+        return self._call("sync")
+
+    def set_instrument(self, fn) -> None:
+        raise RequestError("per-kernel instrumentation runs on unsplit artifacts only")
+
+    # reads: worker 0's state (every shard holds the same sequences and pages)
+    def sequence_length(self, seq: int) -> int:
+        return self._w0.sequence_length(seq)
+
+    @property
+    def sequences(self) -> list[int]:
+        return self._w0.sequences
+
+    def kv_pages_free(self) -> int | None:
+        return self._w0.kv_pages_free()
+
+    @property
+    def kv_pages_total(self) -> int | None:
+        return self._w0.kv_pages_total
+
+
+def _plain(o):
+    """JSON for numpy scalars and arrays in step arguments."""
+    if isinstance(o, (np.integer, np.floating, np.bool_)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"cannot send {type(o).__name__} to a tensor-parallel worker")
+
+
+def main() -> None:
+    """A worker process (disco starts it): `python -m kiln.runtime.tensor_parallel
+    WORKER_ID NUM_WORKERS NUM_GROUPS READ_FD WRITE_FD`."""
+    if len(sys.argv) != 6:
+        sys.exit("usage: python -m kiln.runtime.tensor_parallel WORKER_ID NUM_WORKERS NUM_GROUPS READ_FD WRITE_FD (started by disco)")
+    disco()
+    _register_worker_functions()
+    try:
+        runtime().get_global_func("runtime.disco.WorkerProcess")(*[int(a) for a in sys.argv[1:6]])
+    except (OSError, KeyboardInterrupt):
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Tensor parallelism (issue 16): the weight split (numpy, against the unsplit
+matmuls it must reproduce), the refusals, and tiny models compiled with
+--tensor-parallel 2 for the CPU and run as two disco workers whose collectives
+go through shared memory: logits equal the unsplit artifact's within float32
+rounding, greedy tokens equal, bad requests fail on every shard and leave the
+session usable. (On GPUs the same artifacts use NCCL: BENCHMARKS.md.)
+
+The shared tiny models (3 heads, 1 KV head) do not split, on purpose; these
+tests make their own with 4 heads / 2 KV heads, an even FFN and an odd
+vocabulary (211: the last LM-head shard is padded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import rel_err
+from helpers.processes import compile_artifact
+
+from kiln.errors import CompileError, RequestError
+from kiln.frontends.config import ModelConfig
+from kiln.frontends.models import family_for
+from kiln.frontends.models.sharding import Split, layout, shard, shard_config
+
+RTOL = 2e-5  # max |TP2 - TP1| / max |TP1 logit|: the same sums in another order
+CONFIG = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+              vocab_size=211, num_hidden_layers=2, max_position_embeddings=128)
+
+
+def _config(**kw) -> ModelConfig:
+    return ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **CONFIG, **kw})
+
+
+def test_shards_of_a_concatenated_qkv_hold_their_own_heads_in_q_k_v_order():
+    c = _config()
+    n, rng = 2, np.random.default_rng(0)
+    w = rng.standard_normal((c.q_size + 2 * c.kv_size, 8))
+    split = layout(family_for("LlamaForCausalLM"), c)["layers.0.attn.qkv_proj.weight"]
+    q, k, v = np.split(w, [c.q_size, c.q_size + c.kv_size])
+    for r in range(n):
+        s = shard(w, split, n, r)
+        hq, hk = c.q_size // n, c.kv_size // n
+        np.testing.assert_array_equal(s, np.concatenate([q[r * hq:(r + 1) * hq], k[r * hk:(r + 1) * hk], v[r * hk:(r + 1) * hk]]))
+
+
+def test_row_and_column_parallel_shards_reproduce_the_whole_mlp():
+    """gate/up split by rows, down by columns: the sum over shards of each shard's MLP is the MLP."""
+    c, n = _config(), 2
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, c.hidden_size))
+    gu = rng.standard_normal((2 * c.intermediate_size, c.hidden_size))
+    down = rng.standard_normal((c.hidden_size, c.intermediate_size))
+    lay = layout(family_for("LlamaForCausalLM"), c)
+
+    def mlp(gu, down):
+        g, u = np.split(x @ gu.T, 2, axis=-1)
+        return (g / (1 + np.exp(-g)) * u) @ down.T
+
+    total = sum(mlp(shard(gu, lay["layers.0.mlp.gate_up_proj.weight"], n, r), shard(down, lay["layers.0.mlp.down_proj.weight"], n, r))
+                for r in range(n))
+    np.testing.assert_allclose(total, mlp(gu, down), rtol=1e-12, atol=1e-12)
+
+
+def test_vocab_shards_pad_the_last_with_zero_rows_and_biases_go_to_shard_0():
+    w = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)
+    a, b = shard(w, Split("vocab"), 2, 0), shard(w, Split("vocab"), 2, 1)
+    assert a.shape == b.shape == (3, 2)
+    np.testing.assert_array_equal(np.concatenate([a, b])[:5], w)
+    np.testing.assert_array_equal(b[2], 0)
+    bias = np.ones(4, np.float32)
+    assert shard(bias, Split("first"), 2, 0) is bias and not shard(bias, Split("first"), 2, 1).any()
+
+
+def test_the_shard_config_divides_heads_and_ffn_and_unties_the_head():
+    s = shard_config(_config(tie_word_embeddings=True), 2)
+    assert (s.num_attention_heads, s.num_key_value_heads, s.intermediate_size, s.head_dim) == (2, 1, 48, 16)
+    assert s.tensor_parallel == 2 and not s.tie_word_embeddings and s.vocab_size == 211
+    assert family_for("LlamaForCausalLM").param_shapes(s)["lm_head.weight"] == (106, 64)
+    assert shard_config(_config(), 1) == _config()
+
+
+@pytest.mark.parametrize("kw, n, words", [
+    (dict(num_attention_heads=9, num_key_value_heads=3, head_dim=16), 2, "9 attention heads do not split evenly over 2"),
+    (dict(num_key_value_heads=1), 2, "1 KV heads do not split evenly over 2"),
+    (dict(intermediate_size=97), 2, "97 FFN columns"),
+    (dict(num_local_experts=4, num_experts_per_tok=2), 2, "mixture-of-experts"),
+    ({}, 0, "must be an integer in [1, 64]"),
+])
+def test_a_split_that_does_not_fit_is_refused_naming_the_numbers(kw, n, words):
+    with pytest.raises(CompileError) as err:
+        shard_config(_config(**kw), n)
+    assert words in str(err.value)
+
+
+def _checkpoint(path, seed: int, **kw):
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG, **kw)).eval()
+    with torch.no_grad():  # weights large enough that greedy tokens vary
+        for p in model.parameters():
+            p.mul_(8.0 if p.ndim == 2 else 1.0)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["tied", "biases"])
+def pair(request, tmp_path_factory):
+    """(TP1 artifact, TP2 artifact) of one tiny model: tied embeddings (the head is cut
+    from the table), or biases on q/k/v/o and the MLP (row-parallel biases on shard 0)."""
+    kw = dict(tie_word_embeddings=True) if request.param == "tied" else dict(attention_bias=True, mlp_bias=True)
+    d = tmp_path_factory.mktemp(f"tp-{request.param}")
+    ck = _checkpoint(d / "ck", seed=3 if request.param == "tied" else 4, **kw)
+    return compile_artifact(ck, d / "tp1.kiln"), compile_artifact(ck, d / "tp2.kiln", tensor_parallel=2)
+
+
+@pytest.mark.slow
+def test_two_shards_on_cpu_give_the_unsplit_logits_and_tokens(pair):
+    from kiln.runtime import load  # noqa: PLC0415
+    from kiln.runtime.tensor_parallel import TensorParallelSession  # noqa: PLC0415
+
+    one, two = load(pair[0], max_sequences=4), load(pair[1], threads=1, max_sequences=4)
+    try:
+        assert isinstance(two, TensorParallelSession) and two.shards == 2
+        ids = [int(i) for i in np.random.default_rng(5).integers(0, 211, 23)]
+        assert rel_err(two.logits(ids), one.logits(ids)) < RTOL
+        assert rel_err(two.decode_logits(ids[:9]), one.decode_logits(ids[:9])) < RTOL
+        a, b = one.generate(ids[:6], max_new_tokens=24, ignore_eos=True), two.generate(ids[:6], max_new_tokens=24, ignore_eos=True)
+        assert a.tokens == b.tokens and len(set(a.tokens)) > 1
+        # a bad request fails on both shards before any collective; the session goes on
+        with pytest.raises(RequestError, match="outside"):
+            two.prefill(two.add_sequence(), [5, 999])
+        assert two.sequences == [0] and two.sequence_length(0) == 0
+        two.remove_sequence(0)
+        # several sequences in one step (the server's decode_batch), as in the unsplit artifact
+        seqs1, seqs2 = [one.add_sequence() for _ in range(3)], [two.add_sequence() for _ in range(3)]
+        prompts = [ids[:4], ids[4:11], ids[11:14]]
+        assert rel_err(two.prefill_many(seqs2, prompts), one.prefill_many(seqs1, prompts)) < RTOL
+        assert one.decode_greedy(seqs1, [1, 2, 3]) == two.decode_greedy(seqs2, [1, 2, 3])
+        assert rel_err(two.decode_step(seqs2, [4, 5, 6]), one.decode_step(seqs1, [4, 5, 6])) < RTOL
+    finally:
+        two.close()
