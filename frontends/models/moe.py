@@ -9,13 +9,18 @@ Only the chosen experts are computed: the expert kernels read rows of the
 stacked weights through `ids`, which stay device data (no host round trip).
 Experts are stacked at conversion time, one tensor per layer:
 `experts.gate_up  # [E, 2F, D]` (gate rows, then up rows, per expert) and
-`experts.down  # [E, D, F]`. The DeepSeek block adds shared experts (a dense
-MLP beside these) and its own selection scores (sigmoid + correction bias,
-group limits) in place of `select_experts`; the expert kernels stay.
+`experts.down  # [E, D, F]`. The DeepSeek block (DeepSeekMoE) adds shared
+experts (a dense MLP beside these) and its own selection (softmax or sigmoid
+scores, group limits, a correction bias for the choice only, a scaling factor)
+in place of `select_experts`; the expert kernels stay.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
+from ...errors import UnsupportedModelError
 from ..config import ModelConfig
 from .layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR, _precision, _tvm, nn, nt_matmul, op
 
@@ -111,6 +116,60 @@ def _expert(idt, t, j, n_exp):
     return tir.max(tir.min(idt[t, j], n_exp - 1), 0)
 
 
+# --- DeepSeek's selection (V2 group_limited_greedy, V3 noaux_tc), as transformers computes it ---
+def te_router_scores(lg, scoring: str):
+    """lg  # [T, E] float32 -> scores  # [T, E]: softmax over the experts (V2) or sigmoid (V3)."""
+    n_tok, n_exp = lg.shape
+    if scoring == "sigmoid":
+        return te.compute(lg.shape, lambda t, e: te.sigmoid(lg[t, e]), name="router_scores")
+    e = te.reduce_axis((0, n_exp), name="e")
+    mx = te.compute((n_tok,), lambda t: te.max(lg[t, e], axis=e), name="router_max")
+    ex = te.compute(lg.shape, lambda t, e_: te.exp(lg[t, e_] - mx[t]), name="router_exp")
+    e2 = te.reduce_axis((0, n_exp), name="e2")
+    den = te.compute((n_tok,), lambda t: te.sum(ex[t, e2], axis=e2), name="router_den")
+    return te.compute(lg.shape, lambda t, e_: ex[t, e_] / den[t], name="router_scores")
+
+
+def te_group_limited_topk(sc, k: int, n_group: int, topk_group: int, group_best: int, masked: float, bias=None):
+    """sc  # [T, E] scores (+ bias  # [E] for the choice only: V3's e_score_correction_bias)
+    -> ids  # [T, k] int32: the top-k experts among the `topk_group` best groups of E / n_group
+    consecutive experts. A group's score is the sum of its `group_best` best choice scores
+    (V2: 1, its maximum; V3: 2); experts of other groups score `masked` (V2 0.0, V3 -inf).
+    Groups and experts are ranked as topk_experts ranks: ties to the lower index."""
+    n_tok, n_exp = sc.shape
+    size = n_exp // n_group
+    ch = sc if bias is None else te.compute(sc.shape, lambda t, e: sc[t, e] + bias[e], name="choice_scores")
+    o = te.reduce_axis((0, size), name="o")
+
+    def beats_in_group(t, e):
+        first = (e // size) * size
+        return tir.Or(ch[t, first + o] > ch[t, e], tir.And(ch[t, first + o] == ch[t, e], first + o < e))
+
+    rank = te.compute(sc.shape, lambda t, e: te.sum(tir.Select(beats_in_group(t, e), 1, 0), axis=o), name="rank_in_group")
+    m = te.reduce_axis((0, size), name="m")
+    gs = te.compute((n_tok, n_group), lambda t, g: te.sum(tir.Select(rank[t, g * size + m] < group_best, ch[t, g * size + m],
+                                                                      tir.const(0, "float32")), axis=m), name="group_scores")
+    h = te.reduce_axis((0, n_group), name="h")
+    grank = te.compute((n_tok, n_group), lambda t, g: te.sum(
+        tir.Select(tir.Or(gs[t, h] > gs[t, g], tir.And(gs[t, h] == gs[t, g], h < g)), 1, 0), axis=h), name="group_rank")
+    fill = tir.const(masked, "float32")
+    kept = te.compute(sc.shape, lambda t, e: tir.Select(grank[t, e // size] < topk_group, ch[t, e], fill), name="group_masked")
+    return te_topk_experts(kept, k)
+
+
+def te_gathered_weights(sc, idt, normalize: bool, scale: float):
+    """sc  # [T, E], idt  # [T, k] -> weights  # [T, k]: the chosen experts' scores (no bias),
+    divided by their sum + 1e-20 when `normalize`, times `scale` (routed_scaling_factor)."""
+    n_tok, n_exp = sc.shape
+    k = idt.shape[1]
+    if not normalize:
+        return te.compute(idt.shape, lambda t, j: sc[t, _expert(idt, t, j, n_exp)] * tir.const(scale, "float32"), name="routing_weights")
+    r = te.reduce_axis((0, k), name="j")
+    den = te.compute((n_tok,), lambda t: te.sum(sc[t, _expert(idt, t, r, n_exp)], axis=r), name="router_den")
+    return te.compute(idt.shape, lambda t, j: sc[t, _expert(idt, t, j, n_exp)] / (den[t] + tir.const(1e-20, "float32"))
+                      * tir.const(scale, "float32"), name="routing_weights")
+
+
 # --- the graph ops ---------------------------------------------------------------
 def topk_experts(logits, k: int):
     return op.tensor_expr_op(lambda lg: te_topk_experts(lg, k), "topk_experts", [logits])
@@ -147,6 +206,14 @@ def expert_down(a, w, ids, weights, name: str = "expert_down"):
         return te_expert_down(at, tuple(wt) if fmt else wt[0], idt, wts, out, name, fmt)
 
     return op.tensor_expr_op(compute, name, [a, *args, ids, weights], attrs=attrs)
+
+
+def deepseek_select(logits, bias, r: DeepSeekRouting, k: int):
+    """logits [T, E] (, bias [E]) -> (ids [T, k] int32, weights [T, k] float32), DeepSeek's way."""
+    scores = op.tensor_expr_op(lambda lg: te_router_scores(lg, r.scoring), "router_scores", [logits])
+    choose = lambda sc, b=None: te_group_limited_topk(sc, k, r.n_group, r.topk_group, r.group_best, r.masked, b)  # noqa: E731
+    ids = op.tensor_expr_op(choose, "group_limited_topk", [scores] + ([bias] if bias is not None else []))
+    return ids, op.tensor_expr_op(lambda sc, idt: te_gathered_weights(sc, idt, r.normalize, r.scale), "routing_weights", [scores, ids])
 
 
 class Router(nn.Module):
@@ -215,6 +282,77 @@ class SparseMoE(nn.Module):
         x = op.reshape(x, (b * s, hidden))
         ids, weights = self.select_experts(self.gate(x))
         return op.reshape(self.experts(x, ids, weights), (b, s, hidden))
+
+
+@dataclass(frozen=True)
+class DeepSeekRouting:
+    """How a DeepSeek router picks and weighs its experts (transformers' DeepseekV2 /
+    DeepseekV3 TopkRouter): `v2` = softmax scores, group_limited_greedy (groups ranked
+    by their best expert, others' experts scored 0) or greedy (one group), weights
+    = scores x routed_scaling_factor; `v3` = noaux_tc: sigmoid scores, the choice made
+    on scores + e_score_correction_bias (groups ranked by their best two, others'
+    experts -inf), weights = the unbiased scores, renormalised when norm_topk_prob,
+    x routed_scaling_factor."""
+
+    scoring: str = "softmax"  # softmax | sigmoid
+    n_group: int = 1
+    topk_group: int = 1
+    group_best: int = 1  # a group's score: the sum of its best `group_best` choice scores
+    masked: float = 0.0  # the choice score of experts outside the chosen groups
+    normalize: bool = False
+    scale: float = 1.0  # routed_scaling_factor
+    bias: bool = False  # e_score_correction_bias (choice only)
+
+    @classmethod
+    def from_hf(cls, cfg: dict):
+        """From a DeepSeek-V2/V3 config.json: topk_method greedy | group_limited_greedy (V2) |
+        noaux_tc (V3; what transformers' DeepseekV3Config implies without saying), n_group,
+        topk_group, routed_scaling_factor, norm_topk_prob."""
+        method = cfg.get("topk_method") or ("noaux_tc" if cfg.get("model_type") == "deepseek_v3" else "greedy")
+        groups = int(cfg.get("n_group") or 1), int(cfg.get("topk_group") or 1)
+        scale = float(cfg.get("routed_scaling_factor", 1.0))
+        if method == "noaux_tc":
+            return cls.v3(*groups, bool(cfg.get("norm_topk_prob", True)), scale)
+        if method in ("greedy", "group_limited_greedy"):
+            return cls.v2(method, *groups, scale)
+        raise UnsupportedModelError(f"DeepSeek topk_method {method!r} is not supported; supported: greedy, group_limited_greedy, noaux_tc")
+
+    @classmethod
+    def v2(cls, topk_method: str = "greedy", n_group: int = 1, topk_group: int = 1, routed_scaling_factor: float = 1.0):
+        groups = (n_group, topk_group) if topk_method == "group_limited_greedy" else (1, 1)
+        return cls("softmax", *groups, 1, 0.0, False, routed_scaling_factor, False)
+
+    @classmethod
+    def v3(cls, n_group: int, topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float):
+        return cls("sigmoid", n_group, topk_group, 2, float("-inf"), norm_topk_prob, routed_scaling_factor, True)
+
+
+def deepseek_moe_layer(i: int, first_k_dense_replace: int) -> bool:
+    """Layer i of a DeepSeek model has the MoE block (the first `first_k_dense_replace` keep a
+    dense MLP; transformers 5 reads no moe_layer_freq)."""
+    return i >= first_k_dense_replace
+
+
+class DeepSeekMoE(SparseMoE):
+    """DeepSeek's MoE block: routed experts chosen by `routing` plus `n_shared` shared
+    experts, one dense SwiGLU MLP of width n_shared x moe_intermediate_size that every
+    token runs: y = experts(x) + shared_experts(x). The full model waits for MLA (issue 14)."""
+
+    def __init__(self, c: ModelConfig, dtype, routing: DeepSeekRouting, n_shared: int):
+        from .llama import LlamaMLP  # noqa: PLC0415  (the dense SwiGLU MLP every family shares)
+
+        super().__init__(c, dtype)
+        self.routing = routing
+        self.e_score_correction_bias = nn.Parameter((c.num_experts,), "float32") if routing.bias else None
+        shared = dataclasses.replace(c, intermediate_size=n_shared * c.moe_intermediate_size, mlp_bias=False)
+        self.shared_experts = LlamaMLP(shared, dtype) if n_shared else None
+
+    def select_experts(self, logits):
+        return deepseek_select(logits, self.e_score_correction_bias, self.routing, self.top_k)
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y + self.shared_experts(x) if self.shared_experts is not None else y
 
 
 class MoEFamily:
