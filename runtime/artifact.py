@@ -71,6 +71,12 @@ class Artifact:
                 desc = f"{t['kind']} {t.get('mcpu', '')} {t['triple']}"
             flags = t.get("required_cpu_flags")
             lines.append(f"  target   {t['device']}: {desc}" + (f"  needs {' '.join(flags)}" if flags else ""))
+        tp = m.get("tensor_parallel")
+        if tp:  # split over GPUs: each shard's slice of the heads and FFN, its own weights file
+            n = tp["size"]
+            lines.append(f"  parallel tensor, {n} shards (one worker and GPU each): heads {c['num_attention_heads'] // n}/"
+                         f"{c['num_key_value_heads'] // n}, FFN {c['intermediate_size'] // n}, vocab rows {-(-c['vocab_size'] // n)} "
+                         f"per shard; collectives {tp['ccl_library']}; the KV cache below is per shard")
         kv = m["kv_cache"]
         full = kv["bytes_per_token"] * kv["max_seq_len"]
         lines.append(f"  kv cache {kv['kind']} {kv['dtype']}, page {kv['page_size']}, {kv['bytes_per_token'] / 1024:.1f} KiB/token "

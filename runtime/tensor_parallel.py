@@ -15,8 +15,8 @@ engine run on top of them unchanged. Arguments are checked by every worker the
 same way (same state, same checks), so a bad request fails on all shards
 before any collective, and worker 0's error is raised here.
 
-Worker processes run this module (`python -m kiln.runtime.tensor_parallel`):
-TVM runtime only, like the rest of the runtime.
+Worker processes run runtime/tp_worker.py (`python -m kiln.runtime.tp_worker`,
+started by disco): TVM runtime only, like the rest of the runtime.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..tvm_compat import disco, runtime
 from .artifact import Artifact, open_artifact
 from .session import Session
 
-ENTRYPOINT = "kiln.runtime.tensor_parallel"
+ENTRYPOINT = "kiln.runtime.tp_worker"  # what disco runs in each worker process
 SHM_SLOT_BYTES = 8 << 20  # CPU collectives go through slots of this size, chunk by chunk
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("KILN_CCL_TIMEOUT", "120"))  # CPU: a rank waiting longer at a collective reports the others as dead
 
@@ -44,7 +44,8 @@ COLLECTIVE_TIMEOUT_S = float(os.environ.get("KILN_CCL_TIMEOUT", "120"))  # CPU: 
 _WORKER: dict = {"session": None, "result": None}
 
 
-def _register_worker_functions() -> None:
+def register_worker_functions() -> None:
+    """kiln.tp.* in this process: what the controller calls on each worker."""
     rt = runtime()
 
     def ok(value=None):
@@ -60,6 +61,11 @@ def _register_worker_functions() -> None:
             session = Session(art, device=device, shard=rank, **json.loads(opts_json))
             rt.get_global_func("kiln.ccl.init")(ccl["backend"], rank, ccl["world"], rank if device == "cuda" else 0,
                                                 ccl["key"], ccl.get("lib", ""), SHM_SLOT_BYTES, COLLECTIVE_TIMEOUT_S)
+            # one collective now, outside any CUDA-graph capture: NCCL sets up its connections
+            # here, and a broken link fails the load instead of the first request
+            x = rt.runtime.empty((1024,), "float32", session.tvm_device)
+            rt.get_global_func("kiln.ccl.allreduce")(x, rt.runtime.empty((1024,), "float32", session.tvm_device))
+            session.tvm_device.sync()
             _WORKER["session"] = session
             ok(rank)
         except BaseException as err:  # noqa: BLE001  (an exception escaping worker 0's thread aborts the process)
@@ -82,7 +88,26 @@ def _register_worker_functions() -> None:
         except BaseException as err:  # noqa: BLE001
             _WORKER["result"] = ("error", err)
 
-    for name, fn in (("kiln.tp.open", open_shard), ("kiln.tp.call", call), ("kiln.tp.close", close)):
+    def time_allreduce(nbytes: int, iters: int) -> None:
+        try:
+            w = _WORKER["session"]
+            dev, dt = w.tvm_device, "bfloat16" if w.device == "cuda" else "float32"  # CPU's collectives add fp32
+            n = max(nbytes // (2 if dt == "bfloat16" else 4), 1)
+            x, y = rt.runtime.empty((n,), dt, dev), rt.runtime.empty((n,), dt, dev)
+            reduce = rt.get_global_func("kiln.ccl.allreduce")
+            for _ in range(10):
+                reduce(x, y)
+            dev.sync()
+            t = time.perf_counter()
+            for _ in range(iters):
+                reduce(x, y)
+            dev.sync()
+            ok((time.perf_counter() - t) / iters * 1e6)
+        except BaseException as err:  # noqa: BLE001
+            _failed(err)
+
+    for name, fn in (("kiln.tp.open", open_shard), ("kiln.tp.call", call), ("kiln.tp.close", close),
+                     ("kiln.tp.time_allreduce", time_allreduce)):
         rt.ffi.register_global_func(name, fn, override=True)
 
 
@@ -102,7 +127,9 @@ def _nccl_library() -> str:
     env = os.environ.get("KILN_NCCL_LIBRARY")
     if env:
         return env
-    for base in sys.path:
+    import site  # noqa: PLC0415
+
+    for base in [*sys.path, *site.getsitepackages()]:  # (a bundle's launcher puts only its own site/ on sys.path)
         p = Path(base or ".") / "nvidia" / "nccl" / "lib" / "libnccl.so.2"
         if p.is_file():
             return str(p)
@@ -124,10 +151,12 @@ class TensorParallelSession(Session):
             raise ArtifactError(f"{artifact.path}: compiled with --no-weights; it runs only with random weights (kiln bench --random-weights)")
         rt = runtime()
         d = disco()
-        _register_worker_functions()
+        register_worker_functions()
         ctypes.CDLL(str(artifact.file(tp["ccl_library"])), mode=ctypes.RTLD_GLOBAL)  # worker 0's rank is in this process
         shm = None
         if device == "cuda":
+            # connections at init, not lazily inside the first CUDA-graph capture (a capture may not allocate)
+            os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
             lib = _nccl_library()
             try:
                 key = str(rt.get_global_func("kiln.ccl.nccl_unique_id")(lib))
@@ -140,6 +169,7 @@ class TensorParallelSession(Session):
             os.ftruncate(fd, 64 + self.shards * SHM_SLOT_BYTES)
             os.close(fd)
             ccl = {"backend": "shm", "world": self.shards, "key": shm}
+        _worker_path()
         self._disco = d.ProcessSession(num_workers=self.shards, entrypoint=ENTRYPOINT)
         self._closed = False
         try:
@@ -218,6 +248,11 @@ class TensorParallelSession(Session):
     def sync(self) -> None:
         return self._call("sync")
 
+    def allreduce_latency(self, nbytes: int, iters: int = 200) -> float:
+        """Microseconds per kiln.ccl.allreduce of `nbytes` (bf16 on CUDA, fp32 on CPU) on every shard (eager,
+        outside CUDA graphs; rank 0's clock): what each row-parallel projection pays."""
+        return self._broadcast("kiln.tp.time_allreduce", int(nbytes), int(iters))
+
     def set_instrument(self, fn) -> None:
         raise RequestError("per-kernel instrumentation runs on unsplit artifacts only")
 
@@ -237,6 +272,16 @@ class TensorParallelSession(Session):
         return self._w0.kv_pages_total
 
 
+def _worker_path() -> None:
+    """Worker processes import kiln like this process did: where kiln is a plain folder on
+    sys.path (a bundle's site/), put that folder on PYTHONPATH for them."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "kiln" / "__init__.py").is_file():
+        have = os.environ.get("PYTHONPATH", "")
+        if str(root) not in have.split(os.pathsep):
+            os.environ["PYTHONPATH"] = str(root) + (os.pathsep + have if have else "")
+
+
 def _plain(o):
     """JSON for numpy scalars and arrays in step arguments."""
     if isinstance(o, (np.integer, np.floating, np.bool_)):
@@ -244,20 +289,3 @@ def _plain(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"cannot send {type(o).__name__} to a tensor-parallel worker")
-
-
-def main() -> None:
-    """A worker process (disco starts it): `python -m kiln.runtime.tensor_parallel
-    WORKER_ID NUM_WORKERS NUM_GROUPS READ_FD WRITE_FD`."""
-    if len(sys.argv) != 6:
-        sys.exit("usage: python -m kiln.runtime.tensor_parallel WORKER_ID NUM_WORKERS NUM_GROUPS READ_FD WRITE_FD (started by disco)")
-    disco()
-    _register_worker_functions()
-    try:
-        runtime().get_global_func("runtime.disco.WorkerProcess")(*[int(a) for a in sys.argv[1:6]])
-    except (OSError, KeyboardInterrupt):
-        pass
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,6 @@
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -147,16 +146,20 @@ struct Context {
       hdr->generation.fetch_add(1, std::memory_order_release);
       return;
     }
+    // spin briefly (the other ranks usually arrive within microseconds), then yield the core:
+    // on an oversubscribed CPU a sleeping rank would add its wake-up latency to every collective
     auto start = std::chrono::steady_clock::now();
     for (uint64_t spin = 0; hdr->generation.load(std::memory_order_acquire) == gen; ++spin) {
-      if (spin < 2000) continue;
-      if (spin < 4000) {
-        sched_yield();
+      if (spin < 4096) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        asm volatile("yield");
+#endif
         continue;
       }
-      timespec ts{0, 20000};
-      nanosleep(&ts, nullptr);
-      if ((spin & 1023) == 0 &&
+      sched_yield();
+      if ((spin & 4095) == 0 &&
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > timeout_s) {
         TVM_FFI_THROW(RuntimeError) << "kiln.ccl: rank " << rank << " waited " << timeout_s
                                     << " s for the other ranks at a collective (a worker died or hung)";
@@ -350,7 +353,10 @@ int64_t NcclVersion(String lib) {
 void Shutdown(bool abort) {
   Context& c = Ctx();
   if (c.backend == "nccl" && c.comm != nullptr) {
-    (abort ? c.nccl.CommAbort : c.nccl.CommDestroy)(c.comm);
+    // ncclCommDestroy finalizes with the peers and was seen to block at session close (NCCL
+    // 2.28, two H200s); the session is over, nothing is in flight: abort tears down locally
+    (void)abort;
+    c.nccl.CommAbort(c.comm);
     c.comm = nullptr;
   }
   if (c.base != nullptr) {
