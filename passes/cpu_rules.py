@@ -331,7 +331,7 @@ class CpuExpertGemv:
 
 
 class CpuMatmul:
-    """Prefill GEMM C[m, n] = sum_k A[m, k] * W[n, k] (+ epilogue), m symbolic.
+    """Prefill GEMM C[m, n] = sum_k A[m, k] * W[n, k] (+ epilogue), m symbolic (or static, at least 2).
 
     BLIS-style micro-kernel: an m_tile x n_tile block of C lives in vector
     registers (cache_write to a local buffer, n vectorised, m unrolled) while
@@ -365,9 +365,9 @@ class CpuMatmul:
         exts = [_int_extent(sch, lp) for lp in loops]
         if len(loops) == 4 and exts[0] != 1:
             return None
-        _, n_ext, k_ext = exts[-3:]
-        if exts[-3] is not None or n_ext is None or k_ext is None:
-            return None  # m must be the symbolic token dim; n and k static
+        m_ext, n_ext, k_ext = exts[-3:]
+        if (m_ext is not None and m_ext < 2) or n_ext is None or k_ext is None:
+            return None  # m: the symbolic token dim, or static rows (ONNX graphs with pinned shapes); n and k static
         lanes = vector_lanes(target)
         mt = 8 if lanes >= 16 else 6
         nt = column_tile(n_ext, lanes, 2 * lanes)

