@@ -88,8 +88,8 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
     progress(f"import (opset {model.opset}, {len(model.graph.node)} nodes)")
     graph = import_onnx(model, pinned)
     mod = HoistShapeBindings()(WrapGatherIndices()(graph.mod))
-    inits = {**model.initializers, **model.constants}
-    params = [{"name": n, "shape": list(inits[n].shape), "dtype": inits[n].dtype, "quant": "none"} for n in graph.params]
+    params = [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "quant": "none"} for p in graph.params]
+    inits = {p.name: p for p in graph.params}
     with ArtifactWriter(opts.output) as writer:
         libraries = []
         for tg in targets:
@@ -107,11 +107,11 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
             writer.record(rel)
             libraries.append({**tg.manifest(), "library": rel, "compute_dtype": "as in the graph"})
         progress("write weights")
-        info = write_safetensors(writer.open("weights.safetensors"), list(graph.params), {n: inits[n].shape for n in graph.params},
-                                 {n: inits[n].dtype for n in graph.params}, lambda n: inits[n].load(),
+        info = write_safetensors(writer.open("weights.safetensors"), list(inits), {n: p.shape for n, p in inits.items()},
+                                 {n: p.dtype for n, p in inits.items()}, lambda n: inits[n].load(),
                                  lambda done, total: progress.count("weights", done, total))
         writer.record("weights.safetensors", info)
-        num_params = sum(inits[n].size for n in graph.params)
+        num_params = sum(p.size for p in graph.params)
         progress("write artifact")
         writer.commit({
             "magic": MAGIC,

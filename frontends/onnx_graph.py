@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import CompileError, UnsupportedModelError
 from ..tvm_compat import onnx_importer
 from .onnx_ops import CONVERTERS
-from .onnx import DTYPES, FLOAT_DTYPES, OnnxModel, check_operators, dims_of, onnx_package
+from .onnx import DTYPES, FLOAT_DTYPES, Initializer, OnnxModel, check_operators, dims_of, onnx_package
 
 LIFT_MIN_ELEMENTS = 256  # float initializers this big or bigger become params
 FOLD_MAX_ELEMENTS = 1 << 16  # constants folded before import: shape arithmetic, small tables
@@ -58,7 +58,7 @@ class ImportedGraph:
     mod: object  # tvm IRModule; main(*inputs, *params)
     inputs: list[GraphIO]
     outputs: list[GraphIO]
-    params: list[str]  # initializer names, in main's parameter order after the inputs
+    params: list[Initializer]  # main's parameters after the inputs, in order (weights.safetensors)
     folded: int  # nodes folded into constants before import
 
 
@@ -136,9 +136,13 @@ def import_onnx(model: OnnxModel, pinned: dict[str, list] | None = None) -> Impo
         g2.initializer.append(_tensor(arr, init.name, init.dtype))
     for io_ in inputs:
         g2.input.append(helper.make_tensor_value_info(io_.name, _elem_type(io_.dtype), io_.shape))
+    nodes, lifted, extra = _nt_matmuls(list(model.graph.node), lifted)
+    for name, arr in extra:
+        consts[name] = arr
+        g2.initializer.append(_tensor(arr, name, str(arr.dtype)))
     for init in lifted:
         g2.input.append(helper.make_tensor_value_info(init.name, _elem_type(init.dtype), list(init.shape)))
-    nodes, folded = _fold(model, consts, skip=lifted_names)
+    nodes, folded = _fold(nodes, consts, lifted_names, model.proto.opset_import)
     g2.node.extend(nodes)
     g2.output.extend(g.output)
     m2 = onnx.ModelProto(ir_version=model.proto.ir_version, producer_name=model.proto.producer_name)
@@ -158,7 +162,7 @@ def import_onnx(model: OnnxModel, pinned: dict[str, list] | None = None) -> Impo
         raise UnsupportedModelError(f"{model.path}: TVM's ONNX importer failed on {where}, opset {model.opset}: "
                                     f"{type(err).__name__}: {(msg[-1] if msg else '')[:200]}") from None
     _shapes_from_ir(mod, outputs)
-    return ImportedGraph(mod, inputs, outputs, [i.name for i in lifted], folded)
+    return ImportedGraph(mod, inputs, outputs, lifted, folded)
 
 
 def _importer_class(t):
@@ -207,20 +211,67 @@ def _tensor(arr: np.ndarray, name: str, dtype: str):
     return numpy_helper.from_array(np.asarray(arr), name)
 
 
+# ---------------------------------------------------------------- weight layout
+
+def _nt_matmuls(nodes: list, lifted: list[Initializer]) -> tuple[list, list[Initializer], list[tuple[str, np.ndarray]]]:
+    """MatMul(A, W) with W a 2-D param [K, N] used by MatMuls only: W is stored
+    transposed ([N, K], param `W.T`: the layout kiln's GEMM/GEMV rules read, as for
+    the LLMs; done once here, as data) and A flattened to [-1, K]:
+        Y = Reshape(MatMul(Reshape(A, [-1, K]), Transpose(W.T)), Concat(Shape(A)[:-1], [N]))
+    FuseTransposeMatmul then makes one C[m, n] = sum_k A[m, k] W.T[n, k] kernel with m
+    the rows of A, which CpuMatmul / CpuGemv schedule (a [batch, seq, K] x [K, N]
+    matmul matched neither, and ran as TVM's serial default loops)."""
+    from onnx import helper  # noqa: PLC0415
+
+    by_name = {i.name: i for i in lifted}
+    users: dict[str, list] = {}
+    for node in nodes:
+        for k, i in enumerate(node.input):
+            if i in by_name:
+                users.setdefault(i, []).append((node.op_type, k))
+    nt = {n for n, us in users.items() if len(by_name[n].shape) == 2 and all(u == ("MatMul", 1) for u in us)}
+    if not nt:
+        return nodes, lifted, []
+    out, extra, new_lifted = [], [], []
+    for init in lifted:
+        if init.name in nt:
+            k, n = init.shape
+            new_lifted.append(Initializer(f"{init.name}.T", init.dtype, (n, k), lambda load=init.load: np.ascontiguousarray(load().T)))
+            extra += [(f"kiln_rows_by_{k}", np.array([-1, k], np.int64)), (f"kiln_cols_{n}", np.array([n], np.int64))]
+        else:
+            new_lifted.append(init)
+    extra += [("kiln_zero", np.array([0], np.int64)), ("kiln_minus_one", np.array([-1], np.int64))]
+    for j, node in enumerate(nodes):
+        if node.op_type != "MatMul" or node.input[1] not in nt:
+            out.append(node)
+            continue
+        a, w, y = node.input[0], node.input[1], node.output[0]
+        k, n = by_name[w].shape
+        p = f"kiln_nt{j}"
+        out += [helper.make_node("Transpose", [f"{w}.T"], [f"{p}_w"], perm=[1, 0], name=f"{p}_transpose"),
+                helper.make_node("Reshape", [a, f"kiln_rows_by_{k}"], [f"{p}_a2"], name=f"{p}_flatten"),
+                helper.make_node("MatMul", [f"{p}_a2", f"{p}_w"], [f"{p}_y2"], name=node.name or f"{p}_matmul"),
+                helper.make_node("Shape", [a], [f"{p}_shape"], name=f"{p}_shape"),
+                helper.make_node("Slice", [f"{p}_shape", "kiln_zero", "kiln_minus_one"], [f"{p}_lead"], name=f"{p}_lead"),
+                helper.make_node("Concat", [f"{p}_lead", f"kiln_cols_{n}"], [f"{p}_yshape"], axis=0, name=f"{p}_yshape"),
+                helper.make_node("Reshape", [f"{p}_y2", f"{p}_yshape"], [y], name=f"{p}_unflatten")]
+    return out, new_lifted, list(dict(extra).items())
+
+
 # ---------------------------------------------------------------- constant folding
 
-def _fold(model: OnnxModel, consts: dict[str, np.ndarray], skip: set[str]) -> tuple[list, int]:
-    """The graph's nodes with constant shape arithmetic replaced by Constant nodes;
+def _fold(nodes: list, consts: dict[str, np.ndarray], skip: set[str], opset_import) -> tuple[list, int]:
+    """The nodes with constant shape arithmetic replaced by Constant nodes;
     Constant nodes whose output is in `skip` (lifted to params) left out."""
     from onnx import helper  # noqa: PLC0415
 
     out, folded = [], 0
-    for node in model.graph.node:
+    for node in nodes:
         if node.op_type == "Constant" and node.output[0] in skip:
             continue
         ok = (node.domain in ("", "ai.onnx") and node.op_type in _FOLD_OPS and all(not i or i in consts for i in node.input)
               and not any(a.type in (5, 10) for a in node.attribute))  # no subgraphs
-        vals = _evaluate(node, consts, model.proto.opset_import) if ok else None
+        vals = _evaluate(node, consts, opset_import) if ok else None
         if vals is None:
             out.append(node)
             continue

@@ -78,6 +78,8 @@ def test_manifest_records_the_graph(bert):
     assert [o["shape"] for o in m["graph"]["outputs"]] == [["batch", "seq", 32], ["batch", 32]]
     names = [p["name"] for p in m["params"]]
     assert "m.embeddings.word_embeddings.weight" in names and all(p["dtype"] == "float32" for p in m["params"])
+    transposed = [p for p in m["params"] if p["name"].endswith(".T")]  # MatMul weights stored [N, K] for kiln's GEMM
+    assert len(transposed) == 12 and transposed[0]["shape"] in ([32, 32], [64, 32], [32, 64])
     assert set(m["files"]) == {"lib/cpu.so", "weights.safetensors"}
 
 
@@ -145,3 +147,16 @@ def test_gather_indices_stay_inside_the_table(tmp_path):
     table = np.arange(4 * 300, dtype=np.float32).reshape(4, 300) / 300
     assert np.allclose(y, 2 * table[[5 % 4, -6 % 4, (1 << 40) % 4]])
     assert [p["name"] for p in json.loads((art / "manifest.json").read_text())["params"]] == ["table"]
+
+
+@pytest.mark.slow
+def test_bert_pinned_shapes_match_onnxruntime(bert, tmp_path):
+    """Static shapes take kiln's GEMM with a static row count (CpuMatmul)."""
+    onnx_path, _ = bert
+    art = tmp_path / "bert-pinned.kiln"
+    compile_onnx(onnx_path, art, input_shapes=["input_ids=2,9", "attention_mask=2,9"])
+    ids = np.random.default_rng(5).integers(0, 100, (2, 9)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    got, want = load(art).run(feeds), ort_run(onnx_path, feeds)
+    for k in got:
+        assert rel(got[k], want[k]) < RTOL, k
