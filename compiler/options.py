@@ -34,10 +34,9 @@ class CudaOptions:
     graphs  capture static regions of each step into CUDA graphs (off only to
             profile kernels one by one: benchmarks/profile_step.py)
     decode_batch  export decode_batch (B sequences per call: the server's step) for
-            CUDA too. None (auto): when the weights are 16-bit floats, whose [B, 1, K]
-            projections run on kiln_gemm_rows; fp8 weights have a row kernel too but
-            are opt-in (True) until checked end to end; other quantized and fp32 weights
-            would get dlight's generic schedules, slower than one call per sequence
+            CUDA too. None (auto): when the weights are 16-bit floats or fp8, whose
+            [B, 1, K] projections run on kiln_gemm_rows; other quantized and fp32
+            weights would get dlight's generic schedules, slower than one call per sequence
 
     For experiments, environment variables override these in any compile:
     KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,8,f8 (or empty),

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import CompileError
 from ..frontends.models.hf_names import check_finite
+from ..passes.kernels.gemm_cuda import ROWS_QCODES
 from ..passes.kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
 from ..passes.kernels.kv_quant import QuantKV
 from ..passes.pipeline import PipelineOptions, run_pipeline
@@ -95,15 +96,18 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
 
 
 def _cuda_decode_batch(option: bool | None, m, tg) -> bool:
-    """CudaOptions.decode_batch, with None (auto) meaning: 16-bit float weights, which
-    kiln_gemm_rows takes (quantized or fp32 ones would fall to dlight's schedules; fp8
-    has a row kernel, ROWS_QCODES, used when decode_batch is asked for)."""
+    """CudaOptions.decode_batch, with None (auto) meaning: 16-bit activations and matrices
+    that kiln_gemm_rows takes -- float, or quantized in a format with a row kernel
+    (ROWS_QCODES: fp8, run end to end on the H200 on 2026-12-01: batched rows within bf16
+    rounding of decoding alone, argmax equal). Other quantized formats and fp32 would fall
+    to dlight's schedules; MoE expert matmuls have no row kernel yet."""
     if option is not None:
         return option
-    # fp8 weights have a row kernel too (ROWS_QCODES), checked standalone on the H200 but
-    # not yet end to end: opt-in (KILN_CUDA_DECODE_BATCH=1) until it is
-    # (MoE expert matmuls have no row kernel: their decode_batch would run on dlight's schedules)
-    return m.plan is None and m.precision(tg).storage in ("bfloat16", "float16") and not m.config.num_experts
+    if m.precision(tg).storage not in ("bfloat16", "float16") or m.config.num_experts:
+        return False
+    if m.plan is None:
+        return True
+    return all(f is None or f.cuda_code in ROWS_QCODES for role, f in m.plan.roles.items() if role != "embed")
 
 
 def export_graphs(m, page_size: int, cuda_decode_batch: bool | None = None):

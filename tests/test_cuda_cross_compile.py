@@ -103,9 +103,9 @@ def test_cuda_quantized_decode_gemv(tmp_path, widths):
     assert b"decode_batch" not in blob  # quantized weights: not on by default (no quantized row GEMM yet)
     manifest = json.loads((out / "manifest.json").read_text())
     assert {p["dtype"] for p in manifest["params"] if p["quant"] == "q4g32"} == {"uint32", "float16"}
-    if widths == "4,f8":  # fp8 weights: e4m3 codes through the same kernel (per-row fp32 scale); decode_batch asked for
+    if widths == "4,f8":  # fp8 weights: e4m3 codes through the same kernel (per-row fp32 scale); decode_batch by default
         res = kiln("compile", str(tmp_path / "config.json"), "--no-weights", "-o", str(tmp_path / "f8.kiln"), "--target",
-                   "cuda:sm_80,sm_90", "--dtype", "bfloat16", "--quant", "fp8", "--quiet", env={**env, "KILN_CUDA_DECODE_BATCH": "1"})
+                   "cuda:sm_80,sm_90", "--dtype", "bfloat16", "--quant", "fp8", "--quiet", env=env)
         assert res.returncode == 0, res.stderr[-2000:]
         blob = (tmp_path / "f8.kiln" / "lib" / "cuda.so").read_bytes()
         assert b"kiln_qgemvf8g128_bfloat16" in blob and b"kiln_qgemvf8g128_float32" in blob  # body and (tied) head
