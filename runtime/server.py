@@ -495,7 +495,8 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_nam
         import uvicorn  # noqa: PLC0415
     except ImportError:
         raise KilnError("kiln serve needs starlette and uvicorn: pip install 'kiln[serve]'") from None
-    from .session import load  # noqa: PLC0415
+    from .loader import load  # noqa: PLC0415  (a split artifact loads as a TensorParallelSession)
+    from .session import Session  # noqa: PLC0415
 
     _Server = _server_class()
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -517,6 +518,8 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_nam
     # stays max_batch contexts (not one more per entry) unless --kv-pages says otherwise
     s = load(artifact, device=device, max_seq_len=max_seq_len, threads=threads, random_weights=random_weights,
              max_sequences=max_batch + prefix_cache, kv_pages=kv_pages, kv_contexts=max_batch if prefix_cache else None)
+    if not isinstance(s, Session):
+        raise RequestError(f"{artifact}: a graph artifact (ONNX) has no text to serve: kiln serve takes language models")
     name = model_name or s.artifact.path.name.removesuffix(".kiln")
     engine = Engine(s, max_queue=max_queue, prefix_cache=prefix_cache)
     app = create_app(engine, model_name=name, api_key=api_key, grace=grace)

@@ -140,3 +140,43 @@ def test_two_shards_on_cpu_give_the_unsplit_logits_and_tokens(pair):
         assert rel_err(two.decode_step(seqs2, [4, 5, 6]), one.decode_step(seqs1, [4, 5, 6])) < RTOL
     finally:
         two.close()
+
+
+@pytest.mark.slow
+def test_kiln_serve_on_a_split_artifact_answers_like_the_unsplit_one(pair):
+    """The server's engine runs on the TensorParallelSession unchanged: six concurrent greedy
+    requests through a batch of 4, the real openai client on 127.0.0.1, same tokens as TP1."""
+    import re  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    import openai  # noqa: PLC0415
+    from helpers.processes import subprocess_env  # noqa: PLC0415
+
+    def serve(art):
+        proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(art), "--port", "0", "--max-batch", "4",
+                                 "--model-name", "t", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=subprocess_env())
+        m = re.search(r"on http://([\d.]+):(\d+)", proc.stdout.readline())
+        assert m, proc.stderr.read()[-2000:]
+        client = openai.OpenAI(base_url=f"http://{m.group(1)}:{m.group(2)}/v1", api_key="-", max_retries=5, timeout=60)
+        out = [None] * 6
+
+        def one(i):
+            r = client.completions.create(model="t", prompt=[5 + 7 * i, 17, 99, 3], max_tokens=12, temperature=0, logprobs=1,
+                                          extra_body={"ignore_eos": True})
+            out[i] = r.choices[0].logprobs.tokens
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        return out
+
+    one_out, two_out = serve(pair[0]), serve(pair[1])
+    assert all(o is not None and len(o) == 12 for o in two_out)
+    assert two_out == one_out
