@@ -3,7 +3,8 @@
 read_onnx (frontends/onnx.py: bounded checks before and after parsing) ->
 import_onnx (frontends/onnx_graph.py: folding, params, TVM's importer) ->
 WrapGatherIndices, HoistShapeBindings -> kiln's pipeline (the same phases
-and CPU schedules as the LLMs; dlight's rules where kiln's do not fit) ->
+and CPU schedules as the LLMs; dlight's rules where kiln's do not fit; then
+passes/cpu_graph_rules.py's for what none of those takes) ->
 codegen per target -> weights.safetensors -> manifest (kind "graph") ->
 atomic publish with the same ArtifactWriter.
 
@@ -23,6 +24,7 @@ from .. import __version__
 from ..errors import CompileError
 from ..frontends.onnx import read_onnx
 from ..frontends.onnx_graph import import_onnx, parse_input_shapes
+from ..passes.cpu_graph_rules import graph_rules
 from ..passes.hoist_shape_bindings import HoistShapeBindings
 from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..passes.wrap_gather_indices import WrapGatherIndices
@@ -95,6 +97,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
         for tg in targets:
             progress(f"passes ({tg.kind})")
             popts = PipelineOptions(target=tg.tvm_target(), dump_ir=Path(opts.dump_ir) / tg.device if opts.dump_ir else None,
+                                    extra_rules=tuple(graph_rules()) if tg.kind == "llvm" else (),  # convolutions, pooling: else TVM's serial loops
                                     on_phase=lambda n: progress(f"  pass {n}"))
             try:
                 lowered = run_pipeline(mod, popts)

@@ -29,6 +29,7 @@ class PipelineOptions:
     cuda_gemm: bool = True  # prefill projections on kiln's tensor-core GEMM (False: dlight's Matmul)
     cuda_gemv: bool = False  # decode projections on kiln's fused GEMVs (measured slower than dlight's GEMV so far)
     cuda_qgemv: str = "4,f8"  # quantized decode projections on kiln's qgemv.cuh for these code kinds ("4", "8", "f8"): 4-bit and fp8 beat dlight, int8 does not
+    extra_rules: tuple = ()  # schedule rules tried after kiln's specific ones, before the catch-alls (ONNX graphs: passes/cpu_graph_rules.py)
     on_phase: Callable[[str], None] | None = field(default=None, compare=False)
 
 
@@ -45,7 +46,7 @@ def phases(opts: PipelineOptions) -> list[tuple[str, object]]:
         ("fuse_ops", rx.FuseOps()),
         ("fuse_tir", rx.FuseTIR()),
         ("dead_code_elimination", rx.DeadCodeElimination()),
-        ("schedule_tir", ScheduleTIR(opts.target)),
+        ("schedule_tir", ScheduleTIR(opts.target, opts.extra_rules)),
     ]
 
 

@@ -8,24 +8,28 @@ the loop/buffer structure of a function, never its name.
 from __future__ import annotations
 
 from ..tvm_compat import compiler
-from .cpu_rules import cpu_rules
+from .cpu_rules import CpuInlineElementwise, cpu_rules
 
 
-def _rules_for(target) -> list:
+def _rules_for(target, extra=()) -> list:
     t = compiler()
     dl = t.dlight
     if target.kind.name == "llvm":
-        return cpu_rules() + [dl.cpu.GEMV(), dl.cpu.Reduction()]
-    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+        rules = cpu_rules()
+        # extra rules go before CpuInlineElementwise, which takes every function it is shown
+        at = next((i for i, r in enumerate(rules) if isinstance(r, CpuInlineElementwise)), len(rules))
+        return rules[:at] + list(extra) + rules[at:] + [dl.cpu.GEMV(), dl.cpu.Reduction()]
+    return [*extra, dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
 class ScheduleTIR:
     """Module pass: schedule each not-yet-scheduled PrimFunc with the target's rules."""
 
-    def __init__(self, target):
+    def __init__(self, target, extra_rules=()):
         self.target = target
+        self.extra_rules = list(extra_rules)  # after kiln's specific rules, before the catch-alls
 
     def __call__(self, mod):
         t = compiler()
         dl = t.dlight
-        return dl.ApplyDefaultSchedule(*_rules_for(self.target))(mod)
+        return dl.ApplyDefaultSchedule(*_rules_for(self.target, self.extra_rules))(mod)

@@ -1,0 +1,90 @@
+"""CPU schedule rules for general graphs (ONNX, issue 18), tried after kiln's
+and dlight's CPU rules (PipelineOptions.extra_rules; only compiler/onnx_build.py
+passes them, so LLM libraries are unchanged).
+
+CpuSpatialReduction: a reduction block (convolution, pooling, a batched
+matmul such as attention's scores) with spatial prologues (padding) and an
+injective epilogue (bias, activation). TVM's default loops for these are
+serial, with the reduction innermost: a ResNet-50 at 224x224 ran 25x slower
+than onnxruntime. Here: prologues inlined into their consumer; the reduction
+loops moved inside the spatial ones except the innermost spatial loop (so
+one output row is accumulated while the reduction runs: for NCHW
+convolutions the row along w), that row vectorised when its extent divides
+by the vector lanes (or half, down to 4), TILE rows of the first spatial
+loop (output channels) accumulated together, the outer spatial loops fused
+and run in parallel, the epilogue computed per parallel task.
+"""
+
+from __future__ import annotations
+
+from ..tvm_compat import compiler
+from .kernels.cpu_isa import vector_lanes
+
+
+TILE = 4
+
+
+class CpuSpatialReduction:
+    def apply(self, func, target, _tunable=False):
+        t = compiler()
+        from tvm import s_tir  # noqa: PLC0415  (compiler() imported the full TVM)
+        from tvm.s_tir.dlight.analysis import normalize_prim_func  # noqa: PLC0415
+        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial  # noqa: PLC0415
+
+        if not isinstance(func, t.tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        try:
+            infos = try_inline_contiguous_spatial(sch, infos)
+        except Exception:  # noqa: BLE001
+            return None
+        if infos is None or not 1 <= len(infos) <= 2 or not infos[0].is_reduction():
+            return None
+        if len(infos) == 2 and not infos[1].is_injective():
+            return None
+        main = infos[0]
+        spatial = [it.loop_rv for it in main.iters if it.kind == "S"]
+        reduce = [it.loop_rv for it in main.iters if it.kind == "R"]
+        if not spatial or not reduce or len(spatial) + len(reduce) != len(main.iters):
+            return None
+        block = main.block_rv
+        try:
+            inner = spatial[-1]
+            outer = spatial[:-1]
+            tile = []
+            first = sch.get(outer[0]).extent if len(outer) >= 2 else None
+            if isinstance(first, t.tirx.IntImm) and int(first) % TILE == 0 and int(first) > TILE:
+                # TILE outputs of the first spatial loop (a convolution's output channels) per
+                # pass over the reduction: each input row loaded is used TILE times
+                o, i = sch.split(outer[0], [None, TILE])
+                outer, tile = [o, *outer[1:]], [i]
+            sch.reorder(*outer, *reduce, *tile, inner)
+            if tile:
+                sch.unroll(tile[0])
+            if outer:
+                par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+                if len(infos) == 2:
+                    sch.reverse_compute_at(infos[1].block_rv, par)
+                sch.parallel(par)
+            init = sch.decompose_reduction(block, reduce[0])
+            extent = sch.get(inner).extent
+            lanes = vector_lanes(target)
+            while lanes > 4 and isinstance(extent, t.tirx.IntImm) and int(extent) % lanes:
+                lanes //= 2  # 28-wide rows (ResNet's 28x28 maps): 4 lanes
+            if isinstance(extent, t.tirx.IntImm) and int(extent) % lanes == 0 and int(extent) >= lanes:
+                for loop in (inner, sch.get_loops(init)[-1]):
+                    _, vec = sch.split(loop, [None, lanes])
+                    try:
+                        sch.vectorize(vec)
+                    except Exception:  # noqa: BLE001 - some bodies (a padded read's if_then_else) do not vectorise: keep the loop
+                        pass
+        except Exception:  # noqa: BLE001 - ScheduleError: leave the function to TVM's default loops
+            return None
+        return sch
+
+
+def graph_rules() -> list:
+    return [CpuSpatialReduction()]
