@@ -270,3 +270,34 @@ def test_ragged_prefill_attention_causal_matches_numpy(target):
     ref_o, ref_lse = _attention_ref(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), sm, causal_offset=0)
     np.testing.assert_allclose(out.numpy(), ref_o, **TOL["float32"])
     np.testing.assert_allclose(lse.numpy(), ref_lse, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("vocab", [211, 4096, 12288])
+def test_greedy_pick_is_the_first_argmax_with_non_finite_logits_as_infinity(vocab):
+    """greedy_pick (decode's on-device argmax; two stages over 256 or 128 chunks where the
+    vocabulary divides, one stage otherwise) against numpy on rows full of ties, with a NaN,
+    with +inf / -inf: the first index of the maximum, non-finite counted as +inf, and the
+    all-finite flag."""
+    from kiln.frontends.models.layers import greedy_pick, nn  # noqa: PLC0415
+    from kiln.passes.pipeline import PipelineOptions, run_pipeline  # noqa: PLC0415
+
+    class Pick(nn.Module):
+        def forward(self, x):
+            return greedy_pick(x, vocab)
+
+    mod, _ = Pick().export_tvm(spec={"forward": {"x": t.spec.Tensor([1, 1, vocab], "float32")}})
+    tgt = parse_target("llvm")[0].tvm_target()
+    with tgt:
+        mod = run_pipeline(mod, PipelineOptions(target=tgt))
+    vm = t.relax.VirtualMachine(t.relax.build(mod, target=tgt), tvm.cpu())
+    rng = np.random.default_rng(vocab)
+    for trial in range(5):
+        x = rng.integers(-3, 3, vocab).astype(np.float32)  # every value repeats: ties everywhere
+        if trial == 1:
+            x[vocab // 3] = np.nan
+        if trial == 2:
+            x[vocab - 1], x[7] = np.inf, -np.inf
+        if trial == 3:
+            x[:] = 2.0
+        best, finite = vm["forward"](tvm.runtime.tensor(x.reshape(1, 1, vocab))).numpy()
+        assert best == int(np.argmax(np.where(np.isfinite(x), x, np.inf))) and finite == int(np.isfinite(x).all())

@@ -93,6 +93,15 @@ def take(x, indices, axis: int, name: str = "take"):
     return nn.wrap_nested(r.op.take(x._expr, indices._expr, axis=axis, mode="clip"), name)
 
 
+def _argmax_chunks(vocab: int) -> int:
+    """Chunks of a two-stage argmax over `vocab` logits: the largest power of two up to 256
+    that divides it (1: one stage)."""
+    c = 256
+    while c > 1 and vocab % c:
+        c //= 2
+    return c if c >= 16 else 1
+
+
 def greedy_pick(logits, vocab: int):
     """logits  # [1, 1, vocab] float32 -> [2] int32: the argmax, and 1 if every
     logit is finite (0 if any is NaN/Inf, which the runtime turns into an error
@@ -102,12 +111,25 @@ def greedy_pick(logits, vocab: int):
     One pass over the logits: non-finite values count as +inf in the argmax, so
     if any exists the argmax lands on one, and checking the picked logit alone
     tells whether all were finite. (A separate all-finite reduction got TVM's
-    one-thread fallback schedule: 128k serial loads.)"""
+    one-thread fallback schedule: 128k serial loads.) Two stages: the argmax of
+    each of C chunks (one thread block each), then of the C chunk maxima; ties go
+    to the first chunk, then the first index in it -- the one-stage argmax's
+    first occurrence. One block over the whole row took 25 us of an 8B decode
+    step on the H200 (98 us over 64k logits under another schedule)."""
     r = _tvm.relax
     x = logits._expr
     inf = r.const(float("inf"), "float32")
-    best = r.op.argmax(r.op.where(r.op.isfinite(x), x, inf), axis=2, keepdims=False)  # [1, 1] int64
-    best = r.op.reshape(r.op.astype(best, "int32"), [1])
+    xf = r.op.where(r.op.isfinite(x), x, inf)
+    c = _argmax_chunks(vocab)
+    if c == 1:
+        best = r.op.reshape(r.op.argmax(xf, axis=2, keepdims=False), [1])  # [1] int64
+    else:
+        parts = r.op.reshape(xf, [c, vocab // c])
+        inner = r.op.argmax(parts, axis=1, keepdims=True)  # [c, 1] int64: each chunk's first max
+        maxima = r.op.reshape(r.op.gather_elements(parts, inner, axis=1), [c])
+        outer = r.op.argmax(maxima, axis=0, keepdims=True)  # [1]: the first chunk holding the max
+        best = outer * r.const(vocab // c, "int64") + r.op.take(r.op.reshape(inner, [c]), outer, axis=0, mode="clip")
+    best = r.op.astype(best, "int32")
     picked = r.op.take(r.op.reshape(x, [vocab]), best, axis=0, mode="clip")  # [1]
     return nn.wrap_nested(r.op.concat([best, r.op.astype(r.op.isfinite(picked), "int32")], axis=0), "greedy_pick")
 
