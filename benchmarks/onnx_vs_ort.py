@@ -1,0 +1,177 @@
+"""kiln vs onnxruntime (CPUExecutionProvider) on ONNX graphs, same threads, one run.
+
+    python benchmarks/onnx_vs_ort.py [--models bert-base,resnet50,rapidocr-cls,bert-tiny,cnn-tiny]
+        [--threads 2] [--seconds 5] [--workdir DIR] [--json-out FILE]
+
+Models (random weights, exported here with torch.onnx.export unless said):
+  bert-base     BertModel 12 layers, hidden 768, batch 1 x seq 128, fp32 (the issue's BERT-base shape)
+  resnet50      a ResNet-50 (bottleneck blocks 3-4-6-3), batch 1 x 3 x 224 x 224, fp32
+  rapidocr-cls  rapidocr-onnxruntime 1.4.4's text-direction classifier (from its PyPI wheel), 1 x 3 x 48 x 192
+  bert-tiny / cnn-tiny  the test suite's tiny models (tests/helpers/onnx_models.py)
+
+kiln compiles each with its input shape pinned (`--input-shape`, the shapes are
+fixed here) for this CPU; both run with the same thread count (TVM_NUM_THREADS,
+ORT intra_op_num_threads, inter_op 1). Each is timed for --seconds after 3
+warm-up runs; the table shows medians, kiln/ort (below 1: kiln faster) and
+kiln's max relative difference from onnxruntime's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def export_bert_base(path: Path) -> tuple[Path, dict]:
+    import torch  # noqa: PLC0415
+    from transformers import BertConfig, BertModel  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig()).eval()  # bert-base-uncased's shape
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(0, 30522, (1, 128))
+    if not path.exists():
+        torch.onnx.export(Encoder(bert), (ids, torch.ones_like(ids)), str(path), dynamo=False, input_names=["input_ids", "attention_mask"],
+                          output_names=["last_hidden_state"], opset_version=17,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 128), np.int64)}
+    return path, feeds
+
+
+def export_resnet50(path: Path) -> tuple[Path, dict]:
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin, width, stride):
+            super().__init__()
+            cout = width * 4
+            self.body = nn.Sequential(nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                      nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                      nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.down(x))
+
+    def stage(cin, width, n, stride):
+        return [Bottleneck(cin, width, stride)] + [Bottleneck(width * 4, width, 1) for _ in range(n - 1)]
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                        *stage(64, 64, 3, 1), *stage(256, 128, 4, 2), *stage(512, 256, 6, 2), *stage(1024, 512, 3, 2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    if not path.exists():
+        torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["image"], output_names=["logits"], opset_version=17,
+                          dynamic_axes={"image": {0: "batch"}})
+    return path, {"image": x.numpy()}
+
+
+def rapidocr_cls(path: Path) -> tuple[Path, dict]:
+    from helpers.onnx_models import RAPIDOCR_CLS, RAPIDOCR_PACKAGE, pypi_onnx_model  # noqa: PLC0415
+
+    p = pypi_onnx_model(RAPIDOCR_PACKAGE, RAPIDOCR_CLS)
+    if p is None:
+        raise SystemExit("rapidocr-cls: not in the kiln cache; run with KILN_FETCH_MODELS=1 to download the wheel")
+    return p, {"x": np.random.default_rng(0).uniform(-1, 1, (1, 3, 48, 192)).astype(np.float32)}
+
+
+def tiny(kind: str):
+    def make(path: Path) -> tuple[Path, dict]:
+        from helpers.onnx_models import export_bert, export_cnn  # noqa: PLC0415
+
+        if kind == "bert":
+            export_bert(path)
+            return path, {"input_ids": np.random.default_rng(0).integers(0, 100, (1, 32)).astype(np.int64),
+                          "attention_mask": np.ones((1, 32), np.int64)}
+        export_cnn(path)
+        return path, {"image": np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)}
+    return make
+
+
+MODELS = {"bert-base": export_bert_base, "resnet50": export_resnet50, "rapidocr-cls": rapidocr_cls, "bert-tiny": tiny("bert"), "cnn-tiny": tiny("cnn")}
+
+
+def timed(fn, seconds: float) -> tuple[float, int]:
+    for _ in range(3):
+        fn()
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="bert-base,resnet50,rapidocr-cls")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--workdir", default=str(Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "onnx-bench"))
+    ap.add_argument("--json-out", default=None)
+    a = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(a.threads)
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    import onnxruntime as ort  # noqa: PLC0415
+
+    from kiln.tvm_compat import compiler  # noqa: PLC0415
+
+    compiler()  # the full TVM first: the runtime would otherwise load it runtime-only
+    from kiln.compiler.onnx_build import compile_onnx  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    rows = []
+    for name in a.models.split(","):
+        path, feeds = MODELS[name](work / f"{name}.onnx")
+        pins = [f"{k}={','.join(map(str, v.shape))}" for k, v in feeds.items()]
+        art = work / f"{name}.kiln"
+        t0 = time.perf_counter()
+        compile_onnx(path, art, input_shapes=pins)
+        compile_s = time.perf_counter() - t0
+        m = load(art, threads=a.threads)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        want = sess.run(None, feeds)
+        got = list(m.run(feeds).values())
+        err = max(float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-30)) for g, w in zip(got, want))
+        k_ms, k_n = timed(lambda: m.run(feeds), a.seconds)
+        o_ms, o_n = timed(lambda: sess.run(None, feeds), a.seconds)
+        row = {"model": name, "inputs": pins, "kiln_ms": round(k_ms * 1e3, 3), "ort_ms": round(o_ms * 1e3, 3), "ratio": round(k_ms / o_ms, 3),
+               "kiln_runs": k_n, "ort_runs": o_n, "max_rel_err": err, "compile_s": round(compile_s, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nthreads {a.threads}, onnxruntime {ort.__version__}, medians")
+    print(f"{'model':14s} {'kiln ms':>10s} {'ort ms':>10s} {'kiln/ort':>9s} {'max rel err':>12s} {'compile s':>10s}")
+    for r in rows:
+        print(f"{r['model']:14s} {r['kiln_ms']:10.2f} {r['ort_ms']:10.2f} {r['ratio']:9.2f} {r['max_rel_err']:12.1e} {r['compile_s']:10.1f}")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
