@@ -238,6 +238,11 @@ def _compile_onnx(a) -> int:
     from pathlib import Path  # noqa: PLC0415
 
     from .compiler.artifact import check_output  # noqa: PLC0415  (no TVM)
+
+    if "cuda" in a.target:
+        from .compiler.cuda_stub import prepare_cuda_compile  # noqa: PLC0415
+
+        prepare_cuda_compile()  # before anything imports TVM (compiler.onnx_build does)
     from .compiler.onnx_build import GraphOptions  # noqa: PLC0415
 
     llm_only = {"--dtype": a.dtype, "--max-seq-len": a.max_seq_len, "--quant": a.quant, "--keep": a.keep, "--calib-text": a.calib_text,
@@ -247,10 +252,6 @@ def _compile_onnx(a) -> int:
         raise KilnError(f"{', '.join(given)}: not available for .onnx graphs yet")
     opts = GraphOptions(a.model, a.output or Path(a.model).stem + ".kiln", target=a.target, input_shapes=a.input_shape, dump_ir=a.dump_ir).check()
     check_output(opts.output)
-    if "cuda" in a.target:
-        from .compiler.cuda_stub import prepare_cuda_compile  # noqa: PLC0415
-
-        prepare_cuda_compile()  # before anything imports TVM
     from .tvm_compat import compiler  # noqa: PLC0415
 
     compiler()

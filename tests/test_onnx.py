@@ -160,3 +160,20 @@ def test_bert_pinned_shapes_match_onnxruntime(bert, tmp_path):
     got, want = load(art).run(feeds), ort_run(onnx_path, feeds)
     for k in got:
         assert rel(got[k], want[k]) < RTOL, k
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None or __import__("shutil").which("gcc") is None, reason="needs nvcc and gcc")
+def test_cuda_cross_compile(cnn, tmp_path):
+    """`kiln compile model.onnx --target cuda:sm_90` on a GPU-less machine (dlight's GPU rules)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    onnx_path, _ = cnn
+    art = tmp_path / "cnn-sm90.kiln"
+    res = subprocess.run([sys.executable, "-m", "kiln.cli", "compile", str(onnx_path), "-o", str(art), "--target", "cuda:sm_90", "--quiet"],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((art / "manifest.json").read_text())
+    assert [t["archs"] for t in m["targets"]] == [["sm_90"]] and "lib/cuda.so" in m["files"]
