@@ -329,7 +329,8 @@ def cmd_run(a) -> int:
     else:
         print(",".join(map(str, res.tokens)) if s.tokenizer is None else "")  # no tokenizer: nothing was streamed
         print(f"[prompt {len(res.prompt_tokens)} tokens: {res.prefill_tok_per_s:.1f} tok/s prefill | "
-              f"{len(res.tokens)} generated: {res.decode_tok_per_s:.1f} tok/s decode | load {s.load_seconds:.2f} s | {res.finish_reason}]",
+              f"{len(res.tokens)} generated: {res.decode_tok_per_s:.1f} tok/s decode | load {s.load_seconds:.2f} s | {res.finish_reason}"
+              f"{' | ' + s.target['mcpu'] if s.target.get('mcpu') else ''}]",
               file=sys.stderr)
     return 0
 

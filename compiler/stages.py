@@ -27,7 +27,7 @@ from .ccl import build_ccl
 from .options import CudaOptions
 from .progress import Progress
 from .shards import sharding_of, write_shards
-from .target import CompileTarget
+from .target import CompileTarget, library_path
 from .weights import write_safetensors
 
 
@@ -78,7 +78,7 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
         opts = PipelineOptions(target=tg.tvm_target(), cuda_gemm=cuda.gemm, cuda_gemv=cuda.gemv, cuda_qgemv=",".join(cuda.qgemv),
                                dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
         lowered = run_pipeline(mod, opts)
-        rel = f"lib/{tg.device}.so"
+        rel = library_path(tg, m.targets)
         progress(f"codegen ({tg.kind} {tg.label})")
         with progress.waiting(f"codegen ({tg.kind} {tg.label})"):
             build_library(lowered, writer.path(rel), tg, cuda_graphs=cuda.graphs)

@@ -4,6 +4,8 @@ built library needs from the machine that loads it.
 Spellings:
   llvm                 the host CPU (triple from the OS, mcpu detected)
   llvm:x86-64-v3       an explicit LLVM CPU name (also znver4, skylake-avx512, ...)
+  llvm:x86-64-v2,x86-64-v3,x86-64-v4   one library per level in one artifact; the runtime
+                       loads the best the host supports (never an illegal instruction)
   cuda:sm_90           a CUDA arch (cross-compiled: no GPU or driver needed)
   cuda:sm_80,sm_89,sm_90   one library with SASS for each arch + PTX of the newest
 
@@ -112,6 +114,8 @@ def parse_target(spec: str) -> list[CompileTarget]:
     for p in [p.strip() for p in spec.split(",") if p.strip()]:
         if p.startswith("sm_") and parts and parts[-1].startswith("cuda:"):
             parts[-1] += "," + p  # cuda:sm_80,sm_89,sm_90 is one target
+        elif ":" not in p and p not in ("llvm", "cuda") and parts and parts[-1].startswith("llvm"):
+            parts.append("llvm:" + p)  # llvm:x86-64-v2,x86-64-v3,x86-64-v4: one CPU library per level
         else:
             parts.append(p)
     for part in parts:
@@ -135,4 +139,14 @@ def parse_target(spec: str) -> list[CompileTarget]:
             raise CompileError(f"--target {part!r}: unknown target kind {kind!r}; use llvm, llvm:CPU (e.g. llvm:x86-64-v3)")
     if not targets:
         raise CompileError("--target is empty; use llvm or llvm:CPU")
+    labels = [tg.label for tg in targets]
+    if len(set(labels)) != len(labels):
+        raise CompileError(f"--target {spec}: a CPU or CUDA target is named twice")
     return targets
+
+
+def library_path(tg: CompileTarget, targets) -> str:
+    """The artifact's library for tg: lib/cpu.so, lib/cuda.so; lib/cpu-MCPU.so when the
+    artifact holds several CPU levels (the runtime picks the best the host runs)."""
+    shared = sum(1 for t in targets if t.device == tg.device) > 1
+    return f"lib/{tg.device}-{tg.label}.so" if shared else f"lib/{tg.device}.so"

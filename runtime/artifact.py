@@ -29,12 +29,27 @@ class Artifact:
     manifest: dict
     hashes_verified: bool = False  # every file's sha256 checked against the manifest (open_artifact)
 
-    def target_for(self, device: str) -> dict:
-        for t in self.manifest["targets"]:
-            if t["device"] == device:
-                return t
-        have = ", ".join(t["device"] for t in self.manifest["targets"])
-        raise ArtifactError(f"{self.path}: artifact has no code for device {device!r} (it has: {have}); recompile with a matching --target")
+    def target_for(self, device: str, cpu: str | None = None) -> dict:
+        """The target entry to load for `device`. An artifact with several CPU levels
+        (--target llvm:x86-64-v2,x86-64-v3,x86-64-v4) gives the level with the most
+        required CPU flags that this host has, or the one named `cpu` (its mcpu)."""
+        cands = [t for t in self.manifest["targets"] if t["device"] == device]
+        if not cands:
+            have = ", ".join(t["device"] for t in self.manifest["targets"])
+            raise ArtifactError(f"{self.path}: artifact has no code for device {device!r} (it has: {have}); recompile with a matching --target")
+        if cpu is not None:
+            named = [t for t in cands if t.get("mcpu") == cpu]
+            if not named:
+                levels = ", ".join(str(t.get("mcpu")) for t in cands)
+                raise ArtifactError(f"{self.path}: has no {device} library for {cpu!r} (it has: {levels})")
+            return named[0]
+        if len(cands) == 1:
+            return cands[0]
+        have = host_cpu_flags()
+        fits = [t for t in cands if not have or set(t.get("required_cpu_flags", [])) <= have]
+        if not fits:  # the least demanding level: check_host names what this CPU lacks
+            return min(cands, key=lambda t: len(t.get("required_cpu_flags", [])))
+        return max(fits, key=lambda t: len(t.get("required_cpu_flags", [])))
 
     def file(self, rel: str) -> Path:
         return self.path / rel
@@ -63,6 +78,8 @@ class Artifact:
                              f"(float {qual['ref_perplexity']:.3f}) over {qual['tokens']} tokens of {qual['text']} ({qual['measured_on']})")
             else:
                 lines.append("  quality  not measured")
+        cpus = [t for t in m["targets"] if t["device"] == "cpu"]
+        here = self.target_for("cpu") if len(cpus) > 1 else None
         for t in m["targets"]:
             if t["kind"] == "cuda":  # SASS per arch (+ PTX the driver can JIT for newer GPUs)
                 archs = ",".join(t.get("archs") or [t.get("arch", "")])
@@ -70,7 +87,8 @@ class Artifact:
             else:
                 desc = f"{t['kind']} {t.get('mcpu', '')} {t['triple']}"
             flags = t.get("required_cpu_flags")
-            lines.append(f"  target   {t['device']}: {desc}" + (f"  needs {' '.join(flags)}" if flags else ""))
+            mark = "  <- this host loads it" if t is here else ""
+            lines.append(f"  target   {t['device']}: {desc}" + (f"  needs {' '.join(flags)}" if flags else "") + mark)
         tp = m.get("tensor_parallel")
         if tp:  # split over GPUs: each shard's slice of the heads and FFN, its own weights file
             n = tp["size"]
@@ -124,8 +142,9 @@ def _safe_rel(root: Path, rel: str) -> Path:
     return p
 
 
-def open_artifact(path: str | Path, device: str | None = "cpu", verify_hashes: bool = True) -> Artifact:
-    """device=None: inspect only (no check that this machine can run it)."""
+def open_artifact(path: str | Path, device: str | None = "cpu", verify_hashes: bool = True, cpu: str | None = None) -> Artifact:
+    """device=None: inspect only (no check that this machine can run it); cpu: a CPU
+    level of the artifact to check for (default: the best this host runs)."""
     root = Path(path)
     mpath = root / mf.MANIFEST_NAME
     if not root.is_dir():
@@ -140,7 +159,7 @@ def open_artifact(path: str | Path, device: str | None = "cpu", verify_hashes: b
     manifest = mf.parse(raw, str(mpath))
     art = Artifact(root, manifest)
     if device is not None:
-        check_host(art, device)
+        check_host(art, device, cpu)
     check_covered(art)
     if verify_hashes:
         for rel, info in manifest["files"].items():
@@ -149,7 +168,7 @@ def open_artifact(path: str | Path, device: str | None = "cpu", verify_hashes: b
     return art
 
 
-def check_host(art: Artifact, device: str) -> None:
+def check_host(art: Artifact, device: str, cpu: str | None = None) -> None:
     """Refuse an artifact built for another machine, before loading its code."""
     from ..tvm_compat import runtime  # noqa: PLC0415  (imports TVM runtime only)
 
@@ -157,7 +176,7 @@ def check_host(art: Artifact, device: str) -> None:
     tvm_here = runtime().version
     if m["tvm_version"] != tvm_here:
         raise ArtifactError(f"{art.path}: built with TVM {m['tvm_version']}, this runtime has TVM {tvm_here}: recompile with this kiln/TVM")
-    tgt = art.target_for(device)
+    tgt = art.target_for(device, cpu)
     if tgt.get("os", "linux") != host_os():
         raise ArtifactError(f"{art.path}: built for {tgt.get('os')}, this machine runs {host_os()}: recompile on/for {host_os()}")
     machine = tgt.get("machine")

@@ -70,9 +70,11 @@ class Session:
 
     def __init__(self, artifact: Artifact, device: str = "cpu", max_seq_len: int | None = None, prefill_chunk: int | None = None,
                  random_weights: bool = False, max_sequences: int = 1, kv_pages: int | None = None, kv_contexts: int | None = None,
-                 shard: int = 0):
+                 shard: int = 0, cpu_target: str | None = None):
         """shard: which tensor-parallel shard this process runs (its weights file and, on
-        CUDA, GPU `shard`); runtime/tensor_parallel.py starts one Session per shard."""
+        CUDA, GPU `shard`); runtime/tensor_parallel.py starts one Session per shard.
+        cpu_target: which CPU level of a multi-level artifact to run (its mcpu; default:
+        the best this host supports)."""
         t0 = time.perf_counter()
         rt = runtime()
         self._rt = rt
@@ -94,7 +96,8 @@ class Session:
         if prefill_chunk is None:
             prefill_chunk = 2048 if device == "cuda" else 1024
         self.prefill_chunk = max(1, min(prefill_chunk, self.max_seq_len))
-        tgt = artifact.target_for(device)
+        tgt = artifact.target_for(device, cpu_target)
+        self.target = tgt  # the manifest's entry for the library this session runs
         self.tvm_device = rt.tvm.cpu(0) if device == "cpu" else cuda_device(rt, tgt, artifact.path, index=shard)
         lib = rt.runtime.load_module(str(artifact.file(tgt["library"])))
         self._vm = rt.vm.VirtualMachine(lib, self.tvm_device)
@@ -566,20 +569,22 @@ def cuda_device(rt, target: dict, path, index: int = 0):
 
 def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, threads: int | None = None, verify: bool = True,
          random_weights: bool = False, prefill_chunk: int | None = None, max_sequences: int = 1, kv_pages: int | None = None,
-         kv_contexts: int | None = None, cls: type | None = None) -> Session:
+         kv_contexts: int | None = None, cls: type | None = None, cpu_target: str | None = None) -> Session:
     """Load an artifact (checks manifest, machine and hashes first) and return a Session.
     max_seq_len: tokens per sequence (default: the artifact's, at most 4096);
     max_sequences: sequences open at once (KV memory is reserved for each at max_seq_len,
     unless kv_pages sizes a smaller pool that they share: at least one context's pages;
     kv_contexts: that pool as so many whole contexts, when kv_pages is not given);
     random_weights: only for artifacts compiled with --no-weights (speed runs);
-    cls: the Session class (kiln.runtime.load passes TensorParallelSession for split artifacts)."""
+    cls: the Session class (kiln.runtime.load passes TensorParallelSession for split artifacts);
+    cpu_target: a CPU level of a multi-level artifact (its mcpu, e.g. "x86-64-v2"; default:
+    the best level this host supports, see Session.target)."""
     if threads is not None:
         if not 1 <= threads <= 1024:
             raise RequestError(f"threads must be in [1, 1024], got {threads}")
         os.environ["TVM_NUM_THREADS"] = str(threads)
-    art = open_artifact(path, device=device, verify_hashes=verify)
+    art = open_artifact(path, device=device, verify_hashes=verify, cpu=cpu_target)
     if art.manifest.get("tensor_parallel") and (cls is None or not issubclass(cls, Session) or cls is Session):
         raise ArtifactError(f"{path}: a tensor-parallel artifact: load it with kiln.runtime.load (one worker per shard)")
     return (cls or Session)(art, device=device, max_seq_len=max_seq_len, random_weights=random_weights, prefill_chunk=prefill_chunk,
-                   max_sequences=max_sequences, kv_pages=kv_pages, kv_contexts=kv_contexts)
+                   max_sequences=max_sequences, kv_pages=kv_pages, kv_contexts=kv_contexts, cpu_target=cpu_target)

@@ -183,7 +183,7 @@ class TensorParallelSession(Session):
         w = _WORKER["session"]
         self._w0 = w
         for name in ("config", "vocab_size", "max_seq_len", "max_sequences", "prefill_chunk", "page_size", "tokenizer", "eos_ids",
-                     "tvm_device"):
+                     "tvm_device", "target"):
             setattr(self, name, getattr(w, name))
         self.params = None
         self.load_seconds = time.perf_counter() - t0

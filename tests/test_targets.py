@@ -91,3 +91,43 @@ def test_no_weights_artifact_runs_only_with_random_weights(tiny_checkpoint, tmp_
     res = s.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
     assert len(res.tokens) == 4 and all(0 <= t < s.vocab_size for t in res.tokens)
     assert np.isfinite(s.logits([1, 2, 3])).all()
+
+
+def test_cpu_levels_parse_into_one_library_each():
+    from kiln.compiler.target import library_path, parse_target  # noqa: PLC0415
+
+    tgs = parse_target("llvm:x86-64-v2,x86-64-v3,x86-64-v4")
+    assert [t.mcpu for t in tgs] == ["x86-64-v2", "x86-64-v3", "x86-64-v4"]
+    assert [library_path(t, tgs) for t in tgs] == ["lib/cpu-x86-64-v2.so", "lib/cpu-x86-64-v3.so", "lib/cpu-x86-64-v4.so"]
+    assert library_path(parse_target("llvm:x86-64-v3")[0], parse_target("llvm:x86-64-v3")) == "lib/cpu.so"
+    with pytest.raises(CompileError, match="named twice"):
+        parse_target("llvm:x86-64-v3,x86-64-v3")
+
+
+@pytest.mark.slow
+def test_one_artifact_for_every_x86_level_loads_the_best_this_host_runs(tiny_checkpoint, compiled, tmp_path):
+    """--target llvm:x86-64-v2,x86-64-v3,x86-64-v4: one library per level; load() takes the
+    level with the most flags this CPU has (never one it lacks), says which (Session.target),
+    and every level the host can run gives the native build's logits; a level it lacks is
+    refused by name before any code loads."""
+    from kiln.errors import ArtifactError  # noqa: PLC0415
+    from kiln.runtime.hostinfo import host_cpu_flags  # noqa: PLC0415
+
+    art = _compile(tiny_checkpoint, tmp_path, target="llvm:x86-64-v2,x86-64-v3,x86-64-v4", dtype="float32")
+    targets = load(art).artifact.manifest["targets"]
+    assert [t["library"] for t in targets] == ["lib/cpu-x86-64-v2.so", "lib/cpu-x86-64-v3.so", "lib/cpu-x86-64-v4.so"]
+    runnable = [t["mcpu"] for t in targets if set(t["required_cpu_flags"]) <= host_cpu_flags()]
+    assert "x86-64-v2" in runnable
+    assert load(art).target["mcpu"] == runnable[-1]  # the levels are nested: the last that fits is the best
+    ids = list(range(3, 40))
+    native = load(compiled("llama")).logits(ids)
+    for level in ("x86-64-v2", "x86-64-v3", "x86-64-v4"):
+        if level in runnable:
+            s = load(art, cpu_target=level)
+            assert s.target["mcpu"] == level
+            np.testing.assert_allclose(s.logits(ids), native, rtol=1e-4, atol=1e-4)
+        else:
+            with pytest.raises(ArtifactError, match="avx512"):
+                load(art, cpu_target=level)
+    with pytest.raises(ArtifactError, match="no cpu library for 'znver9'"):
+        load(art, cpu_target="znver9")
