@@ -38,6 +38,10 @@ from .target import parse_target
 from .weights import write_safetensors
 
 
+_UNKNOWN_SHAPE = ("; TVM could not derive an operator's output shape from the inputs' symbolic dims "
+                  "(pinning the input shapes with --input-shape NAME=D1,D2,... may help)")
+
+
 @dataclass(frozen=True)
 class GraphOptions:
     model: Path
@@ -103,10 +107,16 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
                 lowered = run_pipeline(mod, popts)
             except Exception as err:  # noqa: BLE001 - TVM raises many types; one line
                 msg = str(err).strip().splitlines()
-                raise CompileError(f"{opts.model}: kiln's passes failed for {tg.kind}: {type(err).__name__}: {(msg[-1] if msg else '')[:200]}") from None
+                raise CompileError(f"{opts.model}: kiln's passes failed for {tg.kind}: {type(err).__name__}: {(msg[-1] if msg else '')[:200]}"
+                                   + (_UNKNOWN_SHAPE if "ShapeExpr shape" in str(err) else "")) from None
             rel = f"lib/{tg.device}.so"
             with progress.waiting(f"codegen ({tg.kind} {tg.label})"):
-                build_library(lowered, writer.path(rel), tg, cuda_graphs=False)
+                try:
+                    build_library(lowered, writer.path(rel), tg, cuda_graphs=False)
+                except CompileError as err:
+                    if "cannot emit this Relax operator" not in str(err.__cause__):
+                        raise
+                    raise CompileError(f"{opts.model}: {str(err)[str(err).rfind('failed: ') + 8:]} was left unlowered" + _UNKNOWN_SHAPE) from None
             writer.record(rel)
             libraries.append({**tg.manifest(), "library": rel, "compute_dtype": "as in the graph"})
         progress("write weights")

@@ -114,7 +114,19 @@ def graph_io(model: OnnxModel, pinned: dict[str, list]) -> tuple[list[GraphIO], 
 
 
 def import_onnx(model: OnnxModel, pinned: dict[str, list] | None = None) -> ImportedGraph:
-    """Validate operators, fold constant shape arithmetic, lift weights to params and import."""
+    """Validate operators, fold constant shape arithmetic, lift weights to params and import.
+    MatMul weights are stored transposed (_nt_matmuls) unless the flattening that needs
+    fails on this graph (an activation whose shape the importer does not know): then
+    the graph is imported again as it is."""
+    try:
+        return _import(model, pinned, nt=True)
+    except UnsupportedModelError as err:
+        if "node kiln_nt" not in str(err):
+            raise
+    return _import(model, pinned, nt=False)
+
+
+def _import(model: OnnxModel, pinned: dict[str, list] | None, nt: bool) -> ImportedGraph:
     t = onnx_importer()
     check_operators(model, t.supported)
     inputs, outputs = graph_io(model, pinned or {})
@@ -136,7 +148,7 @@ def import_onnx(model: OnnxModel, pinned: dict[str, list] | None = None) -> Impo
         g2.initializer.append(_tensor(arr, init.name, init.dtype))
     for io_ in inputs:
         g2.input.append(helper.make_tensor_value_info(io_.name, _elem_type(io_.dtype), io_.shape))
-    nodes, lifted, extra = _nt_matmuls(list(model.graph.node), lifted)
+    nodes, lifted, extra = _nt_matmuls(list(model.graph.node), lifted) if nt else (list(model.graph.node), lifted, [])
     for name, arr in extra:
         consts[name] = arr
         g2.initializer.append(_tensor(arr, name, str(arr.dtype)))

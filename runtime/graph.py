@@ -103,7 +103,11 @@ class GraphModel:
         """Run the graph: {input name: array} -> {output name: array}, names as in the ONNX graph."""
         arrays = self.check_inputs(inputs)
         rt = self._rt
-        res = self._main(*[rt.runtime.tensor(a, self.tvm_device) for a in arrays], *self.params)
+        try:
+            res = self._main(*[rt.runtime.tensor(a, self.tvm_device) for a in arrays], *self.params)
+        except Exception as err:  # noqa: BLE001 - a check inside the library (a shape the manifest could not express): one line
+            msg = str(err).strip().splitlines()
+            raise RequestError(f"{self.artifact.path}: the graph refused these inputs: {type(err).__name__}: {(msg[-1] if msg else '')[:300]}") from None
         results = [res] if len(self.outputs) == 1 else list(res)
         if len(results) != len(self.outputs):
             raise ArtifactError(f"{self.artifact.path}: the graph returned {len(results)} values for {len(self.outputs)} outputs: recompile it")

@@ -195,3 +195,28 @@ def test_scalar_input(tmp_path):
     assert np.array_equal(m.run({"x": x, "s": np.array(3.0, np.float32)})["y"], 3 * x)
     with pytest.raises(RequestError, match=r"input s: rank 1 \[1\], the graph takes rank 0"):
         m.run({"x": x, "s": np.array([3.0], np.float32)})
+
+
+def test_unknown_output_shape_is_one_line_at_compile_time(tmp_path):
+    """Add of two inputs with unrelated symbolic dims: TVM cannot derive the output shape; the error says so and what helps."""
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    g = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"], name="add")], "add",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"]), helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k"])])
+    p = tmp_path / "add.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    with pytest.raises(CompileError) as e:
+        compile_onnx(p, tmp_path / "add.kiln")
+    assert "output shape" in str(e.value) and "--input-shape" in str(e.value) and "\n" not in str(e.value)
+    compile_onnx(p, tmp_path / "add.kiln", input_shapes=["a=4", "b=4"])
+    m = load(tmp_path / "add.kiln")
+    assert np.array_equal(m.run({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})["y"], 2 * np.ones(4))
+
+    def fail(*args):
+        raise ValueError("Check failed: something deep inside\n  more lines\nthe last line")
+
+    m._main = fail  # a check only the library makes: still one line
+    with pytest.raises(RequestError, match=r"the graph refused these inputs: ValueError: the last line$"):
+        m.run({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})
