@@ -22,7 +22,7 @@ def write_shards(m, writer, order, shapes, param_dtypes, stored, expanded, progr
     thunks = m.family.convert_hf(m.config, m.ck.tensor_names, m.ck.load, m.ck.source)
     if "lm_head.weight" not in thunks:  # tied: each shard's head rows come from the embedding table
         thunks["lm_head.weight"] = thunks["embed_tokens"]
-    splits = layout(m.family, m.config)
+    splits = layout(m.family, m.config, m.tp)
     files = []
     for rank in range(m.tp):
         packed: dict[str, dict] = {}
@@ -51,5 +51,5 @@ def write_shards(m, writer, order, shapes, param_dtypes, stored, expanded, progr
 
 def sharding_of(m, order: list[str], stored: dict) -> dict[str, str]:
     """param -> how it is split (manifest `tensor_parallel.sharding`), for inspection and export."""
-    splits = layout(m.family, m.config)
+    splits = layout(m.family, m.config, m.tp)
     return {name: splits[stored[name][0]].describe() for name in order}

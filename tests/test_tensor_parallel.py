@@ -34,12 +34,29 @@ def test_shards_of_a_concatenated_qkv_hold_their_own_heads_in_q_k_v_order():
     c = _config()
     n, rng = 2, np.random.default_rng(0)
     w = rng.standard_normal((c.q_size + 2 * c.kv_size, 8))
-    split = layout(family_for("LlamaForCausalLM"), c)["layers.0.attn.qkv_proj.weight"]
+    split = layout(family_for("LlamaForCausalLM"), c, 2)["layers.0.attn.qkv_proj.weight"]
     q, k, v = np.split(w, [c.q_size, c.q_size + c.kv_size])
     for r in range(n):
         s = shard(w, split, n, r)
         hq, hk = c.q_size // n, c.kv_size // n
         np.testing.assert_array_equal(s, np.concatenate([q[r * hq:(r + 1) * hq], k[r * hk:(r + 1) * hk], v[r * hk:(r + 1) * hk]]))
+
+
+def test_fewer_kv_heads_than_shards_are_replicated_to_the_shards_that_read_them():
+    """4 query heads, 1 KV head, 2 shards: each shard keeps its 2 query heads and the one KV head."""
+    c = _config(num_key_value_heads=1)
+    assert shard_config(c, 2).num_key_value_heads == 1
+    w = np.random.default_rng(2).standard_normal((c.q_size + 2 * c.kv_size, 8))
+    q, k, v = np.split(w, [c.q_size, c.q_size + c.kv_size])
+    split = layout(family_for("LlamaForCausalLM"), c, 2)["layers.0.attn.qkv_proj.weight"]
+    for r in range(2):
+        np.testing.assert_array_equal(shard(w, split, 2, r), np.concatenate([q[r * 32:(r + 1) * 32], k, v]))
+    # 8 KV heads over 16 shards: shards 2j and 2j+1 hold KV head j
+    c16 = _config(num_attention_heads=16, num_key_value_heads=8, head_dim=4)
+    w = np.arange(c16.q_size + 2 * c16.kv_size, dtype=np.float64)[:, None]
+    split = layout(family_for("LlamaForCausalLM"), c16, 16)["layers.0.attn.qkv_proj.weight"]
+    k_rows = [shard(w, split, 16, r)[4:8, 0] - c16.q_size for r in range(16)]
+    assert [int(k[0]) // 4 for k in k_rows] == [r // 2 for r in range(16)]
 
 
 def test_row_and_column_parallel_shards_reproduce_the_whole_mlp():
@@ -49,7 +66,7 @@ def test_row_and_column_parallel_shards_reproduce_the_whole_mlp():
     x = rng.standard_normal((3, c.hidden_size))
     gu = rng.standard_normal((2 * c.intermediate_size, c.hidden_size))
     down = rng.standard_normal((c.hidden_size, c.intermediate_size))
-    lay = layout(family_for("LlamaForCausalLM"), c)
+    lay = layout(family_for("LlamaForCausalLM"), c, 2)
 
     def mlp(gu, down):
         g, u = np.split(x @ gu.T, 2, axis=-1)
@@ -80,7 +97,7 @@ def test_the_shard_config_divides_heads_and_ffn_and_unties_the_head():
 
 @pytest.mark.parametrize("kw, n, words", [
     (dict(num_attention_heads=9, num_key_value_heads=3, head_dim=16), 2, "9 attention heads do not split evenly over 2"),
-    (dict(num_key_value_heads=1), 2, "1 KV heads do not split evenly over 2"),
+    (dict(num_attention_heads=6, num_key_value_heads=3), 2, "3 KV heads do not split evenly over 2"),
     (dict(intermediate_size=97), 2, "97 FFN columns"),
     (dict(num_local_experts=4, num_experts_per_tok=2), 2, "mixture-of-experts"),
     ({}, 0, "must be an integer in [1, 64]"),
@@ -91,12 +108,12 @@ def test_a_split_that_does_not_fit_is_refused_naming_the_numbers(kw, n, words):
     assert words in str(err.value)
 
 
-def _checkpoint(path, seed: int, **kw):
+def _checkpoint(path, seed: int, **cfg):
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG, **kw)).eval()
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
     with torch.no_grad():  # weights large enough that greedy tokens vary
         for p in model.parameters():
             p.mul_(8.0 if p.ndim == 2 else 1.0)
@@ -104,13 +121,15 @@ def _checkpoint(path, seed: int, **kw):
     return path
 
 
-@pytest.fixture(scope="module", params=["tied", "biases"])
+@pytest.fixture(scope="module", params=["tied", "biases", "one-kv-head"])
 def pair(request, tmp_path_factory):
     """(TP1 artifact, TP2 artifact) of one tiny model: tied embeddings (the head is cut
-    from the table), or biases on q/k/v/o and the MLP (row-parallel biases on shard 0)."""
-    kw = dict(tie_word_embeddings=True) if request.param == "tied" else dict(attention_bias=True, mlp_bias=True)
+    from the table), biases on q/k/v/o and the MLP (row-parallel biases on shard 0), or
+    one KV head for two shards (replicated)."""
+    kw = {"tied": dict(tie_word_embeddings=True), "biases": dict(attention_bias=True, mlp_bias=True),
+          "one-kv-head": dict(num_key_value_heads=1)}[request.param]
     d = tmp_path_factory.mktemp(f"tp-{request.param}")
-    ck = _checkpoint(d / "ck", seed=3 if request.param == "tied" else 4, **kw)
+    ck = _checkpoint(d / "ck", seed={"tied": 3, "biases": 4, "one-kv-head": 5}[request.param], **{**CONFIG, **kw})
     return compile_artifact(ck, d / "tp1.kiln"), compile_artifact(ck, d / "tp2.kiln", tensor_parallel=2)
 
 

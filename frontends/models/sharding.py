@@ -35,9 +35,12 @@ class Split:
 
     kind: str
     segments: tuple[int, ...] = ()
+    ways: tuple[int, ...] = ()  # "rows": parts per segment (default N); shard r takes part r * ways // N
 
     def describe(self) -> str:
-        return self.kind if not self.segments or len(self.segments) == 1 else f"{self.kind}{list(self.segments)}"
+        if not self.segments or len(self.segments) == 1:
+            return self.kind
+        return f"{self.kind}{list(self.segments)}" + (f" in {list(self.ways)} parts" if self.ways else "")
 
 
 REPLICATE = Split("replicate")
@@ -53,23 +56,30 @@ def shard_config(c: ModelConfig, n: int) -> ModelConfig:
         return c
     if c.num_experts:
         raise CompileError(f"--tensor-parallel {n}: mixture-of-experts models ({c.architecture}) do not split over GPUs yet")
-    uneven = [(what, v) for what, v in (("attention heads", c.num_attention_heads), ("KV heads", c.num_key_value_heads),
-                                         ("FFN columns (intermediate_size)", c.intermediate_size)) if v % n]
+    kv = c.num_key_value_heads
+    # fewer KV heads than shards: each KV head is replicated on the n / kv shards whose query heads read it
+    kv_uneven = kv % n and n % kv
+    uneven = [(what, v) for what, v, bad in (("attention heads", c.num_attention_heads, c.num_attention_heads % n),
+                                              ("KV heads", kv, kv_uneven),
+                                              ("FFN columns (intermediate_size)", c.intermediate_size, c.intermediate_size % n)) if bad]
     if uneven:
         what, v = uneven[0]
         raise CompileError(f"--tensor-parallel {n}: the model's {v} {what} do not split evenly over {n} GPUs "
                            f"({c.architecture}: {c.num_attention_heads} heads / {c.num_key_value_heads} KV heads, "
                            f"FFN {c.intermediate_size}, vocab {c.vocab_size}); pick a divisor")
-    return replace(c, num_attention_heads=c.num_attention_heads // n, num_key_value_heads=c.num_key_value_heads // n,
+    return replace(c, num_attention_heads=c.num_attention_heads // n, num_key_value_heads=max(kv // n, 1),
                    intermediate_size=c.intermediate_size // n, tie_word_embeddings=False, tensor_parallel=n)
 
 
-def layer_layout(c: ModelConfig) -> dict[str, Split]:
+def layer_layout(c: ModelConfig, n: int) -> dict[str, Split]:
     """A dense decoder layer's splits (full config), by param name within the layer."""
     ffn = (c.intermediate_size, c.intermediate_size)
+    kv = c.num_key_value_heads
+    ways = (n, min(n, kv), min(n, kv)) if kv < n else ()  # KV heads replicated when there are fewer than shards
+    qkv = Split("rows", (c.q_size, c.kv_size, c.kv_size), ways)
     return {
-        "attn.qkv_proj.weight": Split("rows", (c.q_size, c.kv_size, c.kv_size)),
-        "attn.qkv_proj.bias": Split("rows", (c.q_size, c.kv_size, c.kv_size)),
+        "attn.qkv_proj.weight": qkv,
+        "attn.qkv_proj.bias": qkv,
         "attn.o_proj.weight": Split("cols"),
         "attn.o_proj.bias": Split("first"),
         "mlp.gate_up_proj.weight": Split("rows", ffn),
@@ -79,12 +89,12 @@ def layer_layout(c: ModelConfig) -> dict[str, Split]:
     }
 
 
-def layout(family: type, c: ModelConfig) -> dict[str, Split]:
-    """Every param of the sharded graph -> its Split (full config c). A tied LM head is
+def layout(family: type, c: ModelConfig, n: int) -> dict[str, Split]:
+    """Every param of the graph split n ways -> its Split (full config c). A tied LM head is
     cut from the embedding table (`lm_head.weight` then has no HF tensor of its own)."""
     out = {name: REPLICATE for name in family.param_shapes(c)}
     out["lm_head.weight"] = Split("vocab")
-    per_layer = getattr(family, "tp_layer_layout", layer_layout)(c)
+    per_layer = getattr(family, "tp_layer_layout", layer_layout)(c, n)
     for i in range(c.num_hidden_layers):
         for k, split in per_layer.items():
             if f"layers.{i}.{k}" in out:
@@ -109,9 +119,10 @@ def shard(arr: np.ndarray, split: Split, n: int, rank: int) -> np.ndarray:
         return np.ascontiguousarray(part)
     if split.kind == "rows":
         parts, start = [], 0
-        for seg in split.segments:
-            step = seg // n
-            parts.append(arr[start + rank * step : start + (rank + 1) * step])
+        for i, seg in enumerate(split.segments):
+            ways = split.ways[i] if split.ways else n
+            step, part = seg // ways, rank * ways // n  # ways < n: n / ways shards share (replicate) a part
+            parts.append(arr[start + part * step : start + (part + 1) * step])
             start += seg
         if start != arr.shape[0]:
             raise CompileError(f"internal: a param of {arr.shape[0]} rows split as {list(split.segments)}")
