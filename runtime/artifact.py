@@ -93,7 +93,7 @@ class Artifact:
         if tp:  # split over GPUs: each shard's slice of the heads and FFN, its own weights file
             n = tp["size"]
             lines.append(f"  parallel tensor, {n} shards (one worker and GPU each): heads {c['num_attention_heads'] // n}/"
-                         f"{c['num_key_value_heads'] // n}, FFN {c['intermediate_size'] // n}, vocab rows {-(-c['vocab_size'] // n)} "
+                         f"{max(c['num_key_value_heads'] // n, 1)}, FFN {c['intermediate_size'] // n}, vocab rows {-(-c['vocab_size'] // n)} "
                          f"per shard; collectives {tp['ccl_library']}; the KV cache below is per shard")
         kv = m["kv_cache"]
         full = kv["bytes_per_token"] * kv["max_seq_len"]
