@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +137,57 @@ def _nccl_library() -> str:
     return "libnccl.so.2"
 
 
+_POOLS: list = []  # the worker processes of the session being created (its pool function fills it)
+
+
+def _create_process_pool(num_workers: int, num_groups: int, entrypoint: str):
+    """disco's process pool (workers 1..N-1), kiln's way: like TVM's own, but it keeps the
+    Popen objects, so the controller can see a worker die, and holds each worker's end of
+    the command pipe open, so disco's teardown (which writes a shutdown to every worker)
+    never meets a closed pipe (a write error there aborts the process)."""
+    import subprocess  # noqa: PLC0415
+
+    procs: dict[int, subprocess.Popen] = {}
+    held: list[int] = []
+    _POOLS.append(procs)
+
+    def result(worker_id: int):
+        if worker_id == 0:  # disco is shutting the session down: reap the workers
+            for proc in procs.values():
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            for fd in held:
+                os.close(fd)
+            held.clear()
+            return None
+        main_read, worker_write = os.pipe()
+        worker_read, main_write = os.pipe()
+        cmd = [sys.executable, "-m", entrypoint, str(worker_id), str(num_workers), str(num_groups), str(worker_read), str(worker_write)]
+        procs[worker_id] = subprocess.Popen(cmd, pass_fds=(worker_read, worker_write))
+        os.close(worker_write)
+        held.append(worker_read)
+        return runtime().ffi.Shape([main_read, main_write])
+
+    return result
+
+
+def _start_workers(d, n: int):
+    """A disco process session of n workers through _create_process_pool; returns it and {rank: Popen}."""
+    runtime().ffi.register_global_func("kiln.tp.create_process_pool", _create_process_pool, override=True)
+
+    class KilnProcessSession(d.ProcessSession):
+        def __init__(self):  # (ProcessSession's own __init__ names TVM's pool)
+            self.__init_handle_by_constructor__(d.api.SessionProcess, n, 1, "kiln.tp.create_process_pool", ENTRYPOINT)
+
+    _POOLS.clear()
+    sess = KilnProcessSession()
+    procs = _POOLS.pop() if _POOLS else {}
+    return sess, procs
+
+
 class TensorParallelSession(Session):
     """A Session over a tensor-parallel artifact: `load()` returns one for such an
     artifact. Same API as Session; `params` is None (the weights live in the workers)."""
@@ -170,8 +222,11 @@ class TensorParallelSession(Session):
             os.close(fd)
             ccl = {"backend": "shm", "world": self.shards, "key": shm}
         _worker_path()
-        self._disco = d.ProcessSession(num_workers=self.shards, entrypoint=ENTRYPOINT)
+        self._disco, self._procs = _start_workers(d, self.shards)
         self._closed = False
+        self._dead: str | None = None  # set by the watchdog when a worker process exits
+        watchdog = threading.Thread(target=self._watch, name="kiln-tp-watchdog", daemon=True)
+        watchdog.start()
         try:
             self._broadcast("kiln.tp.open", str(artifact.path), device, json.dumps(opts), json.dumps(ccl))
         except BaseException:
@@ -193,10 +248,14 @@ class TensorParallelSession(Session):
         """Call func(*args) on every worker; return worker 0's result or raise its error."""
         if self._closed:
             raise RequestError("this tensor-parallel session is closed")
+        if self._dead:
+            raise KilnError(self._dead)
         _WORKER["result"] = None
         self._disco.get_global_func(func)(*args)
         self._disco._sync_worker(0)
         res = _WORKER["result"]
+        if self._dead:  # worker 0 was released from a collective by the watchdog's abort
+            raise KilnError(self._dead)
         if res is None:
             raise KilnError(f"tensor-parallel worker 0 returned nothing from {func}")
         kind, value = res
@@ -205,6 +264,21 @@ class TensorParallelSession(Session):
             raise value
         return value
 
+    def _watch(self) -> None:
+        """Poll the worker processes; when one exits, abort this process's collectives (worker
+        0 then fails out of any it is waiting in, instead of hanging) and fail the session."""
+        while not self._closed:
+            for rank, proc in self._procs.items():
+                rc = proc.poll()
+                if rc is not None and not self._closed:
+                    self._dead = (f"tensor-parallel worker {rank} (pid {proc.pid}) exited with status {rc}: "
+                                  f"this session cannot continue; load the artifact again")
+                    abort = runtime().get_global_func("kiln.ccl.abort")
+                    if abort is not None:
+                        abort()
+                    return
+            time.sleep(0.1)
+
     def _call(self, method: str, *args, **kwargs):
         return self._broadcast("kiln.tp.call", method, json.dumps([list(args), kwargs], default=_plain))
 
@@ -212,7 +286,8 @@ class TensorParallelSession(Session):
         """Stop the workers and free their GPUs (dropping the session does it too)."""
         if not self._closed:
             try:
-                self._broadcast("kiln.tp.close")
+                if not self._dead:
+                    self._broadcast("kiln.tp.close")
             except Exception:  # noqa: BLE001,S110  (closing must not fail)
                 pass
             self._closed = True

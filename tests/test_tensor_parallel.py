@@ -199,3 +199,29 @@ def test_kiln_serve_on_a_split_artifact_answers_like_the_unsplit_one(pair):
     one_out, two_out = serve(pair[0]), serve(pair[1])
     assert all(o is not None and len(o) == 12 for o in two_out)
     assert two_out == one_out
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_fails_the_session_at_once_and_close_cleans_up(pair):
+    """SIGKILL one worker: the next step raises at once naming it (the watchdog aborts the
+    collectives worker 0 would wait in), later steps too, and close() reaps the rest."""
+    import os  # noqa: PLC0415
+    import re  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from kiln.errors import KilnError  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    two = load(pair[1], threads=1)
+    proc = two._procs[1]
+    assert two.logits([5, 17, 99]).shape == (3, 211)
+    os.kill(proc.pid, signal.SIGKILL)
+    t = time.perf_counter()
+    with pytest.raises(KilnError, match=re.escape(f"worker 1 (pid {proc.pid}) exited")):
+        two.logits([5, 17, 99])
+    assert time.perf_counter() - t < 10
+    with pytest.raises(KilnError, match="cannot continue"):
+        two.generate([5, 17], max_new_tokens=2)
+    two.close()
+    assert proc.poll() is not None

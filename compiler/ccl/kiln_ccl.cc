@@ -119,7 +119,7 @@ struct alignas(64) ShmHeader {
   std::atomic<uint32_t> arrived;
   std::atomic<uint32_t> generation;
   uint32_t world;
-  uint32_t pad;
+  std::atomic<uint32_t> aborted;  // set by kiln.ccl.abort in any process: every waiting rank gives up
   uint64_t slot_bytes;
 };
 
@@ -150,6 +150,9 @@ struct Context {
     // on an oversubscribed CPU a sleeping rank would add its wake-up latency to every collective
     auto start = std::chrono::steady_clock::now();
     for (uint64_t spin = 0; hdr->generation.load(std::memory_order_acquire) == gen; ++spin) {
+      if (hdr->aborted.load(std::memory_order_relaxed)) {
+        TVM_FFI_THROW(RuntimeError) << "kiln.ccl: the collective was aborted (another worker failed)";
+      }
       if (spin < 4096) {
 #if defined(__x86_64__)
         __builtin_ia32_pause();
@@ -350,6 +353,17 @@ int64_t NcclVersion(String lib) {
   return v;
 }
 
+// From any thread of any rank's process, while others may be waiting in a collective: the
+// controller's watchdog calls it when a worker dies, so the survivors fail instead of hanging.
+void Abort() {
+  Context& c = Ctx();
+  if (c.backend == "shm" && c.hdr != nullptr) c.hdr->aborted.store(1, std::memory_order_relaxed);
+  if (c.backend == "nccl" && c.comm != nullptr) {
+    c.nccl.CommAbort(c.comm);  // NCCL's kernels waiting on a dead peer see the abort flag and return
+    c.comm = nullptr;
+  }
+}
+
 void Shutdown(bool abort) {
   Context& c = Ctx();
   if (c.backend == "nccl" && c.comm != nullptr) {
@@ -382,4 +396,5 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   def("kiln.ccl.nccl_version", Function::FromTyped(NcclVersion));
   def("kiln.ccl.rank", Function::FromTyped([]() -> int64_t { return Ctx().backend.empty() ? -1 : Ctx().rank; }));
   def("kiln.ccl.shutdown", Function::FromTyped(Shutdown));
+  def("kiln.ccl.abort", Function::FromTyped(Abort));
 }
