@@ -214,8 +214,11 @@ def test_ctrl_c_in_codegen_reads_as_interrupted(tiny, tmp_path, phase, delay):
     not `codegen ... failed: RuntimeError`; nothing is left behind."""
     model, _ = tiny
     out = tmp_path / "i.kiln"
+    # SIGINT at its default in the child: a suite started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-u", "-m", "kiln.cli", "compile", str(model), "-o", str(out), "--dtype", "float32"],
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     try:
         for line in proc.stderr:
