@@ -109,13 +109,15 @@ class Session:
         elif m.get("weights_file") is None:
             if not random_weights:
                 raise ArtifactError(f"{artifact.path}: compiled with --no-weights; it runs only with random weights (kiln bench --random-weights)")
-            weights = random_weights_for(m["params"])
+            weights = None  # made below, on the device
         elif random_weights:
             raise RequestError("random_weights is for artifacts compiled with --no-weights")
         else:
             weights = read_weights(artifact)
-        if device == "cpu":
-            self.params = self._load_params(weights)
+        if weights is None and device != "cpu":
+            self.params = random_weights_on(rt, self.tvm_device, m["params"])
+        elif device == "cpu":
+            self.params = self._load_params(weights if weights is not None else random_weights_for(m["params"]))
         else:
             self.params = [self._to_device(spec, raw) for spec, raw in weights]
         # every open sequence may grow to max_seq_len: the cache reserves pages for all of them
@@ -517,27 +519,58 @@ def _vm_function(vm, name: str):
         return None
 
 
-def random_weights_for(params: list[dict]) -> list[tuple[dict, np.ndarray]]:
-    """Random params of the spec's shapes/dtypes for speed runs: N(0, 0.02) matrices
-    and biases, norm weights 1. One 16 MiB random block is tiled across every
-    tensor, so filling an 8B-parameter model takes seconds, not minutes."""
+def _random_sources(params: list[dict]):
+    """Per param spec, the bytes its random values repeat (cyclically, in order): N(0, 0.02)
+    for matrices and biases from one 16 MiB float32 block in the param's dtype, 1 for norm
+    weights, random bytes for quantized codes (clear of the values the format never writes:
+    the next code down, fixed in the 4 MiB block -- fixing 8 GB of fp8 codes took minutes)."""
     block = (np.random.default_rng(0).standard_normal(1 << 22) * 0.02).astype(np.float32)
     codes = np.random.default_rng(1).integers(0, 256, 1 << 22, dtype=np.uint8)
     clean: dict[tuple, np.ndarray] = {}
-    out = []
+    by_dtype: dict = {}
     for spec in params:
-        n = int(np.prod(spec["shape"]))
         dt = numpy_dtype(spec["dtype"])
         if len(spec["shape"]) == 1 and "norm" in spec["name"]:
-            arr = np.ones(n, dtype=dt)
-        elif dt.kind in "iu":  # quantized codes: random bytes
-            bad = tuple(spec.get("invalid_codes") or ())  # byte values the format never writes (e4m3 NaN): the next code down
-            if bad not in clean:  # (fixed in the 4 MiB block, not in the tiled tensor: 8 GB of fp8 codes took minutes)
+            src = np.ones(int(np.prod(spec["shape"])), dtype=dt)
+        elif dt.kind in "iu":
+            bad = tuple(spec.get("invalid_codes") or ())
+            if bad not in clean:
                 clean[bad] = np.where(np.isin(codes, bad), codes - 1, codes).astype(np.uint8) if bad else codes
-            arr = np.resize(clean[bad], n * dt.itemsize).view(dt)
+            src = clean[bad]
         else:
-            arr = np.resize(block.astype(dt), n)
-        out.append((spec, arr.view(np.uint8)))
+            if dt not in by_dtype:
+                by_dtype[dt] = block.astype(dt)
+            src = by_dtype[dt]
+        yield spec, src.view(np.uint8)
+
+
+def _nbytes(spec: dict) -> int:
+    return int(np.prod(spec["shape"])) * numpy_dtype(spec["dtype"]).itemsize
+
+
+def random_weights_for(params: list[dict]) -> list[tuple[dict, np.ndarray]]:
+    """Random params of the spec's shapes/dtypes for speed runs (host arrays; values in
+    _random_sources): filling an 8B-parameter model takes seconds, not minutes."""
+    return [(spec, np.resize(src, _nbytes(spec))) for spec, src in _random_sources(params)]
+
+
+def random_weights_on(rt, device, params: list[dict]) -> list:
+    """The same random params as random_weights_for, made on `device`: each source block is
+    copied over once, then tiled into every param by device-side copies. For GPUs, where the
+    host copy of a 70B model's weights would not fit in host memory and its upload would
+    take minutes."""
+    out, on_device = [], {}
+    for spec, src in _random_sources(params):
+        arr = rt.runtime.empty(tuple(spec["shape"]), spec["dtype"], device)
+        if id(src) not in on_device:
+            on_device[id(src)] = (src, rt.runtime.tensor(np.ascontiguousarray(src), device))
+        blk = on_device[id(src)][1]
+        total, size = _nbytes(spec), src.size
+        flat = arr._create_view((total,), "uint8")
+        for off in range(0, total, size):
+            n = min(size, total - off)
+            blk._create_view((n,), "uint8").copyto(flat._create_view((n,), "uint8", off))
+        out.append(arr)
     return out
 
 

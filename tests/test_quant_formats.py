@@ -104,3 +104,19 @@ def test_random_weights_avoid_the_codes_a_format_never_writes():
 def test_plan_lists_the_registry_in_its_errors():
     with pytest.raises(Exception, match="supported: none, q8, q4g32, q4g128, fp8"):
         QuantPlan.parse("q3")
+
+
+def test_random_weights_made_on_a_device_equal_the_host_ones():
+    """random_weights_on (GPUs: tiled by device copies, nothing the size of the model on the
+    host) writes exactly random_weights_for's bytes, for float, 16-bit, code and norm params of
+    sizes that are no multiple of the source blocks."""
+    from kiln.runtime.session import random_weights_for, random_weights_on  # noqa: PLC0415
+    from kiln.tvm_compat import runtime  # noqa: PLC0415
+
+    rt = runtime()
+    params = [{"name": "l.attn_norm.weight", "shape": [72], "dtype": "float32"},
+              {"name": "w", "shape": [3000, 2001], "dtype": "bfloat16"},
+              {"name": "x.q", "shape": [5000, 1001], "dtype": "uint8", "invalid_codes": [127, 255]},
+              {"name": "b", "shape": [77], "dtype": "float16"}]
+    for (spec, raw), t in zip(random_weights_for(params), random_weights_on(rt, rt.tvm.cpu(0), params)):
+        assert np.array_equal(t._create_view((raw.size,), "uint8").numpy(), raw), spec["name"]
