@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import threading
+import weakref
 import time
 from pathlib import Path
 
@@ -225,7 +226,9 @@ class TensorParallelSession(Session):
         self._disco, self._procs = _start_workers(d, self.shards)
         self._closed = False
         self._dead: str | None = None  # set by the watchdog when a worker process exits
-        watchdog = threading.Thread(target=self._watch, name="kiln-tp-watchdog", daemon=True)
+        # (a weak reference: a session dropped without close() is still collected, and disco's
+        # destructor then stops its workers)
+        watchdog = threading.Thread(target=_watch, args=(weakref.ref(self), self._procs), name="kiln-tp-watchdog", daemon=True)
         watchdog.start()
         try:
             self._broadcast("kiln.tp.open", str(artifact.path), device, json.dumps(opts), json.dumps(ccl))
@@ -263,21 +266,6 @@ class TensorParallelSession(Session):
         if kind == "error":
             raise value
         return value
-
-    def _watch(self) -> None:
-        """Poll the worker processes; when one exits, abort this process's collectives (worker
-        0 then fails out of any it is waiting in, instead of hanging) and fail the session."""
-        while not self._closed:
-            for rank, proc in self._procs.items():
-                rc = proc.poll()
-                if rc is not None and not self._closed:
-                    self._dead = (f"tensor-parallel worker {rank} (pid {proc.pid}) exited with status {rc}: "
-                                  f"this session cannot continue; load the artifact again")
-                    abort = runtime().get_global_func("kiln.ccl.abort")
-                    if abort is not None:
-                        abort()
-                    return
-            time.sleep(0.1)
 
     def _call(self, method: str, *args, **kwargs):
         return self._broadcast("kiln.tp.call", method, json.dumps([list(args), kwargs], default=_plain))
@@ -345,6 +333,26 @@ class TensorParallelSession(Session):
     @property
     def kv_pages_total(self) -> int | None:
         return self._w0.kv_pages_total
+
+
+def _watch(session_ref, procs: dict) -> None:
+    """Poll a session's worker processes; when one exits, abort this process's collectives
+    (worker 0 then fails out of any it is waiting in, instead of hanging) and fail the session."""
+    while True:
+        session = session_ref()
+        if session is None or session._closed:
+            return
+        for rank, proc in procs.items():
+            rc = proc.poll()
+            if rc is not None:
+                session._dead = (f"tensor-parallel worker {rank} (pid {proc.pid}) exited with status {rc}: "
+                                 f"this session cannot continue; load the artifact again")
+                abort = runtime().get_global_func("kiln.ccl.abort")
+                if abort is not None:
+                    abort()
+                return
+        del session
+        time.sleep(0.1)
 
 
 def _worker_path() -> None:
