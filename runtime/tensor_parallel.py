@@ -27,8 +27,8 @@ import os
 import sys
 import tempfile
 import threading
-import weakref
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
