@@ -280,7 +280,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
         if chat:
             def entry(t, lp):
                 text = token_text(t)
-                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+                raw = session.tokenizer.token_bytes(t) if session.tokenizer is not None else text.encode("utf-8")
+                return {"token": text, "logprob": lp, "bytes": list(raw)}
 
             return {"content": [{**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top or []]}
                                 for ev in tokens]}

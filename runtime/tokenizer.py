@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import ArtifactError, RequestError
@@ -27,9 +28,13 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer  # noqa: PLC0415
 
         try:
-            self.tok = HFTokenizer.from_str(path.read_text(encoding="utf-8"))
+            raw = path.read_text(encoding="utf-8")
+            self.tok = HFTokenizer.from_str(raw)
         except Exception as err:  # tokenizers raises plain Exception
             raise ArtifactError(f"{path}: tokenizer cannot be loaded: {err}") from None
+        kinds = _decoder_kinds(json.loads(raw).get("decoder"))
+        self._byte_level = "ByteLevel" in kinds  # GPT-2-style byte alphabet
+        self._byte_fallback = "ByteFallback" in kinds  # <0xNN> tokens
         self.chat_template = meta.get("chat_template")
         self.bos_token = meta.get("bos_token")
         self.eos_token = meta.get("eos_token")
@@ -67,6 +72,52 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (logprobs' `bytes`): a token holding part of a
+        UTF-8 character gives those raw bytes, where decoding it alone gives U+FFFD.
+        Byte-level BPE (GPT-2's alphabet: Llama 3, Qwen, SmolLM2) maps each character back
+        to its byte; sentencepiece-style byte fallback spells a byte <0xNN>."""
+        piece = self.tok.id_to_token(token)
+        if piece is None:
+            return b""
+        if self._byte_level and all(ch in _UNICODE_TO_BYTE for ch in piece):
+            return bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+        if self._byte_fallback:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+            return piece.replace("\u2581", " ").encode("utf-8")
+        return self.decode([token]).encode("utf-8")
+
+
+def _decoder_kinds(dec) -> set[str]:
+    """The `type`s of a tokenizer.json decoder, through Sequence decoders."""
+    if not isinstance(dec, dict):
+        return set()
+    out = {dec.get("type")}
+    for d in dec.get("decoders") or []:
+        out |= _decoder_kinds(d)
+    return out
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the other
+    bytes for code points from 256 up, in byte order (what tokenizers' ByteLevel uses)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _byte_alphabet()
 
 
 class StreamDecoder:

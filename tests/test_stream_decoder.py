@@ -190,3 +190,33 @@ def test_stream_decoder_and_stop_matcher_together(smol):
         if m.stopped:
             break
     assert m.stopped and "".join(out) == "héllo 世界 "
+
+
+def test_token_bytes_are_the_raw_bytes_of_partial_characters(tmp_path):
+    """logprobs' `bytes`: a byte-level BPE token holding one byte of a UTF-8 character, or a
+    byte-fallback <0xNN> token, gives that byte (decoding it alone gives U+FFFD)."""
+    from tokenizers import Tokenizer as HF  # noqa: PLC0415
+    from tokenizers import decoders, models, pre_tokenizers  # noqa: PLC0415
+
+    from kiln.runtime.tokenizer import _UNICODE_TO_BYTE, Tokenizer  # noqa: PLC0415
+
+    alphabet = {ch: b for ch, b in _UNICODE_TO_BYTE.items()}
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=alphabet.get))}
+    vocab["\u0120hello"] = len(vocab)  # " hello"
+    bl = HF(models.BPE(vocab=vocab, merges=[]))
+    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bl.decoder = decoders.ByteLevel()
+    (tmp_path / "bl.json").write_text(bl.to_str())
+    t = Tokenizer(tmp_path / "bl.json", {})
+    e2 = vocab[next(ch for ch, b in alphabet.items() if b == 0xE2)]
+    assert t.decode([e2]) == "\ufffd" and t.token_bytes(e2) == b"\xe2"
+    assert t.token_bytes(vocab["\u0120hello"]) == b" hello"
+    assert b"".join(t.token_bytes(i) for i in t.encode("h\u00e9\u20ac")) == "h\u00e9\u20ac".encode()
+
+    fb_vocab = {"<unk>": 0, "<0xE2>": 1, "<0x82>": 2, "<0xAC>": 3, "\u2581hi": 4}
+    fb = HF(models.BPE(vocab=fb_vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    fb.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    (tmp_path / "fb.json").write_text(fb.to_str())
+    t = Tokenizer(tmp_path / "fb.json", {})
+    assert [t.token_bytes(i) for i in (1, 2, 3)] == [b"\xe2", b"\x82", b"\xac"] and t.token_bytes(4) == b" hi"
+    assert t.decode([1]) != "\u20ac" and t.decode([1, 2, 3]) == "\u20ac"
