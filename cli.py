@@ -115,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (benchmarks)")
     r.add_argument("--max-seq-len", type=int, default=None, help="context to reserve KV memory for")
     r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--cpu-target", default=None, metavar="LEVEL", help="a CPU level of a multi-level artifact (e.g. x86-64-v2; default: the best this CPU runs)")
     r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
@@ -145,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--gen-len", type=int, default=128)
     be.add_argument("--context", type=int, default=0, help="also time decode after this many tokens already cached (KV cache advanced without a prefill)")
     be.add_argument("--threads", type=int, default=None)
+    be.add_argument("--cpu-target", default=None, metavar="LEVEL", help="a CPU level of a multi-level artifact (e.g. x86-64-v2; default: the best this CPU runs)")
     be.add_argument("--json", action="store_true")
 
     sv = add("serve", "serve an artifact over HTTP with OpenAI's API (completions, chat, streaming), batching requests")
@@ -308,7 +310,7 @@ def cmd_run(a) -> int:
         raise KilnError("one of --prompt or --tokens is required")
 
     sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed)
-    s = load(a.artifact, device=a.device, max_seq_len=a.max_seq_len, threads=a.threads)
+    s = load(a.artifact, device=a.device, max_seq_len=a.max_seq_len, threads=a.threads, cpu_target=a.cpu_target)
     ids = _parse_tokens(a.tokens) if a.tokens is not None else s.encode_prompt(a.prompt, chat=a.chat)
 
     def echo(text: str) -> None:
@@ -426,7 +428,7 @@ def cmd_bench(a) -> int:
     if not 1 <= a.prompt_len <= 1 << 20 or not 1 <= a.gen_len <= 1 << 20 or not 0 <= a.context <= 1 << 20:
         raise KilnError("--prompt-len and --gen-len must be in [1, 1048576], --context in [0, 1048576]")
     s = load(a.artifact, device=a.device, threads=a.threads, random_weights=a.random_weights,
-             max_seq_len=max(a.prompt_len, a.context) + a.gen_len + 2)
+             max_seq_len=max(a.prompt_len, a.context) + a.gen_len + 2, cpu_target=a.cpu_target)
     out = speed_run(s, a.prompt_len, a.gen_len, a.context)
     if a.json:
         print(json.dumps(out))
