@@ -17,33 +17,32 @@ from .tensor_parallel import TensorParallelSession
 from .session import load as load_session
 
 
-def artifact_kind(path: str | Path) -> str | None:
-    """The manifest's kind ("graph"), None for a language model or anything unreadable
-    (the full checks of load / open_artifact then say what is wrong)."""
+def _peek(path: str | Path) -> dict:
+    """The manifest as JSON before any check, to pick a loader; {} when unreadable (the
+    full checks of load / open_artifact then say what is wrong)."""
     try:
         p = Path(path) / mf.MANIFEST_NAME
         if p.stat().st_size > mf.MAX_MANIFEST_BYTES:
-            return None
-        kind = json.loads(p.read_bytes()).get("kind")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError, RecursionError):
-        return None
+            return {}
+        m = json.loads(p.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def artifact_kind(path: str | Path) -> str | None:
+    """The manifest's kind ("graph"), None for a language model or anything unreadable."""
+    kind = _peek(path).get("kind")
     return kind if isinstance(kind, str) else None
-
-
-def _tensor_parallel(path: str | Path) -> bool:
-    """Whether the manifest splits the model over several workers (its checks come later)."""
-    try:
-        return bool(json.loads((Path(path) / mf.MANIFEST_NAME).read_bytes()).get("tensor_parallel"))
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError, RecursionError):
-        return False
 
 
 def load(path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True, **session_options) -> Session | GraphModel:
     """Load an artifact (checks manifest, machine and hashes first). A language
     model gives a Session (session_options: see runtime.session.load); a graph
     artifact gives a GraphModel with run({name: array}) -> {name: array}."""
-    if artifact_kind(path) != mf.GRAPH_KIND:
-        if _tensor_parallel(path):  # split over GPUs: one disco worker per shard
+    peek = _peek(path)
+    if peek.get("kind") != mf.GRAPH_KIND:
+        if peek.get("tensor_parallel"):  # split over GPUs: one disco worker per shard
             session_options["cls"] = TensorParallelSession
         return load_session(path, device=device, threads=threads, verify=verify, **session_options)
     given = sorted(k for k, v in session_options.items() if v not in (None, False))

@@ -6,6 +6,8 @@ arithmetic through Cast/Slice/Concat) and silero-vad's voice activity detector
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers.onnx_models import RAPIDOCR_CLS, RAPIDOCR_PACKAGE, SILERO_PACKAGE, SILERO_VAD, ort_run, pypi_onnx_model
@@ -16,15 +18,20 @@ from kiln.runtime import load
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def rapidocr_cls(tmp_path_factory):
+def _compiled(tmp_path_factory, package: str, name: str, what: str):
+    """(onnx path, compiled artifact) of a model inside a PyPI wheel, or a skip when it is not cached."""
     pytest.importorskip("onnxruntime")
-    p = pypi_onnx_model(RAPIDOCR_PACKAGE, RAPIDOCR_CLS)
+    p = pypi_onnx_model(package, name)
     if p is None:
-        pytest.skip(f"{RAPIDOCR_PACKAGE}'s classifier is not in the kiln cache: KILN_FETCH_MODELS=1 downloads it")
-    art = tmp_path_factory.mktemp("rapidocr") / "cls.kiln"
+        pytest.skip(f"{package}'s {what} is not in the kiln cache: KILN_FETCH_MODELS=1 downloads it")
+    art = tmp_path_factory.mktemp(package) / f"{Path(name[0]).stem}.kiln"
     compile_onnx(p, art)
     return p, art
+
+
+@pytest.fixture(scope="module")
+def rapidocr_cls(tmp_path_factory):
+    return _compiled(tmp_path_factory, RAPIDOCR_PACKAGE, RAPIDOCR_CLS, "classifier")
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 48, 192), (3, 3, 48, 100)])
@@ -41,13 +48,7 @@ def test_rapidocr_classifier_matches_onnxruntime(rapidocr_cls, shape):
 
 @pytest.fixture(scope="module")
 def silero_vad(tmp_path_factory):
-    pytest.importorskip("onnxruntime")
-    p = pypi_onnx_model(SILERO_PACKAGE, SILERO_VAD)
-    if p is None:
-        pytest.skip(f"{SILERO_PACKAGE}'s model is not in the kiln cache: KILN_FETCH_MODELS=1 downloads it")
-    art = tmp_path_factory.mktemp("silero") / "vad.kiln"
-    compile_onnx(p, art)
-    return p, art
+    return _compiled(tmp_path_factory, SILERO_PACKAGE, SILERO_VAD, "model")
 
 
 @pytest.mark.parametrize("batch", [1, 2])
