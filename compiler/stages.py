@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import CompileError
 from ..frontends.models.hf_names import check_finite
+from ..frontends.models.sharding import layout, shard
 from ..passes.kernels.gemm_cuda import ROWS_QCODES
 from ..passes.kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
 from ..passes.kernels.kv_quant import QuantKV
@@ -26,7 +27,7 @@ from .cuda_codegen import nvcc_callback
 from .ccl import build_ccl
 from .options import CudaOptions
 from .progress import Progress
-from .shards import sharding_of, write_shards
+from .shards import shard_file, sharding_of
 from .target import CompileTarget, library_path
 from .weights import write_safetensors
 
@@ -65,7 +66,7 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
     built = Built([_param_entry(n, shapes[n], param_dtypes[n], expanded[stored[n][0]]) for n in order],
                   int(sum(int(np.prod(v)) for v in m.family.param_shapes(m.config).values())))
     if m.tp > 1:
-        files = None if no_weights else write_shards(m, writer, order, shapes, param_dtypes, stored, expanded, progress)
+        files = None if no_weights else write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, built.imported, progress)
         build_ccl(writer.path("lib/ccl.so"))
         writer.record("lib/ccl.so")
         built.tensor_parallel = {"size": m.tp, "ccl_library": "lib/ccl.so", "weights_files": files,
@@ -126,37 +127,50 @@ def export_graphs(m, page_size: int, cuda_decode_batch: bool | None = None):
     return mods, named_params
 
 
-def write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, imported: dict, progress: Progress) -> None:
+def write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, imported: dict, progress: Progress) -> list[str]:
+    """The weights file, or one per tensor-parallel shard (each float param cut before it is
+    quantized: compiler/shards.py); returns the files written, by shard."""
     thunks = m.family.convert_hf(m.config, m.ck.tensor_names, m.ck.load, m.ck.source)
-    sources = m.family.hf_sources_for(m.config, set(m.ck.tensor_names)) if m.plan is not None else {}
-    packed: dict[str, dict] = {}  # the last quantized matrix's arrays (parts are written consecutively)
+    splits = layout(m.family, m.config, m.tp) if m.tp > 1 else None
+    if splits is not None and "lm_head.weight" not in thunks:  # tied: each shard's head rows come from the table
+        thunks["lm_head.weight"] = thunks["embed_tokens"]
+    # the file's own quantized blocks are imported whole, so only into an unsplit model
+    sources = m.family.hf_sources_for(m.config, set(m.ck.tensor_names)) if m.plan is not None and splits is None else {}
+    files = []
+    for rank in range(m.tp):
+        packed: dict[str, dict] = {}  # the last quantized matrix's arrays (parts are written consecutively)
 
-    def produce(name: str) -> np.ndarray:
-        base, _ = stored[name]
-        fmt = expanded[base]["fmt"]
-        if fmt is None:
+        def weight(base: str, rank=rank) -> np.ndarray:
             arr = thunks[base]()
             check_finite(base, arr, m.ck.source)
-            return arr
-        if base not in packed:
-            packed.clear()
-            direct = _direct_import(m.ck, sources.get(base, ()), fmt)
-            if direct is not None:
-                imported["direct"] += 1
-                packed[base] = direct
-            else:
-                arr = thunks[base]()
-                check_finite(base, arr, m.ck.source)
-                packed[base] = fmt.quantize_stacked(arr)  # [N, K], or [E, N, K] experts
-                imported["requantized"] += 1
-        return packed[base][name.rsplit(".", 1)[1]]
+            return arr if splits is None else shard(arr, splits[base], m.tp, rank)
 
-    info = write_safetensors(writer.open("weights.safetensors"), order, shapes, param_dtypes, produce,
-                             lambda done, total: progress.count("weights", done, total))
-    writer.record("weights.safetensors", info)
+        def produce(name: str, rank=rank, packed=packed, weight=weight) -> np.ndarray:
+            base, _ = stored[name]
+            fmt = expanded[base]["fmt"]
+            if fmt is None:
+                return weight(base)
+            if base not in packed:
+                packed.clear()
+                direct = _direct_import(m.ck, sources.get(base, ()), fmt)
+                if direct is not None:
+                    packed[base] = direct
+                else:
+                    packed[base] = fmt.quantize_stacked(weight(base))  # [N, K], or [E, N, K] experts
+                if rank == 0:
+                    imported["direct" if direct is not None else "requantized"] += 1
+            return packed[base][name.rsplit(".", 1)[1]]
+
+        rel = "weights.safetensors" if splits is None else shard_file(rank)
+        what = "weights" if splits is None else f"weights (shard {rank + 1} of {m.tp})"
+        info = write_safetensors(writer.open(rel), order, shapes, param_dtypes, produce,
+                                 lambda done, total, what=what: progress.count(what, done, total))
+        writer.record(rel, info)
+        files.append(rel)
     if m.plan is not None:
         progress(f"quantized matrices: {imported['direct']} taken from the file's own blocks as they are, "
                  f"{imported['requantized']} re-quantized from float")
+    return files
 
 
 def _direct_import(ck, srcs, fmt) -> dict | None:
