@@ -38,12 +38,13 @@ _KNOWN = {
     "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
     "sliding_window", "use_sliding_window", "max_window_layers", "model_type", "hidden_act",
     "transformers_version", "initializer_range", "use_cache", "attention_dropout", "pretraining_tp",
-    "rope_parameters", "layer_types",
+    "rope_parameters", "layer_types", "rope_local_base_freq",
     # mixture of experts: normalised below, or training-only (aux loss, router noise, router logits output)
     "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
     "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "router_jitter_noise", "output_router_logits",
 }
 _ROPE_TYPES = ("default", "llama3", "linear")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def _field(cfg: dict, name: str, file: str, *, default: Any = None, required: bool = True) -> Any:
@@ -126,6 +127,10 @@ class ModelConfig:
     attention_out_bias: bool = False  # bias on the o projection (HF Llama/Qwen3: same flag as q, k, v)
     mlp_bias: bool = False  # bias on gate, up and down projections
     sliding_window: int | None = None
+    # per layer "full_attention" | "sliding_attention" (empty: every layer alike); sliding
+    # layers use the window and, where set, their own RoPE base (Gemma 3's local layers)
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     source_dtype: str = "float32"
@@ -165,7 +170,15 @@ class ModelConfig:
             raise ModelFormatError(f"{file}: head_dim ({head_dim}) must be even for rotary embeddings")
         vocab = _int(_field(cfg, "vocab_size", file), "vocab_size", file, 1, MAX_VOCAB)
         rope_params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+        local_rope = {}
+        if isinstance(rope_params.get("full_attention"), dict):
+            # transformers 5 writes one set of RoPE parameters per layer type (Gemma 3)
+            local_rope = rope_params.get("sliding_attention") or {}
+            rope_params = rope_params["full_attention"]
         rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        rope_local = cfg.get("rope_local_base_freq", local_rope.get("rope_theta"))
+        if local_rope.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(f"{file}: RoPE scaling on sliding-window layers ({local_rope['rope_type']}) is not supported")
         rope_scaling_raw = cfg.get("rope_scaling")
         if rope_scaling_raw is None and rope_params.get("rope_type", "default") != "default":
             rope_scaling_raw = rope_params
@@ -198,6 +211,8 @@ class ModelConfig:
             attention_out_bias=_bool(cfg.get("attention_bias", False), "attention_bias", file),
             mlp_bias=_bool(cfg.get("mlp_bias", False), "mlp_bias", file),
             sliding_window=None if sliding is None else _int(sliding, "sliding_window", file, 1, MAX_CONTEXT),
+            layer_types=_layer_types(cfg.get("layer_types"), file, layers),
+            rope_local_theta=None if rope_local is None else _float(rope_local, "rope_local_base_freq", file, 1.0, 1e12),
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=eos,
             source_dtype=dtype,
@@ -247,6 +262,14 @@ def _moe_fields(cfg: dict, file: str, layers: int, inter: int) -> dict:
         "decoder_sparse_step": _int(cfg.get("decoder_sparse_step", 1), "decoder_sparse_step", file, 1, MAX_LAYERS),
         "mlp_only_layers": tuple(sorted({_int(i, "mlp_only_layers", file, 0, layers - 1) for i in only})),
     }
+
+
+def _layer_types(raw: Any, file: str, layers: int) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) != layers or any(t not in LAYER_TYPES for t in raw):
+        raise ModelFormatError(f"{file}: field 'layer_types' must list {layers} of {', '.join(LAYER_TYPES)}")
+    return tuple(raw)
 
 
 def _bool(value: Any, name: str, file: str) -> bool:

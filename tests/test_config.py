@@ -15,6 +15,11 @@ from kiln.frontends.config import ModelConfig
 transformers = pytest.importorskip("transformers")
 
 
+# keys a family reads from ModelConfig.extra itself (frontends/models/gemma3.py adapt_config)
+FAMILY_KEYS = {"gemma3": {"query_pre_attn_scalar", "hidden_activation", "final_logit_softcapping", "attn_logit_softcapping",
+                          "use_bidirectional_attention", "_sliding_window_pattern"}}
+
+
 def v5_config(tiny_checkpoint, arch) -> dict:
     return json.loads((tiny_checkpoint(arch) / "config.json").read_text())
 
@@ -23,6 +28,9 @@ def as_v4(cfg: dict) -> dict:
     """The same config as transformers 4.x wrote it."""
     cfg = dict(cfg)
     rope = dict(cfg.pop("rope_parameters"))
+    if "full_attention" in rope:  # one set per layer type (Gemma 3): 4.x wrote the local base on its own
+        cfg["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = dict(rope["full_attention"])
     cfg["rope_theta"] = rope.pop("rope_theta")
     cfg["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
     return cfg
@@ -36,10 +44,14 @@ def test_fields_match_transformers(arch, tiny_checkpoint):
     assert mc.architecture == hf.architectures[0]
     assert (mc.hidden_size, mc.num_attention_heads, mc.num_key_value_heads) == (hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads)
     assert mc.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
-    assert mc.rope_theta == hf.rope_parameters["rope_theta"]
+    rope = hf.rope_parameters.get("full_attention", hf.rope_parameters)
+    assert mc.rope_theta == rope["rope_theta"]
+    if "sliding_attention" in hf.rope_parameters:
+        assert mc.rope_local_theta == hf.rope_parameters["sliding_attention"]["rope_theta"]
+        assert mc.layer_types == tuple(hf.layer_types)
     assert mc.rms_norm_eps == hf.rms_norm_eps
     assert mc.tie_word_embeddings == hf.tie_word_embeddings
-    assert mc.extra == {}, "keys kiln does not know in a config transformers wrote"
+    assert set(mc.extra) <= FAMILY_KEYS.get(arch, set()), "keys kiln does not know in a config transformers wrote"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -18,6 +18,7 @@ written once. Exported Relax functions (all params passed packed, last arg):
 
 from __future__ import annotations
 
+from ...errors import UnsupportedModelError
 from ..config import ModelConfig
 from .hf_names import HFNames
 from .layers import Linear, QWeight, RMSNorm, _precision, _tvm, gather_vocab, greedy_pick, greedy_pick_rows, matmul_any, nn, op, q_take, take, to_compute
@@ -25,8 +26,9 @@ from .layers import Linear, QWeight, RMSNorm, _precision, _tvm, gather_vocab, gr
 spec = _tvm.spec
 
 
-def tvm_paged_kv_cache(*, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, rope_scale, rope_theta, rope_scaling, dtype, target, **shape_vars):
-    """TVM's own TIR paged KV cache (RoPE applied on append)."""
+def tvm_paged_kv_cache(*, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, rope_scale, rope_theta, rope_scaling, dtype, target,
+                       rope_mode=_tvm.kv_cache.RopeMode.NORMAL, **shape_vars):
+    """TVM's own TIR paged KV cache (RoPE applied on append unless rope_mode is NONE)."""
     return _tvm.kv_cache.TIRPagedKVCache(
         attn_kind="mha",
         layer_partition=_tvm.relax.ShapeExpr([0, num_hidden_layers]),
@@ -37,7 +39,7 @@ def tvm_paged_kv_cache(*, num_hidden_layers, num_attention_heads, num_key_value_
         v_head_dim=head_dim,
         mla_original_qk_head_dim=0,
         mla_original_v_head_dim=0,
-        rope_mode=_tvm.kv_cache.RopeMode.NORMAL,
+        rope_mode=rope_mode,
         rope_scale=rope_scale,
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
@@ -55,6 +57,7 @@ class DecoderLM(HFNames, nn.Module):
 
     layer_cls: type = None  # the family's decoder layer, (config, dtype) -> nn.Module
     batch_decode: bool = False  # export decode_batch too (the compiler sets it for targets with kernels for it)
+    rope_in_graph: bool = False  # the layers apply RoPE themselves (layers.rope); the cache's RoPE is off
 
     def __init__(self, config: ModelConfig, dtype, kv_cache_factory=None, kv_quant=None):
         """dtype: storage dtype string, or a Precision (storage + compute).
@@ -65,6 +68,9 @@ class DecoderLM(HFNames, nn.Module):
         then the int32 meta tensor) and return the updated pages and scales."""
         self.config = config
         self.kv_quant = kv_quant
+        if kv_quant is not None and self.rope_in_graph:
+            raise UnsupportedModelError(f"{config.architecture}: a quantized KV cache (--kv-dtype) is not available yet for "
+                                        f"models whose layers apply RoPE themselves")
         self.precision = _precision(dtype)
         self.dtype = self.precision.storage
         dtype = self.precision
@@ -162,6 +168,7 @@ class DecoderLM(HFNames, nn.Module):
             rope_scaling=rope_scaling,
             dtype=self.precision.compute,
             target=_tvm.Target.current(),
+            rope_mode=_tvm.kv_cache.RopeMode.NONE if self.rope_in_graph else _tvm.kv_cache.RopeMode.NORMAL,
         )
 
     def export_spec(self) -> dict:

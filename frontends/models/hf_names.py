@@ -132,8 +132,13 @@ class HFNames:
         expected = cls.param_shapes(c)
         out: dict[str, Callable[[], np.ndarray]] = {}
         for name, srcs in sources.items():
-            out[name] = _concat_thunk(name, srcs, expected[name], load, file)
+            out[name] = cls.convert_param(name, _concat_thunk(name, srcs, expected[name], load, file))
         return out
+
+    @classmethod
+    def convert_param(cls, name: str, thunk: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+        """A family's conversion-time change to one param (Gemma folds its norms' +1), as data."""
+        return thunk
 
 
 def _concat_thunk(name, srcs, shape, load, file):

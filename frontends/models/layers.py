@@ -185,6 +185,31 @@ class RMSNorm(nn.Module):
         return op.rms_norm(x, self.weight, axes=[-1], epsilon=self.eps)
 
 
+def rope(x, positions, theta: float, scale: float = 1.0, name: str = "rope"):
+    """Rotate-half RoPE in the graph, for families whose layers differ in their
+    RoPE (Gemma 3: a base per layer type), where the KV cache's one RoPE on
+    append cannot serve. x  # [b, s, heads, head_dim]; positions  # [b * s] int32
+    (the cache's get_query_positions); angle = position * scale * theta^(-2i/head_dim),
+    in float32 as transformers computes it (scale: 1 / factor of linear scaling)."""
+    te, tir = _tvm.te, _tvm.tirx
+
+    def compute(xt, pt):
+        seq, dim = xt.shape[1], int(xt.shape[3])
+        half = dim // 2
+
+        def body(b, s, h, d):
+            two_i = (tir.truncmod(d, half) * 2).astype("float32")
+            inv_freq = tir.const(1.0, "float32") / tir.power(tir.const(theta, "float32"), two_i / tir.const(dim, "float32"))
+            angle = pt[b * seq + s].astype("float32") * (inv_freq * tir.const(scale, "float32"))
+            xv = xt[b, s, h, d].astype("float32")
+            other = tir.if_then_else(d < half, -xt[b, s, h, d + half], xt[b, s, h, d - half]).astype("float32")
+            return (xv * tir.cos(angle) + other * tir.sin(angle)).astype(xt.dtype)
+
+        return te.compute(xt.shape, body, name=name)
+
+    return op.tensor_expr_op(compute, name, [x, positions])
+
+
 class QWeight(nn.Module):
     """A quantized [N, K] matrix stored as the arrays of its format (params
     `q`, `s`, and `z` for formats with a minimum; passes/quant/formats/). Never

@@ -43,9 +43,12 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, dtype, bias=c.mlp_bias, role="gate_up_proj")
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype, bias=c.mlp_bias, role="down_proj")
 
+    def act(self, gate):
+        return op.silu(gate)  # SwiGLU (Gemma: GeGLU)
+
     def forward(self, x):
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return all_reduce(self.down_proj(op.silu(gate) * up), self.shards)  # FFN columns are split over shards
+        return all_reduce(self.down_proj(self.act(gate) * up), self.shards)  # FFN columns are split over shards
 
 
 class LlamaDecoderLayer(nn.Module):

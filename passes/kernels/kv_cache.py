@@ -32,7 +32,7 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
     def __init__(self, *, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
                  num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int,
                  rope_scale: float, rope_theta: float, rope_scaling: dict, dtype: str, target, name: str = "paged_kv_cache",
-                 kernel_page_size: int = 16):
+                 kernel_page_size: int = 16, rope_mode=_kv.RopeMode.NORMAL):
         # page_size is a runtime shape (the runtime passes the manifest's); kiln's decode
         # kernels are specialised for the compile-time page size the manifest records
         bb = rx.BlockBuilder.current()
@@ -53,7 +53,7 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
             rx.prim_value(d),
             rx.ShapeExpr([int(_kv.AttnKind.MHA) for _ in range(num_hidden_layers)]),
             rx.prim_value(False),  # disaggregation
-            rx.prim_value(int(_kv.RopeMode.NORMAL)),
+            rx.prim_value(int(rope_mode)),  # NONE: the layers apply RoPE themselves
             rx.prim_value(rope_scale),
             rx.prim_value(rope_theta),
             rx.prim_value(0),  # rope_ext_factors

