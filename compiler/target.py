@@ -6,6 +6,11 @@ Spellings:
   llvm:x86-64-v3       an explicit LLVM CPU name (also znver4, skylake-avx512, ...)
   llvm:x86-64-v2,x86-64-v3,x86-64-v4   one library per level in one artifact; the runtime
                        loads the best the host supports (never an illegal instruction)
+  llvm:aarch64         64-bit Arm, armv8.2-a + dotprod (cross-compiled on an x86 host, linked
+                       by aarch64-linux-gnu-gcc)
+  llvm:cortex-a76      a named Arm CPU (also neoverse-n1, neoverse-v1, cortex-a72, ...): its
+                       features (i8mm, sve, ...) are what the loading machine must have
+  llvm:aarch64,neoverse-v1   several levels again; x86 and Arm libraries may share an artifact
   cuda:sm_90           a CUDA arch (cross-compiled: no GPU or driver needed)
   cuda:sm_80,sm_89,sm_90   one library with SASS for each arch + PTX of the newest
 
@@ -25,6 +30,21 @@ from ..tvm_compat import compiler
 
 _TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 
+# Named CPU levels that are not LLVM CPU names: name -> (triple, LLVM mcpu, mattr).
+# `aarch64` is the baseline of the Arm boards kiln aims at (Raspberry Pi 5, RK3588,
+# Jetson Orin, Graviton 2+): armv8.2-a with the int8 dot product. LLVM's `generic`
+# CPU with those two features, rather than a core that has them (cortex-a55), so
+# that code is tuned for no particular core (cortex-a55 is an in-order little core:
+# its scheduling model would shape code for the big cores too) and the manifest
+# names exactly the features it needs.
+CPU_ALIASES = {"aarch64": ("aarch64-linux-gnu", "generic", ("+v8.2a", "+dotprod"))}
+
+# Linking a library for another machine: the cross gcc, and where to get it.
+CROSS_LINKERS = {
+    "aarch64-linux-gnu": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    "x86_64-linux-gnu": ("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu"),
+}
+
 
 @dataclass(frozen=True)
 class CompileTarget:
@@ -36,10 +56,20 @@ class CompileTarget:
     arch: str = ""  # cuda: the arch TVM generates code for (the oldest of archs)
     archs: tuple[str, ...] = field(default=())  # cuda: SASS in the fatbin for each of these
     llvm_features: tuple[str, ...] = field(default=())
+    name: str = ""  # llvm: the CPU as the user named it (`aarch64` is mcpu generic + mattr)
+    mattr: tuple[str, ...] = field(default=())
 
     @property
     def label(self) -> str:
-        return self.mcpu if self.kind == "llvm" else ",".join(self.archs)
+        return (self.name or self.mcpu) if self.kind == "llvm" else ",".join(self.archs)
+
+    @property
+    def linker(self) -> str | None:
+        """The C compiler that links this library: None for this machine's default;
+        a cross gcc for a library another machine runs."""
+        if self.triple == host_triple():
+            return None
+        return CROSS_LINKERS[self.triple][0]
 
     @property
     def device(self) -> str:
@@ -48,7 +78,8 @@ class CompileTarget:
     def tvm_target(self):
         t = compiler()
         if self.kind == "llvm":
-            return t.Target({"kind": "llvm", "mtriple": self.triple, "mcpu": self.mcpu})
+            attrs = {"mattr": list(self.mattr)} if self.mattr else {}
+            return t.Target({"kind": "llvm", "mtriple": self.triple, "mcpu": self.mcpu, **attrs})
         return t.Target({"kind": "cuda", "arch": self.arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
                          "thread_warp_size": 32, "host": {"kind": "llvm", "mtriple": self.triple}})
 
@@ -60,7 +91,9 @@ class CompileTarget:
         out = {"kind": self.kind, "device": self.device, "triple": self.triple, "os": "linux"}
         if self.kind == "llvm":
             out.update(
+                cpu=self.label,
                 mcpu=self.mcpu,
+                **({"mattr": list(self.mattr)} if self.mattr else {}),
                 machine=self.triple.split("-")[0],
                 required_cpu_flags=self.required_cpu_flags(),
             )
@@ -107,8 +140,6 @@ def host_triple() -> str:
 
 def parse_target(spec: str) -> list[CompileTarget]:
     """`llvm`, `llvm:CPU`, comma lists. Raises CompileError with the accepted forms."""
-    t = compiler()
-    codegen = t.tvm.target.codegen
     targets = []
     parts: list[str] = []
     for p in [p.strip() for p in spec.split(",") if p.strip()]:
@@ -121,18 +152,7 @@ def parse_target(spec: str) -> list[CompileTarget]:
     for part in parts:
         kind, _, arg = part.partition(":")
         if kind == "llvm":
-            triple = host_triple()
-            mcpu = arg or codegen.llvm_get_system_cpu()
-            if not codegen.llvm_is_valid_cpu(mcpu, triple):
-                raise CompileError(f"--target {part}: {mcpu!r} is not a CPU LLVM knows for {triple} (try x86-64-v3, znver4, skylake-avx512)")
-            tgt = t.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu})
-            feats = codegen.llvm_get_cpu_features(tgt)
-            if triple.startswith("x86_64") and "64bit" not in feats:
-                # a 32-bit CPU (pentium, i686, ...) is a valid LLVM name for the triple, but
-                # LLVM aborts the whole process building 64-bit code for it
-                raise CompileError(f"--target {part}: {mcpu!r} is a 32-bit CPU; kiln builds x86-64 code "
-                                   f"(try x86-64, x86-64-v3, znver4, skylake-avx512)")
-            targets.append(CompileTarget("llvm", triple=triple, mcpu=mcpu, llvm_features=tuple(sorted(feats))))
+            targets.append(_cpu_target(part, arg))
         elif kind == "cuda":
             targets.append(_cuda_target(part, arg.split(",")))
         else:
@@ -143,6 +163,44 @@ def parse_target(spec: str) -> list[CompileTarget]:
     if len(set(labels)) != len(labels):
         raise CompileError(f"--target {spec}: a CPU or CUDA target is named twice")
     return targets
+
+
+def _cpu_target(part: str, name: str) -> CompileTarget:
+    """`llvm` (this CPU), `llvm:NAME`: an alias (aarch64), or an LLVM CPU name of this
+    machine's architecture or, failing that, of the other one (cross-compiled)."""
+    codegen = compiler().tvm.target.codegen
+    here = host_triple()
+    if name in CPU_ALIASES:
+        triple, mcpu, mattr = CPU_ALIASES[name]
+    else:
+        mcpu, mattr = name or codegen.llvm_get_system_cpu(), ()
+        others = [tr for tr in dict.fromkeys(CROSS_LINKERS) if tr != here]
+        triple = next((tr for tr in [here, *others] if codegen.llvm_is_valid_cpu(mcpu, tr)), None)
+        if triple is None:
+            raise CompileError(f"--target {part}: {mcpu!r} is not a CPU LLVM knows for {' or '.join([here, *others])} "
+                               f"(try x86-64-v3, znver4, skylake-avx512, aarch64, cortex-a76, neoverse-v1)")
+    tgt = compiler().Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu, **({"mattr": list(mattr)} if mattr else {})})
+    feats = codegen.llvm_get_cpu_features(tgt)
+    if triple.startswith("x86_64") and "64bit" not in feats:
+        # a 32-bit CPU (pentium, i686, ...) is a valid LLVM name for the triple, but
+        # LLVM aborts the whole process building 64-bit code for it
+        raise CompileError(f"--target {part}: {mcpu!r} is a 32-bit CPU; kiln builds x86-64 code "
+                           f"(try x86-64, x86-64-v3, znver4, skylake-avx512)")
+    out = CompileTarget("llvm", triple=triple, mcpu=mcpu, llvm_features=tuple(sorted(feats)),
+                        name=name if name in CPU_ALIASES else "", mattr=mattr)
+    check_linker(part, out)
+    return out
+
+
+def check_linker(part: str, tg: CompileTarget) -> None:
+    """A library for another machine is linked by its cross gcc: refuse early, naming the
+    package, when it is not installed."""
+    import shutil  # noqa: PLC0415
+
+    cc = tg.linker
+    if cc is not None and shutil.which(cc) is None:
+        raise CompileError(f"--target {part}: cross-compiling for {tg.triple.split('-')[0]} needs the linker {cc}, not on PATH "
+                           f"(Debian/Ubuntu: apt-get install {CROSS_LINKERS[tg.triple][1]})")
 
 
 def library_path(tg: CompileTarget, targets) -> str:

@@ -31,18 +31,21 @@ class Artifact:
 
     def target_for(self, device: str, cpu: str | None = None) -> dict:
         """The target entry to load for `device`. An artifact with several CPU levels
-        (--target llvm:x86-64-v2,x86-64-v3,x86-64-v4) gives the level with the most
-        required CPU flags that this host has, or the one named `cpu` (its mcpu)."""
+        (--target llvm:x86-64-v2,x86-64-v3,x86-64-v4, or x86 and aarch64 libraries side
+        by side) gives, of this machine's architecture, the level with the most required
+        CPU flags that this host has, or the one named `cpu` (see cpu_name)."""
         cands = [t for t in self.manifest["targets"] if t["device"] == device]
         if not cands:
             have = ", ".join(t["device"] for t in self.manifest["targets"])
             raise ArtifactError(f"{self.path}: artifact has no code for device {device!r} (it has: {have}); recompile with a matching --target")
         if cpu is not None:
-            named = [t for t in cands if t.get("mcpu") == cpu]
+            named = [t for t in cands if cpu_name(t) == cpu]
             if not named:
-                levels = ", ".join(str(t.get("mcpu")) for t in cands)
+                levels = ", ".join(str(cpu_name(t)) for t in cands)
                 raise ArtifactError(f"{self.path}: has no {device} library for {cpu!r} (it has: {levels})")
             return named[0]
+        mine = [t for t in cands if t.get("machine", host_machine()) == host_machine()]
+        cands = mine or cands  # none: check_host says which machine the code is for
         if len(cands) == 1:
             return cands[0]
         have = host_cpu_flags()
@@ -80,12 +83,14 @@ class Artifact:
                 lines.append("  quality  not measured")
         cpus = [t for t in m["targets"] if t["device"] == "cpu"]
         here = self.target_for("cpu") if len(cpus) > 1 else None
+        if here is not None and here.get("machine") != host_machine():
+            here = None
         for t in m["targets"]:
             if t["kind"] == "cuda":  # SASS per arch (+ PTX the driver can JIT for newer GPUs)
                 archs = ",".join(t.get("archs") or [t.get("arch", "")])
                 desc = f"cuda {archs}" + (f" + PTX {t['ptx']}" if t.get("ptx") else "") + f", compute {t.get('compute_dtype', '?')}, host {t['triple']}"
             else:
-                desc = f"{t['kind']} {t.get('mcpu', '')} {t['triple']}"
+                desc = f"{t['kind']} {cpu_name(t)} {t['triple']}" + (f" (mcpu {t['mcpu']} {','.join(t['mattr'])})" if t.get("mattr") else "")
             flags = t.get("required_cpu_flags")
             mark = "  <- this host loads it" if t is here else ""
             lines.append(f"  target   {t['device']}: {desc}" + (f"  needs {' '.join(flags)}" if flags else "") + mark)
@@ -135,6 +140,12 @@ class Artifact:
         return lines
 
 
+def cpu_name(target: dict) -> str | None:
+    """A CPU library's name as given to --target (`x86-64-v3`, `aarch64`, `cortex-a76`);
+    LLVM's mcpu in artifacts older than the `cpu` key."""
+    return target.get("cpu") or target.get("mcpu")
+
+
 def _safe_rel(root: Path, rel: str) -> Path:
     p = (root / rel).resolve()
     if not str(p).startswith(str(root.resolve()) + os.sep):
@@ -181,14 +192,18 @@ def check_host(art: Artifact, device: str, cpu: str | None = None) -> None:
         raise ArtifactError(f"{art.path}: built for {tgt.get('os')}, this machine runs {host_os()}: recompile on/for {host_os()}")
     machine = tgt.get("machine")
     if machine != host_machine():
-        raise ArtifactError(f"{art.path}: built for {machine} hosts, this machine is {host_machine()}: recompile for {host_machine()}")
+        name = cpu_name(tgt) if device == "cpu" else None
+        what = machine + (f" (CPU {name})" if name and name != machine else "")
+        raise ArtifactError(f"{art.path}: built for {what}, this machine is {host_machine()}: recompile with --target llvm "
+                            f"(this CPU), or run it on {machine} (kiln bundle --platform linux-{machine})")
     if device == "cpu":
         have = host_cpu_flags()
         missing = sorted(set(tgt.get("required_cpu_flags", [])) - have) if have else []
         if missing:
+            older = {"aarch64": "llvm:cortex-a72 (armv8.0-a)"}.get(machine, "llvm:x86-64-v2")
             raise ArtifactError(
-                f"{art.path}: built for CPU {tgt.get('mcpu')} which needs {', '.join(missing)}, not on this CPU: "
-                f"recompile with --target llvm (this CPU) or an older one such as --target llvm:x86-64-v2"
+                f"{art.path}: built for CPU {cpu_name(tgt)} which needs {', '.join(missing)}, not on this CPU: "
+                f"recompile with --target llvm (this CPU) or an older one such as --target {older}"
             )
 
 

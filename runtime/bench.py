@@ -79,7 +79,7 @@ def speed_run(session, prompt_len: int, gen_len: int, context: int = 0) -> dict:
     gbs = (per_token + kv) * res.decode_tok_per_s / 1e9
     copy = copy_bandwidth(s)
     out = {
-        "device": s.device, "target": s.target.get("mcpu") or ",".join(s.target.get("archs") or []),
+        "device": s.device, "target": s.target.get("cpu") or s.target.get("mcpu") or ",".join(s.target.get("archs") or []),
         "prompt_len": prompt_len, "gen_len": gen_len,
         "load_seconds": round(s.load_seconds, 3),
         "time_to_first_token_ms": round(res.prefill_seconds * 1e3, 2),

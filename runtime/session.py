@@ -73,7 +73,7 @@ class Session:
                  shard: int = 0, cpu_target: str | None = None):
         """shard: which tensor-parallel shard this process runs (its weights file and, on
         CUDA, GPU `shard`); runtime/tensor_parallel.py starts one Session per shard.
-        cpu_target: which CPU level of a multi-level artifact to run (its mcpu; default:
+        cpu_target: which CPU level of a multi-level artifact to run (its --target CPU name; default:
         the best this host supports)."""
         t0 = time.perf_counter()
         rt = runtime()
@@ -610,7 +610,7 @@ def load(path: str | Path, device: str = "cpu", max_seq_len: int | None = None, 
     kv_contexts: that pool as so many whole contexts, when kv_pages is not given);
     random_weights: only for artifacts compiled with --no-weights (speed runs);
     cls: the Session class (kiln.runtime.load passes TensorParallelSession for split artifacts);
-    cpu_target: a CPU level of a multi-level artifact (its mcpu, e.g. "x86-64-v2"; default:
+    cpu_target: a CPU level of a multi-level artifact (its --target CPU name, e.g. "x86-64-v2" or "aarch64"; default:
     the best level this host supports, see Session.target)."""
     if threads is not None:
         if not 1 <= threads <= 1024:
