@@ -121,11 +121,13 @@ def read_model(opts: CompileOptions, progress: Progress) -> Model:
     if dtype not in DTYPES:
         raise CompileError(f"--dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}")
     max_ctx = config.max_position_embeddings
-    if config.sliding_window is not None:
-        max_ctx = min(max_ctx, config.sliding_window)  # attention stays exact within the window
+    windowed = config.sliding_window is not None and config.sliding_window < max_ctx
+    if windowed:
+        max_ctx = config.sliding_window  # attention stays exact within the window (docs/DESIGN.md, Gemma 3)
     if opts.max_seq_len is not None:
         if not 1 <= opts.max_seq_len <= max_ctx:
-            raise CompileError(f"--max-seq-len {opts.max_seq_len} is outside [1, {max_ctx}] for this model")
+            why = " (kiln caps the context at the model's sliding window; longer contexts need windowed attention kernels)" if windowed else ""
+            raise CompileError(f"--max-seq-len {opts.max_seq_len} is outside [1, {max_ctx}] for this model{why}")
         max_ctx = opts.max_seq_len
     all_cpu = all(tg.kind == "llvm" for tg in targets)
     kv_fmt = kv_format(opts.kv_dtype, "float32" if all_cpu else dtype)
