@@ -338,6 +338,7 @@ def cmd_run(a) -> int:
             "prefill_tok_per_s": round(res.prefill_tok_per_s, 2),
             "decode_tok_per_s": round(res.decode_tok_per_s, 2),
             "load_seconds": round(s.load_seconds, 3),
+            "target": s.target.get("cpu") or s.target.get("mcpu") or ",".join(s.target.get("archs") or []),
         }, ensure_ascii=False))
     else:
         print(",".join(map(str, res.tokens)) if s.tokenizer is None else "")  # no tokenizer: nothing was streamed
@@ -378,7 +379,8 @@ def cmd_eval(a) -> int:
     nll = float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
     if a.logits_out:
         np.save(a.logits_out, logits.astype(np.float32))
-    out = {"tokens": len(ids), "mean_nll": nll, "perplexity": math.exp(nll), "seconds": round(secs, 3)}
+    out = {"tokens": len(ids), "mean_nll": nll, "perplexity": math.exp(nll), "seconds": round(secs, 3),
+           "target": s.target.get("cpu") or s.target.get("mcpu") or ",".join(s.target.get("archs") or [])}
     print(json.dumps(out) if a.json else f"tokens {len(ids)}  mean NLL {nll:.4f}  perplexity {math.exp(nll):.3f}  ({secs:.2f} s)")
     return 0
 

@@ -192,8 +192,8 @@ def check_host(art: Artifact, device: str, cpu: str | None = None) -> None:
         raise ArtifactError(f"{art.path}: built for {tgt.get('os')}, this machine runs {host_os()}: recompile on/for {host_os()}")
     machine = tgt.get("machine")
     if machine != host_machine():
-        name = cpu_name(tgt) if device == "cpu" else None
-        what = machine + (f" (CPU {name})" if name and name != machine else "")
+        names = [cpu_name(t) for t in m["targets"] if device == "cpu" == t["device"] and cpu_name(t) != machine]
+        what = machine + (f" (CPU {', '.join(names)})" if names else "")
         raise ArtifactError(f"{art.path}: built for {what}, this machine is {host_machine()}: recompile with --target llvm "
                             f"(this CPU), or run it on {machine} (kiln bundle --platform linux-{machine})")
     if device == "cpu":

@@ -65,6 +65,11 @@ def _aarch64_hwcaps() -> set[str]:
             raw = f.read()
     except OSError:
         return set()
+    return hwcaps_from_auxv(raw)
+
+
+def hwcaps_from_auxv(raw: bytes) -> set[str]:
+    """The arm64 hwcap names set in an auxiliary vector (pairs of native uint64: type, value)."""
     aux = dict(struct.iter_unpack("=QQ", raw[: len(raw) // 16 * 16]))
     hw, hw2 = aux.get(_AT_HWCAP, 0), aux.get(_AT_HWCAP2, 0)
     return {n for i, n in enumerate(_HWCAP) if hw >> i & 1} | {n for i, n in enumerate(_HWCAP2) if hw2 >> i & 1}
