@@ -39,10 +39,11 @@ _TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu", "aarch64"
 # names exactly the features it needs.
 CPU_ALIASES = {"aarch64": ("aarch64-linux-gnu", "generic", ("+v8.2a", "+dotprod"))}
 
-# Linking a library for another machine: the cross gcc, and where to get it.
+# Linking a library for another machine: the cross gcc, and the Debian packages of it
+# and of its C library (a Recommends of the gcc, missing after --no-install-recommends).
 CROSS_LINKERS = {
-    "aarch64-linux-gnu": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
-    "x86_64-linux-gnu": ("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu"),
+    "aarch64-linux-gnu": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"),
+    "x86_64-linux-gnu": ("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross"),
 }
 
 
@@ -195,12 +196,22 @@ def _cpu_target(part: str, name: str) -> CompileTarget:
 def check_linker(part: str, tg: CompileTarget) -> None:
     """A library for another machine is linked by its cross gcc: refuse early, naming the
     package, when it is not installed."""
+    import os  # noqa: PLC0415
     import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
 
     cc = tg.linker
-    if cc is not None and shutil.which(cc) is None:
-        raise CompileError(f"--target {part}: cross-compiling for {tg.triple.split('-')[0]} needs the linker {cc}, not on PATH "
-                           f"(Debian/Ubuntu: apt-get install {CROSS_LINKERS[tg.triple][1]})")
+    if cc is None:
+        return
+    _, gcc_pkg, libc_pkg = CROSS_LINKERS[tg.triple]
+    machine = tg.triple.split("-")[0]
+    if shutil.which(cc) is None:
+        raise CompileError(f"--target {part}: cross-compiling for {machine} needs the linker {cc}, not on PATH "
+                           f"(Debian/Ubuntu: apt-get install {gcc_pkg})")
+    found = subprocess.run([cc, "-print-file-name=crti.o"], capture_output=True, text=True, check=False).stdout.strip()
+    if not os.path.isabs(found):  # gcc echoes the bare name when it has no C library to link against
+        raise CompileError(f"--target {part}: {cc} has no C library for {machine} to link with "
+                           f"(Debian/Ubuntu: apt-get install {libc_pkg})")
 
 
 def library_path(tg: CompileTarget, targets) -> str:
