@@ -37,13 +37,13 @@ _KNOWN = {
     "architectures", "vocab_size", "head_dim", "rope_theta", "rope_scaling", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
     "sliding_window", "use_sliding_window", "max_window_layers", "model_type", "hidden_act",
-    "transformers_version", "initializer_range", "use_cache", "attention_dropout", "pretraining_tp",
-    "rope_parameters", "layer_types", "rope_local_base_freq",
+    "transformers_version", "initializer_range", "use_cache", "attention_dropout", "pretraining_tp", "embd_pdrop", "resid_pdrop",
+    "rope_parameters", "layer_types", "rope_local_base_freq", "original_max_position_embeddings", "partial_rotary_factor",
     # mixture of experts: normalised below, or training-only (aux loss, router noise, router logits output)
     "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
     "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "router_jitter_noise", "output_router_logits",
 }
-_ROPE_TYPES = ("default", "llama3", "linear")
+_ROPE_TYPES = ("default", "llama3", "linear", "longrope")  # longrope: families that apply RoPE in the graph (Phi-3)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -76,17 +76,30 @@ def _float(value: Any, name: str, file: str, lo: float, hi: float) -> float:
     return value
 
 
-def _rope_scaling(raw: Any, file: str) -> dict | None:
+def _rope_scaling(raw: Any, file: str, original_context: Any = None) -> dict | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise ModelFormatError(f"{file}: field 'rope_scaling' must be an object or null, got {type(raw).__name__}")
     kind = raw.get("rope_type", raw.get("type", "default"))
+    kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it
     if kind not in _ROPE_TYPES:
         raise UnsupportedModelError(f"{file}: rope_scaling type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
     if kind == "default":
         return None
     out: dict[str, Any] = {"rope_type": kind}
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            f = raw.get(key)
+            if not isinstance(f, list) or not f:
+                raise ModelFormatError(f"{file}: rope_scaling.{key} must be a non-empty list of numbers")
+            out[key] = [_float(v, f"rope_scaling.{key}", file, 1e-6, 1e6) for v in f]
+        orig = raw.get("original_max_position_embeddings", original_context)
+        out["original_max_position_embeddings"] = _int(orig, "original_max_position_embeddings", file, 1, MAX_CONTEXT)
+        for key in ("factor", "attention_factor"):
+            if raw.get(key) is not None:
+                out[key] = _float(raw[key], f"rope_scaling.{key}", file, 1e-6, 1e6)
+        return out
     out["factor"] = _float(raw.get("factor"), "rope_scaling.factor", file, 1e-6, 1e6)
     if kind == "llama3":
         out["low_freq_factor"] = _float(raw.get("low_freq_factor"), "rope_scaling.low_freq_factor", file, 1e-6, 1e6)
@@ -177,6 +190,8 @@ class ModelConfig:
             rope_params = rope_params["full_attention"]
         rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         rope_local = cfg.get("rope_local_base_freq", local_rope.get("rope_theta"))
+        if cfg.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise UnsupportedModelError(f"{file}: partial rotary embeddings (partial_rotary_factor < 1) are not supported")
         if local_rope.get("rope_type", "default") != "default":
             raise UnsupportedModelError(f"{file}: RoPE scaling on sliding-window layers ({local_rope['rope_type']}) is not supported")
         rope_scaling_raw = cfg.get("rope_scaling")
@@ -205,7 +220,7 @@ class ModelConfig:
             max_position_embeddings=_int(_field(cfg, "max_position_embeddings", file, default=4096), "max_position_embeddings", file, 1, MAX_CONTEXT),
             rms_norm_eps=_float(_field(cfg, "rms_norm_eps", file, default=1e-6), "rms_norm_eps", file, 1e-12, 1.0),
             rope_theta=_float(rope_theta, "rope_theta", file, 1.0, 1e12),
-            rope_scaling=_rope_scaling(rope_scaling_raw, file),
+            rope_scaling=_rope_scaling(rope_scaling_raw, file, cfg.get("original_max_position_embeddings")),
             tie_word_embeddings=_bool(cfg.get("tie_word_embeddings", False), "tie_word_embeddings", file),
             attention_bias=_bool(cfg.get("attention_bias", False), "attention_bias", file),
             attention_out_bias=_bool(cfg.get("attention_bias", False), "attention_bias", file),

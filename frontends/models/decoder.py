@@ -68,6 +68,8 @@ class DecoderLM(HFNames, nn.Module):
         then the int32 meta tensor) and return the updated pages and scales."""
         self.config = config
         self.kv_quant = kv_quant
+        if (config.rope_scaling or {}).get("rope_type") == "longrope" and not self.rope_in_graph:
+            raise UnsupportedModelError(f"{config.architecture}: LongRoPE scaling is not supported for this family")
         if kv_quant is not None and self.rope_in_graph:
             raise UnsupportedModelError(f"{config.architecture}: a quantized KV cache (--kv-dtype) is not available yet for "
                                         f"models whose layers apply RoPE themselves")
@@ -149,10 +151,10 @@ class DecoderLM(HFNames, nn.Module):
 
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window):
         c = self.config
-        r = self._rope_args()
+        r = self._rope_args() if not self.rope_in_graph else {"rope_scale": 1.0}
         rope_scale, rope_scaling = r["rope_scale"], dict(c.rope_scaling or {})
-        if rope_scaling.get("rope_type") == "linear":
-            rope_scaling = {}
+        if rope_scaling.get("rope_type") == "linear" or self.rope_in_graph:
+            rope_scaling = {}  # (in the graph: the cache's kernels never rotate)
         return self.kv_cache_factory(
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...passes.quant import QuantPlan  # quantization formats: a layer below the models (tests/test_layers.py)
 from ...tvm_compat import compiler
 
@@ -185,29 +187,38 @@ class RMSNorm(nn.Module):
         return op.rms_norm(x, self.weight, axes=[-1], epsilon=self.eps)
 
 
-def rope(x, positions, theta: float, scale: float = 1.0, name: str = "rope"):
-    """Rotate-half RoPE in the graph, for families whose layers differ in their
-    RoPE (Gemma 3: a base per layer type), where the KV cache's one RoPE on
-    append cannot serve. x  # [b, s, heads, head_dim]; positions  # [b * s] int32
-    (the cache's get_query_positions); angle = position * scale * theta^(-2i/head_dim),
-    in float32 as transformers computes it (scale: 1 / factor of linear scaling)."""
+def rope_inv_freq(theta: float, head_dim: int, factors=None):
+    """RoPE's inverse frequencies  # [head_dim / 2] float32, computed as transformers does
+    (float32 numpy): 1 / (factor_i * theta^(2i / head_dim)); factors: per-frequency divisors
+    (LongRoPE's short_factor, or linear scaling's factor), default 1."""
+    shape = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    ext = np.ones(head_dim // 2, np.float32) if factors is None else np.broadcast_to(np.asarray(factors, np.float32), (head_dim // 2,))
+    return (np.float32(1.0) / (ext * np.float32(theta) ** shape)).astype(np.float32)
+
+
+def rope(x, positions, inv_freq, mscale: float = 1.0, name: str = "rope"):
+    """Rotate-half RoPE in the graph, for families whose RoPE the KV cache's one
+    RoPE on append cannot give (Gemma 3: a base per layer type; Phi-3: LongRoPE).
+    x  # [b, s, heads, head_dim]; positions  # [b * s] int32 (the cache's
+    get_query_positions); inv_freq  # [head_dim / 2] (rope_inv_freq): angle =
+    position * inv_freq[i], cos and sin times mscale (LongRoPE's attention factor),
+    in float32."""
     te, tir = _tvm.te, _tvm.tirx
 
-    def compute(xt, pt):
-        seq, dim = xt.shape[1], int(xt.shape[3])
-        half = dim // 2
+    def compute(xt, pt, ft):
+        seq, half = xt.shape[1], int(xt.shape[3]) // 2
 
         def body(b, s, h, d):
-            two_i = (tir.truncmod(d, half) * 2).astype("float32")
-            inv_freq = tir.const(1.0, "float32") / tir.power(tir.const(theta, "float32"), two_i / tir.const(dim, "float32"))
-            angle = pt[b * seq + s].astype("float32") * (inv_freq * tir.const(scale, "float32"))
-            xv = xt[b, s, h, d].astype("float32")
+            angle = pt[b * seq + s].astype("float32") * ft[tir.truncmod(d, half)]
+            cos, sin = tir.cos(angle), tir.sin(angle)
+            if mscale != 1.0:
+                cos, sin = cos * tir.const(mscale, "float32"), sin * tir.const(mscale, "float32")
             other = tir.if_then_else(d < half, -xt[b, s, h, d + half], xt[b, s, h, d - half]).astype("float32")
-            return (xv * tir.cos(angle) + other * tir.sin(angle)).astype(xt.dtype)
+            return (xt[b, s, h, d].astype("float32") * cos + other * sin).astype(xt.dtype)
 
         return te.compute(xt.shape, body, name=name)
 
-    return op.tensor_expr_op(compute, name, [x, positions])
+    return op.tensor_expr_op(compute, name, [x, positions, nn.Tensor.from_const(np.asarray(inv_freq, np.float32))])
 
 
 class QWeight(nn.Module):
