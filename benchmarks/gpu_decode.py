@@ -39,8 +39,13 @@ class Block(nn.Module):
         self.h, self.kv, self.hd = h, kv, hd
         self.wqkv = nn.Linear(d, (h + 2 * kv) * hd, bias=False)
         self.wo = nn.Linear(h * hd, d, bias=False)
-        self.w13 = nn.Linear(d, 2 * c["intermediate_size"], bias=False)
-        self.w2 = nn.Linear(c["intermediate_size"], d, bias=False)
+        self.qk_norm = str(c.get("model_type", "")).startswith("qwen3")  # Qwen3: RMSNorm of q and k per head
+        if self.qk_norm:
+            self.nq, self.nk = nn.Parameter(torch.ones(hd)), nn.Parameter(torch.ones(hd))
+        self.moe = MoE(c) if moe_dims(c) else None
+        if self.moe is None:
+            self.w13 = nn.Linear(d, 2 * c["intermediate_size"], bias=False)
+            self.w2 = nn.Linear(c["intermediate_size"], d, bias=False)
         self.n1 = nn.Parameter(torch.ones(d))
         self.n2 = nn.Parameter(torch.ones(d))
         self.eps = c["rms_norm_eps"]
@@ -55,8 +60,11 @@ class Block(nn.Module):
         b, t, _ = x.shape
         qkv = self.wqkv(self.norm(x, self.n1))
         q, k, v = qkv.split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], dim=-1)
-        q = rope(q.view(b, t, self.h, self.hd), cos, sin).transpose(1, 2)
-        k = rope(k.view(b, t, self.kv, self.hd), cos, sin).transpose(1, 2)
+        q, k = q.view(b, t, self.h, self.hd), k.view(b, t, self.kv, self.hd)
+        if self.qk_norm:
+            q, k = self.norm(q, self.nq), self.norm(k, self.nk)
+        q = rope(q, cos, sin).transpose(1, 2)
+        k = rope(k, cos, sin).transpose(1, 2)
         v = v.view(b, t, self.kv, self.hd).transpose(1, 2)
         self.k_cache[:, :, pos] = k
         self.v_cache[:, :, pos] = v
@@ -65,8 +73,52 @@ class Block(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
         x = x + self.wo(y.transpose(1, 2).reshape(b, t, -1))
+        if self.moe is not None:
+            return x + self.moe(self.norm(x, self.n2))
         g, u = self.w13(self.norm(x, self.n2)).chunk(2, dim=-1)
         return x + self.w2(F.silu(g) * u)
+
+
+def moe_dims(c: dict) -> tuple[int, int, int, bool] | None:
+    """(experts, expert width, top-k, renormalise) of an MoE config, None for a dense one."""
+    e = c.get("num_experts") or c.get("num_local_experts")
+    if not e:
+        return None
+    return e, c.get("moe_intermediate_size") or c["intermediate_size"], c["num_experts_per_tok"], bool(c.get("norm_topk_prob", True))
+
+
+class MoE(nn.Module):
+    """Softmax router, top-k experts (renormalised as the config says), SwiGLU experts stacked
+    [E, 2F, d] / [E, d, F]. Decode gathers the chosen experts' weights by index inside the
+    compiled step (as gpt-fast's mixtral-moe does; inductor fuses the gather into the GEMV);
+    a prompt runs each expert on the tokens routed to it (eager)."""
+
+    def __init__(self, c: dict):
+        super().__init__()
+        d = c["hidden_size"]
+        self.e, f, self.k, self.renorm = moe_dims(c)
+        self.gate = nn.Linear(d, self.e, bias=False)
+        self.w13 = nn.Parameter(torch.empty(self.e, 2 * f, d))
+        self.w2 = nn.Parameter(torch.empty(self.e, d, f))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        x = x.reshape(-1, d)
+        w, idx = self.gate(x).float().softmax(-1).topk(self.k, dim=-1)
+        if self.renorm:
+            w = w / w.sum(-1, keepdim=True)
+        w = w.to(x.dtype)
+        if x.shape[0] <= 4:
+            g, u = torch.einsum("td,tkfd->tkf", x, self.w13[idx]).chunk(2, dim=-1)
+            y = torch.einsum("tkf,tkdf->tkd", F.silu(g) * u, self.w2[idx])
+            return (y * w[..., None]).sum(1).view(b, t, d)
+        out = torch.zeros_like(x)
+        for e in range(self.e):
+            tok, j = (idx == e).nonzero(as_tuple=True)
+            if tok.numel():
+                g, u = (x[tok] @ self.w13[e].T).chunk(2, dim=-1)
+                out.index_add_(0, tok, ((F.silu(g) * u) @ self.w2[e].T) * w[tok, j, None])
+        return out.view(b, t, d)
 
 
 def rope(x, cos, sin):  # x [b, t, heads, hd]; rotate-half layout (as HF)
@@ -108,7 +160,7 @@ def time_gptfast(c, dtype, prompt_len, gen_len, ttft_len, compiled) -> dict:
     with torch.device("cuda"):
         m = GptFastLlama(c, max_seq, dtype)
         for p in m.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 nn.init.normal_(p, std=0.02)
     m.eval()
 
@@ -145,12 +197,12 @@ def time_gptfast(c, dtype, prompt_len, gen_len, ttft_len, compiled) -> dict:
 
 
 def time_hf(c, dtype, prompt_len, gen_len, ttft_len) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
 
-    cfg = LlamaConfig(**{k: v for k, v in c.items() if k not in ("architectures", "torch_dtype")})
+    cfg = AutoConfig.for_model(c.get("model_type", "llama"), **{k: v for k, v in c.items() if k not in ("architectures", "torch_dtype", "model_type")})
     torch.set_default_dtype(dtype)
     with torch.device("cuda"):
-        m = LlamaForCausalLM(cfg).eval()
+        m = AutoModelForCausalLM.from_config(cfg).eval()
     prompt = torch.randint(0, c["vocab_size"], (1, max(prompt_len, ttft_len)), device="cuda")
     out = {}
     with torch.inference_mode():
@@ -197,9 +249,12 @@ def time_kiln(kiln: str, art: str, prompt_len, gen_len, ttft_len, context) -> di
 
 
 def weight_bytes(c: dict, esize: int = 2) -> int:
+    """Bytes of weights one decoded token reads (an MoE layer: its router and k experts)."""
     d, f, L, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     hd, h, kv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
-    layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * f + 2 * d
+    moe = moe_dims(c)
+    ffn = 3 * d * f if moe is None else moe[0] * d + moe[2] * 3 * d * moe[1]
+    layer = d * (h + 2 * kv) * hd + h * hd * d + ffn + 2 * d
     return esize * (L * layer + d + v * d + (0 if c.get("tie_word_embeddings") else d))
 
 

@@ -31,6 +31,9 @@ class CudaOptions:
             slower than dlight's GEMV + separate norms on H100: off)
     qgemv   weight code kinds whose decode GEMVs run on kiln's qgemv.cuh
             ("4": +8-11% over dlight on H100; "8": on par or slower, so dlight)
+    experts mixture-of-experts layers on kiln's CUDA kernels (passes/cuda_experts.py:
+            top-k + softmax in one warp per token, gate/up GEMV with SiLU * up,
+            down GEMV with the routing weights and the sum over k; float stacks)
     graphs  capture static regions of each step into CUDA graphs (off only to
             profile kernels one by one: benchmarks/profile_step.py)
     decode_batch  export decode_batch (B sequences per call: the server's step) for
@@ -40,11 +43,12 @@ class CudaOptions:
 
     For experiments, environment variables override these in any compile:
     KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,8,f8 (or empty),
-    KILN_NO_CUDA_GRAPH=1, KILN_CUDA_DECODE_BATCH=0|1."""
+    KILN_NO_CUDA_GRAPH=1, KILN_CUDA_DECODE_BATCH=0|1, KILN_CUDA_EXPERTS=0|1."""
 
     gemm: bool = True
     gemv: bool = False
     qgemv: tuple[str, ...] = ("4", "f8")
+    experts: bool = True
     graphs: bool = True
     decode_batch: bool | None = None
 
@@ -56,6 +60,8 @@ class CudaOptions:
             out = replace(out, gemv=env["KILN_CUDA_GEMV"] == "1")
         if "KILN_CUDA_QGEMV" in env:
             out = replace(out, qgemv=tuple(k for k in env["KILN_CUDA_QGEMV"].split(",") if k))
+        if env.get("KILN_CUDA_EXPERTS") in ("0", "1"):
+            out = replace(out, experts=env["KILN_CUDA_EXPERTS"] == "1")
         if env.get("KILN_NO_CUDA_GRAPH") == "1":
             out = replace(out, graphs=False)
         if env.get("KILN_CUDA_DECODE_BATCH") in ("0", "1"):

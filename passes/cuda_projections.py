@@ -96,6 +96,25 @@ def _is_op(call, name: str) -> bool:
     return isinstance(call, relax.Call) and isinstance(call.op, _t.tvm.ir.Op) and call.op.name == name
 
 
+def swiglu_input(an: _Analysis, a):
+    """a = silu(gu[0]) * gu[1] with gu = split(h, 2, axis=-1), each step used once -> h, or None."""
+    mul = an.bound(a)
+    if not _is_op(mul, "relax.multiply") or not an.single_use(a):
+        return None
+    silu = an.bound(mul.args[0])
+    if not _is_op(silu, "relax.nn.silu") or not an.single_use(mul.args[0]):
+        return None
+    g, u = an.bound(silu.args[0]), an.bound(mul.args[1])
+    if not (isinstance(g, relax.TupleGetItem) and isinstance(u, relax.TupleGetItem)) or g.index != 0 or u.index != 1:
+        return None
+    if not g.tuple_value.same_as(u.tuple_value):
+        return None
+    split = an.bound(g.tuple_value)
+    if not _is_op(split, "relax.split") or int(split.attrs.indices_or_sections) != 2:
+        return None
+    return split.args[0]
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4,f8"):
@@ -208,22 +227,7 @@ class _Rewriter(relax.PyExprMutator):
         return K, N, group, code, dt
 
     def _swiglu_input(self, a):
-        """a = silu(gu[0]) * gu[1] with gu = split(h, 2, axis=-1) -> h."""
-        mul = self.an.bound(a)
-        if not _is_op(mul, "relax.multiply") or not self.an.single_use(a):
-            return None
-        silu = self.an.bound(mul.args[0])
-        if not _is_op(silu, "relax.nn.silu") or not self.an.single_use(mul.args[0]):
-            return None
-        g, u = self.an.bound(silu.args[0]), self.an.bound(mul.args[1])
-        if not (isinstance(g, relax.TupleGetItem) and isinstance(u, relax.TupleGetItem)) or g.index != 0 or u.index != 1:
-            return None
-        if not g.tuple_value.same_as(u.tuple_value):
-            return None
-        split = self.an.bound(g.tuple_value)
-        if not _is_op(split, "relax.split") or int(split.attrs.indices_or_sections) != 2:
-            return None
-        return split.args[0]
+        return swiglu_input(self.an, a)
 
     def _func(self, key, make):
         if key not in self.cache:

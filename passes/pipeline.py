@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..tvm_compat import compiler
+from .cuda_experts import CudaExperts
 from .cuda_projections import CudaProjections
 from .schedule_tir import ScheduleTIR
 
@@ -29,6 +30,7 @@ class PipelineOptions:
     cuda_gemm: bool = True  # prefill projections on kiln's tensor-core GEMM (False: dlight's Matmul)
     cuda_gemv: bool = False  # decode projections on kiln's fused GEMVs (measured slower than dlight's GEMV so far)
     cuda_qgemv: str = "4,f8"  # quantized decode projections on kiln's qgemv.cuh for these code kinds ("4", "8", "f8"): 4-bit and fp8 beat dlight, int8 does not
+    cuda_experts: bool = True  # MoE layers on kiln's expert kernels (passes/cuda_experts.py; False: dlight's generic rules)
     extra_rules: tuple = ()  # schedule rules tried after kiln's specific ones, before the catch-alls (ONNX graphs: passes/cpu_graph_rules.py)
     on_phase: Callable[[str], None] | None = field(default=None, compare=False)
 
@@ -39,6 +41,7 @@ def phases(opts: PipelineOptions) -> list[tuple[str, object]]:
     cuda = opts.target.kind.name == "cuda"
     return [
         *([("cuda_projections", CudaProjections(gemm=opts.cuda_gemm, gemv=opts.cuda_gemv, qgemv=opts.cuda_qgemv))] if cuda else []),
+        *([("cuda_experts", CudaExperts())] if cuda and opts.cuda_experts else []),
         ("fuse_transpose_matmul", rx.FuseTransposeMatmul()),
         ("legalize_ops", rx.LegalizeOps()),
         ("annotate_tir_op_pattern", rx.AnnotateTIROpPattern()),

@@ -14,13 +14,17 @@ from .sampler import SamplingParams
 
 def weight_bytes_per_token(manifest: dict) -> int:
     """Bytes of weights one decode step reads: every param once, except the
-    embedding table, of which one row is read — unless it is tied to the LM head."""
+    embedding table, of which one row is read — unless it is tied to the LM head —
+    and stacked experts (mixture of experts), of which the token's k of E are read."""
     cfg = manifest["model"]["config"]
+    n_exp, k = cfg.get("num_experts") or 0, cfg.get("num_experts_per_tok") or 0
     total = 0
     for p in manifest["params"]:
         n = int(np.prod(p["shape"])) * itemsize(p["dtype"])
         if p["name"] == "embed_tokens" and not cfg.get("tie_word_embeddings"):
             n = int(p["shape"][1]) * itemsize(p["dtype"])
+        elif n_exp and ".experts." in p["name"] and p["shape"][0] == n_exp:
+            n = n * k // n_exp
         total += n
     return total
 

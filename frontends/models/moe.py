@@ -27,9 +27,13 @@ from .layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR, _precision, _tvm, nn, nt_m
 te = _tvm.te
 tir = _tvm.tirx
 
-# What the expert kernels are, set on purpose so passes can match them by
-# attribute (cf. layers.OP_ATTR; a pass reading OP_ATTR reads ROLE_ATTR too)
-EXPERT_ATTRS = {OP_ATTR: "expert_matmul", ROLE_ATTR: "expert"}
+# What the MoE kernels are, set on purpose so passes match them by attribute
+# (cf. layers.OP_ATTR; a pass reading OP_ATTR reads ROLE_ATTR too):
+# passes/cuda_experts.py swaps in CUDA kernels by these.
+EXPERT_ATTRS = {OP_ATTR: "expert_matmul", ROLE_ATTR: "expert"}  # the gate/up GEMV over the chosen experts
+EXPERT_DOWN_ATTRS = {OP_ATTR: "expert_down", ROLE_ATTR: "expert"}  # the down GEMV with the weighted sum over k
+TOPK_ATTRS = {OP_ATTR: "topk_experts", ROLE_ATTR: "router"}
+RENORMALIZE_ATTR = "kiln.renormalize"  # routing_weights: divided by the chosen experts' sum (1) or all E (0)
 
 
 def _f32(v):
@@ -172,18 +176,19 @@ def te_gathered_weights(sc, idt, normalize: bool, scale: float):
 
 # --- the graph ops ---------------------------------------------------------------
 def topk_experts(logits, k: int):
-    return op.tensor_expr_op(lambda lg: te_topk_experts(lg, k), "topk_experts", [logits])
+    return op.tensor_expr_op(lambda lg: te_topk_experts(lg, k), "topk_experts", [logits], attrs=TOPK_ATTRS)
 
 
 def routing_weights(logits, ids, renormalize: bool):
-    return op.tensor_expr_op(lambda lg, idt: te_routing_weights(lg, idt, renormalize), "routing_weights", [logits, ids])
+    attrs = {OP_ATTR: "routing_weights", ROLE_ATTR: "router", RENORMALIZE_ATTR: int(renormalize)}
+    return op.tensor_expr_op(lambda lg, idt: te_routing_weights(lg, idt, renormalize), "routing_weights", [logits, ids], attrs=attrs)
 
 
-def _weight_args(w):
+def _weight_args(w, attrs=EXPERT_ATTRS):
     """(graph args, format, kernel attrs) of a float stack or a QExperts."""
     if isinstance(w, QExperts):
-        return w.params(), w.fmt, EXPERT_ATTRS | {QFORMAT_ATTR: w.fmt.name}
-    return [w], None, EXPERT_ATTRS
+        return w.params(), w.fmt, attrs | {QFORMAT_ATTR: w.fmt.name}
+    return [w], None, attrs
 
 
 def expert_matmul(x, w, ids, name: str = "expert_gate_up"):
@@ -199,7 +204,7 @@ def expert_matmul(x, w, ids, name: str = "expert_gate_up"):
 
 def expert_down(a, w, ids, weights, name: str = "expert_down"):
     out = str(a.dtype)
-    args, fmt, attrs = _weight_args(w)
+    args, fmt, attrs = _weight_args(w, EXPERT_DOWN_ATTRS)
 
     def compute(at, *rest):
         *wt, idt, wts = rest

@@ -1,0 +1,151 @@
+"""CUDA experts: kiln's mixture-of-experts kernels in place of the TE kernels of
+frontends/models/moe.py (which the CPU target schedules with CpuExpertGemv, and
+dlight's generic rules would schedule here: one expert row per block and a
+single-block O(E^2) top-k, 34 + 21 us per layer of Qwen3-30B-A3B on the H200).
+
+Matched by the attributes the model sets (moe.py: OP_ATTR "topk_experts",
+"routing_weights", "expert_matmul", "expert_down"), on the Relax graph before
+legalization, float expert stacks in the compute dtype:
+
+    ids = topk_experts(lg); w = routing_weights(lg, ids)    => ids, w = kiln_topk_softmax(lg)
+    h = expert_matmul(x, W1, ids); g, u = split(h, 2)
+    y = expert_down(silu(g) * u, W2, ids, w)               => a = kiln_expert_gate_up_silu(x, W1, ids)
+                                                              y = kiln_expert_down(a, W2, ids, w)
+
+The replaced bindings are left dead for DeadCodeElimination. Quantized expert
+stacks keep the generic kernels (not yet on CUDA: issue 13).
+"""
+
+from __future__ import annotations
+
+from .cuda_projections import _Analysis, _dtype, _is_op, _static_shape, swiglu_input
+from .kernels.moe_cuda import expert_down, expert_gate_up_silu, experts_supported, topk_softmax, topk_supported
+from ..frontends.models.layers import OP_ATTR
+from ..frontends.models.moe import RENORMALIZE_ATTR
+from ..tvm_compat import compiler
+
+_t = compiler()
+relax = _t.relax
+tirx = _t.tirx
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.an: _Analysis | None = None
+        self.funcs: dict = {}
+        self.plan: dict = {}  # original binding var -> how to rewrite it
+
+    def _op(self, value) -> str | None:
+        """OP_ATTR of the PrimFunc a call_tir calls, or None."""
+        if not _is_op(value, "relax.call_tir"):
+            return None
+        func = self.mod_[value.args[0]]
+        attrs = func.attrs if isinstance(func, tirx.PrimFunc) and func.attrs is not None else {}
+        return str(attrs[OP_ATTR]) if OP_ATTR in attrs else None
+
+    def _attrs(self, value):
+        return self.mod_[value.args[0]].attrs
+
+    def _func(self, key, make):
+        if key not in self.funcs:
+            name = "kiln_" + "_".join(str(p) for p in key)
+            self.funcs[key] = self.builder_.add_func(make().with_attr("global_symbol", name), name)
+        return self.funcs[key]
+
+    # --- planning, over the original bindings ------------------------------------------
+    def _plan(self, func):
+        self.plan = {}
+        for var, value in self.an.value.items():
+            kind = self._op(value)
+            if kind == "routing_weights":
+                lg, ids = value.args[1].fields
+                topk = self.an.bound(ids)
+                shape = _static_shape(lg)  # [n, E] with n symbolic: the E axis is what matters
+                if self._op(topk) != "topk_experts" or not topk.args[1].fields[0].same_as(lg):
+                    continue
+                n_exp, k = int(lg.ty.shape.values[-1]), int(ids.ty.shape.values[-1])
+                if shape is not None and len(shape) != 2 or not topk_supported(n_exp, k):
+                    continue
+                renorm = bool(int(self._attrs(value)[RENORMALIZE_ATTR]))
+                self.plan[ids] = ("topk", lg, n_exp, k, renorm, var)
+                self.plan[var] = ("routing", ids)
+            elif kind == "expert_down":
+                hit = self._experts(value)
+                if hit is not None:
+                    self.plan[var] = ("experts", *hit)
+
+    def _experts(self, down):
+        """down = expert_down(silu(g) * u, W2, ids, w) with g, u = split(expert_matmul(x, W1, ids))
+        over float stacks in one dtype -> (x, W1, W2, ids, w, E, F, D, k, dtype)."""
+        if len(down.args[1].fields) != 4:  # a quantized stack passes its format's arrays
+            return None
+        a, w2, ids, wts = down.args[1].fields
+        h = swiglu_input(self.an, a)
+        up = self.an.bound(h) if h is not None else None
+        if self._op(up) != "expert_matmul" or len(up.args[1].fields) != 3 or not self.an.single_use(h):
+            return None
+        x, w1, ids1 = up.args[1].fields
+        if not ids1.same_as(ids):
+            return None
+        s1, s2 = _static_shape(w1), _static_shape(w2)
+        if s1 is None or s2 is None or len(s1) != 3 or len(s2) != 3:
+            return None
+        n_exp, f2, d = s1
+        f, k = s2[2], int(ids.ty.shape.values[-1])
+        dt = _dtype(w1)
+        if f2 != 2 * f or s2[:2] != (n_exp, d) or {_dtype(x), _dtype(w2), _dtype(a), str(down.ty.dtype)} != {dt}:
+            return None
+        if not (experts_supported(d, dt) and experts_supported(f, dt)):
+            return None
+        return x, w1, w2, ids, wts, n_exp, f, d, k, dt
+
+    # --- rewriting ------------------------------------------------------------------------
+    def visit_var_binding_(self, binding):
+        step = self.plan.get(binding.var)
+        if step is None:
+            return super().visit_var_binding_(binding)
+        remap = self.visit_expr
+        if step[0] == "topk":
+            _, lg, n_exp, k, renorm, routing_var = step
+            gv = self._func(("topk_softmax", n_exp, k, int(renorm)), lambda: topk_softmax(n_exp, k, renorm))
+            n = lg.ty.shape.values[0]
+            out = [relax.TensorType((n, k), "int32"), relax.TensorType((n, k), "float32")]
+            fused = self.builder_.emit(relax.call_tir(gv, [remap(lg)], out), "topk_softmax")
+            self.plan[routing_var] = ("routing_done", fused)
+            new = self.builder_.emit(relax.TupleGetItem(fused, 0), binding.var.name)
+        elif step[0] == "routing_done":
+            new = self.builder_.emit(relax.TupleGetItem(step[1], 1), binding.var.name)
+        elif step[0] == "experts":
+            _, x, w1, w2, ids, wts, n_exp, f, d, k, dt = step
+            gv = self._func(("expert_gate_up_silu", n_exp, f, d, k, dt), lambda: expert_gate_up_silu(n_exp, f, d, k, dt))
+            n = x.ty.shape.values[0]
+            a = self.builder_.emit(relax.call_tir(gv, [remap(x), remap(w1), remap(ids)], relax.TensorType((n, k, f), dt)), "expert_act")
+            gv = self._func(("expert_down", n_exp, d, f, k, dt), lambda: expert_down(n_exp, d, f, k, dt))
+            new = self.builder_.emit(relax.call_tir(gv, [a, remap(w2), remap(ids), remap(wts)], relax.TensorType((n, d), dt)),
+                                     binding.var.name)
+        else:  # "routing" whose topk did not come first: leave it
+            return super().visit_var_binding_(binding)
+        self.set_var_remap(binding.var, new)
+
+    def run(self):
+        for gv, func in list(self.mod_.functions.items()):
+            if isinstance(func, relax.Function):
+                self.an = _Analysis(func)
+                self._plan(func)
+                if self.plan:
+                    self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+
+@_t.tvm.transform.module_pass(opt_level=0, name="kiln.CudaExperts")
+class CudaExperts:
+    """See the module docstring. CUDA targets only (the pipeline decides)."""
+
+    def transform_module(self, mod, _ctx):
+        return _Rewriter(mod).run()
+
+
+__all__ = ["CudaExperts"]

@@ -1,0 +1,215 @@
+// kiln: mixture-of-experts decode kernels (frontends/models/moe.py), device functions.
+//
+//   topk_softmax          logits [T, E] fp32 -> ids [T, k] int32, weights [T, k] fp32
+//   expert_gate_up_silu   x [T, D], W [E, 2F, D], ids -> a [T, k, F] = silu(W_e[n] x) * W_e[F + n] x
+//   expert_down           a [T, k, F], W [E, D, F], ids, weights -> y [T, D] = sum_j w_j W_{e_j} a_j
+//                         (+ residual [T, D])
+//
+// Expert ids stay device data (read by each block), so a decode step never goes
+// back to the host and the whole step stays one CUDA graph. The GEMVs follow
+// qgemv.cuh's v3 layout: a block's NW warps split the reduction of the same
+// ROWS rows in 16-byte units, partial sums meet in shared memory. Gate and up
+// rows of one output come from the same block, so SiLU * up is the epilogue (no
+// [T, k, 2F] intermediate, no separate elementwise kernel); the routing weights
+// and the sum over the k experts live in the down GEMV's reduction.
+// Measured (H200, Qwen3-30B-A3B shape, bf16, batch 1, ncu): before, dlight's
+// generic schedules: gate_up 21.0 us (2.4 TB/s), down 12.9 us, top-k 18.8 us in
+// two kernels + routing weights 2.7 us per layer. After: benchmarks/NOTES.md.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace kiln {
+
+// --- routing -----------------------------------------------------------------
+// One warp per token; lane l holds the logits of experts l, l + 32, ... The k
+// picks are k warp arg-max reductions over (logit, -index): ties go to the lower
+// expert index, the rule of moe.py's te_topk_experts (and so of the CPU target).
+// weights = exp(logit - max) / den; den = the chosen experts' sum (RENORM) or
+// all E experts' (softmax over E, then the chosen probabilities).
+// Launch: grid ceil(T / WARPS), block WARPS * 32.
+template <int E, int KTOP, bool RENORM>
+__device__ __forceinline__ void topk_softmax(const float* __restrict__ logits, int* __restrict__ ids, float* __restrict__ wts,
+                                             int ntok) {
+  constexpr int PER = (E + 31) / 32;
+  static_assert(PER <= 32, "up to 1024 experts (one bit per held logit)");
+  const int lane = threadIdx.x % 32;
+  const int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (t >= ntok) return;  // the whole warp leaves together
+  const float* row = logits + (size_t)t * E;
+  float v[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) v[i] = i * 32 + lane < E ? row[i * 32 + lane] : -INFINITY;
+  uint32_t taken = 0;  // bit i: expert 32 i + lane is chosen
+  float pv[KTOP];
+  int pi[KTOP];
+#pragma unroll
+  for (int j = 0; j < KTOP; ++j) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int e = i * 32 + lane;
+      if (e < E && !((taken >> i) & 1u) && (bi == 0x7fffffff || v[i] > bv)) {  // increasing e: strict > keeps the lowest
+        bv = v[i];
+        bi = e;
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+      if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (bi % 32 == lane) taken |= 1u << (bi / 32);
+    pv[j] = bv;
+    pi[j] = bi;
+  }
+  const float mx = pv[0];  // the first pick is the largest logit
+  float den = 0.f;
+  if constexpr (RENORM) {
+#pragma unroll
+    for (int j = 0; j < KTOP; ++j) den += __expf(pv[j] - mx);
+  } else {
+#pragma unroll
+    for (int i = 0; i < PER; ++i)
+      if (i * 32 + lane < E) den += __expf(v[i] - mx);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int j = 0; j < KTOP; ++j) {
+      ids[(size_t)t * KTOP + j] = pi[j];
+      wts[(size_t)t * KTOP + j] = __expf(pv[j] - mx) / den;
+    }
+  }
+}
+
+// --- expert GEMVs ----------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void unit_to_float(const uint4& raw, float* out) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 16 / (int)sizeof(T); ++j) out[j] = to_float(e[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ float unit_dot(const uint4& w, const float* xf) {
+  const T* e = reinterpret_cast<const T*>(&w);
+  float d = 0.f;
+#pragma unroll
+  for (int j = 0; j < 16 / (int)sizeof(T); ++j) d = fmaf(xf[j], to_float(e[j]), d);
+  return d;
+}
+
+// Sum each of R per-thread partials over the block (warp shuffles, then shared
+// memory across the NW warps); the result is valid in threads 0..R-1 (thread r: sum r).
+template <int NW, int R>
+__device__ __forceinline__ float block_sum_rows(const float* acc) {
+  __shared__ float part[NW][R];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) part[warp][r] = v;
+  }
+  __syncthreads();
+  float v = 0.f;
+  if (threadIdx.x < R) {
+#pragma unroll
+    for (int w = 0; w < NW; ++w) v += part[w][threadIdx.x];
+  }
+  return v;
+}
+
+// x [T, K], W [E, 2F, K] (gate rows 0..F-1, up rows F..2F-1 of each expert),
+// ids [T, KTOP] -> y [T, KTOP, F]. Grid (ceil(F / ROWS), T * KTOP), block NW * 32.
+template <typename T, int K, int KTOP, int NW, int ROWS>
+__device__ __forceinline__ void expert_gate_up_silu(const T* __restrict__ x, const T* __restrict__ W, const int* __restrict__ ids,
+                                                    T* __restrict__ y, int F, int n_exp) {
+  constexpr int VEC = 16 / sizeof(T);
+  static_assert(K % VEC == 0, "rows must be whole 16-byte units");
+  constexpr int UNITS = K / VEC, NT = NW * 32;
+  const int tj = blockIdx.y, t = tj / KTOP;
+  const int e = min(max(ids[tj], 0), n_exp - 1);  // clamped like moe.py's _expert: in bounds whatever ids hold
+  const int n0 = blockIdx.x * ROWS;
+  const uint4* xu = reinterpret_cast<const uint4*>(x + (size_t)t * K);
+  const uint4* wg[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) wg[r] = reinterpret_cast<const uint4*>(W + ((size_t)e * 2 * F + min(n0 + r, F - 1)) * K);
+  const size_t up = (size_t)F * UNITS;  // gate row n -> up row F + n, in units
+  float acc[2 * ROWS];
+#pragma unroll
+  for (int r = 0; r < 2 * ROWS; ++r) acc[r] = 0.f;
+#pragma unroll 2
+  for (int u = threadIdx.x; u < UNITS; u += NT) {
+    uint4 w[2 * ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      w[r] = __ldg(wg[r] + u);
+      w[ROWS + r] = __ldg(wg[r] + up + u);
+    }
+    float xf[VEC];
+    unit_to_float<T>(__ldg(xu + u), xf);
+#pragma unroll
+    for (int r = 0; r < 2 * ROWS; ++r) acc[r] += unit_dot<T>(w[r], xf);
+  }
+  // threads 0..ROWS-1 get gate sums, ROWS..2 ROWS-1 the up sums: pair them by shuffle
+  const float v = block_sum_rows<NW, 2 * ROWS>(acc);
+  const float u = __shfl_down_sync(0xffffffffu, v, ROWS);
+  const int n = n0 + threadIdx.x;
+  if (threadIdx.x < ROWS && n < F) y[(size_t)tj * F + n] = from_float<T>(v / (1.f + __expf(-v)) * u);
+}
+
+// a [T, KTOP, F], W [E, D, F], ids [T, KTOP], wts [T, KTOP] fp32 (, residual [T, D])
+// -> y [T, D] = sum_j wts_j * (W_{ids_j} @ a_j) (+ residual). The reduction runs over
+// (j, f) as one axis of KTOP * F / VEC units. Grid (ceil(D / ROWS), T), block NW * 32.
+template <typename T, int F, int KTOP, int NW, int ROWS, bool RESIDUAL>
+__device__ __forceinline__ void expert_down(const T* __restrict__ a, const T* __restrict__ W, const int* __restrict__ ids,
+                                            const float* __restrict__ wts, const T* __restrict__ residual, T* __restrict__ y, int D,
+                                            int n_exp) {
+  constexpr int VEC = 16 / sizeof(T);
+  static_assert(F % VEC == 0, "rows must be whole 16-byte units");
+  constexpr int UF = F / VEC, UNITS = KTOP * UF, NT = NW * 32;
+  __shared__ int se[KTOP];
+  __shared__ float sw[KTOP];
+  const int t = blockIdx.y, d0 = blockIdx.x * ROWS;
+  if (threadIdx.x < KTOP) {
+    se[threadIdx.x] = min(max(ids[t * KTOP + threadIdx.x], 0), n_exp - 1);
+    sw[threadIdx.x] = wts[t * KTOP + threadIdx.x];
+  }
+  __syncthreads();
+  const uint4* au = reinterpret_cast<const uint4*>(a + (size_t)t * KTOP * F);
+  float acc[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+#pragma unroll 2
+  for (int u = threadIdx.x; u < UNITS; u += NT) {
+    const int j = u / UF, c = u - j * UF;
+    const uint4* wr = reinterpret_cast<const uint4*>(W + (size_t)se[j] * D * F) + c;
+    uint4 w[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) w[r] = __ldg(wr + (size_t)min(d0 + r, D - 1) * UF);
+    float xf[VEC];
+    unit_to_float<T>(__ldg(au + u), xf);
+    const float s = sw[j];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[r] = fmaf(s, unit_dot<T>(w[r], xf), acc[r]);
+  }
+  const float v = block_sum_rows<NW, ROWS>(acc);
+  const int d = d0 + threadIdx.x;
+  if (threadIdx.x < ROWS && d < D) {
+    float out = v;
+    if constexpr (RESIDUAL) out += to_float(residual[(size_t)t * D + d]);
+    y[(size_t)t * D + d] = from_float<T>(out);
+  }
+}
+
+}  // namespace kiln

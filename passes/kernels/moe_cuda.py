@@ -1,0 +1,114 @@
+"""Mixture-of-experts decode kernels for CUDA: TIR wrappers around kernels/cuda/moe.cuh
+(the pass passes/cuda_experts.py, CudaExperts, puts them in the graph in place of
+frontends/models/moe.py's TE kernels).
+
+    topk_softmax(logits)                      -> (ids, weights)  one warp per token
+    expert_gate_up_silu(x, W, ids)            -> a [T, k, F] = silu(gate) * up of the chosen experts
+    expert_down(a, W, ids, weights[, r])      -> y [T, D] = sum_j weights_j W_{ids_j} a_j (+ r)
+
+The token count T is symbolic in each (decode: 1; decode_batch: B). Weights are
+float stacks in the compute dtype (quantized stacks keep the generic path for now).
+"""
+
+from __future__ import annotations
+
+from ...tvm_compat import compiler
+from .attention_cuda import C_TYPES
+
+_t = compiler()
+T = _t.T
+
+TOPK_WARPS = 4
+NUM_WARPS = 4
+ROWS = 4  # output rows per block (gate_up: ROWS gate + ROWS up rows)
+MAX_EXPERTS = 1024
+
+
+def topk_supported(n_exp: int, k: int) -> bool:
+    return 1 <= k <= n_exp <= MAX_EXPERTS
+
+
+def experts_supported(K: int, dtype: str) -> bool:
+    """A weight row (K values) must be whole 16-byte units."""
+    return dtype in C_TYPES and K % (16 // (4 if dtype == "float32" else 2)) == 0
+
+
+def topk_softmax(n_exp: int, k: int, renormalize: bool):
+    fn = f"kiln::topk_softmax<{n_exp}, {k}, {'true' if renormalize else 'false'}>"
+
+    @T.prim_func(check_well_formed=False)  # the root block (below) around thread bindings
+    def kiln_topk_softmax(var_lg: T.handle, var_ids: T.handle, var_w: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
+        n = T.int64()
+        lg = T.match_buffer(var_lg, (n, n_exp), "float32")
+        ids = T.match_buffer(var_ids, (n, k), "int32")
+        w = T.match_buffer(var_w, (n, k), "float32")
+        # a root block: relax.build asks every one-input call_tir callee whether it is a reshape
+        # (RewriteDataflowReshape), and that analysis needs one
+        with T.sblock("root"):
+            for bx in T.thread_binding((n + TOPK_WARPS - 1) // TOPK_WARPS, thread="blockIdx.x"):
+                for tx in T.thread_binding(TOPK_WARPS * 32, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(lg[0, 0]), T.address_of(ids[0, 0]), T.address_of(w[0, 0]),
+                                             T.Cast("int32", n)))
+
+    return kiln_topk_softmax
+
+
+def expert_gate_up_silu(n_exp: int, F: int, D: int, k: int, dtype: str):
+    fn = f"kiln::expert_gate_up_silu<{C_TYPES[dtype]}, {D}, {k}, {NUM_WARPS}, {ROWS}>"
+    nb = (F + ROWS - 1) // ROWS
+
+    @T.prim_func
+    def kiln_expert_gate_up_silu(var_x: T.handle, w: T.Buffer((n_exp, 2 * F, D), dtype), var_ids: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, D), dtype)
+        ids = T.match_buffer(var_ids, (n, k), "int32")
+        y = T.match_buffer(var_y, (n, k, F), dtype)
+        for by in T.thread_binding(n * k, thread="blockIdx.y"):
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(NUM_WARPS * 32, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0]), T.address_of(w[0, 0, 0]), T.address_of(ids[0, 0]),
+                                             T.address_of(y[0, 0, 0]), F, n_exp))
+
+    return kiln_expert_gate_up_silu
+
+
+def expert_down(n_exp: int, D: int, F: int, k: int, dtype: str, residual: bool = False):
+    fn = f"kiln::expert_down<{C_TYPES[dtype]}, {F}, {k}, {NUM_WARPS}, {ROWS}, {'true' if residual else 'false'}>"
+    nb = (D + ROWS - 1) // ROWS
+
+    @T.macro
+    def launch(a, w, ids, wts, r, y, n):
+        for by in T.thread_binding(n, thread="blockIdx.y"):
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(NUM_WARPS * 32, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0, 0]), T.address_of(ids[0, 0]),
+                                             T.address_of(wts[0, 0]), T.address_of(r[0, 0]), T.address_of(y[0, 0]), D, n_exp))
+
+    if residual:
+        @T.prim_func
+        def kiln_expert_down_residual(var_a: T.handle, w: T.Buffer((n_exp, D, F), dtype), var_ids: T.handle, var_wts: T.handle,
+                                      var_r: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            n = T.int64()
+            a = T.match_buffer(var_a, (n, k, F), dtype)
+            ids = T.match_buffer(var_ids, (n, k), "int32")
+            wts = T.match_buffer(var_wts, (n, k), "float32")
+            r = T.match_buffer(var_r, (n, D), dtype)
+            y = T.match_buffer(var_y, (n, D), dtype)
+            launch(a, w, ids, wts, r, y, n)
+
+        return kiln_expert_down_residual
+
+    @T.prim_func
+    def kiln_expert_down(var_a: T.handle, w: T.Buffer((n_exp, D, F), dtype), var_ids: T.handle, var_wts: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        a = T.match_buffer(var_a, (n, k, F), dtype)
+        ids = T.match_buffer(var_ids, (n, k), "int32")
+        wts = T.match_buffer(var_wts, (n, k), "float32")
+        y = T.match_buffer(var_y, (n, D), dtype)
+        launch(a, w, ids, wts, y, y, n)
+
+    return kiln_expert_down

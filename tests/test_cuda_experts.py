@@ -1,0 +1,65 @@
+"""CudaExperts (passes/cuda_experts.py): the mixture-of-experts layers of a CUDA graph
+run on kiln's kernels (kernels/cuda/moe.cuh), matched by the attributes moe.py sets.
+Before/after IR of whole tiny models; the kernels' numbers are checked on the GPU
+machine against the CPU artifact (benchmarks/cross_device_check.py; the last run's
+output is in benchmarks/results/moe_cuda_h200-2026-12-01.txt)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kiln.compiler.build import read_model
+from kiln.compiler.options import CompileOptions
+from kiln.compiler.progress import Progress
+from kiln.compiler.stages import export_graphs
+from kiln.compiler.target import CompileTarget
+from kiln.passes.cuda_experts import CudaExperts
+from kiln.passes.cuda_projections import CudaProjections
+from kiln.tvm_compat import compiler
+
+t = compiler()
+
+
+def _cuda_module(ckpt, tmp_path, dtype: str, quant: str | None = None):
+    """The model's Relax module for sm_90 after CudaProjections and CudaExperts. (Read for the
+    CPU, then given the CUDA target: parsing `cuda:sm_90` needs TVM's CUDA plugin loaded before
+    TVM, which the kiln CLI does and a test process cannot.)"""
+    opts = CompileOptions(model=ckpt, output=tmp_path / "x.kiln", target="llvm", dtype=dtype, quant=quant, quality_check=False)
+    m = read_model(opts, Progress(quiet=True))
+    assert m.kv_fmt is None
+    m = dataclasses.replace(m, targets=(CompileTarget("cuda", triple="x86_64-linux-gnu", arch="sm_90", archs=("sm_90",)),))
+    (mod,), _ = export_graphs(m, opts.page_size)
+    with m.targets[0].tvm_target():
+        return CudaExperts()(CudaProjections()(mod))
+
+
+def _calls(mod, fn: str) -> str:
+    return mod[fn].script()
+
+
+@pytest.mark.parametrize(("variant", "dtype", "renorm"), [
+    ("mixtral_q", "bfloat16", 1),   # 4 experts top-2, renormalised; hidden 64, width 96
+    ("qwen3_moe", "float32", 0),    # 8 experts top-3, softmax over all 8 (norm_topk_prob False); width 44
+])
+def test_moe_layers_run_on_kiln_kernels(tiny_checkpoint, tmp_path, variant, dtype, renorm):
+    mod = _cuda_module(tiny_checkpoint(variant), tmp_path, dtype)
+    for fn in ("decode", "prefill"):
+        s = _calls(mod, fn)
+        assert f"kiln_topk_softmax_" in s and f"_{renorm}," in s.split("kiln_topk_softmax_")[1][:20], fn
+        assert "kiln_expert_gate_up_silu_" in s and "kiln_expert_down_" in s, fn
+        # the replaced TE kernels are dead: nothing reads their results any more
+        dead = t.relax.transform.DeadCodeElimination()(mod)
+        s = _calls(dead, fn)
+        for te_kernel in ("topk_experts", "routing_weights", "expert_gate_up", "R.nn.silu"):
+            assert f"cls.{te_kernel}" not in s.replace("kiln_expert_gate_up", ""), (fn, te_kernel)
+
+
+def test_quantized_experts_keep_the_generic_kernels(tiny_checkpoint, tmp_path):
+    """Quantized expert stacks have no CUDA expert kernel yet: their GEMVs stay on the TE
+    kernels (dlight), the routing still takes the one-warp top-k."""
+    mod = _cuda_module(tiny_checkpoint("mixtral_q"), tmp_path, "bfloat16", quant="q8")
+    s = _calls(mod, "decode")
+    assert "kiln_topk_softmax_" in s
+    assert "kiln_expert_gate_up_silu_" not in s and "kiln_expert_down_" not in s
