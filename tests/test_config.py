@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from helpers import ARCHS
 from kiln.errors import UnsupportedModelError
@@ -103,3 +105,44 @@ def test_family_bias_flags(arch, flags, want, tiny_checkpoint):
     mc = ModelConfig.from_dict(cfg)
     mc = family_for(mc.architecture).adapt_config(mc)
     assert (mc.attention_bias, mc.attention_out_bias, mc.mlp_bias) == want
+
+
+def test_gemma3_and_phi3_config_rules(tiny_checkpoint):
+    """What Gemma 3 and Phi-3 refuse rather than compile wrong, and what they derive."""
+    from kiln.frontends.models import family_for  # noqa: PLC0415
+
+    gemma = family_for("Gemma3ForCausalLM")
+    cfg = v5_config(tiny_checkpoint, "gemma3")
+    for key, value in (("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0), ("hidden_activation", "gelu")):
+        with pytest.raises(UnsupportedModelError, match=key if key != "hidden_activation" else "gelu"):
+            gemma.adapt_config(ModelConfig.from_dict({**cfg, key: value}))
+    legacy = {k: v for k, v in as_v4(cfg).items() if k != "layer_types"}  # 4.x: the pattern, no layer_types
+    legacy.update(num_hidden_layers=7, sliding_window_pattern=3)
+    mc = gemma.adapt_config(ModelConfig.from_dict(legacy))
+    assert mc.layer_types == ("sliding_attention", "sliding_attention", "full_attention") * 2 + ("sliding_attention",)
+    phi = v5_config(tiny_checkpoint, "phi3")
+    mc = family_for("Phi3ForCausalLM").adapt_config(ModelConfig.from_dict(phi))
+    assert mc.max_position_embeddings == 64  # capped at the original context: short factors only
+    assert mc.rope_scaling["attention_factor"] == pytest.approx((1 + np.log(256 / 64) / np.log(64)) ** 0.5)
+    v4 = as_v4(phi)
+    v4["rope_scaling"] = {**v4["rope_scaling"], "type": "su"}
+    del v4["rope_scaling"]["rope_type"], v4["rope_scaling"]["original_max_position_embeddings"]
+    assert ModelConfig.from_dict(v4).rope_scaling == ModelConfig.from_dict(phi).rope_scaling  # top-level original context
+    with pytest.raises(UnsupportedModelError, match="partial rotary"):
+        ModelConfig.from_dict({**phi, "rope_parameters": {**phi["rope_parameters"], "partial_rotary_factor": 0.75}})
+
+
+def test_longrope_refused_where_the_cache_rotates(tiny_checkpoint):
+    from kiln.frontends.models import family_for  # noqa: PLC0415
+
+    cfg = {**v5_config(tiny_checkpoint, "phi3"), "architectures": ["LlamaForCausalLM"]}
+    with pytest.raises(UnsupportedModelError, match="LongRoPE"):
+        family_for("LlamaForCausalLM")(ModelConfig.from_dict(cfg), "float32")
+
+
+def test_context_past_the_window_is_refused_saying_why(tiny_checkpoint, tmp_path):
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+    from kiln.errors import CompileError  # noqa: PLC0415
+
+    with pytest.raises(CompileError, match=r"outside \[1, 48\].*sliding window"):
+        compile_model(tiny_checkpoint("gemma3"), tmp_path / "g.kiln", max_seq_len=100)

@@ -107,6 +107,28 @@ def test_rope_scaling_is_exercised(tiny_checkpoint, hf_model):
         assert rel_err(hf_logits(plain, ids), hf_logits(scaled, ids)) > 100 * LOGITS_RTOL, arch
 
 
+def test_gemma3_and_phi3_rope_is_exercised(tiny_checkpoint, hf_model):
+    """Guard on the fixtures: Gemma 3's two RoPE bases (and linear scaling on full layers),
+    its score scale, and Phi-3's LongRoPE factors must each change transformers' logits."""
+    import transformers  # noqa: PLC0415
+
+    ids = random_ids(SEQ_LEN)
+    plain_rope = {"rope_type": "default", "rope_theta": 10000.0}
+    changes = {
+        "gemma3": [dict(rope_parameters={"sliding_attention": plain_rope, "full_attention": plain_rope}),
+                   dict(query_pre_attn_scalar=24)],
+        "phi3": [dict(rope_parameters=plain_rope)],
+    }
+    for arch, edits in changes.items():
+        for edit in edits:
+            config = transformers.AutoConfig.from_pretrained(tiny_checkpoint(arch))
+            for k, v in edit.items():
+                setattr(config, k, v)
+            other = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+            other.load_state_dict(hf_model(arch).state_dict())
+            assert rel_err(hf_logits(other, ids), hf_logits(hf_model(arch), ids)) > 100 * LOGITS_RTOL, (arch, edit)
+
+
 # --- the runtime without the compiler ------------------------------------------
 # Whole packages, and (trailing dot) the submodules of one. `tvm.script` itself
 # cannot be blocked: TVM 0.27's own tvm/__init__.py imports it unconditionally,
