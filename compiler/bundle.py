@@ -150,7 +150,7 @@ def make_bundle(artifact: str | Path, out: str | Path, python: str = "3.12", pla
     machines = {t.get("machine") for t in art.manifest["targets"]}
     if platform.removeprefix("linux-") not in machines:
         raise CompileError(f"{art.path}: has no code for {platform} (it has {', '.join(sorted(map(str, machines)))}): "
-                           f"compile it with a matching --target (e.g. llvm:aarch64)")
+                           f"compile it with a matching --target (e.g. {'llvm:aarch64' if 'aarch64' in platform else 'llvm:x86-64-v3'})")
     out = Path(out)
     if out.exists():
         raise CompileError(f"{out}: exists; choose a new folder for the bundle")

@@ -62,6 +62,9 @@ def sysroot(platform: str, python: str, cache: Path) -> Path:
     if arch not in foreign:
         raise KilnError(f"apt does not know the {arch} architecture: run once, as root: "
                         f"dpkg --add-architecture {arch} && apt-get update")
+    if subprocess.run(["apt-cache", "show", f"python{python}-minimal:{arch}"], capture_output=True, check=False).returncode:
+        raise KilnError(f"this host's apt has no Python {python} for {arch} to emulate the bundle with: "
+                        f"make the bundle with the --python this distribution packages (Debian 12: 3.11, Ubuntu 24.04: 3.12)")
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
         debs, staged = Path(tmp) / "debs", Path(tmp) / "root"
