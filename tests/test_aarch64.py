@@ -195,3 +195,36 @@ def test_aarch64_artifact_under_qemu_matches_x86(tiny_checkpoint, tmp_path):
     assert out.returncode == 2 and re.search(r"built for CPU aarch64 which needs asimddp.*, not on this CPU", out.stderr), out.stderr[-2000:]
     print(f"\naarch64 under qemu: setup {setup_s:.1f} s, compile {compile_s:.1f} s, bundle {bundle_s:.1f} s, "
           f"emulated runs {time.perf_counter() - t0:.1f} s; logits rel err {err:.2e}")
+
+
+def test_foreign_bundle_site_takes_the_tvm_runtime_only(tmp_path):
+    """apache-tvm's wheel gives its Python package and runtime libraries, never the 260 MB
+    compiler library, headers or sources; other wheels are unpacked whole."""
+    import zipfile  # noqa: PLC0415
+
+    from kiln.compiler.bundle import RUNTIME_LIBS  # noqa: PLC0415
+    from kiln.compiler.wheels import unpack_site  # noqa: PLC0415
+
+    tvm_whl = tmp_path / "apache_tvm-0.27.0.post1-py3-none-manylinux_2_28_aarch64.whl"
+    np_whl = tmp_path / "numpy-2.4.6-cp311-cp311-manylinux_2_28_aarch64.whl"
+    tvm_files = ["tvm/__init__.py", "tvm/relax/__init__.py", "tvm/lib/libtvm_runtime.so", "tvm/lib/libtvm_compiler.so",
+                 "tvm/include/tvm/runtime.h", "tvm/src/x.cc", "tvm/3rdparty/dlpack.h", "apache_tvm-0.27.0.post1.dist-info/METADATA"]
+    for whl, names in ((tvm_whl, tvm_files), (np_whl, ["numpy/__init__.py", "numpy.libs/libopenblas.so"])):
+        with zipfile.ZipFile(whl, "w") as zf:
+            for n in names:
+                zf.writestr(n, "x")
+    site = tmp_path / "site"
+    unpack_site(site, [tvm_whl, np_whl], RUNTIME_LIBS)
+    got = sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file())
+    assert got == ["apache_tvm-0.27.0.post1.dist-info/METADATA", "numpy.libs/libopenblas.so", "numpy/__init__.py",
+                   "tvm/__init__.py", "tvm/lib/libtvm_runtime.so", "tvm/relax/__init__.py"]
+
+
+def test_emulate_names_what_is_missing(tmp_path, capsys):
+    from kiln.cli import main  # noqa: PLC0415
+
+    assert main(["emulate", str(tmp_path), "--", "run", "m.kiln"]) == 2
+    assert "not a kiln bundle with a bundle.json" in capsys.readouterr().err
+    (tmp_path / "bundle.json").write_text('{"platform": "linux-x86_64", "python": "3.11"}')
+    assert main(["emulate", str(tmp_path), "--", "run", "m.kiln"]) == 2
+    assert "runs here without emulation" in capsys.readouterr().err
