@@ -192,8 +192,12 @@ def check_host(art: Artifact, device: str, cpu: str | None = None) -> None:
         raise ArtifactError(f"{art.path}: built for {tgt.get('os')}, this machine runs {host_os()}: recompile on/for {host_os()}")
     machine = tgt.get("machine")
     if machine != host_machine():
-        names = [cpu_name(t) for t in m["targets"] if device == "cpu" == t["device"] and cpu_name(t) != machine]
-        what = machine + (f" (CPU {', '.join(names)})" if names else "")
+        here = [cpu_name(t) for t in m["targets"] if t["device"] == device and t.get("machine") == host_machine()]
+        if cpu is not None and here:  # a multi-machine artifact, asked for the other machine's library
+            raise ArtifactError(f"{art.path}: its {device} library {cpu!r} is for {machine}, this machine is {host_machine()}: "
+                                f"choose one of {', '.join(map(str, here))}")
+        names = [cpu_name(t) for t in m["targets"] if device == "cpu" == t["device"] and t.get("machine") == machine]
+        what = machine + (f" (CPU {', '.join(map(str, names))})" if names else "")
         raise ArtifactError(f"{art.path}: built for {what}, this machine is {host_machine()}: recompile with --target llvm "
                             f"(this CPU), or run it on {machine} (kiln bundle --platform linux-{machine})")
     if device == "cpu":

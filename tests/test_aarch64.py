@@ -109,8 +109,10 @@ def test_each_machine_loads_its_own_best_library(monkeypatch, machine, flags, pi
 
 def test_foreign_or_too_new_arm_code_is_refused_before_loading(monkeypatch):
     _fake_host(monkeypatch, "x86_64", {"avx", "avx2", "fma"})
-    with pytest.raises(ArtifactError, match=r"built for aarch64 \(CPU neoverse-v1\), this machine is x86_64: recompile with --target llvm"):
-        check_host(_artifact(ARM_BASE, ARM_V1), "cpu")  # the baseline is "aarch64" itself
+    with pytest.raises(ArtifactError, match=r"built for aarch64 \(CPU aarch64, neoverse-v1\), this machine is x86_64: recompile with --target llvm"):
+        check_host(_artifact(ARM_BASE, ARM_V1), "cpu")
+    with pytest.raises(ArtifactError, match=r"library 'neoverse-v1' is for aarch64, this machine is x86_64: choose one of x86-64-v3"):
+        check_host(_artifact(X86_V3, ARM_BASE, ARM_V1), "cpu", cpu="neoverse-v1")
     _fake_host(monkeypatch, "aarch64", {"asimd", "fp", "asimddp"})
     with pytest.raises(ArtifactError, match=r"built for x86_64 \(CPU x86-64-v3\), this machine is aarch64"):
         check_host(_artifact(X86_V3), "cpu")
