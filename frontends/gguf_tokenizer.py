@@ -41,6 +41,8 @@ def build_tokenizer(header: GGUFHeader, vocab_size: int, path: Path) -> Tokenize
     if model is None:
         return None
     pre = meta(header, "tokenizer.ggml.pre", "str", path, "default")
+    if model == "llama" and meta(header, "general.architecture", "str", path, None) in _SPM_ARCHS:
+        return _with_specials(header, _gemma_spm(header, vocab_size, path), path)
     if model != "gpt2" or pre not in _PRE_TOKENIZERS:
         logger.warning("%s: tokenizer %r (pre-tokenizer %r) is not supported for GGUF; no tokenizer is bundled, "
                        "prompts must be given as token ids (--tokens)", path, model, pre)  # fmt: skip
@@ -95,6 +97,13 @@ def build_tokenizer(header: GGUFHeader, vocab_size: int, path: Path) -> Tokenize
     tok.add_special_tokens([t for t in added if t.special])
     tok.add_tokens([t for t in added if not t.special])
 
+    return _with_specials(header, tok, path)
+
+
+def _with_specials(header: GGUFHeader, tok, path: Path) -> TokenizerFiles:
+    """The TokenizerFiles of a built tokenizer: chat template, BOS / EOS and the extra stop tokens."""
+    tokens = meta(header, "tokenizer.ggml.tokens", "strings", path)
+
     def token(k: str) -> str | None:
         i = meta(header, k, "int", path, None)
         if i is not None and not 0 <= i < len(tokens):
@@ -111,3 +120,38 @@ def build_tokenizer(header: GGUFHeader, vocab_size: int, path: Path) -> Tokenize
         add_bos=meta(header, "tokenizer.ggml.add_bos_token", "bool", path, False),
         extra_eos_tokens=extra,
     )
+
+
+_SPM_ARCHS = ("gemma3",)  # SentencePiece vocabularies rebuilt as transformers' GGUF loader rebuilds them
+
+
+def _gemma_spm(header: GGUFHeader, vocab_size: int, path: Path):
+    """Gemma's SentencePiece vocabulary as a `tokenizers` BPE with byte fallback, built as
+    transformers builds it from a GGUF (its gemma_tokenizer), so both encode alike: tokens of
+    two or more spaces spelled with U+2581 as the model sees them; no merges in the file, so
+    each token's splits into two tokens become merges, ranked by the token's place in the
+    vocabulary (Gemma's scores do not follow its merge order), then longer left, longer right
+    parts first; spaces become U+2581 before the model, and back after it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers  # noqa: PLC0415
+
+    raw = meta(header, "tokenizer.ggml.tokens", "strings", path)
+    types = meta(header, "tokenizer.ggml.token_type", "ints", path, np.ones(len(raw), np.int32)).tolist()
+    if len(raw) > vocab_size or len(types) != len(raw):
+        raise ModelFormatError(f"{path}: tokenizer.ggml.tokens has {len(raw)} tokens and token_type {len(types)} "
+                               f"for a vocabulary of {vocab_size}")
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in raw]
+    vocab = {t: i for i, t in enumerate(tokens)}  # a repeated spelling keeps its last id, as transformers' dict does
+    merges = []
+    for t, rank in vocab.items():
+        merges.extend((-rank, k, len(t) - k, t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab)
+    merges.sort(key=lambda m: m[:3], reverse=True)
+    try:
+        tok = Tokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    except Exception as e:
+        raise ModelFormatError(f"{path}: tokenizer vocabulary is inconsistent: {e}") from e
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(raw, types) if k == _CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(raw, types) if k == _USER_DEFINED and t in vocab])
+    return tok

@@ -137,3 +137,52 @@ def test_tiny_gemma3_gguf_reads_back_as_hf(tiny_checkpoint, tmp_path):
     assert (c.rope_theta, c.rope_local_theta, c.head_dim) == (1e6, 10000.0, 24)
     assert c.layer_types == ("sliding_attention", "sliding_attention")  # llama.cpp's pattern: every 6th layer full
     assert c.extra["query_pre_attn_scalar"] == 24
+
+
+def _gemma_vocab() -> tuple[list[str], list[int]]:
+    """A small Gemma-like SentencePiece vocabulary: specials, byte-fallback tokens for ASCII
+    letters, pieces whose splits make merges, a run-of-spaces token stored as spaces, and a
+    user-defined token. (token types: 1 normal, 3 control, 4 user-defined, 6 byte)"""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "hell", "hello", "▁w", "or", "▁wor", "▁world", "  ", "▁▁▁"]
+    byte = [f"<0x{b:02X}>" for b in range(0x41, 0x5B)]
+    tokens = specials + byte + pieces + ["<start_of_turn>", "[multimodal]"]
+    types = [3] * 4 + [6] * len(byte) + [1] * len(pieces) + [3, 4]
+    return tokens, types
+
+
+def test_gemma_tokenizer_matches_transformers_on_a_small_vocabulary(tmp_path):
+    """kiln's rebuild of a Gemma GGUF vocabulary against transformers' rebuild of the same
+    file (the real 262k vocabulary: tests/test_gemma3_gguf.py, slow)."""
+    import gguf  # noqa: PLC0415
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer  # noqa: PLC0415
+
+    from kiln.frontends.gguf_header import read_gguf_header  # noqa: PLC0415
+    from kiln.frontends.gguf_tokenizer import build_tokenizer  # noqa: PLC0415
+
+    tokens, types = _gemma_vocab()
+    path = tmp_path / "v.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    files = build_tokenizer(read_gguf_header(path), len(tokens), path)
+    assert (files.bos_token, files.eos_token) == ("<bos>", "<eos>")
+    ours = Tokenizer.from_str(files.tokenizer_json)
+    ref = convert_gguf_tokenizer(*get_gguf_tokenizer(str(path))[:2])[0]
+    for text in ["hello world", "  hello   world  ", "Hello WORLD", "<start_of_turn>hello[multimodal]", "héllo"]:
+        ids = ours.encode(text, add_special_tokens=False).ids
+        assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids, skip_special_tokens=False), text
+    assert len(set(ours.encode("  hello   world  ", add_special_tokens=False).ids)) > 3
