@@ -180,13 +180,12 @@ def open_artifact(path: str | Path, device: str | None = "cpu", verify_hashes: b
 
 
 def check_host(art: Artifact, device: str, cpu: str | None = None) -> None:
-    """Refuse an artifact built for another machine, before loading its code."""
+    """Refuse an artifact built for another machine, before loading its code. The machine
+    (OS, architecture, CPU features) first: that needs no TVM import, seconds on a small
+    board or under emulation."""
     from ..tvm_compat import runtime  # noqa: PLC0415  (imports TVM runtime only)
 
     m = art.manifest
-    tvm_here = runtime().version
-    if m["tvm_version"] != tvm_here:
-        raise ArtifactError(f"{art.path}: built with TVM {m['tvm_version']}, this runtime has TVM {tvm_here}: recompile with this kiln/TVM")
     tgt = art.target_for(device, cpu)
     if tgt.get("os", "linux") != host_os():
         raise ArtifactError(f"{art.path}: built for {tgt.get('os')}, this machine runs {host_os()}: recompile on/for {host_os()}")
@@ -209,6 +208,9 @@ def check_host(art: Artifact, device: str, cpu: str | None = None) -> None:
                 f"{art.path}: built for CPU {cpu_name(tgt)} which needs {', '.join(missing)}, not on this CPU: "
                 f"recompile with --target llvm (this CPU) or an older one such as --target {older}"
             )
+    tvm_here = runtime().version
+    if m["tvm_version"] != tvm_here:
+        raise ArtifactError(f"{art.path}: built with TVM {m['tvm_version']}, this runtime has TVM {tvm_here}: recompile with this kiln/TVM")
 
 
 def loaded_files(manifest: dict) -> list[str]:
