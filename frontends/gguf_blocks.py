@@ -42,7 +42,7 @@ def dequantize(data: np.ndarray, t: GGUFTensorInfo, path: Path) -> np.ndarray:
 
 
 # GGUF block type -> the kiln weight format with exactly its grid (passes/quant/formats/)
-DIRECT_IMPORTS = {("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8")}
+DIRECT_IMPORTS = {("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8"), ("Q5_0", "q8")}
 
 
 def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -51,7 +51,10 @@ def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict
     elements 0..15 and high nibbles 16..31; x = d q + m.
     Q4_0 block (18 bytes): d fp16, 16 bytes of nibbles as Q4_1; x = d (q - 8),
     i.e. q4g32 with minimum -8 d (exact in fp16: a power-of-two multiple).
-    Q8_0 block (34 bytes): d fp16, 32 int8; x = d q."""
+    Q8_0 block (34 bytes): d fp16, 32 int8; x = d q.
+    Q5_0 block (22 bytes): d fp16, 4 bytes holding element j's fifth bit at bit j, 16 bytes
+    of low nibbles as Q4_0; x = d (q - 16): q8's int8 codes in [-16, 15] with the same d.
+    (Q4_K / Q6_K fit no kiln format exactly: docs/DESIGN.md, Gemma 3.)"""
     n, k = shape
     if qtype == "Q4_0":
         b = data.reshape(n, k // 32, 18)
@@ -68,4 +71,10 @@ def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict
     if qtype == "Q8_0":
         b = data.reshape(n, k // 32, 34)
         return {"q": b[..., 2:34].copy().view(np.int8).reshape(n, k), "s": b[..., 0:2].copy().view(np.float16)[..., 0]}
+    if qtype == "Q5_0":
+        b = data.reshape(n, k // 32, 22)
+        high = (b[..., 2:6].copy().view("<u4")[..., 0:1] >> np.arange(32, dtype=np.uint32)) & 1  # [n, k / 32, 32]
+        low = np.concatenate([b[..., 6:22] & 0x0F, b[..., 6:22] >> 4], axis=-1)
+        codes = (low.astype(np.int16) | (high.astype(np.int16) << 4)) - 16
+        return {"q": codes.astype(np.int8).reshape(n, k), "s": b[..., 0:2].copy().view(np.float16)[..., 0]}
     raise ValueError(f"no direct import for {qtype}")

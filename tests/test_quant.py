@@ -73,9 +73,9 @@ def test_groups_fall_back_to_a_divisor():
     assert set(e["layers.0.attn.o_proj.weight"]["parts"]) == {f"layers.0.attn.o_proj.weight.{s}" for s in "qsz"}
 
 
-@pytest.mark.parametrize(("qtype", "fmt"), [("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8")])
+@pytest.mark.parametrize(("qtype", "fmt"), [("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8"), ("Q5_0", "q8")])
 def test_gguf_blocks_map_to_kiln_formats_exactly(qtype, fmt):
-    """GGUF Q4_1 / Q4_0 / Q8_0 blocks become kiln q4g32 / q4g32 / q8 arrays with no float
+    """GGUF Q4_1 / Q4_0 / Q8_0 / Q5_0 blocks become kiln q4g32 / q4g32 / q8 / q8 arrays with no float
     detour: kiln's dequantization of them equals gguf's of the blocks."""
     from gguf import quants  # noqa: PLC0415
     from gguf.constants import GGMLQuantizationType  # noqa: PLC0415
