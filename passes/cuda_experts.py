@@ -19,7 +19,8 @@ stacks keep the generic kernels (not yet on CUDA: issue 13).
 from __future__ import annotations
 
 from .cuda_projections import _Analysis, _dtype, _is_op, _static_shape, swiglu_input
-from .kernels.moe_cuda import expert_down, expert_gate_up_silu, experts_supported, topk_softmax, topk_supported
+from .kernels.moe_cuda import (expert_combine, expert_down, expert_gate_up_silu, expert_gemm, expert_route, experts_supported, grouped_supported,
+                               topk_softmax, topk_supported)
 from ..frontends.models.layers import OP_ATTR
 from ..frontends.models.moe import RENORMALIZE_ATTR
 from ..tvm_compat import compiler
@@ -74,8 +75,22 @@ class _Rewriter(relax.PyExprMutator):
                 self.plan[var] = ("routing", ids)
             elif kind == "expert_down":
                 hit = self._experts(value)
-                if hit is not None:
+                if hit is None:
+                    continue
+                x, n_exp, f, d, dt = hit[0], hit[5], hit[6], hit[7], hit[9]
+                if not self._prompt(x):
                     self.plan[var] = ("experts", *hit)
+                elif grouped_supported(n_exp, d, f, dt):
+                    self.plan[var] = ("experts_grouped", *hit)
+
+    def _prompt(self, x) -> bool:
+        """x = reshape(h [1, s, D]) with s symbolic: a prompt's tokens (decode has [1, 1, D],
+        decode_batch [B, 1, D]: one token per sequence)."""
+        r = self.an.bound(x)
+        if not _is_op(r, "relax.reshape") or not isinstance(r.args[0].ty, relax.TensorType) or r.args[0].ty.shape is None:
+            return False
+        dims = r.args[0].ty.shape.values
+        return len(dims) == 3 and not (isinstance(dims[1], tirx.IntImm) and int(dims[1]) == 1)
 
     def _experts(self, down):
         """down = expert_down(silu(g) * u, W2, ids, w) with g, u = split(expert_matmul(x, W1, ids))
@@ -126,9 +141,32 @@ class _Rewriter(relax.PyExprMutator):
             gv = self._func(("expert_down", n_exp, d, f, k, dt), lambda: expert_down(n_exp, d, f, k, dt))
             new = self.builder_.emit(relax.call_tir(gv, [a, remap(w2), remap(ids), remap(wts)], relax.TensorType((n, d), dt)),
                                      binding.var.name)
+        elif step[0] == "experts_grouped":
+            new = self._grouped(binding, *step[1:])
         else:  # "routing" whose topk did not come first: leave it
             return super().visit_var_binding_(binding)
         self.set_var_remap(binding.var, new)
+
+    def _grouped(self, binding, x, w1, w2, ids, wts, n_exp, f, d, k, dt):
+        """A prompt: (token, expert) pairs grouped by expert, one tensor-core GEMM launch per
+        matrix over all experts, SiLU * up between, the routing weights and the sum over k
+        in the un-grouping (fp32)."""
+        op, emit, remap = relax.op, self.builder_.emit, self.visit_expr
+        n = x.ty.shape.values[0]
+        m = n * k
+        gv = self._func(("expert_route", n_exp, k), lambda: expert_route(n_exp, k))
+        i32 = [relax.TensorType((n_exp + 1,), "int32"), relax.TensorType((m,), "int32"), relax.TensorType((m,), "int32")]
+        route = emit(relax.call_tir(gv, [remap(ids)], i32), "expert_route")
+        offsets, rows, pos = (emit(relax.TupleGetItem(route, i)) for i in range(3))
+        xg = emit(op.take(remap(x), rows, axis=0, mode="clip"), "expert_x")  # [m, D] (rows are in bounds: clip, not "fast", which warns)
+        gv = self._func(("expert_gemm", n_exp, 2 * f, d, k, dt), lambda: expert_gemm(n_exp, 2 * f, d, k, dt))
+        h = emit(relax.call_tir(gv, [xg, remap(w1), offsets], relax.TensorType((m, 2 * f), dt)), "expert_gate_up")
+        gu = emit(op.split(h, 2, axis=-1))
+        a = emit(op.multiply(op.nn.silu(relax.TupleGetItem(gu, 0)), relax.TupleGetItem(gu, 1)), "expert_act")
+        gv = self._func(("expert_gemm", n_exp, d, f, k, dt), lambda: expert_gemm(n_exp, d, f, k, dt))
+        z = emit(relax.call_tir(gv, [a, remap(w2), offsets], relax.TensorType((m, d), dt)), "expert_out")  # [m, D] grouped
+        gv = self._func(("expert_combine", d, k, dt), lambda: expert_combine(d, k, dt))
+        return emit(relax.call_tir(gv, [z, pos, remap(wts)], relax.TensorType((n, d), dt)), binding.var.name)
 
     def run(self):
         for gv, func in list(self.mod_.functions.items()):

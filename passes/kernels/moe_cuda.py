@@ -20,7 +20,8 @@ T = _t.T
 
 TOPK_WARPS = 4
 NUM_WARPS = 4
-ROWS = 4  # output rows per block (gate_up: ROWS gate + ROWS up rows)
+GATE_UP_ROWS = 4  # outputs per block of the gate/up GEMV (ROWS gate + ROWS up rows)
+DOWN_ROWS = 2  # output rows per block of the down GEMV (2 and 1: 261 tok/s, 4: 260, on Qwen3-30B-A3B; more blocks)
 MAX_EXPERTS = 1024
 
 
@@ -55,8 +56,8 @@ def topk_softmax(n_exp: int, k: int, renormalize: bool):
 
 
 def expert_gate_up_silu(n_exp: int, F: int, D: int, k: int, dtype: str):
-    fn = f"kiln::expert_gate_up_silu<{C_TYPES[dtype]}, {D}, {k}, {NUM_WARPS}, {ROWS}>"
-    nb = (F + ROWS - 1) // ROWS
+    fn = f"kiln::expert_gate_up_silu<{C_TYPES[dtype]}, {D}, {k}, {NUM_WARPS}, {GATE_UP_ROWS}>"
+    nb = (F + GATE_UP_ROWS - 1) // GATE_UP_ROWS
 
     @T.prim_func
     def kiln_expert_gate_up_silu(var_x: T.handle, w: T.Buffer((n_exp, 2 * F, D), dtype), var_ids: T.handle, var_y: T.handle):
@@ -75,8 +76,8 @@ def expert_gate_up_silu(n_exp: int, F: int, D: int, k: int, dtype: str):
 
 
 def expert_down(n_exp: int, D: int, F: int, k: int, dtype: str, residual: bool = False):
-    fn = f"kiln::expert_down<{C_TYPES[dtype]}, {F}, {k}, {NUM_WARPS}, {ROWS}, {'true' if residual else 'false'}>"
-    nb = (D + ROWS - 1) // ROWS
+    fn = f"kiln::expert_down<{C_TYPES[dtype]}, {F}, {k}, {NUM_WARPS}, {DOWN_ROWS}, {'true' if residual else 'false'}>"
+    nb = (D + DOWN_ROWS - 1) // DOWN_ROWS
 
     @T.macro
     def launch(a, w, ids, wts, r, y, n):
@@ -112,3 +113,74 @@ def expert_down(n_exp: int, D: int, F: int, k: int, dtype: str, residual: bool =
         launch(a, w, ids, wts, y, y, n)
 
     return kiln_expert_down
+
+
+# --- prompts: group by expert, tensor-core GEMM per group --------------------------------
+def grouped_supported(n_exp: int, D: int, F: int, dtype: str) -> bool:
+    """gemm.cuh's tiles: 16-bit, K a multiple of 32 (both GEMMs); the counts fit in shared memory."""
+    return dtype in ("bfloat16", "float16") and D % 32 == 0 and F % 32 == 0 and n_exp <= MAX_EXPERTS
+
+
+def expert_route(n_exp: int, k: int):
+    """ids [n, k] -> offsets [E + 1], rows [n k], pos [n k] (moe.cuh expert_route)."""
+    fn = f"kiln::expert_route<{n_exp}, {k}>"
+
+    @T.prim_func(check_well_formed=False)  # a root block: see topk_softmax
+    def kiln_expert_route(var_ids: T.handle, offsets: T.Buffer((n_exp + 1,), "int32"), var_rows: T.handle, var_pos: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        m = T.int64()
+        ids = T.match_buffer(var_ids, (n, k), "int32")
+        rows = T.match_buffer(var_rows, (m,), "int32")
+        pos = T.match_buffer(var_pos, (m,), "int32")
+        with T.sblock("root"):
+            for bx in T.thread_binding(1, thread="blockIdx.x"):
+                for tx in T.thread_binding(1024, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(ids[0, 0]), T.address_of(offsets[0]), T.address_of(rows[0]),
+                                             T.address_of(pos[0]), T.Cast("int32", n)))
+
+    return kiln_expert_route
+
+
+def expert_gemm(n_exp: int, N: int, K: int, k: int, dtype: str):
+    """a [m, K] (rows grouped by expert; m = tokens x k), W [E, N, K], offsets [E + 1] -> c [m, N]."""
+    from .gemm_cuda import BM, BN, SMEM_BYTES, THREADS  # noqa: PLC0415  (gemm.cuh's tile)
+
+    fn = f"kiln::expert_gemm<{C_TYPES[dtype]}>"
+
+    @T.prim_func
+    def kiln_expert_gemm(var_a: T.handle, w: T.Buffer((n_exp, N, K), dtype), offsets: T.Buffer((n_exp + 1,), "int32"), var_c: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        a = T.match_buffer(var_a, (m, K), dtype)
+        c = T.match_buffer(var_c, (m, N), dtype)
+        for bz in T.thread_binding(n_exp, thread="blockIdx.z"):
+            for by in T.thread_binding((m // k + BM - 1) // BM, thread="blockIdx.y"):  # a group holds at most one row per token
+                for bx in T.thread_binding((N + BN - 1) // BN, thread="blockIdx.x"):
+                    for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                        smem = T.alloc_buffer((SMEM_BYTES,), "uint8", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0]), T.address_of(w[0, 0, 0]), T.address_of(offsets[0]),
+                                                 T.address_of(c[0, 0]), N, K, smem.access_ptr("rw")))
+
+    return kiln_expert_gemm
+
+
+def expert_combine(D: int, k: int, dtype: str):
+    """z [m, D] (grouped), pos [m], weights [n, k] fp32 -> y [n, D] = sum_j w_j z[pos[t k + j]]."""
+    fn = f"kiln::expert_combine<{C_TYPES[dtype]}, {D}, {k}>"
+
+    @T.prim_func
+    def kiln_expert_combine(var_z: T.handle, var_pos: T.handle, var_w: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        m = T.int64()
+        z = T.match_buffer(var_z, (m, D), dtype)
+        pos = T.match_buffer(var_pos, (m,), "int32")
+        w = T.match_buffer(var_w, (n, k), "float32")
+        y = T.match_buffer(var_y, (n, D), dtype)
+        for bx in T.thread_binding(n, thread="blockIdx.x"):
+            for tx in T.thread_binding(128, thread="threadIdx.x"):
+                T.evaluate(T.call_extern("void", fn, T.address_of(z[0, 0]), T.address_of(pos[0]), T.address_of(w[0, 0]),
+                                         T.address_of(y[0, 0])))
+
+    return kiln_expert_combine

@@ -76,14 +76,15 @@ __device__ __forceinline__ void gemm_epilogue(nvcuda::wmma::fragment<nvcuda::wmm
   }
 }
 
+// The block's 128 x 256 tile at rows m0, columns n0 (gemm_tn: from the block index;
+// moe.cuh's expert GEMM: within one expert's rows).
 template <typename T, bool RESIDUAL>
-__device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
-                                        int M, int N, int K, unsigned char* __restrict__ smem_raw) {
+__device__ __forceinline__ void gemm_tn_tile(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
+                                             int M, int N, int K, unsigned char* __restrict__ smem_raw, int m0, int n0) {
   using namespace nvcuda;
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / 4, wn = warp % 4;  // warp's 64 x 64 sub-tile
-  const int m0 = blockIdx.y * GEMM_BM, n0 = blockIdx.x * GEMM_BN;
 
   auto load_stage = [&](int stage, int k0) {
     T* As = smem + stage * GEMM_STAGE_ELEMS;
@@ -129,6 +130,12 @@ __device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __rest
   __syncthreads();  // tiles no longer needed: reuse shared memory for the epilogue
 
   gemm_epilogue<T, RESIDUAL>(acc, R, C, M, N, m0 + wm * 64, n0 + wn * 64, smem_raw);
+}
+
+template <typename T, bool RESIDUAL>
+__device__ __forceinline__ void gemm_tn(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
+                                        int M, int N, int K, unsigned char* __restrict__ smem_raw) {
+  gemm_tn_tile<T, RESIDUAL>(A, B, R, C, M, N, K, smem_raw, blockIdx.y * GEMM_BM, blockIdx.x * GEMM_BN);
 }
 
 

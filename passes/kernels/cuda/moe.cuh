@@ -212,4 +212,83 @@ __device__ __forceinline__ void expert_down(const T* __restrict__ a, const T* __
   }
 }
 
+// --- prompts: tokens grouped by expert, tensor-core GEMMs per group ---------------------
+// A prompt's T x KTOP (token, expert) pairs are grouped by expert: expert e owns rows
+// offsets[e] .. offsets[e + 1] of the grouped matrices, row r holds token rows[r], and
+// pair (t, j) sits at row pos[t KTOP + j]. One block counts in shared memory; a row's
+// place inside its group comes from an atomic, so the order within a group varies
+// from run to run -- each row's result is computed alone, so the results do not.
+// Launch: grid 1, block 1024.
+template <int E, int KTOP>
+__device__ __forceinline__ void expert_route(const int* __restrict__ ids, int* __restrict__ offsets, int* __restrict__ rows,
+                                             int* __restrict__ pos, int ntok) {
+  __shared__ int cnt[E];
+  __shared__ int off[E + 1];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+  const int n = ntok * KTOP;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) pos[i] = atomicAdd(&cnt[min(max(ids[i], 0), E - 1)], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int e = 0; e < E; ++e) {
+      off[e] = acc;
+      acc += cnt[e];
+    }
+    off[E] = acc;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e <= E; e += blockDim.x) offsets[e] = off[e];
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {  // the same i as above: pos[i] is this thread's
+    const int p = off[min(max(ids[i], 0), E - 1)] + pos[i];
+    pos[i] = p;
+    rows[p] = i / KTOP;
+  }
+}
+
+// C[rows of expert e] = A[rows of expert e] . W[e]^T for every expert: gemm.cuh's
+// 128 x 256 tiles, blockIdx.z the expert, blockIdx.y the M tile within its group
+// (blocks past the group's rows leave at once). A [R, K], W [E, N, K], C [R, N].
+// Launch: grid (ceil(N / 256), ceil(T / 128), E), 256 threads, GEMM_SMEM_BYTES.
+template <typename T>
+__device__ __forceinline__ void expert_gemm(const T* __restrict__ A, const T* __restrict__ W, const int* __restrict__ offsets,
+                                            T* __restrict__ C, int N, int K, unsigned char* __restrict__ smem) {
+  const int e = blockIdx.z, start = offsets[e], cnt = offsets[e + 1] - start, m0 = blockIdx.y * GEMM_BM;
+  if (m0 >= cnt) return;  // the whole block
+  gemm_tn_tile<T, false>(A + (size_t)start * K, W + (size_t)e * N * K, nullptr, C + (size_t)start * N, cnt, N, K, smem, m0,
+                         blockIdx.x * GEMM_BN);
+}
+
+// y[t] = sum_j w[t, j] z[pos[t KTOP + j]]: a prompt's expert outputs back in token order,
+// weighted and summed in fp32. z [R, D] grouped rows, y [T, D]. Grid T, block 128.
+template <typename T, int D, int KTOP>
+__device__ __forceinline__ void expert_combine(const T* __restrict__ z, const int* __restrict__ pos, const float* __restrict__ wts,
+                                               T* __restrict__ y) {
+  constexpr int VEC = 16 / sizeof(T);
+  static_assert(D % VEC == 0, "rows must be whole 16-byte units");
+  const int t = blockIdx.x;
+  int p[KTOP];
+  float w[KTOP];
+#pragma unroll
+  for (int j = 0; j < KTOP; ++j) {
+    p[j] = pos[t * KTOP + j];
+    w[j] = wts[t * KTOP + j];
+  }
+  for (int u = threadIdx.x; u < D / VEC; u += blockDim.x) {
+    float acc[VEC] = {};
+#pragma unroll
+    for (int j = 0; j < KTOP; ++j) {
+      float f[VEC];
+      unit_to_float<T>(__ldg(reinterpret_cast<const uint4*>(z + (size_t)p[j] * D) + u), f);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] = fmaf(w[j], f[i], acc[i]);
+    }
+    uint4 out;
+    T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o[i] = from_float<T>(acc[i]);
+    reinterpret_cast<uint4*>(y + (size_t)t * D)[u] = out;
+  }
+}
+
 }  // namespace kiln
