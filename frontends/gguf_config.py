@@ -144,8 +144,27 @@ def _gemma3_config(key, cfg: dict) -> dict:
     }
 
 
+def _phi3_config(key, cfg: dict) -> dict:
+    """Phi-3's window (mini-4k: 2047); its LongRoPE factors are tensors (gguf_reader reads them)."""
+    window = key("attention.sliding_window", "int", None)
+    return {} if window is None else {"sliding_window": window}
+
+
+def longrope_scaling(short: np.ndarray, long: np.ndarray, header: GGUFHeader, arch: str, path: Path) -> dict:
+    """HF's longrope rope_scaling from llama.cpp's rope_factors_short / _long tensors and metadata."""
+    orig = meta(header, f"{arch}.rope.scaling.original_context_length", "int", path, None)
+    if orig is None:
+        raise ModelFormatError(f"{path}: rope_factors tensors without {arch}.rope.scaling.original_context_length")
+    out = {"rope_type": "longrope", "short_factor": [float(v) for v in np.asarray(short).reshape(-1)],
+           "long_factor": [float(v) for v in np.asarray(long).reshape(-1)], "original_max_position_embeddings": orig}
+    attn = meta(header, f"{arch}.rope.scaling.attn_factor", "float", path, None)
+    if attn is not None:
+        out["attention_factor"] = attn
+    return out
+
+
 # GGUF architecture -> its keys beyond the common ones
-_ARCH_CONFIG = {"gemma3": _gemma3_config}
+_ARCH_CONFIG = {"gemma3": _gemma3_config, "phi3": _phi3_config}
 
 
 def extra_eos_ids(header: GGUFHeader, path: Path, eos: int | None) -> list[int]:

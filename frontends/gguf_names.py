@@ -36,6 +36,8 @@ ARCHITECTURES = {
     "qwen3": _Arch("Qwen3ForCausalLM", permute_qk=False),
     "qwen3moe": _Arch("Qwen3MoeForCausalLM", permute_qk=False, hf_moe_architecture="Qwen3MoeForCausalLM"),
     "gemma3": _Arch("Gemma3ForCausalLM", permute_qk=False, block_names=_GEMMA_NORMS, norm_shift=1.0),
+    # Phi-3 keeps its fused projections: attn_qkv, and gate and up in ffn_up (gate first, as HF)
+    "phi3": _Arch("Phi3ForCausalLM", permute_qk=False, block_names=(("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj"))),
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -62,7 +64,7 @@ _BLOCK_NAMES = {
     "ffn_down_exps": "mlp.experts.down_proj",
 }
 _BLOCK_RE = re.compile(r"blk\.(0|[1-9][0-9]{0,5})\.([a-z_]+)\.(weight|bias)")
-SKIPPED = ("rope_freqs.weight",)  # derived data; read into config, never a weight
+SKIPPED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")  # derived data; read into config, never a weight
 
 
 def hf_tensor_name(gguf_name: str, arch: str | None = None) -> str | None:

@@ -19,7 +19,7 @@ from ..errors import KilnError, ModelFormatError, UnsupportedModelError
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .gguf_blocks import DIRECT_IMPORTS, blocks_to_kiln, can_dequantize, dequantize
-from .gguf_config import build_config, llama3_rope_scaling
+from .gguf_config import build_config, llama3_rope_scaling, longrope_scaling
 from .gguf_header import GGUFTensorInfo, meta, read_gguf_header
 from .gguf_names import ARCHITECTURES, SKIPPED, hf_tensor_name, unpermute_qk
 from .gguf_tokenizer import build_tokenizer
@@ -135,6 +135,13 @@ def _open_gguf(path: Path) -> Checkpoint:
             raise UnsupportedModelError(f"{path}: both rope scaling metadata and a rope_freqs tensor are present")
         factors = read(skipped["rope_freqs.weight"])
         config["rope_scaling"] = llama3_rope_scaling(factors, model_config.head_dim, model_config.rope_theta, path)
+        model_config = ModelConfig.from_dict(config, str(path))
+    if "rope_factors_short.weight" in skipped or "rope_factors_long.weight" in skipped:
+        if not {"rope_factors_short.weight", "rope_factors_long.weight"} <= set(skipped):
+            raise ModelFormatError(f"{path}: only one of rope_factors_short / rope_factors_long is present")
+        config["gguf_skipped_tensors"] = sorted(skipped)
+        config["rope_scaling"] = longrope_scaling(read(skipped["rope_factors_short.weight"]), read(skipped["rope_factors_long.weight"]),
+                                                  header, arch, path)
         model_config = ModelConfig.from_dict(config, str(path))
     tokenizer = build_tokenizer(header, model_config.vocab_size, path)
     return Checkpoint(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.constants import GGML_QUANT_SIZES
+from helpers.tiny_gguf import write_hf_as_gguf
 
 from kiln.frontends.config import ModelConfig
 from kiln.frontends.gguf_blocks import dequantize
@@ -90,13 +91,7 @@ _GEMMA_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "s
                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def _write_gemma3_gguf(hf_dir: Path, path: Path) -> dict[str, np.ndarray]:
-    """The tiny HF Gemma 3 as llama.cpp's convert writes it (F32 tensors); returns its HF tensors."""
-    import gguf  # noqa: PLC0415
-    import safetensors.numpy  # noqa: PLC0415
-
-    hf = safetensors.numpy.load_file(str(hf_dir / "model.safetensors"))
-    w = gguf.GGUFWriter(str(path), "gemma3")
+def _gemma3_metadata(w) -> None:
     w.add_context_length(256)
     w.add_embedding_length(72)
     w.add_block_count(2)
@@ -108,26 +103,12 @@ def _write_gemma3_gguf(hf_dir: Path, path: Path) -> dict[str, np.ndarray]:
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(1e6)
     w.add_sliding_window(48)
-    for name, arr in hf.items():
-        if name == "model.embed_tokens.weight":
-            g = "token_embd.weight"
-        elif name == "model.norm.weight":
-            g = "output_norm.weight"
-        else:
-            _, _, i, *mod, kind = name.split(".")
-            g = f"blk.{i}.{_GEMMA_BLOCK['.'.join(mod)]}.{kind}"
-        w.add_tensor(g, arr + np.float32(1) if name.endswith("norm.weight") else arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return hf
 
 
 def test_tiny_gemma3_gguf_reads_back_as_hf(tiny_checkpoint, tmp_path):
     from kiln.frontends.gguf_reader import open_gguf  # noqa: PLC0415
 
-    hf = _write_gemma3_gguf(tiny_checkpoint("gemma3"), tmp_path / "g.gguf")
+    hf = write_hf_as_gguf(tiny_checkpoint("gemma3"), tmp_path / "g.gguf", "gemma3", _GEMMA_BLOCK, _gemma3_metadata, norm_shift=1.0)
     ck = open_gguf(tmp_path / "g.gguf")
     assert sorted(ck.tensor_names) == sorted(hf)
     for name, arr in hf.items():

@@ -194,3 +194,31 @@ def write_moe(path: Path, model, *, expert_type=Q.F32, tokenizer: bool = True, e
     w.write_tensors_to_file()
     w.close()
     return changed
+
+
+def write_hf_as_gguf(hf_dir: Path, path: Path, arch: str, block_names: dict[str, str], metadata, *, norm_shift: float = 0.0,
+                     extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A tiny HF checkpoint (model.safetensors) written as llama.cpp's convert writes one, F32:
+    `block_names` maps HF module names in a layer to llama.cpp's, `metadata(writer)` adds the
+    keys, `norm_shift` is added to every norm weight, `extra` tensors are added as they are.
+    Returns the HF tensors."""
+    import safetensors.numpy  # noqa: PLC0415
+
+    hf = safetensors.numpy.load_file(str(Path(hf_dir) / "model.safetensors"))
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    w = gguf.GGUFWriter(str(path), arch)
+    metadata(w)
+    for name, arr in hf.items():
+        if name in top:
+            g = top[name]
+        else:
+            _, _, i, *mod, kind = name.split(".")
+            g = f"blk.{i}.{block_names['.'.join(mod)]}.{kind}"
+        w.add_tensor(g, arr + np.float32(norm_shift) if norm_shift and name.endswith("norm.weight") else arr)
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
