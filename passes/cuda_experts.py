@@ -79,9 +79,34 @@ class _Rewriter(relax.PyExprMutator):
                     continue
                 x, n_exp, f, d, dt = hit[0], hit[5], hit[6], hit[7], hit[9]
                 if not self._prompt(x):
-                    self.plan[var] = ("experts", *hit)
+                    self.plan[var] = ("experts", *hit, None)
                 elif grouped_supported(n_exp, d, f, dt):
                     self.plan[var] = ("experts_grouped", *hit)
+        self._plan_residuals()
+
+    def _plan_residuals(self):
+        """h = r + reshape(y) after a decode expert GEMV y: the add moves into the down GEMV's
+        epilogue (y's binding gets r; the reshape then holds r + y; h becomes that reshape)."""
+        users: dict = {}
+        for var, value in self.an.value.items():
+            if isinstance(value, relax.Call):
+                for a in value.args:
+                    if isinstance(a, relax.Var):
+                        users.setdefault(a, []).append((var, value))
+        for y, step in list(self.plan.items()):
+            if step[0] != "experts" or len(users.get(y, [])) != 1 or not self.an.single_use(y):
+                continue
+            (rv, reshape), = users[y]
+            if not _is_op(reshape, "relax.reshape") or len(users.get(rv, [])) != 1 or not self.an.single_use(rv):
+                continue
+            (hv, add), = users[rv]
+            if not _is_op(add, "relax.add"):
+                continue
+            r = add.args[1] if add.args[0].same_as(rv) else add.args[0]
+            if _static_shape(r) is None or _static_shape(r) != _static_shape(rv) or _dtype(r) != step[-2]:
+                continue
+            self.plan[y] = (*step[:-1], r)
+            self.plan[hv] = ("alias", rv)
 
     def _prompt(self, x) -> bool:
         """x = reshape(h [1, s, D]) with s symbolic: a prompt's tokens (decode has [1, 1, D],
@@ -133,13 +158,17 @@ class _Rewriter(relax.PyExprMutator):
             new = self.builder_.emit(relax.TupleGetItem(fused, 0), binding.var.name)
         elif step[0] == "routing_done":
             new = self.builder_.emit(relax.TupleGetItem(step[1], 1), binding.var.name)
+        elif step[0] == "alias":  # r + reshape(y) where y already added r
+            self.set_var_remap(binding.var, self.visit_expr(step[1]))
+            return None
         elif step[0] == "experts":
-            _, x, w1, w2, ids, wts, n_exp, f, d, k, dt = step
+            _, x, w1, w2, ids, wts, n_exp, f, d, k, dt, r = step
             gv = self._func(("expert_gate_up_silu", n_exp, f, d, k, dt), lambda: expert_gate_up_silu(n_exp, f, d, k, dt))
             n = x.ty.shape.values[0]
             a = self.builder_.emit(relax.call_tir(gv, [remap(x), remap(w1), remap(ids)], relax.TensorType((n, k, f), dt)), "expert_act")
-            gv = self._func(("expert_down", n_exp, d, f, k, dt), lambda: expert_down(n_exp, d, f, k, dt))
-            new = self.builder_.emit(relax.call_tir(gv, [a, remap(w2), remap(ids), remap(wts)], relax.TensorType((n, d), dt)),
+            res = [] if r is None else [self.builder_.emit(relax.op.reshape(remap(r), (n, d)))]
+            gv = self._func(("expert_down", n_exp, d, f, k, dt, int(r is not None)), lambda: expert_down(n_exp, d, f, k, dt, r is not None))
+            new = self.builder_.emit(relax.call_tir(gv, [a, remap(w2), remap(ids), remap(wts), *res], relax.TensorType((n, d), dt)),
                                      binding.var.name)
         elif step[0] == "experts_grouped":
             new = self._grouped(binding, *step[1:])

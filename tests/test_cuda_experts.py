@@ -55,6 +55,8 @@ def test_moe_layers_run_on_kiln_kernels(tiny_checkpoint, tmp_path, variant, dtyp
         assert "call_tir(topk_experts" not in s and "call_tir(routing_weights" not in s, fn
         gemv = fn == "decode"
         assert ("kiln_expert_gate_up_silu_" in s and "kiln_expert_down_" in s) == gemv, fn
+        if gemv:  # the residual add is the down GEMV's epilogue: kernel ..._1, taking r
+            assert f"_{dtype}_1, (" in s.split("kiln_expert_down_")[1][:60], s.split("kiln_expert_down_")[1][:60]
         assert ("kiln_expert_route_" in s and "kiln_expert_gemm_" in s and "kiln_expert_combine_" in s) == (grouped and not gemv), fn
         # what is left of the TE expert kernels: a float32 prompt's (no tensor-core tile for it)
         assert ("call_tir(expert_gate_up" in s) == (not gemv and not grouped), fn

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import register
-from .layers import RMSNorm, op
+from .layers import RMSNorm, head_rms_norm
 from .llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 
@@ -18,8 +18,8 @@ class Qwen3Attention(LlamaAttention):
 
     def qkv(self, x):
         c = self.c
-        q, k, v = op.split(super().qkv(x), [c.num_attention_heads, c.num_attention_heads + c.num_key_value_heads], axis=2)
-        return op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
+        return head_rms_norm(super().qkv(x), self.q_norm.weight, self.k_norm.weight, c.num_attention_heads, c.num_key_value_heads,
+                             c.rms_norm_eps)
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):
