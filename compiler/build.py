@@ -102,6 +102,10 @@ def build(opts: CompileOptions, progress: Progress = QUIET) -> CompileSummary:
         writer.commit(manifest(quality))
         total = sum(f["size"] for f in writer.files.values())
     warnings = []
+    c = m.config
+    if c.sliding_window is not None and c.sliding_window < c.max_position_embeddings and opts.max_seq_len is None:
+        warnings.append(f"context capped at the sliding window, {c.sliding_window} of the model's {c.max_position_embeddings} tokens "
+                        f"(kiln has no windowed attention kernels yet: docs/DESIGN.md, Gemma 3)")
     if m.ck.tokenizer is None and not opts.no_weights:
         warnings.append(f"{m.ck.source} has no tokenizer (tokenizer.json): the artifact takes token ids only "
                         f"(kiln run --tokens), not text prompts")
