@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import UnsupportedModelError
 from . import register
-from .layers import RMSNorm, all_reduce, nn, op, rope, rope_inv_freq
+from .layers import RMSNorm, nn, op, rope_inv_freq
 from .llama import LlamaMLP
 from .qwen3 import Qwen3Attention, Qwen3ForCausalLM
 
@@ -32,15 +32,6 @@ class Gemma3Attention(Qwen3Attention):
         factor = scaling["factor"] if scaling and not sliding else None  # linear scaling: full layers only
         self.inv_freq = rope_inv_freq(c.rope_local_theta if sliding else c.rope_theta, c.head_dim, factor)
         self.sm_scale = float(c.extra.get("query_pre_attn_scalar", c.head_dim)) ** -0.5
-
-    def forward(self, x, kv_cache, layer_id: int):
-        c = self.c
-        b, s, _ = x.shape
-        q, k, v = op.split(self.qkv(x), [c.num_attention_heads, c.num_attention_heads + c.num_key_value_heads], axis=2)
-        pos = kv_cache.get_query_positions(b * s)  # [b * s] int32
-        q, k = rope(q, pos, self.inv_freq, name="rope_q"), rope(k, pos, self.inv_freq, name="rope_k")
-        attn = kv_cache.attention_with_fused_qkv(layer_id, op.concat([q, k, v], dim=2), c.num_attention_heads, sm_scale=self.sm_scale)
-        return all_reduce(self.o_proj(op.reshape(attn, (b, s, c.q_size))), c.tensor_parallel)
 
 
 class GemmaMLP(LlamaMLP):

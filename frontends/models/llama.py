@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from . import register
 from .decoder import DecoderLM
-from .layers import Linear, RMSNorm, all_reduce, nn, op
+from .layers import Linear, RMSNorm, all_reduce, nn, op, rope
 
 
 class LlamaAttention(nn.Module):
@@ -21,6 +21,10 @@ class LlamaAttention(nn.Module):
         self.c = c
         self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, dtype, bias=c.attention_bias, role="qkv_proj")
         self.o_proj = Linear(c.q_size, c.hidden_size, dtype, bias=c.attention_out_bias, role="o_proj")
+        self.sm_scale = c.head_dim**-0.5
+        # RoPE in the graph (layers.rope) where a family sets these -- Gemma 3's per-layer bases,
+        # LongRoPE -- with the cache's own RoPE off (DecoderLM.rope_in_graph); None: the cache's
+        self.inv_freq, self.mscale = None, 1.0
 
     def qkv(self, x):
         """x [b, s, hidden] -> qkv [b, s, q_heads + 2 * kv_heads, head_dim]."""
@@ -29,10 +33,20 @@ class LlamaAttention(nn.Module):
         heads = c.num_attention_heads + 2 * c.num_key_value_heads
         return op.reshape(self.qkv_proj(x), (b, s, heads, c.head_dim))
 
+    def rotate(self, qkv, positions):
+        """qkv with q and k rotated at positions  # [b * s] int32 (the cache's query positions)."""
+        c = self.c
+        q, k, v = op.split(qkv, [c.num_attention_heads, c.num_attention_heads + c.num_key_value_heads], axis=2)
+        q, k = (rope(t, positions, self.inv_freq, self.mscale, name=f"rope_{n}") for t, n in ((q, "q"), (k, "k")))
+        return op.concat([q, k, v], dim=2)
+
     def forward(self, x, kv_cache, layer_id: int):
         c = self.c
         b, s, _ = x.shape
-        attn = kv_cache.attention_with_fused_qkv(layer_id, self.qkv(x), c.num_attention_heads, sm_scale=c.head_dim**-0.5)
+        qkv = self.qkv(x)
+        if self.inv_freq is not None:
+            qkv = self.rotate(qkv, kv_cache.get_query_positions(b * s))
+        attn = kv_cache.attention_with_fused_qkv(layer_id, qkv, c.num_attention_heads, sm_scale=self.sm_scale)
         return all_reduce(self.o_proj(op.reshape(attn, (b, s, c.q_size))), c.tensor_parallel)  # heads are split over shards
 
 

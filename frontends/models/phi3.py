@@ -13,7 +13,7 @@ import math
 
 from ...errors import ModelFormatError, UnsupportedModelError
 from . import register
-from .layers import all_reduce, op, rope, rope_inv_freq
+from .layers import rope_inv_freq
 from .llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 
@@ -21,21 +21,9 @@ class Phi3Attention(LlamaAttention):
     def __init__(self, c, dtype: str):
         super().__init__(c, dtype)
         s = c.rope_scaling or {}
-        self.longrope = s.get("rope_type") == "longrope"
-        if self.longrope:
+        if s.get("rope_type") == "longrope":  # else plain RoPE: the cache applies it on append
             self.inv_freq = rope_inv_freq(c.rope_theta, c.head_dim, s["short_factor"])
             self.mscale = s["attention_factor"]
-
-    def forward(self, x, kv_cache, layer_id: int):
-        if not self.longrope:
-            return super().forward(x, kv_cache, layer_id)  # plain RoPE: the cache applies it on append
-        c = self.c
-        b, s, _ = x.shape
-        q, k, v = op.split(self.qkv(x), [c.num_attention_heads, c.num_attention_heads + c.num_key_value_heads], axis=2)
-        pos = kv_cache.get_query_positions(b * s)  # [b * s] int32
-        q, k = (rope(t, pos, self.inv_freq, self.mscale, name=f"rope_{n}") for t, n in ((q, "q"), (k, "k")))
-        attn = kv_cache.attention_with_fused_qkv(layer_id, op.concat([q, k, v], dim=2), c.num_attention_heads, sm_scale=c.head_dim**-0.5)
-        return all_reduce(self.o_proj(op.reshape(attn, (b, s, c.q_size))), c.tensor_parallel)
 
 
 class Phi3DecoderLayer(LlamaDecoderLayer):
