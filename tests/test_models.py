@@ -52,13 +52,14 @@ def test_greedy_matches_transformers(arch, compiled, hf_model):
     assert res.finish_reason == "length"
 
 
-def test_chunked_prefill_matches_transformers(compiled, hf_model):
+@pytest.mark.parametrize("arch", slow_except(["llama_tied_rope3", "gemma3", "phi3"], "llama_tied_rope3"))
+def test_chunked_prefill_matches_transformers(arch, compiled, hf_model):
     """Prefill in chunks of 8: later chunks attend to earlier ones through the
-    paged KV cache, at RoPE positions past the chunk start."""
+    paged KV cache, at RoPE positions past the chunk start (Gemma 3 and Phi-3:
+    RoPE in the graph, at the cache's query positions)."""
     from kiln.runtime.artifact import open_artifact  # noqa: PLC0415
     from kiln.runtime.session import Session  # noqa: PLC0415
 
-    arch = "llama_tied_rope3"
     ids = random_ids(SEQ_LEN)
     got = Session(open_artifact(compiled(arch)), prefill_chunk=8).logits(ids)
     assert rel_err(got, hf_logits(hf_model(arch), ids)) < LOGITS_RTOL
