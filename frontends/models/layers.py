@@ -198,11 +198,14 @@ def head_rms_norm(qkv, q_weight, k_weight, n_q: int, n_k: int, eps: float, name:
         b, s, _, hd = xt.shape
         r = te.reduce_axis((0, hd), name="d")
         f32 = lambda v: v.astype("float32")  # noqa: E731
-        ss = te.compute((b, s, n_q + n_k), lambda i, j, h: te.sum(f32(xt[i, j, h, r]) * f32(xt[i, j, h, r]), axis=r), name=name + "_sq")
+        # every head's sum (the value heads' unused): a reduction whose spatial axes are the
+        # output's, the shape GPU reduction rules schedule as one kernel (dlight mis-scheduled
+        # a reduction over the first n_q + n_k heads read as ss[min(h, n_q + n_k - 1)])
+        ss = te.compute(xt.shape[:3], lambda i, j, h: te.sum(f32(xt[i, j, h, r]) * f32(xt[i, j, h, r]), axis=r), name=name + "_sq")
 
         def body(i, j, h, d):
             x = f32(xt[i, j, h, d])
-            inv = tir.rsqrt(ss[i, j, tir.min(h, n_q + n_k - 1)] / tir.const(int(hd), "float32") + tir.const(eps, "float32"))
+            inv = tir.rsqrt(ss[i, j, h] / tir.const(int(hd), "float32") + tir.const(eps, "float32"))
             w = tir.Select(h < n_q, f32(qw[d]), f32(kw[d]))
             return tir.Select(h < n_q + n_k, x * inv * w, x).astype(xt.dtype)
 
