@@ -1,13 +1,14 @@
 """layers.rope (RoPE in the graph: Gemma 3's per-layer bases, Phi-3's LongRoPE) against a
 float64 numpy twin: odd sizes (2 sequences of 7 tokens, 3 heads, head_dim 24), positions
-that are neither 0.. nor contiguous, per-frequency factors and a cos/sin scale."""
+that are neither 0.. nor contiguous, per-frequency factors and a cos/sin scale. And
+layers.head_rms_norm (Qwen3's per-head q/k RMSNorm as one op) against its twin."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kiln.frontends.models.layers import rope, rope_inv_freq
+from kiln.frontends.models.layers import head_rms_norm, rope, rope_inv_freq
 from kiln.tvm_compat import compiler
 
 TOL = {"float32": dict(rtol=2e-5, atol=2e-5)}
@@ -51,3 +52,37 @@ def test_rope_matches_twin(theta, factors, mscale):
     vm = t.relax.VirtualMachine(ex, t.tvm.cpu())
     got = vm["forward"](t.tvm.runtime.tensor(x), t.tvm.runtime.tensor(positions)).numpy()
     np.testing.assert_allclose(got, rope_twin(x, positions, theta, factors, mscale), **TOL["float32"])
+
+
+# --- layers.head_rms_norm: the other in-graph step before attention (Qwen3, Gemma 3) ----------
+def head_rms_norm_twin(x: np.ndarray, qw: np.ndarray, kw: np.ndarray, n_q: int, n_k: int, eps: float) -> np.ndarray:
+    """x [b, s, heads, d]: RMSNorm of the first n_q heads with qw, the next n_k with kw, the rest as they are."""
+    x = x.astype(np.float64)
+    normed = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    w = np.concatenate([np.broadcast_to(qw, (n_q, x.shape[-1])), np.broadcast_to(kw, (n_k, x.shape[-1]))]).astype(np.float64)
+    out = x.copy()
+    out[:, :, : n_q + n_k] = normed[:, :, : n_q + n_k] * w
+    return out
+
+
+class _HeadNorm(nn.Module):
+    def __init__(self, n_q, n_k, d, eps):
+        self.qw, self.kw = nn.Parameter((d,), "float32"), nn.Parameter((d,), "float32")
+        self.n_q, self.n_k, self.eps = n_q, n_k, eps
+
+    def forward(self, x):
+        return head_rms_norm(x, self.qw, self.kw, self.n_q, self.n_k, self.eps)
+
+
+@pytest.mark.parametrize(("n_q", "n_k", "n_v"), [(3, 1, 1), (4, 2, 2)])
+def test_head_rms_norm_matches_twin(n_q, n_k, n_v):
+    b, s, d, eps = 2, 7, 24, 1e-6
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((b, s, n_q + n_k + n_v, d)) * rng.uniform(0.1, 4.0, (1, 1, n_q + n_k + n_v, 1))).astype(np.float32)
+    qw, kw = rng.uniform(0.5, 1.5, d).astype(np.float32), rng.uniform(-1.5, -0.5, d).astype(np.float32)
+    spec = {"forward": {"x": nn.spec.Tensor(list(x.shape), "float32"), "$": {"param_mode": "plain", "effect_mode": "none"}}}
+    irmod, params = _HeadNorm(n_q, n_k, d, eps).export_tvm(spec=spec)
+    vm = t.relax.VirtualMachine(t.relax.build(irmod, target=t.tvm.target.Target("llvm")), t.tvm.cpu())
+    by_name = {"qw": qw, "kw": kw}
+    got = vm["forward"](t.tvm.runtime.tensor(x), *[t.tvm.runtime.tensor(by_name[n]) for n, _ in params]).numpy()
+    np.testing.assert_allclose(got, head_rms_norm_twin(x, qw, kw, n_q, n_k, eps), **TOL["float32"])
