@@ -18,16 +18,37 @@ stacks keep the generic kernels (not yet on CUDA: issue 13).
 
 from __future__ import annotations
 
+import dataclasses
+
 from .cuda_projections import _Analysis, _dtype, _is_op, _static_shape, swiglu_input
-from .kernels.moe_cuda import (expert_combine, expert_down, expert_gate_up_silu, expert_gemm, expert_route, experts_supported, grouped_supported,
-                               topk_softmax, topk_supported)
-from ..frontends.models.layers import OP_ATTR
+from .quant import WEIGHT_FORMATS
+from .kernels.moe_cuda import (expert_combine, expert_down, expert_gate_up_silu, expert_gemm, expert_route, experts_supported,
+                               grouped_supported, q_experts_supported, qexpert_down, qexpert_gate_up_silu, topk_softmax, topk_supported)
+from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR
 from ..frontends.models.moe import RENORMALIZE_ATTR
 from ..tvm_compat import compiler
 
 _t = compiler()
 relax = _t.relax
 tirx = _t.tirx
+
+
+@dataclasses.dataclass(frozen=True)
+class _Experts:
+    """One MoE MLP as the graph has it: x [n, D] -> expert_down(silu * up of expert_matmul)."""
+
+    x: object
+    w1: tuple  # the gate/up stack [E, 2F, D]: (W,) float, or its format's arrays (q, s[, z])
+    w2: tuple  # the down stack [E, D, F], the same way
+    ids: object
+    wts: object
+    n_exp: int
+    f: int
+    d: int
+    k: int
+    dtype: str
+    quant: tuple | None = None  # (code kind, group of w1, group of w2) of a quantized pair
+    residual: object = None  # r of h = r + reshape(y), folded into the down GEMV
 
 
 @relax.expr_functor.mutator
@@ -74,14 +95,13 @@ class _Rewriter(relax.PyExprMutator):
                 self.plan[ids] = ("topk", lg, n_exp, k, renorm, var)
                 self.plan[var] = ("routing", ids)
             elif kind == "expert_down":
-                hit = self._experts(value)
-                if hit is None:
+                e = self._experts(value)
+                if e is None:
                     continue
-                x, n_exp, f, d, dt = hit[0], hit[5], hit[6], hit[7], hit[9]
-                if not self._prompt(x):
-                    self.plan[var] = ("experts", *hit, None)
-                elif grouped_supported(n_exp, d, f, dt):
-                    self.plan[var] = ("experts_grouped", *hit)
+                if not self._prompt(e.x):
+                    self.plan[var] = ("experts", e)
+                elif e.quant is None and grouped_supported(e.n_exp, e.d, e.f, e.dtype):
+                    self.plan[var] = ("experts_grouped", e)
         self._plan_residuals()
 
     def _plan_residuals(self):
@@ -103,9 +123,9 @@ class _Rewriter(relax.PyExprMutator):
             if not _is_op(add, "relax.add"):
                 continue
             r = add.args[1] if add.args[0].same_as(rv) else add.args[0]
-            if _static_shape(r) is None or _static_shape(r) != _static_shape(rv) or _dtype(r) != step[-2]:
+            if _static_shape(r) is None or _static_shape(r) != _static_shape(rv) or _dtype(r) != step[1].dtype:
                 continue
-            self.plan[y] = (*step[:-1], r)
+            self.plan[y] = ("experts", dataclasses.replace(step[1], residual=r))
             self.plan[hv] = ("alias", rv)
 
     def _prompt(self, x) -> bool:
@@ -117,30 +137,41 @@ class _Rewriter(relax.PyExprMutator):
         dims = r.args[0].ty.shape.values
         return len(dims) == 3 and not (isinstance(dims[1], tirx.IntImm) and int(dims[1]) == 1)
 
-    def _experts(self, down):
-        """down = expert_down(silu(g) * u, W2, ids, w) with g, u = split(expert_matmul(x, W1, ids))
-        over float stacks in one dtype -> (x, W1, W2, ids, w, E, F, D, k, dtype)."""
-        if len(down.args[1].fields) != 4:  # a quantized stack passes its format's arrays
-            return None
-        a, w2, ids, wts = down.args[1].fields
+    def _experts(self, down) -> _Experts | None:
+        """down = expert_down(silu(g) * u, W2, ids, w) with g, u = split(expert_matmul(x, W1, ids)),
+        both stacks float in the compute dtype or both in one quantized format with a CUDA code kind."""
+        *a_w2, ids, wts = down.args[1].fields
+        a, w2 = a_w2[0], tuple(a_w2[1:])
         h = swiglu_input(self.an, a)
         up = self.an.bound(h) if h is not None else None
-        if self._op(up) != "expert_matmul" or len(up.args[1].fields) != 3 or not self.an.single_use(h):
+        if self._op(up) != "expert_matmul" or not self.an.single_use(h):
             return None
-        x, w1, ids1 = up.args[1].fields
-        if not ids1.same_as(ids):
+        x, *w1, ids1 = up.args[1].fields
+        w1 = tuple(w1)
+        if not ids1.same_as(ids) or len(w1) != len(w2):
             return None
-        s1, s2 = _static_shape(w1), _static_shape(w2)
-        if s1 is None or s2 is None or len(s1) != 3 or len(s2) != 3:
+        s1, s2 = _static_shape(w1[0]), _static_shape(w2[0])
+        if s1 is None or s2 is None or len(s1) != 3 or len(s2) != 3 or len(x.ty.shape.values) != 2:
             return None
-        n_exp, f2, d = s1
-        f, k = s2[2], int(ids.ty.shape.values[-1])
-        dt = _dtype(w1)
-        if f2 != 2 * f or s2[:2] != (n_exp, d) or {_dtype(x), _dtype(w2), _dtype(a), str(down.ty.dtype)} != {dt}:
+        n_exp, dt = s1[0], _dtype(x)
+        d, k = int(x.ty.shape.values[-1]), int(ids.ty.shape.values[-1])
+        if len(w1) == 1:  # float stacks
+            f = s2[2]
+            if s1 != (n_exp, 2 * f, d) or s2 != (n_exp, d, f) or {_dtype(w1[0]), _dtype(w2[0]), _dtype(a), str(down.ty.dtype)} != {dt}:
+                return None
+            if not (experts_supported(d, dt) and experts_supported(f, dt)):
+                return None
+            return _Experts(x, w1, w2, ids, wts, n_exp, f, d, k, dt)
+        fmts = {str(self._attrs(c)[QFORMAT_ATTR]) if QFORMAT_ATTR in self._attrs(c) else None for c in (up, down)}
+        fmt = WEIGHT_FORMATS.get(fmts.pop()) if len(fmts) == 1 else None
+        if fmt is None or fmt.cuda_code is None or fmt.zero != (len(w1) == 3) or {_dtype(a), str(down.ty.dtype)} != {dt}:
             return None
-        if not (experts_supported(d, dt) and experts_supported(f, dt)):
+        f = s1[1] // 2
+        g1, g2 = d // _static_shape(w1[1])[2], f // _static_shape(w2[1])[2]
+        if s1[1] != 2 * f or s2[:2] != (n_exp, d) or not (q_experts_supported(d, g1, fmt.cuda_code, dt) and
+                                                          q_experts_supported(f, g2, fmt.cuda_code, dt)):
             return None
-        return x, w1, w2, ids, wts, n_exp, f, d, k, dt
+        return _Experts(x, w1, w2, ids, wts, n_exp, f, d, k, dt, quant=(fmt.cuda_code, g1, g2))
 
     # --- rewriting ------------------------------------------------------------------------
     def visit_var_binding_(self, binding):
@@ -162,25 +193,40 @@ class _Rewriter(relax.PyExprMutator):
             self.set_var_remap(binding.var, self.visit_expr(step[1]))
             return None
         elif step[0] == "experts":
-            _, x, w1, w2, ids, wts, n_exp, f, d, k, dt, r = step
-            gv = self._func(("expert_gate_up_silu", n_exp, f, d, k, dt), lambda: expert_gate_up_silu(n_exp, f, d, k, dt))
-            n = x.ty.shape.values[0]
-            a = self.builder_.emit(relax.call_tir(gv, [remap(x), remap(w1), remap(ids)], relax.TensorType((n, k, f), dt)), "expert_act")
-            res = [] if r is None else [self.builder_.emit(relax.op.reshape(remap(r), (n, d)))]
-            gv = self._func(("expert_down", n_exp, d, f, k, dt, int(r is not None)), lambda: expert_down(n_exp, d, f, k, dt, r is not None))
-            new = self.builder_.emit(relax.call_tir(gv, [a, remap(w2), remap(ids), remap(wts), *res], relax.TensorType((n, d), dt)),
-                                     binding.var.name)
+            new = self._gemv(binding, step[1])
         elif step[0] == "experts_grouped":
-            new = self._grouped(binding, *step[1:])
+            new = self._grouped(binding, step[1])
         else:  # "routing" whose topk did not come first: leave it
             return super().visit_var_binding_(binding)
         self.set_var_remap(binding.var, new)
 
-    def _grouped(self, binding, x, w1, w2, ids, wts, n_exp, f, d, k, dt):
+    def _gemv(self, binding, e: _Experts):
+        """One token per sequence: the gate/up GEMV with SiLU * up, then the down GEMV with the
+        routing weights, the sum over k and (when planned) the residual."""
+        remap, emit = self.visit_expr, self.builder_.emit
+        n, res = e.x.ty.shape.values[0], e.residual is not None
+        if e.quant is None:
+            up = self._func(("expert_gate_up_silu", e.n_exp, e.f, e.d, e.k, e.dtype),
+                            lambda: expert_gate_up_silu(e.n_exp, e.f, e.d, e.k, e.dtype))
+            down = self._func(("expert_down", e.n_exp, e.d, e.f, e.k, e.dtype, int(res)),
+                              lambda: expert_down(e.n_exp, e.d, e.f, e.k, e.dtype, res))
+        else:
+            code, g1, g2 = e.quant
+            up = self._func(("qexpert_gate_up_silu", code, g1, e.n_exp, e.f, e.d, e.k, e.dtype),
+                            lambda: qexpert_gate_up_silu(e.n_exp, e.f, e.d, e.k, e.dtype, code, g1))
+            down = self._func(("qexpert_down", code, g2, e.n_exp, e.d, e.f, e.k, e.dtype, int(res)),
+                              lambda: qexpert_down(e.n_exp, e.d, e.f, e.k, e.dtype, code, g2, res))
+        a = emit(relax.call_tir(up, [remap(e.x), *map(remap, e.w1), remap(e.ids)], relax.TensorType((n, e.k, e.f), e.dtype)), "expert_act")
+        extra = [emit(relax.op.reshape(remap(e.residual), (n, e.d)))] if res else []
+        return emit(relax.call_tir(down, [a, *map(remap, e.w2), remap(e.ids), remap(e.wts), *extra], relax.TensorType((n, e.d), e.dtype)),
+                    binding.var.name)
+
+    def _grouped(self, binding, e: _Experts):
         """A prompt: (token, expert) pairs grouped by expert, one tensor-core GEMM launch per
         matrix over all experts, SiLU * up between, the routing weights and the sum over k
         in the un-grouping (fp32)."""
         op, emit, remap = relax.op, self.builder_.emit, self.visit_expr
+        x, (w1,), (w2,), ids, wts, n_exp, f, d, k, dt = e.x, e.w1, e.w2, e.ids, e.wts, e.n_exp, e.f, e.d, e.k, e.dtype
         n = x.ty.shape.values[0]
         m = n * k
         gv = self._func(("expert_route", n_exp, k), lambda: expert_route(n_exp, k))

@@ -184,3 +184,134 @@ def expert_combine(D: int, k: int, dtype: str):
                                          T.address_of(y[0, 0])))
 
     return kiln_expert_combine
+
+
+# --- quantized expert stacks (kernels/cuda/qmoe.cuh; code kinds as qgemv: "4", "8", "f8") -------
+def q_experts_supported(K: int, group: int, code: str, dtype: str) -> bool:
+    from .gemv_cuda import qgemv_supported  # noqa: PLC0415  (the same 16-byte units inside groups)
+
+    return qgemv_supported(K, group, code, dtype)
+
+
+def _q_arrays(code: str, n_exp: int, N: int, K: int, group: int):
+    """(codes, scales, minima) buffer shapes and dtypes of a stack [E, N, K] in code kind `code`."""
+    if code == "4":
+        return ((n_exp, N, K // 8), "uint32"), ((n_exp, N, K // group), "float16"), ((n_exp, N, K // group), "float16")
+    if code == "8":
+        return ((n_exp, N, K), "int8"), ((n_exp, N, K // group), "float16"), None
+    return ((n_exp, N, K), "uint8"), ((n_exp, N, 1), "float32"), None  # f8: one fp32 scale per row
+
+
+def qexpert_gate_up_silu(n_exp: int, F: int, D: int, k: int, dtype: str, code: str, group: int):
+    from .gemv_cuda import QGEMV_CODES  # noqa: PLC0415
+
+    fn = f"kiln::qexpert_gate_up_silu<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {D}, {group}, {k}, {NUM_WARPS}, {GATE_UP_ROWS}>"
+    nb = (F + GATE_UP_ROWS - 1) // GATE_UP_ROWS
+    (qs, qd), (ss, sd), zz = _q_arrays(code, n_exp, 2 * F, D, group)
+
+    @T.macro
+    def launch(x, q, s, z, ids, y, n):
+        for by in T.thread_binding(n * k, thread="blockIdx.y"):
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(NUM_WARPS * 32, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0]), T.address_of(q[0, 0, 0]), T.address_of(s[0, 0, 0]),
+                                             T.address_of(z[0, 0, 0]), T.address_of(ids[0, 0]), T.address_of(y[0, 0, 0]), F, n_exp))
+
+    if zz is not None:
+        @T.prim_func
+        def kiln_qexpert_gate_up_silu_z(var_x: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zz[0], zz[1]),
+                                        var_ids: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            n = T.int64()
+            x = T.match_buffer(var_x, (n, D), dtype)
+            ids = T.match_buffer(var_ids, (n, k), "int32")
+            y = T.match_buffer(var_y, (n, k, F), dtype)
+            launch(x, q, s, z, ids, y, n)
+
+        return kiln_qexpert_gate_up_silu_z
+
+    @T.prim_func
+    def kiln_qexpert_gate_up_silu(var_x: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), var_ids: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, D), dtype)
+        ids = T.match_buffer(var_ids, (n, k), "int32")
+        y = T.match_buffer(var_y, (n, k, F), dtype)
+        launch(x, q, s, s, ids, y, n)
+
+    return kiln_qexpert_gate_up_silu
+
+
+def qexpert_down(n_exp: int, D: int, F: int, k: int, dtype: str, code: str, group: int, residual: bool = False):
+    from .gemv_cuda import QGEMV_CODES  # noqa: PLC0415
+
+    fn = (f"kiln::qexpert_down<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {F}, {group}, {k}, {NUM_WARPS}, {DOWN_ROWS}, "
+          f"{'true' if residual else 'false'}>")
+    nb = (D + DOWN_ROWS - 1) // DOWN_ROWS
+    (qs, qd), (ss, sd), zz = _q_arrays(code, n_exp, D, F, group)
+    zs, zd = zz if zz is not None else (ss, sd)  # no minima: s stands in (unused)
+
+    @T.macro
+    def launch(a, q, s, z, ids, wts, r, y, n):
+        for by in T.thread_binding(n, thread="blockIdx.y"):
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(NUM_WARPS * 32, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0, 0]), T.address_of(s[0, 0, 0]),
+                                             T.address_of(z[0, 0, 0]), T.address_of(ids[0, 0]), T.address_of(wts[0, 0]),
+                                             T.address_of(r[0, 0]), T.address_of(y[0, 0]), D, n_exp))
+
+    has_z = zz is not None  # signature (a, q, s, [z], ids, wts, [r], y): z and r only when used
+    if has_z and residual:
+        @T.prim_func
+        def kiln_qexpert_down_zr(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zs, zd), var_ids: T.handle,
+                                 var_wts: T.handle, var_r: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            n = T.int64()
+            a = T.match_buffer(var_a, (n, k, F), dtype)
+            ids = T.match_buffer(var_ids, (n, k), "int32")
+            wts = T.match_buffer(var_wts, (n, k), "float32")
+            r = T.match_buffer(var_r, (n, D), dtype)
+            y = T.match_buffer(var_y, (n, D), dtype)
+            launch(a, q, s, z, ids, wts, r, y, n)
+
+        return kiln_qexpert_down_zr
+    if has_z:
+        @T.prim_func
+        def kiln_qexpert_down_z(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zs, zd), var_ids: T.handle,
+                                var_wts: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            n = T.int64()
+            a = T.match_buffer(var_a, (n, k, F), dtype)
+            ids = T.match_buffer(var_ids, (n, k), "int32")
+            wts = T.match_buffer(var_wts, (n, k), "float32")
+            y = T.match_buffer(var_y, (n, D), dtype)
+            launch(a, q, s, z, ids, wts, y, y, n)
+
+        return kiln_qexpert_down_z
+    if residual:
+        @T.prim_func
+        def kiln_qexpert_down_r(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), var_ids: T.handle, var_wts: T.handle,
+                                var_r: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            n = T.int64()
+            a = T.match_buffer(var_a, (n, k, F), dtype)
+            ids = T.match_buffer(var_ids, (n, k), "int32")
+            wts = T.match_buffer(var_wts, (n, k), "float32")
+            r = T.match_buffer(var_r, (n, D), dtype)
+            y = T.match_buffer(var_y, (n, D), dtype)
+            launch(a, q, s, s, ids, wts, r, y, n)
+
+        return kiln_qexpert_down_r
+
+    @T.prim_func
+    def kiln_qexpert_down(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), var_ids: T.handle, var_wts: T.handle,
+                          var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        a = T.match_buffer(var_a, (n, k, F), dtype)
+        ids = T.match_buffer(var_ids, (n, k), "int32")
+        wts = T.match_buffer(var_wts, (n, k), "float32")
+        y = T.match_buffer(var_y, (n, D), dtype)
+        launch(a, q, s, s, ids, wts, y, y, n)
+
+    return kiln_qexpert_down

@@ -33,6 +33,37 @@ namespace kiln {
 
 constexpr int kF8 = 9;  // BITS value of e4m3 codes (8 bits, a float grid)
 
+// sum_j x[j] * code_j over one 16-byte unit of codes (32 q4 / 16 q8 or e4m3 codes), before
+// the group's scale (and q4's minimum term): shared by qgemv and qmoe.cuh's expert GEMVs.
+template <int BITS>
+__device__ __forceinline__ float qunit_dot(const uint4& w, const float* xf) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float dot = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (BITS == 4) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float c = __uint_as_float(((words[i] >> (4 * j)) & 0xFu) | 0x4B000000u) - 8388608.f;
+        dot = fmaf(xf[8 * i + j], c, dot);
+      }
+    } else if constexpr (BITS == kF8) {
+      float f[4];
+      kv_decode4<kKvFp8>(words[i], f);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dot = fmaf(xf[4 * i + j], f[j], dot);
+    } else {
+      const uint32_t b = words[i] ^ 0x80808080u;  // int8 -> code + 128 (unsigned)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float c = __uint_as_float(__byte_perm(b, 0x4B000000u, 0x7540 + j)) - 8388736.f;  // 2^23 + 128
+        dot = fmaf(xf[4 * i + j], c, dot);
+      }
+    }
+  }
+  return dot;
+}
+
 template <typename T, typename OutT, int BITS, int K, int G, int NW, int ROWS>
 __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __restrict__ qv, const void* __restrict__ sv,
                                       const void* __restrict__ zv, OutT* __restrict__ y, int N) {
@@ -63,30 +94,7 @@ __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __res
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const size_t row = (size_t)min(row0 + r, N - 1);
-      const uint32_t words[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
-      float dot = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if constexpr (BITS == 4) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const float c = __uint_as_float(((words[i] >> (4 * j)) & 0xFu) | 0x4B000000u) - 8388608.f;
-            dot = fmaf(xf[8 * i + j], c, dot);
-          }
-        } else if constexpr (BITS == kF8) {
-          float f[4];
-          kv_decode4<kKvFp8>(words[i], f);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) dot = fmaf(xf[4 * i + j], f[j], dot);
-        } else {
-          const uint32_t b = words[i] ^ 0x80808080u;  // int8 -> code + 128 (unsigned)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float c = __uint_as_float(__byte_perm(b, 0x4B000000u, 0x7540 + j)) - 8388736.f;  // 2^23 + 128
-            dot = fmaf(xf[4 * i + j], c, dot);
-          }
-        }
-      }
+      const float dot = qunit_dot<BITS>(w[r], xf);
       const float scale = BITS == kF8 ? __ldg(static_cast<const float*>(sv) + row) : __half2float(__ldg(s + row * NG + g));
       acc[r] = fmaf(scale, dot, acc[r]);
       if constexpr (BITS == 4) acc[r] = fmaf(__half2float(__ldg(z + row * NG + g)), xw, acc[r]);
