@@ -46,6 +46,12 @@ class Model:
     tp: int = 1  # tensor-parallel shards
 
     @property
+    def windowed(self) -> bool:
+        """Sliding-window layers run window-masked kernels (CPU, float KV cache, one shard);
+        elsewhere the context is capped at the window."""
+        return window_kernels(self.config, all(tg.kind == "llvm" for tg in self.targets), self.kv_fmt, self.tp)
+
+    @property
     def graph_config(self) -> ModelConfig:
         """The config each shard's graph is built from (the model's own when tp = 1)."""
         return shard_config(self.config, self.tp)
@@ -103,9 +109,9 @@ def build(opts: CompileOptions, progress: Progress = QUIET) -> CompileSummary:
         total = sum(f["size"] for f in writer.files.values())
     warnings = []
     c = m.config
-    if c.sliding_window is not None and c.sliding_window < c.max_position_embeddings and opts.max_seq_len is None:
+    if c.sliding_window is not None and c.sliding_window < c.max_position_embeddings and opts.max_seq_len is None and not m.windowed:
         warnings.append(f"context capped at the sliding window, {c.sliding_window} of the model's {c.max_position_embeddings} tokens "
-                        f"(kiln has no windowed attention kernels yet: docs/DESIGN.md, Gemma 3)")
+                        f"(kiln's windowed attention: CPU, float KV cache, one shard, some full-attention layers: docs/DESIGN.md, Gemma 3)")
     if m.ck.tokenizer is None and not opts.no_weights:
         warnings.append(f"{m.ck.source} has no tokenizer (tokenizer.json): the artifact takes token ids only "
                         f"(kiln run --tokens), not text prompts")
@@ -125,16 +131,17 @@ def read_model(opts: CompileOptions, progress: Progress) -> Model:
     if dtype not in DTYPES:
         raise CompileError(f"--dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}")
     max_ctx = config.max_position_embeddings
-    windowed = config.sliding_window is not None and config.sliding_window < max_ctx
-    if windowed:
+    all_cpu = all(tg.kind == "llvm" for tg in targets)
+    kv_fmt = kv_format(opts.kv_dtype, "float32" if all_cpu else dtype)
+    capped = config.sliding_window is not None and config.sliding_window < max_ctx and not window_kernels(config, all_cpu, kv_fmt, opts.tensor_parallel)
+    if capped:
         max_ctx = config.sliding_window  # attention stays exact within the window (docs/DESIGN.md, Gemma 3)
     if opts.max_seq_len is not None:
         if not 1 <= opts.max_seq_len <= max_ctx:
-            why = " (kiln caps the context at the model's sliding window; longer contexts need windowed attention kernels)" if windowed else ""
+            why = (" (kiln caps the context at the model's sliding window where it has no windowed attention: "
+                   "CUDA, --kv-dtype, --tensor-parallel, every layer sliding)") if capped else ""
             raise CompileError(f"--max-seq-len {opts.max_seq_len} is outside [1, {max_ctx}] for this model{why}")
         max_ctx = opts.max_seq_len
-    all_cpu = all(tg.kind == "llvm" for tg in targets)
-    kv_fmt = kv_format(opts.kv_dtype, "float32" if all_cpu else dtype)
     plan = opts.plan
     if plan is None and kv_fmt is None and (opts.calib_text is not None or opts.max_kld is not None):
         raise CompileError("--calib-text / --max-kld measure a quantized model: they need --quant or --kv-dtype int8|fp8")
@@ -154,6 +161,15 @@ def read_model(opts: CompileOptions, progress: Progress) -> Model:
     if m.tp > 1 and kv_fmt is not None:
         raise CompileError(f"--tensor-parallel {m.tp}: kiln's quantized KV cache (--kv-dtype {opts.kv_dtype}) does not split over GPUs yet")
     return m
+
+
+def window_kernels(config: ModelConfig, all_cpu: bool, kv_fmt, tp: int) -> bool:
+    """Whether sliding-window layers get window-masked kernels (else the context is capped at the
+    window): CPU targets, a float KV cache, one shard, and at least one full-attention layer --
+    TVM 0.27's cache allocates its prefill buffers only when some layer is plain MHA, so an
+    every-layer-sliding model (Mistral) crashes there."""
+    return (config.sliding_window is not None and all_cpu and kv_fmt is None and tp == 1
+            and "full_attention" in config.layer_types)
 
 
 def _gate_needed(m: Model, opts: CompileOptions, progress: Progress) -> bool:

@@ -46,6 +46,9 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
             **({} if kv_fmt is None else {"code_dtype": kv_fmt.code_dtype, "scale_dtype": "float32"}),
             "page_size": page_size,
             "max_seq_len": m.max_ctx,
+            # sliding-window layers (Model.windowed): the in-chunk prefill kernel is not windowed, so a
+            # prefill call holds at most window - 1 tokens of a sequence (runtime/session.py)
+            **({"window": config.sliding_window, "max_prefill_chunk": config.sliding_window - 1} if m.windowed else {}),
             "num_layers": config.num_hidden_layers,
             "num_kv_heads": kv_heads,
             "head_dim": config.head_dim,

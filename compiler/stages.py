@@ -123,6 +123,7 @@ def export_graphs(m, page_size: int, cuda_decode_batch: bool | None = None):
             lm = m.family(m.graph_config, m.precision(tg), kv_cache_factory=kv_factory,
                           kv_quant=QuantKV(m.kv_fmt, page_size, tg.kind) if m.kv_fmt is not None else None)
             lm.batch_decode = tg.kind == "llvm" or _cuda_decode_batch(cuda_decode_batch, m, tg)
+            lm.window_kernels = m.windowed  # sliding-window layers get window-masked attention
             mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)
         mods.append(mod)
     return mods, named_params

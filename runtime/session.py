@@ -95,7 +95,7 @@ class Session:
         # kernel, so CUDA (memory to spare, tensor-core attention within a chunk) takes 2048
         if prefill_chunk is None:
             prefill_chunk = 2048 if device == "cuda" else 1024
-        self.prefill_chunk = max(1, min(prefill_chunk, self.max_seq_len))
+        self.prefill_chunk = max(1, min(prefill_chunk, self.max_seq_len, int(kv.get("max_prefill_chunk", prefill_chunk))))
         tgt = artifact.target_for(device, cpu_target)
         self.target = tgt  # the manifest's entry for the library this session runs
         self.tvm_device = rt.tvm.cpu(0) if device == "cpu" else cuda_device(rt, tgt, artifact.path, index=shard)

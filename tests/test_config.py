@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 # keys a family reads from ModelConfig.extra itself (frontends/models/gemma3.py adapt_config)
 FAMILY_KEYS = {"gemma3": {"query_pre_attn_scalar", "hidden_activation", "final_logit_softcapping", "attn_logit_softcapping",
                           "use_bidirectional_attention", "_sliding_window_pattern"}}
+FAMILY_KEYS["gemma3_window"] = FAMILY_KEYS["gemma3"]
 
 
 def v5_config(tiny_checkpoint, arch) -> dict:
@@ -141,8 +142,10 @@ def test_longrope_refused_where_the_cache_rotates(tiny_checkpoint):
 
 
 def test_context_past_the_window_is_refused_saying_why(tiny_checkpoint, tmp_path):
+    """Where kiln has no windowed kernels (here: a quantized KV cache) the context is capped
+    at the window, and a longer --max-seq-len is refused saying why."""
     from kiln.compiler.build import compile_model  # noqa: PLC0415
     from kiln.errors import CompileError  # noqa: PLC0415
 
-    with pytest.raises(CompileError, match=r"outside \[1, 48\].*sliding window"):
-        compile_model(tiny_checkpoint("gemma3"), tmp_path / "g.kiln", max_seq_len=100)
+    with pytest.raises(CompileError, match=r"outside \[1, 48\].*sliding window.*--kv-dtype"):
+        compile_model(tiny_checkpoint("gemma3"), tmp_path / "g.kiln", max_seq_len=100, kv_dtype="int8")

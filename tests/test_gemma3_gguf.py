@@ -13,6 +13,7 @@ head_dim^-1/2). Skips without the model file (see the gemma3_gguf fixture).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from helpers import compile_artifact, hf_greedy, hf_logits, rel_err  # noqa: E40
 from kiln.runtime import SamplingParams, load  # noqa: E402
 
 LOGITS_RTOL = 1e-4
+ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 24
 PROMPT = ["<bos>", "The", "▁capital", "▁of", "▁France", "▁is"]
 _NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -118,7 +120,25 @@ def test_tokenizer_matches_transformers(gemma3_gguf, session):
         assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids, skip_special_tokens=False)
 
 
-def test_window_caps_the_context(session):
-    """The sliding window (512) is handled by capping the context there, where
-    sliding and full layers attend alike (docs/DESIGN.md, Gemma 3)."""
-    assert session.max_seq_len == 512
+def test_past_the_window_matches_transformers(session, reference):
+    """A prompt of ~700 tokens runs past the 512-token window of the sliding layers:
+    prefill in chunks of 511 (the artifact's max_prefill_chunk), the sliding layers'
+    window-masked kernels, then decode; last-position logits and 8 greedy tokens against
+    transformers (whose sliding layers see the same 512 tokens)."""
+    model, _ = reference
+    kv = session.artifact.manifest["kv_cache"]
+    assert (kv["window"], kv["max_prefill_chunk"], session.prefill_chunk) == (512, 511, 511)
+    text = (ROOT / "README.md").read_text(encoding="utf-8")[:3000]
+    prompt = session.encode_prompt(text)
+    assert 600 < len(prompt) < 1000
+    seq = session.add_sequence()
+    try:
+        got = session.prefill(seq, prompt)
+    finally:
+        session.remove_sequence(seq)
+    with torch.no_grad():
+        want = model(torch.tensor([prompt]), logits_to_keep=1).logits[0, -1].numpy()
+    err = rel_err(got, want)
+    assert err < LOGITS_RTOL, f"relative logits error {err:.2e} past the window"
+    res = session.generate(prompt, max_new_tokens=8, sampling=SamplingParams(temperature=0), ignore_eos=True)
+    assert res.tokens == hf_greedy(model, prompt, 8)

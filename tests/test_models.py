@@ -110,7 +110,8 @@ def test_rope_scaling_is_exercised(tiny_checkpoint, hf_model):
 
 def test_gemma3_and_phi3_rope_is_exercised(tiny_checkpoint, hf_model):
     """Guard on the fixtures: Gemma 3's two RoPE bases (and linear scaling on full layers),
-    its score scale, and Phi-3's LongRoPE factors must each change transformers' logits."""
+    its score scale, its window of 8 (gemma3_window), and Phi-3's LongRoPE factors must each
+    change transformers' logits."""
     import transformers  # noqa: PLC0415
 
     ids = random_ids(SEQ_LEN)
@@ -119,6 +120,7 @@ def test_gemma3_and_phi3_rope_is_exercised(tiny_checkpoint, hf_model):
         "gemma3": [dict(rope_parameters={"sliding_attention": plain_rope, "full_attention": plain_rope}),
                    dict(query_pre_attn_scalar=24)],
         "phi3": [dict(rope_parameters=plain_rope)],
+        "gemma3_window": [dict(sliding_window=256)],
     }
     for arch, edits in changes.items():
         for edit in edits:

@@ -58,6 +58,7 @@ class DecoderLM(HFNames, nn.Module):
     layer_cls: type = None  # the family's decoder layer, (config, dtype) -> nn.Module
     batch_decode: bool = False  # export decode_batch too (the compiler sets it for targets with kernels for it)
     rope_in_graph: bool = False  # the layers apply RoPE themselves (layers.rope); the cache's RoPE is off
+    window_kernels: bool = False  # sliding-window layers attend through window-masked kernels (the compiler sets it)
 
     def __init__(self, config: ModelConfig, dtype, kv_cache_factory=None, kv_quant=None):
         """dtype: storage dtype string, or a Precision (storage + compute).
@@ -171,7 +172,13 @@ class DecoderLM(HFNames, nn.Module):
             dtype=self.precision.compute,
             target=_tvm.Target.current(),
             rope_mode=_tvm.kv_cache.RopeMode.NONE if self.rope_in_graph else _tvm.kv_cache.RopeMode.NORMAL,
+            **({"layer_kinds": self.layer_kinds(), "window": c.sliding_window} if self.window_kernels and c.sliding_window else {}),
         )
+
+    def layer_kinds(self) -> list[str]:
+        """Each layer's attention for the cache (config.layer_types): "mha_sliding" for a
+        sliding-window layer, else "mha"."""
+        return ["mha_sliding" if t == "sliding_attention" else "mha" for t in self.config.layer_types]
 
     def export_spec(self) -> dict:
         hidden = self.config.hidden_size

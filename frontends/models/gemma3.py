@@ -7,9 +7,9 @@ a GeGLU MLP (gelu, tanh approximation), embeddings scaled by sqrt(hidden),
 scores scaled by query_pre_attn_scalar^-1/2, and two kinds of layers
 (`layer_types`): sliding-window layers with RoPE base rope_local_base_freq and
 full layers with rope_theta (and rope_scaling, if set). RoPE is applied in the
-graph (the cache has one base); the window is handled by capping the context at
-it (compiler.build), where both kinds of layers attend alike. Gemma's norms
-scale by (1 + w): the +1 is folded into the weights at conversion time.
+graph (the cache has one base); the window is the cache's per-layer sliding kind
+on CPU (DecoderLM.layer_kinds), a cap on the context elsewhere (compiler.build).
+Gemma's norms scale by (1 + w): the +1 is folded into the weights at conversion time.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Mistral: the Llama graph without any bias. A sliding window shorter than the
-compiled context is handled by capping the context at the window (see
+"""Mistral: the Llama graph without any bias. A sliding window applies to every
+layer: window-masked attention on CPU, a cap on the context elsewhere (see
 compiler.build)."""
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from .cpu_isa import vector_lanes
 from ...tvm_compat import compiler
+from ...errors import CompileError
 from .attention_cpu import paged_decode_attention_cpu, ragged_prefill_attention_cpu
+from .attention_window_cpu import paged_prefill_window_attention_cpu
 from .attention_cuda import cuda_decode_supported, paged_decode_attention_cuda, ragged_prefill_attention_cuda, ragged_prefill_supported
 
 _t = compiler()
@@ -32,7 +34,7 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
     def __init__(self, *, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
                  num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int,
                  rope_scale: float, rope_theta: float, rope_scaling: dict, dtype: str, target, name: str = "paged_kv_cache",
-                 kernel_page_size: int = 16, rope_mode=_kv.RopeMode.NORMAL):
+                 kernel_page_size: int = 16, rope_mode=_kv.RopeMode.NORMAL, layer_kinds=None, window: int = 1024):
         # page_size is a runtime shape (the runtime passes the manifest's); kiln's decode
         # kernels are specialised for the compile-time page size the manifest records
         bb = rx.BlockBuilder.current()
@@ -44,14 +46,21 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
 
         k = self._kernels(bb, tir, h_kv=h_kv, h_q=h_q, d=d, dtype=dtype, rope_scaling=rope_scaling, target=target,
                           page_size=kernel_page_size)
+        # layer_kinds ("mha" | "mha_sliding" per layer): sliding layers attend to their last `window`
+        # tokens through the two sliding slots (CPU only: attention_window_cpu.py, docs/DESIGN.md)
+        kinds = [_kv.AttnKind.MHA_SLIDING if kind == "mha_sliding" else _kv.AttnKind.MHA for kind in layer_kinds or ["mha"] * num_hidden_layers]
+        sliding = _kv.AttnKind.MHA_SLIDING in kinds
+        if sliding:
+            k.update(self._window_kernels(bb, tir, h_kv=h_kv, h_q=h_q, d=d, dtype=dtype, rope_scaling=rope_scaling,
+                                          page_size=kernel_page_size, window=window))
         args = [
-            rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window, 1024]),
+            rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window, window]),
             rx.ShapeExpr([0, num_hidden_layers]),
             rx.prim_value(h_q),
             rx.prim_value(h_kv),
             rx.prim_value(d),
             rx.prim_value(d),
-            rx.ShapeExpr([int(_kv.AttnKind.MHA) for _ in range(num_hidden_layers)]),
+            rx.ShapeExpr([int(kind) for kind in kinds]),
             rx.prim_value(False),  # disaggregation
             rx.prim_value(int(rope_mode)),  # NONE: the layers apply RoPE themselves
             rx.prim_value(rope_scale),
@@ -63,8 +72,8 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
             k["ragged_prefill"],
             k["paged_prefill"],
             k["decode"],
-            rx.Tuple([]),  # sliding-window prefill: never enabled (the compiler caps the context at the window)
-            rx.Tuple([]),  # sliding-window decode
+            k["prefill_sliding"] if sliding else rx.Tuple([]),  # sliding-window layers' prefill against earlier pages
+            k["decode_sliding"] if sliding else rx.Tuple([]),  # and decode
             k["tree_paged"],
             k["tree"],
             rx.Tuple([]),  # MLA prefill
@@ -78,6 +87,9 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
 
     def _kernels(self, bb, tir, *, h_kv, h_q, d, dtype, rope_scaling, target, page_size) -> dict:
         raise NotImplementedError
+
+    def _window_kernels(self, bb, tir, *, h_kv, h_q, d, dtype, rope_scaling, page_size, window) -> dict:
+        raise CompileError("sliding-window attention kernels exist for CPU targets only")
 
 
 class CpuPagedKVCache(_KilnPagedKVCache):  # pylint: disable=too-few-public-methods
@@ -98,6 +110,15 @@ class CpuPagedKVCache(_KilnPagedKVCache):  # pylint: disable=too-few-public-meth
             "merge_state": bb.add_func(_kv._merge_state_inplace_cpu(dtype), "tir_attention_merge_state_cpu"),
             "copy_page": bb.add_func(_kv._copy_single_page_cpu(h_kv, page_size, d, dtype), "kv_cache_copy_single_page_cpu"),
             "compact_copy": bb.add_func(_kv._compact_kv_copy_cpu(h_kv, d, dtype, page_size=page_size), "kv_cache_compact_kv_copy_cpu"),
+        }
+
+
+    def _window_kernels(self, bb, tir, *, h_kv, h_q, d, dtype, rope_scaling, page_size, window) -> dict:
+        # TVM's sliding decode is right (its window comes from the cache's page lists); its paged
+        # prefill writes NaN once a chunk starts past the window: kiln's (attention_window_cpu.py)
+        return {
+            "prefill_sliding": tir(paged_prefill_window_attention_cpu(h_kv, h_q, d, dtype, window, page_size), "paged_prefill_window_attention_cpu"),
+            "decode_sliding": tir(_kv._attention_decode_cpu(h_kv, h_q, d, dtype, True, rope_scaling, page_size=page_size), "tir_attention_decode_cpu_sliding_window"),
         }
 
 

