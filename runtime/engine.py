@@ -126,6 +126,8 @@ class Engine:
                                f"got {prefix_cache!r}")
         if prefix_cache and session.kv_pages_total is None:
             raise RequestError("prefix caching needs TVM's paged KV cache (this artifact has kiln's quantized cache)")
+        if prefix_cache and session.window is not None:
+            raise RequestError("prefix caching forks sequences, which models with sliding-window layers cannot do yet")
         self.session = session
         self.prefix = PrefixCache(session, prefix_cache) if prefix_cache else None
         self.max_batch = session.max_sequences - prefix_cache

@@ -96,6 +96,7 @@ class Session:
         if prefill_chunk is None:
             prefill_chunk = 2048 if device == "cuda" else 1024
         self.prefill_chunk = max(1, min(prefill_chunk, self.max_seq_len, int(kv.get("max_prefill_chunk", prefill_chunk))))
+        self.window = kv.get("window")  # sliding-window layers' window (their prefill calls hold < window tokens), or None
         tgt = artifact.target_for(device, cpu_target)
         self.target = tgt  # the manifest's entry for the library this session runs
         self.tvm_device = rt.tvm.cpu(0) if device == "cpu" else cuda_device(rt, tgt, artifact.path, index=shard)
@@ -173,6 +174,8 @@ class Session:
             raise RequestError(f"sequence {parent} holds {have} tokens: a fork takes 1 to {have} of them, not {length!r}")
         if not isinstance(self._kv, PagedKVCache):
             raise RequestError("fork_sequence needs TVM's paged KV cache (this artifact has kiln's quantized cache)")
+        if self.window is not None:  # measured wrong: TVM's fork does not carry the sliding layers' window state
+            raise RequestError("fork_sequence is not available for models with sliding-window layers yet")
         seq = self._free_sequence_id()
         self._kv.fork(parent, seq, length)
         self._lengths[seq] = length

@@ -84,6 +84,23 @@ def test_page_size_matches_transformers(page_size, tiny_checkpoint, hf_model, tm
     assert rel_err(got, hf_logits(hf_model(arch), ids)) < LOGITS_RTOL
 
 
+@pytest.mark.slow
+def test_windowed_artifact_refuses_forks(compiled):
+    """Forked sequences came out wrong with sliding-window layers (TVM's fork does not carry
+    their window state): refused, as is the server's prefix cache, which forks."""
+    from kiln.errors import RequestError  # noqa: PLC0415
+    from kiln.runtime.engine import Engine  # noqa: PLC0415
+
+    s = load(compiled("gemma3_window"), max_sequences=3)
+    assert (s.window, s.prefill_chunk) == (8, 7)
+    seq = s.add_sequence()
+    s.prefill(seq, random_ids(20))
+    with pytest.raises(RequestError, match="sliding-window"):
+        s.fork_sequence(seq, 16)
+    with pytest.raises(RequestError, match="sliding-window"):
+        Engine(s, prefix_cache=1)
+
+
 def test_page_size_is_checked(tiny_checkpoint, tmp_path):
     from kiln.compiler.build import compile_model  # noqa: PLC0415
     from kiln.errors import CompileError  # noqa: PLC0415
