@@ -22,8 +22,8 @@ import dataclasses
 
 from .cuda_projections import _Analysis, _dtype, _is_op, _static_shape, swiglu_input
 from .quant import WEIGHT_FORMATS
-from .kernels.moe_cuda import (expert_combine, expert_down, expert_gate_up_silu, expert_gemm, expert_route, experts_supported,
-                               grouped_supported, q_experts_supported, qexpert_down, qexpert_gate_up_silu, topk_softmax, topk_supported)
+from .kernels.moe_cuda import (expert_combine, expert_down, expert_gate_up_silu, expert_gemm, expert_qgemm, expert_route, experts_supported,
+                               grouped_q_supported, grouped_supported, q_experts_supported, qexpert_down, qexpert_gate_up_silu, topk_softmax, topk_supported)
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR
 from ..frontends.models.moe import RENORMALIZE_ATTR
 from ..tvm_compat import compiler
@@ -100,7 +100,8 @@ class _Rewriter(relax.PyExprMutator):
                     continue
                 if not self._prompt(e.x):
                     self.plan[var] = ("experts", e)
-                elif e.quant is None and grouped_supported(e.n_exp, e.d, e.f, e.dtype):
+                elif e.quant is None and grouped_supported(e.n_exp, e.d, e.f, e.dtype) or e.quant is not None and all(
+                        grouped_q_supported(e.n_exp, kk, g, e.quant[0], e.dtype) for kk, g in ((e.d, e.quant[1]), (e.f, e.quant[2]))):
                     self.plan[var] = ("experts_grouped", e)
         self._plan_residuals()
 
@@ -226,20 +227,28 @@ class _Rewriter(relax.PyExprMutator):
         matrix over all experts, SiLU * up between, the routing weights and the sum over k
         in the un-grouping (fp32)."""
         op, emit, remap = relax.op, self.builder_.emit, self.visit_expr
-        x, (w1,), (w2,), ids, wts, n_exp, f, d, k, dt = e.x, e.w1, e.w2, e.ids, e.wts, e.n_exp, e.f, e.d, e.k, e.dtype
+        x, ids, wts, n_exp, f, d, k, dt = e.x, e.ids, e.wts, e.n_exp, e.f, e.d, e.k, e.dtype
         n = x.ty.shape.values[0]
+
+        def gemm(a, w, N, K, group, name):  # the grouped rows a [m, K] times each expert's [N, K]
+            if e.quant is None:
+                gv = self._func(("expert_gemm", n_exp, N, K, k, dt), lambda: expert_gemm(n_exp, N, K, k, dt))
+            else:
+                code = e.quant[0]
+                gv = self._func(("expert_qgemm", code, group, n_exp, N, K, k, dt), lambda: expert_qgemm(n_exp, N, K, k, dt, code, group))
+            return emit(relax.call_tir(gv, [a, *map(remap, w), offsets], relax.TensorType((m, N), dt)), name)
+
         m = n * k
         gv = self._func(("expert_route", n_exp, k), lambda: expert_route(n_exp, k))
         i32 = [relax.TensorType((n_exp + 1,), "int32"), relax.TensorType((m,), "int32"), relax.TensorType((m,), "int32")]
         route = emit(relax.call_tir(gv, [remap(ids)], i32), "expert_route")
         offsets, rows, pos = (emit(relax.TupleGetItem(route, i)) for i in range(3))
         xg = emit(op.take(remap(x), rows, axis=0, mode="clip"), "expert_x")  # [m, D] (rows are in bounds: clip, not "fast", which warns)
-        gv = self._func(("expert_gemm", n_exp, 2 * f, d, k, dt), lambda: expert_gemm(n_exp, 2 * f, d, k, dt))
-        h = emit(relax.call_tir(gv, [xg, remap(w1), offsets], relax.TensorType((m, 2 * f), dt)), "expert_gate_up")
+        groups = e.quant[1:] if e.quant is not None else (0, 0)
+        h = gemm(xg, e.w1, 2 * f, d, groups[0], "expert_gate_up")
         gu = emit(op.split(h, 2, axis=-1))
         a = emit(op.multiply(op.nn.silu(relax.TupleGetItem(gu, 0)), relax.TupleGetItem(gu, 1)), "expert_act")
-        gv = self._func(("expert_gemm", n_exp, d, f, k, dt), lambda: expert_gemm(n_exp, d, f, k, dt))
-        z = emit(relax.call_tir(gv, [a, remap(w2), offsets], relax.TensorType((m, d), dt)), "expert_out")  # [m, D] grouped
+        z = gemm(a, e.w2, d, f, groups[1], "expert_out")  # [m, D] grouped
         gv = self._func(("expert_combine", d, k, dt), lambda: expert_combine(d, k, dt))
         return emit(relax.call_tir(gv, [z, pos, remap(wts)], relax.TensorType((n, d), dt)), binding.var.name)
 

@@ -65,12 +65,12 @@ def test_moe_layers_run_on_kiln_kernels(tiny_checkpoint, tmp_path, variant, dtyp
 @pytest.mark.parametrize("quant", ["q8", "q4g32", "fp8"])
 def test_quantized_experts_decode_on_kiln_kernels(tiny_checkpoint, tmp_path, quant):
     """Quantized expert stacks: decode on the quantized expert GEMVs (kernels/cuda/qmoe.cuh, the
-    format's code kind and group in the kernel's name), the residual folded in; a prompt keeps
-    the TE kernels (no quantized grouped GEMM yet). Routing: the one-warp top-k."""
+    format's code kind and group in the kernel's name), the residual folded in; a prompt
+    grouped and on the quantized tensor-core expert GEMM. Routing: the one-warp top-k."""
     mod = t.relax.transform.DeadCodeElimination()(_cuda_module(tiny_checkpoint("mixtral_q"), tmp_path, "bfloat16", quant=quant))
     code = {"q8": "8_32", "q4g32": "4_32", "fp8": "f8_64"}[quant]  # group of the gate/up stack (K = hidden 64)
     dec, pre = _calls(mod, "decode"), _calls(mod, "prefill")
     assert "kiln_topk_softmax_" in dec and "kiln_topk_softmax_" in pre
     assert f"kiln_qexpert_gate_up_silu_{code}_" in dec and "kiln_qexpert_down_" in dec, dec
     assert "_bfloat16_1, (" in dec.split("kiln_qexpert_down_")[1][:60]
-    assert "kiln_qexpert_" not in pre and "call_tir(expert_gate_up" in pre
+    assert f"kiln_expert_qgemm_{code}_" in pre and "kiln_expert_route_" in pre and "call_tir(expert_gate_up" not in pre, pre

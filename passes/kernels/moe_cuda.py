@@ -315,3 +315,53 @@ def qexpert_down(n_exp: int, D: int, F: int, k: int, dtype: str, code: str, grou
         launch(a, q, s, s, ids, wts, y, y, n)
 
     return kiln_qexpert_down
+
+
+def grouped_q_supported(n_exp: int, K: int, group: int, code: str, dtype: str) -> bool:
+    from .gemm_cuda import qgemm_supported  # noqa: PLC0415  (gemm.cuh's quantized tile)
+
+    return n_exp <= MAX_EXPERTS and qgemm_supported(K, group, code, dtype)
+
+
+def expert_qgemm(n_exp: int, N: int, K: int, k: int, dtype: str, code: str, group: int):
+    """As expert_gemm over a quantized stack [E, N, K] (the format's arrays: q, s[, z])."""
+    from .gemm_cuda import BM, BN, QSMEM_BYTES, THREADS  # noqa: PLC0415
+    from .gemv_cuda import QGEMV_CODES  # noqa: PLC0415
+
+    fn = f"kiln::expert_qgemm<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {group}>"
+    (qs, qd), (ss, sd), zz = _q_arrays(code, n_exp, N, K, group)
+    zs, zd = zz if zz is not None else (ss, sd)
+
+    @T.macro
+    def launch(a, q, s, z, offsets, c, m):
+        for bz in T.thread_binding(n_exp, thread="blockIdx.z"):
+            for by in T.thread_binding((m // k + BM - 1) // BM, thread="blockIdx.y"):
+                for bx in T.thread_binding((N + BN - 1) // BN, thread="blockIdx.x"):
+                    for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                        smem = T.alloc_buffer((QSMEM_BYTES,), "uint8", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0]), T.address_of(q[0, 0, 0]), T.address_of(s[0, 0, 0]),
+                                                 T.address_of(z[0, 0, 0]), T.address_of(offsets[0]), T.address_of(c[0, 0]), N, K,
+                                                 smem.access_ptr("rw")))
+
+    if zz is not None:
+        @T.prim_func
+        def kiln_expert_qgemm_z(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zs, zd),
+                                offsets: T.Buffer((n_exp + 1,), "int32"), var_c: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            m = T.int64()
+            a = T.match_buffer(var_a, (m, K), dtype)
+            c = T.match_buffer(var_c, (m, N), dtype)
+            launch(a, q, s, z, offsets, c, m)
+
+        return kiln_expert_qgemm_z
+
+    @T.prim_func
+    def kiln_expert_qgemm(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), offsets: T.Buffer((n_exp + 1,), "int32"),
+                          var_c: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        a = T.match_buffer(var_a, (m, K), dtype)
+        c = T.match_buffer(var_c, (m, N), dtype)
+        launch(a, q, s, s, offsets, c, m)
+
+    return kiln_expert_qgemm

@@ -150,9 +150,9 @@ constexpr int QGEMM_CODE_BYTES = 32;  // the ring's slot per B row (8-bit codes;
 constexpr int QGEMM_SMEM_BYTES = GEMM_STAGES * (GEMM_BM * GEMM_LDS * 2 + GEMM_BN * QGEMM_CODE_BYTES) + GEMM_BN * GEMM_LDS * 2;  // 74 KB
 
 template <typename T, int CODE, int G>
-__device__ __forceinline__ void gemm_tn_q(const T* __restrict__ A, const void* __restrict__ Qv, const void* __restrict__ Sv,
-                                          const void* __restrict__ Zv, T* __restrict__ C, int M, int N, int K,
-                                          unsigned char* __restrict__ smem_raw) {
+__device__ __forceinline__ void gemm_tn_q_tile(const T* __restrict__ A, const void* __restrict__ Qv, const void* __restrict__ Sv,
+                                               const void* __restrict__ Zv, T* __restrict__ C, int M, int N, int K,
+                                               unsigned char* __restrict__ smem_raw, int m0, int n0) {
   using namespace nvcuda;
   static_assert(G % GEMM_BK == 0, "groups hold whole K steps");
   constexpr int CB = CODE == 4 ? 16 : 32;  // code bytes per B row per K step
@@ -164,7 +164,6 @@ __device__ __forceinline__ void gemm_tn_q(const T* __restrict__ A, const void* _
   const int NG = K / G;
   const int tid = threadIdx.x, warp = tid / 32;
   const int wm = warp / 4, wn = warp % 4;
-  const int m0 = blockIdx.y * GEMM_BM, n0 = blockIdx.x * GEMM_BN;
 
   auto load_stage = [&](int stage, int k0) {
     T* As = As0 + stage * GEMM_BM * GEMM_LDS;
@@ -238,6 +237,13 @@ __device__ __forceinline__ void gemm_tn_q(const T* __restrict__ A, const void* _
   cp_async_wait<0>();
   __syncthreads();
   gemm_epilogue<T, false>(acc, nullptr, C, M, N, m0 + wm * 64, n0 + wn * 64, smem_raw);
+}
+
+template <typename T, int CODE, int G>
+__device__ __forceinline__ void gemm_tn_q(const T* __restrict__ A, const void* __restrict__ Qv, const void* __restrict__ Sv,
+                                          const void* __restrict__ Zv, T* __restrict__ C, int M, int N, int K,
+                                          unsigned char* __restrict__ smem_raw) {
+  gemm_tn_q_tile<T, CODE, G>(A, Qv, Sv, Zv, C, M, N, K, smem_raw, blockIdx.y * GEMM_BM, blockIdx.x * GEMM_BN);
 }
 
 }  // namespace kiln

@@ -259,6 +259,23 @@ __device__ __forceinline__ void expert_gemm(const T* __restrict__ A, const T* __
                          blockIdx.x * GEMM_BN);
 }
 
+// The same over a quantized stack (gemm.cuh's gemm_tn_q tile: codes through the cp.async ring,
+// decoded once per K step into a 16-bit tile). Expert e's rows of the format's arrays start at
+// e N: codes (K / 2 or K bytes per row), scales and minima (K / G per row; fp8: one fp32 per row).
+template <typename T, int CODE, int G>
+__device__ __forceinline__ void expert_qgemm(const T* __restrict__ A, const void* __restrict__ Qv, const void* __restrict__ Sv,
+                                             const void* __restrict__ Zv, const int* __restrict__ offsets, T* __restrict__ C, int N, int K,
+                                             unsigned char* __restrict__ smem) {
+  const int e = blockIdx.z, start = offsets[e], cnt = offsets[e + 1] - start, m0 = blockIdx.y * GEMM_BM;
+  if (m0 >= cnt) return;  // the whole block
+  const size_t rows = (size_t)e * N, ng = CODE == 9 ? 1 : K / G;
+  const uint8_t* q = static_cast<const uint8_t*>(Qv) + rows * (CODE == 4 ? K / 2 : K);
+  const void* s = CODE == 9 ? static_cast<const void*>(static_cast<const float*>(Sv) + rows)
+                            : static_cast<const void*>(static_cast<const __half*>(Sv) + rows * ng);
+  const void* z = CODE == 4 ? static_cast<const void*>(static_cast<const __half*>(Zv) + rows * ng) : Zv;
+  gemm_tn_q_tile<T, CODE, G>(A + (size_t)start * K, q, s, z, C + (size_t)start * N, cnt, N, K, smem, m0, blockIdx.x * GEMM_BN);
+}
+
 // y[t] = sum_j w[t, j] z[pos[t KTOP + j]]: a prompt's expert outputs back in token order,
 // weighted and summed in fp32. z [R, D] grouped rows, y [T, D]. Grid T, block 128.
 template <typename T, int D, int KTOP>
