@@ -72,7 +72,10 @@ class Artifact:
         qname = q["weights"] if isinstance(q, dict) else q
         lines.append(f"  params   {m['model']['num_params'] / 1e6:.2f}M  dtype {m['dtype']}  quant {qname}  ({len(m['params'])} tensors)")
         if m["model"].get("num_active_params") is not None:  # mixture of experts: what one token reads
-            lines.append(f"  active   {m['model']['num_active_params'] / 1e6:.2f}M params per token (experts it is not routed to are skipped)")
+            from .bench import weight_bytes_per_token  # noqa: PLC0415  (the count kiln bench divides by)
+
+            lines.append(f"  active   {m['model']['num_active_params'] / 1e6:.2f}M params per token (experts it is not routed to are skipped), "
+                         f"{_size(weight_bytes_per_token(m))} of weights read per decoded token")
         if isinstance(q, dict):
             lines.append("  quant    " + ", ".join(f"{r} {f}" for r, f in q.get("roles", {}).items()))
             qual = q.get("quality")
@@ -295,3 +298,7 @@ def read_weights(art: Artifact, rel: str | None = None) -> list[tuple[dict, np.n
             raise ArtifactError(f"{path}: param {spec['name']} spans {end - start} bytes, shape {list(spec['shape'])} x {size} needs {math.prod(spec['shape']) * size}")
         out.append((spec, data[base + start : base + end]))
     return out
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"

@@ -234,6 +234,9 @@ def test_manifest_counts_every_expert(compiled, tiny_checkpoint):
 
     lines = open_artifact(compiled("qwen3_moe")).describe()
     assert any(line.startswith(f"  active   {model['num_active_params'] / 1e6:.2f}M params per token") for line in lines), lines
+    # bytes one decode step reads: float32 active params, of the (untied) embedding table one row
+    read = 4 * (model["num_active_params"] - (cfg["vocab_size"] - 1) * d)
+    assert any(line.endswith(f"{read / 1e6:.2f} MB of weights read per decoded token") for line in lines), lines
 
 
 def test_routing_choices_matter(tiny_checkpoint, hf_model):
