@@ -5,15 +5,20 @@ single-block O(E^2) top-k, 34 + 21 us per layer of Qwen3-30B-A3B on the H200).
 
 Matched by the attributes the model sets (moe.py: OP_ATTR "topk_experts",
 "routing_weights", "expert_matmul", "expert_down"), on the Relax graph before
-legalization, float expert stacks in the compute dtype:
+legalization; expert stacks float in the compute dtype or quantized (q4 / q8 /
+fp8, QFORMAT_ATTR on both kernels):
 
     ids = topk_experts(lg); w = routing_weights(lg, ids)    => ids, w = kiln_topk_softmax(lg)
     h = expert_matmul(x, W1, ids); g, u = split(h, 2)
-    y = expert_down(silu(g) * u, W2, ids, w)               => a = kiln_expert_gate_up_silu(x, W1, ids)
-                                                              y = kiln_expert_down(a, W2, ids, w)
+    y = expert_down(silu(g) * u, W2, ids, w)
+      one token per sequence (decode, decode_batch)       => a = kiln_[q]expert_gate_up_silu(x, W1, ids)
+                                                              y = kiln_[q]expert_down(a, W2, ids, w[, r])
+      a prompt (x = reshape([1, s, D]))                    => route, gather, kiln_expert_[q]gemm per matrix
+                                                              over all experts, SiLU * up, kiln_expert_combine
+    r + reshape(y) after a decode GEMV                     => the residual in the down GEMV's epilogue
 
-The replaced bindings are left dead for DeadCodeElimination. Quantized expert
-stacks keep the generic kernels (not yet on CUDA: issue 13).
+The replaced bindings are left dead for DeadCodeElimination. fp32 prompts keep
+the TE kernels (the tensor-core tiles are 16-bit).
 """
 
 from __future__ import annotations
