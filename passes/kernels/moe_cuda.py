@@ -1,13 +1,16 @@
-"""Mixture-of-experts decode kernels for CUDA: TIR wrappers around kernels/cuda/moe.cuh
-(the pass passes/cuda_experts.py, CudaExperts, puts them in the graph in place of
-frontends/models/moe.py's TE kernels).
+"""Mixture-of-experts kernels for CUDA: TIR wrappers around kernels/cuda/moe.cuh and
+qmoe.cuh (the pass passes/cuda_experts.py, CudaExperts, puts them in the graph in place
+of frontends/models/moe.py's TE kernels).
 
     topk_softmax(logits)                      -> (ids, weights)  one warp per token
     expert_gate_up_silu(x, W, ids)            -> a [T, k, F] = silu(gate) * up of the chosen experts
     expert_down(a, W, ids, weights[, r])      -> y [T, D] = sum_j weights_j W_{ids_j} a_j (+ r)
+    qexpert_gate_up_silu / qexpert_down       the same over a quantized stack (q, s[, z])
+    expert_route(ids)                         -> (offsets, rows, pos): a prompt's pairs grouped by expert
+    expert_gemm / expert_qgemm(a, W, offsets) -> each group's rows times its expert (tensor cores)
+    expert_combine(z, pos, weights)           -> y [T, D], back in token order, weighted, fp32 sums
 
-The token count T is symbolic in each (decode: 1; decode_batch: B). Weights are
-float stacks in the compute dtype (quantized stacks keep the generic path for now).
+The token count T is symbolic in each (decode: 1; decode_batch: B; a prompt: its length).
 """
 
 from __future__ import annotations
