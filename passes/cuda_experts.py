@@ -43,7 +43,7 @@ class _Experts:
     """One MoE MLP as the graph has it: x [n, D] -> expert_down(silu * up of expert_matmul)."""
 
     x: object
-    w1: tuple  # the gate/up stack [E, 2F, D]: (W,) float, or its format's arrays (q, s[, z])
+    w1: tuple  # the gate/up stack [E, 2F, D]: (W,) float, or the quantized kernels' (q, s, z)
     w2: tuple  # the down stack [E, D, F], the same way
     ids: object
     wts: object
@@ -177,6 +177,8 @@ class _Rewriter(relax.PyExprMutator):
         if s1[1] != 2 * f or s2[:2] != (n_exp, d) or not (q_experts_supported(d, g1, fmt.cuda_code, dt) and
                                                           q_experts_supported(f, g2, fmt.cuda_code, dt)):
             return None
+        if not fmt.zero:  # the kernels' one signature (q, s, z): scales stand in for the minima (kernels/moe_cuda._q_arrays)
+            w1, w2 = (*w1, w1[1]), (*w2, w2[1])
         return _Experts(x, w1, w2, ids, wts, n_exp, f, d, k, dt, quant=(fmt.cuda_code, g1, g2))
 
     # --- rewriting ------------------------------------------------------------------------

@@ -197,12 +197,13 @@ def q_experts_supported(K: int, group: int, code: str, dtype: str) -> bool:
 
 
 def _q_arrays(code: str, n_exp: int, N: int, K: int, group: int):
-    """(codes, scales, minima) buffer shapes and dtypes of a stack [E, N, K] in code kind `code`."""
+    """(codes, scales, minima) buffer (shape, dtype) of a stack [E, N, K] in code kind `code`. Formats
+    without minima take their scales again in the minima's place (the kernels never read them):
+    one signature serves every format, and passes/cuda_experts.py passes (q, s, s) for them."""
     if code == "4":
         return ((n_exp, N, K // 8), "uint32"), ((n_exp, N, K // group), "float16"), ((n_exp, N, K // group), "float16")
-    if code == "8":
-        return ((n_exp, N, K), "int8"), ((n_exp, N, K // group), "float16"), None
-    return ((n_exp, N, K), "uint8"), ((n_exp, N, 1), "float32"), None  # f8: one fp32 scale per row
+    scales = ((n_exp, N, K // group), "float16") if code == "8" else ((n_exp, N, 1), "float32")  # f8: one fp32 scale per row
+    return ((n_exp, N, K), "int8" if code == "8" else "uint8"), scales, scales
 
 
 def qexpert_gate_up_silu(n_exp: int, F: int, D: int, k: int, dtype: str, code: str, group: int):
@@ -210,37 +211,21 @@ def qexpert_gate_up_silu(n_exp: int, F: int, D: int, k: int, dtype: str, code: s
 
     fn = f"kiln::qexpert_gate_up_silu<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {D}, {group}, {k}, {NUM_WARPS}, {GATE_UP_ROWS}>"
     nb = (F + GATE_UP_ROWS - 1) // GATE_UP_ROWS
-    (qs, qd), (ss, sd), zz = _q_arrays(code, n_exp, 2 * F, D, group)
-
-    @T.macro
-    def launch(x, q, s, z, ids, y, n):
-        for by in T.thread_binding(n * k, thread="blockIdx.y"):
-            for bx in T.thread_binding(nb, thread="blockIdx.x"):
-                for tx in T.thread_binding(NUM_WARPS * 32, thread="threadIdx.x"):
-                    T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0]), T.address_of(q[0, 0, 0]), T.address_of(s[0, 0, 0]),
-                                             T.address_of(z[0, 0, 0]), T.address_of(ids[0, 0]), T.address_of(y[0, 0, 0]), F, n_exp))
-
-    if zz is not None:
-        @T.prim_func
-        def kiln_qexpert_gate_up_silu_z(var_x: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zz[0], zz[1]),
-                                        var_ids: T.handle, var_y: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            n = T.int64()
-            x = T.match_buffer(var_x, (n, D), dtype)
-            ids = T.match_buffer(var_ids, (n, k), "int32")
-            y = T.match_buffer(var_y, (n, k, F), dtype)
-            launch(x, q, s, z, ids, y, n)
-
-        return kiln_qexpert_gate_up_silu_z
+    (qs, qd), (ss, sd), (zs, zd) = _q_arrays(code, n_exp, 2 * F, D, group)
 
     @T.prim_func
-    def kiln_qexpert_gate_up_silu(var_x: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), var_ids: T.handle, var_y: T.handle):
+    def kiln_qexpert_gate_up_silu(var_x: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zs, zd), var_ids: T.handle,
+                                  var_y: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(var_x, (n, D), dtype)
         ids = T.match_buffer(var_ids, (n, k), "int32")
         y = T.match_buffer(var_y, (n, k, F), dtype)
-        launch(x, q, s, s, ids, y, n)
+        for by in T.thread_binding(n * k, thread="blockIdx.y"):
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(NUM_WARPS * 32, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0]), T.address_of(q[0, 0, 0]), T.address_of(s[0, 0, 0]),
+                                             T.address_of(z[0, 0, 0]), T.address_of(ids[0, 0]), T.address_of(y[0, 0, 0]), F, n_exp))
 
     return kiln_qexpert_gate_up_silu
 
@@ -251,8 +236,7 @@ def qexpert_down(n_exp: int, D: int, F: int, k: int, dtype: str, code: str, grou
     fn = (f"kiln::qexpert_down<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {F}, {group}, {k}, {NUM_WARPS}, {DOWN_ROWS}, "
           f"{'true' if residual else 'false'}>")
     nb = (D + DOWN_ROWS - 1) // DOWN_ROWS
-    (qs, qd), (ss, sd), zz = _q_arrays(code, n_exp, D, F, group)
-    zs, zd = zz if zz is not None else (ss, sd)  # no minima: s stands in (unused)
+    (qs, qd), (ss, sd), (zs, zd) = _q_arrays(code, n_exp, D, F, group)
 
     @T.macro
     def launch(a, q, s, z, ids, wts, r, y, n):
@@ -263,11 +247,10 @@ def qexpert_down(n_exp: int, D: int, F: int, k: int, dtype: str, code: str, grou
                                              T.address_of(z[0, 0, 0]), T.address_of(ids[0, 0]), T.address_of(wts[0, 0]),
                                              T.address_of(r[0, 0]), T.address_of(y[0, 0]), D, n_exp))
 
-    has_z = zz is not None  # signature (a, q, s, [z], ids, wts, [r], y): z and r only when used
-    if has_z and residual:
+    if residual:
         @T.prim_func
-        def kiln_qexpert_down_zr(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zs, zd), var_ids: T.handle,
-                                 var_wts: T.handle, var_r: T.handle, var_y: T.handle):
+        def kiln_qexpert_down_residual(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zs, zd),
+                                       var_ids: T.handle, var_wts: T.handle, var_r: T.handle, var_y: T.handle):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             n = T.int64()
             a = T.match_buffer(var_a, (n, k, F), dtype)
@@ -277,45 +260,18 @@ def qexpert_down(n_exp: int, D: int, F: int, k: int, dtype: str, code: str, grou
             y = T.match_buffer(var_y, (n, D), dtype)
             launch(a, q, s, z, ids, wts, r, y, n)
 
-        return kiln_qexpert_down_zr
-    if has_z:
-        @T.prim_func
-        def kiln_qexpert_down_z(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zs, zd), var_ids: T.handle,
-                                var_wts: T.handle, var_y: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            n = T.int64()
-            a = T.match_buffer(var_a, (n, k, F), dtype)
-            ids = T.match_buffer(var_ids, (n, k), "int32")
-            wts = T.match_buffer(var_wts, (n, k), "float32")
-            y = T.match_buffer(var_y, (n, D), dtype)
-            launch(a, q, s, z, ids, wts, y, y, n)
-
-        return kiln_qexpert_down_z
-    if residual:
-        @T.prim_func
-        def kiln_qexpert_down_r(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), var_ids: T.handle, var_wts: T.handle,
-                                var_r: T.handle, var_y: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            n = T.int64()
-            a = T.match_buffer(var_a, (n, k, F), dtype)
-            ids = T.match_buffer(var_ids, (n, k), "int32")
-            wts = T.match_buffer(var_wts, (n, k), "float32")
-            r = T.match_buffer(var_r, (n, D), dtype)
-            y = T.match_buffer(var_y, (n, D), dtype)
-            launch(a, q, s, s, ids, wts, r, y, n)
-
-        return kiln_qexpert_down_r
+        return kiln_qexpert_down_residual
 
     @T.prim_func
-    def kiln_qexpert_down(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), var_ids: T.handle, var_wts: T.handle,
-                          var_y: T.handle):
+    def kiln_qexpert_down(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zs, zd), var_ids: T.handle,
+                          var_wts: T.handle, var_y: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
         a = T.match_buffer(var_a, (n, k, F), dtype)
         ids = T.match_buffer(var_ids, (n, k), "int32")
         wts = T.match_buffer(var_wts, (n, k), "float32")
         y = T.match_buffer(var_y, (n, D), dtype)
-        launch(a, q, s, s, ids, wts, y, y, n)
+        launch(a, q, s, z, ids, wts, y, y, n)
 
     return kiln_qexpert_down
 
@@ -327,16 +283,20 @@ def grouped_q_supported(n_exp: int, K: int, group: int, code: str, dtype: str) -
 
 
 def expert_qgemm(n_exp: int, N: int, K: int, k: int, dtype: str, code: str, group: int):
-    """As expert_gemm over a quantized stack [E, N, K] (the format's arrays: q, s[, z])."""
+    """As expert_gemm over a quantized stack [E, N, K] (the format's arrays q, s, z: see _q_arrays)."""
     from .gemm_cuda import BM, BN, QSMEM_BYTES, THREADS  # noqa: PLC0415
     from .gemv_cuda import QGEMV_CODES  # noqa: PLC0415
 
     fn = f"kiln::expert_qgemm<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {group}>"
-    (qs, qd), (ss, sd), zz = _q_arrays(code, n_exp, N, K, group)
-    zs, zd = zz if zz is not None else (ss, sd)
+    (qs, qd), (ss, sd), (zs, zd) = _q_arrays(code, n_exp, N, K, group)
 
-    @T.macro
-    def launch(a, q, s, z, offsets, c, m):
+    @T.prim_func
+    def kiln_expert_qgemm(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zs, zd),
+                          offsets: T.Buffer((n_exp + 1,), "int32"), var_c: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        a = T.match_buffer(var_a, (m, K), dtype)
+        c = T.match_buffer(var_c, (m, N), dtype)
         for bz in T.thread_binding(n_exp, thread="blockIdx.z"):
             for by in T.thread_binding((m // k + BM - 1) // BM, thread="blockIdx.y"):
                 for bx in T.thread_binding((N + BN - 1) // BN, thread="blockIdx.x"):
@@ -345,26 +305,5 @@ def expert_qgemm(n_exp: int, N: int, K: int, k: int, dtype: str, code: str, grou
                         T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0]), T.address_of(q[0, 0, 0]), T.address_of(s[0, 0, 0]),
                                                  T.address_of(z[0, 0, 0]), T.address_of(offsets[0]), T.address_of(c[0, 0]), N, K,
                                                  smem.access_ptr("rw")))
-
-    if zz is not None:
-        @T.prim_func
-        def kiln_expert_qgemm_z(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), z: T.Buffer(zs, zd),
-                                offsets: T.Buffer((n_exp + 1,), "int32"), var_c: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            m = T.int64()
-            a = T.match_buffer(var_a, (m, K), dtype)
-            c = T.match_buffer(var_c, (m, N), dtype)
-            launch(a, q, s, z, offsets, c, m)
-
-        return kiln_expert_qgemm_z
-
-    @T.prim_func
-    def kiln_expert_qgemm(var_a: T.handle, q: T.Buffer(qs, qd), s: T.Buffer(ss, sd), offsets: T.Buffer((n_exp + 1,), "int32"),
-                          var_c: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        m = T.int64()
-        a = T.match_buffer(var_a, (m, K), dtype)
-        c = T.match_buffer(var_c, (m, N), dtype)
-        launch(a, q, s, s, offsets, c, m)
 
     return kiln_expert_qgemm
