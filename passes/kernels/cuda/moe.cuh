@@ -129,6 +129,41 @@ __device__ __forceinline__ float block_sum_rows(const float* acc) {
   return v;
 }
 
+// The expert GEMVs' shared steps (float and quantized, qmoe.cuh):
+// a token's experts (clamped like moe.py's _expert: in bounds whatever ids hold) and
+// routing weights in shared memory, for every warp of the block.
+template <int KTOP>
+__device__ __forceinline__ void routing_to_shared(const int* __restrict__ ids, const float* __restrict__ wts, int t, int n_exp, int* se,
+                                                  float* sw) {
+  if (threadIdx.x < KTOP) {
+    se[threadIdx.x] = min(max(ids[t * KTOP + threadIdx.x], 0), n_exp - 1);
+    sw[threadIdx.x] = wts[t * KTOP + threadIdx.x];
+  }
+  __syncthreads();
+}
+
+// acc: ROWS gate then ROWS up partial sums -> y[tj, n0 + r] = silu(gate_r) * up_r. Threads
+// 0..ROWS-1 get the gate sums, ROWS..2 ROWS-1 the up sums: paired by shuffle.
+template <typename T, int NW, int ROWS>
+__device__ __forceinline__ void store_silu_mul(const float* acc, T* __restrict__ y, int tj, int n0, int F) {
+  const float v = block_sum_rows<NW, 2 * ROWS>(acc);
+  const float u = __shfl_down_sync(0xffffffffu, v, ROWS);
+  const int n = n0 + threadIdx.x;
+  if (threadIdx.x < ROWS && n < F) y[(size_t)tj * F + n] = from_float<T>(v / (1.f + __expf(-v)) * u);
+}
+
+// acc: ROWS partial sums -> y[t, d0 + r] (+ residual[t, d0 + r]).
+template <typename T, int NW, int ROWS, bool RESIDUAL>
+__device__ __forceinline__ void store_rows(const float* acc, const T* __restrict__ residual, T* __restrict__ y, int t, int d0, int D) {
+  const float v = block_sum_rows<NW, ROWS>(acc);
+  const int d = d0 + threadIdx.x;
+  if (threadIdx.x < ROWS && d < D) {
+    float out = v;
+    if constexpr (RESIDUAL) out += to_float(residual[(size_t)t * D + d]);
+    y[(size_t)t * D + d] = from_float<T>(out);
+  }
+}
+
 // x [T, K], W [E, 2F, K] (gate rows 0..F-1, up rows F..2F-1 of each expert),
 // ids [T, KTOP] -> y [T, KTOP, F]. Grid (ceil(F / ROWS), T * KTOP), block NW * 32.
 template <typename T, int K, int KTOP, int NW, int ROWS>
@@ -161,11 +196,7 @@ __device__ __forceinline__ void expert_gate_up_silu(const T* __restrict__ x, con
 #pragma unroll
     for (int r = 0; r < 2 * ROWS; ++r) acc[r] += unit_dot<T>(w[r], xf);
   }
-  // threads 0..ROWS-1 get gate sums, ROWS..2 ROWS-1 the up sums: pair them by shuffle
-  const float v = block_sum_rows<NW, 2 * ROWS>(acc);
-  const float u = __shfl_down_sync(0xffffffffu, v, ROWS);
-  const int n = n0 + threadIdx.x;
-  if (threadIdx.x < ROWS && n < F) y[(size_t)tj * F + n] = from_float<T>(v / (1.f + __expf(-v)) * u);
+  store_silu_mul<T, NW, ROWS>(acc, y, tj, n0, F);
 }
 
 // a [T, KTOP, F], W [E, D, F], ids [T, KTOP], wts [T, KTOP] fp32 (, residual [T, D])
@@ -181,11 +212,7 @@ __device__ __forceinline__ void expert_down(const T* __restrict__ a, const T* __
   __shared__ int se[KTOP];
   __shared__ float sw[KTOP];
   const int t = blockIdx.y, d0 = blockIdx.x * ROWS;
-  if (threadIdx.x < KTOP) {
-    se[threadIdx.x] = min(max(ids[t * KTOP + threadIdx.x], 0), n_exp - 1);
-    sw[threadIdx.x] = wts[t * KTOP + threadIdx.x];
-  }
-  __syncthreads();
+  routing_to_shared<KTOP>(ids, wts, t, n_exp, se, sw);
   const uint4* au = reinterpret_cast<const uint4*>(a + (size_t)t * KTOP * F);
   float acc[ROWS];
 #pragma unroll
@@ -203,13 +230,7 @@ __device__ __forceinline__ void expert_down(const T* __restrict__ a, const T* __
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[r] = fmaf(s, unit_dot<T>(w[r], xf), acc[r]);
   }
-  const float v = block_sum_rows<NW, ROWS>(acc);
-  const int d = d0 + threadIdx.x;
-  if (threadIdx.x < ROWS && d < D) {
-    float out = v;
-    if constexpr (RESIDUAL) out += to_float(residual[(size_t)t * D + d]);
-    y[(size_t)t * D + d] = from_float<T>(out);
-  }
+  store_rows<T, NW, ROWS, RESIDUAL>(acc, residual, y, t, d0, D);
 }
 
 // --- prompts: tokens grouped by expert, tensor-core GEMMs per group ---------------------

@@ -73,10 +73,7 @@ __device__ __forceinline__ void qexpert_gate_up_silu(const T* __restrict__ x, co
 #pragma unroll
     for (int r = 0; r < 2 * ROWS; ++r) acc[r] += w.term(row[r], u, c[r], xf, xs);
   }
-  const float v = block_sum_rows<NW, 2 * ROWS>(acc);
-  const float up = __shfl_down_sync(0xffffffffu, v, ROWS);
-  const int n = n0 + threadIdx.x;
-  if (threadIdx.x < ROWS && n < F) y[(size_t)tj * F + n] = from_float<T>(v / (1.f + __expf(-v)) * up);
+  store_silu_mul<T, NW, ROWS>(acc, y, tj, n0, F);
 }
 
 // a [T, KTOP, F], stack [E, D, F], ids, wts (, residual) -> y [T, D]. As expert_down.
@@ -89,11 +86,7 @@ __device__ __forceinline__ void qexpert_down(const T* __restrict__ a, const void
   __shared__ int se[KTOP];
   __shared__ float sw[KTOP];
   const int t = blockIdx.y, d0 = blockIdx.x * ROWS;
-  if (threadIdx.x < KTOP) {
-    se[threadIdx.x] = min(max(ids[t * KTOP + threadIdx.x], 0), n_exp - 1);
-    sw[threadIdx.x] = wts[t * KTOP + threadIdx.x];
-  }
-  __syncthreads();
+  routing_to_shared<KTOP>(ids, wts, t, n_exp, se, sw);
   float acc[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
@@ -108,13 +101,7 @@ __device__ __forceinline__ void qexpert_down(const T* __restrict__ a, const void
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[r] = fmaf(s, w.term((size_t)se[j] * D + min(d0 + r, D - 1), u, c[r], xf, xs), acc[r]);
   }
-  const float v = block_sum_rows<NW, ROWS>(acc);
-  const int d = d0 + threadIdx.x;
-  if (threadIdx.x < ROWS && d < D) {
-    float out = v;
-    if constexpr (RESIDUAL) out += to_float(residual[(size_t)t * D + d]);
-    y[(size_t)t * D + d] = from_float<T>(out);
-  }
+  store_rows<T, NW, ROWS, RESIDUAL>(acc, residual, y, t, d0, D);
 }
 
 }  // namespace kiln
