@@ -107,28 +107,6 @@ __device__ __forceinline__ float unit_dot(const uint4& w, const float* xf) {
   return d;
 }
 
-// Sum each of R per-thread partials over the block (warp shuffles, then shared
-// memory across the NW warps); the result is valid in threads 0..R-1 (thread r: sum r).
-template <int NW, int R>
-__device__ __forceinline__ float block_sum_rows(const float* acc) {
-  __shared__ float part[NW][R];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    float v = acc[r];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0) part[warp][r] = v;
-  }
-  __syncthreads();
-  float v = 0.f;
-  if (threadIdx.x < R) {
-#pragma unroll
-    for (int w = 0; w < NW; ++w) v += part[w][threadIdx.x];
-  }
-  return v;
-}
-
 // The expert GEMVs' shared steps (float and quantized, qmoe.cuh):
 // a token's experts (clamped like moe.py's _expert: in bounds whatever ids hold) and
 // routing weights in shared memory, for every warp of the block.
