@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import CompileError
+from ..errors import CompileError, UnsupportedModelError
 from ..frontends.config import ModelConfig
 from ..frontends.models import family_for
 from ..frontends.models.layers import COMPUTE_DTYPE, Precision
@@ -127,6 +127,8 @@ def read_model(opts: CompileOptions, progress: Progress) -> Model:
     config = ModelConfig.from_dict(ck.config, file=f"{ck.source} (config)")
     family = family_for(config.architecture, file=ck.source)
     config = family.adapt_config(config)
+    if (config.rope_scaling or {}).get("rope_type") == "yarn" and not family.yarn_rope:
+        raise UnsupportedModelError(f"{ck.source}: YaRN RoPE scaling is supported for DeepSeek models only, not {config.architecture}")
     dtype = opts.dtype or config.source_dtype
     if dtype not in DTYPES:
         raise CompileError(f"--dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}")
@@ -156,6 +158,11 @@ def read_model(opts: CompileOptions, progress: Progress) -> Model:
     if kv_fmt is not None and not kv_fmt.scaled and not all_cpu:
         raise CompileError(f"--kv-dtype {opts.kv_dtype}: 16-bit float caches are for CPU targets; on CUDA the cache has the "
                            f"activations' dtype (--dtype {dtype}), or int8 / fp8")
+    if family.latent_cache and not all_cpu:
+        raise CompileError(f"{config.architecture}: multi-head latent attention runs on CPU targets for now "
+                           f"(its CUDA kernel is issue 14's next milestone); use --target llvm")
+    if family.latent_cache and opts.tensor_parallel > 1:
+        raise CompileError(f"--tensor-parallel {opts.tensor_parallel}: {config.architecture}'s latent KV cache does not split over GPUs yet")
     m = Model(ck, config, family, dtype, max_ctx, targets, plan, opts.kv_dtype, kv_fmt, opts.tensor_parallel)
     m.graph_config  # an uneven split is refused here, before any work
     if m.tp > 1 and kv_fmt is not None:

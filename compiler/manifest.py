@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..runtime.dtypes import itemsize
+from ..passes.kernels.mla import latent_format, latent_width
 from ..runtime.manifest import FORMAT_VERSION, MAGIC, RUNTIME_ABI
 from ..tvm_compat import compiler
 
@@ -18,6 +19,18 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
     # TVM's cache: K/V in the activations' dtype; kiln's cache: codes + an fp32 scale per row
     kv_heads = m.graph_config.num_key_value_heads  # per GPU when the model is split over several
     row_bytes = kv_fmt.bytes_per_row(config.head_dim) if kv_fmt is not None else config.head_dim * itemsize(compute)
+    if m.family.latent_cache:  # one latent row per token and layer (passes/kernels/mla.py), codes + an fp32 scale
+        latent = latent_format(kv_fmt, compute)
+        c, width = config, latent_width(config)
+        kv_cache = {"kind": "kiln-mla", "dtype": latent.name, "code_dtype": latent.code_dtype, "scale_dtype": "float32",
+                    "latent_dim": width, "bytes_per_token": c.num_hidden_layers * latent.bytes_per_row(width),
+                    # what per-head K and V of the same model would take, at the activations' width
+                    "per_head_kv_bytes_per_token": c.num_hidden_layers * c.num_attention_heads * itemsize(compute)
+                    * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)}
+    else:
+        kv_cache = {"kind": "paged" if kv_fmt is None else "kiln-quant", "dtype": compute if kv_fmt is None else kv_fmt.name,
+                    **({} if kv_fmt is None else {"code_dtype": kv_fmt.code_dtype, "scale_dtype": "float32"}),
+                    "bytes_per_token": 2 * config.num_hidden_layers * kv_heads * row_bytes}
     return {
         "magic": MAGIC,
         "format_version": FORMAT_VERSION,
@@ -41,18 +54,15 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
         "weights_file": None if no_weights or built.tensor_parallel else "weights.safetensors",
         **({"tensor_parallel": built.tensor_parallel} if built.tensor_parallel else {}),
         "kv_cache": {
-            "kind": "paged" if kv_fmt is None else "kiln-quant",
-            "dtype": compute if kv_fmt is None else kv_fmt.name,
-            **({} if kv_fmt is None else {"code_dtype": kv_fmt.code_dtype, "scale_dtype": "float32"}),
+            **kv_cache,
             "page_size": page_size,
             "max_seq_len": m.max_ctx,
             # sliding-window layers (Model.windowed): the in-chunk prefill kernel is not windowed, so a
             # prefill call holds at most window - 1 tokens of a sequence (runtime/session.py)
             **({"window": config.sliding_window, "max_prefill_chunk": config.sliding_window - 1} if m.windowed else {}),
             "num_layers": config.num_hidden_layers,
-            "num_kv_heads": kv_heads,
-            "head_dim": config.head_dim,
-            "bytes_per_token": 2 * config.num_hidden_layers * kv_heads * row_bytes,
+            "num_kv_heads": 1 if m.family.latent_cache else kv_heads,
+            "head_dim": latent_width(config) if m.family.latent_cache else config.head_dim,
         },
         "tokenizer": built.tokenizer,
         "eos_token_ids": list(config.eos_token_ids),

@@ -19,6 +19,7 @@ from ..frontends.models.sharding import layout, shard
 from ..passes.kernels.gemm_cuda import ROWS_QCODES
 from ..passes.kernels.kv_cache import CpuPagedKVCache, CudaPagedKVCache
 from ..passes.kernels.kv_quant import QuantKV
+from ..passes.kernels.mla import LatentKV, latent_format
 from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..passes.quant import expand_params
 from ..passes.sort_shape_heap_stores import SortShapeHeapStores
@@ -112,6 +113,14 @@ def _cuda_decode_batch(option: bool | None, m, tg) -> bool:
     return all(f is None or f.cuda_code in ROWS_QCODES for role, f in m.plan.roles.items() if role != "embed")
 
 
+def _kiln_cache(m, tg, page_size: int):
+    """kiln's own cache of this build, or None (TVM's): the latent cache of an MLA model (in
+    --kv-dtype's format, else the activations' dtype), or the quantized per-head cache."""
+    if m.family.latent_cache:
+        return LatentKV(latent_format(m.kv_fmt, m.precision(tg).compute), page_size, tg.kind)
+    return QuantKV(m.kv_fmt, page_size, tg.kind) if m.kv_fmt is not None else None
+
+
 def export_graphs(m, page_size: int, cuda_decode_batch: bool | None = None):
     """One Relax module per target (CPU computes in fp32 whatever the storage;
     CUDA in the storage dtype), and the named params (the same for every target)."""
@@ -120,8 +129,7 @@ def export_graphs(m, page_size: int, cuda_decode_batch: bool | None = None):
     for tg in m.targets:
         with tg.tvm_target():  # the KV cache picks its kernels by the current target
             kv_factory = functools.partial(CpuPagedKVCache if tg.kind == "llvm" else CudaPagedKVCache, kernel_page_size=page_size)
-            lm = m.family(m.graph_config, m.precision(tg), kv_cache_factory=kv_factory,
-                          kv_quant=QuantKV(m.kv_fmt, page_size, tg.kind) if m.kv_fmt is not None else None)
+            lm = m.family(m.graph_config, m.precision(tg), kv_cache_factory=kv_factory, kv_quant=_kiln_cache(m, tg, page_size))
             lm.batch_decode = tg.kind == "llvm" or _cuda_decode_batch(cuda_decode_batch, m, tg)
             lm.window_kernels = m.windowed  # sliding-window layers get window-masked attention
             mod, named_params, _ = lm.export_tvm(spec=lm.export_spec(), allow_extern=True)

@@ -42,8 +42,12 @@ _KNOWN = {
     # mixture of experts: normalised below, or training-only (aux loss, router noise, router logits output)
     "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
     "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "router_jitter_noise", "output_router_logits",
+    # DeepSeek (multi-head latent attention, shared experts): normalised below; the routing keys
+    # (topk_method, n_group, ...) stay in `extra` for the family (frontends/models/deepseek.py)
+    "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "qk_head_dim",
+    "n_routed_experts", "n_shared_experts", "first_k_dense_replace", "moe_layer_freq", "aux_loss_alpha", "seq_aux", "ep_size",
 }
-_ROPE_TYPES = ("default", "llama3", "linear", "longrope")  # longrope: families that apply RoPE in the graph (Phi-3)
+_ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")  # longrope, yarn: families that apply RoPE in the graph
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -101,6 +105,18 @@ def _rope_scaling(raw: Any, file: str, original_context: Any = None) -> dict | N
                 out[key] = _float(raw[key], f"rope_scaling.{key}", file, 1e-6, 1e6)
         return out
     out["factor"] = _float(raw.get("factor"), "rope_scaling.factor", file, 1e-6, 1e6)
+    if kind == "yarn":  # transformers' _compute_yarn_parameters (DeepSeek's mscale / mscale_all_dim included)
+        orig = raw.get("original_max_position_embeddings", original_context)
+        if orig is None:
+            raise ModelFormatError(f"{file}: rope_scaling type 'yarn' needs original_max_position_embeddings")
+        out["original_max_position_embeddings"] = _int(orig, "rope_scaling.original_max_position_embeddings", file, 1, MAX_CONTEXT)
+        for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+            out[key] = _float(raw.get(key) or default, f"rope_scaling.{key}", file, 1e-6, 1e6)
+        for key in ("mscale", "mscale_all_dim", "attention_factor"):
+            if raw.get(key) is not None:
+                out[key] = _float(raw[key], f"rope_scaling.{key}", file, 0.0, 1e6)
+        out["truncate"] = _bool(raw.get("truncate", True), "rope_scaling.truncate", file)
+        return out
     if kind == "llama3":
         out["low_freq_factor"] = _float(raw.get("low_freq_factor"), "rope_scaling.low_freq_factor", file, 1e-6, 1e6)
         out["high_freq_factor"] = _float(raw.get("high_freq_factor"), "rope_scaling.high_freq_factor", file, 1e-6, 1e6)
@@ -155,6 +171,15 @@ class ModelConfig:
     norm_topk_prob: bool | None = None
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # multi-head latent attention (DeepSeek-V2/V3; kv_lora_rank 0: not MLA): queries through a
+    # rank-q_lora_rank bottleneck (0: one q_proj), keys and values from one cached latent row of
+    # kv_lora_rank + qk_rope_head_dim per token; n_shared_experts always-on experts beside the routed
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    n_shared_experts: int = 0
     # shards the graph is split into (frontends/models/sharding.py shard_config sets it on a
     # shard's config; a checkpoint's config is always 1)
     tensor_parallel: int = 1
@@ -232,6 +257,7 @@ class ModelConfig:
             eos_token_ids=eos,
             source_dtype=dtype,
             **_moe_fields(cfg, file, layers, inter),
+            **_mla_fields(cfg, file, heads, hidden),
             extra={k: v for k, v in cfg.items() if k not in known},
         )
 
@@ -260,7 +286,7 @@ class ModelConfig:
 def _moe_fields(cfg: dict, file: str, layers: int, inter: int) -> dict:
     """The mixture-of-experts keys (Mixtral: num_local_experts; Qwen3-MoE: num_experts, which
     transformers 5 also writes as num_local_experts)."""
-    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    experts = next((cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if cfg.get(k) is not None), None)
     if experts is None or experts == 0:
         return {}
     experts = _int(experts, "num_experts", file, 1, MAX_EXPERTS)
@@ -269,6 +295,10 @@ def _moe_fields(cfg: dict, file: str, layers: int, inter: int) -> dict:
     only = cfg.get("mlp_only_layers") or []
     if not isinstance(only, list):
         raise ModelFormatError(f"{file}: field 'mlp_only_layers' must be a list of layer indices, got {only!r}")
+    if cfg.get("first_k_dense_replace") is not None:  # DeepSeek: the first k layers keep a dense MLP
+        only = [*only, *range(_int(cfg["first_k_dense_replace"], "first_k_dense_replace", file, 0, layers))]
+    if cfg.get("moe_layer_freq", 1) != 1:
+        raise UnsupportedModelError(f"{file}: moe_layer_freq {cfg['moe_layer_freq']!r} is not supported (DeepSeek models use 1)")
     return {
         "num_experts": experts,
         "num_experts_per_tok": top_k,
@@ -277,6 +307,18 @@ def _moe_fields(cfg: dict, file: str, layers: int, inter: int) -> dict:
         "decoder_sparse_step": _int(cfg.get("decoder_sparse_step", 1), "decoder_sparse_step", file, 1, MAX_LAYERS),
         "mlp_only_layers": tuple(sorted({_int(i, "mlp_only_layers", file, 0, layers - 1) for i in only})),
     }
+
+
+def _mla_fields(cfg: dict, file: str, heads: int, hidden: int) -> dict:
+    """DeepSeek's multi-head latent attention dims (none without kv_lora_rank) and shared experts."""
+    if cfg.get("kv_lora_rank") is None:
+        return {}
+    dims = {k: _int(_field(cfg, k, file), k, file, 1, MAX_HIDDEN) for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
+    if dims["qk_rope_head_dim"] % 2:
+        raise ModelFormatError(f"{file}: qk_rope_head_dim ({dims['qk_rope_head_dim']}) must be even for rotary embeddings")
+    q_lora = cfg.get("q_lora_rank")
+    return {**dims, "q_lora_rank": 0 if q_lora is None else _int(q_lora, "q_lora_rank", file, 1, MAX_HIDDEN),
+            "n_shared_experts": _int(cfg.get("n_shared_experts") or 0, "n_shared_experts", file, 0, MAX_EXPERTS)}
 
 
 def _layer_types(raw: Any, file: str, layers: int) -> tuple[str, ...]:

@@ -107,6 +107,9 @@ class Artifact:
         full = kv["bytes_per_token"] * kv["max_seq_len"]
         lines.append(f"  kv cache {kv['kind']} {kv['dtype']}, page {kv['page_size']}, {kv['bytes_per_token'] / 1024:.1f} KiB/token "
                      f"({kv['bytes_per_token']} bytes), {full / 2**20:.1f} MiB at the max context of {kv['max_seq_len']} tokens")
+        if kv.get("kind") == "kiln-mla":  # latent rows instead of per-head K and V
+            lines.append(f"           one latent row of {kv['latent_dim']} per token and layer; per-head K and V would take "
+                         f"{kv['per_head_kv_bytes_per_token'] / 1024:.1f} KiB/token")
         kq = m.get("kv_quant")
         if isinstance(kq, dict) and isinstance(kq.get("quality"), dict):
             q = kq["quality"]

@@ -1,14 +1,15 @@
 """The runtime's two KV caches: several sequences, one sequence per model call for now.
 
 PagedKVCache: TVM's C++ paged cache object (K/V in the activations' dtype).
-QuantKVCache: kiln's quantized cache (--kv-dtype int8|fp8): the pages and
-scales are plain tensors passed to prefill/decode, which quantize on append
-and attend over them in place; this class owns page allocation and the
-sequence length, and writes the meta tensor each call:
+QuantKVCache: kiln's quantized cache (--kv-dtype int8|fp8), and the latent
+cache of multi-head latent attention (DeepSeek): the pages and scales are
+plain tensors passed to prefill/decode, which quantize on append and attend
+over them in place; this class owns page allocation and the sequence length,
+and writes the meta tensor each call:
 
     meta    # [1 + pages] int32: position of the call's first token, then the page table
-    pages   # [layers, num_pages, 2, kv_heads, page_size, head_dim]  codes
-    scales  # [layers, num_pages, 2, kv_heads, page_size]            float32
+    pages   # [layers, num_pages, 2, kv_heads, page_size, head_dim]  codes (latent: [layers, num_pages, page_size, latent_dim])
+    scales  # [layers, num_pages, 2, kv_heads, page_size]            float32 (latent: [layers, num_pages, page_size])
 
 Both have add / remove / begin / end and `args()`: what the model's
 functions take in the cache's place.
@@ -81,8 +82,11 @@ class QuantKVCache:
         self.rt, self.dev = rt, dev
         self.page_size = int(kv["page_size"])
         self.num_pages = max_sequences * -(-max_seq_len // self.page_size)
-        shape = (int(kv["num_layers"]), self.num_pages, 2, int(kv["num_kv_heads"]), self.page_size)
-        self.pages = rt.runtime.empty((*shape, int(kv["head_dim"])), kv["code_dtype"], dev)
+        if kv["kind"] == "kiln-mla":  # one latent row per token and layer: [layers, pages, page_size, latent_dim]
+            shape, row = (int(kv["num_layers"]), self.num_pages, self.page_size), int(kv["latent_dim"])
+        else:
+            shape, row = (int(kv["num_layers"]), self.num_pages, 2, int(kv["num_kv_heads"]), self.page_size), int(kv["head_dim"])
+        self.pages = rt.runtime.empty((*shape, row), kv["code_dtype"], dev)
         self.scales = rt.runtime.empty(shape, "float32", dev)
         # zero scales: a row never written decodes to 0 whatever its codes (every code is finite),
         # so a cache advanced without the model (benchmarks) holds no NaN

@@ -108,7 +108,10 @@ def _check_types(m: dict[str, Any], path: str) -> None:
              "'tensor_parallel' (size >= 2, ccl_library, one weights file per shard)")
     kv = m["kv_cache"]
     need(isinstance(kv, dict) and all(_pos_int(kv.get(k)) for k in ("max_seq_len", "page_size")), "'kv_cache'")
-    need(kv.get("kind", "paged") in ("paged", "kiln-quant"), "'kv_cache.kind'")
+    need(kv.get("kind", "paged") in ("paged", "kiln-quant", "kiln-mla"), "'kv_cache.kind'")
+    if kv.get("kind") == "kiln-mla":  # the latent cache of multi-head latent attention
+        need(kv.get("code_dtype") in ("int8", "uint8", "float16", "bfloat16", "float32") and all(_pos_int(kv.get(k)) for k in ("num_layers", "latent_dim")),
+             "'kv_cache' (latent: code_dtype, num_layers, latent_dim)")
     if kv.get("kind") == "kiln-quant":  # kiln's quantized cache: the runtime allocates it from these
         need(kv.get("code_dtype") in ("int8", "uint8", "float16", "bfloat16") and all(_pos_int(kv.get(k)) for k in ("num_layers", "num_kv_heads", "head_dim")),
              "'kv_cache' (quantized: code_dtype, num_layers, num_kv_heads, head_dim)")

