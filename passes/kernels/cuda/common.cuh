@@ -88,7 +88,9 @@ __device__ __forceinline__ void kv_decode4(uint32_t w, float* f) {
 
 // Sum each of R per-thread partials over the block (warp shuffles, then shared memory
 // across the NW warps); the result is valid in threads 0..R-1 (thread r: sum r). The
-// epilogue of the GEMVs whose block's warps split K: qgemv.cuh, moe.cuh, qmoe.cuh.
+// epilogue of the expert GEMVs (moe.cuh, qmoe.cuh). qgemv.cuh keeps its own inline copy:
+// calling this made Llama-3-8B's q4g128 down GEMV 21.8 -> 24.6 us on the H200 (ncu,
+// 2026-12-01; benchmarks/NOTES.md), the MoE kernels' SASS was unchanged by it.
 template <int NW, int R>
 __device__ __forceinline__ float block_sum_rows(const float* acc) {
   __shared__ float part[NW][R];

@@ -100,8 +100,21 @@ __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __res
       if constexpr (BITS == 4) acc[r] = fmaf(__half2float(__ldg(z + row * NG + g)), xw, acc[r]);
     }
   }
-  const float v = block_sum_rows<NW, ROWS>(acc);
-  if (threadIdx.x < ROWS && row0 + threadIdx.x < N) y[row0 + threadIdx.x] = from_float<OutT>(v);
+  __shared__ float part[NW][ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) part[warp][r] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < ROWS && row0 + threadIdx.x < N) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) v += part[w][threadIdx.x];
+    y[row0 + threadIdx.x] = from_float<OutT>(v);
+  }
 }
 
 }  // namespace kiln
