@@ -158,9 +158,9 @@ def read_model(opts: CompileOptions, progress: Progress) -> Model:
     if kv_fmt is not None and not kv_fmt.scaled and not all_cpu:
         raise CompileError(f"--kv-dtype {opts.kv_dtype}: 16-bit float caches are for CPU targets; on CUDA the cache has the "
                            f"activations' dtype (--dtype {dtype}), or int8 / fp8")
-    if family.latent_cache and not all_cpu:
-        raise CompileError(f"{config.architecture}: multi-head latent attention runs on CPU targets for now "
-                           f"(its CUDA kernel is issue 14's next milestone); use --target llvm")
+    if family.latent_cache and not all_cpu and kv_fmt is not None:
+        raise CompileError(f"--kv-dtype {opts.kv_dtype}: {config.architecture}'s latent KV cache is quantized on CPU targets only for now; "
+                           f"on CUDA its rows have the activations' dtype")
     if family.latent_cache and opts.tensor_parallel > 1:
         raise CompileError(f"--tensor-parallel {opts.tensor_parallel}: {config.architecture}'s latent KV cache does not split over GPUs yet")
     m = Model(ck, config, family, dtype, max_ctx, targets, plan, opts.kv_dtype, kv_fmt, opts.tensor_parallel)

@@ -114,6 +114,7 @@ class _Rewriter(relax.PyExprMutator):
         """h = r + reshape(y) after a decode expert GEMV y: the add moves into the down GEMV's
         epilogue (y's binding gets r; the reshape then holds r + y; h becomes that reshape)."""
         users: dict = {}
+        order = {var: i for i, var in enumerate(self.an.value)}  # binding order (params: -1, before all)
         for var, value in self.an.value.items():
             if isinstance(value, relax.Call):
                 for a in value.args:
@@ -130,6 +131,8 @@ class _Rewriter(relax.PyExprMutator):
                 continue
             r = add.args[1] if add.args[0].same_as(rv) else add.args[0]
             if _static_shape(r) is None or _static_shape(r) != _static_shape(rv) or _dtype(r) != step[1].dtype:
+                continue
+            if order.get(r, -1) > order[y]:  # bound after the GEMV (DeepSeek's shared experts): not a residual it can read
                 continue
             self.plan[y] = ("experts", dataclasses.replace(step[1], residual=r))
             self.plan[hv] = ("alias", rv)

@@ -23,7 +23,7 @@ FAMILY_KEYS = {"gemma3": {"query_pre_attn_scalar", "hidden_activation", "final_l
                           "use_bidirectional_attention", "_sliding_window_pattern"}}
 FAMILY_KEYS["gemma3_window"] = FAMILY_KEYS["gemma3"]
 # DeepSeek's routing and RoPE layout keys: read by its family (frontends/models/deepseek.py), from `extra`
-FAMILY_KEYS["deepseek_v2"] = {"topk_method", "n_group", "topk_group", "routed_scaling_factor"}
+FAMILY_KEYS["deepseek_v2"] = FAMILY_KEYS["deepseek_v2_lite"] = {"topk_method", "n_group", "topk_group", "routed_scaling_factor"}
 FAMILY_KEYS["deepseek_v3"] = {"n_group", "topk_group", "routed_scaling_factor", "rope_interleave", "num_nextn_predict_layers"}
 
 

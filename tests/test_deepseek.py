@@ -2,7 +2,8 @@
 DeepSeek's MoE block, from tiny random checkpoints (transformers' save_pretrained)
 compiled for llvm, against transformers' float32 logits and greedy tokens.
 
-The fixtures cover: V2 without q LoRA and group_limited_greedy routing; V3 with q
+The fixtures cover: V2 without q LoRA and group_limited_greedy routing (and V2-Lite's plain
+greedy routing, which takes Mixtral's routing ops); V3 with q
 LoRA, interleaved RoPE scaled by YaRN (mscale_all_dim) read past the original context,
 noaux_tc routing over a non-zero e_score_correction_bias; both with a dense first
 layer and shared experts (tests/helpers/models.py VARIANTS)."""
@@ -18,7 +19,7 @@ from helpers import hf_greedy, hf_logits, random_ids, rel_err, slow_except
 
 from kiln.errors import KilnError
 
-ARCHS = ("deepseek_v2", "deepseek_v3")
+ARCHS = ("deepseek_v2", "deepseek_v2_lite", "deepseek_v3")
 SEQ_LEN = 100  # past V3's original context of 64 (YaRN's interpolated frequencies matter), 7 pages of 16
 PROMPT_LEN = 5
 NEW_TOKENS = 24
@@ -81,7 +82,7 @@ def test_fixture_choices_matter(tiny_checkpoint, hf_model):
 
 def test_manifest_describes_the_latent_cache(compiled, tiny_checkpoint):
     """One latent row (kv_lora_rank + qk_rope_head_dim) per token and layer, float32 codes
-    + a scale; kv_b_proj kept per head as [heads, nope + v, kv_lora]; kiln inspect says both sizes."""
+    + a scale; kv_b_proj kept per head as W_UK [heads, nope, kv_lora] and W_UV [heads, v, kv_lora]; kiln inspect says both sizes."""
     from kiln.runtime.artifact import open_artifact  # noqa: PLC0415
 
     art = compiled("deepseek_v3")
@@ -93,7 +94,8 @@ def test_manifest_describes_the_latent_cache(compiled, tiny_checkpoint):
     assert kv["bytes_per_token"] == cfg["num_hidden_layers"] * (4 * width + 4)
     params = {p["name"]: p["shape"] for p in m["params"]}
     h = cfg["num_attention_heads"]
-    assert params["layers.0.attn.kv_b"] == [h, cfg["qk_nope_head_dim"] + cfg["v_head_dim"], cfg["kv_lora_rank"]]
+    assert params["layers.0.attn.w_uk"] == [h, cfg["qk_nope_head_dim"], cfg["kv_lora_rank"]]
+    assert params["layers.0.attn.w_uv"] == [h, cfg["v_head_dim"], cfg["kv_lora_rank"]]
     assert "layers.1.mlp.e_score_correction_bias" in params and "layers.0.mlp.gate_up_proj.weight" in params
     per_head = cfg["num_hidden_layers"] * h * 4 * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"])
     lines = "\n".join(open_artifact(art).describe())
@@ -153,16 +155,36 @@ def test_bad_configs_fail_with_one_line(changes, message, tiny_checkpoint, tmp_p
     assert not out.exists()
 
 
-def test_cuda_is_refused_until_its_kernel(tiny_checkpoint, tmp_path):
-    """The CLI refuses a CUDA target in one line, before any work (no artifact left)."""
+def _cli_compile(checkpoint, out, *flags):
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
+    return subprocess.run([sys.executable, "-m", "kiln.cli", "compile", str(checkpoint), "-o", str(out), "--quiet", *flags],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_quantized_latent_cache_on_cuda_is_refused(tiny_checkpoint, tmp_path):
+    """CUDA's latent rows have the activations' dtype for now: --kv-dtype fails in one line, before any work."""
     out = tmp_path / "o.kiln"
-    res = subprocess.run([sys.executable, "-m", "kiln.cli", "compile", str(tiny_checkpoint("deepseek_v3")), "-o", str(out),
-                          "--target", "cuda:sm_90", "--quiet"], capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0 and "multi-head latent attention runs on CPU targets for now" in res.stderr, res.stderr[-2000:]
+    res = _cli_compile(tiny_checkpoint("deepseek_v3"), out, "--target", "cuda:sm_90", "--kv-dtype", "int8")
+    assert res.returncode != 0 and "latent KV cache is quantized on CPU targets only for now" in res.stderr, res.stderr[-2000:]
     assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+def test_cross_compiles_for_cuda(tiny_checkpoint, tmp_path):
+    """kiln's CUDA MLA kernels (passes/kernels/mla_cuda.py) build with nvcc for sm_90, bf16; the
+    H200 check against the CPU artifact is benchmarks/cross_device_check.py (benchmarks/NOTES.md)."""
+    import shutil as sh  # noqa: PLC0415
+
+    if sh.which("nvcc") is None or sh.which("gcc") is None:
+        pytest.skip("needs nvcc and gcc")
+    out = tmp_path / "v3-sm90.kiln"
+    res = _cli_compile(tiny_checkpoint("deepseek_v3"), out, "--target", "cuda:sm_90", "--dtype", "bfloat16")
+    assert res.returncode == 0, res.stderr[-2000:]
+    kv = json.loads((out / "manifest.json").read_text())["kv_cache"]
+    assert (kv["kind"], kv["code_dtype"]) == ("kiln-mla", "bfloat16")
 
 
 def test_multi_token_prediction_layers_are_read_past(tiny_checkpoint):

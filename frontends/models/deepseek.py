@@ -7,7 +7,7 @@ latent space ("absorbed"): per token one row is cached per layer,
              from kv_a_proj(x) = [c_kv, k_pe]
 
 and kv_b_proj  # [heads * (nope + v), kv_lora] splits per head into W_UK
-[nope, kv_lora] and W_UV [v, kv_lora]. Since k_nope = W_UK c_kv and v = W_UV c_kv,
+[nope, kv_lora] and W_UV [v, kv_lora] (params attn.w_uk, attn.w_uv: one batched matmul each). Since k_nope = W_UK c_kv and v = W_UV c_kv,
 
     q . k   = (W_UK^T q_nope) . c_kv + q_pe . k_pe   = q_abs . latent
     softmax(..) @ v = W_UV (softmax(..) @ c_kv)
@@ -38,7 +38,7 @@ import numpy as np
 
 from ...errors import ModelFormatError, UnsupportedModelError
 from . import register
-from .layers import Linear, RMSNorm, _precision, _tvm, nn, op, rope, rope_inv_freq
+from .layers import Linear, RMSNorm, _precision, nn, op, rope, rope_inv_freq
 from .llama import LlamaDecoderLayer, LlamaForCausalLM
 from .moe import DeepSeekMoE, DeepSeekRouting, MoEFamily
 
@@ -71,28 +71,6 @@ def yarn_rope(theta: float, dim: int, rs: dict) -> tuple[np.ndarray, float]:
     return inv.astype(np.float32), float(attn)
 
 
-def _latent_op(x, kv_b, offset: int, width: int, name: str):
-    """Per head, x [b, s, heads, k] against rows [offset, offset + width) of kv_b  # [heads, nope + v, kv_lora]:
-    offset 0 (W_UK): q_abs[.., c] = sum_n x[.., n] kv_b[h, n, c]  (k = nope, out kv_lora)
-    offset nope (W_UV): o[.., j] = sum_c x[.., c] kv_b[h, nope + j, c]  (k = kv_lora, out v)."""
-    te = _tvm.te
-    absorb = offset == 0
-
-    def compute(xt, wt):
-        b, s, h, k = xt.shape
-        out = int(wt.shape[2]) if absorb else width
-        r = te.reduce_axis((0, k), name="r")
-
-        def body(i, j, hh, o):
-            w = wt[hh, r, o] if absorb else wt[hh, offset + o, r]
-            return te.sum(xt[i, j, hh, r].astype("float32") * w.astype("float32"), axis=r)
-
-        acc = te.compute((b, s, h, out), body, name=f"{name}_acc")
-        return te.compute((b, s, h, out), lambda *i: acc(*i).astype(xt.dtype), name=name)
-
-    return op.tensor_expr_op(compute, name, [x, kv_b])
-
-
 class MLAttention(nn.Module):
     def __init__(self, c, dtype):
         p = _precision(dtype)
@@ -107,7 +85,9 @@ class MLAttention(nn.Module):
             self.q_proj = Linear(c.hidden_size, q_out, dtype, role="qkv_proj")
         self.kv_a_proj = Linear(c.hidden_size, lat + rope_dim, dtype, bias=c.attention_bias, role="qkv_proj")
         self.kv_a_norm = RMSNorm(lat, c.rms_norm_eps, dtype)
-        self.kv_b = nn.Parameter((heads, nope + v, lat), p.storage)  # per head: W_UK rows, then W_UV rows
+        # kv_b_proj per head: W_UK [nope, kv_lora] (absorbed into the query), W_UV [v, kv_lora] (after attention)
+        self.w_uk = nn.Parameter((heads, nope, lat), p.storage)
+        self.w_uv = nn.Parameter((heads, v, lat), p.storage)
         self.o_proj = Linear(heads * v, c.hidden_size, dtype, bias=c.attention_bias, role="o_proj")
         rs = c.rope_scaling or {}
         self.sm_scale = (nope + rope_dim) ** -0.5
@@ -128,10 +108,10 @@ class MLAttention(nn.Module):
         positions = kv_cache.get_query_positions(b * s)
         q_pe = rope(q_pe, positions, self.inv_freq, self.mscale, name="rope_q")
         k_pe = rope(op.reshape(k_pe, (b, s, 1, rope_dim)), positions, self.inv_freq, self.mscale, name="rope_k")
-        query = op.concat([_latent_op(q_nope, self.kv_b, 0, lat, "absorb_q"), q_pe], dim=3)
+        query = op.concat([kv_cache.head_matmul(q_nope, self.w_uk, transposed=False), q_pe], dim=3)
         latent = op.concat([self.kv_a_norm(c_kv), op.reshape(k_pe, (b, s, rope_dim))], dim=2)
         o = kv_cache.latent_attention(layer_id, query, latent, self.sm_scale, lat)  # [b, s, heads, kv_lora]
-        o = _latent_op(o, self.kv_b, nope, v, "expand_v")
+        o = kv_cache.head_matmul(o, self.w_uv, transposed=True)
         return self.o_proj(op.reshape(o, (b, s, heads * v)))
 
 
@@ -188,7 +168,7 @@ class DeepseekForCausalLM(MoEFamily, LlamaForCausalLM):
         d, q_out = c.hidden_size, heads * (nope + rope_dim)
         shapes = {"attn_norm.weight": (d,), "ffn_norm.weight": (d,),
                   "attn.kv_a_proj.weight": (lat + rope_dim, d), "attn.kv_a_norm.weight": (lat,),
-                  "attn.kv_b": (heads, nope + v, lat), "attn.o_proj.weight": (d, heads * v),
+                  "attn.w_uk": (heads, nope, lat), "attn.w_uv": (heads, v, lat), "attn.o_proj.weight": (d, heads * v),
                   "mlp.gate_up_proj.weight": (2 * c.intermediate_size, d), "mlp.down_proj.weight": (d, c.intermediate_size)}
         if c.q_lora_rank:
             shapes.update({"attn.q_a_proj.weight": (c.q_lora_rank, d), "attn.q_a_norm.weight": (c.q_lora_rank,),
@@ -205,7 +185,7 @@ class DeepseekForCausalLM(MoEFamily, LlamaForCausalLM):
         a = "self_attn"
         sources = {"attn_norm.weight": ("input_layernorm.weight",), "ffn_norm.weight": ("post_attention_layernorm.weight",),
                    "attn.kv_a_proj.weight": (f"{a}.kv_a_proj_with_mqa.weight",), "attn.kv_a_norm.weight": (f"{a}.kv_a_layernorm.weight",),
-                   "attn.kv_b": (f"{a}.kv_b_proj.weight",), "attn.o_proj.weight": (f"{a}.o_proj.weight",),
+                   "attn.w_uk": (f"{a}.kv_b_proj.weight",), "attn.w_uv": (f"{a}.kv_b_proj.weight",), "attn.o_proj.weight": (f"{a}.o_proj.weight",),
                    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "mlp.down_proj.weight": ("mlp.down_proj.weight",)}
         if c.q_lora_rank:
             sources.update({"attn.q_a_proj.weight": (f"{a}.q_a_proj.weight",), "attn.q_a_norm.weight": (f"{a}.q_a_layernorm.weight",),
@@ -248,6 +228,9 @@ class DeepseekForCausalLM(MoEFamily, LlamaForCausalLM):
         for i in range(c.num_hidden_layers):  # transformers 5's fused stacks spell shared experts the same way
             if c.is_moe_layer(i) and c.n_shared_experts and f"model.layers.{i}.mlp.shared_experts.gate_up_proj" in names:
                 sources[f"layers.{i}.mlp.shared_experts.gate_up_proj.weight"] = (f"model.layers.{i}.mlp.shared_experts.gate_up_proj",)
+            a = f"model.layers.{i}.self_attn"
+            if f"{a}.k_b_proj.weight" in names or f"{a}.v_b_proj.weight" in names:  # llama.cpp's kv_b halves (gguf_names.py)
+                sources.update({f"layers.{i}.attn.w_uk": (f"{a}.k_b_proj.weight",), f"layers.{i}.attn.w_uv": (f"{a}.v_b_proj.weight",)})
         return sources
 
     @classmethod
@@ -256,10 +239,17 @@ class DeepseekForCausalLM(MoEFamily, LlamaForCausalLM):
         of the query and of kv_a_proj move from interleaved pairs to rotate-half order."""
         c = config
         mtp = [n for n in names if _layer_index(n) is not None and _layer_index(n) >= c.num_hidden_layers]
-        thunks = super().convert_hf(c, [n for n in names if n not in set(mtp)], load, file)
+        thunks = super().convert_hf(c, [n for n in names if n not in set(mtp)], _k_b_untransposed(load), file)
         if not c.extra.get("rope_interleave", True) and c.architecture == "DeepseekV3ForCausalLM":
             return thunks
         nope, rope_dim, lat = c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+        sources = cls.hf_sources_for(c, set(names))
+        for i in range(c.num_hidden_layers):  # kv_b_proj [heads (nope + v), kv_lora] -> per head W_UK, W_UV
+            src = sources[f"layers.{i}.attn.w_uk"][0]
+            if not src.endswith(".kv_b_proj.weight"):  # llama.cpp's halves, taken as they are (_k_b_untransposed)
+                continue
+            thunks[f"layers.{i}.attn.w_uk"] = _kv_b_part(load, src, file, c, 0, nope)
+            thunks[f"layers.{i}.attn.w_uv"] = _kv_b_part(load, src, file, c, nope, nope + c.v_head_dim)
         order = np.concatenate([np.arange(0, rope_dim, 2), np.arange(1, rope_dim, 2)])
         for i in range(c.num_hidden_layers):
             for q in ("q_b_proj", "q_proj"):
@@ -273,11 +263,34 @@ class DeepseekForCausalLM(MoEFamily, LlamaForCausalLM):
         return thunks
 
 
+def _kv_b_part(load, src: str, file: str, c, lo: int, hi: int):
+    """Rows lo..hi of each head's block of kv_b_proj  # [heads * (nope + v), kv_lora] -> [heads, hi - lo, kv_lora]."""
+    def part():
+        arr = load(src)
+        want = (c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
+        if arr.shape != want:
+            raise ModelFormatError(f"{file}: tensor {src} has shape {list(arr.shape)}, expected {list(want)} from config.json")
+        return np.ascontiguousarray(arr.reshape(c.num_attention_heads, -1, c.kv_lora_rank)[:, lo:hi])
+
+    return part
+
+
 def _layer_index(name: str) -> int | None:
     parts = name.split(".")
     if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
         return int(parts[2])
     return None
+
+
+def _k_b_untransposed(load):
+    """GGUFs converted since llama.cpp's MLA support (2025-04) hold kv_b_proj split per head:
+    k_b_proj  # [heads, kv_lora, nope] (W_UK transposed), read back as w_uk  # [heads, nope, kv_lora],
+    and v_b_proj  # [heads, v, kv_lora], which is w_uv as it is."""
+    def read(name: str) -> np.ndarray:
+        arr = load(name)
+        return np.ascontiguousarray(arr.swapaxes(1, 2)) if name.endswith(".k_b_proj.weight") and arr.ndim == 3 else arr
+
+    return read
 
 
 def _permute_rows(thunk, groups: int, rows: int, rope_rows: np.ndarray):

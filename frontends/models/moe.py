@@ -214,7 +214,14 @@ def expert_down(a, w, ids, weights, name: str = "expert_down"):
 
 
 def deepseek_select(logits, bias, r: DeepSeekRouting, k: int):
-    """logits [T, E] (, bias [E]) -> (ids [T, k] int32, weights [T, k] float32), DeepSeek's way."""
+    """logits [T, E] (, bias [E]) -> (ids [T, k] int32, weights [T, k] float32), DeepSeek's way.
+    V2's plain greedy choice (softmax scores, one group, no bias) is Mixtral's routing without
+    renormalising, times routed_scaling_factor: it takes those ops (one fused kernel on CUDA,
+    passes/cuda_experts.py) -- the same experts (softmax keeps the order; ties to the lower index)."""
+    if r.scoring == "softmax" and r.n_group == 1 and bias is None and not r.normalize:
+        ids = topk_experts(logits, k)
+        weights = routing_weights(logits, ids, renormalize=False)
+        return ids, (weights * r.scale if r.scale != 1.0 else weights)
     scores = op.tensor_expr_op(lambda lg: te_router_scores(lg, r.scoring), "router_scores", [logits])
     choose = lambda sc, b=None: te_group_limited_topk(sc, k, r.n_group, r.topk_group, r.group_best, r.masked, b)  # noqa: E731
     ids = op.tensor_expr_op(choose, "group_limited_topk", [scores] + ([bias] if bias is not None else []))

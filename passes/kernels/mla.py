@@ -10,8 +10,8 @@ prefill/decode, with one latent row per token per layer instead of per-head K an
 The runtime owns pages and lengths (runtime/kv_cache.py QuantKVCache, with the
 latent layout); the layers call `latent_attention`, which appends the call's rows
 in place (`call_tir_inplace`, the cache threaded from layer to layer) and attends
-over the pages in the latent space. Kernels: mla_cpu.py (CPU); CUDA is refused by
-the compiler until its kernel lands (issue 14, milestone 2).
+over the pages in the latent space. Kernels: mla_cpu.py (CPU), mla_cuda.py (CUDA v1,
+CUDA cores, rows in the activations' dtype).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class LatentKV:
 
     fmt: KVFormat
     page_size: int
-    target_kind: str  # "llvm" (CUDA: refused by compiler/build.py for now)
+    target_kind: str  # "llvm" | "cuda"
     _funcs: dict = field(default_factory=dict, repr=False)
 
     def spec(self, config) -> dict:
@@ -59,14 +59,40 @@ class LatentKV:
     def kernels(self, *, q_heads: int, width: int, v_dim: int, dtype: str, sm_scale: float):
         key = (q_heads, width, v_dim, dtype, sm_scale)
         if key not in self._funcs:
-            if self.target_kind != "llvm":
-                raise CompileError("multi-head latent attention has CPU kernels only for now (CUDA: issue 14, milestone 2)")
-            from .mla_cpu import mla_append_cpu, mla_attention_cpu  # noqa: PLC0415
+            if self.target_kind == "cuda":
+                if self.fmt.code_dtype != dtype:
+                    raise CompileError(f"a {self.fmt.name} latent KV cache is CPU-only for now; on CUDA the latent rows have the activations' dtype")
+                from .mla_cuda import mla_append_cuda, mla_attention_cuda  # noqa: PLC0415
 
-            lanes = vector_lanes(_t.Target.current())
-            self._funcs[key] = (mla_append_cpu(width, self.page_size, self.fmt, dtype),
-                                mla_attention_cpu(q_heads, width, v_dim, self.page_size, self.fmt, dtype, sm_scale, lanes))
+                self._funcs[key] = (mla_append_cuda(width, self.page_size, dtype),
+                                    mla_attention_cuda(q_heads, width, v_dim, self.page_size, dtype, sm_scale))
+            else:
+                from .mla_cpu import mla_append_cpu, mla_attention_cpu  # noqa: PLC0415
+
+                lanes = vector_lanes(_t.Target.current())
+                self._funcs[key] = (mla_append_cpu(width, self.page_size, self.fmt, dtype),
+                                    mla_attention_cpu(q_heads, width, v_dim, self.page_size, self.fmt, dtype, sm_scale, lanes))
         return self._funcs[key]
+
+    def head_matmul(self, x, w, transposed: bool):
+        """x  # [b, s, heads, k] times each head's matrix of w  # [heads, k, n] (transposed: [heads, n, k])
+        -> [b, s, heads, n] in x's dtype: MLA's W_UK absorbed into the query, W_UV after attention.
+        CPU: one batched Relax matmul (kiln's CPU schedules); CUDA: cuda/mla.cuh's kernel
+        (dlight's GEMV rule fails on these batched shapes)."""
+        b, s, heads, k = x.shape
+        if self.target_kind == "cuda":
+            from .mla_cuda import head_matmul_cuda  # noqa: PLC0415
+
+            n = int(w.shape[1] if transposed else w.shape[2])
+            key = ("head_matmul", int(heads), int(k), n, transposed, x.dtype, w.dtype)
+            name = "mla_expand_v" if transposed else "mla_absorb_q"
+            if key not in self._funcs:  # one PrimFunc per shape, shared by the layers
+                self._funcs[key] = head_matmul_cuda(int(heads), int(k), n, transposed, x.dtype, w.dtype).with_attr("global_symbol", name)
+            return op.tensor_ir_op(self._funcs[key], name, [x, w], nn.Tensor.placeholder((b, s, heads, n), x.dtype))
+        xh = op.permute_dims(op.reshape(x, (b * s, heads, k)), [1, 0, 2])  # [heads, b s, k]
+        wc = w if w.dtype == x.dtype else w.astype(x.dtype)
+        y = op.matmul(xh, op.permute_dims(wc, [0, 2, 1]) if transposed else wc)  # [heads, b s, n]
+        return op.reshape(op.permute_dims(y, [1, 0, 2]), (b, s, heads, y.shape[2]))
 
     def bind(self, meta, pages, scales, **_rope) -> "LatentAttention":
         return LatentAttention(self, meta, pages, scales)
@@ -90,6 +116,9 @@ class LatentAttention:
 
             self._positions = op.tensor_expr_op(compute, "query_positions", [self.meta])
         return self._positions
+
+    def head_matmul(self, x, w, transposed: bool):
+        return self.kv.head_matmul(x, w, transposed)
 
     def latent_attention(self, layer_id: int, q, latent, sm_scale: float, v_dim: int):
         """q  # [1, s, heads, W] absorbed query, latent  # [1, s, W] this call's rows

