@@ -60,13 +60,7 @@ def build_config(header: GGUFHeader, arch: str, hf_arch: str, names: dict[str, G
         return meta(header, f"{arch}.{k}", kind, path, default)
 
     heads = key("attention.head_count", "int")
-    key_len, value_len = key("attention.key_length", "int", None), key("attention.value_length", "int", None)
-    rope_dim = key("rope.dimension_count", "int", None)
-    head_dim = key_len if key_len is not None else rope_dim
-    if value_len is not None and head_dim is not None and value_len != head_dim:
-        raise UnsupportedModelError(f"{path}: attention key length {head_dim} differs from value length {value_len}")
-    if rope_dim is not None and head_dim is not None and rope_dim != head_dim:
-        raise UnsupportedModelError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim {head_dim}) are not supported")
+    attention = _ATTENTION.get(arch, _head_dim)(key, heads, names, path)
     tokens = header.metadata.get("tokenizer.ggml.tokens")
     embd = names.get("model.embed_tokens.weight")
     vocab = key("vocab_size", "int", None)
@@ -89,9 +83,8 @@ def build_config(header: GGUFHeader, arch: str, hf_arch: str, names: dict[str, G
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in names,
         "torch_dtype": "float32",
     }
-    if head_dim is not None:
-        cfg["head_dim"] = head_dim
-    cfg.update(_moe_config(key, cfg, names, path))
+    cfg.update(attention)
+    cfg.update(_EXPERTS.get(arch, _moe_config)(key, cfg, names, path))
     cfg.update(_ARCH_CONFIG.get(arch, lambda key, cfg: {})(key, cfg))
     for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
         value = meta(header, f"tokenizer.ggml.{gguf_key}", "int", path, None)
@@ -101,6 +94,19 @@ def build_config(header: GGUFHeader, arch: str, hf_arch: str, names: dict[str, G
     if extra_eos:
         cfg["eos_token_id"] = [cfg["eos_token_id"], *extra_eos] if "eos_token_id" in cfg else extra_eos
     return cfg
+
+
+def _head_dim(key, heads: int, names: dict[str, GGUFTensorInfo], path: Path) -> dict:
+    """{"head_dim"} from key_length (else rope.dimension_count); a value length or rotary
+    width other than the head's is refused."""
+    key_len, value_len = key("attention.key_length", "int", None), key("attention.value_length", "int", None)
+    rope_dim = key("rope.dimension_count", "int", None)
+    head_dim = key_len if key_len is not None else rope_dim
+    if value_len is not None and head_dim is not None and value_len != head_dim:
+        raise UnsupportedModelError(f"{path}: attention key length {head_dim} differs from value length {value_len}")
+    if rope_dim is not None and head_dim is not None and rope_dim != head_dim:
+        raise UnsupportedModelError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim {head_dim}) are not supported")
+    return {} if head_dim is None else {"head_dim": head_dim}
 
 
 def _moe_config(key, cfg: dict, names: dict[str, GGUFTensorInfo], path: Path) -> dict:
@@ -163,8 +169,89 @@ def longrope_scaling(short: np.ndarray, long: np.ndarray, header: GGUFHeader, ar
     return out
 
 
-# GGUF architecture -> its keys beyond the common ones
-_ARCH_CONFIG = {"gemma3": _gemma3_config, "phi3": _phi3_config}
+def _mla_dims(key, heads: int, names: dict[str, GGUFTensorInfo], path: Path) -> dict:
+    """DeepSeek's multi-head latent attention sizes (HF's keys). Files converted since llama.cpp's
+    MLA support (2025-04) describe the latent as one MQA head (key_length = kv_lora_rank + rope,
+    value_length = kv_lora_rank, head_count_kv 1) and give the per-head sizes in key_length_mla /
+    value_length_mla; older files give them in key_length / value_length. HF's config keeps a
+    K/V head per query head, and head_dim = the rotary width (transformers' DeepseekV2/V3Config)."""
+    rope = key("rope.dimension_count", "int")
+    mla = key("attention.key_length_mla", "int", None) is not None
+    sfx = "_mla" if mla else ""
+    qk, v = key(f"attention.key_length{sfx}", "int"), key(f"attention.value_length{sfx}", "int")
+    if qk <= rope:
+        raise ModelFormatError(f"{path}: deepseek2.attention.key_length{sfx} {qk} must exceed deepseek2.rope.dimension_count {rope} "
+                               f"(nope + rope dims per head)")
+    q_lora = key("attention.q_lora_rank", "int", 0)
+    if not q_lora and "model.layers.0.self_attn.q_a_proj.weight" in names:
+        raise ModelFormatError(f"{path}: tensor blk.0.attn_q_a.weight needs metadata key deepseek2.attention.q_lora_rank, which is missing or 0")
+    return {"kv_lora_rank": key("attention.kv_lora_rank", "int"), "q_lora_rank": q_lora or None, "qk_nope_head_dim": qk - rope,
+            "qk_rope_head_dim": rope, "v_head_dim": v, "head_dim": rope, "num_key_value_heads": heads}
+
+
+def _deepseek2_experts(key, cfg: dict, names: dict[str, GGUFTensorInfo], path: Path) -> dict:
+    """DeepSeek's router and experts as HF's DeepseekV2/V3 config keys; the gating function picks
+    the family: 2 (sigmoid) -> DeepseekV3ForCausalLM (noaux_tc: the choice made on the scores plus
+    exp_probs_b), 1 or absent (llama.cpp's reading of V2 files written before the key) -> V2.
+
+    Expert groups: `expert_group_count` / `expert_group_used_count` (llama.cpp's convert writes
+    them from n_group / topk_group since 2025-10). A file without them gets no group limit, as
+    llama.cpp runs it (older V3 / R1 files: top-k over all experts). A GGUF cannot say how a group
+    is scored: V3 sums its best two (HF and llama.cpp agree); for softmax V2 files this takes
+    HF's group_limited_greedy (a group's best expert), the rule of the model such a file was
+    converted from, where llama.cpp scores V2's groups by their best two as well. Weights: x
+    expert_weights_scale (absent: 1), renormalised when expert_weights_norm (absent: false, as
+    llama.cpp reads it); V2 never renormalises (transformers), so a softmax file asking for it is refused."""
+    experts = key("expert_count", "int", 0)
+    if not experts:
+        return {}
+    gating = key("expert_gating_func", "int", 1)  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE: 1 softmax, 2 sigmoid
+    if gating not in (1, 2):
+        raise UnsupportedModelError(f"{path}: deepseek2.expert_gating_func {gating} is not supported (1 softmax: V2, 2 sigmoid: V3)")
+    v3 = gating == 2
+    norm = key("expert_weights_norm", "bool", False)
+    if not v3:
+        bias = next((n for n in names if n.endswith(".mlp.gate.e_score_correction_bias")), None)
+        if bias is not None:
+            raise UnsupportedModelError(f"{path}: tensor {names[bias].name} (a V3 router bias) with softmax gating is not supported")
+        if norm:
+            raise UnsupportedModelError(f"{path}: deepseek2.expert_weights_norm true with softmax gating is not supported "
+                                        f"(DeepSeek-V2 does not renormalise)")
+    groups = key("expert_group_count", "int", 0)
+    used = key("expert_group_used_count", "int") if groups > 1 else 1
+    return {
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "n_routed_experts": experts,
+        "num_experts_per_tok": key("expert_used_count", "int"),
+        "moe_intermediate_size": key("expert_feed_forward_length", "int"),
+        "n_shared_experts": key("expert_shared_count", "int", 0),
+        "first_k_dense_replace": key("leading_dense_block_count", "int", 0),
+        "routed_scaling_factor": key("expert_weights_scale", "float", 1.0),
+        "norm_topk_prob": norm,
+        "scoring_func": "sigmoid" if v3 else "softmax",
+        "topk_method": "noaux_tc" if v3 else "group_limited_greedy" if groups > 1 else "greedy",
+        "n_group": max(groups, 1),
+        "topk_group": used,
+    }
+
+
+def _deepseek2_config(key, cfg: dict) -> dict:
+    """DeepSeek's YaRN: llama.cpp's convert stores 0.1 x mscale_all_dim as yarn_log_multiplier and
+    its graph scales the softmax by mscale(factor, mscale_all_dim)^2 with the rotation's own factor
+    1, which is HF's when mscale = mscale_all_dim (every DeepSeek release: V2 0.707, V3 1)."""
+    rs = cfg["rope_scaling"]
+    if not rs or rs["rope_type"] != "yarn":
+        return {}
+    # float32 in the file: back to the decimal the converter started from (6 significant digits)
+    m = float(f"{key('rope.scaling.yarn_log_multiplier', 'float') / 0.1:.6g}")
+    return {"rope_scaling": {**rs, "mscale": m, "mscale_all_dim": m, "beta_fast": key("rope.scaling.yarn_beta_fast", "float", 32.0),
+                             "beta_slow": key("rope.scaling.yarn_beta_slow", "float", 1.0)}}
+
+
+# GGUF architecture -> how it states head sizes, experts, and its keys beyond the common ones
+_ATTENTION = {"deepseek2": _mla_dims}
+_EXPERTS = {"deepseek2": _deepseek2_experts}
+_ARCH_CONFIG = {"gemma3": _gemma3_config, "phi3": _phi3_config, "deepseek2": _deepseek2_config}
 
 
 def extra_eos_ids(header: GGUFHeader, path: Path, eos: int | None) -> list[int]:

@@ -199,7 +199,7 @@ def test_llama3_rope_freqs(tmp_path):
 def test_unknown_architecture_and_tensor(tmp_path):
     path = tmp_path / "gemma.gguf"
     write_tiny(path, arch="gemma")
-    with pytest.raises(UnsupportedModelError, match=r"'gemma' is not supported; supported: gemma3, llama"):
+    with pytest.raises(UnsupportedModelError, match=r"'gemma' is not supported; supported: deepseek2, gemma3, llama"):
         open_gguf(path)
     path = tmp_path / "extra.gguf"
     w = gguf.GGUFWriter(str(path), "llama")

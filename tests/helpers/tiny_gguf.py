@@ -3,7 +3,8 @@ export tests: a 2-layer model (hidden 64, 4 heads, 2 KV heads, FFN 96) with a
 byte-level BPE tokenizer, llama.cpp's q/k permutation for llama, and any
 tensor stored as F32, F16, BF16 or a quantized GGML type; and (write_moe) a
 transformers mixture-of-experts model written as llama.cpp writes Mixtral
-(llama arch) and Qwen3-MoE (qwen3moe): experts stacked per layer."""
+(llama arch) and Qwen3-MoE (qwen3moe): experts stacked per layer; and
+(write_deepseek2) a tiny DeepSeek-V2/V3 checkpoint as llama.cpp's deepseek2."""
 
 from __future__ import annotations
 
@@ -222,3 +223,100 @@ def write_hf_as_gguf(hf_dir: Path, path: Path, arch: str, block_names: dict[str,
     w.write_tensors_to_file()
     w.close()
     return hf
+
+
+def write_deepseek2(hf_dir: Path, path: Path, *, layout: str = "mla", omit: tuple[str, ...] = (), q8: tuple[str, ...] = ()) -> None:
+    """A tiny transformers DeepSeek-V2/V3 checkpoint (save_pretrained) as llama.cpp's convert writes
+    `deepseek2`, F32. layout "mla" (convert since its MLA support, 2025-04, with the expert-group
+    keys it writes since 2025-10): kv_b_proj split per head into attn_k_b  # [heads, kv_lora, nope]
+    and attn_v_b  # [heads, v, kv_lora], head_count_kv 1, the latent as key/value_length and the
+    per-head sizes as key/value_length_mla. "legacy" (before): attn_kv_b as it is, per-head sizes
+    in key/value_length, head_count_kv = heads, no group keys. Both: RoPE rows as HF has them
+    (llama.cpp rotates pairs in place), experts stacked per layer, e_score_correction_bias as
+    exp_probs_b.bias, yarn_log_multiplier = 0.1 x mscale_all_dim, layers past num_hidden_layers
+    (multi-token prediction) left out. `omit`: metadata keys (without "deepseek2.") and GGUF
+    tensor names not to write; `q8`: tensors whose names end so are stored as Q8_0."""
+    import json  # noqa: PLC0415
+
+    import safetensors.numpy  # noqa: PLC0415
+
+    T = gguf.GGUFValueType
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    hf = safetensors.numpy.load_file(str(Path(hf_dir) / "model.safetensors"))
+    v3 = cfg["architectures"][0] == "DeepseekV3ForCausalLM"
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    heads, layers, lat = cfg["num_attention_heads"], cfg["num_hidden_layers"], cfg["kv_lora_rank"]
+    nope, rdim, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    mla = layout == "mla"
+    meta = {
+        "block_count": (layers, T.UINT32), "context_length": (cfg["max_position_embeddings"], T.UINT32),
+        "embedding_length": (cfg["hidden_size"], T.UINT32), "feed_forward_length": (cfg["intermediate_size"], T.UINT32),
+        "attention.head_count": (heads, T.UINT32), "attention.head_count_kv": (1 if mla else cfg["num_key_value_heads"], T.UINT32),
+        "attention.layer_norm_rms_epsilon": (cfg["rms_norm_eps"], T.FLOAT32),
+        "rope.freq_base": (cfg.get("rope_theta", rope.get("rope_theta", 10000.0)), T.FLOAT32),
+        "vocab_size": (cfg["vocab_size"], T.UINT32), "leading_dense_block_count": (cfg["first_k_dense_replace"], T.UINT32),
+        "attention.kv_lora_rank": (lat, T.UINT32),
+        "attention.key_length": (lat + rdim if mla else nope + rdim, T.UINT32), "attention.value_length": (lat if mla else v, T.UINT32),
+        "expert_feed_forward_length": (cfg["moe_intermediate_size"], T.UINT32), "expert_count": (cfg["n_routed_experts"], T.UINT32),
+        "expert_used_count": (cfg["num_experts_per_tok"], T.UINT32), "expert_shared_count": (cfg["n_shared_experts"], T.UINT32),
+        "expert_weights_scale": (cfg["routed_scaling_factor"], T.FLOAT32), "expert_gating_func": (2 if v3 else 1, T.UINT32),
+        "rope.dimension_count": (rdim, T.UINT32),
+    }
+    if cfg.get("q_lora_rank") is not None:
+        meta["attention.q_lora_rank"] = (cfg["q_lora_rank"], T.UINT32)
+    if mla:
+        meta |= {"attention.key_length_mla": (nope + rdim, T.UINT32), "attention.value_length_mla": (v, T.UINT32),
+                 "expert_group_count": (cfg["n_group"], T.UINT32), "expert_group_used_count": (cfg["topk_group"], T.UINT32)}
+    if cfg.get("norm_topk_prob"):
+        meta["expert_weights_norm"] = (True, T.BOOL)
+    if rope.get("rope_type") == "yarn":
+        meta |= {"rope.scaling.type": ("yarn", T.STRING), "rope.scaling.factor": (rope["factor"], T.FLOAT32),
+                 "rope.scaling.original_context_length": (rope["original_max_position_embeddings"], T.UINT32),
+                 "rope.scaling.yarn_log_multiplier": (0.1 * rope["mscale_all_dim"], T.FLOAT32)}
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    for k, (value, vtype) in meta.items():
+        if k not in omit:
+            w.add_key_value(f"deepseek2.{k}", value, vtype)
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+
+    def add(name: str, arr: np.ndarray) -> None:
+        if name in omit:
+            return
+        if name.endswith(q8):
+            w.add_tensor(name, quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+
+    add("token_embd.weight", hf["model.embed_tokens.weight"])
+    add("output_norm.weight", hf["model.norm.weight"])
+    if "lm_head.weight" in hf:
+        add("output.weight", hf["lm_head.weight"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.q_a_proj": "attn_q_a", "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
+             "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "mlp.gate": "ffn_gate_inp", "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+             "mlp.shared_experts.up_proj": "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp"}
+    for i in range(layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        for n, g in names.items():
+            if p + n + ".weight" in hf:
+                add(b + g + ".weight", hf[p + n + ".weight"])
+        kv_b = hf[p + "self_attn.kv_b_proj.weight"]
+        if mla:
+            per_head = kv_b.reshape(heads, nope + v, lat)
+            add(b + "attn_k_b.weight", per_head[:, :nope].transpose(0, 2, 1))  # [heads, kv_lora, nope]
+            add(b + "attn_v_b.weight", per_head[:, nope:])  # [heads, v, kv_lora]
+        else:
+            add(b + "attn_kv_b.weight", kv_b)
+        if p + "mlp.gate.e_score_correction_bias" in hf:
+            add(b + "exp_probs_b.bias", hf[p + "mlp.gate.e_score_correction_bias"])
+        if p + "mlp.experts.0.gate_proj.weight" in hf:
+            for proj in ("gate", "up", "down"):
+                add(b + f"ffn_{proj}_exps.weight",
+                    np.stack([hf[p + f"mlp.experts.{e}.{proj}_proj.weight"] for e in range(cfg["n_routed_experts"])]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
