@@ -1,6 +1,5 @@
 """Multi-head latent attention kernels for CUDA: TIR launches of cuda/mla.cuh (append;
-split-KV attention in the latent space on CUDA cores, whose splits attention_decode.cuh's
-attn_decode_merge reduces). The contract of mla_cpu.py: the whole latent cache plus a
+split-KV attention in the latent space on CUDA cores, whose splits mla_merge reduces). The contract of mla_cpu.py: the whole latent cache plus a
 layer index. v1 holds rows in the activations' dtype (a quantized latent cache on CUDA
 and the tensor-core kernel are the next steps: benchmarks/NOTES.md, "MLA on CUDA").
 
@@ -51,12 +50,14 @@ def mla_append_cuda(width: int, page_size: int, dtype: str):
 
 def mla_attention_cuda(q_heads: int, width: int, v_dim: int, page_size: int, dtype: str, sm_scale: float):
     H, W, DV, P, ct = q_heads, width, v_dim, page_size, C_TYPES[dtype]
-    if DV > 1024:
-        raise ValueError(f"MLA on CUDA: kv_lora_rank {DV} is over 1024 (one merge thread per column)")
+    if DV > 1024 or DV % 32:
+        raise ValueError(f"MLA on CUDA: kv_lora_rank {DV} must be a multiple of 32, at most 1024 (lanes own DV / 32 columns)")
     G = next(g for g in (4, 2, 1) if H % g == 0)  # heads per block: q and O of G heads stay in registers
     chunks = H // G
     partial = f"kiln::mla_attention_partial<{ct}, {W}, {DV}, {G}, {NUM_WARPS}>"
-    merge = f"kiln::attn_decode_merge<{ct}, {DV}>"
+    cols = 64 if DV % 64 == 0 else 32
+    groups = 4  # thread groups per column of the merge, each summing a quarter of the splits
+    merge = f"kiln::mla_merge<{ct}, {DV}, {cols}, {groups}>"
 
     def num_splits(s, m):
         by_keys = T.ceildiv((m - 1) * P, MIN_KEYS_PER_SPLIT)
@@ -82,8 +83,8 @@ def mla_attention_cuda(q_heads: int, width: int, v_dim: int, page_size: int, dty
                 T.evaluate(T.call_extern("void", partial, T.address_of(q[0, 0, 0, 0]), T.address_of(meta[0]), T.address_of(pages[0, 0, 0, 0]),
                                          ws.access_ptr("rw"), T.address_of(out[0, 0, 0, 0]), lse.access_ptr("rw"),
                                          H, P, npg, layer, num_splits(s, m), T.float32(sm_scale)))
-        for bx in T.thread_binding(s * H, thread="blockIdx.x"):
-            for tx in T.thread_binding(DV, thread="threadIdx.x"):
+        for bx in T.thread_binding(s * H * (DV // cols), thread="blockIdx.x"):
+            for tx in T.thread_binding(cols * groups, thread="threadIdx.x"):
                 T.evaluate(T.call_extern("void", merge, ws.access_ptr("rw"), T.address_of(out[0, 0, 0, 0]), lse.access_ptr("rw"),
                                          num_splits(s, m)))
 

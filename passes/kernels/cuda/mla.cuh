@@ -1,5 +1,5 @@
 // kiln: multi-head latent attention (DeepSeek's MLA) over the latent page cache, on CUDA
-// cores (v1: correctness and the launch contract; the tensor-core kernel is the next step,
+// cores (v2: contiguous lane columns, a one-deep row pipeline; the tensor-core kernel is the next step,
 // benchmarks/NOTES.md). Called from TIR (passes/kernels/mla_cuda.py); same layout as the
 // CPU kernels (passes/kernels/mla_cpu.py):
 //   latent [s, W]                     this call's rows (RMSNorm(c_kv), rope(k_pe))
@@ -26,18 +26,45 @@ __device__ __forceinline__ void mla_append(const T* __restrict__ kv, const int32
 }
 
 // Split-KV stage 1. One block per (query row r, chunk of G heads, split), NW warps: warp w
-// takes the split's keys w, w + NW, ...; lane i holds columns i, i + 32, ... of q (G heads)
-// and of each key row, whose first DV columns are also the value (the same registers).
-// Every warp keeps an online softmax per head; the block merges its warps and writes the
-// final output (one split) or the split's unnormalised O, max and sum to
+// takes the split's keys w, w + NW, ...; lane i holds the contiguous columns
+// [i CV, (i + 1) CV) of a row's first DV (the value part: CV = DV / 32, one or two 16-byte
+// loads) and [DV + i CR, DV + (i + 1) CR) of the rope part (CR = ceil(R / 32), lanes past R
+// hold nothing), for q (G heads) and for each key row; the next key's row is loaded while the
+// current one is scored (one-deep register pipeline). Every warp keeps an online softmax per
+// head; the block merges its warps and writes the final output (one split) or the split's
+// unnormalised O, max and sum to
 //   ws [s * H, num_splits, DV + 2]
-// for attn_decode_merge<T, DV> (attention_decode.cuh).
+// for mla_merge below.
+template <typename T, int CV, int CR>
+struct MlaRow {
+  T v[CV];
+  T r[CR > 0 ? CR : 1];
+};
+
+template <typename T, int DV, int R, int CV, int CR>
+__device__ __forceinline__ void mla_load_row(MlaRow<T, CV, CR>& row, const T* __restrict__ p, int lane) {
+  constexpr int BYTES = CV * (int)sizeof(T);
+  if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < BYTES / 16; ++i)
+      reinterpret_cast<uint4*>(row.v)[i] = __ldg(reinterpret_cast<const uint4*>(p + lane * CV) + i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < CV; ++i) row.v[i] = p[lane * CV + i];
+  }
+#pragma unroll
+  for (int i = 0; i < CR; ++i) {
+    const int d = lane * CR + i;
+    row.r[i] = d < R ? p[DV + d] : from_float<T>(0.f);
+  }
+}
+
 template <typename T, int W, int DV, int G, int NW>
 __device__ __forceinline__ void mla_attention_partial(const T* __restrict__ Q, const int32_t* __restrict__ meta, const T* __restrict__ pages,
                                                       float* __restrict__ ws, T* __restrict__ out, float* __restrict__ lse, int H,
                                                       int page_size, int64_t num_pages, int64_t layer, int num_splits, float sm_scale) {
-  constexpr int CW = (W + 31) / 32, CV = (DV + 31) / 32;
-  static_assert(DV <= W, "values are the first DV columns of a row");
+  constexpr int R = W - DV, CV = DV / 32, CR = (R + 31) / 32;
+  static_assert(DV % 32 == 0 && R >= 0, "the value part (kv_lora_rank) must be a multiple of 32");
   const int chunks = H / G;
   const int split = blockIdx.x % num_splits;
   const int hc = (blockIdx.x / num_splits) % chunks;
@@ -48,52 +75,53 @@ __device__ __forceinline__ void mla_attention_partial(const T* __restrict__ Q, c
   const int t_begin = split * per, t_end = min(len, t_begin + per);
   const int h0 = hc * G;
   const float qscale = sm_scale * 1.4426950408889634f;  // scores in base 2, as the other attention kernels
-  float q[G][CW], o[G][CV], m[G], l[G];
+  float qv[G][CV], qr[G][CR > 0 ? CR : 1], o[G][CV], m[G], l[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     m[g] = kNegBig;
     l[g] = 0.f;
+    const T* qh = Q + ((size_t)r * H + h0 + g) * W;
 #pragma unroll
-    for (int j = 0; j < CW; ++j) {
-      const int d = lane + 32 * j;
-      q[g][j] = d < W ? to_float(Q[((size_t)r * H + h0 + g) * W + d]) * qscale : 0.f;
-    }
+    for (int i = 0; i < CV; ++i) { qv[g][i] = to_float(qh[lane * CV + i]) * qscale; o[g][i] = 0.f; }
 #pragma unroll
-    for (int j = 0; j < CV; ++j) o[g][j] = 0.f;
+    for (int i = 0; i < CR; ++i) { const int d = lane * CR + i; qr[g][i] = d < R ? to_float(qh[DV + d]) * qscale : 0.f; }
   }
   const size_t base = (size_t)layer * num_pages * page_size;
-  for (int t = t_begin + warp; t < t_end; t += NW) {
-    const T* p = pages + (base + (size_t)meta[1 + t / page_size] * page_size + t % page_size) * W;
-    float k[CW];
+  auto row_ptr = [&](int t) { return pages + (base + (size_t)meta[1 + t / page_size] * page_size + t % page_size) * W; };
+  MlaRow<T, CV, CR> cur, nxt;
+  int t = t_begin + warp;
+  if (t < t_end) mla_load_row<T, DV, R, CV, CR>(cur, row_ptr(t), lane);
+  for (; t < t_end; t += NW) {
+    if (t + NW < t_end) mla_load_row<T, DV, R, CV, CR>(nxt, row_ptr(t + NW), lane);  // the next key, while this one is scored
+    float kv[CV], kr[CR > 0 ? CR : 1];
 #pragma unroll
-    for (int j = 0; j < CW; ++j) {
-      const int d = lane + 32 * j;
-      k[j] = d < W ? to_float(p[d]) : 0.f;
-    }
+    for (int i = 0; i < CV; ++i) kv[i] = to_float(cur.v[i]);
+#pragma unroll
+    for (int i = 0; i < CR; ++i) kr[i] = to_float(cur.r[i]);
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       float x = 0.f;
 #pragma unroll
-      for (int j = 0; j < CW; ++j) x += q[g][j] * k[j];
+      for (int i = 0; i < CV; ++i) x += qv[g][i] * kv[i];
+#pragma unroll
+      for (int i = 0; i < CR; ++i) x += qr[g][i] * kr[i];
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
       const float m_new = fmaxf(m[g], x);
       const float scale = exp2f(m[g] - m_new), pe = exp2f(x - m_new);
       l[g] = l[g] * scale + pe;
 #pragma unroll
-      for (int j = 0; j < CV; ++j) o[g][j] = o[g][j] * scale + pe * k[j];
+      for (int i = 0; i < CV; ++i) o[g][i] = o[g][i] * scale + pe * kv[i];
       m[g] = m_new;
     }
+    cur = nxt;
   }
   __shared__ float s_m[NW][G], s_l[NW][G], s_o[NW][G][DV];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     if (lane == 0) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
 #pragma unroll
-    for (int j = 0; j < CV; ++j) {
-      const int d = lane + 32 * j;
-      if (d < DV) s_o[warp][g][d] = o[g][j];
-    }
+    for (int i = 0; i < CV; ++i) s_o[warp][g][lane * CV + i] = o[g][i];
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < G * DV; idx += blockDim.x) {
@@ -117,6 +145,45 @@ __device__ __forceinline__ void mla_attention_partial(const T* __restrict__ Q, c
       dst[d] = O;
       if (d == 0) { dst[DV] = M; dst[DV + 1] = Lsum; }
     }
+  }
+}
+
+// Split-KV stage 2: one block of COLS x SG threads per (query row x head, COLS columns of DV);
+// SG thread groups share a column's splits (the serial sum over ~130 splits bounded the merge)
+// reduces the splits' partial states (attn_decode_merge's steps: block max, weights in shared
+// memory, block sum, then each thread its column) -- DV / COLS times the blocks of one per
+// (row, head): at batch 1 the 16 heads of DeepSeek-V2-Lite left 116 of 132 SMs idle with
+// attn_decode_merge (19 us at 8k keys, benchmarks/NOTES.md).
+template <typename T, int DV, int COLS, int SG>
+__device__ __forceinline__ void mla_merge(const float* __restrict__ ws, T* __restrict__ out, float* __restrict__ lse, int num_splits) {
+  if (num_splits == 1) return;  // stage 1 wrote the output
+  constexpr int TILES = DV / COLS;
+  __shared__ float w[kMaxSplits];
+  __shared__ float red[32];
+  __shared__ float part[SG][COLS];
+  const int bh = blockIdx.x / TILES, c = threadIdx.x % COLS, sg = threadIdx.x / COLS;
+  const int d = (blockIdx.x % TILES) * COLS + c;
+  const float* src = ws + (size_t)bh * num_splits * (DV + 2);
+  float M = kNegBig;
+  for (int s = threadIdx.x; s < num_splits; s += COLS * SG) M = fmaxf(M, src[s * (DV + 2) + DV]);
+  M = block_reduce(M, true, red);
+  float Lsum = 0.f;
+  for (int s = threadIdx.x; s < num_splits; s += COLS * SG) {
+    const float f = exp2f(src[s * (DV + 2) + DV] - M);
+    w[s] = f;
+    Lsum += src[s * (DV + 2) + DV + 1] * f;
+  }
+  Lsum = block_reduce(Lsum, false, red);  // its syncs also publish w[]
+  float O = 0.f;
+#pragma unroll 8
+  for (int s = sg; s < num_splits; s += SG) O += src[s * (DV + 2) + d] * w[s];
+  part[sg][c] = O;
+  __syncthreads();
+  if (sg == 0) {
+#pragma unroll
+    for (int g = 1; g < SG; ++g) O += part[g][c];
+    out[(size_t)bh * DV + d] = from_float<T>(Lsum > 0.f ? O / Lsum : 0.f);
+    if (d == 0) lse[bh] = Lsum > 0.f ? M + log2f(Lsum) : kNegBig;
   }
 }
 
