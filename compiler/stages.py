@@ -146,6 +146,8 @@ def write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, impo
         thunks["lm_head.weight"] = thunks["embed_tokens"]
     # the file's own quantized blocks are imported whole, so only into an unsplit model
     sources = m.family.hf_sources_for(m.config, set(m.ck.tensor_names)) if m.plan is not None and splits is None else {}
+    for name in m.family.reordered_params(m.config):  # rows conversion moves: never imported block for block
+        sources.pop(name, None)
     files = []
     for rank in range(m.tp):
         packed: dict[str, dict] = {}  # the last quantized matrix's arrays (parts are written consecutively)

@@ -203,3 +203,25 @@ def test_multi_token_prediction_layers_are_read_past(tiny_checkpoint):
     assert not any(".3." in k for k in thunks)
     with pytest.raises(KilnError, match="unexpected tensors model.layers.0.self_attn.k_proj.weight"):
         family.convert_hf(config, [*ck.tensor_names, "model.layers.0.self_attn.k_proj.weight"], ck.load, ck.source)
+
+
+@pytest.mark.slow
+def test_v3_without_interleaved_rope_matches_transformers(tiny_checkpoint, tmp_path):
+    """rope_interleave false: the rope rows stay as they are (rotate-half already), the kv_b split
+    still happens; logits equal transformers' for that config."""
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+    from kiln.frontends.config import ModelConfig  # noqa: PLC0415
+    from kiln.frontends.models import family_for  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    d = _config(tiny_checkpoint, tmp_path, rope_interleave=False)
+    config = ModelConfig.from_dict(json.loads((d / "config.json").read_text()))
+    assert family_for(config.architecture).reordered_params(config) == set()
+    out = tmp_path / "plain.kiln"
+    compile_model(d, out, dtype="float32")
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = random_ids(SEQ_LEN)
+    assert rel_err(load(out).logits(ids), hf_logits(model, ids)) < LOGITS_RTOL

@@ -234,14 +234,19 @@ class DeepseekForCausalLM(MoEFamily, LlamaForCausalLM):
         return sources
 
     @classmethod
+    def reordered_params(cls, c):
+        if not _interleaved(c):
+            return set()
+        q = "q_b_proj" if c.q_lora_rank else "q_proj"
+        return {f"layers.{i}.attn.{p}.weight" for i in range(c.num_hidden_layers) for p in (q, "kv_a_proj")}
+
+    @classmethod
     def convert_hf(cls, config, names, load, file):
         """Multi-token-prediction layers past num_hidden_layers are read past; the rope rows
         of the query and of kv_a_proj move from interleaved pairs to rotate-half order."""
         c = config
         mtp = [n for n in names if _layer_index(n) is not None and _layer_index(n) >= c.num_hidden_layers]
         thunks = super().convert_hf(c, [n for n in names if n not in set(mtp)], _k_b_untransposed(load), file)
-        if not c.extra.get("rope_interleave", True) and c.architecture == "DeepseekV3ForCausalLM":
-            return thunks
         nope, rope_dim, lat = c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
         sources = cls.hf_sources_for(c, set(names))
         for i in range(c.num_hidden_layers):  # kv_b_proj [heads (nope + v), kv_lora] -> per head W_UK, W_UV
@@ -250,6 +255,8 @@ class DeepseekForCausalLM(MoEFamily, LlamaForCausalLM):
                 continue
             thunks[f"layers.{i}.attn.w_uk"] = _kv_b_part(load, src, file, c, 0, nope)
             thunks[f"layers.{i}.attn.w_uv"] = _kv_b_part(load, src, file, c, nope, nope + c.v_head_dim)
+        if not cls.reordered_params(c):
+            return thunks
         order = np.concatenate([np.arange(0, rope_dim, 2), np.arange(1, rope_dim, 2)])
         for i in range(c.num_hidden_layers):
             for q in ("q_b_proj", "q_proj"):
@@ -273,6 +280,11 @@ def _kv_b_part(load, src: str, file: str, c, lo: int, hi: int):
         return np.ascontiguousarray(arr.reshape(c.num_attention_heads, -1, c.kv_lora_rank)[:, lo:hi])
 
     return part
+
+
+def _interleaved(c) -> bool:
+    """DeepSeek's RoPE pairs are interleaved (V2 always; V3 unless rope_interleave is false)."""
+    return c.architecture != "DeepseekV3ForCausalLM" or c.extra.get("rope_interleave", True)
 
 
 def _layer_index(name: str) -> int | None:

@@ -136,6 +136,12 @@ class HFNames:
         return out
 
     @classmethod
+    def reordered_params(cls, c: ModelConfig) -> set[str]:
+        """kiln params whose rows conversion reorders (DeepSeek's RoPE rows): a file's quantized
+        blocks of them must not be imported as they are (compiler/stages.py)."""
+        return set()
+
+    @classmethod
     def convert_param(cls, name: str, thunk: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
         """A family's conversion-time change to one param (Gemma folds its norms' +1), as data."""
         return thunk
