@@ -31,8 +31,8 @@ __device__ __forceinline__ void mla_append(const T* __restrict__ kv, const int32
 // loads) and [DV + i CR, DV + (i + 1) CR) of the rope part (CR = ceil(R / 32), lanes past R
 // hold nothing), for q (G heads) and for each key row; the next key's row is loaded while the
 // current one is scored (one-deep register pipeline). Every warp keeps an online softmax per
-// head; the block merges its warps and writes the final output (one split) or the split's
-// unnormalised O, max and sum to
+// head; the block merges its warps (merge_lane_groups) and writes the final output (one split)
+// or the split's unnormalised O, max and sum to
 //   ws [s * H, num_splits, DV + 2]
 // for mla_merge below.
 template <typename T, int CV, int CR>
@@ -116,36 +116,9 @@ __device__ __forceinline__ void mla_attention_partial(const T* __restrict__ Q, c
     }
     cur = nxt;
   }
-  __shared__ float s_m[NW][G], s_l[NW][G], s_o[NW][G][DV];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    if (lane == 0) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
-#pragma unroll
-    for (int i = 0; i < CV; ++i) s_o[warp][g][lane * CV + i] = o[g][i];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < G * DV; idx += blockDim.x) {
-    const int g = idx / DV, d = idx % DV;
-    float M = kNegBig;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][g]);
-    float Lsum = 0.f, O = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float f = exp2f(s_m[w][g] - M);
-      Lsum += s_l[w][g] * f;
-      O += s_o[w][g][d] * f;
-    }
-    const size_t h = (size_t)r * H + h0 + g;
-    if (num_splits == 1) {
-      out[h * DV + d] = from_float<T>(Lsum > 0.f ? O / Lsum : 0.f);
-      if (d == 0) lse[h] = Lsum > 0.f ? M + log2f(Lsum) : kNegBig;
-    } else {
-      float* dst = ws + (h * num_splits + split) * (DV + 2);
-      dst[d] = O;
-      if (d == 0) { dst[DV] = M; dst[DV + 1] = Lsum; }
-    }
-  }
+  // the warps are attention_decode.cuh's lane groups of 32 lanes (lane i: columns i CV ..)
+  __shared__ float smem[(2 + DV) * NW * G];
+  merge_lane_groups<T, DV, G, CV, NW>(m, l, o, smem, warp, lane, (size_t)r * H + h0, split, num_splits, ws, out, lse);
 }
 
 // Split-KV stage 2: one block of COLS x SG threads per (query row x head, COLS columns of DV);
