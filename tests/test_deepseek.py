@@ -15,30 +15,25 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import hf_greedy, hf_logits, random_ids, rel_err, slow_except
+from helpers import hf_logits, random_ids, rel_err
 
 from kiln.errors import KilnError
 
-ARCHS = ("deepseek_v2", "deepseek_v2_lite", "deepseek_v3")
 SEQ_LEN = 100  # past V3's original context of 64 (YaRN's interpolated frequencies matter), 7 pages of 16
-PROMPT_LEN = 5
-NEW_TOKENS = 24
 LOGITS_RTOL = 1e-4
 
 
-@pytest.mark.parametrize("arch", slow_except(ARCHS, "deepseek_v3"))
-def test_logits_and_greedy_match_transformers(arch, compiled, hf_model):
-    from kiln.runtime import SamplingParams, load  # noqa: PLC0415
+def test_logits_past_the_original_context_match_transformers(compiled, hf_model):
+    """100 positions, past V3's original context of 64 where YaRN's interpolated frequencies
+    and its softmax scale matter, over 7 pages of latent rows. (Every variant's 37-position
+    logits and 24 greedy tokens: tests/test_models.py, which runs all of VARIANTS.)"""
+    from kiln.runtime import load  # noqa: PLC0415
 
-    session = load(compiled(arch))
     ids = random_ids(SEQ_LEN)
-    got, want = session.logits(ids), hf_logits(hf_model(arch), ids)
+    got, want = load(compiled("deepseek_v3")).logits(ids), hf_logits(hf_model("deepseek_v3"), ids)
     assert got.shape == want.shape == (SEQ_LEN, 211) and np.isfinite(got).all()
     err = rel_err(got, want)
-    assert err < LOGITS_RTOL, f"{arch}: relative logits error {err:.2e}"
-    prompt = random_ids(PROMPT_LEN, seed=7)
-    res = session.generate(prompt, max_new_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0), ignore_eos=True)
-    assert res.tokens == hf_greedy(hf_model(arch), prompt, NEW_TOKENS)
+    assert err < LOGITS_RTOL, f"relative logits error {err:.2e}"
 
 
 def test_prefill_in_chunks_reads_earlier_latents(compiled):
