@@ -367,10 +367,12 @@ void Abort() {
 void Shutdown(bool abort) {
   Context& c = Ctx();
   if (c.backend == "nccl" && c.comm != nullptr) {
-    // ncclCommDestroy finalizes with the peers and was seen to block at session close (NCCL
-    // 2.28, two H200s); the session is over, nothing is in flight: abort tears down locally
-    (void)abort;
-    c.nccl.CommAbort(c.comm);
+    // At a normal close the communicator is dropped, not torn down: ncclCommDestroy (which
+    // finalizes with the peers) and then ncclCommAbort were both seen to block at session close
+    // (NCCL 2.28, two H200s, sessions 12 and 14); the worker processes exit right after and the
+    // driver frees their side, the controller's stays until its process exits. `abort` (a peer
+    // died) still aborts, so survivors waiting in a collective return.
+    if (abort) c.nccl.CommAbort(c.comm);
     c.comm = nullptr;
   }
   if (c.base != nullptr) {
