@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ModelFormatError
 from .checkpoint import Checkpoint, TokenizerFiles
 from .config import ModelConfig
@@ -182,8 +184,8 @@ def _open_shards(mdir: _ModelDir, index: Path | None, shard_names: list[str]) ->
                 if t in owner:
                     raise ModelFormatError(f"{label}: tensor {t!r} is also in shard {owner[t]!r}; a tensor must be in exactly one shard")
                 owner[t] = shard
-                if f.dtype(t) not in FLOAT_DTYPES:
-                    raise ModelFormatError(f"{label}: tensor {t} has dtype {f.dtype(t)}, supported: {', '.join(FLOAT_DTYPES)}")
+                if f.dtype(t) not in FLOAT_DTYPES + ("F8_E4M3",):
+                    raise ModelFormatError(f"{label}: tensor {t} has dtype {f.dtype(t)}, supported: {', '.join(FLOAT_DTYPES)}, F8_E4M3")
         if weight_map is not None:
             for t, s in weight_map.items():
                 if owner.get(t) != s:
@@ -283,18 +285,67 @@ def open_hf_checkpoint(path: Path) -> Checkpoint:
     tokenizer = _read_tokenizer(mdir)
     source = str(path)
 
-    def load(name: str):
+    def raw(name: str):
         shard = owner.get(name)
         if shard is None:
             raise ModelFormatError(f"{source}: no tensor named {name!r}")
         return files[shard].load(name)
 
+    dtypes = {t: files[s].dtype(t) for t, s in owner.items()}
+    load, names = _fp8_blocks(config, raw, dtypes, source)
     return Checkpoint(
         config=config,
-        tensor_names=list(owner),
+        tensor_names=names,
         load=load,
         tokenizer=tokenizer,
         source=source,
         format="safetensors",
-        tensor_dtypes={t: files[s].dtype(t) for t, s in owner.items()},
+        tensor_dtypes={t: dtypes[t] for t in names},
     )
+
+
+SCALE_SUFFIX = "_scale_inv"
+
+
+def _fp8_blocks(config: dict, raw, dtypes: dict, source: str):
+    """-> (load, tensor names) of the checkpoint as float weights. DeepSeek-V3 ships its matrices as
+    fp8 e4m3 (`quantization_config`: quant_method fp8, weight_block_size [bm, bn]) with one float
+    scale per bm x bn block in `X.weight_scale_inv  # [ceil(rows / bm), ceil(cols / bn)]`:
+    W = codes x scale of their block. kiln dequantizes them here, in float32, so every family
+    and every --quant reads float weights; the scale tensors are not tensors of the model."""
+    fp8 = [t for t, d in dtypes.items() if d == "F8_E4M3"]
+    if not fp8:
+        return raw, list(dtypes)
+    q = config.get("quantization_config")
+    block = q.get("weight_block_size") if isinstance(q, dict) else None
+    if not (isinstance(q, dict) and q.get("quant_method") == "fp8" and isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 1 << 16 for b in block)):
+        raise ModelFormatError(f"{source}: tensor {fp8[0]} is fp8 (F8_E4M3) but config.json's quantization_config is not "
+                               f"quant_method fp8 with weight_block_size [rows, cols]")
+    bm, bn = block
+    for t in fp8:
+        if t + SCALE_SUFFIX not in dtypes:
+            raise ModelFormatError(f"{source}: fp8 tensor {t} has no {t + SCALE_SUFFIX}")
+    scales = {t + SCALE_SUFFIX for t in fp8}
+    orphans = [t for t in dtypes if t.endswith(SCALE_SUFFIX) and t not in scales]
+    if orphans:
+        raise ModelFormatError(f"{source}: tensor {orphans[0]} scales no fp8 tensor")
+
+    def load(name: str):
+        arr = raw(name)
+        if dtypes.get(name) != "F8_E4M3":
+            return arr
+        if arr.ndim != 2:
+            raise ModelFormatError(f"{source}: fp8 tensor {name} has shape {list(arr.shape)}; block scales need a matrix")
+        sc = np.asarray(raw(name + SCALE_SUFFIX), dtype=np.float32)
+        rows, cols = arr.shape
+        want = (-(-rows // bm), -(-cols // bn))
+        if sc.shape != want:
+            raise ModelFormatError(f"{source}: tensor {name + SCALE_SUFFIX} has shape {list(sc.shape)}, expected {list(want)} "
+                                   f"for {list(arr.shape)} in blocks of {bm} x {bn}")
+        if not np.isfinite(sc).all():
+            raise ModelFormatError(f"{source}: tensor {name + SCALE_SUFFIX} has NaN/Inf scales")
+        full = np.repeat(np.repeat(sc, bm, axis=0), bn, axis=1)[:rows, :cols]
+        return arr.astype(np.float32) * full
+
+    return load, [t for t in dtypes if t not in scales]

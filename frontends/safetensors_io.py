@@ -43,6 +43,7 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "I8": (np.dtype("i1"), 1),
     "U8": (np.dtype("u1"), 1),
     "BOOL": (np.dtype("?"), 1),
+    "F8_E4M3": (np.dtype(ml_dtypes.float8_e4m3fn), 1),  # DeepSeek-V3's block-scaled weights (frontends/hf.py)
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 

@@ -220,3 +220,61 @@ def test_v3_without_interleaved_rope_matches_transformers(tiny_checkpoint, tmp_p
     model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
     ids = random_ids(SEQ_LEN)
     assert rel_err(load(out).logits(ids), hf_logits(model, ids)) < LOGITS_RTOL
+
+
+def _fp8_blocks(w: np.ndarray, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek-V3's weight format: e4m3 codes and one float32 scale per bm x bn block
+    (the block's max |w| / 448, as DeepSeek's own quantizer), partial edge blocks included."""
+    import ml_dtypes  # noqa: PLC0415
+
+    rows, cols = w.shape
+    sc = np.zeros((-(-rows // bm), -(-cols // bn)), np.float32)
+    codes = np.zeros(w.shape, ml_dtypes.float8_e4m3fn)
+    for i in range(sc.shape[0]):
+        for j in range(sc.shape[1]):
+            blk = w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+            sc[i, j] = max(float(np.abs(blk).max()), 1e-12) / 448.0
+            codes[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = (blk / sc[i, j]).astype(ml_dtypes.float8_e4m3fn)
+    return codes, sc
+
+
+def test_fp8_block_scaled_checkpoint_loads_as_its_float_values(tiny_checkpoint, tmp_path):
+    """A V3 checkpoint in DeepSeek's fp8 format (F8_E4M3 matrices + weight_scale_inv per 32 x 32
+    block, edge blocks partial) compiles to the logits of the same model with the dequantized
+    float weights, which transformers runs: kiln dequantizes at load, in float32, exactly."""
+    import safetensors.numpy  # noqa: PLC0415
+
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    src = tiny_checkpoint("deepseek_v3")
+    tensors = safetensors.numpy.load_file(str(src / "model.safetensors"))
+    fp8, deq = {}, {}
+    for name, w in tensors.items():
+        if w.ndim == 2 and name.endswith("proj.weight"):  # the projections (and experts), as DeepSeek ships them
+            codes, sc = _fp8_blocks(w.astype(np.float32), 32, 32)
+            fp8[name], fp8[name + "_scale_inv"] = codes, sc
+            deq[name] = codes.astype(np.float32) * np.repeat(np.repeat(sc, 32, 0), 32, 1)[: w.shape[0], : w.shape[1]]
+        else:
+            fp8[name] = deq[name] = w
+    assert any(n.endswith("_scale_inv") for n in fp8) and any(w.shape[0] % 32 for n, w in deq.items() if n in fp8 and w.ndim == 2)
+    cfg = json.loads((src / "config.json").read_text())
+    for d, weights, extra in ((tmp_path / "fp8", fp8, {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                                                           "activation_scheme": "dynamic", "weight_block_size": [32, 32]}}),
+                              (tmp_path / "deq", deq, {})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg | extra))
+        safetensors.numpy.save_file(weights, str(d / "model.safetensors"))
+    out = tmp_path / "fp8.kiln"
+    compile_model(tmp_path / "fp8", out, dtype="float32")
+    ids = random_ids(40)
+    from helpers import load_hf_model  # noqa: PLC0415
+
+    want = hf_logits(load_hf_model(tmp_path / "deq"), ids)
+    assert rel_err(load(out).logits(ids), want) < LOGITS_RTOL
+    assert "F8_E4M3" in json.loads((out / "manifest.json").read_text())["model"]["source_dtypes"]
+    # a fp8 tensor without its scale, or without the config's block size, fails in one line
+    del fp8[next(n for n in fp8 if n.endswith("_scale_inv"))]
+    safetensors.numpy.save_file(fp8, str(tmp_path / "fp8" / "model.safetensors"))
+    with pytest.raises(KilnError, match=r"fp8 tensor \S+ has no \S+_scale_inv"):
+        compile_model(tmp_path / "fp8", tmp_path / "bad.kiln", dtype="float32")
