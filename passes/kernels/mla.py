@@ -77,22 +77,23 @@ class LatentKV:
     def head_matmul(self, x, w, transposed: bool):
         """x  # [b, s, heads, k] times each head's matrix of w  # [heads, k, n] (transposed: [heads, n, k])
         -> [b, s, heads, n] in x's dtype: MLA's W_UK absorbed into the query, W_UV after attention.
-        CPU: one batched Relax matmul (kiln's CPU schedules); CUDA: cuda/mla.cuh's kernel
-        (dlight's GEMV rule fails on these batched shapes)."""
+        kiln's kernels on both targets (mla_cpu.py, cuda/mla.cuh): Relax's batched matmul was left
+        unscheduled on CPU (8x under bandwidth) and dlight's GEMV rule asserts on it on CUDA."""
         b, s, heads, k = x.shape
-        if self.target_kind == "cuda":
-            from .mla_cuda import head_matmul_cuda  # noqa: PLC0415
+        n = int(w.shape[1] if transposed else w.shape[2])
+        key = ("head_matmul", int(heads), int(k), n, transposed, x.dtype, w.dtype)
+        name = "mla_expand_v" if transposed else "mla_absorb_q"
+        if key not in self._funcs:  # one PrimFunc per shape, shared by the layers
+            if self.target_kind == "cuda":
+                from .mla_cuda import head_matmul_cuda  # noqa: PLC0415
 
-            n = int(w.shape[1] if transposed else w.shape[2])
-            key = ("head_matmul", int(heads), int(k), n, transposed, x.dtype, w.dtype)
-            name = "mla_expand_v" if transposed else "mla_absorb_q"
-            if key not in self._funcs:  # one PrimFunc per shape, shared by the layers
-                self._funcs[key] = head_matmul_cuda(int(heads), int(k), n, transposed, x.dtype, w.dtype).with_attr("global_symbol", name)
-            return op.tensor_ir_op(self._funcs[key], name, [x, w], nn.Tensor.placeholder((b, s, heads, n), x.dtype))
-        xh = op.permute_dims(op.reshape(x, (b * s, heads, k)), [1, 0, 2])  # [heads, b s, k]
-        wc = w if w.dtype == x.dtype else w.astype(x.dtype)
-        y = op.matmul(xh, op.permute_dims(wc, [0, 2, 1]) if transposed else wc)  # [heads, b s, n]
-        return op.reshape(op.permute_dims(y, [1, 0, 2]), (b, s, heads, y.shape[2]))
+                fn = head_matmul_cuda(int(heads), int(k), n, transposed, x.dtype, w.dtype)
+            else:
+                from .mla_cpu import head_matmul_cpu  # noqa: PLC0415
+
+                fn = head_matmul_cpu(int(heads), int(k), n, transposed, x.dtype, w.dtype, vector_lanes(_t.Target.current()))
+            self._funcs[key] = fn.with_attr("global_symbol", name)
+        return op.tensor_ir_op(self._funcs[key], name, [x, w], nn.Tensor.placeholder((b, s, heads, n), x.dtype))
 
     def bind(self, meta, pages, scales, **_rope) -> "LatentAttention":
         return LatentAttention(self, meta, pages, scales)
