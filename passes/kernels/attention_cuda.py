@@ -11,7 +11,7 @@ chunk) is split along the keys so the launch fills the GPU:
 computed per call on the host from the page count (nnz_pages is a shape the
 runtime knows before launch), so a 128-token context and a 32k one each get
 their own split count. Stage 1 writes each split's unnormalised output, max
-and sum to a workspace; stage 2 merges the splits (one block per query head).
+and sum to a workspace; stage 2 merges the splits (one block per query head, kiln::split_merge).
 With one split (short contexts, or many sequences) stage 1 writes the final
 output and stage 2 returns at once.
 
@@ -37,6 +37,7 @@ NUM_WARPS = 4
 MIN_KEYS_PER_SPLIT = 32
 TARGET_BLOCKS = 528  # one wave on an H100: 132 SMs x 4 resident blocks (109 registers x 128 threads)
 MAX_SPLITS = 512  # kiln::kMaxSplits
+MERGE_GROUPS = 4  # thread groups per column in the split merge (kiln::split_merge), each summing a quarter of the splits
 
 
 def _group_tile(group: int, vec: int) -> int:
@@ -60,7 +61,7 @@ def paged_decode_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, dtyp
     chunks = q_heads // kv_heads // G
     ct = C_TYPES[dtype]
     partial = f"kiln::attn_decode_partial<{ct}, {D}, {G}, {NUM_WARPS}>"
-    merge = f"kiln::attn_decode_merge<{ct}, {D}>"
+    merge = f"kiln::split_merge<{ct}, {D}, {D}, {MERGE_GROUPS}>"
 
     def num_splits(nnz_pages, B):
         by_keys = T.ceildiv(nnz_pages * page_size, B * MIN_KEYS_PER_SPLIT)
@@ -110,7 +111,7 @@ def paged_decode_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, dtyp
                                          ws.access_ptr("rw"), T.address_of(output[0, 0, 0]), T.address_of(lse[0, 0]),
                                          kv_heads, chunks, page_size, num_splits(nnz_pages, B), sm_scale))
         for bx in T.thread_binding(B * H, thread="blockIdx.x"):
-            for tx in T.thread_binding(D, thread="threadIdx.x"):
+            for tx in T.thread_binding(D * MERGE_GROUPS, thread="threadIdx.x"):
                 T.evaluate(T.call_extern("void", merge, ws.access_ptr("rw"), T.address_of(output[0, 0, 0]), T.address_of(lse[0, 0]),
                                          num_splits(nnz_pages, B)))
 

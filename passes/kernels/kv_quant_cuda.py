@@ -1,6 +1,6 @@
 """Quantized paged KV cache kernels for CUDA: TIR launches of the device
 functions in cuda/kv_quant.cuh (append; split-KV attention whose splits are
-merged by attention_decode.cuh's merge stage). Same contract as the CPU
+merged by attention_decode.cuh's split_merge). Same contract as the CPU
 kernels (kv_quant_cpu.py): the whole cache plus a layer index.
 
 Prefill and decode use the same attention kernel: every query row is its own
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..quant import KVFormat
 from ...tvm_compat import compiler
-from .attention_cuda import C_TYPES, MAX_SPLITS, MIN_KEYS_PER_SPLIT, NUM_WARPS, TARGET_BLOCKS
+from .attention_cuda import C_TYPES, MAX_SPLITS, MERGE_GROUPS, MIN_KEYS_PER_SPLIT, NUM_WARPS, TARGET_BLOCKS
 
 _t = compiler()
 T = _t.T
@@ -64,7 +64,7 @@ def kv_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, page_size: int
     chunks = group // G
     ct = C_TYPES[dtype]
     partial = f"kiln::kv_quant_attention_partial<{ct}, {D}, {G}, {NUM_WARPS}, {fmt.cuda_code}>"
-    merge = f"kiln::attn_decode_merge<{ct}, {D}>"
+    merge = f"kiln::split_merge<{ct}, {D}, {D}, {MERGE_GROUPS}>"
 
     def num_splits(s, m):
         by_keys = T.ceildiv((m - 1) * P, MIN_KEYS_PER_SPLIT)
@@ -92,7 +92,7 @@ def kv_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, page_size: int
                                          ws.access_ptr("rw"), T.address_of(out[0, 0, 0, 0]), lse.access_ptr("rw"),
                                          Hk, chunks, P, npg, layer, num_splits(s, m), T.float32(sm_scale)))
         for bx in T.thread_binding(s * H, thread="blockIdx.x"):
-            for tx in T.thread_binding(D, thread="threadIdx.x"):
+            for tx in T.thread_binding(D * MERGE_GROUPS, thread="threadIdx.x"):
                 T.evaluate(T.call_extern("void", merge, ws.access_ptr("rw"), T.address_of(out[0, 0, 0, 0]), lse.access_ptr("rw"),
                                          num_splits(s, m)))
 

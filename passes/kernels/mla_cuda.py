@@ -1,5 +1,5 @@
 """Multi-head latent attention kernels for CUDA: TIR launches of cuda/mla.cuh (append;
-split-KV attention in the latent space on CUDA cores, whose splits mla_merge reduces). The contract of mla_cpu.py: the whole latent cache plus a
+split-KV attention in the latent space on CUDA cores, whose splits attention_decode.cuh's split_merge reduces). The contract of mla_cpu.py: the whole latent cache plus a
 layer index. v1 holds rows in the activations' dtype (a quantized latent cache on CUDA
 and the tensor-core kernel are the next steps: benchmarks/NOTES.md, "MLA on CUDA").
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ...tvm_compat import compiler
-from .attention_cuda import C_TYPES, MAX_SPLITS, NUM_WARPS, TARGET_BLOCKS
+from .attention_cuda import C_TYPES, MAX_SPLITS, MERGE_GROUPS, NUM_WARPS, TARGET_BLOCKS
 
 _t = compiler()
 T = _t.T
@@ -56,8 +56,7 @@ def mla_attention_cuda(q_heads: int, width: int, v_dim: int, page_size: int, dty
     chunks = H // G
     partial = f"kiln::mla_attention_partial<{ct}, {W}, {DV}, {G}, {NUM_WARPS}>"
     cols = 64 if DV % 64 == 0 else 32
-    groups = 4  # thread groups per column of the merge, each summing a quarter of the splits
-    merge = f"kiln::mla_merge<{ct}, {DV}, {cols}, {groups}>"
+    merge = f"kiln::split_merge<{ct}, {DV}, {cols}, {MERGE_GROUPS}>"  # column tiles: DV / cols x the blocks
 
     def num_splits(s, m):
         by_keys = T.ceildiv((m - 1) * P, MIN_KEYS_PER_SPLIT)
@@ -84,7 +83,7 @@ def mla_attention_cuda(q_heads: int, width: int, v_dim: int, page_size: int, dty
                                          ws.access_ptr("rw"), T.address_of(out[0, 0, 0, 0]), lse.access_ptr("rw"),
                                          H, P, npg, layer, num_splits(s, m), T.float32(sm_scale)))
         for bx in T.thread_binding(s * H * (DV // cols), thread="blockIdx.x"):
-            for tx in T.thread_binding(cols * groups, thread="threadIdx.x"):
+            for tx in T.thread_binding(cols * MERGE_GROUPS, thread="threadIdx.x"):
                 T.evaluate(T.call_extern("void", merge, ws.access_ptr("rw"), T.address_of(out[0, 0, 0, 0]), lse.access_ptr("rw"),
                                          num_splits(s, m)))
 

@@ -65,7 +65,7 @@ __device__ __forceinline__ void kv_quant_append(const T* __restrict__ k, const T
 // group keeps an online softmax for the G query heads of its chunk; the block
 // merges its groups and writes the split's unnormalised O, max and sum to
 //   ws [s * H_qo, num_splits, D + 2]
-// which kiln::attn_decode_merge (attention_decode.cuh) reduces; with one split
+// which kiln::split_merge (attention_decode.cuh) reduces; with one split
 // the output is written here directly.
 template <typename T, int D, int G, int NW, int FMT>
 __device__ __forceinline__ void kv_quant_attention_partial(

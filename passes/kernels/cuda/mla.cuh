@@ -34,7 +34,7 @@ __device__ __forceinline__ void mla_append(const T* __restrict__ kv, const int32
 // head; the block merges its warps (merge_lane_groups) and writes the final output (one split)
 // or the split's unnormalised O, max and sum to
 //   ws [s * H, num_splits, DV + 2]
-// for mla_merge below.
+// for split_merge (attention_decode.cuh).
 template <typename T, int CV, int CR>
 struct MlaRow {
   T v[CV];
@@ -119,45 +119,6 @@ __device__ __forceinline__ void mla_attention_partial(const T* __restrict__ Q, c
   // the warps are attention_decode.cuh's lane groups of 32 lanes (lane i: columns i CV ..)
   __shared__ float smem[(2 + DV) * NW * G];
   merge_lane_groups<T, DV, G, CV, NW>(m, l, o, smem, warp, lane, (size_t)r * H + h0, split, num_splits, ws, out, lse);
-}
-
-// Split-KV stage 2: one block of COLS x SG threads per (query row x head, COLS columns of DV);
-// SG thread groups share a column's splits (the serial sum over ~130 splits bounded the merge)
-// reduces the splits' partial states (attn_decode_merge's steps: block max, weights in shared
-// memory, block sum, then each thread its column) -- DV / COLS times the blocks of one per
-// (row, head): at batch 1 the 16 heads of DeepSeek-V2-Lite left 116 of 132 SMs idle with
-// attn_decode_merge (19 us at 8k keys, benchmarks/NOTES.md).
-template <typename T, int DV, int COLS, int SG>
-__device__ __forceinline__ void mla_merge(const float* __restrict__ ws, T* __restrict__ out, float* __restrict__ lse, int num_splits) {
-  if (num_splits == 1) return;  // stage 1 wrote the output
-  constexpr int TILES = DV / COLS;
-  __shared__ float w[kMaxSplits];
-  __shared__ float red[32];
-  __shared__ float part[SG][COLS];
-  const int bh = blockIdx.x / TILES, c = threadIdx.x % COLS, sg = threadIdx.x / COLS;
-  const int d = (blockIdx.x % TILES) * COLS + c;
-  const float* src = ws + (size_t)bh * num_splits * (DV + 2);
-  float M = kNegBig;
-  for (int s = threadIdx.x; s < num_splits; s += COLS * SG) M = fmaxf(M, src[s * (DV + 2) + DV]);
-  M = block_reduce(M, true, red);
-  float Lsum = 0.f;
-  for (int s = threadIdx.x; s < num_splits; s += COLS * SG) {
-    const float f = exp2f(src[s * (DV + 2) + DV] - M);
-    w[s] = f;
-    Lsum += src[s * (DV + 2) + DV + 1] * f;
-  }
-  Lsum = block_reduce(Lsum, false, red);  // its syncs also publish w[]
-  float O = 0.f;
-#pragma unroll 8
-  for (int s = sg; s < num_splits; s += SG) O += src[s * (DV + 2) + d] * w[s];
-  part[sg][c] = O;
-  __syncthreads();
-  if (sg == 0) {
-#pragma unroll
-    for (int g = 1; g < SG; ++g) O += part[g][c];
-    out[(size_t)bh * DV + d] = from_float<T>(Lsum > 0.f ? O / Lsum : 0.f);
-    if (d == 0) lse[bh] = Lsum > 0.f ? M + log2f(Lsum) : kNegBig;
-  }
 }
 
 // Each head's matrix applied to its slice of x (MLA's W_UK absorbed into the query, W_UV after
