@@ -18,7 +18,6 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
     compute = m.precision(m.targets[0]).compute
     # TVM's cache: K/V in the activations' dtype; kiln's cache: codes + an fp32 scale per row
     kv_heads = m.graph_config.num_key_value_heads  # per GPU when the model is split over several
-    row_bytes = kv_fmt.bytes_per_row(config.head_dim) if kv_fmt is not None else config.head_dim * itemsize(compute)
     if m.family.latent_cache:  # one latent row per token and layer (passes/kernels/mla.py), codes + an fp32 scale
         latent = latent_format(kv_fmt, compute)
         c, width = config, latent_width(config)
@@ -28,6 +27,7 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
                     "per_head_kv_bytes_per_token": c.num_hidden_layers * c.num_attention_heads * itemsize(compute)
                     * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)}
     else:
+        row_bytes = kv_fmt.bytes_per_row(config.head_dim) if kv_fmt is not None else config.head_dim * itemsize(compute)
         kv_cache = {"kind": "paged" if kv_fmt is None else "kiln-quant", "dtype": compute if kv_fmt is None else kv_fmt.name,
                     **({} if kv_fmt is None else {"code_dtype": kv_fmt.code_dtype, "scale_dtype": "float32"}),
                     "bytes_per_token": 2 * config.num_hidden_layers * kv_heads * row_bytes}

@@ -155,9 +155,9 @@ class DeepseekForCausalLM(MoEFamily, LlamaForCausalLM):
         c = dataclasses.replace(c, norm_topk_prob=bool(c.norm_topk_prob), mlp_bias=False)
         if c.num_experts:
             r = cls.routing(c)
-            ng, tg = int(c.extra.get("n_group") or 1), int(c.extra.get("topk_group") or 1)
             if c.num_experts % r.n_group or not 1 <= r.topk_group <= r.n_group:
-                raise ModelFormatError(f"{name}: n_group {ng} must divide the {c.num_experts} experts and topk_group {tg} be in [1, n_group]")
+                raise ModelFormatError(f"{name}: n_group {r.n_group} must divide the {c.num_experts} experts and topk_group "
+                                       f"{r.topk_group} be in [1, n_group]")
             if c.num_experts_per_tok > r.topk_group * (c.num_experts // r.n_group):
                 raise ModelFormatError(f"{name}: num_experts_per_tok {c.num_experts_per_tok} exceeds the experts of {r.topk_group} groups")
         return c
@@ -255,18 +255,13 @@ class DeepseekForCausalLM(MoEFamily, LlamaForCausalLM):
                 continue
             thunks[f"layers.{i}.attn.w_uk"] = _kv_b_part(load, src, file, c, 0, nope)
             thunks[f"layers.{i}.attn.w_uv"] = _kv_b_part(load, src, file, c, nope, nope + c.v_head_dim)
-        if not cls.reordered_params(c):
-            return thunks
         order = np.concatenate([np.arange(0, rope_dim, 2), np.arange(1, rope_dim, 2)])
-        for i in range(c.num_hidden_layers):
-            for q in ("q_b_proj", "q_proj"):
-                name = f"layers.{i}.attn.{q}.weight"
-                if name in thunks:
-                    thunks[name] = _permute_rows(thunks[name], c.num_attention_heads, nope + rope_dim, nope + order)
-            for p in ("weight", "bias"):
-                name = f"layers.{i}.attn.kv_a_proj.{p}"
-                if name in thunks:
-                    thunks[name] = _permute_rows(thunks[name], 1, lat + rope_dim, lat + order)
+        reordered = cls.reordered_params(c)
+        for name in reordered | {n.replace(".weight", ".bias") for n in reordered if ".kv_a_proj." in n and c.attention_bias}:
+            if ".kv_a_proj." in name:  # one group: the latent's rows, then its rope rows
+                thunks[name] = _permute_rows(thunks[name], 1, lat + rope_dim, lat + order)
+            else:  # per head: nope rows, then rope rows
+                thunks[name] = _permute_rows(thunks[name], c.num_attention_heads, nope + rope_dim, nope + order)
         return thunks
 
 
