@@ -46,12 +46,38 @@ def greedy_steps(s, prompts: list[list[int]], steps: int, together: bool) -> tup
             s.remove_sequence(q)
 
 
+def forced_steps(s, prompts: list[list[int]], toks: list[list[int]], together: bool) -> np.ndarray:
+    """Logits [steps, B, V] of each prompt followed by the given tokens (teacher-forced), decoded
+    all in one decode_step per step (together) or one sequence at a time."""
+    seqs = [s.add_sequence() for _ in prompts]
+    try:
+        for q, p in zip(seqs, prompts):
+            s.prefill(q, p)
+        out = []
+        for step in range(len(toks[0]) - 1):
+            cur = [t[step] for t in toks]
+            if together:
+                lg = s.decode_step(seqs, cur)
+            else:
+                lg = np.concatenate([s.decode_step([q], [c]) for q, c in zip(seqs, cur)])
+            out.append(lg.reshape(len(prompts), -1))
+        return np.stack(out)
+    finally:
+        for q in seqs:
+            s.remove_sequence(q)
+
+
 def batch_check(s, ids: list[int], batch: int) -> dict:
-    """B sequences decoded together (decode_batch: the server's step) against each alone."""
-    prompts = [ids[i:i + 5 + i % 3] for i in range(batch)]
+    """B sequences decoded together (decode_batch: the server's step) against each alone: free
+    greedy runs (equal tokens expected at float32; in 16-bit the two paths sum in different orders,
+    so a near-tie may pick another token and the runs part), and teacher-forced on the tokens of
+    the runs alone (logits per step and argmax agreement: what a kernel error would show)."""
+    prompts = [ids[i % 32:i % 32 + 5 + i % 3] + [i % len(ids)] for i in range(batch)]  # (any B: 40 ids)
     together, lt = greedy_steps(s, prompts, 16, True)
     alone, la = greedy_steps(s, prompts, 16, False)
-    return {"batch": batch, "batch_tokens_equal": together == alone, "batch_last_rel": rel(lt, la)}
+    ft, fa = forced_steps(s, prompts, alone, True), forced_steps(s, prompts, alone, False)
+    return {"batch": batch, "batch_tokens_equal": together == alone, "batch_last_rel": rel(lt, la),
+            "batch_forced_rel": rel(ft, fa), "batch_forced_argmax_agree": float((ft.argmax(-1) == fa.argmax(-1)).mean())}
 
 
 def check_pair(ref_spec: str, art_spec: str, batch: int) -> dict:

@@ -27,11 +27,14 @@ KERNEL_HEADERS = [_CUDA_DIR / "common.cuh"] + sorted(p for p in _CUDA_DIR.glob("
 
 
 def gencode_flags(archs: list[str]) -> list[str]:
-    """nvcc flags: SASS for each arch, PTX for the newest."""
+    """nvcc flags: SASS for each arch, PTX for the newest. sm_90's SASS is built as sm_90a (the
+    Hopper-only instructions: wgmma, which kernels guard with __CUDA_ARCH_FEAT_SM90_ALL and
+    replace by portable code elsewhere, e.g. in the PTX); every sm_90 GPU runs sm_90a code."""
     nums = sorted({arch_number(a) for a in archs})
     flags = []
     for n in nums:
-        flags += ["-gencode", f"arch=compute_{n},code=sm_{n}"]
+        a = f"{n}a" if n == 90 else str(n)
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     flags += ["-gencode", f"arch=compute_{nums[-1]},code=compute_{nums[-1]}"]
     return flags
 

@@ -40,10 +40,12 @@ class CudaOptions:
             CUDA too. None (auto): when the weights are 16-bit floats or fp8, whose
             [B, 1, K] projections run on kiln_gemm_rows; other quantized and fp32
             weights would get dlight's generic schedules, slower than one call per sequence
+    wgmma   GEMMs of prompts and of decode_batch above 64 rows on Hopper's warpgroup MMA
+            (kernels/cuda/gemm_wg.cuh) when every arch built is sm_90 (else the mma.sync kernels)
 
     For experiments, environment variables override these in any compile:
     KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,8,f8 (or empty),
-    KILN_NO_CUDA_GRAPH=1, KILN_CUDA_DECODE_BATCH=0|1, KILN_CUDA_EXPERTS=0|1."""
+    KILN_NO_CUDA_GRAPH=1, KILN_CUDA_DECODE_BATCH=0|1, KILN_CUDA_EXPERTS=0|1, KILN_CUDA_WGMMA=0|1."""
 
     gemm: bool = True
     gemv: bool = False
@@ -51,6 +53,7 @@ class CudaOptions:
     experts: bool = True
     graphs: bool = True
     decode_batch: bool | None = None
+    wgmma: bool = True
 
     def with_env(self, env=os.environ) -> CudaOptions:
         out = self
@@ -64,6 +67,8 @@ class CudaOptions:
             out = replace(out, experts=env["KILN_CUDA_EXPERTS"] == "1")
         if env.get("KILN_NO_CUDA_GRAPH") == "1":
             out = replace(out, graphs=False)
+        if env.get("KILN_CUDA_WGMMA") in ("0", "1"):
+            out = replace(out, wgmma=env["KILN_CUDA_WGMMA"] == "1")
         if env.get("KILN_CUDA_DECODE_BATCH") in ("0", "1"):
             out = replace(out, decode_batch=env["KILN_CUDA_DECODE_BATCH"] == "1")
         return out

@@ -29,7 +29,7 @@ from .ccl import build_ccl
 from .options import CudaOptions
 from .progress import Progress
 from .shards import shard_file, sharding_of
-from .target import CompileTarget, library_path
+from .target import CompileTarget, library_path, wgmma_ok
 from .weights import write_safetensors
 
 
@@ -78,7 +78,7 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
     for tg, mod in zip(m.targets, mods):
         progress(f"passes ({tg.kind})")
         opts = PipelineOptions(target=tg.tvm_target(), cuda_gemm=cuda.gemm, cuda_gemv=cuda.gemv, cuda_qgemv=",".join(cuda.qgemv),
-                               cuda_experts=cuda.experts,
+                               cuda_experts=cuda.experts, cuda_wgmma=cuda.wgmma and wgmma_ok(tg),
                                dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
         lowered = run_pipeline(mod, opts)
         rel = library_path(tg, m.targets)

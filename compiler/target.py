@@ -112,6 +112,13 @@ def arch_number(arch: str) -> int:
     return int(arch.removeprefix("sm_"))
 
 
+def wgmma_ok(tg: CompileTarget) -> bool:
+    """Kernels may use Hopper's sm_90a instructions (wgmma) and its 227 KB of shared memory per
+    block: the target builds for sm_90 and nothing else (an sm_80 or sm_89 fatbin entry could
+    not launch a block that large)."""
+    return tg.kind == "cuda" and bool(tg.archs) and all(arch_number(a) == 90 for a in tg.archs)
+
+
 def _cuda_target(part: str, archs: list[str]) -> CompileTarget:
     import shutil  # noqa: PLC0415
 

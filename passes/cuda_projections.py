@@ -117,9 +117,9 @@ def swiglu_input(an: _Analysis, a):
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4,f8"):
+    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4,f8", wgmma: bool = False):
         super().__init__(mod)
-        self.use_gemm, self.use_gemv = gemm, gemv
+        self.use_gemm, self.use_gemv, self.wgmma = gemm, gemv, wgmma
         self.qgemv_bits = {b.strip() for b in str(qgemv).split(",") if b.strip()}  # code kinds: "4", "8", "f8"
         self.use_qgemv = bool(self.qgemv_bits)
         self.mod_ = mod
@@ -259,9 +259,9 @@ class _Rewriter(relax.PyExprMutator):
                 a, w, K, N, rows = hit
                 dt = _dtype(w)
                 if rows:
-                    gv = self._func(("gemm_rows_residual", K, N, dt), lambda: gemm_rows(K, N, dt, residual=True))
+                    gv = self._func(("gemm_rows_residual", K, N, dt), lambda: gemm_rows(K, N, dt, residual=True, wgmma=self.wgmma))
                 else:
-                    gv = self._func(("gemm_residual", K, N, dt), lambda: gemm_residual(K, N, dt))
+                    gv = self._func(("gemm_residual", K, N, dt), lambda: gemm_residual(K, N, dt, wgmma=self.wgmma))
                 return relax.call_tir(gv, [a, w, r], v.ty)
         if self.use_gemm and _is_op(call, "relax.call_tir"):
             hit = self._qrows(call)
@@ -298,16 +298,16 @@ class _Rewriter(relax.PyExprMutator):
                 a, w, K, N, rows = hit
                 dt = _dtype(w)
                 if rows:
-                    gv = self._func(("gemm_rows", K, N, dt), lambda: gemm_rows(K, N, dt))
+                    gv = self._func(("gemm_rows", K, N, dt), lambda: gemm_rows(K, N, dt, wgmma=self.wgmma))
                 else:
-                    gv = self._func(("gemm", K, N, dt), lambda: gemm(K, N, dt))
+                    gv = self._func(("gemm", K, N, dt), lambda: gemm(K, N, dt, wgmma=self.wgmma))
                 return relax.call_tir(gv, [a, w], call.ty)
         if self.use_gemm and self._kind(call) == ("matmul", "lm_head"):
             hit = self._gemm(call, role="lm_head", out="float32")
             if hit is not None and hit[4]:  # decode_batch's LM head, fp32 logits (a prompt's stays on dlight)
                 a, w, K, N, _ = hit
                 dt = _dtype(w)
-                gv = self._func(("gemm_rows_f32", K, N, dt), lambda: gemm_rows(K, N, dt, out_dtype="float32"))
+                gv = self._func(("gemm_rows_f32", K, N, dt), lambda: gemm_rows(K, N, dt, out_dtype="float32", wgmma=self.wgmma))
                 return relax.call_tir(gv, [a, w], call.ty)
         return call
 
@@ -322,13 +322,14 @@ class _Rewriter(relax.PyExprMutator):
 @_t.tvm.transform.module_pass(opt_level=0, name="kiln.CudaProjections")
 class CudaProjections:
     """See the module docstring. CUDA targets only (the pipeline decides).
-    gemm=False keeps prefill projections on dlight's Matmul (a diagnostic)."""
+    gemm=False keeps prefill projections on dlight's Matmul (a diagnostic); wgmma=True (an
+    artifact built for sm_90 alone) puts them on the Hopper GEMM (kernels/cuda/gemm_wg.cuh)."""
 
-    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4,f8"):
-        self.gemm, self.gemv, self.qgemv = gemm, gemv, qgemv
+    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4,f8", wgmma: bool = False):
+        self.gemm, self.gemv, self.qgemv, self.wgmma = gemm, gemv, qgemv, wgmma
 
     def transform_module(self, mod, _ctx):
-        return _Rewriter(mod, gemm=self.gemm, gemv=self.gemv, qgemv=self.qgemv).run()
+        return _Rewriter(mod, gemm=self.gemm, gemv=self.gemv, qgemv=self.qgemv, wgmma=self.wgmma).run()
 
 
 __all__ = ["CudaProjections"]

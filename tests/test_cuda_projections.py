@@ -111,3 +111,48 @@ def test_fp8_batch_rows_run_on_the_rows_gemm(fmt, routed):
     main = out["main"].script()
     assert ("call_tir(kiln_gemm_rows_f8_bfloat16_256x128_bfloat16," in main) == routed, main
     assert ("call_tir(qproj," in main) != routed, main
+
+
+@pytest.mark.parametrize(("wgmma", "k", "callee", "smem"), [
+    (False, 128, "kiln::gemm_tn<__nv_bfloat16, false>", "92160"),
+    (True, 128, "kiln::gemm_wg<__nv_bfloat16, false>", "197632"),  # 4 stages of 48 KB + 1 KB to align the swizzled tiles
+    (True, 96, "kiln::gemm_tn<__nv_bfloat16, false>", "92160"),    # K not a whole number of wgmma's 64-wide steps
+])
+def test_prompt_gemm_takes_wgmma_only_for_hopper(wgmma, k, callee, smem):
+    """wgmma=True (an artifact built for sm_90 alone: compiler.target.wgmma_ok) puts prompt GEMMs on
+    kernels/cuda/gemm_wg.cuh (Hopper's warpgroup MMA: 650-725 TFLOP/s against gemm_tn's 165-210 on
+    the H200, benchmarks/NOTES.md), with its larger shared-memory ring; K % 64 != 0 keeps gemm_tn."""
+    from kiln.passes.kernels.gemm_cuda import gemm
+
+    src = gemm(k, 256, "bfloat16", wgmma=wgmma).script()
+    assert callee in src and f"({smem},)" in src, src
+
+
+def test_wgmma_only_where_every_arch_is_sm90():
+    from kiln.compiler.cuda_codegen import gencode_flags
+    from kiln.compiler.target import CompileTarget, wgmma_ok
+
+    assert wgmma_ok(CompileTarget("cuda", arch="sm_90", archs=("sm_90",)))
+    assert not wgmma_ok(CompileTarget("cuda", arch="sm_80", archs=("sm_80", "sm_90")))
+    assert not wgmma_ok(CompileTarget("cuda", arch="sm_89", archs=("sm_89",)))
+    assert not wgmma_ok(CompileTarget("llvm"))
+    assert gencode_flags(["sm_90"]) == ["-gencode", "arch=compute_90a,code=sm_90a", "-gencode", "arch=compute_90,code=compute_90"]
+    assert gencode_flags(["sm_80", "sm_90"])[:2] == ["-gencode", "arch=compute_80,code=sm_80"]
+
+
+@pytest.mark.parametrize(("n", "k", "ks"), [(4096, 4096, 8), (6144, 4096, 4), (4096, 14336, 8), (28672, 4096, 1), (128256, 4096, 1),
+                                            (256, 128, 2), (77, 4160, 1)])
+def test_rows_wg_ksplit_balances_waves_and_divides_k(n, k, ks):
+    from kiln.passes.kernels.gemm_cuda import rows_wg_ksplit
+
+    assert rows_wg_ksplit(n, k) == ks and k % (64 * ks) == 0
+
+
+def test_batch_rows_take_the_wgmma_kernel_above_8_on_hopper():
+    from kiln.passes.kernels.gemm_cuda import gemm_rows
+
+    src = gemm_rows(4096, 4096, "bfloat16", residual=True, wgmma=True).script()
+    assert "kiln::gemm_rows_wg<__nv_bfloat16, __nv_bfloat16, true>" in src and "gemm_rows_big<" not in src, src
+    assert "if B <= T.int64(64):" not in src and "kiln::gemm_rows<__nv_bfloat16, __nv_bfloat16, true, 8>" not in src, src  # above 8 rows: wgmma
+    src = gemm_rows(4096, 4096, "bfloat16", residual=True).script()
+    assert "kiln::gemm_rows_big<__nv_bfloat16, __nv_bfloat16, true>" in src and "gemm_rows_wg" not in src, src

@@ -119,17 +119,18 @@ def paged_decode_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, dtyp
 
 
 def ragged_prefill_supported(head_dim: int, dtype: str) -> bool:
-    """WMMA needs 16-bit inputs and 16-wide head tiles; shared memory caps head_dim at 128."""
+    """mma.sync takes 16-bit inputs; registers (Q and O fragments per lane) cap head_dim at 128."""
     return dtype in ("bfloat16", "float16") and head_dim in (64, 128)
 
 
 def ragged_prefill_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, dtype: str):
     """TVM's batch_prefill_ragged_kv contract (the KV cache calls it unchanged),
-    computed by kiln::attn_prefill_ragged (cuda/attention_prefill.cuh) on tensor cores."""
+    computed by kiln::attn_prefill_fa2 (cuda/attention_prefill.cuh: FlashAttention-2 on mma.sync)."""
     if not ragged_prefill_supported(head_dim, dtype):
         raise ValueError(f"CUDA prefill attention: head_dim {head_dim} / dtype {dtype} not supported")
     H, D = q_heads, head_dim
-    fn = f"kiln::attn_prefill_ragged<{C_TYPES[dtype]}, {D}>"
+    fn = f"kiln::attn_prefill_fa2<{C_TYPES[dtype]}, {D}>"
+    smem_bytes = (64 * D + 2 * 2 * 64 * D) * 2  # kiln::attn_fa2_smem_bytes<D>(): the Q tile and 2-deep K / V rings
 
     @T.prim_func
     def ragged_prefill_attention(
@@ -169,8 +170,9 @@ def ragged_prefill_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, dt
         for bx in T.thread_binding(T.ceildiv(qo_len, 64) + B, thread="blockIdx.x"):
             for by in T.thread_binding(H, thread="blockIdx.y"):
                 for tx in T.thread_binding(128, thread="threadIdx.x"):
+                    smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
                     T.evaluate(T.call_extern("void", fn, T.address_of(q[0, 0, 0]), T.address_of(q_indptr[0]), T.address_of(k[0, 0, 0]),
                                              T.address_of(v[0, 0, 0]), T.address_of(kv_indptr[0]), T.address_of(output[0, 0, 0]),
-                                             T.address_of(lse[0, 0]), B, H, kv_heads, causal, sm_scale))
+                                             T.address_of(lse[0, 0]), B, H, kv_heads, causal, sm_scale, smem.access_ptr("rw")))
 
     return ragged_prefill_attention

@@ -32,12 +32,21 @@ def gemm_supported(K: int, dtype: str) -> bool:
     return dtype in ("bfloat16", "float16") and K % 32 == 0
 
 
-def _callee(dtype: str, residual: bool) -> str:
-    return f"kiln::gemm_tn<{C_TYPES[dtype]}, {'true' if residual else 'false'}>"
+WG_SMEM_BYTES = 4 * (BM + BN) * 64 * 2 + 1024  # kiln::GEMM_WG_SMEM_BYTES (gemm_wg.cuh: 4 stages of 64-wide K steps)
 
 
-def gemm(K: int, N: int, dtype: str):
-    fn, nb = _callee(dtype, False), (N + BN - 1) // BN
+def _callee(K: int, dtype: str, residual: bool, wgmma: bool) -> tuple[str, int]:
+    """(device function, dynamic shared memory bytes): gemm_wg (Hopper's wgmma; the same 128 x 256
+    tiles and launch) where the artifact is built for sm_90 alone
+    and K % 64 == 0, else gemm_tn (WMMA)."""
+    res = "true" if residual else "false"
+    if wgmma and K % 64 == 0:
+        return f"kiln::gemm_wg<{C_TYPES[dtype]}, {res}>", WG_SMEM_BYTES
+    return f"kiln::gemm_tn<{C_TYPES[dtype]}, {res}>", SMEM_BYTES
+
+
+def gemm(K: int, N: int, dtype: str, wgmma: bool = False):
+    (fn, smem_bytes), nb = _callee(K, dtype, False, wgmma), (N + BN - 1) // BN
 
     @T.prim_func
     def kiln_gemm(var_a: T.handle, w: T.Buffer((N, K), dtype), var_y: T.handle):
@@ -49,15 +58,15 @@ def gemm(K: int, N: int, dtype: str):
         for by in T.thread_binding((B * S + BM - 1) // BM, thread="blockIdx.y"):
             for bx in T.thread_binding(nb, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    smem = T.alloc_buffer((SMEM_BYTES,), "uint8", scope="shared.dyn")
+                    smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
                     T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(y[0, 0, 0]),
                                              T.address_of(y[0, 0, 0]), T.Cast("int32", B * S), N, K, smem.access_ptr("rw")))
 
     return kiln_gemm
 
 
-def gemm_residual(K: int, N: int, dtype: str):
-    fn, nb = _callee(dtype, True), (N + BN - 1) // BN
+def gemm_residual(K: int, N: int, dtype: str, wgmma: bool = False):
+    (fn, smem_bytes), nb = _callee(K, dtype, True, wgmma), (N + BN - 1) // BN
 
     @T.prim_func
     def kiln_gemm_residual(var_a: T.handle, w: T.Buffer((N, K), dtype), var_r: T.handle, var_y: T.handle):
@@ -70,7 +79,7 @@ def gemm_residual(K: int, N: int, dtype: str):
         for by in T.thread_binding((B * S + BM - 1) // BM, thread="blockIdx.y"):
             for bx in T.thread_binding(nb, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    smem = T.alloc_buffer((SMEM_BYTES,), "uint8", scope="shared.dyn")
+                    smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
                     T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
                                              T.address_of(y[0, 0, 0]), T.Cast("int32", B * S), N, K, smem.access_ptr("rw")))
 
@@ -82,6 +91,7 @@ ROWS_RED_FLOATS = 8 * 4 * 4 * 32  # kiln::GROWS_RED_FLOATS
 BIG_W, BIG_T, BIG_BK = 128, 128, 64  # kiln::GBIG_W, GBIG_T, GBIG_BK
 BIG_SMEM_BYTES = 3 * (BIG_W + BIG_T) * BIG_BK * 2  # kiln::GBIG_SMEM_BYTES (96 KB)
 ROWS_SMALL_B, ROWS_BIG_B = 8, 64  # B <= 8: one token tile per block; B > 64: the multistage GEMM
+ROWS_WG_B = 8  # with wgmma the large-B kernel takes over above 8 (H200, 8B bf16 step: B = 16 8.25 ms on the middle kernel, B = 17 6.61 on wgmma)
 
 
 def rows_ksplit(N: int, K: int) -> int:
@@ -90,6 +100,18 @@ def rows_ksplit(N: int, K: int) -> int:
     matrix, so a token's result does not depend on B."""
     tiles, ks = -(-N // BIG_W), 1
     while tiles * ks < 120 and ks < 8 and K % (BIG_BK * ks * 2) == 0:
+        ks *= 2
+    return ks
+
+
+def rows_wg_ksplit(N: int, K: int, sms: int = 132) -> int:
+    """K ranges of gemm_rows_wg (256-row tiles of the weight) for an N x K weight: the most
+    (a power of two, <= 8, dividing K into 64-wide steps) that keep the blocks within one wave
+    of an H100/H200's 132 SMs -- 8 for N = 4096, 4 for 6144, 1 for the large N (whose tiles
+    fill the chip already; more ranges would only add fp32 partials). Fixed per matrix, so a
+    token's result does not depend on B."""
+    tiles, ks = -(-N // 256), 1
+    while ks < 8 and tiles * ks * 2 <= sms and K % (BIG_BK * ks * 2) == 0:
         ks *= 2
     return ks
 
@@ -113,45 +135,63 @@ def _rows_tiles(N: int, K: int):
     return tiles
 
 
-def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str | None = None):
+def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str | None = None, wgmma: bool = False):
     """y  # [B, 1, N] (out_dtype: dtype or float32) = a  # [B, 1, K] @ W  # [N, K]^T (+ r  # [B, 1, N]),
     B symbolic: one token of each of B sequences (decode_batch). Three kernels, picked on the
     host by B (kernels/cuda/gemm_rows.cuh): B <= 8 one token tile per block (fewer registers);
     up to 64 up to eight; above, the multistage GEMM with a fixed split of K. Within each
-    range a token's result does not depend on B (the first two are even bit-equal)."""
+    range a token's result does not depend on B (the first two are even bit-equal). wgmma (an
+    artifact for sm_90 alone, K % 64 == 0): the large-B kernel is gemm_rows_wg (Hopper's warpgroup
+    MMA, kernels/cuda/gemm_wg.cuh) with its own fixed split of K."""
     out_dtype = out_dtype or dtype
     res = "true" if residual else "false"
     ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
     small, mid = (f"kiln::gemm_rows<{ct}, {co}, {res}, {tt}>" for tt in (1, 8))
-    big, reduce = f"kiln::gemm_rows_big<{ct}, {co}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>"
-    ks = rows_ksplit(N, K)
+    reduce = f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>"
+    wgmma = wgmma and K % BIG_BK == 0
+    if wgmma:  # tiles of 256 weight rows x 128 tokens; grid (N tiles, token tiles, K ranges)
+        big, ks, big_smem, tile_n, tile_t = f"kiln::gemm_rows_wg<{ct}, {co}, {res}>", rows_wg_ksplit(N, K), WG_SMEM_BYTES, 256, 128
+    else:  # tiles of 128 weight rows x 128 tokens; grid (token tiles, N tiles, K ranges)
+        big, ks, big_smem, tile_n, tile_t = f"kiln::gemm_rows_big<{ct}, {co}, {res}>", rows_ksplit(N, K), BIG_SMEM_BYTES, BIG_W, BIG_T
     # the middle kernel takes every B > 8 where the big one cannot split K or N is small (a few
     # blocks walking all of K one after another: N = 77 took 81 us against 12 on the H200)
-    mid_max = ROWS_BIG_B if K % (BIG_BK * ks) == 0 and N >= 1024 else 1 << 30
+    mid_max = (ROWS_WG_B if wgmma else ROWS_BIG_B) if K % (BIG_BK * ks) == 0 and N >= 1024 else 1 << 30
 
     tiles = _rows_tiles(N, K)
 
     @T.macro
-    def launch(a, w, r, y, B):
-        if B <= ROWS_SMALL_B:
-            tiles(small, a, w, w, r, y, B, 1)
-        elif B <= mid_max:
-            tiles(mid, a, w, w, r, y, B, (B + ROWS_M - 1) // ROWS_M)
-        else:
-            ws = T.alloc_buffer((ks * B * N if ks > 1 else 1,), "float32")  # split-K partials [ks, B, N]
-            for bz in T.thread_binding(ks, thread="blockIdx.z"):
-                for by in T.thread_binding((N + BIG_W - 1) // BIG_W, thread="blockIdx.y"):
-                    for bx in T.thread_binding((B + BIG_T - 1) // BIG_T, thread="blockIdx.x"):
-                        for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                            smem = T.alloc_buffer((BIG_SMEM_BYTES,), "uint8", scope="shared.dyn")
-                            T.evaluate(T.call_extern("void", big, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
-                                                     T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", B), N, K, ks,
-                                                     smem.access_ptr("rw")))
-            if ks > 1:
-                for bx in T.thread_binding((B * N + 255) // 256, thread="blockIdx.x"):
-                    for tx in T.thread_binding(256, thread="threadIdx.x"):
-                        T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]),
-                                                 T.Cast("int32", B), N, ks))
+    def big_launch(a, w, r, y, B):
+        ws = T.alloc_buffer((ks * B * N if ks > 1 else 1,), "float32")  # split-K partials [ks, B, N]
+        for bz in T.thread_binding(ks, thread="blockIdx.z"):
+            for by in T.thread_binding((B + tile_t - 1) // tile_t if wgmma else (N + tile_n - 1) // tile_n, thread="blockIdx.y"):
+                for bx in T.thread_binding((N + tile_n - 1) // tile_n if wgmma else (B + tile_t - 1) // tile_t, thread="blockIdx.x"):
+                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                        smem = T.alloc_buffer((big_smem,), "uint8", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", big, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
+                                                 T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", B), N, K, ks,
+                                                 smem.access_ptr("rw")))
+        if ks > 1:
+            for bx in T.thread_binding((B * N + 255) // 256, thread="blockIdx.x"):
+                for tx in T.thread_binding(256, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                                             T.Cast("int32", B), N, ks))
+
+    if mid_max > ROWS_SMALL_B:
+        @T.macro
+        def launch(a, w, r, y, B):
+            if B <= ROWS_SMALL_B:
+                tiles(small, a, w, w, r, y, B, 1)
+            elif B <= mid_max:
+                tiles(mid, a, w, w, r, y, B, (B + ROWS_M - 1) // ROWS_M)
+            else:
+                big_launch(a, w, r, y, B)
+    else:  # (wgmma: no middle range)
+        @T.macro
+        def launch(a, w, r, y, B):
+            if B <= ROWS_SMALL_B:
+                tiles(small, a, w, w, r, y, B, 1)
+            else:
+                big_launch(a, w, r, y, B)
 
     if residual:
         @T.prim_func

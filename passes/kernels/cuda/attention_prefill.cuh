@@ -1,18 +1,11 @@
-// kiln: ragged prefill attention on tensor cores (WMMA, bf16/fp16), device function.
+// kiln: ragged prefill attention on tensor cores (mma.sync, bf16/fp16), device function.
 //
 // Same contract as TVM's batch_prefill_ragged_kv: q [total_q, H_qo, D],
 // k/v [total_kv, H_kv, D], q_indptr / kv_indptr [B + 1]; causal: query i of a
 // sequence sees keys j <= i + (kv_len - q_len). Output [total_q, H_qo, D] and
 // lse [total_q, H_qo] in base 2 (scores scaled by sm_scale * log2 e).
-//
-// One block = 64 query rows of one sequence and one query head; 4 warps, each
-// owning 16 rows. Two passes over the key tiles (32 keys each): pass 1 finds
-// every row's max and softmax denominator (S = Q K^T on tensor cores, row
-// statistics by the lanes from shared memory); pass 2 recomputes S, forms
-// P = exp2(S - m) / l in bf16 and accumulates O += P V in WMMA fragments.
-// Recomputing S costs one extra Q K^T but no accumulator ever needs a
-// per-row rescale (whose register layout WMMA does not expose).
-// Launch: grid (num_tiles_bound, H_qo), 128 threads, static shared memory ~44 KB.
+// (Before session 15: a two-pass WMMA kernel, 45-62 TF/s on the H200; this one
+// 169-216 TF/s at 2048-8192 tokens: benchmarks/NOTES.md.)
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,25 +14,43 @@
 
 namespace kiln {
 
-template <typename T, int D>
-__device__ __forceinline__ void attn_prefill_ragged(const T* __restrict__ q, const int32_t* __restrict__ q_indptr, const T* __restrict__ k,
-                                                    const T* __restrict__ v, const int32_t* __restrict__ kv_indptr, T* __restrict__ out,
-                                                    float* __restrict__ lse, int B, int H_qo, int H_kv, int causal, float sm_scale) {
-  using namespace nvcuda;
-  constexpr int BQ = 64, BK = 32, LDQ = D + 8, LDS = BK + 4, NW = 4;
-  static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
-  __shared__ __align__(32) T Qs[BQ * LDQ];
-  __shared__ __align__(32) T Ks[BK * LDQ];  // K tile; in pass 2 also P (after S is formed)
-  __shared__ __align__(32) T Vs[BK * LDQ];
-  __shared__ __align__(32) float Ss[BQ * LDS];
-  __shared__ float row_m[BQ], row_l[BQ];
-  // P [BQ][BK + 8] reuses the K tile when it fits (D >= 128: keeps the block under 48 KB)
-  constexpr bool kAlias = BK * LDQ >= BQ * (BK + 8);
-  __shared__ __align__(32) T Pown[kAlias ? 16 : BQ * (BK + 8)];
-  T* Ps = kAlias ? Ks : Pown;
+// Two 16-bit values of T in one 32-bit register (low half: a), as MMA operands hold them.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float a, float b) {
+  if constexpr (RowsSame<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
 
-  // ---- which sequence and row tile is this block?
-  int tile = blockIdx.x, b = 0, q0 = 0, q_len = 0;
+// FlashAttention-2 on mma.sync: the same contract and row-tile mapping as attn_prefill_ragged
+// (TVM's batch_prefill_ragged_kv), one pass. A block = 64 query rows of one sequence and one
+// query head, 4 warps of 16 rows; Q lives in registers as MMA A fragments; K / V tiles of 64
+// keys come through a 2-deep cp.async ring in shared memory (rows of D 16-bit values, 16-byte
+// chunks XOR-swizzled by row % 8 so ldmatrix reads are conflict-free); S = Q K^T in m16n8
+// accumulators, online softmax on them in registers (each lane holds two rows: the m16n8 C
+// layout is documented, unlike WMMA's), P re-packed from the S accumulators straight into A
+// fragments for O += P V (V through ldmatrix.trans). Heavy row tiles (late in a causal
+// sequence) are scheduled first. Launch: grid (row-tile bound, H_qo), 128 threads,
+// attn_fa2_smem_bytes<D>() of dynamic shared memory.
+template <int D>
+constexpr int attn_fa2_smem_bytes() { return (64 * D + 2 * 2 * 64 * D) * 2; }
+
+template <typename T, int D>
+__device__ __forceinline__ void attn_prefill_fa2(const T* __restrict__ q, const int32_t* __restrict__ q_indptr, const T* __restrict__ k,
+                                                 const T* __restrict__ v, const int32_t* __restrict__ kv_indptr, T* __restrict__ out,
+                                                 float* __restrict__ lse, int B, int H_qo, int H_kv, int causal, float sm_scale,
+                                                 unsigned char* __restrict__ smem_raw) {
+  constexpr int BQ = 64, BK = 64, CH = D / 8;  // CH: 16-byte chunks per row
+  static_assert(D % 16 == 0 && D <= 256, "head_dim");
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Ks = Qs + BQ * D;          // [2][BK][D]
+  T* Vs = Ks + 2 * BK * D;      // [2][BK][D]
+
+  int tile = gridDim.x - 1 - blockIdx.x, b = 0, q_len = 0;  // reversed: the blocks with the most keys first
   for (; b < B; ++b) {
     q_len = q_indptr[b + 1] - q_indptr[b];
     const int tiles = (q_len + BQ - 1) / BQ;
@@ -47,126 +58,148 @@ __device__ __forceinline__ void attn_prefill_ragged(const T* __restrict__ q, con
     tile -= tiles;
   }
   if (b >= B) return;
-  q0 = q_indptr[b] + tile * BQ;  // first global query row of the block
-  const int row_in_seq0 = tile * BQ;
+  const int row_in_seq0 = tile * BQ, q0 = q_indptr[b] + row_in_seq0;
   const int kv0 = kv_indptr[b], kv_len = kv_indptr[b + 1] - kv0;
   const int h = blockIdx.y, kvh = h / (H_qo / H_kv);
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, qd = lane % 4;
   const int rows = min(BQ, q_len - row_in_seq0);
-  const int shift = kv_len - q_len;  // causal offset
+  const int shift = kv_len - q_len;  // causal: query row r (in the sequence) sees keys j <= r + shift
   const int kv_end = causal ? min(kv_len, row_in_seq0 + rows + shift) : kv_len;
+  const int n_tiles = kv_end > 0 ? (kv_end + BK - 1) / BK : 0;
   const float scale = sm_scale * 1.4426950408889634f;
 
-  // ---- Q tile (rows past the end are zero)
-  for (int i = tid; i < BQ * (D / 8); i += NW * 32) {
-    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (r < rows) val = *reinterpret_cast<const uint4*>(q + ((size_t)(q0 + r) * H_qo + h) * D + c);
-    *reinterpret_cast<uint4*>(Qs + r * LDQ + c) = val;
-  }
-  if (tid < BQ) { row_m[tid] = -1e30f; row_l[tid] = 0.f; }
-
-  auto load_tile = [&](T* dst, const T* src, int j0) {
-    for (int i = tid; i < BK * (D / 8); i += NW * 32) {
-      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (j0 + r < kv_len) val = *reinterpret_cast<const uint4*>(src + ((size_t)(kv0 + j0 + r) * H_kv + kvh) * D + c);
-      *reinterpret_cast<uint4*>(dst + r * LDQ + c) = val;
+  auto sw = [](int row, int c) { return row * D + ((c ^ (row & 7)) << 3); };  // element offset of chunk c of a row
+  auto load_rows = [&](T* dst, const T* src, size_t stride, int first, int count, int limit) {
+    for (int i = tid; i < count * CH; i += 128) {
+      const int r = i / CH, c = i % CH, j = first + r;
+      cp_async16(dst + sw(r, c), src + (size_t)min(j, max(limit - 1, 0)) * stride + c * 8, j < limit);
     }
   };
-  // S (this warp's 16 rows x BK keys) = Q K^T, into Ss
-  auto scores = [&]() {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> s[BK / 16];
+  const size_t qstride = (size_t)H_qo * D, kvstride = (size_t)H_kv * D;
+  load_rows(Qs, q + (size_t)q_indptr[b] * qstride + (size_t)h * D, qstride, row_in_seq0, BQ, q_len);
+  if (n_tiles > 0) {
+    load_rows(Ks, k + (size_t)kv0 * kvstride + (size_t)kvh * D, kvstride, 0, BK, kv_len);
+    load_rows(Vs, v + (size_t)kv0 * kvstride + (size_t)kvh * D, kvstride, 0, BK, kv_len);
+  }
+  cp_async_commit();
+
+  float o[D / 8][4];
 #pragma unroll
-    for (int n = 0; n < BK / 16; ++n) wmma::fill_fragment(s[n], 0.f);
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};  // rows g and g + 8 of this warp
+  uint32_t qf[D / 16][4];
+  const int r_lo = row_in_seq0 + warp * 16 + g;  // this lane's first row, as a sequence index
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int j0 = t * BK, buf = t & 1;
+    if (t + 1 < n_tiles) {  // prefetch the next tile into the other slot (free: last iteration ended with a barrier)
+      load_rows(Ks + (buf ^ 1) * BK * D, k + (size_t)kv0 * kvstride + (size_t)kvh * D, kvstride, j0 + BK, BK, kv_len);
+      load_rows(Vs + (buf ^ 1) * BK * D, v + (size_t)kv0 * kvstride + (size_t)kvh * D, kvstride, j0 + BK, BK, kv_len);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (t == 0) {
 #pragma unroll
-    for (int kk = 0; kk < D; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, Qs + warp * 16 * LDQ + kk, LDQ);
-#pragma unroll
-      for (int n = 0; n < BK / 16; ++n) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fb, Ks + n * 16 * LDQ + kk, LDQ);
-        wmma::mma_sync(s[n], fa, fb, s[n]);
+      for (int kc = 0; kc < D / 16; ++kc) {
+        const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, c = kc * 2 + lane / 16;
+        ldmatrix_x4(qf[kc], Qs + sw(row, c));
       }
     }
-#pragma unroll
-    for (int n = 0; n < BK / 16; ++n) wmma::store_matrix_sync(Ss + warp * 16 * LDS + n * 16, s[n], LDS, wmma::mem_row_major);
-    __syncwarp();
-  };
-  // lane -> (row of this warp, half of the 32 keys)
-  const int lr = warp * 16 + lane / 2, half = (lane % 2) * (BK / 2);
-  auto visible = [&](int row, int j) {  // key j (sequence index) visible to tile row `row`
-    return j < kv_len && (!causal || j <= row_in_seq0 + row + shift);
-  };
+    const T* Kt = Ks + buf * BK * D;
+    const T* Vt = Vs + buf * BK * D;
 
-  // ---- pass 1: row max and denominator
-  __syncthreads();
-  for (int j0 = 0; j0 < kv_end; j0 += BK) {
-    load_tile(Ks, k, j0);
-    __syncthreads();
-    scores();
-    float mx = -1e30f;
+    // S = Q K^T: 16 rows x 64 keys per warp, 8 n-tiles of 8 keys
+    float s[BK / 8][4];
 #pragma unroll
-    for (int c = 0; c < BK / 2; ++c)
-      if (visible(lr, j0 + half + c)) mx = fmaxf(mx, Ss[lr * LDS + half + c] * scale);
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_old = row_m[lr], m_new = fmaxf(m_old, mx);
-    float sum = 0.f;
+    for (int nt = 0; nt < BK / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-    for (int c = 0; c < BK / 2; ++c)
-      if (visible(lr, j0 + half + c)) sum += exp2f(Ss[lr * LDS + half + c] * scale - m_new);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    __syncwarp();
-    if (lane % 2 == 0) { row_l[lr] = row_l[lr] * exp2f(m_old - m_new) + sum; row_m[lr] = m_new; }
-    __syncthreads();  // K tile consumed by every warp
-  }
-
-  // ---- pass 2: O = sum_j softmax(S)_j V_j
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[D / 16];
+    for (int kc = 0; kc < D / 16; ++kc) {
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(o[n], 0.f);
-  const float m_row = row_m[lr], inv_l = row_l[lr] > 0.f ? 1.f / row_l[lr] : 0.f;
-  for (int j0 = 0; j0 < kv_end; j0 += BK) {
-    load_tile(Ks, k, j0);
-    load_tile(Vs, v, j0);
-    __syncthreads();
-    scores();
-    __syncthreads();  // every warp has read the K tile: P may overwrite it
-#pragma unroll
-    for (int c = 0; c < BK / 2; ++c) {
-      const int j = half + c;
-      const float p = visible(lr, j0 + j) ? exp2f(Ss[lr * LDS + j] * scale - m_row) * inv_l : 0.f;
-      Ps[lr * (BK + 8) + j] = from_float<T>(p);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fp;
-      wmma::load_matrix_sync(fp, Ps + warp * 16 * (BK + 8) + kk, BK + 8);
-#pragma unroll
-      for (int n = 0; n < D / 16; ++n) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fv;
-        wmma::load_matrix_sync(fv, Vs + kk * LDQ + n * 16, LDQ);
-        wmma::mma_sync(o[n], fp, fv, o[n]);
+      for (int np = 0; np < BK / 16; ++np) {  // two n-tiles per ldmatrix.x4
+        uint32_t kb[4];
+        const int row = np * 16 + (lane % 8) + (lane / 16) * 8, c = kc * 2 + (lane / 8) % 2;
+        ldmatrix_x4(kb, Kt + sw(row, c));
+        mma_16816<T>(s[2 * np], qf[kc][0], qf[kc][1], qf[kc][2], qf[kc][3], kb[0], kb[1]);
+        mma_16816<T>(s[2 * np + 1], qf[kc][0], qf[kc][1], qf[kc][2], qf[kc][3], kb[2], kb[3]);
       }
     }
-    __syncthreads();  // P and V consumed before the next tiles land
-  }
-
-  // ---- epilogue: O (already normalised) and lse
-  float* scratch = Ss + warp * 16 * LDS;  // 16 x 16 floats per warp, stride 16
+    // scale, mask (past kv_len; causal: key > row + shift), online softmax per row
+    const bool edge = j0 + BK > kv_len || (causal && j0 + BK - 1 > row_in_seq0 + warp * 16 + shift);
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) {
-    wmma::store_matrix_sync(scratch, o[n], 16, wmma::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 256; e += 32) {
-      const int r = e / 16, c = e % 16, row = warp * 16 + r;
-      if (row < rows) out[((size_t)(q0 + row) * H_qo + h) * D + n * 16 + c] = from_float<T>(scratch[e]);
+    for (int nt = 0; nt < BK / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[nt][e] * scale;
+        if (edge) {
+          const int j = j0 + nt * 8 + 2 * qd + (e & 1), r = r_lo + (e >= 2 ? 8 : 0);
+          if (j >= kv_len || (causal && j > r + shift)) x = -INFINITY;
+        }
+        s[nt][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      const float m_new = fmaxf(m_r[i], mx[i]);
+      m_use[i] = m_new == -INFINITY ? 0.f : m_new;  // a row with no visible key yet: exp2(-inf - 0) = 0
+      alpha[i] = exp2f(m_r[i] - m_use[i]);
+      m_r[i] = m_new;
     }
-    __syncwarp();
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(s[nt][e] - m_use[e >> 1]);
+        s[nt][e] = p;
+        rs[e >> 1] += p;
+      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l_r[i] = l_r[i] * alpha[i] + rs[i];  // (lane partial sums; the quad's are added at the end)
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][0] *= alpha[0]; o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1]; o[dt][3] *= alpha[1];
+    }
+    // O += P V: P's A fragments are the S accumulators of n-tiles 2 kc and 2 kc + 1
+#pragma unroll
+    for (int kc = 0; kc < BK / 16; ++kc) {
+      const uint32_t a0 = pack_pair<T>(s[2 * kc][0], s[2 * kc][1]), a1 = pack_pair<T>(s[2 * kc][2], s[2 * kc][3]);
+      const uint32_t a2 = pack_pair<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]), a3 = pack_pair<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {  // two d-tiles of 8 per ldmatrix.x4.trans
+        uint32_t vb[4];
+        const int row = kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8, c = dp * 2 + lane / 16;
+        ldmatrix_x4_trans(vb, Vt + sw(row, c));
+        mma_16816<T>(o[2 * dp], a0, a1, a2, a3, vb[0], vb[1]);
+        mma_16816<T>(o[2 * dp + 1], a0, a1, a2, a3, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this slot before it is refilled
   }
-  if (lane % 2 == 0 && lr < rows) lse[(size_t)(q0 + lr) * H_qo + h] = row_l[lr] > 0.f ? row_m[lr] + log2f(row_l[lr]) : -1e30f;
+  cp_async_wait<0>();
+
+  // the quad's partial row sums, normalise, write O and lse (base 2)
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+    l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int rr = warp * 16 + g + i * 8;
+    if (rr >= rows) continue;
+    const float inv = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;
+    T* dst = out + (size_t)(q0 + rr) * qstride + (size_t)h * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * qd) = pack_pair<T>(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+    if (qd == 0) lse[(size_t)(q0 + rr) * H_qo + h] = l_r[i] > 0.f ? m_r[i] + log2f(l_r[i]) : -1e30f;
+  }
 }
 
 }  // namespace kiln

@@ -33,22 +33,6 @@ namespace kiln {
 constexpr int GROWS_WARPS = 8, GROWS_N = 32, GROWS_M = 64;
 constexpr int GROWS_RED_FLOATS = GROWS_WARPS * 4 * 4 * 32;  // [warp][row tile (at most 4)][acc reg][lane]
 
-template <typename A, typename B> struct RowsSame { static constexpr bool value = false; };
-template <typename A> struct RowsSame<A, A> { static constexpr bool value = true; };
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-  if constexpr (RowsSame<T, __nv_bfloat16>::value) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
-
 // How a lane reads its 8 weights of a 32-wide chunk. `Raw` is what is loaded and
 // kept in the prefetch ring; widen() makes the 4 registers of 16-bit pairs the
 // MMA takes. 16-bit weights: 16 bytes that already are the operand. e4m3 codes

@@ -1,0 +1,280 @@
+// kiln: prefill GEMM on Hopper's warpgroup tensor cores (wgmma, sm_90a only), device function.
+//
+//   C[M, N] = A[M, K] . B[N, K]^T  (+ R[M, N])       A, B, C, R row-major, 16-bit
+//
+// The same contract and launch as gemm.cuh's gemm_tn (a block is 128 rows of A x 256 of B,
+// 256 threads), so the TIR side swaps one callee for the other when the artifact is built for
+// sm_90 alone. Why: gemm_tn's WMMA (mma.sync from ldmatrix'd registers) peaks at ~180-220
+// TFLOP/s on the H200; wgmma reads both operands straight from shared memory, asynchronously,
+// in 64 x 256 x 16 steps per warpgroup.
+//
+// Layout: each stage holds the A tile [128][64] and the B tile [256][64], rows of 128 bytes,
+// 16-byte chunks XOR-swizzled by (row % 8) -- the 128-byte swizzle wgmma's shared-memory
+// descriptors describe (8-row atoms of 1024 bytes, 1024-byte aligned). Both operands K-major.
+// All 256 threads fill stages with cp.async (zero-filled past M / N), WG_STAGES deep; the two
+// warpgroups (warps 0-3, 4-7) each own 64 rows of A and all 256 columns: 128 fp32 accumulators
+// per thread. A stage is refilled two steps after it was read, when every warpgroup has
+// waited for the wgmma that read it (wait_group 1 each step, then the next step's barrier).
+// K % 64 == 0. Dynamic shared memory: GEMM_WG_SMEM_BYTES (the 1 KB extra aligns the base).
+// Built for anything but sm_90a (the fatbin's forward-compatible PTX, say), the same tile runs
+// gemm.cuh's gemm_tn_tile instead: same result contract, same launch, slower.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace kiln {
+
+template <typename T> struct Pair2;
+template <> struct Pair2<__nv_bfloat16> { using type = __nv_bfloat162; };
+template <> struct Pair2<__half> { using type = __half2; };
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
+
+constexpr int WG_BM = 128, WG_BN = 256, WG_BK = 64, WG_STAGES = 4;
+constexpr int WG_A_BYTES = WG_BM * WG_BK * 2, WG_B_BYTES = WG_BN * WG_BK * 2, WG_STAGE_BYTES = WG_A_BYTES + WG_B_BYTES;
+constexpr int GEMM_WG_SMEM_BYTES = WG_STAGES * WG_STAGE_BYTES + 1024;  // 193 KB
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define KILN_HAVE_WGMMA 1
+#endif
+
+// Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle: start address,
+// leading offset (unused by this layout: 1), stride between 8-row atoms 1024 bytes, mode 1.
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
+  return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+
+// 16-byte chunk c (of 8) of row r, swizzled, as a byte offset in a tile of 128-byte rows.
+__device__ __forceinline__ uint32_t wg_offset(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
+
+template <typename T>
+__device__ __forceinline__ void wgmma_256(float (&d)[128], uint64_t da, uint64_t db, int scale_d) {
+#ifdef KILN_HAVE_WGMMA
+  if constexpr (IsBf16<T>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(scale_d));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(scale_d));
+  }
+#endif
+}
+
+__device__ __forceinline__ void wg_fence() {
+#ifdef KILN_HAVE_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#ifdef KILN_HAVE_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+#ifdef KILN_HAVE_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef KILN_HAVE_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// The block's tile: rows m0.. of A / C, columns n0.. of B / C, over K steps kbeg / 64 ..
+// kbeg / 64 + steps - 1. split: write the fp32 sums to ws[z][m][n] (one of several K ranges,
+// added in order later) instead of C (+ R) in OutT.
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, OutT* __restrict__ C,
+                                                   float* __restrict__ ws, int M, int N, int K, int kbeg, int steps, int z, bool split,
+                                                   unsigned char* __restrict__ smem_raw, int m0, int n0) {
+  const uint32_t sbase = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  unsigned char* gbase = smem_raw + (sbase - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)));
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+
+  auto load_stage = [&](int stage, int k0) {
+    unsigned char* as = gbase + stage * WG_STAGE_BYTES;
+    unsigned char* bs = as + WG_A_BYTES;
+#pragma unroll
+    for (int i = 0; i < WG_BM * 8 / 256; ++i) {  // A: 128 rows x 8 chunks
+      const int c = tid + i * 256, row = c / 8, j = c % 8, m = m0 + row;
+      cp_async16(as + wg_offset(row, j), A + (size_t)min(m, M - 1) * K + k0 + j * 8, m < M);
+    }
+#pragma unroll
+    for (int i = 0; i < WG_BN * 8 / 256; ++i) {  // B: 256 rows x 8 chunks
+      const int c = tid + i * 256, row = c / 8, j = c % 8, n = n0 + row;
+      cp_async16(bs + wg_offset(row, j), B + (size_t)min(n, N - 1) * K + k0 + j * 8, n < N);
+    }
+  };
+
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < WG_STAGES - 2; ++s) {
+    if (s < steps) load_stage(s, kbeg + s * WG_BK);
+    cp_async_commit();
+  }
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait<WG_STAGES - 3>();  // step s landed for this thread
+    fence_proxy_async();             // ... visible to the tensor cores' (async) reads
+    __syncthreads();                 // ... for every thread; and step s - 2's wgmmas are done in both warpgroups
+    const int nxt = s + WG_STAGES - 2;
+    if (nxt < steps) load_stage(nxt % WG_STAGES, kbeg + nxt * WG_BK);
+    cp_async_commit();
+    const uint32_t sa = sbase + (s % WG_STAGES) * WG_STAGE_BYTES + wg * (64 * 128), sb = sbase + (s % WG_STAGES) * WG_STAGE_BYTES + WG_A_BYTES;
+    const uint64_t da = wg_desc(sa), db = wg_desc(sb);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < WG_BK / 16; ++kk) wgmma_256<T>(d, da + 2 * kk, db + 2 * kk, 1);  // +32 bytes along K
+    wg_commit();
+    wg_wait<1>();
+  }
+  wg_wait<0>();
+  cp_async_wait<0>();
+
+  // d[4 j + e]: row 16 warp + g (+ 8 for e >= 2), column 8 j + 2 q + (e & 1)
+  const int g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = m0 + wg * 64 + warp * 16 + g + h * 8;
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int n = n0 + j * 8 + 2 * q;
+      float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
+      if (split) {
+        float* w = ws + ((size_t)z * M + m) * N + n;
+        if (n + 1 < N) *reinterpret_cast<float2*>(w) = make_float2(v0, v1);  // (N even: 8-byte aligned)
+        else if (n < N) w[0] = v0;
+        continue;
+      }
+      if constexpr (RESIDUAL) {
+        if (n < N) v0 += to_float(R[(size_t)m * N + n]);
+        if (n + 1 < N) v1 += to_float(R[(size_t)m * N + n + 1]);
+      }
+      if constexpr (sizeof(OutT) == 2) {
+        if (n + 1 < N) {
+          typename Pair2<OutT>::type pair;
+          pair.x = from_float<OutT>(v0);
+          pair.y = from_float<OutT>(v1);
+          *reinterpret_cast<typename Pair2<OutT>::type*>(C + (size_t)m * N + n) = pair;
+          continue;
+        }
+      }
+      if (n < N) C[(size_t)m * N + n] = from_float<OutT>(v0);
+      if (n + 1 < N) C[(size_t)m * N + n + 1] = from_float<OutT>(v1);
+    }
+  }
+}
+
+// Without sm_90a (the fatbin's forward-compatible PTX JIT-compiled for a later GPU): the same
+// tile on CUDA cores, one output per thread at a time. Correct, slow; a GPU of another
+// generation should get an artifact built for it.
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_wg_tile_portable(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, OutT* __restrict__ C,
+                                                      float* __restrict__ ws, int M, int N, int K, int kbeg, int steps, int z, bool split,
+                                                      int m0, int n0) {
+  for (int i = threadIdx.x; i < WG_BM * WG_BN; i += blockDim.x) {
+    const int m = m0 + i / WG_BN, n = n0 + i % WG_BN;
+    if (m >= M || n >= N) continue;
+    float v = 0.f;
+    for (int k = kbeg; k < kbeg + steps * WG_BK; ++k) v += to_float(A[(size_t)m * K + k]) * to_float(B[(size_t)n * K + k]);
+    if (split) {
+      ws[((size_t)z * M + m) * N + n] = v;
+    } else {
+      if constexpr (RESIDUAL) v += to_float(R[(size_t)m * N + n]);
+      C[(size_t)m * N + n] = from_float<OutT>(v);
+    }
+  }
+}
+
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_wg_tile(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, OutT* __restrict__ C,
+                                             float* __restrict__ ws, int M, int N, int K, int kbeg, int steps, int z, bool split,
+                                             unsigned char* __restrict__ smem_raw, int m0, int n0) {
+#ifdef KILN_HAVE_WGMMA
+  gemm_wg_tile_wgmma<T, OutT, RESIDUAL>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, smem_raw, m0, n0);
+#else
+  gemm_wg_tile_portable<T, OutT, RESIDUAL>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, m0, n0);
+#endif
+}
+
+// Blocks in M-fastest order within groups of WG_GROUP_M row tiles: the blocks resident at
+// once share a few weight tiles (each read from DRAM about once per group) and the group's
+// activation rows stay in L2. Launch: grid (ceil(N / 256), ceil(M / 128)), 256 threads.
+constexpr int WG_GROUP_M = 16;
+
+template <typename T, bool RESIDUAL>
+__device__ __forceinline__ void gemm_wg(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
+                                        int M, int N, int K, unsigned char* __restrict__ smem_raw) {
+  const int mt = (M + WG_BM - 1) / WG_BM, nt = gridDim.x;
+  const int id = blockIdx.y * nt + blockIdx.x, per_group = WG_GROUP_M * nt;
+  const int group = id / per_group, first = group * WG_GROUP_M, rows = min(WG_GROUP_M, mt - first);
+  const int in = id % per_group, m0 = (first + in % rows) * WG_BM, n0 = (in / rows) * WG_BN;
+#ifdef KILN_HAVE_WGMMA
+  gemm_wg_tile_wgmma<T, T, RESIDUAL>(A, B, R, C, nullptr, M, N, K, 0, K / WG_BK, 0, false, smem_raw, m0, n0);
+#else
+  gemm_tn_tile<T, RESIDUAL>(A, B, R, C, M, N, K, smem_raw, m0, n0);  // same tiles, WMMA
+#endif
+}
+
+// decode_batch's projections for large B (the caller's gemm_rows_big range) on wgmma: the tokens
+// on the 64-row side (B > 64 fills it), the weight's rows on the 256-wide side, K cut into
+// ksplit ranges over grid.z as gemm_rows_big does (fp32 partials summed in order by
+// gemm_rows_big_reduce). A token's result depends on K and ksplit alone, not on B. Launch:
+// grid (ceil(N / 256), ceil(M / 128), ksplit), 256 threads, GEMM_WG_SMEM_BYTES;
+// K % (64 * ksplit) == 0.
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_rows_wg(const T* __restrict__ A, const T* __restrict__ W, const T* __restrict__ R,
+                                             OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int ksplit,
+                                             unsigned char* __restrict__ smem_raw) {
+  const int steps = K / ksplit / WG_BK, z = blockIdx.z;
+  gemm_wg_tile<T, OutT, RESIDUAL>(A, W, R, C, ws, M, N, K, z * steps * WG_BK, steps, z, ksplit > 1, smem_raw, blockIdx.y * WG_BM,
+                                  blockIdx.x * WG_BN);
+}
+
+}  // namespace kiln
