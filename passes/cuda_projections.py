@@ -31,6 +31,7 @@ DeadCodeElimination later in the pipeline.
 from __future__ import annotations
 
 from .kernels.gemm_cuda import ROWS_QCODES, gemm, gemm_residual, gemm_rows, gemm_rows_q, gemm_supported, qgemm, qgemm_supported
+from .kernels.rows_cuda import rmsnorm_rows, rows_supported, silu_mul_rows
 from .kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from .quant import WEIGHT_FORMATS
@@ -302,14 +303,62 @@ class _Rewriter(relax.PyExprMutator):
                 else:
                     gv = self._func(("gemm", K, N, dt), lambda: gemm(K, N, dt, wgmma=self.wgmma))
                 return relax.call_tir(gv, [a, w], call.ty)
+        if self.use_gemm and self.an is not None:
+            hit = self._rows_op(call)
+            if hit is not None:
+                return hit
         if self.use_gemm and self._kind(call) == ("matmul", "lm_head"):
             hit = self._gemm(call, role="lm_head", out="float32")
-            if hit is not None and hit[4]:  # decode_batch's LM head, fp32 logits (a prompt's stays on dlight)
-                a, w, K, N, _ = hit
+            if hit is not None:  # fp32 logits straight from the accumulator
+                a, w, K, N, rows = hit
                 dt = _dtype(w)
                 gv = self._func(("gemm_rows_f32", K, N, dt), lambda: gemm_rows(K, N, dt, out_dtype="float32", wgmma=self.wgmma))
-                return relax.call_tir(gv, [a, w], call.ty)
+                if rows:  # decode_batch's [B, 1, K]
+                    return relax.call_tir(gv, [a, w], call.ty)
+                # a prompt's chosen rows [1, n, K] (n: usually one per sequence) are the same contiguous
+                # rows: dlight's schedule for them read the 1 GB LM head of the 8B shape at 0.55 TB/s
+                n = a.ty.shape.values[1]
+                a_rows = self.builder_.emit(relax.op.reshape(a, (n, 1, K)), "logit_rows_b")
+                y = self.builder_.emit(relax.call_tir(gv, [a_rows, w], relax.TensorType((n, 1, N), "float32")), "logits_b")
+                return relax.op.reshape(y, (1, n, N))
         return call
+
+    def _rows_op(self, call):
+        """relax.nn.rms_norm over the last axis, or silu(split(h)[0]) * split(h)[1], on symbolic rows
+        ([1, s, K] / [B, 1, K], 16-bit) -> the kiln_rmsnorm_rows / kiln_silu_mul_rows call, or None."""
+        shape = call.ty.shape.values if isinstance(call.ty, relax.TensorType) and call.ty.shape is not None else None
+        if shape is None or len(shape) != 3 or _static_shape(call) is not None:
+            return None
+        try:
+            K = int(shape[2])
+        except TypeError:
+            return None
+        dt = str(call.ty.dtype)
+        if not rows_supported(K, dt):
+            return None
+        if _is_op(call, "relax.nn.rms_norm"):
+            x, g = call.args[0], call.args[1]
+            if [int(ax) for ax in call.attrs.axes] not in ([-1], [2]) or _dtype(x) != dt or _dtype(g) != dt or _static_shape(g) != (K,):
+                return None
+            eps = float(call.attrs.epsilon)
+            gv = self._func(("rmsnorm_rows", K, K, dt, eps), lambda: rmsnorm_rows(K, dt, eps))
+            return relax.call_tir(gv, [x, g], call.ty)
+        if _is_op(call, "relax.multiply"):
+            silu = self.an.bound(call.args[0])
+            if not _is_op(silu, "relax.nn.silu"):
+                return None
+            g, u = self.an.bound(silu.args[0]), self.an.bound(call.args[1])
+            if not (isinstance(g, relax.TupleGetItem) and isinstance(u, relax.TupleGetItem)) or (g.index, u.index) != (0, 1):
+                return None
+            split = self.an.bound(g.tuple_value) if g.tuple_value.same_as(u.tuple_value) else None
+            if not _is_op(split, "relax.split") or int(split.attrs.indices_or_sections) != 2 or int(split.attrs.axis) not in (-1, 2):
+                return None
+            h = split.args[0]
+            if _dtype(h) != dt:
+                return None
+            gv = self._func(("silu_mul_rows", 2 * K, K, dt), lambda: silu_mul_rows(K, dt))
+            return relax.call_tir(gv, [h, h], call.ty)
+        return None
 
     def run(self):
         for gv, func in list(self.mod_.functions.items()):

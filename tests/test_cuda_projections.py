@@ -67,12 +67,16 @@ def test_batch_rows_run_on_the_rows_gemm(role, out, kernel):
     assert "kiln_gemm_256x128" not in main and "call_tir(proj," not in main, main
 
 
-def test_prompt_lm_head_keeps_its_own_path():
-    """A prompt's [1, s, K] LM head is not a decode_batch row GEMM (and not a projection)."""
+def test_prompt_lm_head_runs_on_the_rows_gemm():
+    """A prompt's [1, n, K] LM head (the n rows logit_pos picked: one per sequence, or every
+    position) is the same contiguous rows as decode_batch's [B, 1, K]: reshaped onto kiln_gemm_rows
+    (fp32 logits), not a projection GEMM and not dlight's matmul (0.55 TB/s on the 8B shape)."""
     mod = _prefill_projection("proj", {OP_ATTR: "matmul", ROLE_ATTR: "lm_head"}, out="float32")
     with t.Target(SM90):
         out = CudaProjections()(mod)
-    assert "call_tir(proj," in out["main"].script()
+    main = out["main"].script()
+    assert "call_tir(kiln_gemm_rows_f32_256x128_bfloat16," in main and "call_tir(proj," not in main, main
+    assert main.count("R.reshape(") == 2, main
 
 
 @pytest.mark.parametrize(("n", "k", "ks"), [(4096, 4096, 4), (6144, 4096, 4), (4096, 14336, 4), (28672, 4096, 1), (128256, 4096, 1),
@@ -156,3 +160,35 @@ def test_batch_rows_take_the_wgmma_kernel_above_8_on_hopper():
     assert "if B <= T.int64(64):" not in src and "kiln::gemm_rows<__nv_bfloat16, __nv_bfloat16, true, 8>" not in src, src  # above 8 rows: wgmma
     src = gemm_rows(4096, 4096, "bfloat16", residual=True).script()
     assert "kiln::gemm_rows_big<__nv_bfloat16, __nv_bfloat16, true>" in src and "gemm_rows_wg" not in src, src
+
+
+def _norm_swiglu(rows_shape, K: int = 256, F: int = 256):
+    """main(x [rows..., K], g [K], h [rows..., 2F]) -> (rms_norm(x, g), silu(h[:F]) * h[F:]) in bf16."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([*rows_shape, K], "bfloat16"))
+    g = relax.Var("g", relax.TensorType([K], "bfloat16"))
+    h = relax.Var("h", relax.TensorType([*rows_shape, 2 * F], "bfloat16"))
+    with bb.function("main", [x, g, h]):
+        with bb.dataflow():
+            n = bb.emit(relax.op.nn.rms_norm(x, g, axes=[-1], epsilon=1e-5))
+            gu = bb.emit(relax.op.split(h, 2, axis=-1))
+            act = bb.emit(relax.op.nn.silu(bb.emit(relax.TupleGetItem(gu, 0))))
+            y = bb.emit(relax.op.multiply(act, bb.emit(relax.TupleGetItem(gu, 1))))
+            out = bb.emit_output(relax.Tuple([n, y]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize(("rows", "swapped"), [("prompt", True), ("batch", True), ("decode", False), ("odd_k", False)])
+def test_norm_and_swiglu_rows_run_on_kiln_kernels(rows, swapped):
+    """RMSNorm and SwiGLU over symbolic rows (a prompt's [1, s, K], decode_batch's [B, 1, K]) go to
+    kernels/cuda/rows.cuh (dlight's schedules: 1.0-1.5 TB/s on the H200); decode's static
+    [1, 1, K] and rows that are not whole warp passes (K % 256) keep their own path."""
+    s = tirx.Var("s", "int64")
+    shape, k = {"prompt": ([1, s], 256), "batch": ([s, 1], 512), "decode": ([1, 1], 256), "odd_k": ([1, s], 192)}[rows]
+    with t.Target(SM90):
+        out = CudaProjections()(_norm_swiglu(shape, K=k, F=k))
+    main = out["main"].script()
+    assert ("call_tir(kiln_rmsnorm_rows" in main) == swapped, main
+    assert ("call_tir(kiln_silu_mul_rows" in main) == swapped, main
+    assert ("R.nn.rms_norm(" in main) != swapped, main
