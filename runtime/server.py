@@ -53,6 +53,29 @@ class HTTPError(Exception):
         self.status, self.message, self.param, self.kind, self.code, self.headers = status, message, param, kind, code, headers or {}
 
 
+class _Mailbox:
+    """Engine-thread events for one event loop, handed over in one wakeup per burst: a decode step
+    of 128 streams posted 128 call_soon_threadsafe callbacks (a self-pipe write and a loop handle
+    each), now one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list = []
+        self.lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue, ev) -> None:  # engine thread
+        with self.lock:
+            self.items.append((queue, ev))
+            first = len(self.items) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:  # event loop
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
 def _bad(message: str, param: str | None = None) -> HTTPError:
     return HTTPError(400, message, param=param)
 
@@ -224,12 +247,17 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
             raise _bad("this model has no chat template: use /v1/completions", "messages")
         return session.tokenizer.encode_chat(clean)
 
+    mailboxes: dict = {}  # event loop -> its _Mailbox
+
     def submit(ids: list[int], args: dict, loop: asyncio.AbstractEventLoop):
         """(engine request, asyncio queue of its events)."""
         events: asyncio.Queue = asyncio.Queue()
+        box = mailboxes.get(loop)
+        if box is None:
+            box = mailboxes[loop] = _Mailbox(loop)
 
         def on_event(ev: Event) -> None:  # engine thread
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+            box.post(events, ev)
 
         try:
             req = engine.submit(ids, on_event, max_new_tokens=args["max_new_tokens"], sampling=args["sampling"],
@@ -323,7 +351,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
 
         offset = [0]  # completions' text_offset across chunks
 
+        # a token's chunk without logprobs: the fixed parts encoded once per request (json.dumps of the
+        # whole body per token was a large share of the event loop's work at 128 streams)
+        head = f'data: {{"id": "{rid}", "object": "{chunk_obj}", "created": {now}, "model": {json.dumps(model_name, ensure_ascii=False)}, '
+        head += '"choices": [{"index": 0, "delta": {"content": ' if chat else '"choices": [{"index": 0, "text": '
+        tail = ('}, ' if chat else ', ') + '"logprobs": null, "finish_reason": null}]}\n\n'
+
         def chunk(delta: dict | None = None, text: str | None = None, finish: str | None = None, ev=None, **extra) -> bytes:
+            if not want_lp and finish is None and not extra and ev is not None:
+                return (head + json.dumps(text or "", ensure_ascii=False) + tail).encode()
             lp = logprobs_json([ev], chat, offset[0]) if want_lp and ev is not None and ev.token >= 0 else None
             if lp is not None and not chat:
                 offset[0] += len(lp["tokens"][0])
@@ -339,26 +375,35 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
             try:
                 if chat:
                     yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    ev = await events.get()
-                    if ev.kind == "token":
-                        # one chunk per token, its text possibly "" (a character or a stop string held
-                        # back; no tokenizer): clients see progress and the token count as it grows
-                        if ev.token >= 0 or ev.text:
-                            yield chunk({"content": ev.text}, ev.text, ev=ev)
-                    elif ev.kind == "error":
-                        err = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None, "code": None}}
-                        yield f"data: {json.dumps(err)}\n\n".encode()
-                        finished = True
-                        break
-                    else:
-                        yield chunk(finish=finish_reason(ev.finish))
-                        if args["include_usage"]:
-                            body = {"id": rid, "object": chunk_obj, "created": now, "model": model_name, "choices": [], "usage": usage(req)}
-                            yield f"data: {json.dumps(body)}\n\n".encode()
-                        finished = True
-                        break
-                yield b"data: [DONE]\n\n"
+                while not finished:
+                    # the events waiting now go out in one write (one SSE event per token still): when the
+                    # event loop falls behind the engine, it catches up in fewer, larger writes
+                    batch = [await events.get()]
+                    while not events.empty():
+                        batch.append(events.get_nowait())
+                    out = []
+                    for ev in batch:
+                        if ev.kind == "token":
+                            # one chunk per token, its text possibly "" (a character or a stop string held
+                            # back; no tokenizer): clients see progress and the token count as it grows
+                            if ev.token >= 0 or ev.text:
+                                out.append(chunk({"content": ev.text}, ev.text, ev=ev))
+                        elif ev.kind == "error":
+                            err = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None, "code": None}}
+                            out.append(f"data: {json.dumps(err)}\n\n".encode())
+                            finished = True
+                            break
+                        else:
+                            out.append(chunk(finish=finish_reason(ev.finish)))
+                            if args["include_usage"]:
+                                body = {"id": rid, "object": chunk_obj, "created": now, "model": model_name, "choices": [], "usage": usage(req)}
+                                out.append(f"data: {json.dumps(body)}\n\n".encode())
+                            finished = True
+                            break
+                    if finished:
+                        out.append(b"data: [DONE]\n\n")
+                    if out:
+                        yield b"".join(out)
             finally:
                 if not finished:  # the client went away (or the server is stopping): free the request's pages now
                     engine.cancel(req)

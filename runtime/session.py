@@ -91,11 +91,13 @@ class Session:
         if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or not 1 <= max_sequences <= MAX_SEQUENCES_LIMIT:
             raise RequestError(f"max_sequences must be an integer in [1, {MAX_SEQUENCES_LIMIT}], got {max_sequences!r}")
         self.max_sequences = max_sequences
-        # tokens per prefill call: attention across chunks runs TVM's slower paged
-        # kernel, so CUDA (memory to spare, tensor-core attention within a chunk) takes 2048
+        # tokens per prefill call (all sequences of a ragged call together): attention across chunks
+        # runs TVM's slower paged kernel, so CUDA (memory to spare, tensor-core attention within a
+        # chunk) takes 2048. Not capped by max_seq_len: the server's prompt chunks of many sequences
+        # share a call (a 512-token context had cut a wave of 128 prompts into 512-token calls)
         if prefill_chunk is None:
             prefill_chunk = 2048 if device == "cuda" else 1024
-        self.prefill_chunk = max(1, min(prefill_chunk, self.max_seq_len, int(kv.get("max_prefill_chunk", prefill_chunk))))
+        self.prefill_chunk = max(1, min(prefill_chunk, int(kv.get("max_prefill_chunk", prefill_chunk))))
         self.window = kv.get("window")  # sliding-window layers' window (their prefill calls hold < window tokens), or None
         tgt = artifact.target_for(device, cpu_target)
         self.target = tgt  # the manifest's entry for the library this session runs
