@@ -268,12 +268,12 @@ class _Rewriter(relax.PyExprMutator):
             hit = self._qrows(call)
             if hit is not None:
                 K, N, code, dt, odt = hit
-                gv = self._func((f"gemm_rows_{code}_{odt}", K, N, dt), lambda: gemm_rows_q(K, N, dt, code, odt))
+                gv = self._func((f"gemm_rows_{code}_{odt}", K, N, dt), lambda: gemm_rows_q(K, N, dt, code, odt, wgmma=self.wgmma))
                 return relax.call_tir(gv, list(call.args[1].fields), call.ty)
             hit = self._qgemm(call)
             if hit is not None:
                 K, N, group, code, dt = hit
-                gv = self._func((f"qgemm{code}g{group}", K, N, dt), lambda: qgemm(K, N, group, code, dt))
+                gv = self._func((f"qgemm{code}g{group}", K, N, dt), lambda: qgemm(K, N, group, code, dt, wgmma=self.wgmma))
                 return relax.call_tir(gv, list(call.args[1].fields), call.ty)
         if self.use_qgemv and _is_op(call, "relax.call_tir"):
             hit = self._qgemv(call)

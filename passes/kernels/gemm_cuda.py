@@ -219,7 +219,7 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
 ROWS_QCODES = ("f8",)  # quantized code kinds with a row kernel (gemm_rows over e4m3 codes)
 
 
-def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = None):
+def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = None, wgmma: bool = False):
     """decode_batch's projection over quantized weights: y  # [B, 1, N] = a  # [B, 1, K] @ dequant(q, s)^T,
     B symbolic. fp8 ("f8": e4m3 codes q  # [N, K] uint8, per-row fp32 scales s  # [N, 1]) only:
     the codes widen exactly to 16 bits in registers and the scale multiplies the row's sum
@@ -230,6 +230,45 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
     small, mid = (f"kiln::gemm_rows<{ct}, {co}, false, {tt}, uint8_t>" for tt in (1, 8))
     tiles = _rows_tiles(N, K)
+    # Hopper, above 64 rows: gemm_rows_wg_f8 (codes decoded into wgmma tiles; H200, 8B shapes at B = 128: a layer
+    # 290 us against the middle kernel's 396; at B <= 64 the middle kernel is faster)
+    ks = rows_wg_ksplit(N, K)
+    mid_max = ROWS_BIG_B if wgmma and K % BIG_BK == 0 and N >= 1024 else 1 << 30
+    big, reduce = f"kiln::gemm_rows_wg_f8<{ct}, {co}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, false>"
+
+    @T.macro
+    def big_f8(a, q, s, y, B):
+        ws = T.alloc_buffer((ks * B * N if ks > 1 else 1,), "float32")  # split-K partials [ks, B, N]
+        for bz in T.thread_binding(ks, thread="blockIdx.z"):
+            for by in T.thread_binding((B + 127) // 128, thread="blockIdx.y"):
+                for bx in T.thread_binding((N + 255) // 256, thread="blockIdx.x"):
+                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                        smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", big, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                                 T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", B), N, K, ks,
+                                                 smem.access_ptr("rw")))
+        if ks > 1:
+            for bx in T.thread_binding((B * N + 255) // 256, thread="blockIdx.x"):
+                for tx in T.thread_binding(256, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(a[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                                             T.Cast("int32", B), N, ks))
+
+    if mid_max < 1 << 30:
+        @T.macro
+        def launch(a, q, s, y, B):
+            if B <= ROWS_SMALL_B:
+                tiles(small, a, q, s, a, y, B, 1)
+            elif B <= mid_max:
+                tiles(mid, a, q, s, a, y, B, (B + ROWS_M - 1) // ROWS_M)
+            else:
+                big_f8(a, q, s, y, B)
+    else:  # (no wgmma kernel: nothing of it in the library, whose shared memory it would ask for)
+        @T.macro
+        def launch(a, q, s, y, B):
+            if B <= ROWS_SMALL_B:
+                tiles(small, a, q, s, a, y, B, 1)
+            else:
+                tiles(mid, a, q, s, a, y, B, (B + ROWS_M - 1) // ROWS_M)
 
     @T.prim_func
     def kiln_gemm_rows_f8(var_a: T.handle, q: T.Buffer((N, K), "uint8"), s: T.Buffer((N, 1), "float32"), var_y: T.handle):
@@ -237,10 +276,7 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
         B = T.int64()
         a = T.match_buffer(var_a, (B, 1, K), dtype)
         y = T.match_buffer(var_y, (B, 1, N), out_dtype)
-        if B <= ROWS_SMALL_B:
-            tiles(small, a, q, s, a, y, B, 1)
-        else:
-            tiles(mid, a, q, s, a, y, B, (B + ROWS_M - 1) // ROWS_M)
+        launch(a, q, s, y, B)
 
     return kiln_gemm_rows_f8
 
@@ -253,10 +289,14 @@ def qgemm_supported(K: int, group: int, code: str, dtype: str) -> bool:
     return dtype in ("bfloat16", "float16") and code in QGEMV_CODES and K % 32 == 0 and group % 32 == 0 and K % group == 0
 
 
-def qgemm(K: int, N: int, group: int, code: str, dtype: str):
+def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False):
     """y  # [1, M, N] = a  # [1, M, K] @ dequant(q, s[, z])^T on tensor cores, M symbolic
     (prefill). Same arguments as the NT_qmatmul TE kernel it replaces."""
-    fn, nb, ng = f"kiln::gemm_tn_q<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {group}>", (N + BN - 1) // BN, K // group
+    nb, ng = (N + BN - 1) // BN, K // group
+    if wgmma and K % 64 == 0:  # Hopper: codes decoded into the wgmma tiles (kernels/cuda/gemm_wg.cuh)
+        fn, smem_bytes = f"kiln::gemm_wg_q<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {group}>", WG_SMEM_BYTES
+    else:
+        fn, smem_bytes = f"kiln::gemm_tn_q<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {group}>", QSMEM_BYTES
     q_shape, q_dtype = ((N, K // 8), "uint32") if code == "4" else ((N, K), "uint8" if code == "f8" else "int8")
     s_dtype = "float32" if code == "f8" else "float16"
 
@@ -271,7 +311,7 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str):
             for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
                 for bx in T.thread_binding(nb, thread="blockIdx.x"):
                     for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                        smem = T.alloc_buffer((QSMEM_BYTES,), "uint8", scope="shared.dyn")
+                        smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
                         T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
                                                  T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
                                                  smem.access_ptr("rw")))
@@ -287,7 +327,7 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str):
         for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
             for bx in T.thread_binding(nb, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    smem = T.alloc_buffer((QSMEM_BYTES,), "uint8", scope="shared.dyn")
+                    smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
                     T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
                                              T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
                                              smem.access_ptr("rw")))  # z: unused

@@ -14,18 +14,6 @@
 
 namespace kiln {
 
-// Two 16-bit values of T in one 32-bit register (low half: a), as MMA operands hold them.
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float a, float b) {
-  if constexpr (RowsSame<T, __nv_bfloat16>::value) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-
 // FlashAttention-2 on mma.sync: the same contract and row-tile mapping as attn_prefill_ragged
 // (TVM's batch_prefill_ragged_kv), one pass. A block = 64 query rows of one sequence and one
 // query head, 4 warps of 16 rows; Q lives in registers as MMA A fragments; K / V tiles of 64

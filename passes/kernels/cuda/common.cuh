@@ -43,6 +43,18 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
   }
 }
 
+// Two 16-bit values of T in one 32-bit register (low half: a), as MMA operands hold them.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float a, float b) {
+  if constexpr (RowsSame<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
 // Four 8 x 8 matrices of 16-bit values from shared memory (lane i gives the row address of
 // matrix i / 8, row i % 8; register j holds matrix j, row lane / 4, columns 2 (lane % 4) + 0, 1);
 // _trans: each matrix transposed on the way.

@@ -126,26 +126,82 @@ __device__ __forceinline__ void fence_proxy_async() {
 // The block's tile: rows m0.. of A / C, columns n0.. of B / C, over K steps kbeg / 64 ..
 // kbeg / 64 + steps - 1. split: write the fp32 sums to ws[z][m][n] (one of several K ranges,
 // added in order later) instead of C (+ R) in OutT.
-template <typename T, typename OutT, bool RESIDUAL>
-__device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, OutT* __restrict__ C,
-                                                   float* __restrict__ ws, int M, int N, int K, int kbeg, int steps, int z, bool split,
-                                                   unsigned char* __restrict__ smem_raw, int m0, int n0) {
+// CODE 0: B is T weights, staged by cp.async straight into the ring. CODE 4 / 8 / 9 (the
+// quantized formats of gemm.cuh's gemm_tn_q: 4-bit codes with fp16 scale and minimum per group
+// of G, int8 with an fp16 scale per group, e4m3 with one fp32 scale per row): the ring stages
+// the codes (64 or 32 bytes per row and step), each thread decodes one of the 256 rows into a
+// T tile (two of them: the wgmma of the previous step may still read the other), the same
+// values gemm_tn_q decodes; e4m3's row scale multiplies the sums instead (exact codes in).
+template <typename T, typename OutT, bool RESIDUAL, int CODE = 0, int G = 0>
+__device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, const void* __restrict__ B, const T* __restrict__ R,
+                                                   OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int kbeg, int steps,
+                                                   int z, bool split, unsigned char* __restrict__ smem_raw, int m0, int n0,
+                                                   const void* __restrict__ S = nullptr, const void* __restrict__ Z = nullptr) {
+  constexpr bool Q = CODE != 0;
+  constexpr int CB = CODE == 4 ? 32 : 64;  // code bytes per B row per K step (quantized)
+  static_assert(!Q || G % 8 == 0, "a group holds whole 8-value chunks");
   const uint32_t sbase = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
   unsigned char* gbase = smem_raw + (sbase - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)));
+  // float B: stage s = [A tile | B tile]. Quantized: stage s = [A tile | codes], then two T B tiles.
+  constexpr int STAGE = Q ? WG_A_BYTES + WG_BN * 64 : WG_STAGE_BYTES;
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const T* Bw = static_cast<const T*>(B);
+  const uint8_t* Bq = static_cast<const uint8_t*>(B);
+  const size_t qrow = CODE == 4 ? (size_t)K / 2 : (size_t)K;  // code bytes per weight row
 
   auto load_stage = [&](int stage, int k0) {
-    unsigned char* as = gbase + stage * WG_STAGE_BYTES;
+    unsigned char* as = gbase + stage * STAGE;
     unsigned char* bs = as + WG_A_BYTES;
 #pragma unroll
     for (int i = 0; i < WG_BM * 8 / 256; ++i) {  // A: 128 rows x 8 chunks
       const int c = tid + i * 256, row = c / 8, j = c % 8, m = m0 + row;
       cp_async16(as + wg_offset(row, j), A + (size_t)min(m, M - 1) * K + k0 + j * 8, m < M);
     }
+    if constexpr (Q) {  // codes: 256 rows x CB bytes, row-major
+      const size_t kb = CODE == 4 ? k0 / 2 : k0;
 #pragma unroll
-    for (int i = 0; i < WG_BN * 8 / 256; ++i) {  // B: 256 rows x 8 chunks
-      const int c = tid + i * 256, row = c / 8, j = c % 8, n = n0 + row;
-      cp_async16(bs + wg_offset(row, j), B + (size_t)min(n, N - 1) * K + k0 + j * 8, n < N);
+      for (int i = 0; i < WG_BN * (CB / 16) / 256; ++i) {
+        const int c = tid + i * 256, row = c / (CB / 16), part = c % (CB / 16), n = n0 + row;
+        cp_async16(bs + row * 64 + part * 16, Bq + (size_t)min(n, N - 1) * qrow + kb + part * 16, n < N);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < WG_BN * 8 / 256; ++i) {  // B: 256 rows x 8 chunks
+        const int c = tid + i * 256, row = c / 8, j = c % 8, n = n0 + row;
+        cp_async16(bs + wg_offset(row, j), Bw + (size_t)min(n, N - 1) * K + k0 + j * 8, n < N);
+      }
+    }
+  };
+  // quantized: thread t decodes row t of step s's codes into the T tile `dst` (swizzled)
+  auto decode_row = [&](int stage, int k0, unsigned char* dst) {
+    const int row = tid, n = min(n0 + row, N - 1);
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(gbase + stage * STAGE + WG_A_BYTES + row * 64);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {  // 8 chunks of 8 values
+      uint4 out;
+      if constexpr (CODE == 4) {
+        const int g = (k0 + c * 8) / G, ng = K / G;
+        const float sc = __half2float(static_cast<const __half*>(S)[(size_t)n * ng + g]);
+        const float zz = __half2float(static_cast<const __half*>(Z)[(size_t)n * ng + g]);
+        const uint32_t q = w[c];
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = fmaf(static_cast<float>((q >> (4 * j)) & 0xFu), sc, zz);
+        out = make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
+      } else if constexpr (CODE == 8) {
+        const int g = (k0 + c * 8) / G, ng = K / G;
+        const float sc = __half2float(static_cast<const __half*>(S)[(size_t)n * ng + g]);
+        float v[8];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) v[4 * h + j] = static_cast<float>(static_cast<int8_t>((w[2 * c + h] >> (8 * j)) & 0xFFu)) * sc;
+        out = make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
+      } else {  // e4m3: exact in T; the row scale comes after the sum
+        const uint32_t lo = w[2 * c], hi = w[2 * c + 1];
+        out = make_uint4(e4m3x2_to_16x2<T>(lo), e4m3x2_to_16x2<T>(lo >> 16), e4m3x2_to_16x2<T>(hi), e4m3x2_to_16x2<T>(hi >> 16));
+      }
+      *reinterpret_cast<uint4*>(dst + wg_offset(row, c)) = out;
     }
   };
 
@@ -165,7 +221,15 @@ __device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, cons
     const int nxt = s + WG_STAGES - 2;
     if (nxt < steps) load_stage(nxt % WG_STAGES, kbeg + nxt * WG_BK);
     cp_async_commit();
-    const uint32_t sa = sbase + (s % WG_STAGES) * WG_STAGE_BYTES + wg * (64 * 128), sb = sbase + (s % WG_STAGES) * WG_STAGE_BYTES + WG_A_BYTES;
+    const uint32_t sa = sbase + (s % WG_STAGES) * STAGE + wg * (64 * 128);
+    uint32_t sb = sbase + (s % WG_STAGES) * STAGE + WG_A_BYTES;
+    if constexpr (Q) {  // decode into the T tile step s - 2 read (free: see the barrier above)
+      const int tile = WG_STAGES * STAGE + (s & 1) * WG_B_BYTES;
+      decode_row(s % WG_STAGES, kbeg + s * WG_BK, gbase + tile);
+      fence_proxy_async();
+      __syncthreads();
+      sb = sbase + tile;
+    }
     const uint64_t da = wg_desc(sa), db = wg_desc(sb);
     wg_fence();
 #pragma unroll
@@ -178,7 +242,16 @@ __device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, cons
 
   // d[4 j + e]: row 16 warp + g (+ 8 for e >= 2), column 8 j + 2 q + (e & 1)
   const int g = lane / 4, q = lane % 4;
+  if constexpr (CODE != 0 && CODE != 4 && CODE != 8) {  // e4m3: the row (output column) scales
 #pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int n = n0 + j * 8 + 2 * q;
+      const float s0 = n < N ? static_cast<const float*>(S)[n] : 0.f, s1 = n + 1 < N ? static_cast<const float*>(S)[n + 1] : 0.f;
+      d[4 * j] *= s0; d[4 * j + 2] *= s0;
+      d[4 * j + 1] *= s1; d[4 * j + 3] *= s1;
+    }
+  }
+  #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int m = m0 + wg * 64 + warp * 16 + g + h * 8;
     if (m >= M) continue;
@@ -275,6 +348,48 @@ __device__ __forceinline__ void gemm_rows_wg(const T* __restrict__ A, const T* _
   const int steps = K / ksplit / WG_BK, z = blockIdx.z;
   gemm_wg_tile<T, OutT, RESIDUAL>(A, W, R, C, ws, M, N, K, z * steps * WG_BK, steps, z, ksplit > 1, smem_raw, blockIdx.y * WG_BM,
                                   blockIdx.x * WG_BN);
+}
+
+// Prompt GEMM over quantized weights (gemm.cuh gemm_tn_q's formats and arguments: codes Q,
+// scales S, minima Z for 4-bit, G the group; e4m3: S one fp32 scale per row) on wgmma. Same
+// launch as gemm_wg; without sm_90a, gemm_tn_q's tile (WMMA).
+template <typename T, int CODE, int G>
+__device__ __forceinline__ void gemm_wg_q(const T* __restrict__ A, const void* __restrict__ Qv, const void* __restrict__ Sv,
+                                          const void* __restrict__ Zv, T* __restrict__ C, int M, int N, int K,
+                                          unsigned char* __restrict__ smem_raw) {
+  const int mt = (M + WG_BM - 1) / WG_BM, nt = gridDim.x;
+  const int id = blockIdx.y * nt + blockIdx.x, per_group = WG_GROUP_M * nt;
+  const int group = id / per_group, first = group * WG_GROUP_M, rows = min(WG_GROUP_M, mt - first);
+  const int in = id % per_group, m0 = (first + in % rows) * WG_BM, n0 = (in / rows) * WG_BN;
+#ifdef KILN_HAVE_WGMMA
+  gemm_wg_tile_wgmma<T, T, false, CODE, (CODE == 4 || CODE == 8) ? G : 8>(A, Qv, nullptr, C, nullptr, M, N, K, 0, K / WG_BK, 0, false,
+                                                                          smem_raw, m0, n0, Sv, Zv);
+#else
+  gemm_tn_q_tile<T, CODE, G>(A, Qv, Sv, Zv, C, M, N, K, smem_raw, m0, n0);  // same tiles, WMMA
+#endif
+}
+
+// decode_batch over e4m3 weights above 8 rows (gemm_rows_wg with codes; S: fp32 row scales).
+// Without sm_90a: every output on CUDA cores (slow; see gemm_wg_tile_portable).
+template <typename T, typename OutT>
+__device__ __forceinline__ void gemm_rows_wg_f8(const T* __restrict__ A, const void* __restrict__ W, const void* __restrict__ S,
+                                                OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int ksplit,
+                                                unsigned char* __restrict__ smem_raw) {
+  const int steps = K / ksplit / WG_BK, z = blockIdx.z, m0 = blockIdx.y * WG_BM, n0 = blockIdx.x * WG_BN;
+#ifdef KILN_HAVE_WGMMA
+  gemm_wg_tile_wgmma<T, OutT, false, 9, 8>(A, W, nullptr, C, ws, M, N, K, z * steps * WG_BK, steps, z, ksplit > 1, smem_raw, m0, n0, S);
+#else
+  const uint8_t* q = static_cast<const uint8_t*>(W);
+  for (int i = threadIdx.x; i < WG_BM * WG_BN; i += blockDim.x) {
+    const int m = m0 + i / WG_BN, n = n0 + i % WG_BN;
+    if (m >= M || n >= N) continue;
+    float v = 0.f;
+    for (int k = z * steps * WG_BK; k < (z + 1) * steps * WG_BK; ++k) v += to_float(A[(size_t)m * K + k]) * kv_decode<kKvFp8>(q[(size_t)n * K + k]);
+    v *= static_cast<const float*>(S)[n];
+    if (ksplit > 1) ws[((size_t)z * M + m) * N + n] = v;
+    else C[(size_t)m * N + n] = from_float<OutT>(v);
+  }
+#endif
 }
 
 }  // namespace kiln
