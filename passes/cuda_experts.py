@@ -58,9 +58,10 @@ class _Experts:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod):
+    def __init__(self, mod, wgmma: bool = False):
         super().__init__(mod)
         self.mod_ = mod
+        self.wgmma = wgmma
         self.an: _Analysis | None = None
         self.funcs: dict = {}
         self.plan: dict = {}  # original binding var -> how to rewrite it
@@ -242,10 +243,11 @@ class _Rewriter(relax.PyExprMutator):
 
         def gemm(a, w, N, K, group, name):  # the grouped rows a [m, K] times each expert's [N, K]
             if e.quant is None:
-                gv = self._func(("expert_gemm", n_exp, N, K, k, dt), lambda: expert_gemm(n_exp, N, K, k, dt))
+                gv = self._func(("expert_gemm", n_exp, N, K, k, dt), lambda: expert_gemm(n_exp, N, K, k, dt, wgmma=self.wgmma))
             else:
                 code = e.quant[0]
-                gv = self._func(("expert_qgemm", code, group, n_exp, N, K, k, dt), lambda: expert_qgemm(n_exp, N, K, k, dt, code, group))
+                gv = self._func(("expert_qgemm", code, group, n_exp, N, K, k, dt),
+                                lambda: expert_qgemm(n_exp, N, K, k, dt, code, group, wgmma=self.wgmma))
             return emit(relax.call_tir(gv, [a, *map(remap, w), offsets], relax.TensorType((m, N), dt)), name)
 
         m = n * k
@@ -274,10 +276,14 @@ class _Rewriter(relax.PyExprMutator):
 
 @_t.tvm.transform.module_pass(opt_level=0, name="kiln.CudaExperts")
 class CudaExperts:
-    """See the module docstring. CUDA targets only (the pipeline decides)."""
+    """See the module docstring. CUDA targets only (the pipeline decides). wgmma: an artifact for
+    sm_90 alone -- the prompt's expert GEMMs on Hopper's warpgroup MMA."""
+
+    def __init__(self, wgmma: bool = False):
+        self.wgmma = wgmma
 
     def transform_module(self, mod, _ctx):
-        return _Rewriter(mod).run()
+        return _Rewriter(mod, wgmma=self.wgmma).run()
 
 
 __all__ = ["CudaExperts"]

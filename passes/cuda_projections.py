@@ -327,8 +327,8 @@ class _Rewriter(relax.PyExprMutator):
         """relax.nn.rms_norm over the last axis, or silu(split(h)[0]) * split(h)[1], on symbolic rows
         ([1, s, K] / [B, 1, K], 16-bit) -> the kiln_rmsnorm_rows / kiln_silu_mul_rows call, or None."""
         shape = call.ty.shape.values if isinstance(call.ty, relax.TensorType) and call.ty.shape is not None else None
-        if shape is None or len(shape) != 3 or _static_shape(call) is not None:
-            return None
+        if shape is None or len(shape) != 3 or _static_shape(call) is not None or not (_is_one(shape[0]) or _is_one(shape[1])):
+            return None  # (an MoE layer's [tokens, k, F] SwiGLU stays for CudaExperts to fuse)
         try:
             K = int(shape[2])
         except TypeError:

@@ -42,7 +42,7 @@ def phases(opts: PipelineOptions) -> list[tuple[str, object]]:
     cuda = opts.target.kind.name == "cuda"
     return [
         *([("cuda_projections", CudaProjections(gemm=opts.cuda_gemm, gemv=opts.cuda_gemv, qgemv=opts.cuda_qgemv, wgmma=opts.cuda_wgmma))] if cuda else []),
-        *([("cuda_experts", CudaExperts())] if cuda and opts.cuda_experts else []),
+        *([("cuda_experts", CudaExperts(wgmma=opts.cuda_wgmma))] if cuda and opts.cuda_experts else []),
         ("fuse_transpose_matmul", rx.FuseTransposeMatmul()),
         ("legalize_ops", rx.LegalizeOps()),
         ("annotate_tir_op_pattern", rx.AnnotateTIROpPattern()),

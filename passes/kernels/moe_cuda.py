@@ -145,11 +145,14 @@ def expert_route(n_exp: int, k: int):
     return kiln_expert_route
 
 
-def expert_gemm(n_exp: int, N: int, K: int, k: int, dtype: str):
-    """a [m, K] (rows grouped by expert; m = tokens x k), W [E, N, K], offsets [E + 1] -> c [m, N]."""
-    from .gemm_cuda import BM, BN, SMEM_BYTES, THREADS  # noqa: PLC0415  (gemm.cuh's tile)
+def expert_gemm(n_exp: int, N: int, K: int, k: int, dtype: str, wgmma: bool = False):
+    """a [m, K] (rows grouped by expert; m = tokens x k), W [E, N, K], offsets [E + 1] -> c [m, N].
+    wgmma (an artifact for sm_90 alone, K % 64 == 0): the tile on Hopper's warpgroup MMA."""
+    from .gemm_cuda import BM, BN, SMEM_BYTES, THREADS, WG_SMEM_BYTES  # noqa: PLC0415  (gemm.cuh's tile)
 
-    fn = f"kiln::expert_gemm<{C_TYPES[dtype]}>"
+    wg = wgmma and K % 64 == 0
+    fn = f"kiln::expert_gemm<{C_TYPES[dtype]}, {'true' if wg else 'false'}>"
+    smem_bytes = WG_SMEM_BYTES if wg else SMEM_BYTES
 
     @T.prim_func
     def kiln_expert_gemm(var_a: T.handle, w: T.Buffer((n_exp, N, K), dtype), offsets: T.Buffer((n_exp + 1,), "int32"), var_c: T.handle):
@@ -161,7 +164,7 @@ def expert_gemm(n_exp: int, N: int, K: int, k: int, dtype: str):
             for by in T.thread_binding((m // k + BM - 1) // BM, thread="blockIdx.y"):  # a group holds at most one row per token
                 for bx in T.thread_binding((N + BN - 1) // BN, thread="blockIdx.x"):
                     for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                        smem = T.alloc_buffer((SMEM_BYTES,), "uint8", scope="shared.dyn")
+                        smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
                         T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0]), T.address_of(w[0, 0, 0]), T.address_of(offsets[0]),
                                                  T.address_of(c[0, 0]), N, K, smem.access_ptr("rw")))
 
@@ -282,12 +285,14 @@ def grouped_q_supported(n_exp: int, K: int, group: int, code: str, dtype: str) -
     return n_exp <= MAX_EXPERTS and qgemm_supported(K, group, code, dtype)
 
 
-def expert_qgemm(n_exp: int, N: int, K: int, k: int, dtype: str, code: str, group: int):
+def expert_qgemm(n_exp: int, N: int, K: int, k: int, dtype: str, code: str, group: int, wgmma: bool = False):
     """As expert_gemm over a quantized stack [E, N, K] (the format's arrays q, s, z: see _q_arrays)."""
-    from .gemm_cuda import BM, BN, QSMEM_BYTES, THREADS  # noqa: PLC0415
+    from .gemm_cuda import BM, BN, QSMEM_BYTES, THREADS, WG_SMEM_BYTES  # noqa: PLC0415
     from .gemv_cuda import QGEMV_CODES  # noqa: PLC0415
 
-    fn = f"kiln::expert_qgemm<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {group}>"
+    wg = wgmma and K % 64 == 0
+    fn = f"kiln::expert_qgemm<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {group}, {'true' if wg else 'false'}>"
+    smem_bytes = WG_SMEM_BYTES if wg else QSMEM_BYTES
     (qs, qd), (ss, sd), (zs, zd) = _q_arrays(code, n_exp, N, K, group)
 
     @T.prim_func
@@ -301,7 +306,7 @@ def expert_qgemm(n_exp: int, N: int, K: int, k: int, dtype: str, code: str, grou
             for by in T.thread_binding((m // k + BM - 1) // BM, thread="blockIdx.y"):
                 for bx in T.thread_binding((N + BN - 1) // BN, thread="blockIdx.x"):
                     for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                        smem = T.alloc_buffer((QSMEM_BYTES,), "uint8", scope="shared.dyn")
+                        smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
                         T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0]), T.address_of(q[0, 0, 0]), T.address_of(s[0, 0, 0]),
                                                  T.address_of(z[0, 0, 0]), T.address_of(offsets[0]), T.address_of(c[0, 0]), N, K,
                                                  smem.access_ptr("rw")))

@@ -249,11 +249,19 @@ __device__ __forceinline__ void expert_route(const int* __restrict__ ids, int* _
 // 128 x 256 tiles, blockIdx.z the expert, blockIdx.y the M tile within its group
 // (blocks past the group's rows leave at once). A [R, K], W [E, N, K], C [R, N].
 // Launch: grid (ceil(N / 256), ceil(T / 128), E), 256 threads, GEMM_SMEM_BYTES.
-template <typename T>
+// WG: the tile on Hopper's wgmma (gemm_wg.cuh; the same 128 x 256 tile, GEMM_WG_SMEM_BYTES), where built as sm_90a.
+template <typename T, bool WG = false>
 __device__ __forceinline__ void expert_gemm(const T* __restrict__ A, const T* __restrict__ W, const int* __restrict__ offsets,
                                             T* __restrict__ C, int N, int K, unsigned char* __restrict__ smem) {
   const int e = blockIdx.z, start = offsets[e], cnt = offsets[e + 1] - start, m0 = blockIdx.y * GEMM_BM;
   if (m0 >= cnt) return;  // the whole block
+#ifdef KILN_HAVE_WGMMA
+  if constexpr (WG) {
+    gemm_wg_tile_wgmma<T, T, false>(A + (size_t)start * K, W + (size_t)e * N * K, nullptr, C + (size_t)start * N, nullptr, cnt, N, K, 0,
+                                    K / WG_BK, 0, false, smem, m0, blockIdx.x * GEMM_BN);
+    return;
+  }
+#endif
   gemm_tn_tile<T, false>(A + (size_t)start * K, W + (size_t)e * N * K, nullptr, C + (size_t)start * N, cnt, N, K, smem, m0,
                          blockIdx.x * GEMM_BN);
 }
@@ -261,7 +269,7 @@ __device__ __forceinline__ void expert_gemm(const T* __restrict__ A, const T* __
 // The same over a quantized stack (gemm.cuh's gemm_tn_q tile: codes through the cp.async ring,
 // decoded once per K step into a 16-bit tile). Expert e's rows of the format's arrays start at
 // e N: codes (K / 2 or K bytes per row), scales and minima (K / G per row; fp8: one fp32 per row).
-template <typename T, int CODE, int G>
+template <typename T, int CODE, int G, bool WG = false>
 __device__ __forceinline__ void expert_qgemm(const T* __restrict__ A, const void* __restrict__ Qv, const void* __restrict__ Sv,
                                              const void* __restrict__ Zv, const int* __restrict__ offsets, T* __restrict__ C, int N, int K,
                                              unsigned char* __restrict__ smem) {
@@ -272,6 +280,13 @@ __device__ __forceinline__ void expert_qgemm(const T* __restrict__ A, const void
   const void* s = CODE == 9 ? static_cast<const void*>(static_cast<const float*>(Sv) + rows)
                             : static_cast<const void*>(static_cast<const __half*>(Sv) + rows * ng);
   const void* z = CODE == 4 ? static_cast<const void*>(static_cast<const __half*>(Zv) + rows * ng) : Zv;
+#ifdef KILN_HAVE_WGMMA
+  if constexpr (WG) {
+    gemm_wg_tile_wgmma<T, T, false, CODE, (CODE == 4 || CODE == 8) ? G : 8>(A + (size_t)start * K, q, nullptr, C + (size_t)start * N, nullptr,
+                                                                            cnt, N, K, 0, K / WG_BK, 0, false, smem, m0, blockIdx.x * GEMM_BN, s, z);
+    return;
+  }
+#endif
   gemm_tn_q_tile<T, CODE, G>(A + (size_t)start * K, q, s, z, C + (size_t)start * N, cnt, N, K, smem, m0, blockIdx.x * GEMM_BN);
 }
 
