@@ -176,21 +176,30 @@ __device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, cons
   auto decode_row = [&](int stage, int k0, unsigned char* dst) {
     const int row = tid, n = min(n0 + row, N - 1);
     const uint32_t* w = reinterpret_cast<const uint32_t*>(gbase + stage * STAGE + WG_A_BYTES + row * 64);
+    // the step's scales (and minima) first: one group per step when G % 64 == 0, else one per chunk
+    constexpr int NSC = (CODE == 4 || CODE == 8) ? (G % 64 == 0 ? 1 : 8) : 1;
+    float scl[NSC], mnm[NSC];
+    if constexpr (CODE == 4 || CODE == 8) {
+      const int ng = K / G;
+#pragma unroll
+      for (int i = 0; i < NSC; ++i) {
+        const size_t at = (size_t)n * ng + (k0 + i * 8) / G;
+        scl[i] = __half2float(static_cast<const __half*>(S)[at]);
+        mnm[i] = CODE == 4 ? __half2float(static_cast<const __half*>(Z)[at]) : 0.f;
+      }
+    }
 #pragma unroll
     for (int c = 0; c < 8; ++c) {  // 8 chunks of 8 values
       uint4 out;
       if constexpr (CODE == 4) {
-        const int g = (k0 + c * 8) / G, ng = K / G;
-        const float sc = __half2float(static_cast<const __half*>(S)[(size_t)n * ng + g]);
-        const float zz = __half2float(static_cast<const __half*>(Z)[(size_t)n * ng + g]);
+        const float sc = scl[NSC == 1 ? 0 : c], zz = mnm[NSC == 1 ? 0 : c];
         const uint32_t q = w[c];
         float v[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] = fmaf(static_cast<float>((q >> (4 * j)) & 0xFu), sc, zz);
         out = make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
       } else if constexpr (CODE == 8) {
-        const int g = (k0 + c * 8) / G, ng = K / G;
-        const float sc = __half2float(static_cast<const __half*>(S)[(size_t)n * ng + g]);
+        const float sc = scl[NSC == 1 ? 0 : c];
         float v[8];
 #pragma unroll
         for (int h = 0; h < 2; ++h)
