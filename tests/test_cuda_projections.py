@@ -206,3 +206,17 @@ def test_quantized_prompt_and_fp8_rows_take_wgmma_on_hopper():
     assert "kiln::gemm_rows_wg_f8<" in src and "if B <= T.int64(64):" in src, src
     src = gemm_rows_q(4096, 4096, "bfloat16", "f8").script()
     assert "gemm_rows_wg_f8" not in src and "197632" not in src, src
+
+
+def test_short_prompts_split_k_on_hopper():
+    """A prompt of at most 256 rows leaves the 128 x 256 tiles a sixth of the chip for N = 4096: on
+    Hopper it runs decode_batch's split-K kernel (gemm_rows_wg + the ordered reduction) instead;
+    large N (one wave of tiles already) and other targets keep the tile kernel alone."""
+    from kiln.passes.kernels.gemm_cuda import gemm, gemm_residual
+
+    src = gemm_residual(4096, 4096, "bfloat16", wgmma=True).script()
+    assert "if B * S <= T.int64(256):" in src and "kiln::gemm_rows_wg<__nv_bfloat16, __nv_bfloat16, true>" in src, src
+    assert "kiln::gemm_wg<__nv_bfloat16, true>" in src, src
+    src = gemm(4096, 28672, "bfloat16", wgmma=True).script()
+    assert "gemm_rows_wg" not in src and "kiln::gemm_wg<" in src, src
+    assert "gemm_rows_wg" not in gemm(4096, 4096, "bfloat16").script()

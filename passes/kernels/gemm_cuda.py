@@ -45,8 +45,61 @@ def _callee(K: int, dtype: str, residual: bool, wgmma: bool) -> tuple[str, int]:
     return f"kiln::gemm_tn<{C_TYPES[dtype]}, {res}>", SMEM_BYTES
 
 
+PROMPT_SPLIT_M = 256  # wgmma: prompts of at most this many rows take gemm_rows_wg's split K (H200, 8B: 6144 x 4096 at 128 rows 31 us against 48)
+
+
+def _prompt_launch(K: int, N: int, dtype: str, residual: bool, wgmma: bool):
+    """The launch of a prompt GEMM over rows a  # [M, K] (M = B * S): gemm_wg / gemm_tn tiles; with wgmma, short
+    prompts (M <= PROMPT_SPLIT_M: 16-24 tiles for N = 4096 / 6144, a sixth of the chip) split K over blocks
+    as decode_batch's kernel does (gemm_rows_wg + the ordered reduction)."""
+    (fn, smem_bytes), nb = _callee(K, dtype, residual, wgmma), (N + BN - 1) // BN
+    split = wgmma and K % 64 == 0
+    res, ct = "true" if residual else "false", C_TYPES[dtype]
+    rows_fn, reduce, ks = f"kiln::gemm_rows_wg<{ct}, {ct}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {ct}, {res}>", rows_wg_ksplit(N, K)
+
+    @T.macro
+    def tiles(a, w, r, y, M):
+        for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
+                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
+                                             T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K, smem.access_ptr("rw")))
+
+    @T.macro
+    def split_k(a, w, r, y, M):
+        ws = T.alloc_buffer((ks * M * N if ks > 1 else 1,), "float32")  # partials [ks, M, N]
+        for bz in T.thread_binding(ks, thread="blockIdx.z"):
+            for by in T.thread_binding((M + 127) // 128, thread="blockIdx.y"):
+                for bx in T.thread_binding((N + 255) // 256, thread="blockIdx.x"):
+                    for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                        smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", rows_fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
+                                                 T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", M), N, K, ks,
+                                                 smem.access_ptr("rw")))
+        if ks > 1:
+            for bx in T.thread_binding((M * N + 255) // 256, thread="blockIdx.x"):
+                for tx in T.thread_binding(256, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                                             T.Cast("int32", M), N, ks))
+
+    if split and ks > 1:
+        @T.macro
+        def launch(a, w, r, y, M):
+            if M <= PROMPT_SPLIT_M:
+                split_k(a, w, r, y, M)
+            else:
+                tiles(a, w, r, y, M)
+    else:
+        @T.macro
+        def launch(a, w, r, y, M):
+            tiles(a, w, r, y, M)
+
+    return launch
+
+
 def gemm(K: int, N: int, dtype: str, wgmma: bool = False):
-    (fn, smem_bytes), nb = _callee(K, dtype, False, wgmma), (N + BN - 1) // BN
+    launch = _prompt_launch(K, N, dtype, False, wgmma)
 
     @T.prim_func
     def kiln_gemm(var_a: T.handle, w: T.Buffer((N, K), dtype), var_y: T.handle):
@@ -55,18 +108,13 @@ def gemm(K: int, N: int, dtype: str, wgmma: bool = False):
         S = T.int64()
         a = T.match_buffer(var_a, (B, S, K), dtype)
         y = T.match_buffer(var_y, (B, S, N), dtype)
-        for by in T.thread_binding((B * S + BM - 1) // BM, thread="blockIdx.y"):
-            for bx in T.thread_binding(nb, thread="blockIdx.x"):
-                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(y[0, 0, 0]),
-                                             T.address_of(y[0, 0, 0]), T.Cast("int32", B * S), N, K, smem.access_ptr("rw")))
+        launch(a, w, y, y, B * S)  # r: not read (no residual); y's address in its place
 
     return kiln_gemm
 
 
 def gemm_residual(K: int, N: int, dtype: str, wgmma: bool = False):
-    (fn, smem_bytes), nb = _callee(K, dtype, True, wgmma), (N + BN - 1) // BN
+    launch = _prompt_launch(K, N, dtype, True, wgmma)
 
     @T.prim_func
     def kiln_gemm_residual(var_a: T.handle, w: T.Buffer((N, K), dtype), var_r: T.handle, var_y: T.handle):
@@ -76,12 +124,7 @@ def gemm_residual(K: int, N: int, dtype: str, wgmma: bool = False):
         a = T.match_buffer(var_a, (B, S, K), dtype)
         r = T.match_buffer(var_r, (B, S, N), dtype)
         y = T.match_buffer(var_y, (B, S, N), dtype)
-        for by in T.thread_binding((B * S + BM - 1) // BM, thread="blockIdx.y"):
-            for bx in T.thread_binding(nb, thread="blockIdx.x"):
-                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
-                                             T.address_of(y[0, 0, 0]), T.Cast("int32", B * S), N, K, smem.access_ptr("rw")))
+        launch(a, w, r, y, B * S)
 
     return kiln_gemm_residual
 
