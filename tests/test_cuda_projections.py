@@ -196,16 +196,16 @@ def test_norm_and_swiglu_rows_run_on_kiln_kernels(rows, swapped):
 
 def test_quantized_prompt_and_fp8_rows_take_wgmma_on_hopper():
     """Quantized weights on Hopper: a prompt's GEMM decodes the codes into wgmma tiles (gemm_wg_q:
-    1.4-1.9x gemm_tn_q on the H200), and fp8 decode_batch above 64 rows runs gemm_rows_wg_f8; without
+    1.4-1.9x gemm_tn_q on the H200), and fp8 decode_batch above 64 rows runs gemm_rows_wg_q; without
     wgmma nothing of either is in the function (its 193 KB of shared memory would not launch on sm_80/89)."""
     from kiln.passes.kernels.gemm_cuda import gemm_rows_q, qgemm
 
     assert "kiln::gemm_wg_q<__nv_bfloat16, 4, 128>" in qgemm(4096, 4096, 128, "4", "bfloat16", wgmma=True).script()
     assert "kiln::gemm_tn_q<__nv_bfloat16, 4, 128>" in qgemm(4096, 4096, 128, "4", "bfloat16").script()
     src = gemm_rows_q(4096, 4096, "bfloat16", "f8", wgmma=True).script()
-    assert "kiln::gemm_rows_wg_f8<" in src and "if B <= T.int64(64):" in src, src
+    assert "kiln::gemm_rows_wg_q<" in src and "if B <= T.int64(64):" in src, src
     src = gemm_rows_q(4096, 4096, "bfloat16", "f8").script()
-    assert "gemm_rows_wg_f8" not in src and "197632" not in src, src
+    assert "gemm_rows_wg_q" not in src and "197632" not in src, src
 
 
 def test_short_prompts_split_k_on_hopper():

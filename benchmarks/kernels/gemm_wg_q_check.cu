@@ -1,4 +1,4 @@
-// kiln::gemm_wg_q (prompt GEMM over 4-bit / int8 / e4m3 codes on wgmma) and kiln::gemm_rows_wg_f8 (decode_batch over e4m3 codes)
+// kiln::gemm_wg_q (prompt GEMM over 4-bit / int8 / e4m3 codes on wgmma) and kiln::gemm_rows_wg_q (decode_batch over e4m3 codes)
 // on the GPU machine, standalone: against an fp64 reference that decodes every code as the kernels do, rows bit-equal across B,
 // and time against gemm_tn_q (WMMA) / the middle fp8 row kernel.
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/gwq benchmarks/kernels/gemm_wg_q_check.cu && /tmp/gwq
@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(256) ktq(const bf* A, const void* Q, const voi
 template <typename OutT>
 __global__ void __launch_bounds__(256, 1) krf8(const bf* A, const void* W, const void* S, OutT* C, float* ws, int M, int N, int K, int ks) {
   extern __shared__ __align__(16) unsigned char sm[];
-  kiln::gemm_rows_wg_f8<bf, OutT>(A, W, S, C, ws, M, N, K, ks, sm);
+  kiln::gemm_rows_wg_q<bf, OutT, 9, 8>(A, W, S, S, C, ws, M, N, K, ks, sm);
 }
 template <typename OutT>
 __global__ void kred(const float* ws, OutT* C, int M, int N, int ks) { kiln::gemm_rows_big_reduce<bf, OutT, false>(ws, nullptr, C, M, N, ks); }
@@ -134,6 +134,37 @@ bool prompt_case(int M, int N, int K, bool timing) {
   return ok;
 }
 
+template <int CODE, int G>
+__global__ void __launch_bounds__(256, 1) krq(const bf* A, const void* W, const void* S, const void* Z, bf* C, float* ws, int M, int N, int K, int ks) {
+  extern __shared__ __align__(16) unsigned char sm[];
+  kiln::gemm_rows_wg_q<bf, bf, CODE, G>(A, W, S, Z, C, ws, M, N, K, ks, sm);
+}
+int ksplit_wg(int N, int K);
+// a short prompt over 4-bit / int8 codes through the split-K kernel, against the reference
+template <int CODE, int G>
+bool split_case(int M, int N, int K) {
+  bf *A, *C; uint8_t* Q; __half *S, *Z; float *Cr, *ws;
+  size_t qbytes = CODE == 4 ? (size_t)N * K / 2 : (size_t)N * K, ns = (size_t)N * (K / G);
+  CK(cudaMalloc(&A, (size_t)M * K * 2)); CK(cudaMalloc(&C, (size_t)M * N * 2)); CK(cudaMalloc(&Q, qbytes));
+  CK(cudaMalloc(&S, ns * 2)); CK(cudaMalloc(&Z, ns * 2)); CK(cudaMalloc(&Cr, (size_t)M * N * 4)); CK(cudaMalloc(&ws, (size_t)8 * M * N * 4));
+  k_fill<<<1024, 256>>>(A, (size_t)M * K, 1, 1.f); k_bytes<<<4096, 256>>>(Q, qbytes, 2, false);
+  k_halves<<<256, 256>>>(S, ns, 3, 0.001f, 0.004f); k_halves<<<256, 256>>>(Z, ns, 4, -0.03f, 0.f);
+  const int sm = kiln::GEMM_WG_SMEM_BYTES, ks = ksplit_wg(N, K);
+  CK(cudaFuncSetAttribute(krq<CODE, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+  krq<CODE, G><<<dim3((N + 255) / 256, (M + 127) / 128, ks), 256, sm>>>(A, Q, S, Z, C, ws, M, N, K, ks);
+  if (ks > 1) kred<bf><<<(unsigned)(((size_t)M * N + 255) / 256), 256>>>(ws, C, M, N, ks);
+  k_ref<<<dim3((N + 127) / 128, M), 128>>>(CODE, G, A, Q, S, Z, Cr, M, N, K);
+  CK(cudaDeviceSynchronize());
+  std::vector<bf> h((size_t)M * N); std::vector<float> hr((size_t)M * N);
+  CK(cudaMemcpy(h.data(), C, h.size() * 2, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(hr.data(), Cr, hr.size() * 4, cudaMemcpyDeviceToHost));
+  double md = 0, mx = 0;
+  for (size_t i = 0; i < h.size(); ++i) { md = fmax(md, fabs((double)__bfloat162float(h[i]) - hr[i])); mx = fmax(mx, fabs(hr[i])); }
+  bool ok = md <= 8e-3 * mx && std::isfinite(md) && mx > 0;
+  printf("split CODE=%d G=%d M=%d N=%d K=%d ks=%d: %.2e of max %s\n", CODE, G, M, N, K, ks, md / mx, ok ? "ok" : "FAIL");
+  cudaFree(A); cudaFree(C); cudaFree(Q); cudaFree(S); cudaFree(Z); cudaFree(Cr); cudaFree(ws);
+  return ok;
+}
+
 int ksplit_wg(int N, int K) { int t = (N + 255) / 256, ks = 1; while (ks < 8 && t * ks * 2 <= 132 && K % (64 * ks * 2) == 0) ks *= 2; return ks; }
 
 bool rows_case(int N, int K) {
@@ -189,6 +220,9 @@ int main() {
   ok &= prompt_case<8, 128>(300, 4096, 14336, false);
   ok &= prompt_case<8, 32>(1, 256, 64, false);
   ok &= prompt_case<9, 192>(128, 200, 192, false);
+  ok &= split_case<4, 128>(100, 4096, 4096);
+  ok &= split_case<4, 32>(1, 6144, 4096);
+  ok &= split_case<8, 128>(256, 4096, 14336);
   for (int M : {512, 2048}) {
     prompt_case<9, 4096>(M, 28672, 4096, true); prompt_case<9, 14336>(M, 4096, 14336, true);
     prompt_case<4, 128>(M, 28672, 4096, true); prompt_case<4, 128>(M, 4096, 14336, true);

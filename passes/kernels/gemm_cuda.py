@@ -273,11 +273,11 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
     small, mid = (f"kiln::gemm_rows<{ct}, {co}, false, {tt}, uint8_t>" for tt in (1, 8))
     tiles = _rows_tiles(N, K)
-    # Hopper, above 64 rows: gemm_rows_wg_f8 (codes decoded into wgmma tiles; H200, 8B shapes at B = 128: a layer
+    # Hopper, above 64 rows: gemm_rows_wg_q (codes decoded into wgmma tiles; H200, 8B shapes at B = 128: a layer
     # 290 us against the middle kernel's 396; at B <= 64 the middle kernel is faster)
     ks = rows_wg_ksplit(N, K)
     mid_max = ROWS_BIG_B if wgmma and K % BIG_BK == 0 and N >= 1024 else 1 << 30
-    big, reduce = f"kiln::gemm_rows_wg_f8<{ct}, {co}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, false>"
+    big, reduce = f"kiln::gemm_rows_wg_q<{ct}, {co}, {QGEMV_CODES[code]}, 8>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, false>"
 
     @T.macro
     def big_f8(a, q, s, y, B):
@@ -288,8 +288,8 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
                     for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
                         smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
                         T.evaluate(T.call_extern("void", big, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                                 T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", B), N, K, ks,
-                                                 smem.access_ptr("rw")))
+                                                 T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", B), N,
+                                                 K, ks, smem.access_ptr("rw")))
         if ks > 1:
             for bx in T.thread_binding((B * N + 255) // 256, thread="blockIdx.x"):
                 for tx in T.thread_binding(256, thread="threadIdx.x"):
@@ -336,10 +336,51 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
     """y  # [1, M, N] = a  # [1, M, K] @ dequant(q, s[, z])^T on tensor cores, M symbolic
     (prefill). Same arguments as the NT_qmatmul TE kernel it replaces."""
     nb, ng = (N + BN - 1) // BN, K // group
-    if wgmma and K % 64 == 0:  # Hopper: codes decoded into the wgmma tiles (kernels/cuda/gemm_wg.cuh)
-        fn, smem_bytes = f"kiln::gemm_wg_q<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {group}>", WG_SMEM_BYTES
+    ct, cq = C_TYPES[dtype], QGEMV_CODES[code]
+    wg = wgmma and K % 64 == 0
+    if wg:  # Hopper: codes decoded into the wgmma tiles (kernels/cuda/gemm_wg.cuh)
+        fn, smem_bytes = f"kiln::gemm_wg_q<{ct}, {cq}, {group}>", WG_SMEM_BYTES
     else:
-        fn, smem_bytes = f"kiln::gemm_tn_q<{C_TYPES[dtype]}, {QGEMV_CODES[code]}, {group}>", QSMEM_BYTES
+        fn, smem_bytes = f"kiln::gemm_tn_q<{ct}, {cq}, {group}>", QSMEM_BYTES
+    rows_fn, reduce, ks = f"kiln::gemm_rows_wg_q<{ct}, {ct}, {cq}, {group}>", f"kiln::gemm_rows_big_reduce<{ct}, {ct}, false>", rows_wg_ksplit(N, K)
+
+    @T.macro
+    def tiles(a, q, s, z, y, M):
+        for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
+                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                             T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K, smem.access_ptr("rw")))
+
+    @T.macro
+    def split_k(a, q, s, z, y, M):  # short prompts on Hopper: K split over blocks (as _prompt_launch)
+        ws = T.alloc_buffer((ks * M * N if ks > 1 else 1,), "float32")
+        for bz in T.thread_binding(ks, thread="blockIdx.z"):
+            for by in T.thread_binding((M + 127) // 128, thread="blockIdx.y"):
+                for bx in T.thread_binding((N + 255) // 256, thread="blockIdx.x"):
+                    for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                        smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", rows_fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                                 T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", M), N, K,
+                                                 ks, smem.access_ptr("rw")))
+        if ks > 1:
+            for bx in T.thread_binding((M * N + 255) // 256, thread="blockIdx.x"):
+                for tx in T.thread_binding(256, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(a[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                                             T.Cast("int32", M), N, ks))
+
+    if wg and ks > 1:
+        @T.macro
+        def launch(a, q, s, z, y, M):
+            if M <= PROMPT_SPLIT_M:
+                split_k(a, q, s, z, y, M)
+            else:
+                tiles(a, q, s, z, y, M)
+    else:
+        @T.macro
+        def launch(a, q, s, z, y, M):
+            tiles(a, q, s, z, y, M)
     q_shape, q_dtype = ((N, K // 8), "uint32") if code == "4" else ((N, K), "uint8" if code == "f8" else "int8")
     s_dtype = "float32" if code == "f8" else "float16"
 
@@ -351,13 +392,7 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
             M = T.int64()
             a = T.match_buffer(var_a, (1, M, K), dtype)
             y = T.match_buffer(var_y, (1, M, N), dtype)
-            for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
-                for bx in T.thread_binding(nb, thread="blockIdx.x"):
-                    for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                        smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                                 T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
-                                                 smem.access_ptr("rw")))
+            launch(a, q, s, z, y, M)
 
         return kiln_qgemm4
 
@@ -367,12 +402,6 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
         M = T.int64()
         a = T.match_buffer(var_a, (1, M, K), dtype)
         y = T.match_buffer(var_y, (1, M, N), dtype)
-        for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
-            for bx in T.thread_binding(nb, thread="blockIdx.x"):
-                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                             T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
-                                             smem.access_ptr("rw")))  # z: unused
+        launch(a, q, s, s, y, M)  # z: unused
 
     return kiln_qgemm8

@@ -378,23 +378,38 @@ __device__ __forceinline__ void gemm_wg_q(const T* __restrict__ A, const void* _
 #endif
 }
 
-// decode_batch over e4m3 weights above 8 rows (gemm_rows_wg with codes; S: fp32 row scales).
+// Split-K rows over quantized weights (gemm_rows_wg with codes): decode_batch over e4m3 weights above
+// 64 rows (CODE 9, S fp32 row scales), and short prompts over any format (gemm_wg_q's arguments).
 // Without sm_90a: every output on CUDA cores (slow; see gemm_wg_tile_portable).
-template <typename T, typename OutT>
-__device__ __forceinline__ void gemm_rows_wg_f8(const T* __restrict__ A, const void* __restrict__ W, const void* __restrict__ S,
-                                                OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int ksplit,
-                                                unsigned char* __restrict__ smem_raw) {
+template <int CODE, int G>
+__device__ __forceinline__ float wg_code_value(const void* __restrict__ Qv, const void* __restrict__ Sv, const void* __restrict__ Zv, int n, int k,
+                                               int K) {
+  const uint8_t* q = static_cast<const uint8_t*>(Qv);
+  if constexpr (CODE == 4) {
+    const size_t at = (size_t)n * (K / G) + k / G;
+    const float c = static_cast<float>((q[(size_t)n * K / 2 + k / 2] >> (4 * (k % 2))) & 0xF);
+    return fmaf(c, __half2float(static_cast<const __half*>(Sv)[at]), __half2float(static_cast<const __half*>(Zv)[at]));
+  } else if constexpr (CODE == 8) {
+    return static_cast<float>(static_cast<int8_t>(q[(size_t)n * K + k])) * __half2float(static_cast<const __half*>(Sv)[(size_t)n * (K / G) + k / G]);
+  } else {
+    return kv_decode<kKvFp8>(q[(size_t)n * K + k]) * static_cast<const float*>(Sv)[n];
+  }
+}
+
+template <typename T, typename OutT, int CODE, int G>
+__device__ __forceinline__ void gemm_rows_wg_q(const T* __restrict__ A, const void* __restrict__ W, const void* __restrict__ S,
+                                               const void* __restrict__ Z, OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K,
+                                               int ksplit, unsigned char* __restrict__ smem_raw) {
   const int steps = K / ksplit / WG_BK, z = blockIdx.z, m0 = blockIdx.y * WG_BM, n0 = blockIdx.x * WG_BN;
 #ifdef KILN_HAVE_WGMMA
-  gemm_wg_tile_wgmma<T, OutT, false, 9, 8>(A, W, nullptr, C, ws, M, N, K, z * steps * WG_BK, steps, z, ksplit > 1, smem_raw, m0, n0, S);
+  gemm_wg_tile_wgmma<T, OutT, false, CODE, (CODE == 4 || CODE == 8) ? G : 8>(A, W, nullptr, C, ws, M, N, K, z * steps * WG_BK, steps, z,
+                                                                             ksplit > 1, smem_raw, m0, n0, S, Z);
 #else
-  const uint8_t* q = static_cast<const uint8_t*>(W);
   for (int i = threadIdx.x; i < WG_BM * WG_BN; i += blockDim.x) {
     const int m = m0 + i / WG_BN, n = n0 + i % WG_BN;
     if (m >= M || n >= N) continue;
     float v = 0.f;
-    for (int k = z * steps * WG_BK; k < (z + 1) * steps * WG_BK; ++k) v += to_float(A[(size_t)m * K + k]) * kv_decode<kKvFp8>(q[(size_t)n * K + k]);
-    v *= static_cast<const float*>(S)[n];
+    for (int k = z * steps * WG_BK; k < (z + 1) * steps * WG_BK; ++k) v += to_float(A[(size_t)m * K + k]) * wg_code_value<CODE, G>(W, S, Z, n, k, K);
     if (ksplit > 1) ws[((size_t)z * M + m) * N + n] = v;
     else C[(size_t)m * N + n] = from_float<OutT>(v);
   }
