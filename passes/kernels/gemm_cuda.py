@@ -54,8 +54,7 @@ def _prompt_launch(K: int, N: int, dtype: str, residual: bool, wgmma: bool):
     as decode_batch's kernel does (gemm_rows_wg + the ordered reduction)."""
     (fn, smem_bytes), nb = _callee(K, dtype, residual, wgmma), (N + BN - 1) // BN
     split = wgmma and K % 64 == 0
-    res, ct = "true" if residual else "false", C_TYPES[dtype]
-    rows_fn, reduce, ks = f"kiln::gemm_rows_wg<{ct}, {ct}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {ct}, {res}>", rows_wg_ksplit(N, K)
+    ks = rows_wg_ksplit(N, K)
 
     @T.macro
     def tiles(a, w, r, y, M):
@@ -66,22 +65,7 @@ def _prompt_launch(K: int, N: int, dtype: str, residual: bool, wgmma: bool):
                     T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
                                              T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K, smem.access_ptr("rw")))
 
-    @T.macro
-    def split_k(a, w, r, y, M):
-        ws = T.alloc_buffer((ks * M * N if ks > 1 else 1,), "float32")  # partials [ks, M, N]
-        for bz in T.thread_binding(ks, thread="blockIdx.z"):
-            for by in T.thread_binding((M + 127) // 128, thread="blockIdx.y"):
-                for bx in T.thread_binding((N + 255) // 256, thread="blockIdx.x"):
-                    for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                        smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", rows_fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
-                                                 T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", M), N, K, ks,
-                                                 smem.access_ptr("rw")))
-        if ks > 1:
-            for bx in T.thread_binding((M * N + 255) // 256, thread="blockIdx.x"):
-                for tx in T.thread_binding(256, thread="threadIdx.x"):
-                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]),
-                                             T.Cast("int32", M), N, ks))
+    split_k = _rows_wg_launch(N, K, dtype, dtype, residual)
 
     if split and ks > 1:
         @T.macro
@@ -159,6 +143,59 @@ def rows_wg_ksplit(N: int, K: int, sms: int = 132) -> int:
     return ks
 
 
+def _rows_wg_launch(N: int, K: int, dtype: str, out_dtype: str, residual: bool):
+    """gemm_rows_wg with its fixed split of K over M contiguous rows (decode_batch's [B, 1, K] or a
+    short prompt's [1, S, K]): the launch and, with several K ranges, the ordered reduction (+ r)."""
+    ct, co, res = C_TYPES[dtype], C_TYPES[out_dtype], "true" if residual else "false"
+    fn, reduce, ks = f"kiln::gemm_rows_wg<{ct}, {co}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>", rows_wg_ksplit(N, K)
+
+    @T.macro
+    def launch(a, w, r, y, M):
+        ws = T.alloc_buffer((ks * M * N if ks > 1 else 1,), "float32")  # split-K partials [ks, M, N]
+        for bz in T.thread_binding(ks, thread="blockIdx.z"):
+            for by in T.thread_binding((M + 127) // 128, thread="blockIdx.y"):
+                for bx in T.thread_binding((N + 255) // 256, thread="blockIdx.x"):
+                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                        smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
+                                                 T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", M), N, K, ks,
+                                                 smem.access_ptr("rw")))
+        if ks > 1:
+            for bx in T.thread_binding((M * N + 255) // 256, thread="blockIdx.x"):
+                for tx in T.thread_binding(256, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                                             T.Cast("int32", M), N, ks))
+
+    return launch
+
+
+def _rows_wg_q_launch(N: int, K: int, dtype: str, out_dtype: str, code: str, group: int):
+    """gemm_rows_wg_q (codes q, scales s, minima z -- s again where the format has none) with its fixed
+    split of K over M contiguous rows, and the ordered reduction."""
+    ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
+    fn, reduce = f"kiln::gemm_rows_wg_q<{ct}, {co}, {QGEMV_CODES[code]}, {group}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, false>"
+    ks = rows_wg_ksplit(N, K)
+
+    @T.macro
+    def launch(a, q, s, z, y, M):
+        ws = T.alloc_buffer((ks * M * N if ks > 1 else 1,), "float32")
+        for bz in T.thread_binding(ks, thread="blockIdx.z"):
+            for by in T.thread_binding((M + 127) // 128, thread="blockIdx.y"):
+                for bx in T.thread_binding((N + 255) // 256, thread="blockIdx.x"):
+                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                        smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                                 T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", M), N, K,
+                                                 ks, smem.access_ptr("rw")))
+        if ks > 1:
+            for bx in T.thread_binding((M * N + 255) // 256, thread="blockIdx.x"):
+                for tx in T.thread_binding(256, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(a[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                                             T.Cast("int32", M), N, ks))
+
+    return launch
+
+
 def _rows_tiles(N: int, K: int):
     """The launch of kiln::gemm_rows (the small- and middle-B kernels): blocks_m x ceil(N / 32)
     blocks of 256 threads with their 8 KB reduction buffer. w: the weight or its codes; s: the
@@ -192,32 +229,33 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
     small, mid = (f"kiln::gemm_rows<{ct}, {co}, {res}, {tt}>" for tt in (1, 8))
     reduce = f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>"
     wgmma = wgmma and K % BIG_BK == 0
-    if wgmma:  # tiles of 256 weight rows x 128 tokens; grid (N tiles, token tiles, K ranges)
-        big, ks, big_smem, tile_n, tile_t = f"kiln::gemm_rows_wg<{ct}, {co}, {res}>", rows_wg_ksplit(N, K), WG_SMEM_BYTES, 256, 128
-    else:  # tiles of 128 weight rows x 128 tokens; grid (token tiles, N tiles, K ranges)
-        big, ks, big_smem, tile_n, tile_t = f"kiln::gemm_rows_big<{ct}, {co}, {res}>", rows_ksplit(N, K), BIG_SMEM_BYTES, BIG_W, BIG_T
+    # wgmma: gemm_rows_wg, tiles of 256 weight rows x 128 tokens (_rows_wg_launch); else gemm_rows_big, 128 x 128
+    big, ks = f"kiln::gemm_rows_big<{ct}, {co}, {res}>", rows_wg_ksplit(N, K) if wgmma else rows_ksplit(N, K)
     # the middle kernel takes every B > 8 where the big one cannot split K or N is small (a few
     # blocks walking all of K one after another: N = 77 took 81 us against 12 on the H200)
     mid_max = (ROWS_WG_B if wgmma else ROWS_BIG_B) if K % (BIG_BK * ks) == 0 and N >= 1024 else 1 << 30
 
     tiles = _rows_tiles(N, K)
 
-    @T.macro
-    def big_launch(a, w, r, y, B):
-        ws = T.alloc_buffer((ks * B * N if ks > 1 else 1,), "float32")  # split-K partials [ks, B, N]
-        for bz in T.thread_binding(ks, thread="blockIdx.z"):
-            for by in T.thread_binding((B + tile_t - 1) // tile_t if wgmma else (N + tile_n - 1) // tile_n, thread="blockIdx.y"):
-                for bx in T.thread_binding((N + tile_n - 1) // tile_n if wgmma else (B + tile_t - 1) // tile_t, thread="blockIdx.x"):
-                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                        smem = T.alloc_buffer((big_smem,), "uint8", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", big, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
-                                                 T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", B), N, K, ks,
-                                                 smem.access_ptr("rw")))
-        if ks > 1:
-            for bx in T.thread_binding((B * N + 255) // 256, thread="blockIdx.x"):
-                for tx in T.thread_binding(256, thread="threadIdx.x"):
-                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]),
-                                             T.Cast("int32", B), N, ks))
+    if wgmma:
+        big_launch = _rows_wg_launch(N, K, dtype, out_dtype, residual)
+    else:
+        @T.macro
+        def big_launch(a, w, r, y, B):
+            ws = T.alloc_buffer((ks * B * N if ks > 1 else 1,), "float32")  # split-K partials [ks, B, N]
+            for bz in T.thread_binding(ks, thread="blockIdx.z"):
+                for by in T.thread_binding((N + BIG_W - 1) // BIG_W, thread="blockIdx.y"):
+                    for bx in T.thread_binding((B + BIG_T - 1) // BIG_T, thread="blockIdx.x"):
+                        for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                            smem = T.alloc_buffer((BIG_SMEM_BYTES,), "uint8", scope="shared.dyn")
+                            T.evaluate(T.call_extern("void", big, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
+                                                     T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", B), N, K, ks,
+                                                     smem.access_ptr("rw")))
+            if ks > 1:
+                for bx in T.thread_binding((B * N + 255) // 256, thread="blockIdx.x"):
+                    for tx in T.thread_binding(256, thread="threadIdx.x"):
+                        T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                                                 T.Cast("int32", B), N, ks))
 
     if mid_max > ROWS_SMALL_B:
         @T.macro
@@ -275,26 +313,12 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     tiles = _rows_tiles(N, K)
     # Hopper, above 64 rows: gemm_rows_wg_q (codes decoded into wgmma tiles; H200, 8B shapes at B = 128: a layer
     # 290 us against the middle kernel's 396; at B <= 64 the middle kernel is faster)
-    ks = rows_wg_ksplit(N, K)
     mid_max = ROWS_BIG_B if wgmma and K % BIG_BK == 0 and N >= 1024 else 1 << 30
-    big, reduce = f"kiln::gemm_rows_wg_q<{ct}, {co}, {QGEMV_CODES[code]}, 8>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, false>"
+    big_q = _rows_wg_q_launch(N, K, dtype, out_dtype, code, 8)
 
     @T.macro
     def big_f8(a, q, s, y, B):
-        ws = T.alloc_buffer((ks * B * N if ks > 1 else 1,), "float32")  # split-K partials [ks, B, N]
-        for bz in T.thread_binding(ks, thread="blockIdx.z"):
-            for by in T.thread_binding((B + 127) // 128, thread="blockIdx.y"):
-                for bx in T.thread_binding((N + 255) // 256, thread="blockIdx.x"):
-                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                        smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", big, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                                 T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", B), N,
-                                                 K, ks, smem.access_ptr("rw")))
-        if ks > 1:
-            for bx in T.thread_binding((B * N + 255) // 256, thread="blockIdx.x"):
-                for tx in T.thread_binding(256, thread="threadIdx.x"):
-                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(a[0, 0, 0]), T.address_of(y[0, 0, 0]),
-                                             T.Cast("int32", B), N, ks))
+        big_q(a, q, s, s, y, B)  # (e4m3: no minima; the scales stand in)
 
     if mid_max < 1 << 30:
         @T.macro
@@ -342,7 +366,7 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
         fn, smem_bytes = f"kiln::gemm_wg_q<{ct}, {cq}, {group}>", WG_SMEM_BYTES
     else:
         fn, smem_bytes = f"kiln::gemm_tn_q<{ct}, {cq}, {group}>", QSMEM_BYTES
-    rows_fn, reduce, ks = f"kiln::gemm_rows_wg_q<{ct}, {ct}, {cq}, {group}>", f"kiln::gemm_rows_big_reduce<{ct}, {ct}, false>", rows_wg_ksplit(N, K)
+    ks = rows_wg_ksplit(N, K)
 
     @T.macro
     def tiles(a, q, s, z, y, M):
@@ -353,22 +377,7 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
                     T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
                                              T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K, smem.access_ptr("rw")))
 
-    @T.macro
-    def split_k(a, q, s, z, y, M):  # short prompts on Hopper: K split over blocks (as _prompt_launch)
-        ws = T.alloc_buffer((ks * M * N if ks > 1 else 1,), "float32")
-        for bz in T.thread_binding(ks, thread="blockIdx.z"):
-            for by in T.thread_binding((M + 127) // 128, thread="blockIdx.y"):
-                for bx in T.thread_binding((N + 255) // 256, thread="blockIdx.x"):
-                    for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                        smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", rows_fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                                 T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", M), N, K,
-                                                 ks, smem.access_ptr("rw")))
-        if ks > 1:
-            for bx in T.thread_binding((M * N + 255) // 256, thread="blockIdx.x"):
-                for tx in T.thread_binding(256, thread="threadIdx.x"):
-                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(a[0, 0, 0]), T.address_of(y[0, 0, 0]),
-                                             T.Cast("int32", M), N, ks))
+    split_k = _rows_wg_q_launch(N, K, dtype, dtype, code, group)  # short prompts on Hopper: K split over blocks
 
     if wg and ks > 1:
         @T.macro
