@@ -71,7 +71,7 @@ def _prompt_launch(K: int, N: int, dtype: str, residual: bool, wgmma: bool):
         @T.macro
         def launch(a, w, r, y, M):
             if M <= PROMPT_SPLIT_M:
-                split_k(a, w, r, y, M)
+                split_k((a, w, r), r, y, M)
             else:
                 tiles(a, w, r, y, M)
     else:
@@ -143,57 +143,50 @@ def rows_wg_ksplit(N: int, K: int, sms: int = 132) -> int:
     return ks
 
 
-def _rows_wg_launch(N: int, K: int, dtype: str, out_dtype: str, residual: bool):
-    """gemm_rows_wg with its fixed split of K over M contiguous rows (decode_batch's [B, 1, K] or a
-    short prompt's [1, S, K]): the launch and, with several K ranges, the ordered reduction (+ r)."""
-    ct, co, res = C_TYPES[dtype], C_TYPES[out_dtype], "true" if residual else "false"
-    fn, reduce, ks = f"kiln::gemm_rows_wg<{ct}, {co}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>", rows_wg_ksplit(N, K)
+def _addresses(*bufs):
+    """The first element's address of each buffer (T.call_extern arguments)."""
+    return [T.address_of(b[tuple(0 for _ in b.shape)]) for b in bufs]
+
+
+def _split_k_launch(fn: str, reduce: str, N: int, K: int, ks: int, smem_bytes: int, tile_n: int, tile_t: int, n_on_x: bool):
+    """A row kernel with K cut into ks ranges over grid.z (kernels/cuda/gemm_rows.cuh gemm_rows_big, gemm_wg.cuh
+    gemm_rows_wg[_q]) over M contiguous rows, and with several ranges the ordered reduction of the fp32 partials.
+    launch(ins, rr, y, M): ins the kernel's inputs before y (a and the weight's arrays, + r), rr what the
+    reduction reads as the residual (not read without one)."""
 
     @T.macro
-    def launch(a, w, r, y, M):
+    def launch(ins, rr, y, M):
         ws = T.alloc_buffer((ks * M * N if ks > 1 else 1,), "float32")  # split-K partials [ks, M, N]
         for bz in T.thread_binding(ks, thread="blockIdx.z"):
-            for by in T.thread_binding((M + 127) // 128, thread="blockIdx.y"):
-                for bx in T.thread_binding((N + 255) // 256, thread="blockIdx.x"):
+            for by in T.thread_binding((M + tile_t - 1) // tile_t if n_on_x else (N + tile_n - 1) // tile_n, thread="blockIdx.y"):
+                for bx in T.thread_binding((N + tile_n - 1) // tile_n if n_on_x else (M + tile_t - 1) // tile_t, thread="blockIdx.x"):
                     for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                        smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
-                                                 T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", M), N, K, ks,
-                                                 smem.access_ptr("rw")))
+                        smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
+                        T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", M),
+                                                 N, K, ks, smem.access_ptr("rw")))
         if ks > 1:
             for bx in T.thread_binding((M * N + 255) // 256, thread="blockIdx.x"):
                 for tx in T.thread_binding(256, thread="threadIdx.x"):
-                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(rr[0, 0, 0]), T.address_of(y[0, 0, 0]),
                                              T.Cast("int32", M), N, ks))
 
     return launch
+
+
+def _rows_wg_launch(N: int, K: int, dtype: str, out_dtype: str, residual: bool):
+    """gemm_rows_wg (tiles of 256 weight rows x 128 tokens) with its fixed split of K, over M contiguous rows
+    (decode_batch's [B, 1, K] or a short prompt's [1, S, K]): launch((a, w, r), r, y, M)."""
+    ct, co, res = C_TYPES[dtype], C_TYPES[out_dtype], "true" if residual else "false"
+    return _split_k_launch(f"kiln::gemm_rows_wg<{ct}, {co}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>", N, K,
+                           rows_wg_ksplit(N, K), WG_SMEM_BYTES, 256, 128, True)
 
 
 def _rows_wg_q_launch(N: int, K: int, dtype: str, out_dtype: str, code: str, group: int):
     """gemm_rows_wg_q (codes q, scales s, minima z -- s again where the format has none) with its fixed
-    split of K over M contiguous rows, and the ordered reduction."""
+    split of K: launch((a, q, s, z), a, y, M)."""
     ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
-    fn, reduce = f"kiln::gemm_rows_wg_q<{ct}, {co}, {QGEMV_CODES[code]}, {group}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, false>"
-    ks = rows_wg_ksplit(N, K)
-
-    @T.macro
-    def launch(a, q, s, z, y, M):
-        ws = T.alloc_buffer((ks * M * N if ks > 1 else 1,), "float32")
-        for bz in T.thread_binding(ks, thread="blockIdx.z"):
-            for by in T.thread_binding((M + 127) // 128, thread="blockIdx.y"):
-                for bx in T.thread_binding((N + 255) // 256, thread="blockIdx.x"):
-                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                        smem = T.alloc_buffer((WG_SMEM_BYTES,), "uint8", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                                 T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", M), N, K,
-                                                 ks, smem.access_ptr("rw")))
-        if ks > 1:
-            for bx in T.thread_binding((M * N + 255) // 256, thread="blockIdx.x"):
-                for tx in T.thread_binding(256, thread="threadIdx.x"):
-                    T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(a[0, 0, 0]), T.address_of(y[0, 0, 0]),
-                                             T.Cast("int32", M), N, ks))
-
-    return launch
+    return _split_k_launch(f"kiln::gemm_rows_wg_q<{ct}, {co}, {QGEMV_CODES[code]}, {group}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, false>",
+                           N, K, rows_wg_ksplit(N, K), WG_SMEM_BYTES, 256, 128, True)
 
 
 def _rows_tiles(N: int, K: int):
@@ -237,25 +230,8 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
 
     tiles = _rows_tiles(N, K)
 
-    if wgmma:
-        big_launch = _rows_wg_launch(N, K, dtype, out_dtype, residual)
-    else:
-        @T.macro
-        def big_launch(a, w, r, y, B):
-            ws = T.alloc_buffer((ks * B * N if ks > 1 else 1,), "float32")  # split-K partials [ks, B, N]
-            for bz in T.thread_binding(ks, thread="blockIdx.z"):
-                for by in T.thread_binding((N + BIG_W - 1) // BIG_W, thread="blockIdx.y"):
-                    for bx in T.thread_binding((B + BIG_T - 1) // BIG_T, thread="blockIdx.x"):
-                        for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
-                            smem = T.alloc_buffer((BIG_SMEM_BYTES,), "uint8", scope="shared.dyn")
-                            T.evaluate(T.call_extern("void", big, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
-                                                     T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", B), N, K, ks,
-                                                     smem.access_ptr("rw")))
-            if ks > 1:
-                for bx in T.thread_binding((B * N + 255) // 256, thread="blockIdx.x"):
-                    for tx in T.thread_binding(256, thread="threadIdx.x"):
-                        T.evaluate(T.call_extern("void", reduce, ws.access_ptr("rw"), T.address_of(r[0, 0, 0]), T.address_of(y[0, 0, 0]),
-                                                 T.Cast("int32", B), N, ks))
+    big_launch = _rows_wg_launch(N, K, dtype, out_dtype, residual) if wgmma else _split_k_launch(
+        big, reduce, N, K, ks, BIG_SMEM_BYTES, BIG_W, BIG_T, False)
 
     if mid_max > ROWS_SMALL_B:
         @T.macro
@@ -265,14 +241,14 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
             elif B <= mid_max:
                 tiles(mid, a, w, w, r, y, B, (B + ROWS_M - 1) // ROWS_M)
             else:
-                big_launch(a, w, r, y, B)
+                big_launch((a, w, r), r, y, B)
     else:  # (wgmma: no middle range)
         @T.macro
         def launch(a, w, r, y, B):
             if B <= ROWS_SMALL_B:
                 tiles(small, a, w, w, r, y, B, 1)
             else:
-                big_launch(a, w, r, y, B)
+                big_launch((a, w, r), r, y, B)
 
     if residual:
         @T.prim_func
@@ -316,10 +292,6 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     mid_max = ROWS_BIG_B if wgmma and K % BIG_BK == 0 and N >= 1024 else 1 << 30
     big_q = _rows_wg_q_launch(N, K, dtype, out_dtype, code, 8)
 
-    @T.macro
-    def big_f8(a, q, s, y, B):
-        big_q(a, q, s, s, y, B)  # (e4m3: no minima; the scales stand in)
-
     if mid_max < 1 << 30:
         @T.macro
         def launch(a, q, s, y, B):
@@ -328,7 +300,7 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
             elif B <= mid_max:
                 tiles(mid, a, q, s, a, y, B, (B + ROWS_M - 1) // ROWS_M)
             else:
-                big_f8(a, q, s, y, B)
+                big_q((a, q, s, s), a, y, B)  # (e4m3: no minima; the scales stand in)
     else:  # (no wgmma kernel: nothing of it in the library, whose shared memory it would ask for)
         @T.macro
         def launch(a, q, s, y, B):
@@ -383,7 +355,7 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
         @T.macro
         def launch(a, q, s, z, y, M):
             if M <= PROMPT_SPLIT_M:
-                split_k(a, q, s, z, y, M)
+                split_k((a, q, s, z), a, y, M)
             else:
                 tiles(a, q, s, z, y, M)
     else:
