@@ -11,10 +11,10 @@
 using bf = __nv_bfloat16;
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
-template <int D>
-__global__ void __launch_bounds__(128) k_fa2(const bf* q, const int* qi, const bf* k, const bf* v, const int* ki, bf* o, float* lse, int B, int H, int Hk, int causal, float sc) {
+template <int D, int NW>
+__global__ void __launch_bounds__(32 * NW) k_fa2(const bf* q, const int* qi, const bf* k, const bf* v, const int* ki, bf* o, float* lse, int B, int H, int Hk, int causal, float sc) {
   extern __shared__ __align__(128) unsigned char sm[];
-  kiln::attn_prefill_fa2<bf, D>(q, qi, k, v, ki, o, lse, B, H, Hk, causal, sc, sm);
+  kiln::attn_prefill_fa2<bf, D, NW>(q, qi, k, v, ki, o, lse, B, H, Hk, causal, sc, sm);
 }
 // reference: one thread per (query row, head); fp32, two passes
 __global__ void k_ref(const bf* q, const int* qi, const bf* k, const bf* v, const int* ki, float* o, float* lse, int B, int H, int Hk, int D, int causal, float sc, int total) {
@@ -51,7 +51,7 @@ __global__ void k_fill(bf* p, size_t n, unsigned seed, float scale) {
 
 struct Case { std::vector<int> qlen, prefix; int H, Hk, causal; };
 
-template <int D>
+template <int D, int NW = 4>
 bool run_case(const Case& c, bool timing, const char* name) {
   int B = c.qlen.size();
   std::vector<int> qi(B + 1, 0), ki(B + 1, 0);
@@ -64,10 +64,10 @@ bool run_case(const Case& c, bool timing, const char* name) {
   CK(cudaMemcpy(dqi, qi.data(), (B + 1) * 4, cudaMemcpyHostToDevice)); CK(cudaMemcpy(dki, ki.data(), (B + 1) * 4, cudaMemcpyHostToDevice));
   k_fill<<<1024, 256>>>(q, (size_t)tq * H * D, 1, 1.f); k_fill<<<1024, 256>>>(k, (size_t)tk * Hk * D, 2, 1.f); k_fill<<<1024, 256>>>(v, (size_t)tk * Hk * D, 3, 1.f);
   const float sc = 1.f / sqrtf((float)D);
-  const int smem = kiln::attn_fa2_smem_bytes<D>();
-  CK(cudaFuncSetAttribute(k_fa2<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  dim3 grid((tq + 63) / 64 + B, H);
-  auto fa2 = [&]() { k_fa2<D><<<grid, 128, smem>>>(q, dqi, k, v, dki, o, lse, B, H, Hk, c.causal, sc); };
+  const int smem = kiln::attn_fa2_smem_bytes<D, NW>();
+  CK(cudaFuncSetAttribute(k_fa2<D, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  dim3 grid((tq + 16 * NW - 1) / (16 * NW) + B, H);
+  auto fa2 = [&]() { k_fa2<D, NW><<<grid, 32 * NW, smem>>>(q, dqi, k, v, dki, o, lse, B, H, Hk, c.causal, sc); };
   fa2();
   CK(cudaDeviceSynchronize());
   bool ok = true;
@@ -84,7 +84,7 @@ bool run_case(const Case& c, bool timing, const char* name) {
     for (size_t i = 0; i < hr.size(); ++i) { e = fmax(e, fabs(__bfloat162float(ho[i]) - hr[i])); mx = fmax(mx, fabs(hr[i])); }
     for (size_t i = 0; i < hl.size(); ++i) el = fmax(el, fabs(hl[i] - hrl[i]));
     ok = e <= 2e-2 * mx && el <= 2e-2 && std::isfinite(e);
-    printf("%-34s D=%3d: out err %.2e of max %.2f, lse err %.2e %s\n", name, D, e / mx, mx, el, ok ? "ok" : "FAIL");
+    printf("%-34s D=%3d NW=%d: out err %.2e of max %.2f, lse err %.2e %s\n", name, D, NW, e / mx, mx, el, ok ? "ok" : "FAIL");
     cudaFree(ro); cudaFree(rl);
   } else {
     cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
@@ -100,7 +100,7 @@ bool run_case(const Case& c, bool timing, const char* name) {
       double pairs = c.causal ? ql * (kl - ql) + ql * (ql + 1) / 2 : ql * kl;
       fl += 4.0 * pairs * D * H;
     }
-    printf("%-34s D=%3d: fa2 %8.1f us %6.1f TF/s\n", name, D, t[0] * 1e3, fl / t[0] / 1e9);
+    printf("%-34s D=%3d NW=%d: fa2 %8.1f us %6.1f TF/s\n", name, D, NW, t[0] * 1e3, fl / t[0] / 1e9);
   }
   cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse); cudaFree(dqi); cudaFree(dki);
   return ok;
@@ -113,6 +113,12 @@ int main() {
   ok &= run_case<128>({{77, 130}, {10, 0}, 4, 4, 0}, false, "ragged non-causal, MHA");
   ok &= run_case<64>({{100, 513, 64}, {0, 37, 200}, 9, 3, 1}, false, "ragged + prefix, causal");
   ok &= run_case<64>({{1, 65}, {64, 0}, 8, 1, 1}, false, "one-token + MQA, causal");
+  ok &= run_case<128, 8>({{100, 513, 64, 1}, {0, 37, 200, 5}, 8, 2, 1}, false, "ragged 4 seqs + prefix, causal");
+  ok &= run_case<64, 8>({{1, 65}, {64, 0}, 8, 1, 1}, false, "one-token + MQA, causal");
+  run_case<128, 8>({{2048}, {0}, 32, 8, 1}, true, "8B: 2048 causal");
+  run_case<128, 8>({{8192}, {0}, 32, 8, 1}, true, "8B: 8192 causal");
+  run_case<128, 8>({std::vector<int>(16, 128), std::vector<int>(16, 0), 32, 8, 1}, true, "8B: 16 x 128 causal (serving)");
+  run_case<64, 8>({{2048}, {0}, 9, 3, 1}, true, "SmolLM2: 2048 causal");
   run_case<128>({{2048}, {0}, 32, 8, 1}, true, "8B: 2048 causal");
   run_case<128>({{8192}, {0}, 32, 8, 1}, true, "8B: 8192 causal");
   run_case<128>({std::vector<int>(16, 128), std::vector<int>(16, 0), 32, 8, 1}, true, "8B: 16 x 128 causal (serving)");

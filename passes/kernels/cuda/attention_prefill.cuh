@@ -22,17 +22,18 @@ namespace kiln {
 // accumulators, online softmax on them in registers (each lane holds two rows: the m16n8 C
 // layout is documented, unlike WMMA's), P re-packed from the S accumulators straight into A
 // fragments for O += P V (V through ldmatrix.trans). Heavy row tiles (late in a causal
-// sequence) are scheduled first. Launch: grid (row-tile bound, H_qo), 128 threads,
-// attn_fa2_smem_bytes<D>() of dynamic shared memory.
-template <int D>
-constexpr int attn_fa2_smem_bytes() { return (64 * D + 2 * 2 * 64 * D) * 2; }
+// sequence) are scheduled first. NW warps (4 or 8: 64 or 128 query rows share each K / V tile).
+// Launch: grid (row-tile bound of 16 NW rows, H_qo), 32 NW threads, attn_fa2_smem_bytes<D, NW>()
+// of dynamic shared memory.
+template <int D, int NW = 4>
+constexpr int attn_fa2_smem_bytes() { return (16 * NW * D + 2 * 2 * 64 * D) * 2; }
 
-template <typename T, int D>
+template <typename T, int D, int NW = 4>
 __device__ __forceinline__ void attn_prefill_fa2(const T* __restrict__ q, const int32_t* __restrict__ q_indptr, const T* __restrict__ k,
                                                  const T* __restrict__ v, const int32_t* __restrict__ kv_indptr, T* __restrict__ out,
                                                  float* __restrict__ lse, int B, int H_qo, int H_kv, int causal, float sm_scale,
                                                  unsigned char* __restrict__ smem_raw) {
-  constexpr int BQ = 64, BK = 64, CH = D / 8;  // CH: 16-byte chunks per row
+  constexpr int BQ = 16 * NW, BK = 64, CH = D / 8, NT = 32 * NW;  // CH: 16-byte chunks per row
   static_assert(D % 16 == 0 && D <= 256, "head_dim");
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* Ks = Qs + BQ * D;          // [2][BK][D]
@@ -58,7 +59,7 @@ __device__ __forceinline__ void attn_prefill_fa2(const T* __restrict__ q, const 
 
   auto sw = [](int row, int c) { return row * D + ((c ^ (row & 7)) << 3); };  // element offset of chunk c of a row
   auto load_rows = [&](T* dst, const T* src, size_t stride, int first, int count, int limit) {
-    for (int i = tid; i < count * CH; i += 128) {
+    for (int i = tid; i < count * CH; i += NT) {
       const int r = i / CH, c = i % CH, j = first + r;
       cp_async16(dst + sw(r, c), src + (size_t)min(j, max(limit - 1, 0)) * stride + c * 8, j < limit);
     }
