@@ -85,7 +85,7 @@ int main() {
   CK(cudaFuncSetAttribute(kbig, cudaFuncAttributeMaxDynamicSharedMemorySize, kiln::GBIG_SMEM_BYTES));
   bool ok = true;
   // correctness: odd M / N (zero-fill and edges), residual on and off
-  int cshapes[][3] = {{200, 6144, 4096}, {77, 320, 576}, {1, 256, 64}, {300, 4096, 14336}, {128, 200, 192}};
+  int cshapes[][3] = {{200, 6144, 4096}, {77, 320, 576}, {1, 256, 64}, {300, 4096, 14336}, {128, 200, 192}, {33, 333, 128}};
   for (auto& sh : cshapes) {
     int M = sh[0], N = sh[1], K = sh[2];
     bf *A, *W, *R, *C; float* Cr;
@@ -137,7 +137,7 @@ int main() {
     cudaFree(A); cudaFree(W); cudaFree(C);
   }
   // decode_batch rows: correctness (bf16 and fp32 out), rows of B = 65 / 128 / 200 bit-equal to B = 256, time vs gemm_rows_big
-  int rshapes[][2] = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}, {128256, 4096}, {200, 192}};
+  int rshapes[][2] = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}, {128256, 4096}, {200, 192}, {1027, 512}};
   printf("rows: %7s %6s %3s | B: us wg / us big / us mid\n", "N", "K", "ks");
   for (auto& sh : rshapes) {
     int N = sh[0], K = sh[1], MM = 256;

@@ -268,10 +268,15 @@ __device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, cons
     for (int j = 0; j < 32; ++j) {
       const int n = n0 + j * 8 + 2 * q;
       float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
+      const bool pair_ok = n + 1 < N && (N & 1) == 0;  // vector stores need an even row length (n is even)
       if (split) {
         float* w = ws + ((size_t)z * M + m) * N + n;
-        if (n + 1 < N) *reinterpret_cast<float2*>(w) = make_float2(v0, v1);  // (N even: 8-byte aligned)
-        else if (n < N) w[0] = v0;
+        if (pair_ok) {
+          *reinterpret_cast<float2*>(w) = make_float2(v0, v1);
+        } else {
+          if (n < N) w[0] = v0;
+          if (n + 1 < N) w[1] = v1;
+        }
         continue;
       }
       if constexpr (RESIDUAL) {
@@ -279,7 +284,7 @@ __device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, cons
         if (n + 1 < N) v1 += to_float(R[(size_t)m * N + n + 1]);
       }
       if constexpr (sizeof(OutT) == 2) {
-        if (n + 1 < N) {
+        if (pair_ok) {
           typename Pair2<OutT>::type pair;
           pair.x = from_float<OutT>(v0);
           pair.y = from_float<OutT>(v1);
