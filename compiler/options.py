@@ -40,7 +40,7 @@ class CudaOptions:
             CUDA too. None (auto): when the weights are 16-bit floats or fp8, whose
             [B, 1, K] projections run on kiln_gemm_rows; other quantized and fp32
             weights would get dlight's generic schedules, slower than one call per sequence
-    wgmma   GEMMs of prompts and of decode_batch above 64 rows on Hopper's warpgroup MMA
+    wgmma   GEMMs of prompts and of decode_batch above 8 rows on Hopper's warpgroup MMA
             (kernels/cuda/gemm_wg.cuh) when every arch built is sm_90 (else the mma.sync kernels)
 
     For experiments, environment variables override these in any compile:

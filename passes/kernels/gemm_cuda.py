@@ -48,42 +48,51 @@ def _callee(K: int, dtype: str, residual: bool, wgmma: bool) -> tuple[str, int]:
 PROMPT_SPLIT_M = 256  # wgmma: prompts of at most this many rows take gemm_rows_wg's split K (H200, 8B: 6144 x 4096 at 128 rows 31 us against 48)
 
 
-def _prompt_launch(K: int, N: int, dtype: str, residual: bool, wgmma: bool):
-    """The launch of a prompt GEMM over rows a  # [M, K] (M = B * S): gemm_wg / gemm_tn tiles; with wgmma, short
-    prompts (M <= PROMPT_SPLIT_M: 16-24 tiles for N = 4096 / 6144, a sixth of the chip) split K over blocks
-    as decode_batch's kernel does (gemm_rows_wg + the ordered reduction)."""
-    (fn, smem_bytes), nb = _callee(K, dtype, residual, wgmma), (N + BN - 1) // BN
-    split = wgmma and K % 64 == 0
-    ks = rows_wg_ksplit(N, K)
+def _tile_launch(fn: str, N: int, K: int, smem_bytes: int):
+    """The 128 x 256 tile kernels over M contiguous rows (gemm_tn / gemm_wg and their quantized twins):
+    grid (ceil(N / 256), ceil(M / 128)), 256 threads. launch(ins, y, M): ins the kernel's inputs before y
+    (a, the weight's arrays, r)."""
+    nb = (N + BN - 1) // BN
 
     @T.macro
-    def tiles(a, w, r, y, M):
+    def launch(ins, y, M):
         for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
             for bx in T.thread_binding(nb, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(w[0, 0]), T.address_of(r[0, 0, 0]),
-                                             T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K, smem.access_ptr("rw")))
-
-    split_k = _rows_wg_launch(N, K, dtype, dtype, residual)
-
-    if split and ks > 1:
-        @T.macro
-        def launch(a, w, r, y, M):
-            if M <= PROMPT_SPLIT_M:
-                split_k((a, w, r), r, y, M)
-            else:
-                tiles(a, w, r, y, M)
-    else:
-        @T.macro
-        def launch(a, w, r, y, M):
-            tiles(a, w, r, y, M)
+                    T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
+                                             smem.access_ptr("rw")))
 
     return launch
 
 
+def _prompt_launch(tiles, split_k, split: bool):
+    """A prompt GEMM over M contiguous rows: the tile kernel; with `split` (wgmma, K in more than one range),
+    short prompts (M <= PROMPT_SPLIT_M: 16-24 tiles for N = 4096 / 6144, a sixth of the chip) take the
+    row kernel's split of K instead (split_k: gemm_rows_wg[_q] + the ordered reduction).
+    launch(ins, rr, y, M) as _split_k_launch's."""
+
+    @T.macro
+    def launch(ins, rr, y, M):
+        if split:
+            if M <= PROMPT_SPLIT_M:
+                split_k(ins, rr, y, M)
+            else:
+                tiles(ins, y, M)
+        else:
+            tiles(ins, y, M)
+
+    return launch
+
+
+def _gemm_launch(K: int, N: int, dtype: str, residual: bool, wgmma: bool):
+    fn, smem_bytes = _callee(K, dtype, residual, wgmma)
+    split = wgmma and K % 64 == 0 and rows_wg_ksplit(N, K) > 1
+    return _prompt_launch(_tile_launch(fn, N, K, smem_bytes), _rows_wg_launch(N, K, dtype, dtype, residual), split)
+
+
 def gemm(K: int, N: int, dtype: str, wgmma: bool = False):
-    launch = _prompt_launch(K, N, dtype, False, wgmma)
+    launch = _gemm_launch(K, N, dtype, False, wgmma)
 
     @T.prim_func
     def kiln_gemm(var_a: T.handle, w: T.Buffer((N, K), dtype), var_y: T.handle):
@@ -92,13 +101,13 @@ def gemm(K: int, N: int, dtype: str, wgmma: bool = False):
         S = T.int64()
         a = T.match_buffer(var_a, (B, S, K), dtype)
         y = T.match_buffer(var_y, (B, S, N), dtype)
-        launch(a, w, y, y, B * S)  # r: not read (no residual); y's address in its place
+        launch((a, w, y), y, y, B * S)  # r: not read (no residual); y's address in its place
 
     return kiln_gemm
 
 
 def gemm_residual(K: int, N: int, dtype: str, wgmma: bool = False):
-    launch = _prompt_launch(K, N, dtype, True, wgmma)
+    launch = _gemm_launch(K, N, dtype, True, wgmma)
 
     @T.prim_func
     def kiln_gemm_residual(var_a: T.handle, w: T.Buffer((N, K), dtype), var_r: T.handle, var_y: T.handle):
@@ -108,7 +117,7 @@ def gemm_residual(K: int, N: int, dtype: str, wgmma: bool = False):
         a = T.match_buffer(var_a, (B, S, K), dtype)
         r = T.match_buffer(var_r, (B, S, N), dtype)
         y = T.match_buffer(var_y, (B, S, N), dtype)
-        launch(a, w, r, y, B * S)
+        launch((a, w, r), r, y, B * S)
 
     return kiln_gemm_residual
 
@@ -208,6 +217,30 @@ def _rows_tiles(N: int, K: int):
     return tiles
 
 
+def _rows_dispatch(tiles, small: str, mid: str, mid_max: int, big):
+    """decode_batch's kernel by B: `small` (one token tile) for B <= 8, `mid` up to mid_max, `big` (a split-K
+    launch) above; big None: mid for every B > 8; mid_max <= 8: no middle range. Only the ranges used are
+    in the function (a wgmma kernel's shared memory would not launch on other GPUs).
+    launch(a, w, s, r, y, B, ins, rr): tiles' arguments, then big's inputs and what its reduction reads as r."""
+
+    @T.macro
+    def launch(a, w, s, r, y, B, ins, rr):
+        if B <= ROWS_SMALL_B:
+            tiles(small, a, w, s, r, y, B, 1)
+        else:
+            if big is None:
+                tiles(mid, a, w, s, r, y, B, (B + ROWS_M - 1) // ROWS_M)
+            elif mid_max <= ROWS_SMALL_B:
+                big(ins, rr, y, B)
+            else:
+                if B <= mid_max:
+                    tiles(mid, a, w, s, r, y, B, (B + ROWS_M - 1) // ROWS_M)
+                else:
+                    big(ins, rr, y, B)
+
+    return launch
+
+
 def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str | None = None, wgmma: bool = False):
     """y  # [B, 1, N] (out_dtype: dtype or float32) = a  # [B, 1, K] @ W  # [N, K]^T (+ r  # [B, 1, N]),
     B symbolic: one token of each of B sequences (decode_batch). Three kernels, picked on the
@@ -232,23 +265,7 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
 
     big_launch = _rows_wg_launch(N, K, dtype, out_dtype, residual) if wgmma else _split_k_launch(
         big, reduce, N, K, ks, BIG_SMEM_BYTES, BIG_W, BIG_T, False)
-
-    if mid_max > ROWS_SMALL_B:
-        @T.macro
-        def launch(a, w, r, y, B):
-            if B <= ROWS_SMALL_B:
-                tiles(small, a, w, w, r, y, B, 1)
-            elif B <= mid_max:
-                tiles(mid, a, w, w, r, y, B, (B + ROWS_M - 1) // ROWS_M)
-            else:
-                big_launch((a, w, r), r, y, B)
-    else:  # (wgmma: no middle range)
-        @T.macro
-        def launch(a, w, r, y, B):
-            if B <= ROWS_SMALL_B:
-                tiles(small, a, w, w, r, y, B, 1)
-            else:
-                big_launch((a, w, r), r, y, B)
+    launch = _rows_dispatch(tiles, small, mid, mid_max, big_launch)
 
     if residual:
         @T.prim_func
@@ -258,7 +275,7 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
             a = T.match_buffer(var_a, (B, 1, K), dtype)
             r = T.match_buffer(var_r, (B, 1, N), dtype)
             y = T.match_buffer(var_y, (B, 1, N), out_dtype)
-            launch(a, w, r, y, B)
+            launch(a, w, w, r, y, B, (a, w, r), r)
 
         return kiln_gemm_rows_residual
 
@@ -268,7 +285,7 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
         B = T.int64()
         a = T.match_buffer(var_a, (B, 1, K), dtype)
         y = T.match_buffer(var_y, (B, 1, N), out_dtype)
-        launch(a, w, a, y, B)  # r: not read (RESIDUAL is false); a's address in its place
+        launch(a, w, w, a, y, B, (a, w, a), a)  # r: not read (RESIDUAL is false); a's address in its place
 
     return kiln_gemm_rows
 
@@ -280,7 +297,7 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     """decode_batch's projection over quantized weights: y  # [B, 1, N] = a  # [B, 1, K] @ dequant(q, s)^T,
     B symbolic. fp8 ("f8": e4m3 codes q  # [N, K] uint8, per-row fp32 scales s  # [N, 1]) only:
     the codes widen exactly to 16 bits in registers and the scale multiplies the row's sum
-    (kernels/cuda/gemm_rows.cuh). Small and middle kernels by B (no multistage one yet)."""
+    (kernels/cuda/gemm_rows.cuh). Small and middle kernels by B; on Hopper gemm_rows_wg_q above 64 rows."""
     if code not in ROWS_QCODES:
         raise ValueError(f"no row kernel for code kind {code!r}")
     out_dtype = out_dtype or dtype
@@ -289,25 +306,8 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     tiles = _rows_tiles(N, K)
     # Hopper, above 64 rows: gemm_rows_wg_q (codes decoded into wgmma tiles; H200, 8B shapes at B = 128: a layer
     # 290 us against the middle kernel's 396; at B <= 64 the middle kernel is faster)
-    mid_max = ROWS_BIG_B if wgmma and K % BIG_BK == 0 and N >= 1024 else 1 << 30
-    big_q = _rows_wg_q_launch(N, K, dtype, out_dtype, code, 8)
-
-    if mid_max < 1 << 30:
-        @T.macro
-        def launch(a, q, s, y, B):
-            if B <= ROWS_SMALL_B:
-                tiles(small, a, q, s, a, y, B, 1)
-            elif B <= mid_max:
-                tiles(mid, a, q, s, a, y, B, (B + ROWS_M - 1) // ROWS_M)
-            else:
-                big_q((a, q, s, s), a, y, B)  # (e4m3: no minima; the scales stand in)
-    else:  # (no wgmma kernel: nothing of it in the library, whose shared memory it would ask for)
-        @T.macro
-        def launch(a, q, s, y, B):
-            if B <= ROWS_SMALL_B:
-                tiles(small, a, q, s, a, y, B, 1)
-            else:
-                tiles(mid, a, q, s, a, y, B, (B + ROWS_M - 1) // ROWS_M)
+    big = _rows_wg_q_launch(N, K, dtype, out_dtype, code, 8) if wgmma and K % BIG_BK == 0 and N >= 1024 else None
+    launch = _rows_dispatch(tiles, small, mid, ROWS_BIG_B, big)
 
     @T.prim_func
     def kiln_gemm_rows_f8(var_a: T.handle, q: T.Buffer((N, K), "uint8"), s: T.Buffer((N, 1), "float32"), var_y: T.handle):
@@ -315,7 +315,7 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
         B = T.int64()
         a = T.match_buffer(var_a, (B, 1, K), dtype)
         y = T.match_buffer(var_y, (B, 1, N), out_dtype)
-        launch(a, q, s, y, B)
+        launch(a, q, s, a, y, B, (a, q, s, s), a)  # (e4m3: no minima; the scales stand in)
 
     return kiln_gemm_rows_f8
 
@@ -331,37 +331,15 @@ def qgemm_supported(K: int, group: int, code: str, dtype: str) -> bool:
 def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False):
     """y  # [1, M, N] = a  # [1, M, K] @ dequant(q, s[, z])^T on tensor cores, M symbolic
     (prefill). Same arguments as the NT_qmatmul TE kernel it replaces."""
-    nb, ng = (N + BN - 1) // BN, K // group
+    ng = K // group
     ct, cq = C_TYPES[dtype], QGEMV_CODES[code]
     wg = wgmma and K % 64 == 0
     if wg:  # Hopper: codes decoded into the wgmma tiles (kernels/cuda/gemm_wg.cuh)
         fn, smem_bytes = f"kiln::gemm_wg_q<{ct}, {cq}, {group}>", WG_SMEM_BYTES
     else:
         fn, smem_bytes = f"kiln::gemm_tn_q<{ct}, {cq}, {group}>", QSMEM_BYTES
-    ks = rows_wg_ksplit(N, K)
-
-    @T.macro
-    def tiles(a, q, s, z, y, M):
-        for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
-            for bx in T.thread_binding(nb, thread="blockIdx.x"):
-                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                    T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                             T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K, smem.access_ptr("rw")))
-
-    split_k = _rows_wg_q_launch(N, K, dtype, dtype, code, group)  # short prompts on Hopper: K split over blocks
-
-    if wg and ks > 1:
-        @T.macro
-        def launch(a, q, s, z, y, M):
-            if M <= PROMPT_SPLIT_M:
-                split_k((a, q, s, z), a, y, M)
-            else:
-                tiles(a, q, s, z, y, M)
-    else:
-        @T.macro
-        def launch(a, q, s, z, y, M):
-            tiles(a, q, s, z, y, M)
+    split = wg and rows_wg_ksplit(N, K) > 1  # short prompts on Hopper: K split over blocks
+    launch = _prompt_launch(_tile_launch(fn, N, K, smem_bytes), _rows_wg_q_launch(N, K, dtype, dtype, code, group), split)
     q_shape, q_dtype = ((N, K // 8), "uint32") if code == "4" else ((N, K), "uint8" if code == "f8" else "int8")
     s_dtype = "float32" if code == "f8" else "float16"
 
@@ -373,7 +351,7 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
             M = T.int64()
             a = T.match_buffer(var_a, (1, M, K), dtype)
             y = T.match_buffer(var_y, (1, M, N), dtype)
-            launch(a, q, s, z, y, M)
+            launch((a, q, s, z), a, y, M)
 
         return kiln_qgemm4
 
@@ -383,6 +361,6 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
         M = T.int64()
         a = T.match_buffer(var_a, (1, M, K), dtype)
         y = T.match_buffer(var_y, (1, M, N), dtype)
-        launch(a, q, s, s, y, M)  # z: unused
+        launch((a, q, s, s), a, y, M)  # z: unused
 
     return kiln_qgemm8
