@@ -25,12 +25,6 @@
 
 namespace kiln {
 
-template <typename T> struct Pair2;
-template <> struct Pair2<__nv_bfloat16> { using type = __nv_bfloat162; };
-template <> struct Pair2<__half> { using type = __half2; };
-template <typename T> struct IsBf16 { static constexpr bool value = false; };
-template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
-
 constexpr int WG_BM = 128, WG_BN = 256, WG_BK = 64, WG_STAGES = 4;
 constexpr int WG_A_BYTES = WG_BM * WG_BK * 2, WG_B_BYTES = WG_BN * WG_BK * 2, WG_STAGE_BYTES = WG_A_BYTES + WG_B_BYTES;
 constexpr int GEMM_WG_SMEM_BYTES = WG_STAGES * WG_STAGE_BYTES + 1024;  // 193 KB
@@ -48,58 +42,31 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
 // 16-byte chunk c (of 8) of row r, swizzled, as a byte offset in a tile of 128-byte rows.
 __device__ __forceinline__ uint32_t wg_offset(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
 
+// One m64n256k16 wgmma (A and B from shared memory, K-major) into 128 fp32 accumulators per thread;
+// TY: the PTX type of both operands (bf16 / f16), the instruction's only difference between them.
+#define KILN_WG_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define KILN_WGMMA_256(TY) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " " \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, " \
+               "%128, %129, p, 1, 1, 0, 0;\n}\n" \
+               : KILN_WG_D8(0), KILN_WG_D8(8), KILN_WG_D8(16), KILN_WG_D8(24), KILN_WG_D8(32), KILN_WG_D8(40), KILN_WG_D8(48), \
+                 KILN_WG_D8(56), KILN_WG_D8(64), KILN_WG_D8(72), KILN_WG_D8(80), KILN_WG_D8(88), KILN_WG_D8(96), KILN_WG_D8(104), \
+                 KILN_WG_D8(112), KILN_WG_D8(120) \
+               : "l"(da), "l"(db), "r"(scale_d))
+
 template <typename T>
 __device__ __forceinline__ void wgmma_256(float (&d)[128], uint64_t da, uint64_t db, int scale_d) {
 #ifdef KILN_HAVE_WGMMA
-  if constexpr (IsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-        "%128, %129, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "l"(da), "l"(db), "r"(scale_d));
+  if constexpr (RowsSame<T, __nv_bfloat16>::value) {
+    KILN_WGMMA_256("bf16");
   } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-        "%128, %129, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "l"(da), "l"(db), "r"(scale_d));
+    KILN_WGMMA_256("f16");
   }
 #endif
 }
+#undef KILN_WGMMA_256
+#undef KILN_WG_D8
 
 __device__ __forceinline__ void wg_fence() {
 #ifdef KILN_HAVE_WGMMA
@@ -285,10 +252,7 @@ __device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, cons
       }
       if constexpr (sizeof(OutT) == 2) {
         if (pair_ok) {
-          typename Pair2<OutT>::type pair;
-          pair.x = from_float<OutT>(v0);
-          pair.y = from_float<OutT>(v1);
-          *reinterpret_cast<typename Pair2<OutT>::type*>(C + (size_t)m * N + n) = pair;
+          *reinterpret_cast<uint32_t*>(C + (size_t)m * N + n) = pack_pair<OutT>(v0, v1);
           continue;
         }
       }
@@ -298,18 +262,37 @@ __device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, cons
   }
 }
 
+// One weight of a format as the portable path reads it: T weights (CODE 0), or a code decoded with its
+// scale (and minimum) -- 4-bit / int8 per group of G, e4m3 with its row scale.
+template <typename T, int CODE, int G>
+__device__ __forceinline__ float wg_weight(const void* __restrict__ Bv, const void* __restrict__ Sv, const void* __restrict__ Zv, int n, int k,
+                                           int K) {
+  const uint8_t* q = static_cast<const uint8_t*>(Bv);
+  if constexpr (CODE == 0) {
+    return to_float(static_cast<const T*>(Bv)[(size_t)n * K + k]);
+  } else if constexpr (CODE == 4) {
+    const size_t at = (size_t)n * (K / G) + k / G;
+    const float c = static_cast<float>((q[(size_t)n * K / 2 + k / 2] >> (4 * (k % 2))) & 0xF);
+    return fmaf(c, __half2float(static_cast<const __half*>(Sv)[at]), __half2float(static_cast<const __half*>(Zv)[at]));
+  } else if constexpr (CODE == 8) {
+    return static_cast<float>(static_cast<int8_t>(q[(size_t)n * K + k])) * __half2float(static_cast<const __half*>(Sv)[(size_t)n * (K / G) + k / G]);
+  } else {
+    return kv_decode<kKvFp8>(q[(size_t)n * K + k]) * static_cast<const float*>(Sv)[n];
+  }
+}
+
 // Without sm_90a (the fatbin's forward-compatible PTX JIT-compiled for a later GPU): the same
 // tile on CUDA cores, one output per thread at a time. Correct, slow; a GPU of another
 // generation should get an artifact built for it.
-template <typename T, typename OutT, bool RESIDUAL>
-__device__ __forceinline__ void gemm_wg_tile_portable(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, OutT* __restrict__ C,
-                                                      float* __restrict__ ws, int M, int N, int K, int kbeg, int steps, int z, bool split,
-                                                      int m0, int n0) {
+template <typename T, typename OutT, bool RESIDUAL, int CODE, int G>
+__device__ __forceinline__ void gemm_wg_tile_portable(const T* __restrict__ A, const void* __restrict__ B, const T* __restrict__ R,
+                                                      OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int kbeg, int steps,
+                                                      int z, bool split, int m0, int n0, const void* __restrict__ S, const void* __restrict__ Z) {
   for (int i = threadIdx.x; i < WG_BM * WG_BN; i += blockDim.x) {
     const int m = m0 + i / WG_BN, n = n0 + i % WG_BN;
     if (m >= M || n >= N) continue;
     float v = 0.f;
-    for (int k = kbeg; k < kbeg + steps * WG_BK; ++k) v += to_float(A[(size_t)m * K + k]) * to_float(B[(size_t)n * K + k]);
+    for (int k = kbeg; k < kbeg + steps * WG_BK; ++k) v += to_float(A[(size_t)m * K + k]) * wg_weight<T, CODE, G>(B, S, Z, n, k, K);
     if (split) {
       ws[((size_t)z * M + m) * N + n] = v;
     } else {
@@ -319,14 +302,17 @@ __device__ __forceinline__ void gemm_wg_tile_portable(const T* __restrict__ A, c
   }
 }
 
-template <typename T, typename OutT, bool RESIDUAL>
-__device__ __forceinline__ void gemm_wg_tile(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, OutT* __restrict__ C,
+// The tile on wgmma where built as sm_90a, else the portable path; K steps kbeg / 64 .. + steps - 1 of any
+// weight format (see gemm_wg_tile_wgmma).
+template <typename T, typename OutT, bool RESIDUAL, int CODE = 0, int G = 8>
+__device__ __forceinline__ void gemm_wg_tile(const T* __restrict__ A, const void* __restrict__ B, const T* __restrict__ R, OutT* __restrict__ C,
                                              float* __restrict__ ws, int M, int N, int K, int kbeg, int steps, int z, bool split,
-                                             unsigned char* __restrict__ smem_raw, int m0, int n0) {
+                                             unsigned char* __restrict__ smem_raw, int m0, int n0, const void* __restrict__ S = nullptr,
+                                             const void* __restrict__ Z = nullptr) {
 #ifdef KILN_HAVE_WGMMA
-  gemm_wg_tile_wgmma<T, OutT, RESIDUAL>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, smem_raw, m0, n0);
+  gemm_wg_tile_wgmma<T, OutT, RESIDUAL, CODE, G>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, smem_raw, m0, n0, S, Z);
 #else
-  gemm_wg_tile_portable<T, OutT, RESIDUAL>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, m0, n0);
+  gemm_wg_tile_portable<T, OutT, RESIDUAL, CODE, G>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, m0, n0, S, Z);
 #endif
 }
 
@@ -335,13 +321,20 @@ __device__ __forceinline__ void gemm_wg_tile(const T* __restrict__ A, const T* _
 // activation rows stay in L2. Launch: grid (ceil(N / 256), ceil(M / 128)), 256 threads.
 constexpr int WG_GROUP_M = 16;
 
-template <typename T, bool RESIDUAL>
-__device__ __forceinline__ void gemm_wg(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
-                                        int M, int N, int K, unsigned char* __restrict__ smem_raw) {
+__device__ __forceinline__ void wg_block_tile(int M, int& m0, int& n0) {
   const int mt = (M + WG_BM - 1) / WG_BM, nt = gridDim.x;
   const int id = blockIdx.y * nt + blockIdx.x, per_group = WG_GROUP_M * nt;
   const int group = id / per_group, first = group * WG_GROUP_M, rows = min(WG_GROUP_M, mt - first);
-  const int in = id % per_group, m0 = (first + in % rows) * WG_BM, n0 = (in / rows) * WG_BN;
+  const int in = id % per_group;
+  m0 = (first + in % rows) * WG_BM;
+  n0 = (in / rows) * WG_BN;
+}
+
+template <typename T, bool RESIDUAL>
+__device__ __forceinline__ void gemm_wg(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
+                                        int M, int N, int K, unsigned char* __restrict__ smem_raw) {
+  int m0, n0;
+  wg_block_tile(M, m0, n0);
 #ifdef KILN_HAVE_WGMMA
   gemm_wg_tile_wgmma<T, T, RESIDUAL>(A, B, R, C, nullptr, M, N, K, 0, K / WG_BK, 0, false, smem_raw, m0, n0);
 #else
@@ -371,12 +364,10 @@ template <typename T, int CODE, int G>
 __device__ __forceinline__ void gemm_wg_q(const T* __restrict__ A, const void* __restrict__ Qv, const void* __restrict__ Sv,
                                           const void* __restrict__ Zv, T* __restrict__ C, int M, int N, int K,
                                           unsigned char* __restrict__ smem_raw) {
-  const int mt = (M + WG_BM - 1) / WG_BM, nt = gridDim.x;
-  const int id = blockIdx.y * nt + blockIdx.x, per_group = WG_GROUP_M * nt;
-  const int group = id / per_group, first = group * WG_GROUP_M, rows = min(WG_GROUP_M, mt - first);
-  const int in = id % per_group, m0 = (first + in % rows) * WG_BM, n0 = (in / rows) * WG_BN;
+  int m0, n0;
+  wg_block_tile(M, m0, n0);
 #ifdef KILN_HAVE_WGMMA
-  gemm_wg_tile_wgmma<T, T, false, CODE, (CODE == 4 || CODE == 8) ? G : 8>(A, Qv, nullptr, C, nullptr, M, N, K, 0, K / WG_BK, 0, false,
+  gemm_wg_tile_wgmma<T, T, false, CODE, G>(A, Qv, nullptr, C, nullptr, M, N, K, 0, K / WG_BK, 0, false,
                                                                           smem_raw, m0, n0, Sv, Zv);
 #else
   gemm_tn_q_tile<T, CODE, G>(A, Qv, Sv, Zv, C, M, N, K, smem_raw, m0, n0);  // same tiles, WMMA
@@ -385,40 +376,13 @@ __device__ __forceinline__ void gemm_wg_q(const T* __restrict__ A, const void* _
 
 // Split-K rows over quantized weights (gemm_rows_wg with codes): decode_batch over e4m3 weights above
 // 64 rows (CODE 9, S fp32 row scales), and short prompts over any format (gemm_wg_q's arguments).
-// Without sm_90a: every output on CUDA cores (slow; see gemm_wg_tile_portable).
-template <int CODE, int G>
-__device__ __forceinline__ float wg_code_value(const void* __restrict__ Qv, const void* __restrict__ Sv, const void* __restrict__ Zv, int n, int k,
-                                               int K) {
-  const uint8_t* q = static_cast<const uint8_t*>(Qv);
-  if constexpr (CODE == 4) {
-    const size_t at = (size_t)n * (K / G) + k / G;
-    const float c = static_cast<float>((q[(size_t)n * K / 2 + k / 2] >> (4 * (k % 2))) & 0xF);
-    return fmaf(c, __half2float(static_cast<const __half*>(Sv)[at]), __half2float(static_cast<const __half*>(Zv)[at]));
-  } else if constexpr (CODE == 8) {
-    return static_cast<float>(static_cast<int8_t>(q[(size_t)n * K + k])) * __half2float(static_cast<const __half*>(Sv)[(size_t)n * (K / G) + k / G]);
-  } else {
-    return kv_decode<kKvFp8>(q[(size_t)n * K + k]) * static_cast<const float*>(Sv)[n];
-  }
-}
-
 template <typename T, typename OutT, int CODE, int G>
 __device__ __forceinline__ void gemm_rows_wg_q(const T* __restrict__ A, const void* __restrict__ W, const void* __restrict__ S,
                                                const void* __restrict__ Z, OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K,
                                                int ksplit, unsigned char* __restrict__ smem_raw) {
-  const int steps = K / ksplit / WG_BK, z = blockIdx.z, m0 = blockIdx.y * WG_BM, n0 = blockIdx.x * WG_BN;
-#ifdef KILN_HAVE_WGMMA
-  gemm_wg_tile_wgmma<T, OutT, false, CODE, (CODE == 4 || CODE == 8) ? G : 8>(A, W, nullptr, C, ws, M, N, K, z * steps * WG_BK, steps, z,
-                                                                             ksplit > 1, smem_raw, m0, n0, S, Z);
-#else
-  for (int i = threadIdx.x; i < WG_BM * WG_BN; i += blockDim.x) {
-    const int m = m0 + i / WG_BN, n = n0 + i % WG_BN;
-    if (m >= M || n >= N) continue;
-    float v = 0.f;
-    for (int k = z * steps * WG_BK; k < (z + 1) * steps * WG_BK; ++k) v += to_float(A[(size_t)m * K + k]) * wg_code_value<CODE, G>(W, S, Z, n, k, K);
-    if (ksplit > 1) ws[((size_t)z * M + m) * N + n] = v;
-    else C[(size_t)m * N + n] = from_float<OutT>(v);
-  }
-#endif
+  const int steps = K / ksplit / WG_BK, z = blockIdx.z;
+  gemm_wg_tile<T, OutT, false, CODE, G>(A, W, nullptr, C, ws, M, N, K, z * steps * WG_BK, steps, z, ksplit > 1, smem_raw, blockIdx.y * WG_BM,
+                                        blockIdx.x * WG_BN, S, Z);
 }
 
 }  // namespace kiln

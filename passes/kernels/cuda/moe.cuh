@@ -282,7 +282,7 @@ __device__ __forceinline__ void expert_qgemm(const T* __restrict__ A, const void
   const void* z = CODE == 4 ? static_cast<const void*>(static_cast<const __half*>(Zv) + rows * ng) : Zv;
 #ifdef KILN_HAVE_WGMMA
   if constexpr (WG) {
-    gemm_wg_tile_wgmma<T, T, false, CODE, (CODE == 4 || CODE == 8) ? G : 8>(A + (size_t)start * K, q, nullptr, C + (size_t)start * N, nullptr,
+    gemm_wg_tile_wgmma<T, T, false, CODE, G>(A + (size_t)start * K, q, nullptr, C + (size_t)start * N, nullptr,
                                                                             cnt, N, K, 0, K / WG_BK, 0, false, smem, m0, blockIdx.x * GEMM_BN, s, z);
     return;
   }
