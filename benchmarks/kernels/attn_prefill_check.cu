@@ -4,12 +4,12 @@
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/apc benchmarks/kernels/attn_prefill_check.cu && /tmp/apc
 #include "../../passes/kernels/cuda/common.cuh"
 #include "../../passes/kernels/cuda/attention_prefill.cuh"
+#include "check_util.cuh"
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 #include <cmath>
 using bf = __nv_bfloat16;
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
 template <int D, int NW>
 __global__ void __launch_bounds__(32 * NW) k_fa2(const bf* q, const int* qi, const bf* k, const bf* v, const int* ki, bf* o, float* lse, int B, int H, int Hk, int causal, float sc) {
@@ -40,13 +40,6 @@ __global__ void k_ref(const bf* q, const int* qi, const bf* k, const bf* v, cons
   }
   for (int d = 0; d < D; ++d) o[((size_t)row * H + h) * D + d] = l > 0 ? o[((size_t)row * H + h) * D + d] / l : 0.f;
   lse[(size_t)row * H + h] = l > 0 ? m + log2f(l) : -1e30f;
-}
-__global__ void k_fill(bf* p, size_t n, unsigned seed, float scale) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    unsigned h = (unsigned)(i * 2654435761u) ^ seed; h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2bfloat16(((h & 0xFFFF) / 32768.f - 1.f) * scale);
-  }
 }
 
 struct Case { std::vector<int> qlen, prefix; int H, Hk, causal; };
@@ -87,20 +80,14 @@ bool run_case(const Case& c, bool timing, const char* name) {
     printf("%-34s D=%3d NW=%d: out err %.2e of max %.2f, lse err %.2e %s\n", name, D, NW, e / mx, mx, el, ok ? "ok" : "FAIL");
     cudaFree(ro); cudaFree(rl);
   } else {
-    cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-    float t[1];
-    for (int i = 0; i < 3; ++i) fa2();
-    cudaEventRecord(e0);
-    for (int i = 0; i < 10; ++i) fa2();
-    cudaEventRecord(e1); CK(cudaEventSynchronize(e1));
-    float ms; cudaEventElapsedTime(&ms, e0, e1); t[0] = ms / 10;
+    const float t = time_us(fa2, 10);
     double fl = 0;
     for (int b = 0; b < B; ++b) {
       double ql = c.qlen[b], kl = ql + c.prefix[b];
       double pairs = c.causal ? ql * (kl - ql) + ql * (ql + 1) / 2 : ql * kl;
       fl += 4.0 * pairs * D * H;
     }
-    printf("%-34s D=%3d NW=%d: fa2 %8.1f us %6.1f TF/s\n", name, D, NW, t[0] * 1e3, fl / t[0] / 1e9);
+    printf("%-34s D=%3d NW=%d: fa2 %8.1f us %6.1f TF/s\n", name, D, NW, t, fl / t / 1e6);
   }
   cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse); cudaFree(dqi); cudaFree(dki);
   return ok;

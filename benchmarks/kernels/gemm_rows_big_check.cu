@@ -3,13 +3,13 @@
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/grb benchmarks/kernels/gemm_rows_big_check.cu && /tmp/grb
 #include "../../passes/kernels/cuda/common.cuh"
 #include "../../passes/kernels/cuda/gemm_rows.cuh"
+#include "check_util.cuh"
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 #include <cmath>
 using bf = __nv_bfloat16;
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 __global__ void __launch_bounds__(256) kmid(const bf* A, const bf* W, const bf* R, bf* C, int M, int N, int K) {
   __shared__ float red[kiln::GROWS_RED_FLOATS];
   kiln::gemm_rows<bf, bf, true, 8>(A, W, W, R, C, M, N, K, red);
@@ -25,13 +25,6 @@ __global__ void k_ref(const bf* A, const bf* W, const bf* R, float* C, int M, in
   double s = 0;
   for (int k = 0; k < K; ++k) s += (double)__bfloat162float(A[(size_t)m * K + k]) * (double)__bfloat162float(W[(size_t)n * K + k]);
   C[(size_t)m * N + n] = (float)(s + __bfloat162float(R[(size_t)m * N + n]));
-}
-__global__ void k_fill(bf* p, size_t n, unsigned seed, float scale) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    unsigned h = (unsigned)(i * 2654435761u) ^ seed; h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2bfloat16(((h & 0xFFFF) / 32768.f - 1.f) * scale);
-  }
 }
 int ksplit_for(int N, int K) { int t = (N + 127) / 128, ks = 1; while (t * ks < 120 && ks < 8 && K % (64 * ks * 2) == 0) ks *= 2; return ks; }
 void big(const bf* A, const bf* W, const bf* R, bf* C, float* ws, int M, int N, int K) {

@@ -4,6 +4,7 @@
 #include "../../passes/kernels/cuda/common.cuh"
 #include "../../passes/kernels/cuda/gemm_rows.cuh"
 #include "../../passes/kernels/cuda/gemm.cuh"
+#include "check_util.cuh"
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -19,22 +20,6 @@ __global__ void k_tn(const bf* A, const bf* W, bf* C, int M, int N, int K) {
   extern __shared__ __align__(16) unsigned char sm[];
   kiln::gemm_tn<bf, false>(A, W, C, C, M, N, K, sm);
 }
-__global__ void k_ref(const bf* A, const bf* W, const bf* R, float* C, int M, int N, int K, bool res) {
-  int n = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
-  if (n >= N) return;
-  double s = 0;
-  for (int k = 0; k < K; ++k) s += (double)__bfloat162float(A[(size_t)m * K + k]) * (double)__bfloat162float(W[(size_t)n * K + k]);
-  if (res) s += __bfloat162float(R[(size_t)m * N + n]);
-  C[(size_t)m * N + n] = (float)s;
-}
-__global__ void k_fill(bf* p, size_t n, unsigned seed, float scale) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    unsigned h = (unsigned)(i * 2654435761u) ^ seed; h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2bfloat16(((h & 0xFFFF) / 32768.f - 1.f) * scale);
-  }
-}
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
 int main() {
   int shapes[][2] = {{6144, 4096}, {28672, 4096}, {4096, 4096}, {4096, 14336}, {128256, 4096}, {200, 96}, {77, 4128},

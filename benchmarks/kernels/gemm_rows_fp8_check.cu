@@ -3,13 +3,13 @@
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/grf benchmarks/kernels/gemm_rows_fp8_check.cu && /tmp/grf
 #include "../../passes/kernels/cuda/common.cuh"
 #include "../../passes/kernels/cuda/gemm_rows.cuh"
+#include "check_util.cuh"
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 #include <cmath>
 using bf = __nv_bfloat16;
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 template <int RT, int PF>
 __global__ void __launch_bounds__(256) kv8(const bf* A, const void* W, const float* S, const bf* R, bf* C, int M, int N, int K) {
   __shared__ float red[kiln::GROWS_RED_FLOATS];
@@ -32,13 +32,6 @@ __global__ void k_ref(const bf* A, const uint8_t* Q, const float* S, const bf* R
   double s = 0;
   for (int k = 0; k < K; ++k) s += (double)__bfloat162float(A[(size_t)m * K + k]) * (double)dec(Q[(size_t)n * K + k]);
   C[(size_t)m * N + n] = (float)(s * S[n] + __bfloat162float(R[(size_t)m * N + n]));
-}
-__global__ void k_fill(bf* p, size_t n, unsigned seed, float scale) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    unsigned h = (unsigned)(i * 2654435761u) ^ seed; h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2bfloat16(((h & 0xFFFF) / 32768.f - 1.f) * scale);
-  }
 }
 __global__ void k_codes(uint8_t* q, size_t n, unsigned seed) {  // any e4m3 code but the NaNs (0x7F, 0xFF)
   size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;

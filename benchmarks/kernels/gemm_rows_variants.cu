@@ -3,12 +3,12 @@
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/grv benchmarks/kernels/gemm_rows_variants.cu && /tmp/grv
 #include "../../passes/kernels/cuda/common.cuh"
 #include "../../passes/kernels/cuda/gemm_rows.cuh"
+#include "check_util.cuh"
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 #include <cmath>
 using bf = __nv_bfloat16;
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
 template <int TTMAX, int RT, int PF>
 __global__ void __launch_bounds__(256) kv(const bf* A, const bf* W, const bf* R, bf* C, int M, int N, int K) {
@@ -24,13 +24,6 @@ __global__ void __launch_bounds__(256) kv(const bf* A, const bf* W, const bf* R,
         else if constexpr (TTMAX >= 16) kiln::gemm_rows_tile<bf, bf, true, 16, RT, PF>(A, W, W, R, C, M, N, K, m0, n0, red);
       }
     }
-  }
-}
-__global__ void k_fill(bf* p, size_t n, unsigned seed, float scale) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    unsigned h = (unsigned)(i * 2654435761u) ^ seed; h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2bfloat16(((h & 0xFFFF) / 32768.f - 1.f) * scale);
   }
 }
 typedef void (*Kern)(const bf*, const bf*, const bf*, bf*, int, int, int);

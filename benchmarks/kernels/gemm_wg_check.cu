@@ -8,13 +8,13 @@
 #include "../../passes/kernels/cuda/gemm.cuh"
 #include "../../passes/kernels/cuda/gemm_rows.cuh"
 #include "../../passes/kernels/cuda/gemm_wg.cuh"
+#include "check_util.cuh"
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 #include <cmath>
 #include <cstring>
 using bf = __nv_bfloat16;
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 template <bool RES>
 __global__ void __launch_bounds__(256, 1) kwg(const bf* A, const bf* B, const bf* R, bf* C, int M, int N, int K) {
   extern __shared__ __align__(16) unsigned char sm[];
@@ -52,21 +52,6 @@ void rows_big(const bf* A, const bf* W, const bf* R, bf* C, float* ws, int M, in
   int ks = ksplit_big(N, K);
   kbig<<<dim3((M + 127) / 128, (N + 127) / 128, ks), 256, kiln::GBIG_SMEM_BYTES>>>(A, W, R, C, ws, M, N, K, ks);
   if (ks > 1) kred<bf><<<(unsigned)(((size_t)M * N + 255) / 256), 256>>>(ws, R, C, M, N, ks);
-}
-__global__ void k_ref(const bf* A, const bf* W, const bf* R, float* C, int M, int N, int K, int res) {
-  int n = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
-  if (n >= N) return;
-  double s = 0;
-  for (int k = 0; k < K; ++k) s += (double)__bfloat162float(A[(size_t)m * K + k]) * (double)__bfloat162float(W[(size_t)n * K + k]);
-  if (res) s += __bfloat162float(R[(size_t)m * N + n]);
-  C[(size_t)m * N + n] = (float)s;
-}
-__global__ void k_fill(bf* p, size_t n, unsigned seed, float scale) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    unsigned h = (unsigned)(i * 2654435761u) ^ seed; h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2bfloat16(((h & 0xFFFF) / 32768.f - 1.f) * scale);
-  }
 }
 void wg(const bf* A, const bf* B, const bf* R, bf* C, int M, int N, int K, bool res) {
   dim3 grid((N + 255) / 256, (M + 127) / 128);
@@ -118,22 +103,9 @@ int main() {
     bf *A, *W, *C;
     CK(cudaMalloc(&A, (size_t)M * K * 2)); CK(cudaMalloc(&W, (size_t)N * K * 2)); CK(cudaMalloc(&C, (size_t)M * N * 2));
     k_fill<<<1024, 256>>>(A, (size_t)M * K, 1, 1.f); k_fill<<<4096, 256>>>(W, (size_t)N * K, 2, 0.05f);
-    cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-    float t[2];
-    for (int which = 0; which < 2; ++which) {
-      auto run = [&]() {
-        if (which == 0) wg(A, W, nullptr, C, M, N, K, false);
-        else tn(A, W, C, M, N, K);
-      };
-      for (int i = 0; i < 3; ++i) run();
-      int reps = 20;
-      cudaEventRecord(e0);
-      for (int i = 0; i < reps; ++i) run();
-      cudaEventRecord(e1); CK(cudaEventSynchronize(e1));
-      float ms; cudaEventElapsedTime(&ms, e0, e1); t[which] = ms / reps;
-    }
+    const float t[2] = {time_us([&]() { wg(A, W, nullptr, C, M, N, K, false); }), time_us([&]() { tn(A, W, C, M, N, K); })};
     double fl = 2.0 * M * N * K;
-    printf("%6d %7d %6d | %9.1f %9.1f | %5.2f   (wg %.1f us)\n", M, N, K, fl / t[0] / 1e9, fl / t[1] / 1e9, t[1] / t[0], t[0] * 1e3);
+    printf("%6d %7d %6d | %9.1f %9.1f | %5.2f   (wg %.1f us)\n", M, N, K, fl / t[0] / 1e6, fl / t[1] / 1e6, t[1] / t[0], t[0]);
     cudaFree(A); cudaFree(W); cudaFree(C);
   }
   // decode_batch rows: correctness (bf16 and fp32 out), rows of B = 65 / 128 / 200 bit-equal to B = 256, time vs gemm_rows_big
@@ -169,21 +141,9 @@ int main() {
     ok &= good;
     printf("rows: %7d %6d %3d | bf16 %.2e fp32 %.2e of max, B = 65/128/200 bit-equal to 256: %s |", N, K, ksplit_wg(N, K), md / mx, mdf / mx,
            good ? "ok" : "FAIL");
-    cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
     for (int M : {16, 32, 48, 64, 65, 96, 128, 256}) {
-      float t[3];
-      for (int which = 0; which < 3; ++which) {
-        auto run = [&]() {
-          if (which == 0) rows_wg<bf>(A, W, R, C, ws, M, N, K);
-          else if (which == 1) rows_big(A, W, R, C, ws, M, N, K);
-          else kmid<<<dim3((M + 63) / 64, (N + 31) / 32), 256>>>(A, W, R, C, M, N, K);
-        };
-        for (int i = 0; i < 3; ++i) run();
-        cudaEventRecord(e0);
-        for (int i = 0; i < 20; ++i) run();
-        cudaEventRecord(e1); CK(cudaEventSynchronize(e1));
-        float ms; cudaEventElapsedTime(&ms, e0, e1); t[which] = ms / 20 * 1e3;
-      }
+      const float t[3] = {time_us([&]() { rows_wg<bf>(A, W, R, C, ws, M, N, K); }), time_us([&]() { rows_big(A, W, R, C, ws, M, N, K); }),
+                          time_us([&]() { kmid<<<dim3((M + 63) / 64, (N + 31) / 32), 256>>>(A, W, R, C, M, N, K); })};
       printf(" %d: %.1f / %.1f / %.1f", M, t[0], t[1], t[2]);
     }
     printf("\n");

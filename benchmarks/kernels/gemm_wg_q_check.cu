@@ -7,13 +7,13 @@
 #include "../../passes/kernels/cuda/gemm.cuh"
 #include "../../passes/kernels/cuda/gemm_rows.cuh"
 #include "../../passes/kernels/cuda/gemm_wg.cuh"
+#include "check_util.cuh"
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 #include <cmath>
 using bf = __nv_bfloat16;
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
 template <int CODE, int G>
 __global__ void __launch_bounds__(256, 1) kwq(const bf* A, const void* Q, const void* S, const void* Z, bf* C, int M, int N, int K) {
@@ -58,13 +58,6 @@ __global__ void k_ref(int code, int G, const bf* A, const uint8_t* Q, const void
   for (int k = 0; k < K; ++k) s += (double)__bfloat162float(A[(size_t)m * K + k]) * wdec(code, G, Q, (const __half*)S, Z, n, k, K);
   if (code == 9) s *= ((const float*)S)[n];
   C[(size_t)m * N + n] = (float)s;
-}
-__global__ void k_fill(bf* p, size_t n, unsigned seed, float scale) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    unsigned h = (unsigned)(i * 2654435761u) ^ seed; h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2bfloat16(((h & 0xFFFF) / 32768.f - 1.f) * scale);
-  }
 }
 __global__ void k_bytes(uint8_t* p, size_t n, unsigned seed, bool fp8) {
   size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
@@ -117,18 +110,10 @@ bool prompt_case(int M, int N, int K, bool timing) {
     ok = md <= 8e-3 * mx && std::isfinite(md) && mx > 0;
     printf("prompt CODE=%d G=%4d M=%5d N=%6d K=%6d: %.2e of max %.3g %s\n", CODE, G, M, N, K, md / mx, mx, ok ? "ok" : "FAIL");
   } else {
-    cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-    float t[2];
-    for (int w = 0; w < 2; ++w) {
-      for (int i = 0; i < 3; ++i) (w ? tn() : wg());
-      cudaEventRecord(e0);
-      for (int i = 0; i < 10; ++i) (w ? tn() : wg());
-      cudaEventRecord(e1); CK(cudaEventSynchronize(e1));
-      float ms; cudaEventElapsedTime(&ms, e0, e1); t[w] = ms / 10;
-    }
+    const float t[2] = {time_us(wg, 10), time_us(tn, 10)};
     double fl = 2.0 * M * N * K;
-    printf("prompt CODE=%d G=%4d M=%5d N=%6d K=%6d: wg %7.1f us %6.1f TF/s | tn_q %7.1f us %6.1f TF/s | x%.2f\n", CODE, G, M, N, K, t[0] * 1e3,
-           fl / t[0] / 1e9, t[1] * 1e3, fl / t[1] / 1e9, t[1] / t[0]);
+    printf("prompt CODE=%d G=%4d M=%5d N=%6d K=%6d: wg %7.1f us %6.1f TF/s | tn_q %7.1f us %6.1f TF/s | x%.2f\n", CODE, G, M, N, K, t[0],
+           fl / t[0] / 1e6, t[1], fl / t[1] / 1e6, t[1] / t[0]);
   }
   cudaFree(A); cudaFree(C); cudaFree(C2); cudaFree(Q); cudaFree(S); cudaFree(Z); cudaFree(Cr);
   return ok;
@@ -194,17 +179,9 @@ bool rows_case(int N, int K) {
     ok &= memcmp(h.data(), h2.data(), (size_t)M * N * 2) == 0;
   }
   printf("rows f8 N=%6d K=%6d ks=%d: %.2e of max, B = 9/65/128 bit-equal to 256: %s |", N, K, ks, md / mx, ok ? "ok" : "FAIL");
-  cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
   for (int M : {16, 64, 128}) {
-    float t[2];
-    for (int w = 0; w < 2; ++w) {
-      auto run = [&]() { if (w == 0) rows(C, M); else kmid8<<<dim3((M + 63) / 64, (N + 31) / 32), 256>>>(A, Q, S, C, M, N, K); };
-      for (int i = 0; i < 3; ++i) run();
-      cudaEventRecord(e0);
-      for (int i = 0; i < 20; ++i) run();
-      cudaEventRecord(e1); CK(cudaEventSynchronize(e1));
-      float ms; cudaEventElapsedTime(&ms, e0, e1); t[w] = ms / 20 * 1e3;
-    }
+    const float t[2] = {time_us([&]() { rows(C, M); }),
+                        time_us([&]() { kmid8<<<dim3((M + 63) / 64, (N + 31) / 32), 256>>>(A, Q, S, C, M, N, K); })};
     printf(" B=%d: wg %.1f / mid %.1f us", M, t[0], t[1]);
   }
   printf("\n");
