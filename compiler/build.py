@@ -8,6 +8,7 @@ tokenizer) -> the manifest (manifest.py) -> atomic publish (artifact.py)."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -90,14 +91,15 @@ def build(opts: CompileOptions, progress: Progress = QUIET) -> CompileSummary:
     """The driver: check the options, read the model, run the stages, gate the
     quality of a lossy compile, write the manifest and publish atomically."""
     t0 = time.perf_counter()
-    opts = replace(opts.check(), cuda=opts.cuda.with_env())
+    opts = replace(opts.check(), cuda=opts.cuda.with_env(),
+                   cpu_intdot=os.environ.get("KILN_CPU_INTDOT", "1" if opts.cpu_intdot else "0") != "0")
     m = read_model(opts, progress)
     gate = _gate_needed(m, opts, progress)
     reuse = gate and is_cpu_variant(m)  # the artifact is the gate's lossy CPU build: measure it where it is staged
     quality = quality_gate(m, opts, progress) if gate and not reuse else None
     with ArtifactWriter(opts.output) as writer:
         built = build_stages(m, writer, page_size=opts.page_size, no_weights=opts.no_weights, cuda=opts.cuda,
-                             dump_ir=opts.dump_ir, progress=progress)
+                             cpu_intdot=opts.cpu_intdot, dump_ir=opts.dump_ir, progress=progress)
 
         def manifest(q):
             return make_manifest(m, page_size=opts.page_size, no_weights=opts.no_weights, built=built, quality=q)

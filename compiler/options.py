@@ -96,6 +96,7 @@ class CompileOptions:
     quality_check: bool = True
     kv_dtype: str | None = None
     tensor_parallel: int = 1  # shards (GPUs) the model is split over (frontends/models/sharding.py)
+    cpu_intdot: bool = True  # CPU quantized projections on integer dot products (KILN_CPU_INTDOT=0|1 overrides)
     cuda: CudaOptions = field(default_factory=CudaOptions)
 
     def __post_init__(self):

@@ -97,6 +97,6 @@ def quality_gate(m, opts, progress: Progress, staged: Path | None = None) -> dic
 
 def _scratch_build(mv, opts, path: Path, progress: Progress) -> Path:
     with ArtifactWriter(path) as w:
-        built = build_stages(mv, w, page_size=opts.page_size, no_weights=False, cuda=opts.cuda, dump_ir=None, progress=progress)
+        built = build_stages(mv, w, page_size=opts.page_size, no_weights=False, cuda=opts.cuda, cpu_intdot=opts.cpu_intdot, dump_ir=None, progress=progress)
         w.commit(make_manifest(mv, page_size=opts.page_size, no_weights=False, built=built, quality=None))
     return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..passes.quant import expand_params
 from ..passes.sort_shape_heap_stores import SortShapeHeapStores
 from ..tvm_compat import compiler
+from .cpu_codegen import kernel_objects
 from .cuda_codegen import nvcc_callback
 from .ccl import build_ccl
 from .options import CudaOptions
@@ -46,6 +48,7 @@ class Built:
 
 
 def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptions, dump_ir: Path | None,
+                 cpu_intdot: bool = True,
                  progress: Progress) -> Built:
     """m: the model and its resolved settings (build.Model). Everything but the manifest."""
     gc = m.graph_config  # a shard's (tensor parallel) or the whole model's
@@ -78,7 +81,7 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
     for tg, mod in zip(m.targets, mods):
         progress(f"passes ({tg.kind})")
         opts = PipelineOptions(target=tg.tvm_target(), cuda_gemm=cuda.gemm, cuda_gemv=cuda.gemv, cuda_qgemv=",".join(cuda.qgemv),
-                               cuda_experts=cuda.experts, cuda_wgmma=cuda.wgmma and wgmma_ok(tg),
+                               cuda_experts=cuda.experts, cuda_wgmma=cuda.wgmma and wgmma_ok(tg), cpu_intdot=cpu_intdot,
                                dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
         lowered = run_pipeline(mod, opts)
         rel = library_path(tg, m.targets)
@@ -86,7 +89,8 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
         with progress.waiting(f"codegen ({tg.kind} {tg.label})"):
             build_library(lowered, writer.path(rel), tg, cuda_graphs=cuda.graphs)
         writer.record(rel)
-        built.libraries.append({**tg.manifest(), "library": rel, "compute_dtype": m.precision(tg).compute})
+        built.libraries.append({**tg.manifest(), "library": rel, "compute_dtype": m.precision(tg).compute,
+                                **({"int_dot": cpu_intdot} if tg.kind == "llvm" else {})})
 
     if m.ck.tokenizer is not None:
         tok = m.ck.tokenizer
@@ -226,7 +230,10 @@ def build_library(mod, path: Path, tg: CompileTarget, cuda_graphs: bool = True) 
             # SortShapeHeapStores: VMShapeLower's store order changes between runs (see that pass)
             pipeline = t.tvm.transform.Sequential([t.relax.pipeline.default_build_pipeline(), SortShapeHeapStores()])
             ex = t.relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
-        # a library for another machine (llvm:aarch64 built on x86) is linked by its cross gcc
-        ex.export_library(str(path), **({"cc": tg.linker} if tg.linker else {}))
+        # a library for another machine (llvm:aarch64 built on x86) is linked by its cross gcc;
+        # a CPU library carries kiln's C kernels (compiled for tg's instruction sets)
+        with tempfile.TemporaryDirectory(prefix="kiln-cc-") as tmp:
+            addons = kernel_objects(tg, Path(tmp)) if not is_cuda else []
+            ex.export_library(str(path), addons=addons, **({"cc": tg.linker} if tg.linker else {}))
     except Exception as err:  # TVM raises many types; report one line
         raise CompileError(f"codegen for {tvm_target} failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}") from err

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..tvm_compat import compiler
+from .cpu_projections import CpuQuantMatmul
 from .cuda_experts import CudaExperts
 from .cuda_projections import CudaProjections
 from .schedule_tir import ScheduleTIR
@@ -31,6 +32,7 @@ class PipelineOptions:
     cuda_gemv: bool = False  # decode projections on kiln's fused GEMVs (measured slower than dlight's GEMV so far)
     cuda_qgemv: str = "4,f8"  # quantized decode projections on kiln's qgemv.cuh for these code kinds ("4", "8", "f8"): 4-bit and fp8 beat dlight, int8 does not
     cuda_wgmma: bool = False  # prompt GEMMs on Hopper's wgmma (kernels/cuda/gemm_wg.cuh): only when every arch built is sm_90
+    cpu_intdot: bool = True  # CPU quantized projections on integer dot products (kernels/cpu/qdot.c; False: fp32 FMAs on decoded codes)
     cuda_experts: bool = True  # MoE layers on kiln's expert kernels (passes/cuda_experts.py; False: dlight's generic rules)
     extra_rules: tuple = ()  # schedule rules tried after kiln's specific ones, before the catch-alls (ONNX graphs: passes/cpu_graph_rules.py)
     on_phase: Callable[[str], None] | None = field(default=None, compare=False)
@@ -42,6 +44,7 @@ def phases(opts: PipelineOptions) -> list[tuple[str, object]]:
     cuda = opts.target.kind.name == "cuda"
     return [
         *([("cuda_projections", CudaProjections(gemm=opts.cuda_gemm, gemv=opts.cuda_gemv, qgemv=opts.cuda_qgemv, wgmma=opts.cuda_wgmma))] if cuda else []),
+        *([("cpu_quant_matmul", CpuQuantMatmul())] if not cuda and opts.cpu_intdot else []),
         *([("cuda_experts", CudaExperts(wgmma=opts.cuda_wgmma))] if cuda and opts.cuda_experts else []),
         ("fuse_transpose_matmul", rx.FuseTransposeMatmul()),
         ("legalize_ops", rx.LegalizeOps()),

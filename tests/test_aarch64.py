@@ -199,6 +199,34 @@ def test_aarch64_artifact_under_qemu_matches_x86(tiny_checkpoint, tmp_path):
           f"emulated runs {time.perf_counter() - t0:.1f} s; logits rel err {err:.2e}")
 
 
+@pytest.mark.slow
+def test_aarch64_integer_dots_under_qemu_match_x86(tiny_checkpoint, tmp_path):
+    """A q4g32 artifact (q4 body, q8 LM head) whose rows fit the CPU integer-dot kernels:
+    the aarch64 library runs them on `sdot` / `smlal` (kernels/cpu/qdot.c), the x86 one on
+    AVX2. Same activation codes, same integer sums: the logits agree to float rounding."""
+    from helpers.cross import aarch64_tools  # noqa: PLC0415
+
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+    from kiln.compiler.bundle import make_bundle  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    if platform.machine() != "x86_64":
+        pytest.skip("emulates aarch64 on an x86-64 host")
+    aarch64_tools()
+    art = tmp_path / "q.kiln"
+    compile_model(tiny_checkpoint("llama_k64"), art, target="llvm,aarch64", dtype="float32", quant="q4g32", quality_check=False)
+    ids = list(range(3, 40))
+    ref = load(art).logits(ids)
+    bundle = tmp_path / "b"
+    make_bundle(art, bundle, python="3.11", platform="linux-aarch64")
+    out = _emulate(bundle, ["eval", str(bundle / "model.kiln"), "--tokens", ",".join(map(str, ids)),
+                            "--logits-out", str(tmp_path / "arm.npy"), "--json"], cpu="cortex-a76")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["target"] == "aarch64"
+    err = float(np.abs(np.load(tmp_path / "arm.npy") - ref).max() / np.abs(ref).max())
+    assert err < ARM_LOGITS_RTOL, f"aarch64 vs x86 integer-dot logits: relative error {err:.2e}"
+
+
 def test_foreign_bundle_site_takes_the_tvm_runtime_only(tmp_path):
     """apache-tvm's wheel gives its Python package and runtime libraries, never the 260 MB
     compiler library, headers or sources; other wheels are unpacked whole."""

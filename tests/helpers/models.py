@@ -35,6 +35,11 @@ TINY = dict(
 # variant -> (transformers config class, model class, config overrides)
 VARIANTS: dict[str, tuple[str, str, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    # rows of whole 64-value chunks (K = 128 and 192): the CPU integer-dot kernels take its
+    # quantized projections (kernels/cpu/qdot.c; hidden 72 keeps the TE kernels)
+    "llama_k64": ("LlamaConfig", "LlamaForCausalLM",
+                  dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=192,
+                       tie_word_embeddings=False)),
     "llama_tied_rope3": (
         "LlamaConfig",
         "LlamaForCausalLM",
@@ -168,7 +173,7 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
 ARCHS = list(VARIANTS)
 # Seeds picked so that each variant's 24 greedy tokens vary (a model stuck
 # repeating one token would hide a decode-path bug).
-SEEDS = {"llama": 0, "llama_tied_rope3": 4, "llama_rope_linear": 20, "llama_bias": 30, "mistral": 1, "qwen2": 50, "qwen3": 60,
+SEEDS = {"llama": 0, "llama_k64": 5, "llama_tied_rope3": 4, "llama_rope_linear": 20, "llama_bias": 30, "mistral": 1, "qwen2": 50, "qwen3": 60,
          "mixtral": 71, "qwen3_moe": 71, "qwen3_moe_norm": 92, "mixtral_q": 71, "qwen3_moe_q": 71, "gemma3": 4, "gemma3_window": 9, "phi3": 0,
          "deepseek_v2": 3, "deepseek_v2_lite": 3, "deepseek_v3": 3}
 
