@@ -48,10 +48,10 @@
 #define NR_ROWS 4 /* weight rows per tile (decode: one activation row) */
 #endif
 #ifndef MR_GEMM
-#define MR_GEMM 4 /* activation rows per tile in a prompt */
+#define MR_GEMM 6 /* activation rows per tile in a prompt (6 x 1: measured best of 2x2..8x1, benchmarks/NOTES.md) */
 #endif
 #ifndef NR_GEMM
-#define NR_GEMM 2
+#define NR_GEMM 1
 #endif
 #ifndef NB_GEMM
 #define NB_GEMM 64 /* weight rows per block of a prompt's GEMM */
