@@ -86,3 +86,34 @@ def test_head_rms_norm_matches_twin(n_q, n_k, n_v):
     by_name = {"qw": qw, "kw": kw}
     got = vm["forward"](t.tvm.runtime.tensor(x), *[t.tvm.runtime.tensor(by_name[n]) for n, _ in params]).numpy()
     np.testing.assert_allclose(got, head_rms_norm_twin(x, qw, kw, n_q, n_k, eps), **TOL["float32"])
+
+
+@pytest.mark.parametrize("scaling", [{}, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 32}])
+@pytest.mark.parametrize("apply", [1, 0])
+def test_cpu_rope_on_append_equals_tvms(scaling, apply):
+    """kernels/rope_cpu.py (angles once per token and dimension, every head) against TVM's
+    llama_rope_with_position_map (angles per element), which it replaces in CPU KV caches:
+    the same q, k, v bit for bit, positions neither 0.. nor contiguous, 5 q / 2 kv heads."""
+    from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv  # noqa: PLC0415
+
+    from kiln.passes.kernels.rope_cpu import rope_split_cpu, rope_supported  # noqa: PLC0415
+
+    tvm = t.tvm
+    hq, hkv, d, n, theta = 5, 2, 24, 9, 10000.0
+    assert rope_supported(scaling) and not rope_supported({"rope_type": "yarn"})
+    rng = np.random.default_rng(7)
+    qkv = rng.standard_normal((n, hq + 2 * hkv, d)).astype(np.float32)
+    pos = np.array([3, 4, 5, 40, 41, 97, 98, 99, 700], np.int32)
+    outs = []
+    for f in (rope_split_cpu(theta, 1.0, d, hq, hkv, "float32", scaling, d),
+              tvm_kv.llama_rope_with_position_map(theta, 1.0, d, hq, hkv, "float32", scaling, d)):
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target="llvm")
+        dev = tvm.cpu()
+        res = [tvm.runtime.tensor(np.zeros((n, h, d), np.float32), dev) for h in (hq, hkv, hkv)]
+        lib["main"](tvm.runtime.tensor(qkv, dev), tvm.runtime.tensor(pos, dev), *res, apply)
+        outs.append([r.numpy() for r in res])
+    for mine, theirs in zip(*outs):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-6)
+    if not apply:
+        np.testing.assert_array_equal(outs[0][0], qkv[:, :hq])

@@ -18,6 +18,7 @@ from ...tvm_compat import compiler
 from ...errors import CompileError
 from .attention_cpu import paged_decode_attention_cpu, ragged_prefill_attention_cpu
 from .attention_window_cpu import paged_prefill_window_attention_cpu
+from .rope_cpu import rope_split_cpu, rope_supported
 from .attention_cuda import cuda_decode_supported, paged_decode_attention_cuda, ragged_prefill_attention_cuda, ragged_prefill_supported
 
 _t = compiler()
@@ -78,7 +79,7 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
             k["tree"],
             rx.Tuple([]),  # MLA prefill
             rx.Tuple([k["merge_state"]]),
-            bb.add_func(_kv.llama_rope_with_position_map(rope_theta, rope_scale, d, h_q, h_kv, dtype, rope_scaling, d), "tir_split_rotary"),
+            bb.add_func(self._rope_kernel(rope_theta, rope_scale, d, h_q, h_kv, dtype, rope_scaling), "tir_split_rotary"),
             k["copy_page"],
             bb.add_func(_kv._kv_cache_debug_get_kv(num_hidden_layers, h_kv, d, dtype), "kv_cache_debug_get_kv"),
             k["compact_copy"],
@@ -87,6 +88,10 @@ class _KilnPagedKVCache(_kv.PagedKVCache):  # pylint: disable=too-few-public-met
 
     def _kernels(self, bb, tir, *, h_kv, h_q, d, dtype, rope_scaling, target, page_size) -> dict:
         raise NotImplementedError
+
+    def _rope_kernel(self, theta, scale, d, h_q, h_kv, dtype, rope_scaling):
+        """The RoPE-on-append kernel (split fused qkv, rotate q and k): TVM's."""
+        return _kv.llama_rope_with_position_map(theta, scale, d, h_q, h_kv, dtype, rope_scaling, d)
 
     def _window_kernels(self, bb, tir, *, h_kv, h_q, d, dtype, rope_scaling, page_size, window) -> dict:
         raise CompileError("sliding-window attention kernels exist for CPU targets only")
@@ -112,6 +117,12 @@ class CpuPagedKVCache(_KilnPagedKVCache):  # pylint: disable=too-few-public-meth
             "compact_copy": bb.add_func(_kv._compact_kv_copy_cpu(h_kv, d, dtype, page_size=page_size), "kv_cache_compact_kv_copy_cpu"),
         }
 
+
+    def _rope_kernel(self, theta, scale, d, h_q, h_kv, dtype, rope_scaling):
+        # cos / sin once per (token, dimension) for all heads (rope_cpu.py); gptj / longrope: TVM's
+        if rope_supported(rope_scaling):
+            return rope_split_cpu(theta, scale, d, h_q, h_kv, dtype, rope_scaling, d)
+        return super()._rope_kernel(theta, scale, d, h_q, h_kv, dtype, rope_scaling)
 
     def _window_kernels(self, bb, tir, *, h_kv, h_q, d, dtype, rope_scaling, page_size, window) -> dict:
         # TVM's sliding decode is right (its window comes from the cache's page lists); its paged
