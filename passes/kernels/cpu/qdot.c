@@ -187,7 +187,7 @@ typedef struct {
   int16_t* a16;
   float* d;    /* [M, K/32] */
   float* ds;   /* [M, K/32] (q4) */
-  float* dv;   /* q4: [M, K/64, 8] the scales of chunk c's two blocks, 4 lanes each (AVX2) */
+  float* dv;   /* [M, K/64, 8] (AVX2) q4: chunk c's two block scales, 4 lanes each; q8: blocks 2c, 2c+1 as vphaddd lays them out */
   float* xg;   /* q4: [M, K/group] sum over each weight group's blocks of d * sum(codes) */
 } job;
 
@@ -208,7 +208,35 @@ KILN_INLINE void q8_tile(const job* jb, int64_t m0, int64_t n0, const int MR, co
   __m256 acc[MR_MAX][NR_MAX];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
+  /* blocks in pairs: the two blocks' sums meet in one vector (vphaddd: lanes b, b, b+1, b+1, ...),
+     converted and scaled once -- half the float work of one block at a time */
+  const __m256i pair_lanes = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    __m256i w[NR_MAX][4];
+    __m256 sw[NR_MAX];
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* wp = q + (n0 + r) * K + 32 * b;
+      _mm_prefetch((const char*)(wp + PREFETCH_BYTES), _MM_HINT_T0);
+      for (int j = 0; j < 4; ++j) w[r][j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wp + 16 * j)));
+      uint32_t pair;
+      memcpy(&pair, jb->s + (n0 + r) * nb + b, 4);
+      sw[r] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128((int)pair))), pair_lanes);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int16_t* ap = jb->a16 + (m0 + i) * K + 32 * b;
+      const __m256 da = _mm256_load_ps(jb->dv + (m0 + i) * nb * 4 + 4 * b);
+      for (int r = 0; r < NR; ++r) {
+        const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(w[r][0], _mm256_loadu_si256((const __m256i*)ap)),
+                                            _mm256_madd_epi16(w[r][1], _mm256_loadu_si256((const __m256i*)(ap + 16))));
+        const __m256i p1 = _mm256_add_epi32(_mm256_madd_epi16(w[r][2], _mm256_loadu_si256((const __m256i*)(ap + 32))),
+                                            _mm256_madd_epi16(w[r][3], _mm256_loadu_si256((const __m256i*)(ap + 48))));
+        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(p0, p1)), da);
+        acc[i][r] = _mm256_fmadd_ps(f, sw[r], acc[i][r]);
+      }
+    }
+  }
+  for (; b < nb; ++b) { /* an odd last block */
     __m256i w0[NR_MAX], w1[NR_MAX];
     float sw[NR_MAX];
     for (int r = 0; r < NR; ++r) {
@@ -471,7 +499,11 @@ static void quantize_rows(job* jb, int q4, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     quantize_row(jb->x + m * jb->K, jb->K, q4, q4 ? (void*)(jb->qa + m * jb->K) : (void*)(jb->a16 + m * jb->K), jb->d + m * nb,
                  jb->ds + m * nb);
-    if (!q4) continue;
+    if (!q4) { /* q8 (AVX2): scales of blocks 2p, 2p+1 in the lanes vphaddd leaves them in */
+      for (int64_t b = 0; b + 1 < nb; b += 2)
+        for (int l = 0; l < 8; ++l) jb->dv[m * nb * 4 + b * 4 + l] = jb->d[m * nb + b + ((l >> 1) & 1)];
+      continue;
+    }
     for (int64_t g = 0; g < ng; ++g) {
       float t = 0.f;
       for (int64_t b = g * per; b < (g + 1) * per; ++b) t += jb->ds[m * nb + b];
@@ -496,7 +528,7 @@ static int prepare(job* jb, int q4) {
   const int64_t nb = jb->K / 32;
   const size_t codes = (size_t)((jb->M * jb->K * (q4 ? 1 : 2) + 63) / 64 * 64);
   const size_t scales = (size_t)((jb->M * nb * sizeof(float) + 63) / 64 * 64);
-  const size_t lanes = q4 ? (size_t)(jb->M * nb * 4 * sizeof(float)) : 0; /* [M, K/64, 8] */
+  const size_t lanes = (size_t)(jb->M * nb * 4 * sizeof(float)); /* [M, K/64, 8] */
   char* mem = (char*)aligned_alloc(64, codes + 3 * scales + lanes);
   if (!mem) return -1;
   jb->qa = (int8_t*)mem;
