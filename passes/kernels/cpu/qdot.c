@@ -225,7 +225,7 @@ KILN_INLINE void q8_tile(const job* jb, int64_t m0, int64_t n0, const int MR, co
     }
     for (int i = 0; i < MR; ++i) {
       const int16_t* ap = jb->a16 + (m0 + i) * K + 32 * b;
-      const __m256 da = _mm256_load_ps(jb->dv + (m0 + i) * nb * 4 + 4 * b);
+      const __m256 da = _mm256_loadu_ps(jb->dv + (m0 + i) * nb * 4 + 4 * b);
       for (int r = 0; r < NR; ++r) {
         const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(w[r][0], _mm256_loadu_si256((const __m256i*)ap)),
                                             _mm256_madd_epi16(w[r][1], _mm256_loadu_si256((const __m256i*)(ap + 16))));
@@ -369,7 +369,7 @@ KILN_INLINE void q4_tile(const job* jb, int64_t m0, int64_t n0, const int MR, co
     for (int i = 0; i < MR; ++i) {
       const int8_t* ap = jb->qa + (m0 + i) * K + 64 * c;
       const __m256i xe = _mm256_loadu_si256((const __m256i*)ap), xo = _mm256_loadu_si256((const __m256i*)(ap + 32));
-      const __m256 da = _mm256_load_ps(jb->dv + ((m0 + i) * nc + c) * 8);
+      const __m256 da = _mm256_loadu_ps(jb->dv + ((m0 + i) * nc + c) * 8);
       for (int r = 0; r < NR; ++r) {
         const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xe), _mm256_maddubs_epi16(hi[r], xo));
         const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), da);
@@ -528,8 +528,8 @@ static int prepare(job* jb, int q4) {
   const int64_t nb = jb->K / 32;
   const size_t codes = (size_t)((jb->M * jb->K * (q4 ? 1 : 2) + 63) / 64 * 64);
   const size_t scales = (size_t)((jb->M * nb * sizeof(float) + 63) / 64 * 64);
-  const size_t lanes = (size_t)(jb->M * nb * 4 * sizeof(float)); /* [M, K/64, 8] */
-  char* mem = (char*)aligned_alloc(64, codes + 3 * scales + lanes);
+  const size_t lanes = (size_t)(jb->M * nb * 4 * sizeof(float)); /* [M, K/64, 8]; rows of odd nb (q8) are not 32-byte aligned: loadu */
+  char* mem = (char*)aligned_alloc(64, (codes + 3 * scales + lanes + 63) / 64 * 64); /* a multiple of the alignment (C11) */
   if (!mem) return -1;
   jb->qa = (int8_t*)mem;
   jb->a16 = (int16_t*)mem;
