@@ -203,7 +203,8 @@ def test_aarch64_artifact_under_qemu_matches_x86(tiny_checkpoint, tmp_path):
 def test_aarch64_integer_dots_under_qemu_match_x86(tiny_checkpoint, tmp_path):
     """A q4g32 artifact (q4 body, q8 LM head) whose rows fit the CPU integer-dot kernels:
     the aarch64 library runs them on `sdot` / `smlal` (kernels/cpu/qdot.c), the x86 one on
-    AVX2. Same activation codes, same integer sums: the logits agree to float rounding."""
+    AVX2. Same activation codes, same integer sums: the logits agree to float32 rounding of the
+    block scaling (summed in another order)."""
     from helpers.cross import aarch64_tools  # noqa: PLC0415
 
     from kiln.compiler.build import compile_model  # noqa: PLC0415
@@ -224,7 +225,9 @@ def test_aarch64_integer_dots_under_qemu_match_x86(tiny_checkpoint, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["target"] == "aarch64"
     err = float(np.abs(np.load(tmp_path / "arm.npy") - ref).max() / np.abs(ref).max())
-    assert err < ARM_LOGITS_RTOL, f"aarch64 vs x86 integer-dot logits: relative error {err:.2e}"
+    # same codes and integer sums; the fp32 scaling runs per block on NEON and per block pair on
+    # AVX2 (vphaddd): measured 1.1e-5
+    assert err < 1e-4, f"aarch64 vs x86 integer-dot logits: relative error {err:.2e}"
 
 
 def test_foreign_bundle_site_takes_the_tvm_runtime_only(tmp_path):
