@@ -40,9 +40,9 @@ def isa_flags(tg: CompileTarget) -> list[str]:
 
 
 def c_compiler(tg: CompileTarget) -> str:
-    cc = tg.linker or shutil.which("gcc") or shutil.which("cc")
+    cc = tg.linker or shutil.which("gcc") or shutil.which("cc") or shutil.which("g++")
     if cc is None:
-        raise CompileError("building a CPU library needs a C compiler (gcc or cc) on PATH")
+        raise CompileError("building a CPU library needs a C compiler (gcc, cc or g++) on PATH")
     return cc
 
 
@@ -51,7 +51,8 @@ def kernel_objects(tg: CompileTarget, workdir: Path) -> list[str]:
     cc, out = c_compiler(tg), []
     for src in SOURCES:
         obj = workdir / f"kiln_{src.stem}.o"
-        cmd = [cc, "-std=gnu11", "-O3", "-fPIC", "-fno-math-errno", *isa_flags(tg), "-c", str(src), "-o", str(obj)]
+        # -x c: the kernels are C even when the compiler found is g++
+        cmd = [cc, "-x", "c", "-std=gnu11", "-O3", "-fPIC", "-fno-math-errno", *isa_flags(tg), "-c", str(src), "-o", str(obj)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
