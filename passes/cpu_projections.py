@@ -16,21 +16,12 @@ from __future__ import annotations
 
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from ..tvm_compat import compiler
+from .cuda_projections import _is_op, _static_shape
 from .kernels.qdot_cpu import QDOT_KINDS, qdot, qdot_supported
 
 _t = compiler()
 relax = _t.relax
 tirx = _t.tirx
-
-
-def _static(expr) -> tuple[int, ...] | None:
-    sinfo = expr.ty
-    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in sinfo.shape.values)
-    except TypeError:
-        return None
 
 
 @relax.expr_functor.mutator
@@ -43,7 +34,7 @@ class _Rewriter(relax.PyExprMutator):
     def _match(self, call):
         """call_tir(<qmatmul projection | lm_head>, (x [A, S, K] f32, q, s[, z])) -> f32, a format and shape
         the kernel takes -> (K, N, group, kind), else None."""
-        if not (isinstance(call, relax.Call) and isinstance(call.op, _t.tvm.ir.Op) and call.op.name == "relax.call_tir"):
+        if not _is_op(call, "relax.call_tir"):
             return None
         func = self.mod_[call.args[0]]
         attrs = func.attrs if isinstance(func, tirx.PrimFunc) and func.attrs is not None else {}
@@ -56,7 +47,7 @@ class _Rewriter(relax.PyExprMutator):
             return None
         x = args[0]
         shape = x.ty.shape.values if isinstance(x.ty, relax.TensorType) and x.ty.shape is not None else None
-        sq, ss = _static(args[1]), _static(args[2])
+        sq, ss = _static_shape(args[1]), _static_shape(args[2])
         if shape is None or len(shape) != 3 or sq is None or ss is None or len(sq) != 2 or len(ss) != 2:
             return None
         if str(x.ty.dtype) != "float32" or str(call.ty.dtype) != "float32":
