@@ -40,7 +40,7 @@ import numpy as np
 # (peer, format): the order of one round, kiln first at each format
 ROUND = [("kiln", "F32"), ("llama.cpp", "F32"), ("transformers", "F32"),
          ("kiln", "F16"), ("llama.cpp", "F16"), ("llama.cpp", "Q4_1")]  # fmt: skip
-LLAMA_PEER_FORMAT = {"q8": "Q8_0", "q4g32": "Q4_0"}  # kiln format -> the llama.cpp format it is compared with
+LLAMA_PEER_FORMAT = {"q8": "Q8_0", "q4g32": "Q4_0", "q4k": "Q4_K_M"}  # kiln format -> the llama.cpp format it is compared with
 REFERENCE = ("transformers", "F32")  # greedy tokens of the other peers are compared with its
 PROMPT_TEXT = (
     "The kiln stood at the edge of the village, a squat dome of brick blackened by a century of fires. "
@@ -288,7 +288,7 @@ def main() -> int:
     ap.add_argument("--max-outside-load", type=float, default=0.10,
                     help="retry a measurement while other processes kept more than this share of the CPUs busy")
     ap.add_argument("--retries", type=int, default=2)
-    ap.add_argument("--quant", action="store_true", help="also kiln q8 / q4g32 beside llama.cpp's own Q8_0 / Q4_0 (issue 4)")
+    ap.add_argument("--quant", action="store_true", help="also kiln q8 / q4g32 / q4k beside llama.cpp's own Q8_0 / Q4_0 / Q4_K_M (issues 4, 17)")
     ap.add_argument("--only-quant", action="store_true", help="only the quantized rows")
     ap.add_argument("--recompile", action="store_true", help="compile the kiln artifacts again even when cached")
     ap.add_argument("--json-out", default=None, help="also write every raw measurement here")
@@ -316,7 +316,7 @@ def main() -> int:
         return 0
     ids = make_prompt(src, a.prompt_tokens)
     has_llama = importlib.util.find_spec("llama_cpp") is not None
-    quant_rows = [("kiln", "q8"), ("llama.cpp", "Q8_0"), ("kiln", "q4g32"), ("llama.cpp", "Q4_0")]
+    quant_rows = [row for q, ft in LLAMA_PEER_FORMAT.items() for row in (("kiln", q), ("llama.cpp", ft))]
     if a.quant or a.only_quant:
         peer_models.prepare_quant(src, files, a.recompile, log=lambda s: print(s, flush=True))
     base = [] if a.only_quant else ROUND
@@ -328,18 +328,18 @@ def main() -> int:
     model_of = {("kiln", "F32"): files["kiln"]["float32"][0], ("kiln", "F16"): files["kiln"]["float16"][0],
                 ("llama.cpp", "F32"): files["F32"], ("llama.cpp", "F16"): files["F16"], ("llama.cpp", "Q4_1"): src,
                 ("transformers", "F32"): files["hf"]}  # fmt: skip
-    for q in ("q8", "q4g32"):
+    for q in LLAMA_PEER_FORMAT:
         if q in files["kiln"]:
             model_of["kiln", q] = files["kiln"][q][0]
-    for ft in ("Q8_0", "Q4_0"):
+    for ft in LLAMA_PEER_FORMAT.values():
         if ft in files:
             model_of["llama.cpp", ft] = files[ft]
     weights = {"F32": peer_models.gguf_weight_bytes(files["F32"]), "F16": peer_models.gguf_weight_bytes(files["F16"]),
                "Q4_1": peer_models.gguf_weight_bytes(src)}  # fmt: skip
-    for ft in ("Q8_0", "Q4_0"):
+    for ft in LLAMA_PEER_FORMAT.values():
         if ft in files:
             weights[ft] = peer_models.gguf_weight_bytes(files[ft])
-    for q in ("q8", "q4g32"):
+    for q in LLAMA_PEER_FORMAT:
         if q in files["kiln"]:
             art = files["kiln"][q][0]
             weights[q] = (art / "weights.safetensors").stat().st_size
@@ -358,7 +358,7 @@ def main() -> int:
             desc = r["error"] if "error" in r else (f"prefill {len(ids) / r['prefill_s']:7.1f} tok/s  decode "
                                                     f"{(len(r['tokens']) - 1) / r['decode_s']:6.1f} tok/s  outside load {100 * r['outside_load']:3.0f}%"
                                                     f"  (try {r['attempts']} of {r['tries']})")  # fmt: skip
-            print(f"round {rnd + 1}/{a.rounds}  {peer:12s} {fmt:4s}  {desc}", flush=True)
+            print(f"round {rnd + 1}/{a.rounds}  {peer:12s} {fmt:6s}  {desc}", flush=True)
     if not has_llama:
         for p in ROUND:
             if p[0] == "llama.cpp":

@@ -201,7 +201,7 @@ def gguf_weight_bytes(path: Path) -> int:
     return sum(t.nbytes for t in read_gguf_header(path).tensors)
 
 
-LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0
+LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_S": 14, "Q4_K_M": 15}  # llama_ftype: LLAMA_FTYPE_MOSTLY_*
 
 
 def llama_quantized(f32: Path, ftype: str) -> Path:
@@ -222,11 +222,11 @@ def llama_quantized(f32: Path, ftype: str) -> Path:
 
 
 def prepare_quant(src: Path, files: dict, recompile: bool = False, log=print) -> None:
-    """kiln q8 / q4g32 artifacts and llama.cpp Q8_0 / Q4_0 GGUFs (issue 4's CPU speed rows)."""
-    for q in ("q8", "q4g32"):
+    """kiln q8 / q4g32 / q4k artifacts and llama.cpp Q8_0 / Q4_0 / Q4_K_M GGUFs (issues 4 and 17's CPU speed rows)."""
+    for q in ("q8", "q4g32", "q4k"):
         files["kiln"][q] = compile_kiln(src, "float32", recompile, quant=q)
         log(f"  kiln {q}  {files['kiln'][q][0]}")
-    for ft in ("Q8_0", "Q4_0"):
+    for ft in ("Q8_0", "Q4_0", "Q4_K_M"):
         files[ft] = llama_quantized(files["F32"], ft)
         log(f"  llama.cpp {ft}  {files[ft]}")
 

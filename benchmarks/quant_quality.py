@@ -12,7 +12,11 @@ cache (runtime/quality.py):
            Q4_0 (what `llama-quantize` makes), all-position logits from
            llama-cpp-python (`logits_all=True`), against llama.cpp's F32.
 
-    python benchmarks/quant_quality.py [--text FILE] [--formats q8,q4g32,q4g128] [--json OUT]
+    python benchmarks/quant_quality.py [--text FILE] [--formats q8,q4g32,q4g128,q4k] [--llama Q8_0,Q4_0,Q4_K_M] [--json OUT]
+
+Bits per weight are of the body (the transformer layers' projection matrices,
+scales included; the embedding / LM head are listed apart), read from each
+file: kiln's manifest params, llama.cpp's GGUF tensor sizes.
 """
 
 from __future__ import annotations
@@ -48,6 +52,38 @@ def kiln_artifact(src: Path, quant: str | None) -> Path:
     return out
 
 
+_BODY = (".qkv_proj.", ".o_proj.", ".gate_up_proj.", ".down_proj.")
+_GGUF_BODY = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
+
+
+def kiln_body_bpw(art: Path) -> float:
+    """Stored bits per weight of the body matrices of a kiln artifact (codes and scales)."""
+    params = json.loads((art / "manifest.json").read_text())["params"]
+    bits = weights = 0
+    for p in params:
+        name = p["name"]
+        if any(b in name for b in _BODY):
+            bits += int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize * 8
+            if name.endswith(".weight") or name.endswith(".q"):  # the float matrix, or the codes of a quantized one
+                k = p["shape"][-1] * (8 if p["dtype"] == "uint32" else 1)
+                weights += int(np.prod(p["shape"][:-1])) * k
+    return bits / weights
+
+
+def gguf_body_bpw(path: Path) -> tuple[float, dict]:
+    """(bits per weight of the body tensors, {tensor type: share of body weights})."""
+    from gguf import GGUFReader  # noqa: PLC0415
+
+    bits = weights = 0
+    types: dict[str, int] = {}
+    for t in GGUFReader(path).tensors:
+        if t.name.split(".", 2)[-1].startswith(_GGUF_BODY):
+            bits += int(t.n_bytes) * 8
+            weights += int(t.n_elements)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return bits / weights, {k: round(v / weights, 3) for k, v in types.items()}
+
+
 def _kiln_key() -> str:
     from peer_models import kiln_source_hash  # noqa: PLC0415
 
@@ -69,8 +105,8 @@ class LlamaCppLogits:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", default=str(DEFAULT_TEXT))
-    ap.add_argument("--formats", default="q8,q4g32,q4g128")
-    ap.add_argument("--llama", default="Q8_0,Q4_0")
+    ap.add_argument("--formats", default="q8,q4g32,q4g128,q4k")
+    ap.add_argument("--llama", default="Q8_0,Q4_0,Q4_K_M")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -82,8 +118,9 @@ def main() -> int:
     rows = []
     for q in [f for f in a.formats.split(",") if f]:
         t0 = time.perf_counter()
-        r = compare_sessions(load(kiln_artifact(src, q), threads=2), ref_art, ids, a.window)
-        rows.append({"who": "kiln", "format": q, **r, "seconds": round(time.perf_counter() - t0, 1)})
+        art = kiln_artifact(src, q)
+        r = compare_sessions(load(art, threads=2), ref_art, ids, a.window)
+        rows.append({"who": "kiln", "format": q, "body_bpw": round(kiln_body_bpw(art), 3), **r, "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]))
     lref = LlamaCppLogits(f32, a.window)
     # the two float references agree (same weights, two engines)
@@ -91,12 +128,16 @@ def main() -> int:
     print(json.dumps(rows[-1]))
     for ft in [f for f in a.llama.split(",") if f]:
         t0 = time.perf_counter()
-        r = compare_sessions(LlamaCppLogits(llama_quantized(f32, ft), a.window), lref, ids, a.window)
-        rows.append({"who": "llama.cpp", "format": ft, **r, "seconds": round(time.perf_counter() - t0, 1)})
+        path = llama_quantized(f32, ft)
+        bpw, types = gguf_body_bpw(path)
+        r = compare_sessions(LlamaCppLogits(path, a.window), lref, ids, a.window)
+        rows.append({"who": "llama.cpp", "format": ft, "body_bpw": round(bpw, 3), "body_types": types, **r,
+                     "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]))
-    print(f"\n| who | format | mean KLD | top-1 agreement | perplexity (float {rows[0]['ref_perplexity']:.3f}) |\n|---|---|---|---|---|")
+    print(f"\n| who | format | body bits/weight | mean KLD | top-1 agreement | perplexity (float {rows[0]['ref_perplexity']:.3f}) |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['who']} | {r['format']} | {r['mean_kld']:.5f} | {100 * r['top1_agreement']:.2f}% | {r['perplexity']:.3f} |")
+        bpw = f"{r['body_bpw']:.3f}" if "body_bpw" in r else "32"
+        print(f"| {r['who']} | {r['format']} | {bpw} | {r['mean_kld']:.5f} | {100 * r['top1_agreement']:.2f}% | {r['perplexity']:.3f} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"text": a.text, "tokens": len(ids), "window": a.window, "rows": rows}, indent=1))
     return 0

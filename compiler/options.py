@@ -19,7 +19,7 @@ from ..passes.quant import QuantPlan, kv_format
 DTYPES = ("float32", "float16", "bfloat16")
 PAGE_SIZE = 16
 PAGE_SIZES = (16, 32, 64)
-QGEMV_KINDS = ("4", "8", "f8")
+QGEMV_KINDS = ("4", "4k", "8", "f8")
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,12 @@ class CudaOptions:
             (kernels/cuda/gemm_wg.cuh) when every arch built is sm_90 (else the mma.sync kernels)
 
     For experiments, environment variables override these in any compile:
-    KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,8,f8 (or empty),
+    KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,4k,8,f8 (or empty),
     KILN_NO_CUDA_GRAPH=1, KILN_CUDA_DECODE_BATCH=0|1, KILN_CUDA_EXPERTS=0|1, KILN_CUDA_WGMMA=0|1."""
 
     gemm: bool = True
     gemv: bool = False
-    qgemv: tuple[str, ...] = ("4", "f8")
+    qgemv: tuple[str, ...] = ("4", "4k", "f8")
     experts: bool = True
     graphs: bool = True
     decode_batch: bool | None = None

@@ -43,7 +43,7 @@ class _Rewriter(relax.PyExprMutator):
         fmt = str(attrs.get(QFORMAT_ATTR, ""))
         kind = QDOT_KINDS.get(fmt)
         args = list(call.args[1].fields)
-        if kind is None or len(args) != (4 if kind == "q4" else 3):
+        if kind is None or len(args) != {"q8": 3, "q4": 4, "q4k": 6}[kind]:
             return None
         x = args[0]
         shape = x.ty.shape.values if isinstance(x.ty, relax.TensorType) and x.ty.shape is not None else None
@@ -60,6 +60,11 @@ class _Rewriter(relax.PyExprMutator):
         if ss[1] == 0 or K % ss[1]:
             return None
         group = K // ss[1]
+        if kind == "q4k":  # the kernel's block: the super-block, from the super-block scales' shape
+            sd = _static_shape(args[4])
+            if group != 32 or sd is None or len(sd) != 2 or sd[1] == 0 or K % sd[1]:
+                return None
+            group = K // sd[1]
         if not qdot_supported(fmt, K, group):
             return None
         return K, N, group, kind

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from .kernels.gemm_cuda import ROWS_QCODES, gemm, gemm_residual, gemm_rows, gemm_rows_q, gemm_supported, qgemm, qgemm_supported
 from .kernels.rows_cuda import rmsnorm_rows, rows_supported, silu_mul_rows
-from .kernels.gemv_cuda import gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
+from .kernels.gemv_cuda import QGEMV_SUPER, gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from .quant import WEIGHT_FORMATS
 from ..tvm_compat import compiler
@@ -118,10 +118,10 @@ def swiglu_input(an: _Analysis, a):
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4,f8", wgmma: bool = False):
+    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4,4k,f8", wgmma: bool = False):
         super().__init__(mod)
         self.use_gemm, self.use_gemv, self.wgmma = gemm, gemv, wgmma
-        self.qgemv_bits = {b.strip() for b in str(qgemv).split(",") if b.strip()}  # code kinds: "4", "8", "f8"
+        self.qgemv_bits = {b.strip() for b in str(qgemv).split(",") if b.strip()}  # code kinds: "4", "4k", "8", "f8"
         self.use_qgemv = bool(self.qgemv_bits)
         self.mod_ = mod
         self.an: _Analysis | None = None
@@ -173,7 +173,7 @@ class _Rewriter(relax.PyExprMutator):
         group, code kind), or None. The code kind is the CUDA template kind of the weight format
         the model named (QFORMAT_ATTR; passes/quant); formats with a minimum pass z, the others do not."""
         kind = self._kind(call)
-        if kind is None or kind[0] != "qmatmul" or kind[1] not in roles or len(call.args[1].fields) not in (3, 4):
+        if kind is None or kind[0] != "qmatmul" or kind[1] not in roles or len(call.args[1].fields) not in (3, 4, 6):
             return None
         a, q, sc = call.args[1].fields[:3]
         shape = a.ty.shape.values if isinstance(a.ty, relax.TensorType) and a.ty.shape is not None else None
@@ -189,8 +189,13 @@ class _Rewriter(relax.PyExprMutator):
         attrs = self.mod_[call.args[0]].attrs  # not None: _kind found OP_ATTR in it
         fmt = WEIGHT_FORMATS.get(str(attrs[QFORMAT_ATTR])) if QFORMAT_ATTR in attrs else None
         code = fmt.cuda_code if fmt is not None else None
-        if code is None or fmt.zero != (len(call.args[1].fields) == 4) or K % ss[1]:
+        if code is None or len(call.args[1].fields) != 1 + len(fmt.parts((1, K))) or K % ss[1]:
             return None
+        if code == QGEMV_SUPER:  # q4k: the kernels' block is the super-block (d's shape), groups of 32
+            sd = _static_shape(call.args[1].fields[4])
+            if K // ss[1] != 32 or sd is None or len(sd) != 2 or sd[1] == 0 or K % sd[1]:
+                return None
+            return a, K, sq[0], K // sd[1], code
         return a, K, sq[0], K // ss[1], code
 
     def _qgemv(self, call):
@@ -374,7 +379,7 @@ class CudaProjections:
     gemm=False keeps prefill projections on dlight's Matmul (a diagnostic); wgmma=True (an
     artifact built for sm_90 alone) puts them on the Hopper GEMM (kernels/cuda/gemm_wg.cuh)."""
 
-    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4,f8", wgmma: bool = False):
+    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4,4k,f8", wgmma: bool = False):
         self.gemm, self.gemv, self.qgemv, self.wgmma = gemm, gemv, qgemv, wgmma
 
     def transform_module(self, mod, _ctx):

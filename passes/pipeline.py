@@ -30,7 +30,7 @@ class PipelineOptions:
     dump_ir: Path | None = None
     cuda_gemm: bool = True  # prefill projections on kiln's tensor-core GEMM (False: dlight's Matmul)
     cuda_gemv: bool = False  # decode projections on kiln's fused GEMVs (measured slower than dlight's GEMV so far)
-    cuda_qgemv: str = "4,f8"  # quantized decode projections on kiln's qgemv.cuh for these code kinds ("4", "8", "f8"): 4-bit and fp8 beat dlight, int8 does not
+    cuda_qgemv: str = "4,4k,f8"  # quantized decode projections on kiln's qgemv.cuh for these code kinds ("4", "4k", "8", "f8"): 4-bit and fp8 beat dlight, int8 does not
     cuda_wgmma: bool = False  # prompt GEMMs on Hopper's wgmma (kernels/cuda/gemm_wg.cuh): only when every arch built is sm_90
     cpu_intdot: bool = True  # CPU quantized projections on integer dot products (kernels/cpu/qdot.c; False: fp32 FMAs on decoded codes)
     cuda_experts: bool = True  # MoE layers on kiln's expert kernels (passes/cuda_experts.py; False: dlight's generic rules)

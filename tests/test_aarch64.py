@@ -200,8 +200,9 @@ def test_aarch64_artifact_under_qemu_matches_x86(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_aarch64_integer_dots_under_qemu_match_x86(tiny_checkpoint, tmp_path):
-    """A q4g32 artifact (q4 body, q8 LM head) whose rows fit the CPU integer-dot kernels:
+@pytest.mark.parametrize("quant", ["q4g32", "q4k"])
+def test_aarch64_integer_dots_under_qemu_match_x86(quant, tiny_checkpoint, tmp_path):
+    """A q4g32 or q4k artifact (4-bit body, q8 LM head) whose rows fit the CPU integer-dot kernels:
     the aarch64 library runs them on `sdot` / `smlal` (kernels/cpu/qdot.c), the x86 one on
     AVX2. Same activation codes, same integer sums: the logits agree to float32 rounding of the
     block scaling (summed in another order)."""
@@ -215,7 +216,7 @@ def test_aarch64_integer_dots_under_qemu_match_x86(tiny_checkpoint, tmp_path):
         pytest.skip("emulates aarch64 on an x86-64 host")
     aarch64_tools()
     art = tmp_path / "q.kiln"
-    compile_model(tiny_checkpoint("llama_k64"), art, target="llvm,aarch64", dtype="float32", quant="q4g32", quality_check=False)
+    compile_model(tiny_checkpoint("llama_k64"), art, target="llvm,aarch64", dtype="float32", quant=quant, quality_check=False)
     ids = list(range(3, 40))
     ref = load(art).logits(ids)
     bundle = tmp_path / "b"

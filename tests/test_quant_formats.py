@@ -17,7 +17,7 @@ RNG = np.random.default_rng(7)
 
 
 def test_registry_lists_every_format_in_rank_order():
-    assert list(WEIGHT_FORMATS) == ["q8", "q4g32", "q4g128", "fp8"]
+    assert list(WEIGHT_FORMATS) == ["q8", "q4g32", "q4k", "q4g128", "fp8"]
     assert set(KV_FORMATS) == {"int8", "fp8"} and set(FLOAT_KV_FORMATS) == {"float16", "bfloat16"}
     assert KV_DTYPES[0] == "float32" and set(KV_DTYPES) == {"float32", "float16", "bfloat16", "int8", "fp8"}
 
@@ -42,7 +42,8 @@ def test_fp8_codec_never_writes_nan_codes():
 
 
 @pytest.mark.parametrize(("name", "k", "bits"), [("q8", 4096, 8.5), ("q4g32", 4096, 5.0), ("q4g128", 4096, 4.25),
-                                                 ("fp8", 4096, 8 + 32 / 4096), ("q4g128", 576, 4.5)])
+                                                 ("fp8", 4096, 8 + 32 / 4096), ("q4g128", 576, 4.5),
+                                                 ("q4k", 4096, 4.625), ("q4k", 576, 4 + 0.5 + 32 / 192)])
 def test_bits_per_weight(name, k, bits):
     assert WEIGHT_FORMATS[name].bits_per_weight(k) == pytest.approx(bits)
 
@@ -102,7 +103,7 @@ def test_random_weights_avoid_the_codes_a_format_never_writes():
 
 
 def test_plan_lists_the_registry_in_its_errors():
-    with pytest.raises(Exception, match="supported: none, q8, q4g32, q4g128, fp8"):
+    with pytest.raises(Exception, match="supported: none, q8, q4g32, q4k, q4g128, fp8"):
         QuantPlan.parse("q3")
 
 

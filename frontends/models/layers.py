@@ -250,19 +250,21 @@ def rope(x, positions, inv_freq, mscale: float = 1.0, name: str = "rope"):
 
 class QWeight(nn.Module):
     """A quantized [N, K] matrix stored as the arrays of its format (params
-    `q`, `s`, and `z` for formats with a minimum; passes/quant/formats/). Never
-    dequantized as a whole: kernels decode the codes where they read them."""
+    `q`, `s`, `z` for formats with a minimum, `d`, `m` for super-block scales;
+    passes/quant/formats/). Never dequantized as a whole: kernels decode the
+    codes where they read them."""
 
     def __init__(self, shape: tuple[int, int], fmt):
         self.fmt = fmt
         self.shape = tuple(shape)
         self.group = fmt.group_for(shape[1])
-        self.q = self.s = self.z = None
+        self.q = self.s = self.z = self.d = self.m = None
+        self._parts = tuple(fmt.parts(self.shape))
         for sfx, (shp, dt) in fmt.parts(self.shape).items():
             setattr(self, sfx, nn.Parameter(shp, dt))
 
     def params(self) -> list:
-        return [self.q, self.s] + ([self.z] if self.z is not None else [])
+        return [getattr(self, sfx) for sfx in self._parts]
 
 
 def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = None, role: str = "projection"):
@@ -273,10 +275,10 @@ def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = N
     te = _tvm.te
     out_dtype = str(out_dtype or x.dtype)
 
-    def compute(xt, q, s, z=None):
+    def compute(xt, *arrays):
         *lead, k_ext = xt.shape
         n_ext = qw.shape[0]
-        deq = qw.fmt.te_weight(qw.group, q, s, z)
+        deq = qw.fmt.te_weight(qw.group, *arrays)
         w = te.compute((n_ext, k_ext), deq, name=name + "_dequant")
         k = te.reduce_axis((0, k_ext), name="k")
 
@@ -298,8 +300,8 @@ def q_take(qw: QWeight, ids, out_dtype: str):
     """Rows `ids` of a quantized table, dequantized (the embedding lookup)."""
     te = _tvm.te
 
-    def compute(idt, q, s, z=None):
-        deq = qw.fmt.te_weight(qw.group, q, s, z)
+    def compute(idt, *arrays):
+        deq = qw.fmt.te_weight(qw.group, *arrays)
         return te.compute((idt.shape[0], qw.shape[1]), lambda t, k: deq(idt[t], k).astype(out_dtype), name="q_take")
 
     return op.tensor_expr_op(compute, "q_take", [ids, *qw.params()])

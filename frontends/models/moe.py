@@ -240,19 +240,20 @@ class Router(nn.Module):
 
 class QExperts(nn.Module):
     """A quantized stack of expert matrices [E, N, K], stored as its format's arrays
-    with the expert axis kept (params `q`, `s`, and `z` for formats with a minimum;
+    with the expert axis kept (params `q`, `s`, `z` for formats with a minimum, `d`, `m` for super-block scales;
     passes/quant/weights.py stacked_parts). The expert kernels decode only the
     chosen experts' codes, where they read them."""
 
     def __init__(self, shape: tuple[int, int, int], fmt):
         self.fmt = fmt
         self.shape = tuple(shape)
-        self.q = self.s = self.z = None
+        self.q = self.s = self.z = self.d = self.m = None
+        self._parts = tuple(fmt.stacked_parts(self.shape))
         for sfx, (shp, dt) in fmt.stacked_parts(self.shape).items():
             setattr(self, sfx, nn.Parameter(shp, dt))
 
     def params(self) -> list:
-        return [self.q, self.s] + ([self.z] if self.z is not None else [])
+        return [getattr(self, sfx) for sfx in self._parts]
 
 
 def _stack(shape, role: str, precision):

@@ -91,17 +91,37 @@ Q_ROWS_PER_WARP = 4
 
 
 QGEMV_CODES = {"4": 4, "8": 8, "f8": 9}  # code kind -> qgemv.cuh's BITS (9: kiln::kF8, e4m3)
+QGEMV_SUPER = "4k"  # q4k: qgemv.cuh's qgemv4k; its "group" here is the super-block
 
 
 def qgemv_supported(K: int, group: int, code: str, dtype: str) -> bool:
+    if code == QGEMV_SUPER:
+        return dtype in C_TYPES and group % 32 == 0 and K % group == 0
     unit = 32 if code == "4" else 16  # weights per 16-byte unit of codes
     return dtype in C_TYPES and code in QGEMV_CODES and K % unit == 0 and group % unit == 0 and K % group == 0
 
 
 def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str):
     """y  # [1, 1, N] out_dtype = x  # [1, 1, K] dtype @ dequant(q, s[, z])^T, decode (batch 1).
-    Same arguments as the NT_qmatmul TE kernel it replaces (q4: q, s, z; q8: q, s; fp8: q, s per row)."""
+    Same arguments as the NT_qmatmul TE kernel it replaces (q4: q, s, z; q8: q, s; fp8: q, s per row;
+    q4k: q, s, z, d, m with `group` its super-block)."""
     nb = (N + Q_ROWS_PER_WARP - 1) // Q_ROWS_PER_WARP  # the block's warps split K of Q_ROWS_PER_WARP rows
+    if code == QGEMV_SUPER:  # q4k: q, s (u8), z (i8) per 32, d, m per super-block (`group`)
+        fn = f"kiln::qgemv4k<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {K}, {group}, {Q_NUM_WARPS}, {Q_ROWS_PER_WARP}>"
+        nu, nsb = K // 32, K // group
+
+        @T.prim_func
+        def kiln_qgemv4k(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K // 8), "uint32"), s: T.Buffer((N, nu), "uint8"),
+                         z: T.Buffer((N, nu), "int8"), d: T.Buffer((N, nsb), "float16"), m: T.Buffer((N, nsb), "float16"),
+                         y: T.Buffer((1, 1, N), out_dtype)):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(Q_NUM_WARPS * 32, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                             T.address_of(z[0, 0]), T.address_of(d[0, 0]), T.address_of(m[0, 0]),
+                                             T.address_of(y[0, 0, 0]), N))
+
+        return kiln_qgemv4k
     fn = f"kiln::qgemv<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {QGEMV_CODES[code]}, {K}, {group}, {Q_NUM_WARPS}, {Q_ROWS_PER_WARP}>"
     ng = K // group
     # q8 / fp8 differ in the codes' and scales' dtypes only

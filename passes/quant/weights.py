@@ -1,8 +1,8 @@
 """What a weight format is: one object owning everything kiln knows about it.
 
 A format stores an [N, K] matrix (K = the reduction axis; rows stay rows) as a
-few arrays (`parts`: codes `q`, scales `s`, and a minimum `z` for formats
-that have one) and answers, for every stage of the pipeline:
+few arrays (`parts`: codes `q`, scales `s`, a minimum `z` for formats
+that have one, super-block scales `d`, `m` for q4k) and answers, for every stage of the pipeline:
   compile time   quantize (numpy, once), dequantize (the reference);
   graph          te_weight: the fp32 value of element (n, k) as a TE
                  expression over the stored arrays, which the kernels inline
@@ -81,11 +81,10 @@ class WeightFormat:
         rows = (int(np.prod(shape[:-1])), shape[-1])
         return self.dequantize({sfx: a.reshape(rows[0], -1) for sfx, a in parts.items()}, rows).reshape(shape)
 
-    def te_stacked_weight(self, group: int, q, s, z=None):
+    def te_stacked_weight(self, group: int, *arrays):
         """(e, n, k) -> the fp32 weight of matrix e of a stack [E, N, K], as a TE expression."""
         def weight(e, n, k):
-            view = [None if a is None else _Fixed(a, e) for a in (q, s, z)]
-            return self.te_weight(group, *view)(n, k)
+            return self.te_weight(group, *[_Fixed(a, e) for a in arrays])(n, k)
         return weight
 
     # -- to be defined by each format -------------------------------------------------------------
@@ -101,8 +100,9 @@ class WeightFormat:
         """The float32 matrix the kernels compute with (reference for tests and tools)."""
         raise NotImplementedError
 
-    def te_weight(self, group: int, q, s, z=None):
-        """(n, k) -> the fp32 weight, as a TE expression over the stored arrays."""
+    def te_weight(self, group: int, q, s, z=None, d=None, m=None):
+        """(n, k) -> the fp32 weight, as a TE expression over the stored arrays
+        (in parts() order)."""
         raise NotImplementedError
 
 
@@ -111,6 +111,7 @@ class _Fixed:
 
     def __init__(self, tensor, e):
         self.tensor, self.e = tensor, e
+        self.shape = tuple(tensor.shape)[1:]
 
     def __getitem__(self, idx):
         return self.tensor[(self.e, *(idx if isinstance(idx, tuple) else (idx,)))]

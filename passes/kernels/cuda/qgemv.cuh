@@ -117,4 +117,57 @@ __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __res
   }
 }
 
+// q4k (passes/quant/formats/q4k.py): 4-bit codes per 32 with a uint8 scale code sc and an int8
+// minimum code mz per 32, fp16 super-block scales d (of sc) and m (of mz) per SB weights:
+// w = (d sc) q + (m mz). qgemv's loop with the unit (32 codes) = the group; each unit's scale
+// and minimum are two byte loads and two fp16 loads (the latter shared by SB / 32 units, in L1).
+template <typename T, typename OutT, int K, int SB, int NW, int ROWS>
+__device__ __forceinline__ void qgemv4k(const T* __restrict__ x, const void* __restrict__ qv, const uint8_t* __restrict__ sc,
+                                        const int8_t* __restrict__ mz, const __half* __restrict__ d,
+                                        const __half* __restrict__ m, OutT* __restrict__ y, int N) {
+  static_assert(K % SB == 0 && SB % 32 == 0, "whole super-blocks of whole 32-weight units");
+  constexpr int UNITS = K / 32, NSB = K / SB, PER = SB / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int row0 = blockIdx.x * ROWS;
+  const uint4* q4 = reinterpret_cast<const uint4*>(qv);
+  float acc[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+  for (int u = warp * 32 + lane; u < UNITS; u += NW * 32) {
+    uint4 w[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) w[r] = __ldg(q4 + (size_t)min(row0 + r, N - 1) * UNITS + u);
+    float xf[32];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) load_vec<T, 8>(x + u * 32 + c * 8, xf + c * 8);
+    float xw = 0.f;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) xw += xf[j];
+    const int b = u / PER;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const size_t row = (size_t)min(row0 + r, N - 1);
+      const float dot = qunit_dot<4>(w[r], xf);
+      const float scale = __half2float(__ldg(d + row * NSB + b)) * (float)__ldg(sc + row * UNITS + u);
+      const float minimum = __half2float(__ldg(m + row * NSB + b)) * (float)__ldg(mz + row * UNITS + u);
+      acc[r] = fmaf(scale, dot, fmaf(minimum, xw, acc[r]));
+    }
+  }
+  __shared__ float part[NW][ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) part[warp][r] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < ROWS && row0 + threadIdx.x < N) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) v += part[w][threadIdx.x];
+    y[row0 + threadIdx.x] = from_float<OutT>(v);
+  }
+}
+
 }  // namespace kiln
