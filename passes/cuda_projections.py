@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from .kernels.gemm_cuda import ROWS_QCODES, gemm, gemm_residual, gemm_rows, gemm_rows_q, gemm_supported, qgemm, qgemm_supported
 from .kernels.rows_cuda import rmsnorm_rows, rows_supported, silu_mul_rows
-from .kernels.gemv_cuda import QGEMV_SUPER, gemv_residual, gemv_supported, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
+from .kernels.gemv_cuda import QGEMV_SUPER, gemv_residual, gemv_supported, q4k_expand, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from .quant import WEIGHT_FORMATS
 from ..tvm_compat import compiler
@@ -222,13 +222,14 @@ class _Rewriter(relax.PyExprMutator):
         return K, N, code, dt, odt
 
     def _qgemm(self, call):
-        """call = call_tir(<qmatmul projection>, (a [1, s, K], q, s[, z])), s symbolic, 16-bit out = in -> (K, N, group, code, dtype)."""
+        """call = call_tir(<qmatmul projection>, (a [1, s, K], q, s[, z])), s symbolic, 16-bit out = in -> (K, N, group, code, dtype).
+        q4k: code "4k", group its super-block (the GEMM itself runs on 4-bit codes of group 32)."""
         hit = self._quantized(call, ("projection",))
         if hit is None or _static_shape(hit[0]) is not None:
             return None
         a, K, N, group, code = hit
         dt = _dtype(a)
-        if str(call.ty.dtype) != dt or not qgemm_supported(K, group, code, dt):
+        if str(call.ty.dtype) != dt or not qgemm_supported(K, *((32, "4") if code == QGEMV_SUPER else (group, code)), dt):
             return None
         return K, N, group, code, dt
 
@@ -278,8 +279,14 @@ class _Rewriter(relax.PyExprMutator):
             hit = self._qgemm(call)
             if hit is not None:
                 K, N, group, code, dt = hit
+                args = list(call.args[1].fields)
+                if code == QGEMV_SUPER:  # q4k: its scales and minima as fp16 per 32 (one small kernel per call), then q4g32's GEMM
+                    ex = self._func((f"q4k_expand{group}", K, N, "float16"), lambda: q4k_expand(K, N, group))
+                    ty = relax.TensorType((N, K // 32), "float16")
+                    sz = relax.call_tir(ex, args[2:6], [ty, ty])
+                    args, group, code = [args[0], args[1], relax.TupleGetItem(sz, 0), relax.TupleGetItem(sz, 1)], 32, "4"
                 gv = self._func((f"qgemm{code}g{group}", K, N, dt), lambda: qgemm(K, N, group, code, dt, wgmma=self.wgmma))
-                return relax.call_tir(gv, list(call.args[1].fields), call.ty)
+                return relax.call_tir(gv, args, call.ty)
         if self.use_qgemv and _is_op(call, "relax.call_tir"):
             hit = self._qgemv(call)
             if hit is not None and hit[3] in self.qgemv_bits:

@@ -115,8 +115,8 @@ def test_cuda_quantized_decode_gemv(tmp_path, widths):
 
 def test_cuda_q4k_decode_gemv(tmp_path):
     """--quant q4k on CUDA: decode projections on qgemv.cuh's qgemv4k (the super-block, 128 and
-    256 here, is the kernel's block); prompts on dlight's schedule of the TE dequantize (no q4k
-    tensor-core GEMM yet); the parts as the format declares them."""
+    256 here, is the kernel's block); prompts expand the 8-bit scale / minimum codes to q4g32's fp16
+    arrays (q4k_expand) and run q4g32's tensor-core GEMM; the parts as the format declares them."""
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
            "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 256,
            "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
@@ -127,7 +127,7 @@ def test_cuda_q4k_decode_gemv(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     blob = (out / "lib" / "cuda.so").read_bytes()
     assert b"kiln_qgemv4kg128_bfloat16" in blob and b"kiln_qgemv4kg256_bfloat16" in blob  # K = 128 (qkv, gate/up), 256 (down)
-    assert b"kiln_qgemm4k" not in blob
+    assert b"kiln_q4k_expand128_" in blob and b"kiln_q4k_expand256_" in blob and b"kiln_qgemm4g32_" in blob
     manifest = json.loads((out / "manifest.json").read_text())
     assert {p["name"].rsplit(".", 1)[1]: p["dtype"] for p in manifest["params"] if p["quant"] == "q4k"} == {
         "q": "uint32", "s": "uint8", "z": "int8", "d": "float16", "m": "float16"}

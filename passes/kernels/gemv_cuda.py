@@ -149,3 +149,23 @@ def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str):
                                          T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), N))  # z: unused
 
     return kiln_qgemv8
+
+
+def q4k_expand(K: int, N: int, sb: int):
+    """q4k's (s, z, d, m) -> fp16 scale and minimum per 32 weights, q4g32's arrays (qgemv.cuh q4k_expand):
+    a prompt's projections then run on the 4-bit tensor-core GEMM (kernels/gemm_cuda.qgemm, group 32)."""
+    nu, nsb = K // 32, K // sb
+    total = N * nu
+    nb = (total + 255) // 256
+    fn = f"kiln::q4k_expand<{sb}>"
+
+    @T.prim_func
+    def kiln_q4k_expand(s: T.Buffer((N, nu), "uint8"), z: T.Buffer((N, nu), "int8"), d: T.Buffer((N, nsb), "float16"),
+                        m: T.Buffer((N, nsb), "float16"), so: T.Buffer((N, nu), "float16"), zo: T.Buffer((N, nu), "float16")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
+        for bx in T.thread_binding(nb, thread="blockIdx.x"):
+            for tx in T.thread_binding(256, thread="threadIdx.x"):
+                T.evaluate(T.call_extern("void", fn, T.address_of(s[0, 0]), T.address_of(z[0, 0]), T.address_of(d[0, 0]),
+                                         T.address_of(m[0, 0]), T.address_of(so[0, 0]), T.address_of(zo[0, 0]), nu, T.int64(total)))
+
+    return kiln_q4k_expand

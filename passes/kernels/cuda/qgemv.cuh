@@ -170,4 +170,18 @@ __device__ __forceinline__ void qgemv4k(const T* __restrict__ x, const void* __r
   }
 }
 
+// q4k's scales and minima as q4g32's fp16 arrays (s = d sc, z = m mz per 32 weights), for the prompt
+// GEMMs: the tensor-core kernels of 4-bit codes take them as they are. One thread per group;
+// 2 x 2 bytes written per 32 weights (1/8 of the codes' bytes), once per prompt call.
+template <int SB>
+__device__ __forceinline__ void q4k_expand(const uint8_t* __restrict__ sc, const int8_t* __restrict__ mz,
+                                           const __half* __restrict__ d, const __half* __restrict__ m, __half* __restrict__ s,
+                                           __half* __restrict__ z, int groups_per_row, long total) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const long n = i / groups_per_row, b = n * (groups_per_row / (SB / 32)) + (i % groups_per_row) / (SB / 32);
+  s[i] = __float2half_rn(__half2float(d[b]) * (float)sc[i]);
+  z[i] = __float2half_rn(__half2float(m[b]) * (float)mz[i]);
+}
+
 }  // namespace kiln
