@@ -42,7 +42,7 @@ def dequantize(data: np.ndarray, t: GGUFTensorInfo, path: Path) -> np.ndarray:
 
 
 # GGUF block type -> the kiln weight format with exactly its grid (passes/quant/formats/)
-DIRECT_IMPORTS = {("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8"), ("Q5_0", "q8")}
+DIRECT_IMPORTS = {("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8"), ("Q5_0", "q8"), ("Q4_K", "q4k")}
 
 
 def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -54,7 +54,11 @@ def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict
     Q8_0 block (34 bytes): d fp16, 32 int8; x = d q.
     Q5_0 block (22 bytes): d fp16, 4 bytes holding element j's fifth bit at bit j, 16 bytes
     of low nibbles as Q4_0; x = d (q - 16): q8's int8 codes in [-16, 15] with the same d.
-    (Q4_K / Q6_K fit no kiln format exactly: docs/DESIGN.md, Gemma 3.)"""
+    Q4_K block of 256 (144 bytes): d fp16, dmin fp16, 12 bytes packing eight 6-bit scales and
+    eight 6-bit minima (llama.cpp's get_scale_min_k4), 128 bytes of codes: 64-value chunk c
+    holds bytes 32c..32c+31, low nibbles sub-block 2c, high nibbles 2c+1; x = (d sc) q - (dmin m):
+    q4k with its super-block of 256, sc as the scale code, -m as the minimum code, dmin as m.
+    (Q6_K fits no kiln format exactly: its 6-bit codes are re-quantized.)"""
     n, k = shape
     if qtype == "Q4_0":
         b = data.reshape(n, k // 32, 18)
@@ -77,4 +81,23 @@ def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict
         low = np.concatenate([b[..., 6:22] & 0x0F, b[..., 6:22] >> 4], axis=-1)
         codes = (low.astype(np.int16) | (high.astype(np.int16) << 4)) - 16
         return {"q": codes.astype(np.int8).reshape(n, k), "s": b[..., 0:2].copy().view(np.float16)[..., 0]}
+    if qtype == "Q4_K":
+        b = data.reshape(n, k // 256, 144)
+        d, dmin = b[..., 0:2].copy().view(np.float16)[..., 0], b[..., 2:4].copy().view(np.float16)[..., 0]
+        sc, mn = _k4_scales(b[..., 4:16])  # [n, k / 256, 8] each
+        qs = b[..., 16:144].reshape(n, k // 256, 4, 32)  # chunk c: 32 bytes
+        codes = np.stack([qs & 0x0F, qs >> 4], axis=3)  # [n, blocks, chunk, low / high, 32]
+        return {"q": pack_nibbles(codes.reshape(n, k)), "s": sc.reshape(n, k // 32).astype(np.uint8),
+                "z": (-mn.astype(np.int16)).reshape(n, k // 32).astype(np.int8), "d": d, "m": dmin}
     raise ValueError(f"no direct import for {qtype}")
+
+
+def _k4_scales(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 scale bytes [..., 12] -> (scales, minima) [..., 8], 6 bits each: sub-blocks 0-3 in
+    the low 6 bits of bytes 0-3 / 4-7; 4-7 from the nibbles of bytes 8-11 plus the top 2 bits of
+    bytes 0-3 / 4-7."""
+    q = q.astype(np.uint8)
+    lo_s, lo_m = q[..., 0:4] & 63, q[..., 4:8] & 63
+    hi_s = (q[..., 8:12] & 0x0F) | ((q[..., 0:4] >> 6) << 4)
+    hi_m = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
+    return np.concatenate([lo_s, hi_s], axis=-1), np.concatenate([lo_m, hi_m], axis=-1)

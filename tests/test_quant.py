@@ -117,6 +117,26 @@ def test_gguf_blocks_map_to_kiln_formats_exactly(qtype, fmt):
     assert np.array_equal(FORMATS[fmt].dequantize(parts, w.shape), want)
 
 
+def test_gguf_q4_k_blocks_map_to_q4k_exactly():
+    """Q4_K blocks (256 weights: fp16 d and dmin, eight 6-bit scales and minima packed in 12 bytes,
+    codes 64 at a time) become q4k arrays with its super-block of 256: every byte pattern of the
+    scales and codes, against gguf's own dequantization of the blocks."""
+    from gguf import quants  # noqa: PLC0415
+    from gguf.constants import GGMLQuantizationType  # noqa: PLC0415
+
+    from kiln.frontends.gguf_blocks import blocks_to_kiln  # noqa: PLC0415
+
+    n, k = 6, 768
+    raw = RNG.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    scales = (RNG.uniform(1e-4, 2e-2, (n, k // 256, 2)) * RNG.choice([1, 1, 1, -1], (n, k // 256, 2))).astype(np.float16)
+    raw[..., 0:4] = scales.view(np.uint8).reshape(n, k // 256, 4)  # d, dmin (dmin < 0 happens too)
+    want = quants.dequantize(raw.reshape(n, -1), GGMLQuantizationType.Q4_K)
+    parts = blocks_to_kiln(raw.reshape(-1), "Q4_K", (n, k))
+    fmt = FORMATS["q4k"]
+    assert fmt.super_for(k) == 256 and {p: (a.shape, str(a.dtype)) for p, a in parts.items()} == fmt.parts((n, k))
+    np.testing.assert_allclose(fmt.dequantize(parts, (n, k)), want, rtol=1e-6, atol=1e-9)
+
+
 def test_plan_defaults_and_overrides():
     p = QuantPlan.parse("q4g128")
     assert p.format_for("down_proj").name == "q4g128"
