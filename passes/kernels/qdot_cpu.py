@@ -1,6 +1,6 @@
-"""Integer-dot quantized matmuls for CPUs: TIR wrappers around kernels/cpu/qdot.c (the pass
+"""Integer-dot quantized matmuls for CPUs: TIR wrappers around kernels/cpu/qdot*.c (the pass
 passes/cpu_projections.py, CpuQuantMatmul, puts them in place of the models' quantized
-projections; compiler/cpu_codegen.py compiles qdot.c for each CPU target and links it into
+projections; compiler/cpu_codegen.py compiles them for each CPU target and links them into
 the target's library).
 
     qdot(K, N, group, "q8")     x  # [A, S, K] f32, q  # [N, K] int8, s  # [N, K/32] f16        -> y  # [A, S, N] f32
