@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: the checkpoint's")
         c.add_argument("--max-seq-len", type=int, default=None, help="largest context the artifact supports")
         c.add_argument("--dump-ir", default=None, help="write the IR after each pass into this directory")
-        c.add_argument("--quant", default=None, help="weight format: none (default), q8, q4g32, q4k, q4g128, fp8 (passes/quant/formats/)")
+        c.add_argument("--quant", default=None, help="weight format: none (default), q8, q4g32, q4k, q4g128, fp8 (passes/quant/formats/), or gguf: a GGUF file's own mix, matrix by matrix")
         c.add_argument("--keep", action="append", default=[], metavar="ROLE=FMT",
                        help="per-role override, e.g. lm_head=q8 or embed=none (roles: qkv_proj, o_proj, gate_up_proj, down_proj, expert_gate_up, expert_down, lm_head, embed)")
         c.add_argument("--calib-text", default=None, help="with --quant: English text to measure quality on (default: a built-in text)")

@@ -19,7 +19,9 @@ from ..frontends.models import family_for
 from ..frontends.models.layers import COMPUTE_DTYPE, Precision
 from ..frontends.models.sharding import shard_config
 from ..frontends.readers import open_checkpoint
-from ..passes.quant import KVFormat, QuantPlan, kv_format
+from ..frontends.gguf_blocks import holding_format
+from ..passes.quant import WEIGHT_FORMATS, KVFormat, QuantPlan, kv_format
+from ..passes.quant.plan import SOURCE_MIX
 from .artifact import ArtifactWriter
 from .interrupt import interruptible
 from .manifest import make_manifest
@@ -121,6 +123,18 @@ def build(opts: CompileOptions, progress: Progress = QUIET) -> CompileSummary:
                           time.perf_counter() - t0, m.dtype, warnings)
 
 
+def source_formats(ck, family, config) -> dict:
+    """--quant gguf: param name -> the weight format its GGUF block types call for (holding_format)."""
+    if ck.format != "gguf":
+        raise CompileError(f"--quant {SOURCE_MIX} keeps a GGUF file's own block types; {ck.source} is a {ck.format} checkpoint: "
+                           f"choose a format ({', '.join(WEIGHT_FORMATS)})")
+    out = {}
+    for name, srcs in family.hf_sources_for(config, set(ck.tensor_names)).items():
+        fmt = holding_format({ck.tensor_dtypes[s] for s in srcs if s in ck.tensor_dtypes})
+        out[name] = WEIGHT_FORMATS[fmt] if fmt is not None else None
+    return out
+
+
 def read_model(opts: CompileOptions, progress: Progress) -> Model:
     """Read the checkpoint and decide what needed the model (dtype, context, KV format)."""
     targets = tuple(parse_target(opts.target))
@@ -147,6 +161,8 @@ def read_model(opts: CompileOptions, progress: Progress) -> Model:
             raise CompileError(f"--max-seq-len {opts.max_seq_len} is outside [1, {max_ctx}] for this model{why}")
         max_ctx = opts.max_seq_len
     plan = opts.plan
+    if plan is not None and plan.weights == SOURCE_MIX:
+        plan = plan.with_sources(source_formats(ck, family, config))
     if plan is None and kv_fmt is None and (opts.calib_text is not None or opts.max_kld is not None):
         raise CompileError("--calib-text / --max-kld measure a quantized model: they need --quant or --kv-dtype int8|fp8")
     if dtype == "float16" and not all_cpu:

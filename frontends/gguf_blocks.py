@@ -45,6 +45,21 @@ def dequantize(data: np.ndarray, t: GGUFTensorInfo, path: Path) -> np.ndarray:
 DIRECT_IMPORTS = {("Q4_1", "q4g32"), ("Q4_0", "q4g32"), ("Q8_0", "q8"), ("Q5_0", "q8"), ("Q4_K", "q4k")}
 
 
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
+
+
+def holding_format(qtypes: set[str]) -> str | None:
+    """--quant gguf (passes/quant/plan.py): the kiln weight format a matrix stored in these block
+    types is kept in -- the one that holds all of them exactly (DIRECT_IMPORTS), else q8 (Q6_K,
+    Q5_K, Q5_1, ...: no kiln format holds them; at 8 bits per 32 their values move by under half a
+    code step of theirs); None (float) when any of them is float."""
+    if qtypes & FLOAT_TYPES or not qtypes:
+        return None
+    held = {fmt for qt, fmt in DIRECT_IMPORTS if qt in qtypes}
+    every = all(any(qt == q for q, _ in DIRECT_IMPORTS) for qt in qtypes)
+    return held.pop() if every and len(held) == 1 else "q8"
+
+
 def blocks_to_kiln(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Raw GGUF blocks of an [N, K] tensor -> kiln's arrays, no float detour.
     Q4_1 block (20 bytes): d fp16, m fp16, 16 bytes whose low nibbles are

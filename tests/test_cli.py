@@ -273,7 +273,7 @@ def test_help_texts(capsys):
         return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
 
     c = help_of("compile")
-    assert "q8, q4g32, q4k, q4g128, fp8" in c
+    assert "q8, q4g32, q4k, q4g128, fp8 (passes/quant/formats/), or gguf" in c
     assert "--quiet no progress lines" in c
     d = help_of("demo")
     assert "KILN_CACHE" in d and "~/.cache/kiln" in d

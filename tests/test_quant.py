@@ -343,3 +343,65 @@ def test_quality_gate_measures_the_staged_artifact_when_it_is_the_cpu_variant(tm
     a, b = results["llvm"], results["llvm:x86-64-v2"]
     assert a["tokens"] == b["tokens"] >= 64 and a["mean_kld"] > 0
     assert a["mean_kld"] == pytest.approx(b["mean_kld"], rel=1e-3, abs=1e-7)
+
+
+def test_holding_format_of_gguf_block_types():
+    """--quant gguf: a matrix's GGUF block types -> the kiln format that holds them (exactly where one
+    does; q8 for types none holds; float where any is float)."""
+    from kiln.frontends.gguf_blocks import holding_format  # noqa: PLC0415
+
+    assert holding_format({"Q4_K"}) == "q4k" and holding_format({"Q4_0", "Q4_1"}) == "q4g32"
+    assert holding_format({"Q5_0", "Q8_0"}) == "q8"  # llama.cpp's attn_q Q5_0 beside attn_v Q8_0, fused into qkv_proj
+    assert holding_format({"Q6_K"}) == "q8" and holding_format({"Q4_K", "Q6_K"}) == "q8"
+    assert holding_format({"F16"}) is None and holding_format({"Q4_K", "F32"}) is None
+
+
+def test_quant_gguf_keeps_the_files_mix_layer_by_layer(tmp_path):
+    """--quant gguf on a file whose layers differ (layer 0's ffn_down Q4_0, layer 1's F16, Q4_1 /
+    Q5_0 / Q8_0 elsewhere): every quantized matrix is taken block for block into the format that
+    holds it, per layer, the float one stays float, and the logits are the float artifact's of the
+    same file (the same values: no re-quantization anywhere)."""
+    from gguf import GGMLQuantizationType as Q  # noqa: PLC0415
+    from helpers.tiny_gguf import write_tiny  # noqa: PLC0415
+
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    dtypes = {}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        dtypes |= {p + "self_attn.q_proj.weight": Q.Q5_0, p + "self_attn.k_proj.weight": Q.Q5_0, p + "self_attn.v_proj.weight": Q.Q8_0,
+                   p + "self_attn.o_proj.weight": Q.Q4_1, p + "mlp.gate_proj.weight": Q.Q5_0, p + "mlp.up_proj.weight": Q.Q5_0,
+                   p + "mlp.down_proj.weight": Q.Q4_0 if i == 0 else Q.F16}
+    gguf = tmp_path / "mix.gguf"
+    write_tiny(gguf, dtypes=dtypes)
+    # without the CPU integer dots (their activation rounding is tested on its own): the same arithmetic as float
+    art = compile_model(gguf, tmp_path / "g.kiln", dtype="float32", quant="gguf", quality_check=False, cpu_intdot=False).output
+    ref = compile_model(gguf, tmp_path / "f.kiln", dtype="float32", quality_check=False).output
+    m = json.loads((art / "manifest.json").read_text())
+    got = {p["name"].removesuffix(".q"): p["quant"] for p in m["params"] if p["name"].endswith((".q", ".weight")) and "norm" not in p["name"]}
+    for i in range(2):
+        assert got[f"layers.{i}.attn.qkv_proj.weight"] == got[f"layers.{i}.mlp.gate_up_proj.weight"] == "q8"
+        assert got[f"layers.{i}.attn.o_proj.weight"] == "q4g32"
+    assert got["layers.0.mlp.down_proj.weight"] == "q4g32" and got["layers.1.mlp.down_proj.weight"] == "none"
+    assert m["quant"]["weights"] == "gguf" and m["quant"]["roles"]["o_proj"] == "q4g32"
+    assert m["quant"]["layers"] == {"1": {"down_proj": "none"}}  # only where a layer differs from the roles (most layers')
+    assert m["quant"]["matrices"] == {"direct": 7, "requantized": 0}  # qkv, o, gate_up x 2 layers, layer 0's down; embedding and head are F32: float
+    ids = list(range(3, 40))
+    a, b = load(art).logits(ids), load(ref).logits(ids)
+    err = float(np.abs(a - b).max() / np.abs(b).max())
+    assert err < 1e-5, f"--quant gguf vs float32 of the same file: {err:.2e}"
+
+
+def test_quant_gguf_needs_a_gguf_and_keep_wins(tiny_checkpoint, tmp_path):
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+    from kiln.passes.quant.plan import QuantPlan  # noqa: PLC0415
+
+    with pytest.raises(CompileError, match="--quant gguf keeps a GGUF file's own block types; .* is a safetensors checkpoint"):
+        compile_model(tiny_checkpoint("llama"), tmp_path / "x.kiln", quant="gguf", quality_check=False)
+    assert not (tmp_path / "x.kiln").exists()
+    plan = QuantPlan.parse("gguf", ["down_proj=q4k"]).with_sources(
+        {"layers.0.mlp.down_proj.weight": FORMATS["q8"], "layers.0.attn.o_proj.weight": None, "layers.1.attn.o_proj.weight": FORMATS["q4g32"],
+         "layers.2.attn.o_proj.weight": FORMATS["q4g32"], "embed_tokens": FORMATS["q8"]})
+    assert plan.for_layer(0).format_for("down_proj").name == "q4k" and plan.for_layer(0).format_for("o_proj") is None
+    assert plan.format_for("o_proj").name == "q4g32" and plan.describe()["layers"] == {"0": {"o_proj": "none"}}

@@ -103,7 +103,7 @@ def test_random_weights_avoid_the_codes_a_format_never_writes():
 
 
 def test_plan_lists_the_registry_in_its_errors():
-    with pytest.raises(Exception, match="supported: none, q8, q4g32, q4k, q4g128, fp8"):
+    with pytest.raises(Exception, match="supported: none, q8, q4g32, q4k, q4g128, fp8, gguf"):
         QuantPlan.parse("q3")
 
 

@@ -86,7 +86,7 @@ class DecoderLM(HFNames, nn.Module):
         emb_fmt = self.precision.format_for("embed", config.hidden_size, tied=config.tie_word_embeddings)
         shape = (config.vocab_size, config.hidden_size)
         self.embed_tokens = QWeight(shape, emb_fmt) if emb_fmt is not None else nn.Parameter(shape, self.dtype)
-        self.layers = nn.ModuleList([self.make_layer(config, dtype, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.make_layer(config, dtype.layer(i), i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
             # a tensor-parallel shard holds vocab / shards rows of the head (frontends/models/sharding.py)

@@ -33,6 +33,10 @@ class Precision:
         """The quantized format of a matrix of this role with rows of k weights, or None (float)."""
         return self.quant.matrix_format(role, k, tied) if self.quant is not None else None
 
+    def layer(self, i: int) -> Precision:
+        """The precision decoder layer i is built with: its own formats where the plan has them (--quant gguf)."""
+        return Precision(self.storage, self.compute, self.quant.for_layer(i)) if self.quant is not None and self.quant.layers else self
+
 
 def _precision(dtype) -> Precision:
     return dtype if isinstance(dtype, Precision) else Precision(dtype)
