@@ -78,6 +78,8 @@ class Artifact:
                          f"{_size(weight_bytes_per_token(m))} of weights read per decoded token")
         if isinstance(q, dict):
             lines.append("  quant    " + ", ".join(f"{r} {f}" for r, f in q.get("roles", {}).items()))
+            if q.get("layers"):  # --quant gguf: the layers whose formats differ from the roles above
+                lines.append("  layers   " + "; ".join(f"{i}: " + ", ".join(f"{r} {f}" for r, f in t.items()) for i, t in q["layers"].items()))
             qual = q.get("quality")
             if qual:
                 lines.append(f"  quality  mean KLD {qual['mean_kld']:.5f}, top-1 {100 * qual['top1_agreement']:.2f}%, perplexity {qual['perplexity']:.3f} "

@@ -386,6 +386,9 @@ def test_quant_gguf_keeps_the_files_mix_layer_by_layer(tmp_path):
     assert got["layers.0.mlp.down_proj.weight"] == "q4g32" and got["layers.1.mlp.down_proj.weight"] == "none"
     assert m["quant"]["weights"] == "gguf" and m["quant"]["roles"]["o_proj"] == "q4g32"
     assert m["quant"]["layers"] == {"1": {"down_proj": "none"}}  # only where a layer differs from the roles (most layers')
+    from kiln.runtime.artifact import open_artifact  # noqa: PLC0415
+
+    assert "  layers   1: down_proj none" in open_artifact(art).describe()  # kiln inspect
     assert m["quant"]["matrices"] == {"direct": 7, "requantized": 0}  # qkv, o, gate_up x 2 layers, layer 0's down; embedding and head are F32: float
     ids = list(range(3, 40))
     a, b = load(art).logits(ids), load(ref).logits(ids)
