@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--calib-text", default=None, help="with --quant: English text to measure quality on (default: a built-in text)")
         c.add_argument("--max-kld", type=float, default=None, help="with --quant: fail (nothing written) if the mean KL divergence vs float32 is over this")
         c.add_argument("--no-quality-check", action="store_true", help="with --quant: skip measuring quality (two extra CPU compiles and a run over the text)")
+        c.add_argument("--calibrate", action="store_true", help="with --quant q4k: weigh each weight's rounding by the activation energy of its input "
+                                                               "column, measured on the calibration text (one extra CPU compile and run)")
         c.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                        help="split the model over N GPUs (heads, FFN columns and LM-head rows; one weights file per GPU); "
                             "the runtime starts N workers through TVM's disco and NCCL")
@@ -227,7 +229,7 @@ def cmd_compile(a) -> int:
 
     opts = CompileOptions(a.model, a.output, target=a.target, dtype=a.dtype, max_seq_len=a.max_seq_len, dump_ir=a.dump_ir,
                           no_weights=a.no_weights, page_size=a.page_size, quant=a.quant, keep=tuple(a.keep), calib_text=a.calib_text,
-                          max_kld=a.max_kld, quality_check=not a.no_quality_check, kv_dtype=a.kv_dtype,
+                          max_kld=a.max_kld, quality_check=not a.no_quality_check, calibrate=a.calibrate, kv_dtype=a.kv_dtype,
                           tensor_parallel=a.tensor_parallel).check()
     check_output(a.output)
     from .tvm_compat import compiler  # noqa: PLC0415
@@ -259,7 +261,8 @@ def _compile_onnx(a) -> int:
     from .compiler.onnx_build import GraphOptions  # noqa: PLC0415
 
     llm_only = {"--dtype": a.dtype, "--max-seq-len": a.max_seq_len, "--quant": a.quant, "--keep": a.keep, "--calib-text": a.calib_text,
-                "--max-kld": a.max_kld, "--kv-dtype": a.kv_dtype, "--no-weights": a.no_weights, "--page-size": a.page_size != 16}
+                "--max-kld": a.max_kld, "--kv-dtype": a.kv_dtype, "--no-weights": a.no_weights, "--page-size": a.page_size != 16,
+                "--calibrate": a.calibrate}
     given = [k for k, v in llm_only.items() if v]
     if given:
         raise KilnError(f"{', '.join(given)}: not available for .onnx graphs yet")

@@ -23,6 +23,7 @@ from ..frontends.gguf_blocks import holding_format
 from ..passes.quant import WEIGHT_FORMATS, KVFormat, QuantPlan, kv_format
 from ..passes.quant.plan import SOURCE_MIX
 from .artifact import ArtifactWriter
+from .calibrate import collect_importance
 from .interrupt import interruptible
 from .manifest import make_manifest
 from .options import DTYPES, PAGE_SIZE, PAGE_SIZES, CompileOptions, CudaOptions
@@ -47,6 +48,7 @@ class Model:
     kv_dtype: str | None
     kv_fmt: KVFormat | None  # kiln's cache format; None: TVM's cache in the activations' dtype
     tp: int = 1  # tensor-parallel shards
+    importance: dict | None = field(default=None, compare=False)  # --calibrate: param -> activation energy per input column
 
     @property
     def windowed(self) -> bool:
@@ -96,6 +98,8 @@ def build(opts: CompileOptions, progress: Progress = QUIET) -> CompileSummary:
     opts = replace(opts.check(), cuda=opts.cuda.with_env(),
                    cpu_intdot=os.environ.get("KILN_CPU_INTDOT", "1" if opts.cpu_intdot else "0") != "0")
     m = read_model(opts, progress)
+    if opts.calibrate and not opts.no_weights:
+        m = replace(m, importance=collect_importance(m, opts, progress))
     gate = _gate_needed(m, opts, progress)
     reuse = gate and is_cpu_variant(m)  # the artifact is the gate's lossy CPU build: measure it where it is staged
     quality = quality_gate(m, opts, progress) if gate and not reuse else None

@@ -47,7 +47,8 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
             **({"num_active_params": config.active_params(built.num_params)} if config.num_experts else {}),
         },
         "dtype": m.dtype,  # storage; each target entry says its compute dtype
-        "quant": ({**plan.describe(), "quality": quality, "matrices": built.imported} if plan is not None else "none"),
+        "quant": ({**plan.describe(), "quality": quality, "matrices": built.imported, "calibrated": getattr(m, "importance", None) is not None}
+                  if plan is not None else "none"),
         "kv_quant": ({"format": kv_fmt.name, "quality": quality if plan is None else "see quant.quality"} if kv_fmt is not None else "none"),
         "targets": built.libraries,
         "params": built.params,

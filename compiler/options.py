@@ -94,6 +94,7 @@ class CompileOptions:
     calib_text: Path | None = None
     max_kld: float | None = None
     quality_check: bool = True
+    calibrate: bool = False  # weigh the quantizers' rounding by activation energy measured on the calibration text (compiler/calibrate.py)
     kv_dtype: str | None = None
     tensor_parallel: int = 1  # shards (GPUs) the model is split over (frontends/models/sharding.py)
     cpu_intdot: bool = True  # CPU quantized projections on integer dot products (KILN_CPU_INTDOT=0|1 overrides)
@@ -128,6 +129,8 @@ class CompileOptions:
             raise CompileError(f"--max-kld {self.max_kld}: must be a positive number")
         if plan is None and kv_fmt is None and self.kv_dtype in (None, "float32") and (self.calib_text is not None or self.max_kld is not None):
             raise CompileError("--calib-text / --max-kld measure a quantized model: they need --quant or --kv-dtype int8|fp8")
+        if self.calibrate and plan is None:
+            raise CompileError("--calibrate weighs the quantization of weights: it needs --quant")
         if not self.quality_check and self.max_kld is not None:
             raise CompileError("--max-kld needs the quality check (drop --no-quality-check)")
         tp = self.tensor_parallel

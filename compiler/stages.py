@@ -48,9 +48,11 @@ class Built:
 
 
 def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptions, dump_ir: Path | None,
-                 cpu_intdot: bool = True,
+                 cpu_intdot: bool = True, observe: bool = False,
                  progress: Progress) -> Built:
-    """m: the model and its resolved settings (build.Model). Everything but the manifest."""
+    """m: the model and its resolved settings (build.Model; m.importance: float param name ->
+    activation energy per input column, compiler/calibrate.py, for the formats whose quantizers
+    weigh their error by it). Everything but the manifest. observe: a calibration build."""
     gc = m.graph_config  # a shard's (tensor parallel) or the whole model's
     expected = m.family.param_shapes(gc)  # float params
     expanded = expand_params(expected, m.plan, tied=gc.tie_word_embeddings)
@@ -81,7 +83,7 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
     for tg, mod in zip(m.targets, mods):
         progress(f"passes ({tg.kind})")
         opts = PipelineOptions(target=tg.tvm_target(), cuda_gemm=cuda.gemm, cuda_gemv=cuda.gemv, cuda_qgemv=",".join(cuda.qgemv),
-                               cuda_experts=cuda.experts, cuda_wgmma=cuda.wgmma and wgmma_ok(tg), cpu_intdot=cpu_intdot,
+                               cuda_experts=cuda.experts, cuda_wgmma=cuda.wgmma and wgmma_ok(tg), cpu_intdot=cpu_intdot, observe=observe,
                                dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
         lowered = run_pipeline(mod, opts)
         rel = library_path(tg, m.targets)
@@ -143,7 +145,8 @@ def export_graphs(m, page_size: int, cuda_decode_batch: bool | None = None):
 
 def write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, imported: dict, progress: Progress) -> list[str]:
     """The weights file, or one per tensor-parallel shard (each float param cut before it is
-    quantized: compiler/shards.py); returns the files written, by shard."""
+    quantized: compiler/shards.py); returns the files written, by shard. m.importance (unsplit
+    models only: a shard's columns are not the whole model's) goes to the quantizers that take it."""
     thunks = m.family.convert_hf(m.config, m.ck.tensor_names, m.ck.load, m.ck.source)
     splits = layout(m.family, m.config, m.tp) if m.tp > 1 else None
     if splits is not None and "lm_head.weight" not in thunks:  # tied: each shard's head rows come from the table
@@ -172,7 +175,8 @@ def write_weights(m, writer, order, shapes, param_dtypes, stored, expanded, impo
                 if direct is not None:
                     packed[base] = direct
                 else:
-                    packed[base] = fmt.quantize_stacked(weight(base))  # [N, K], or [E, N, K] experts
+                    imp = (m.importance or {}).get(base) if splits is None and fmt.weighs_importance else None
+                    packed[base] = fmt.quantize_stacked(weight(base), **({"importance": imp} if imp is not None else {}))  # [N, K] | [E, N, K]
                 if rank == 0:
                     imported["direct" if direct is not None else "requantized"] += 1
             return packed[base][name.rsplit(".", 1)[1]]

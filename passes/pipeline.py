@@ -19,6 +19,7 @@ from ..tvm_compat import compiler
 from .cpu_projections import CpuQuantMatmul
 from .cuda_experts import CudaExperts
 from .cuda_projections import CudaProjections
+from .observe_projection_inputs import ObserveProjectionInputs
 from .schedule_tir import ScheduleTIR
 
 
@@ -34,6 +35,7 @@ class PipelineOptions:
     cuda_wgmma: bool = False  # prompt GEMMs on Hopper's wgmma (kernels/cuda/gemm_wg.cuh): only when every arch built is sm_90
     cpu_intdot: bool = True  # CPU quantized projections on integer dot products (kernels/cpu/qdot.c; False: fp32 FMAs on decoded codes)
     cuda_experts: bool = True  # MoE layers on kiln's expert kernels (passes/cuda_experts.py; False: dlight's generic rules)
+    observe: bool = False  # a calibration build: projection inputs pass through kiln.calib.observe (passes/observe_projection_inputs.py)
     extra_rules: tuple = ()  # schedule rules tried after kiln's specific ones, before the catch-alls (ONNX graphs: passes/cpu_graph_rules.py)
     on_phase: Callable[[str], None] | None = field(default=None, compare=False)
 
@@ -43,6 +45,7 @@ def phases(opts: PipelineOptions) -> list[tuple[str, object]]:
     rx = t.relax.transform
     cuda = opts.target.kind.name == "cuda"
     return [
+        *([("observe_projection_inputs", ObserveProjectionInputs())] if opts.observe else []),
         *([("cuda_projections", CudaProjections(gemm=opts.cuda_gemm, gemv=opts.cuda_gemv, qgemv=opts.cuda_qgemv, wgmma=opts.cuda_wgmma))] if cuda else []),
         *([("cpu_quant_matmul", CpuQuantMatmul())] if not cuda and opts.cpu_intdot else []),
         *([("cuda_experts", CudaExperts(wgmma=opts.cuda_wgmma))] if cuda and opts.cuda_experts else []),

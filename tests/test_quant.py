@@ -408,3 +408,44 @@ def test_quant_gguf_needs_a_gguf_and_keep_wins(tiny_checkpoint, tmp_path):
          "layers.2.attn.o_proj.weight": FORMATS["q4g32"], "embed_tokens": FORMATS["q8"]})
     assert plan.for_layer(0).format_for("down_proj").name == "q4k" and plan.for_layer(0).format_for("o_proj") is None
     assert plan.format_for("o_proj").name == "q4g32" and plan.describe()["layers"] == {"0": {"o_proj": "none"}}
+
+
+@pytest.mark.slow  # four compiles of a tiny model and a run over the text: ~1 minute
+def test_calibration_measures_each_projection_inputs_energy(tmp_path):
+    """--calibrate's statistics (compiler/calibrate.py over passes/observe_projection_inputs.py): for
+    every body projection, the sum over the text's tokens of x^2 per input column -- checked for
+    layer 0's qkv_proj, whose input is RMSNorm(embedding), against numpy on the file's own weights;
+    then a q4k compile weighs its rounding by them (different codes, recorded in the manifest)."""
+    import io  # noqa: PLC0415
+
+    from helpers.tiny_gguf import write_tiny  # noqa: PLC0415
+
+    from kiln.compiler.build import read_model  # noqa: PLC0415
+    from kiln.compiler.calibrate import collect_importance  # noqa: PLC0415
+    from kiln.compiler.options import CompileOptions, CudaOptions  # noqa: PLC0415
+    from kiln.compiler.progress import Progress  # noqa: PLC0415
+    from kiln.compiler.quality import BUILTIN_CALIB  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    gguf = tmp_path / "t.gguf"
+    weights = write_tiny(gguf)
+    opts = CompileOptions(gguf, tmp_path / "c.kiln", dtype="float32", quant="q4k", calibrate=True, cuda=CudaOptions()).check()
+    m = read_model(opts, Progress(stream=io.StringIO(), live=False))
+    imp = collect_importance(m, opts, Progress(stream=io.StringIO(), live=False))
+    assert sorted(imp) == sorted(f"layers.{i}.{p}.weight" for i in range(2) for p in ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"))
+    # the reference: every token of the text (the tiny context of 256 is the window), layer 0's RMSNorm of the embeddings
+    ref_art = tmp_path / "f.kiln"
+    from kiln.compiler.build import compile_model  # noqa: PLC0415
+
+    compile_model(gguf, ref_art, dtype="float32", quality_check=False)
+    ids = load(ref_art).encode_prompt(BUILTIN_CALIB.read_text(encoding="utf-8"))[:8192]
+    x = weights["model.embed_tokens.weight"][ids].astype(np.float64)
+    h = x / np.sqrt((x * x).mean(axis=1, keepdims=True) + 1e-5) * weights["model.layers.0.input_layernorm.weight"]
+    want = (h * h).sum(axis=0)
+    np.testing.assert_allclose(imp["layers.0.attn.qkv_proj.weight"], want, rtol=1e-4)
+    assert all(v.shape == (imp[k].shape[0],) and np.all(v >= 0) and v.sum() > 0 for k, v in imp.items())
+    calibrated = compile_model(gguf, tmp_path / "c.kiln", dtype="float32", quant="q4k", calibrate=True, quality_check=False).output
+    plain = compile_model(gguf, tmp_path / "p.kiln", dtype="float32", quant="q4k", quality_check=False).output
+    mc, mp = (json.loads((a / "manifest.json").read_text())["quant"] for a in (calibrated, plain))
+    assert mc["calibrated"] is True and mp["calibrated"] is False
+    assert (calibrated / "weights.safetensors").read_bytes() != (plain / "weights.safetensors").read_bytes()

@@ -39,6 +39,7 @@ class WeightFormat:
     invalid_codes: tuple[int, ...] = ()  # byte values no encoder writes
     rank: int = 0  # order in listings (--help, error messages)
     float8: bool = False  # the codes are e4m3 floats, not integers
+    weighs_importance: bool = False  # quantize() takes `importance` [K] (per-column activation energy: compiler/calibrate.py)
 
     def _group(self, k: int) -> int | None:
         if self.group == 0:
@@ -70,10 +71,10 @@ class WeightFormat:
         lead = tuple(shape[:-2])
         return {sfx: ((*lead, *shp), dt) for sfx, (shp, dt) in self.parts(tuple(shape[-2:])).items()}
 
-    def quantize_stacked(self, w: np.ndarray, refine: int = 4) -> dict[str, np.ndarray]:
+    def quantize_stacked(self, w: np.ndarray, refine: int = 4, **kw) -> dict[str, np.ndarray]:
         """[..., N, K] float -> stacked_parts arrays (rows are quantized alone, so a stack is its rows)."""
         w = np.asarray(w)
-        parts = self.quantize(w.reshape(-1, w.shape[-1]), refine)
+        parts = self.quantize(w.reshape(-1, w.shape[-1]), refine, **kw)
         return {sfx: parts[sfx].reshape(shp) for sfx, (shp, _) in self.stacked_parts(w.shape).items()}
 
     def dequantize_stacked(self, parts: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:

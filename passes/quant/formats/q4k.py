@@ -138,4 +138,4 @@ def _fit_groups(wg, imp, refine):
     return s, z
 
 
-FORMATS = (SuperBlockInt4("q4k", bits=4, group=32, zero=True, cuda_code="4k", rank=1),)
+FORMATS = (SuperBlockInt4("q4k", bits=4, group=32, zero=True, cuda_code="4k", rank=1, weighs_importance=True),)
