@@ -23,8 +23,8 @@ LOGITS_RTOL = 1e-4  # against the dequantized reference: the kernels' arithmetic
 # (benchmarks/NOTES.md "Quantized experts"): mean KLD / top-1
 #   mixtral_q    q8 0.00018 / 0.996  fp8 0.0048 / 0.898  q4g32 0.016 / 0.727  q4g128 0.018 / 0.676
 #   qwen3_moe_q  q8 0.00019 / 0.980  fp8 0.0012 / 0.934  q4g32 0.008 / 0.789  q4g128 0.011 / 0.812
-KLD_BARS = {"q8": 1e-3, "fp8": 1e-2, "q4g32": 0.04, "q4g128": 0.04}
-TOP1_BARS = {"q8": 0.95, "fp8": 0.85, "q4g32": 0.65, "q4g128": 0.6}
+KLD_BARS = {"q8": 1e-3, "fp8": 1e-2, "q4g32": 0.04, "q4k": 0.04, "q4g128": 0.04}
+TOP1_BARS = {"q8": 0.95, "fp8": 0.85, "q4g32": 0.65, "q4k": 0.65, "q4g128": 0.6}
 EXPERTS_ONLY = [f"{r}=none" for r in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed")]
 
 def _expert_params(manifest) -> dict[str, str]:
@@ -84,3 +84,4 @@ def test_quantized_experts_quality_against_the_float_artifact(arch, tiny_checkpo
         assert 0 < kld <= KLD_BARS[q] and top1 >= TOP1_BARS[q], f"{arch} {q}: mean KLD {kld:.5f}, top-1 {top1:.3f}"
     kld = {q: v[0] for q, v in got.items()}
     assert kld["q8"] < kld["fp8"] < kld["q4g32"] <= kld["q4g128"], kld
+    assert kld["fp8"] < kld["q4k"] <= kld["q4g128"], kld  # the 32-grid under 8-bit codes (measured 0.0164 / 0.0091 vs q4g128 0.0183 / 0.0113)
