@@ -98,7 +98,7 @@ def build(opts: CompileOptions, progress: Progress = QUIET) -> CompileSummary:
     opts = replace(opts.check(), cuda=opts.cuda.with_env(),
                    cpu_intdot=os.environ.get("KILN_CPU_INTDOT", "1" if opts.cpu_intdot else "0") != "0")
     m = read_model(opts, progress)
-    if opts.calibrate and not opts.no_weights:
+    if opts.calibrate:
         m = replace(m, importance=collect_importance(m, opts, progress))
     gate = _gate_needed(m, opts, progress)
     reuse = gate and is_cpu_variant(m)  # the artifact is the gate's lossy CPU build: measure it where it is staged

@@ -131,6 +131,8 @@ class CompileOptions:
             raise CompileError("--calib-text / --max-kld measure a quantized model: they need --quant or --kv-dtype int8|fp8")
         if self.calibrate and plan is None:
             raise CompileError("--calibrate weighs the quantization of weights: it needs --quant")
+        if self.calibrate and self.no_weights:
+            raise CompileError("--calibrate runs the model over text: not with --no-weights")
         if not self.quality_check and self.max_kld is not None:
             raise CompileError("--max-kld needs the quality check (drop --no-quality-check)")
         tp = self.tensor_parallel

@@ -396,6 +396,15 @@ def test_quant_gguf_keeps_the_files_mix_layer_by_layer(tmp_path):
     assert err < 1e-5, f"--quant gguf vs float32 of the same file: {err:.2e}"
 
 
+def test_calibrate_needs_quant_and_weights(tmp_path):
+    from kiln.compiler.options import CompileOptions  # noqa: PLC0415
+
+    with pytest.raises(CompileError, match="--calibrate weighs the quantization of weights: it needs --quant"):
+        CompileOptions(tmp_path / "m.gguf", tmp_path / "o.kiln", calibrate=True).check()
+    with pytest.raises(CompileError, match="not with --no-weights"):
+        CompileOptions(tmp_path / "m.gguf", tmp_path / "o.kiln", quant="q4k", calibrate=True, no_weights=True).check()
+
+
 def test_quant_gguf_needs_a_gguf_and_keep_wins(tiny_checkpoint, tmp_path):
     from kiln.compiler.build import compile_model  # noqa: PLC0415
     from kiln.passes.quant.plan import QuantPlan  # noqa: PLC0415
