@@ -155,33 +155,16 @@ KILN_INLINE __m256 q4_scales(const uint16_t* srow, int64_t c, const int GC) {
 }
 
 KILN_INLINE void q4_tile(const job* jb, int64_t m0, int64_t n0, const int MR, const int NR, const int GC) {
-  const int64_t K = jb->K, nc = K / 64, ng = K / jb->group;
-  const uint8_t* q = (const uint8_t*)jb->q;
-  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int64_t nc = jb->K / 64, ng = jb->K / jb->group;
   __m256 acc[MR_MAX][NR_MAX];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
   for (int64_t c = 0; c < nc; ++c) {
     __m256i lo[NR_MAX], hi[NR_MAX];
     __m256 sw[NR_MAX];
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* wp = q + (n0 + r) * (K / 2) + 32 * c;
-      _mm_prefetch((const char*)(wp + PREFETCH_BYTES), _MM_HINT_T0);
-      const __m256i w = _mm256_loadu_si256((const __m256i*)wp);
-      lo[r] = _mm256_and_si256(w, m4);
-      hi[r] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
-      sw[r] = q4_scales(jb->s + (n0 + r) * ng, c, GC);
-    }
-    for (int i = 0; i < MR; ++i) {
-      const int8_t* ap = jb->qa + (m0 + i) * K + 64 * c;
-      const __m256i xe = _mm256_loadu_si256((const __m256i*)ap), xo = _mm256_loadu_si256((const __m256i*)(ap + 32));
-      const __m256 da = _mm256_loadu_ps(jb->dv + ((m0 + i) * nc + c) * 8);
-      for (int r = 0; r < NR; ++r) {
-        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xe), _mm256_maddubs_epi16(hi[r], xo));
-        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), da);
-        acc[i][r] = _mm256_fmadd_ps(f, sw[r], acc[i][r]);
-      }
-    }
+    q4_chunk_codes(jb, n0, c, NR, lo, hi);
+    for (int r = 0; r < NR; ++r) sw[r] = q4_scales(jb->s + (n0 + r) * ng, c, GC);
+    q4_chunk_acc(jb, m0, c, MR, NR, lo, hi, sw, acc);
   }
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) jb->y[(m0 + i) * jb->N + n0 + r] = hsum8(acc[i][r]) + q4_min_term(jb, m0 + i, n0 + r);
@@ -228,15 +211,8 @@ KILN_INLINE void q4_tile(const job* jb, int64_t m0, int64_t n0, const int MR, co
       const uint8_t* w = q + (n0 + r) * (K / 2);
       const int8_t* a = jb->qa + (m0 + i) * K;
       float acc = 0.f;
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t c = b / 2, h = b % 2;
-        int32_t sum = 0;
-        for (int j = 0; j < 16; ++j) {
-          const uint8_t byte = w[16 * b + j];
-          sum += (int32_t)(byte & 15) * a[64 * c + 16 * h + j] + (int32_t)(byte >> 4) * a[64 * c + 32 + 16 * h + j];
-        }
-        acc += (float)sum * (jb->d[(m0 + i) * nb + b] * h2f(jb->s[(n0 + r) * ng + (32 * b) / jb->group]));
-      }
+      for (int64_t b = 0; b < nb; ++b)
+        acc += (float)q4_block_isum(w, a, b) * (jb->d[(m0 + i) * nb + b] * h2f(jb->s[(n0 + r) * ng + (32 * b) / jb->group]));
       jb->y[(m0 + i) * jb->N + n0 + r] = acc + q4_min_term(jb, m0 + i, n0 + r);
     }
 }
@@ -269,11 +245,7 @@ static int q4_task(int t, kiln_penv* env, void* cdata) {
 /* y[M, N] = x[M, K] @ (s * q)^T; K % 32 == 0, one scale per 32 weights */
 int32_t kiln_cpu_qmatmul_q8(const float* x, const int8_t* q, const uint16_t* s, float* y, int64_t M, int64_t N, int64_t K) {
   job jb = {x, q, s, 0, y, M, N, K, 32, 0, 0, 0, 0, 0, 0};
-  if (M <= 0 || N <= 0) return 0;
-  if (prepare(&jb, 0)) return -1;
-  kiln_parallel(q8_task, &jb);
-  free(jb.qa);
-  return 0;
+  return qdot_run(&jb, 0, q8_task);
 }
 
 
@@ -281,9 +253,5 @@ int32_t kiln_cpu_qmatmul_q8(const float* x, const int8_t* q, const uint16_t* s, 
 int32_t kiln_cpu_qmatmul_q4(const float* x, const uint32_t* q, const uint16_t* s, const uint16_t* z, float* y, int64_t M,
                             int64_t N, int64_t K, int64_t group) {
   job jb = {x, q, s, z, y, M, N, K, group, 0, 0, 0, 0, 0, 0};
-  if (M <= 0 || N <= 0) return 0;
-  if (prepare(&jb, 1)) return -1;
-  kiln_parallel(q4_task, &jb);
-  free(jb.qa);
-  return 0;
+  return qdot_run(&jb, 1, q4_task);
 }

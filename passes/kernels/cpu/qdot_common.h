@@ -302,4 +302,70 @@ static int prepare(job* jb, int q4) {
 }
 
 
+/* ---- shared by the 4-bit tiles (qdot.c's q4, qdot_q4k.c) ------------------------------------ */
+
+#if KILN_AVX2
+/* chunk c (64 values) of weight rows n0 .. n0 + NR - 1: the low / high nibbles of its 32 code bytes
+   (bytes 0-15 / 16-31: blocks 2c / 2c + 1), the stream prefetched PREFETCH_BYTES ahead */
+KILN_INLINE void q4_chunk_codes(const job* jb, int64_t n0, int64_t c, const int NR, __m256i* lo, __m256i* hi) {
+  const uint8_t* q = (const uint8_t*)jb->q;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (int r = 0; r < NR; ++r) {
+    const uint8_t* wp = q + (n0 + r) * (jb->K / 2) + 32 * c;
+    _mm_prefetch((const char*)(wp + PREFETCH_BYTES), _MM_HINT_T0);
+    const __m256i w = _mm256_loadu_si256((const __m256i*)wp);
+    lo[r] = _mm256_and_si256(w, m4);
+    hi[r] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+  }
+}
+
+/* acc[i][r] += isum * d * sw[r] for chunk c: the integer dots of activation rows m0 .. m0 + MR - 1
+   with the NR rows' codes, per lane (vpmaddubsw: u8 codes x s8 activations), scaled by the
+   activation blocks' d (lane vectors dv) and the weights' scale vectors sw */
+KILN_INLINE void q4_chunk_acc(const job* jb, int64_t m0, int64_t c, const int MR, const int NR, const __m256i* lo,
+                              const __m256i* hi, const __m256* sw, __m256 acc[MR_MAX][NR_MAX]) {
+  const int64_t K = jb->K, nc = K / 64;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int i = 0; i < MR; ++i) {
+    const int8_t* ap = jb->qa + (m0 + i) * K + 64 * c;
+    const __m256i xe = _mm256_loadu_si256((const __m256i*)ap), xo = _mm256_loadu_si256((const __m256i*)(ap + 32));
+    const __m256 da = _mm256_loadu_ps(jb->dv + ((m0 + i) * nc + c) * 8);
+    for (int r = 0; r < NR; ++r) {
+      const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xe), _mm256_maddubs_epi16(hi[r], xo));
+      const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), da);
+      acc[i][r] = _mm256_fmadd_ps(f, sw[r], acc[i][r]);
+    }
+  }
+}
+#else
+/* the integer dot of block b (32 codes) of one weight row w with one activation row a (its codes
+   de-interleaved per 64: block b is half h of chunk c, low nibbles meet a[64c + 16h ..], high
+   nibbles a[64c + 32 + 16h ..]) */
+KILN_INLINE int32_t q4_block_isum(const uint8_t* w, const int8_t* a, int64_t b) {
+  const int64_t c = b / 2, h = b % 2;
+#if KILN_SDOT
+  const uint8x16_t wv = vld1q_u8(w + 16 * b);
+  const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wv, vdupq_n_u8(0x0F))), hi = vreinterpretq_s8_u8(vshrq_n_u8(wv, 4));
+  return vaddvq_s32(vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8(a + 64 * c + 16 * h)), hi, vld1q_s8(a + 64 * c + 32 + 16 * h)));
+#else
+  int32_t sum = 0;
+  for (int j = 0; j < 16; ++j) {
+    const uint8_t byte = w[16 * b + j];
+    sum += (int32_t)(byte & 15) * a[64 * c + 16 * h + j] + (int32_t)(byte >> 4) * a[64 * c + 32 + 16 * h + j];
+  }
+  return sum;
+#endif
+}
+#endif
+
+/* one call of an entry point: the activations quantized, `task` over the pool's threads, the
+   scratch freed; 0, or -1 when scratch memory ran out */
+static int32_t qdot_run(job* jb, int q4, kiln_lambda task) {
+  if (jb->M <= 0 || jb->N <= 0) return 0;
+  if (prepare(jb, q4)) return -1;
+  kiln_parallel(task, jb);
+  free(jb->qa);
+  return 0;
+}
+
 #endif /* KILN_QDOT_COMMON_H */

@@ -42,9 +42,7 @@ KILN_INLINE __m256 q4k_codes8(const void* p, int64_t per, int is_signed) {
 }
 
 KILN_INLINE void q4k_tile(const job* jb, int64_t m0, int64_t n0, const int MR, const int NR) {
-  const int64_t K = jb->K, nc = K / 64, nb = K / 32, per = jb->sb / 32, cps = jb->sb / 64, nsb = K / jb->sb;
-  const uint8_t* q = (const uint8_t*)jb->q;
-  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int64_t K = jb->K, nb = K / 32, per = jb->sb / 32, cps = jb->sb / 64, nsb = K / jb->sb;
   const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)per), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   __m256 acc[MR_MAX][NR_MAX];
@@ -67,24 +65,9 @@ KILN_INLINE void q4k_tile(const job* jb, int64_t m0, int64_t n0, const int MR, c
       const __m256i pick = _mm256_add_epi32(lanes, _mm256_set1_epi32((int)(2 * cc))); /* [s(2cc) x4, s(2cc+1) x4] */
       __m256i lo[NR_MAX], hi[NR_MAX];
       __m256 sw[NR_MAX];
-      for (int r = 0; r < NR; ++r) {
-        const uint8_t* wp = q + (n0 + r) * (K / 2) + 32 * c;
-        _mm_prefetch((const char*)(wp + PREFETCH_BYTES), _MM_HINT_T0);
-        const __m256i w = _mm256_loadu_si256((const __m256i*)wp);
-        lo[r] = _mm256_and_si256(w, m4);
-        hi[r] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
-        sw[r] = _mm256_permutevar8x32_ps(s8[r], pick);
-      }
-      for (int i = 0; i < MR; ++i) {
-        const int8_t* ap = jb->qa + (m0 + i) * K + 64 * c;
-        const __m256i xe = _mm256_loadu_si256((const __m256i*)ap), xo = _mm256_loadu_si256((const __m256i*)(ap + 32));
-        const __m256 da = _mm256_loadu_ps(jb->dv + ((m0 + i) * nc + c) * 8);
-        for (int r = 0; r < NR; ++r) {
-          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xe), _mm256_maddubs_epi16(hi[r], xo));
-          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), da);
-          acc[i][r] = _mm256_fmadd_ps(f, sw[r], acc[i][r]);
-        }
-      }
+      q4_chunk_codes(jb, n0, c, NR, lo, hi);
+      for (int r = 0; r < NR; ++r) sw[r] = _mm256_permutevar8x32_ps(s8[r], pick);
+      q4_chunk_acc(jb, m0, c, MR, NR, lo, hi, sw, acc);
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -104,19 +87,7 @@ KILN_INLINE void q4k_tile(const job* jb, int64_t m0, int64_t n0, const int MR, c
         const float dsb = h2f(jb->sd[(n0 + r) * nsb + sbk]);
         float part = 0.f;
         for (int64_t b = sbk * per; b < (sbk + 1) * per; ++b) {
-          const int64_t c = b / 2, h = b % 2;
-#if KILN_SDOT
-          const uint8x16_t wv = vld1q_u8(w + 16 * b);
-          const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wv, vdupq_n_u8(0x0F))), hi = vreinterpretq_s8_u8(vshrq_n_u8(wv, 4));
-          const int32_t sum = vaddvq_s32(vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8(a + 64 * c + 16 * h)), hi,
-                                                   vld1q_s8(a + 64 * c + 32 + 16 * h)));
-#else
-          int32_t sum = 0;
-          for (int j = 0; j < 16; ++j) {
-            const uint8_t byte = w[16 * b + j];
-            sum += (int32_t)(byte & 15) * a[64 * c + 16 * h + j] + (int32_t)(byte >> 4) * a[64 * c + 32 + 16 * h + j];
-          }
-#endif
+          const int32_t sum = q4_block_isum(w, a, b);
           part += (float)sum * jb->d[(m0 + i) * nb + b] * (float)jb->sc[(n0 + r) * nb + b];
         }
         acc += dsb * part;
@@ -141,9 +112,5 @@ static int q4k_task(int t, kiln_penv* env, void* cdata) {
 int32_t kiln_cpu_qmatmul_q4k(const float* x, const uint32_t* q, const uint8_t* sc, const int8_t* mz, const uint16_t* sd,
                              const uint16_t* sm, float* y, int64_t M, int64_t N, int64_t K, int64_t sb) {
   job jb = {x, q, 0, 0, y, M, N, K, 32, 0, 0, 0, 0, 0, 0, sc, mz, sd, sm, sb};
-  if (M <= 0 || N <= 0) return 0;
-  if (prepare(&jb, 1)) return -1;
-  kiln_parallel(q4k_task, &jb);
-  free(jb.qa);
-  return 0;
+  return qdot_run(&jb, 1, q4k_task);
 }
