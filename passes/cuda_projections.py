@@ -93,6 +93,16 @@ class _Analysis:
         return isinstance(e, relax.Var) and self.uses.get(e, 0) == 1
 
 
+def rewrite_functions(rw):
+    """rw (a PyExprMutator with `mod_`, `an`) over every Relax function of its module, with rw.an
+    that function's _Analysis; the rewritten module."""
+    for gv, func in list(rw.mod_.functions.items()):
+        if isinstance(func, relax.Function):
+            rw.an = _Analysis(func)
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return rw.builder_.get()
+
+
 def _is_op(call, name: str) -> bool:
     return isinstance(call, relax.Call) and isinstance(call.op, _t.tvm.ir.Op) and call.op.name == name
 
@@ -373,11 +383,7 @@ class _Rewriter(relax.PyExprMutator):
         return None
 
     def run(self):
-        for gv, func in list(self.mod_.functions.items()):
-            if isinstance(func, relax.Function):
-                self.an = _Analysis(func)
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        return rewrite_functions(self)
 
 
 @_t.tvm.transform.module_pass(opt_level=0, name="kiln.CudaProjections")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..frontends.models.layers import OP_ATTR, ROLE_ATTR
 from ..tvm_compat import compiler
-from .cuda_projections import _Analysis, _is_op
+from .cuda_projections import _Analysis, _is_op, rewrite_functions
 
 _t = compiler()
 relax = _t.relax
@@ -53,11 +53,7 @@ class _Rewriter(relax.PyExprMutator):
         return relax.call_tir(call.args[0], [seen, args[1]], call.ty)
 
     def run(self):
-        for gv, func in list(self.mod_.functions.items()):
-            if isinstance(func, relax.Function):
-                self.an = _Analysis(func)
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        return rewrite_functions(self)
 
 
 @_t.tvm.transform.module_pass(opt_level=0, name="kiln.ObserveProjectionInputs")

@@ -81,16 +81,21 @@ def test_cuda_uses_kiln_kernels(tiny_checkpoint, tmp_path, fused_gemv):
     assert b"kiln_silu_mul_gemv_residual" not in blob
 
 
+def _tiny_config(tmp_path, **overrides) -> None:
+    """tmp_path / config.json: a 2-layer bf16 Llama config (no weights: --no-weights compiles)."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 256,
+           "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg | overrides))
+
+
 @pytest.mark.parametrize("widths", ["4", "4,8", "4,f8"])
 def test_cuda_quantized_decode_gemv(tmp_path, widths):
     """--quant q4g32 on CUDA: the 4-bit decode projections run on kiln's
     qgemv.cuh (default, measured faster than dlight's), the q8 LM head on
     dlight's GEMV unless KILN_CUDA_QGEMV lists 8 too; prefill projections on
     kiln's quantized tensor-core GEMM."""
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
-           "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 256,
-           "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _tiny_config(tmp_path)
     out = tmp_path / "q.kiln"
     env = dict(os.environ, KILN_CUDA_QGEMV=widths)
     res = kiln("compile", str(tmp_path / "config.json"), "--no-weights", "-o", str(out), "--target", "cuda:sm_90",
@@ -117,10 +122,7 @@ def test_cuda_q4k_decode_gemv(tmp_path):
     """--quant q4k on CUDA: decode projections on qgemv.cuh's qgemv4k (the super-block, 128 and
     256 here, is the kernel's block); prompts expand the 8-bit scale / minimum codes to q4g32's fp16
     arrays (q4k_expand) and run q4g32's tensor-core GEMM; the parts as the format declares them."""
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
-           "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 256,
-           "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _tiny_config(tmp_path)
     out = tmp_path / "q.kiln"
     res = kiln("compile", str(tmp_path / "config.json"), "--no-weights", "-o", str(out), "--target", "cuda:sm_90",
                "--dtype", "bfloat16", "--quant", "q4k", "--quiet")
@@ -173,10 +175,7 @@ def test_cuda_quantized_kv_cache(tmp_path, kv):
     """--kv-dtype int8|fp8 on CUDA: kiln's append and paged attention kernels are
     in the library, TVM's cache factory is not exported, and the manifest tells
     the runtime how to allocate the cache (GPU runs: benchmarks/results/kv_cache_gpu-*)."""
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 256,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256,
-           "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _tiny_config(tmp_path, hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
     out = tmp_path / "kv.kiln"
     res = kiln("compile", str(tmp_path / "config.json"), "--no-weights", "-o", str(out), "--target", "cuda:sm_90",
                "--dtype", "bfloat16", "--kv-dtype", kv, "--quiet")
