@@ -57,13 +57,14 @@ def load_stand_in_driver() -> Path:
         if cc is None:
             raise CompileError("CUDA targets on a machine without a GPU driver need a C compiler (gcc) to build a stand-in libcuda")
         out.parent.mkdir(parents=True, exist_ok=True)
-        src = out.with_suffix(".c")
-        src.write_text(_SOURCE)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        src = out.with_name(f"{out.name}.{os.getpid()}.c")  # per process: two compiles at once don't share a source file
+        src.write_text(_SOURCE)
         res = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wl,-soname,libcuda.so.1", str(src), "-o", str(tmp)], capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise CompileError(f"building the stand-in libcuda failed: {res.stderr.strip()[-300:]}")
         os.replace(tmp, out)
+        src.unlink(missing_ok=True)
     ctypes.CDLL(str(out), mode=ctypes.RTLD_GLOBAL)
     return out
 

@@ -9,6 +9,7 @@ libtvm_compiler.so, no headers or sources), as the host bundle copies it.
 
 from __future__ import annotations
 
+import fcntl
 import re
 import subprocess
 import sys
@@ -63,6 +64,13 @@ def fetch_wheels(platform: str, python: str, cache: Path) -> list[Path]:
         raise CompileError(f"--python {python!r}: give the target's Python as 3.X (e.g. 3.11)")
     folder = cache / "wheels" / f"{platform}-cp{python.replace('.', '')}"
     folder.mkdir(parents=True, exist_ok=True)
+    # one process downloads into the folder at a time: another waits, then finds the wheels whole
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_into(folder, platform, python)
+
+
+def _fetch_into(folder: Path, platform: str, python: str) -> list[Path]:
     reqs = requirements()
     missing = [r for r in reqs if _cached_wheel(folder, r) is None]
     if missing:

@@ -4,6 +4,8 @@ SmolLM2 GGUF. The functions behind them are in tests/helpers."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -32,13 +34,25 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compiled(tiny_checkpoint, tmp_path_factory):
-    """Factory: variant name -> path of its compiled artifact (float32, llvm)."""
+    """Factory: variant name -> path of its compiled artifact (float32, llvm).
+
+    Under pytest-xdist the workers share one folder of these: the first to need a variant
+    compiles it (holding a lock on the variant), the others wait and load the same artifact.
+    The checkpoints are seeded per variant, so any worker's compile is every worker's."""
     cache: dict[str, Path] = {}
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared_artifacts"
+    root.mkdir(exist_ok=True)
 
     def build(variant: str) -> Path:
         if variant not in cache:
-            out = tmp_path_factory.mktemp(f"art_{variant}") / f"{variant}.kiln"
-            cache[variant] = compile_artifact(tiny_checkpoint(variant), out)
+            out = root / variant / f"{variant}.kiln"
+            with open(root / f"{variant}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (out / "manifest.json").is_file():
+                    out.parent.mkdir(exist_ok=True)
+                    compile_artifact(tiny_checkpoint(variant), out)
+            cache[variant] = out
         return cache[variant]
 
     return build
