@@ -31,6 +31,8 @@ class CudaOptions:
             slower than dlight's GEMV + separate norms on H100: off)
     qgemv   weight code kinds whose decode GEMVs run on kiln's qgemv.cuh
             ("4": +8-11% over dlight on H100; "8": on par or slower, so dlight)
+    qgemv_mma  "4" under 16-bit activations on the tensor cores (qgemv.cuh qgemv_mma: 1.2-1.5x
+            the float path's GEMV on the H200's large shapes) where K is in 128-weight steps
     experts mixture-of-experts layers on kiln's CUDA kernels (passes/cuda_experts.py:
             top-k + softmax in one warp per token, gate/up GEMV with SiLU * up,
             down GEMV with the routing weights and the sum over k; float stacks)
@@ -44,12 +46,13 @@ class CudaOptions:
             (kernels/cuda/gemm_wg.cuh) when every arch built is sm_90 (else the mma.sync kernels)
 
     For experiments, environment variables override these in any compile:
-    KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,4k,8,f8 (or empty),
+    KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,4k,8,f8 (or empty), KILN_CUDA_QGEMV_MMA=0|1,
     KILN_NO_CUDA_GRAPH=1, KILN_CUDA_DECODE_BATCH=0|1, KILN_CUDA_EXPERTS=0|1, KILN_CUDA_WGMMA=0|1."""
 
     gemm: bool = True
     gemv: bool = False
     qgemv: tuple[str, ...] = ("4", "4k", "f8")
+    qgemv_mma: bool = True
     experts: bool = True
     graphs: bool = True
     decode_batch: bool | None = None
@@ -63,6 +66,8 @@ class CudaOptions:
             out = replace(out, gemv=env["KILN_CUDA_GEMV"] == "1")
         if "KILN_CUDA_QGEMV" in env:
             out = replace(out, qgemv=tuple(k for k in env["KILN_CUDA_QGEMV"].split(",") if k))
+        if env.get("KILN_CUDA_QGEMV_MMA") in ("0", "1"):
+            out = replace(out, qgemv_mma=env["KILN_CUDA_QGEMV_MMA"] == "1")
         if env.get("KILN_CUDA_EXPERTS") in ("0", "1"):
             out = replace(out, experts=env["KILN_CUDA_EXPERTS"] == "1")
         if env.get("KILN_NO_CUDA_GRAPH") == "1":

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 from .kernels.gemm_cuda import ROWS_QCODES, gemm, gemm_residual, gemm_rows, gemm_rows_q, gemm_supported, qgemm, qgemm_supported
 from .kernels.rows_cuda import rmsnorm_rows, rows_supported, silu_mul_rows
-from .kernels.gemv_cuda import QGEMV_SUPER, gemv_residual, gemv_supported, q4k_expand, qgemv, qgemv_supported, rmsnorm_gemv, silu_mul_gemv_residual
+from .kernels.gemv_cuda import (QGEMV_SUPER, gemv_residual, gemv_supported, q4k_expand, qgemv, qgemv_mma_config, qgemv_supported,
+                                 rmsnorm_gemv, silu_mul_gemv_residual)
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from .quant import WEIGHT_FORMATS
 from ..tvm_compat import compiler
@@ -128,9 +129,9 @@ def swiglu_input(an: _Analysis, a):
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4,4k,f8", wgmma: bool = False):
+    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4,4k,f8", wgmma: bool = False, qgemv_mma: bool = True):
         super().__init__(mod)
-        self.use_gemm, self.use_gemv, self.wgmma = gemm, gemv, wgmma
+        self.use_gemm, self.use_gemv, self.wgmma, self.qgemv_mma = gemm, gemv, wgmma, qgemv_mma
         self.qgemv_bits = {b.strip() for b in str(qgemv).split(",") if b.strip()}  # code kinds: "4", "4k", "8", "f8"
         self.use_qgemv = bool(self.qgemv_bits)
         self.mod_ = mod
@@ -301,7 +302,8 @@ class _Rewriter(relax.PyExprMutator):
             hit = self._qgemv(call)
             if hit is not None and hit[3] in self.qgemv_bits:
                 K, N, group, bits, dt, odt = hit
-                gv = self._func((f"qgemv{bits}g{group}_{odt}", K, N, dt), lambda: qgemv(K, N, group, bits, dt, odt))
+                tc = "mma" if self.qgemv_mma and qgemv_mma_config(K, N, group, bits, dt) else ""  # tensor cores
+                gv = self._func((f"qgemv{bits}{tc}g{group}_{odt}", K, N, dt), lambda: qgemv(K, N, group, bits, dt, odt, mma=bool(tc)))
                 return relax.call_tir(gv, list(call.args[1].fields), call.ty)
         if self.an is not None and self._kind(call) == ("matmul", "projection"):
             a = call.args[1].fields[0]
@@ -392,11 +394,11 @@ class CudaProjections:
     gemm=False keeps prefill projections on dlight's Matmul (a diagnostic); wgmma=True (an
     artifact built for sm_90 alone) puts them on the Hopper GEMM (kernels/cuda/gemm_wg.cuh)."""
 
-    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4,4k,f8", wgmma: bool = False):
-        self.gemm, self.gemv, self.qgemv, self.wgmma = gemm, gemv, qgemv, wgmma
+    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4,4k,f8", wgmma: bool = False, qgemv_mma: bool = True):
+        self.gemm, self.gemv, self.qgemv, self.wgmma, self.qgemv_mma = gemm, gemv, qgemv, wgmma, qgemv_mma
 
     def transform_module(self, mod, _ctx):
-        return _Rewriter(mod, gemm=self.gemm, gemv=self.gemv, qgemv=self.qgemv, wgmma=self.wgmma).run()
+        return _Rewriter(mod, gemm=self.gemm, gemv=self.gemv, qgemv=self.qgemv, wgmma=self.wgmma, qgemv_mma=self.qgemv_mma).run()
 
 
 __all__ = ["CudaProjections"]

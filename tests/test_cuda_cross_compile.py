@@ -102,12 +102,18 @@ def test_cuda_quantized_decode_gemv(tmp_path, widths):
                "--dtype", "bfloat16", "--quant", "q4g32", "--quiet", env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     blob = (out / "lib" / "cuda.so").read_bytes()
-    assert b"kiln_qgemv4g32_bfloat16" in blob
+    assert b"kiln_qgemv4mmag32_bfloat16" in blob and b"kiln_qgemv4g32_" not in blob  # 16-bit x: on the tensor cores
     assert b"kiln_qgemm4g32_" in blob  # prefill: the tensor-core GEMM decoding the B tile in shared memory
     assert (b"kiln_qgemv8g32" in blob) == ("8" in widths.split(","))
     assert b"decode_batch" not in blob  # quantized weights: not on by default (no quantized row GEMM yet)
     manifest = json.loads((out / "manifest.json").read_text())
     assert {p["dtype"] for p in manifest["params"] if p["quant"] == "q4g32"} == {"uint32", "float16"}
+    if widths == "4":  # the float path on request
+        res = kiln("compile", str(tmp_path / "config.json"), "--no-weights", "-o", str(tmp_path / "f.kiln"), "--target", "cuda:sm_80",
+                   "--dtype", "bfloat16", "--quant", "q4g32", "--quiet", env=env | {"KILN_CUDA_QGEMV_MMA": "0"})
+        assert res.returncode == 0, res.stderr[-2000:]
+        blob = (tmp_path / "f.kiln" / "lib" / "cuda.so").read_bytes()
+        assert b"kiln_qgemv4g32_bfloat16" in blob and b"kiln_qgemv4mma" not in blob
     if widths == "4,f8":  # fp8 weights: e4m3 codes through the same kernel (per-row fp32 scale); decode_batch by default
         res = kiln("compile", str(tmp_path / "config.json"), "--no-weights", "-o", str(tmp_path / "f8.kiln"), "--target",
                    "cuda:sm_80,sm_90", "--dtype", "bfloat16", "--quant", "fp8", "--quiet", env=env)
@@ -116,6 +122,24 @@ def test_cuda_quantized_decode_gemv(tmp_path, widths):
         assert b"kiln_qgemvf8g128_bfloat16" in blob and b"kiln_qgemvf8g128_float32" in blob  # body and (tied) head
         assert b"kiln_qgemmf8g128_" in blob
         assert b"decode_batch" in blob and b"kiln_gemm_rows_f8" in blob  # fp8's row kernel (sm_80: software e4m3 decode)
+
+
+def test_qgemv_mma_config():
+    """Which q4 decode GEMVs go on the tensor cores, in what shape (warps, steps per round): 16-bit
+    activations, q4 codes, K in 128-weight steps, groups of 32 / 64 / 128; whole rounds per warp."""
+    from kiln.passes.kernels.gemv_cuda import qgemv_mma_config  # noqa: PLC0415
+
+    assert qgemv_mma_config(4096, 28672, 128, "4", "bfloat16") == (4, 2)  # gate/up: many rows
+    assert qgemv_mma_config(14336, 4096, 128, "4", "bfloat16") == (16, 1)  # down: long rows
+    assert qgemv_mma_config(4096, 6144, 32, "4", "bfloat16") == (8, 2)
+    assert qgemv_mma_config(4096, 6144, 32, "4", "float16") is None  # not built for CUDA yet
+    assert qgemv_mma_config(576, 576, 32, "4", "bfloat16") is None  # K not in 128-weight steps (SmolLM2)
+    assert qgemv_mma_config(4096, 4096, 128, "4", "float32") is None  # fp32 activations: the float path
+    assert qgemv_mma_config(4096, 4096, 128, "8", "bfloat16") is None
+    assert qgemv_mma_config(4096, 4096, 256, "4", "bfloat16") is None
+    for K in (128, 384, 640, 11008 // 128 * 128, 14336):  # odd step counts fall back to fewer warps, never past whole rounds
+        nw, u = qgemv_mma_config(K, 1000, 64, "4", "bfloat16")
+        assert (K // 128) % (nw * u) == 0
 
 
 def test_cuda_q4k_decode_gemv(tmp_path):

@@ -101,11 +101,45 @@ def qgemv_supported(K: int, group: int, code: str, dtype: str) -> bool:
     return dtype in C_TYPES and code in QGEMV_CODES and K % unit == 0 and group % unit == 0 and K % group == 0
 
 
-def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str):
+def qgemv_mma_config(K: int, N: int, group: int, code: str, dtype: str) -> tuple[int, int] | None:
+    """(warps per block, steps per round) of qgemv.cuh's tensor-core q4 GEMV for this shape, or None
+    where it does not apply (fp32 activations, other codes, K not in 128-weight steps: the float path;
+    fp16, which the kernel takes too, is not built for CUDA yet).
+    Measured on the H200 (benchmarks/NOTES.md, "q4 decode GEMV on the tensor cores"): 4 warps x 2 steps
+    for N >= 16384 (gate/up, LM head), 16 x 1 for long rows (down, K >= 8192), else 8 x 2; the first
+    whose rounds divide the row's steps."""
+    if code != "4" or dtype != "bfloat16" or K % 128 or group not in (32, 64, 128):
+        return None
+    steps = K // 128
+    first = [(4, 2)] if N >= 16384 else [(16, 1)] if steps >= 64 else [(8, 2)]
+    for nw, u in (*first, (8, 2), (8, 1), (4, 2), (4, 1), (2, 1), (1, 1)):
+        if steps % (nw * u) == 0 and (u * 128 // group in (1, 2, 4, 8, 16)):
+            return nw, u
+    return None
+
+
+def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str, mma: bool = True):
     """y  # [1, 1, N] out_dtype = x  # [1, 1, K] dtype @ dequant(q, s[, z])^T, decode (batch 1).
     Same arguments as the NT_qmatmul TE kernel it replaces (q4: q, s, z; q8: q, s; fp8: q, s per row;
-    q4k: q, s, z, d, m with `group` its super-block)."""
+    q4k: q, s, z, d, m with `group` its super-block). mma: q4 codes under 16-bit activations on the
+    tensor cores (qgemv_mma) where qgemv_mma_config has a shape for them."""
     nb = (N + Q_ROWS_PER_WARP - 1) // Q_ROWS_PER_WARP  # the block's warps split K of Q_ROWS_PER_WARP rows
+    cfg = qgemv_mma_config(K, N, group, code, dtype) if mma else None
+    if cfg is not None:
+        nw, u = cfg
+        fn = f"kiln::qgemv_mma<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {K}, {group}, {nw}, 1, {u}>"
+        ng, nb = K // group, (N + 15) // 16
+
+        @T.prim_func
+        def kiln_qgemv4mma(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K // 8), "uint32"), s: T.Buffer((N, ng), "float16"),
+                           z: T.Buffer((N, ng), "float16"), y: T.Buffer((1, 1, N), out_dtype)):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(nw * 32, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                             T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), N))
+
+        return kiln_qgemv4mma
     if code == QGEMV_SUPER:  # q4k: q, s (u8), z (i8) per 32, d, m per super-block (`group`)
         fn = f"kiln::qgemv4k<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {K}, {group}, {Q_NUM_WARPS}, {Q_ROWS_PER_WARP}>"
         nu, nsb = K // 32, K // group

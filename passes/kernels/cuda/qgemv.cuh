@@ -29,6 +29,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace kiln {
 
 constexpr int kF8 = 9;  // BITS value of e4m3 codes (8 bits, a float grid)
@@ -114,6 +116,156 @@ __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __res
 #pragma unroll
     for (int w = 0; w < NW; ++w) v += part[w][threadIdx.x];
     y[row0 + threadIdx.x] = from_float<OutT>(v);
+  }
+}
+
+// The 8 nibbles of a q4 code word as four pairs of 16-bit values of T, pair j = (nibble j, nibble
+// j + 4), each biased: B + q with B = 128 (bf16) or 1024 (fp16), exact (the nibble lands in the
+// low mantissa bits of B). Three shifts and four LOP3s for 8 weights.
+template <typename T>
+__device__ __forceinline__ void q4_pairs(uint32_t w, uint32_t (&p)[4]) {
+  constexpr uint32_t kMagic = RowsSame<T, __nv_bfloat16>::value ? 0x43004300u : 0x64006400u;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) p[j] = ((w >> (4 * j)) & 0x000F000Fu) | kMagic;
+}
+template <typename T> __host__ __device__ constexpr float q4_pair_bias() { return RowsSame<T, __nv_bfloat16>::value ? 128.f : 1024.f; }
+
+// qgemv_mma: decode GEMV of q4 codes (groups of G = 32, 64 or 128) on the tensor cores, for 16-bit
+// activations T. One block per 16 RT rows; warp w of its NW takes the w-th contiguous share of K, in
+// rounds of U steps of 128 weights. Per step a lane reads, for rows g and g + 8 of each row tile (g =
+// lane / 4), 4 code words = 32 weights (a group's G / 32 words adjacent: one 16-byte load for G = 128,
+// four 4-byte loads for G = 32), turns them into biased 16-bit pairs (q4_pairs) and feeds them as the
+// A operand of m16n8k16 MMAs (fp32 accumulation) whose B operand is x, all 8 columns alike: the dot
+// product may take K in any order the codes and x agree on, so each lane builds its B pairs from one
+// 16-byte load of x per code word (4 PRMTs). The group sums of x come from the same MMAs with A all
+// ones. Per group and row, in fp32: acc += s D + (z - B s) sum(x)  (B: the pair bias). All of a
+// round's loads (codes, and the round's scales and minima as one vector per row) are issued before
+// its first MMA. Cost per lane and 8 weights: ~7 integer ops + 1/2 MMA, against the float path's ~32.
+// Launch: grid ceil(N / (16 RT)), block NW * 32; K / 128 a multiple of NW U.
+template <typename T, typename OutT, int K, int G, int NW, int RT, int U>
+__device__ __forceinline__ void qgemv_mma(const T* __restrict__ x, const void* __restrict__ qv, const void* __restrict__ sv,
+                                          const void* __restrict__ zv, OutT* __restrict__ y, int N) {
+  constexpr int STEPS = K / 128, W = G / 32, GPS = 128 / G, NG = K / G, WPR = K / 8;  // W: words per lane and group
+  constexpr int SV = U * GPS;  // scales per row and round: 2 SV bytes, in vectors of up to 16 bytes
+  static_assert(sizeof(T) == 2 && K % 128 == 0 && (G == 32 || G == 64 || G == 128), "16-bit x, 128-weight steps");
+  static_assert(STEPS % (NW * U) == 0 && (SV == 1 || SV % 2 == 0) && SV <= 32, "whole rounds per warp; scales in vectors");
+  using SVec = typename std::conditional<SV >= 8, uint4, typename std::conditional<SV == 4, uint2,
+               typename std::conditional<SV == 2, uint32_t, unsigned short>::type>::type>::type;
+  constexpr int NSV = SV >= 8 ? SV / 8 : 1;  // vectors per row and round
+  constexpr float kBias = q4_pair_bias<T>();
+  constexpr uint32_t kOnes = RowsSame<T, __nv_bfloat16>::value ? 0x3F803F80u : 0x3C003C00u;  // (1, 1)
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
+  const uint32_t* __restrict__ q = static_cast<const uint32_t*>(qv);
+  const __half* __restrict__ s = static_cast<const __half*>(sv);
+  const __half* __restrict__ z = static_cast<const __half*>(zv);
+  int rows[RT][2];
+#pragma unroll
+  for (int t = 0; t < RT; ++t) {
+    rows[t][0] = min(blockIdx.x * 16 * RT + 16 * t + g, N - 1);  // tail rows recompute the last row
+    rows[t][1] = min(blockIdx.x * 16 * RT + 16 * t + g + 8, N - 1);
+  }
+  float acc[RT][2] = {};
+  constexpr int PER_WARP = STEPS / NW;
+  struct Round {
+    uint32_t wv[U][RT][2][4];
+    uint4 xv[U][4];
+    SVec sv[RT][2][NSV], zv[RT][2][NSV];
+  };
+  // a round's loads: codes, x, and one vector of scales and minima per row
+  auto load = [&](int st0, Round& r) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int st = st0 + u;
+#pragma unroll
+      for (int t = 0; t < RT; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t* rowp = q + (size_t)rows[t][h] * WPR + st * 16 + W * c;
+          if constexpr (W == 4) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(rowp));
+            r.wv[u][t][h][0] = v.x; r.wv[u][t][h][1] = v.y; r.wv[u][t][h][2] = v.z; r.wv[u][t][h][3] = v.w;
+          } else {
+#pragma unroll
+            for (int gi = 0; gi < GPS; ++gi)
+#pragma unroll
+              for (int i = 0; i < W; ++i) r.wv[u][t][h][gi * W + i] = __ldg(rowp + (G / 8) * gi + i);
+          }
+        }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)  // the 8 x of word i
+        r.xv[u][i] = __ldg(reinterpret_cast<const uint4*>(x + st * 128 + G * (i / W) + 8 * W * c + 8 * (i % W)));
+    }
+#pragma unroll
+    for (int t = 0; t < RT; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int v = 0; v < NSV; ++v) {
+          r.sv[t][h][v] = __ldg(reinterpret_cast<const SVec*>(s + (size_t)rows[t][h] * NG + st0 * GPS) + v);
+          r.zv[t][h][v] = __ldg(reinterpret_cast<const SVec*>(z + (size_t)rows[t][h] * NG + st0 * GPS) + v);
+        }
+  };
+  auto compute = [&](const Round& r) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int gi = 0; gi < GPS; ++gi) {
+        uint32_t xb[W][4];  // B pairs of words gi W .. : (x_j, x_{j+4}), j = 0..3
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+          const uint4 v = r.xv[u][gi * W + i];
+          xb[i][0] = __byte_perm(v.x, v.z, 0x5410); xb[i][1] = __byte_perm(v.x, v.z, 0x7632);
+          xb[i][2] = __byte_perm(v.y, v.w, 0x5410); xb[i][3] = __byte_perm(v.y, v.w, 0x7632);
+        }
+        float xs[4] = {0.f, 0.f, 0.f, 0.f};  // sum of the group's x (every element alike)
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+          mma_16816<T>(xs, kOnes, kOnes, kOnes, kOnes, xb[i][0], xb[i][1]);
+          mma_16816<T>(xs, kOnes, kOnes, kOnes, kOnes, xb[i][2], xb[i][3]);
+        }
+#pragma unroll
+        for (int t = 0; t < RT; ++t) {
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int i = 0; i < W; ++i) {
+            uint32_t pa[4], pb[4];
+            q4_pairs<T>(r.wv[u][t][0][gi * W + i], pa);
+            q4_pairs<T>(r.wv[u][t][1][gi * W + i], pb);
+            mma_16816<T>(d, pa[0], pb[0], pa[1], pb[1], xb[i][0], xb[i][1]);
+            mma_16816<T>(d, pa[2], pb[2], pa[3], pb[3], xb[i][2], xb[i][3]);
+          }
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float sc = __half2float(reinterpret_cast<const __half*>(r.sv[t][h])[u * GPS + gi]);
+            const float mn = __half2float(reinterpret_cast<const __half*>(r.zv[t][h])[u * GPS + gi]);
+            acc[t][h] = fmaf(sc, d[2 * h], fmaf(fmaf(-kBias, sc, mn), xs[0], acc[t][h]));
+          }
+        }
+      }
+    }
+  };
+  // (a register double buffer, the next round's loads issued before this round's MMAs, measured slower:
+  // benchmarks/NOTES.md)
+  for (int st0 = warp * PER_WARP; st0 < (warp + 1) * PER_WARP; st0 += U) {
+    Round cur;
+    load(st0, cur);
+    compute(cur);
+  }
+  __shared__ float part[NW][16 * RT];
+  if (c == 0) {
+#pragma unroll
+    for (int t = 0; t < RT; ++t) {
+      part[warp][16 * t + g] = acc[t][0];
+      part[warp][16 * t + g + 8] = acc[t][1];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < 16 * RT) {
+    const int row = blockIdx.x * 16 * RT + threadIdx.x;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) v += part[w][threadIdx.x];
+    if (row < N) y[row] = from_float<OutT>(v);
   }
 }
 
