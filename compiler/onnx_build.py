@@ -24,6 +24,7 @@ from .. import __version__
 from ..errors import CompileError
 from ..frontends.onnx import read_onnx
 from ..frontends.onnx_graph import import_onnx, parse_input_shapes
+from ..passes.conv_as_gemm import ConvAsGemm
 from ..passes.cpu_graph_rules import graph_rules
 from ..passes.hoist_shape_bindings import HoistShapeBindings
 from ..passes.pipeline import PipelineOptions, run_pipeline
@@ -104,7 +105,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
                                     extra_rules=tuple(graph_rules()) if tg.kind == "llvm" else (),  # convolutions, pooling: else TVM's serial loops
                                     on_phase=lambda n: progress(f"  pass {n}"))
             try:
-                lowered = run_pipeline(mod, popts)
+                lowered = run_pipeline(ConvAsGemm(nhwc=True)(mod) if tg.kind == "llvm" else mod, popts)  # CPU convolutions on the GEMM
             except Exception as err:  # noqa: BLE001 - TVM raises many types; one line
                 msg = str(err).strip().splitlines()
                 raise CompileError(f"{opts.model}: kiln's passes failed for {tg.kind}: {type(err).__name__}: {(msg[-1] if msg else '')[:200]}"

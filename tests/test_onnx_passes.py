@@ -137,3 +137,37 @@ def test_spatial_reduction_rule_schedules_a_convolution():
         lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
         outs.append(out.numpy())
     assert np.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5) and outs[1].max() > 0
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_convolutions_as_gemm_match_onnxruntime(tmp_path, pinned):
+    """ConvAsGemm: convolutions of every kind it takes (3x3 padded, strided, dilated with uneven
+    padding, 1x1 -- the input its own patch matrix in NHWC --, a strided 1x1, bias + ReLU after) and
+    one it leaves (depthwise: groups), chained, pinned and dynamic shapes, against onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    w = lambda name, *shape: numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("Conv", ["ar", "w2"], ["b"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["b", "w3"], ["c"], dilations=[2, 2], pads=[2, 1, 2, 3]),
+             helper.make_node("Conv", ["c", "w4", "b4"], ["d"]),  # 1x1
+             helper.make_node("Conv", ["d", "w5"], ["e"], group=8, pads=[1, 1, 1, 1]),  # depthwise: left as a convolution
+             helper.make_node("Conv", ["e", "w6"], ["y"], strides=[2, 2])]  # strided 1x1
+    inits = [w("w1", 8, 3, 3, 3), w("b1", 8), w("w2", 12, 8, 3, 3), w("w3", 8, 12, 3, 3), w("w4", 8, 8, 1, 1), w("b4", 8),
+             w("w5", 8, 1, 3, 3), w("w6", 5, 8, 1, 1)]
+    dims = [1, 3, 20, 18] if pinned else ["n", 3, "h", "w"]
+    g = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    p = tmp_path / "convs.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    compile_onnx(p, tmp_path / "convs.kiln")
+    blob = next((tmp_path / "convs.kiln" / "lib").glob("*.so")).read_bytes()
+    assert blob.count(b"kiln_im2col") >= 3  # the 3x3s and the strided 1x1 (the 1x1 reads its input as it is)
+    m = load(tmp_path / "convs.kiln")
+    for shape in [(1, 3, 20, 18)] if pinned else [(1, 3, 20, 18), (2, 3, 15, 22)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got, want = m.run({"x": x})["y"], ort_run(p, {"x": x})["y"]
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
