@@ -124,22 +124,6 @@ def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str, mma
     q4k: q, s, z, d, m with `group` its super-block). mma: q4 codes under 16-bit activations on the
     tensor cores (qgemv_mma) where qgemv_mma_config has a shape for them."""
     nb = (N + Q_ROWS_PER_WARP - 1) // Q_ROWS_PER_WARP  # the block's warps split K of Q_ROWS_PER_WARP rows
-    cfg = qgemv_mma_config(K, N, group, code, dtype) if mma else None
-    if cfg is not None:
-        nw, u = cfg
-        fn = f"kiln::qgemv_mma<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {K}, {group}, {nw}, 1, {u}>"
-        ng, nb = K // group, (N + 15) // 16
-
-        @T.prim_func
-        def kiln_qgemv4mma(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K // 8), "uint32"), s: T.Buffer((N, ng), "float16"),
-                           z: T.Buffer((N, ng), "float16"), y: T.Buffer((1, 1, N), out_dtype)):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
-            for bx in T.thread_binding(nb, thread="blockIdx.x"):
-                for tx in T.thread_binding(nw * 32, thread="threadIdx.x"):
-                    T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
-                                             T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), N))
-
-        return kiln_qgemv4mma
     if code == QGEMV_SUPER:  # q4k: q, s (u8), z (i8) per 32, d, m per super-block (`group`)
         fn = f"kiln::qgemv4k<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {K}, {group}, {Q_NUM_WARPS}, {Q_ROWS_PER_WARP}>"
         nu, nsb = K // 32, K // group
@@ -162,12 +146,19 @@ def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str, mma
     q_dtype, s_dtype = ("uint8", "float32") if code == "f8" else ("int8", "float16")
 
     if code == "4":
+        threads = Q_NUM_WARPS * 32
+        cfg = qgemv_mma_config(K, N, group, code, dtype) if mma else None
+        if cfg is not None:  # on the tensor cores: one block per 16 rows, its nw warps in rounds of u steps
+            nw, u = cfg
+            fn = f"kiln::qgemv_mma<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {K}, {group}, {nw}, 1, {u}>"
+            nb, threads = (N + 15) // 16, nw * 32
+
         @T.prim_func
         def kiln_qgemv4(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K // 8), "uint32"), s: T.Buffer((N, ng), "float16"),
                         z: T.Buffer((N, ng), "float16"), y: T.Buffer((1, 1, N), out_dtype)):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
             for bx in T.thread_binding(nb, thread="blockIdx.x"):
-                for tx in T.thread_binding(Q_NUM_WARPS * 32, thread="threadIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
                                              T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), N))
 
