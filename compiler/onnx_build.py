@@ -105,7 +105,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
                                     extra_rules=tuple(graph_rules()) if tg.kind == "llvm" else (),  # convolutions, pooling: else TVM's serial loops
                                     on_phase=lambda n: progress(f"  pass {n}"))
             try:
-                lowered = run_pipeline(ConvAsGemm(nhwc=True)(mod) if tg.kind == "llvm" else mod, popts)  # CPU convolutions on the GEMM
+                lowered = run_pipeline(ConvAsGemm()(mod) if tg.kind == "llvm" else mod, popts)  # CPU convolutions on the GEMM
             except Exception as err:  # noqa: BLE001 - TVM raises many types; one line
                 msg = str(err).strip().splitlines()
                 raise CompileError(f"{opts.model}: kiln's passes failed for {tg.kind}: {type(err).__name__}: {(msg[-1] if msg else '')[:200]}"

@@ -1,22 +1,25 @@
-"""ConvAsGemm: 2-D convolutions (NCHW data, OIHW weights, one group) become an
-explicit im2col and a GEMM, for the CPU (issue 18).
+"""ConvAsGemm: 2-D convolutions (one group) become an explicit im2col and a GEMM,
+in NHWC, for the CPU (issue 18).
 
-    y = conv2d(x, w)  =>  col = im2col(x)                        # [N OH OW, C KH KW]
-                          y2  = matmul(col, reshape(w, [O, C KH KW])^T)   # [N OH OW, O]
-                          y   = transpose(reshape(y2, [N, OH OW, O]))     # [N, O, OH, OW]
+    x' = NHWC x (Relax's ConvertLayout: activations around convolutions in NHWC, the
+         weights stay OIHW params, so no weight is transposed per call)
+    y  = conv2d(x', w)  =>  col = im2col(x')                                  # [N OH OW, C KH KW]
+                            y   = reshape(matmul(col, reshape(w, [O, C KH KW])^T), [N, OH, OW, O])
 
 Why: TVM's convolution loops, even under passes/cpu_graph_rules.py's
 CpuSpatialReduction (one output row accumulated per reduction pass), ran
-ResNet-50 at 3.2x onnxruntime's time on this 2-vCPU box; kiln's GEMM
+ResNet-50 at 4.9x onnxruntime's time on this 2-vCPU box; kiln's GEMM
 (cpu_rules.CpuMatmul, a BLIS-style register-tiled micro-kernel with packed
 weights) is its fastest CPU kernel, and a convolution is a GEMM over the
-patches. The im2col call is opaque (op_pattern 8: never fused into the GEMM,
-whose micro-kernel would otherwise recompute the patch indices per element);
-the transpose back to NCHW and what follows (bias, activation) fuse as the
-GEMM's epilogue; the weight reshape is a view (RewriteDataflowReshape).
-Grouped / depthwise convolutions, other layouts and 1-D / 3-D ones keep the
-convolution. The price: N OH OW x C KH KW patch values written and read once
-per call (KH KW times the input for a 3x3).
+patches: 272 -> 124 ms (benchmarks: BENCHMARKS.md). The GEMM's rows are the
+output pixels in NHWC order, so nothing is transposed back (NCHW with a
+transpose after each GEMM measured ~20% slower). im2col is an opaque call
+(op_pattern 8: never fused into the GEMM, whose micro-kernel would recompute
+the patch indices per element) writing [N, OH, OW, C, KH, KW] with no
+division in its indices; a 1x1 stride-1 unpadded convolution skips it (the
+NHWC input is its own patch matrix). The weight reshape is a view
+(RewriteDataflowReshape). Grouped / depthwise convolutions and 1-D / 3-D ones
+keep the convolution.
 """
 
 from __future__ import annotations
@@ -24,20 +27,20 @@ from __future__ import annotations
 from ..tvm_compat import compiler
 
 
-def _im2col(t, n_, c_, h_, w_, kh_, kw_, oh_, ow_, stride, pad, dil, nhwc=False):
-    """The patches as [N, OH, OW, C, KH, KW] (the caller reshapes to [N OH OW, C KH KW], a view):
-    no division in the indices, the writes contiguous."""
+def _im2col(t, c_, h_, w_, kh_, kw_, oh_, ow_, stride, pad, dil):
+    """The patches of an NHWC x as [N, OH, OW, C, KH, KW] (the caller reshapes to [N OH OW, C KH KW],
+    a view): no division in the indices, the writes contiguous."""
     te, tir = t.tvm.te, t.tirx
 
     def fn(x):
-        def at(n, oh, ow, c, kh, kw):  # k in OIHW's order (c, kh, kw) whatever the data layout
+        def at(n, oh, ow, c, kh, kw):  # k in OIHW's order (c, kh, kw)
             ih = oh * stride[0] - pad[0] + kh * dil[0]
             iw = ow * stride[1] - pad[1] + kw * dil[1]
             inside = tir.all(ih >= 0, ih < h_, iw >= 0, iw < w_)
             ihc, iwc = tir.max(tir.min(ih, h_ - 1), 0), tir.max(tir.min(iw, w_ - 1), 0)
-            return tir.if_then_else(inside, x[n, ihc, iwc, c] if nhwc else x[n, c, ihc, iwc], tir.const(0, x.dtype))
+            return tir.if_then_else(inside, x[n, ihc, iwc, c], tir.const(0, x.dtype))
 
-        return te.compute((n_, oh_, ow_, c_, kh_, kw_), at, name="im2col")
+        return te.compute((x.shape[0], oh_, ow_, c_, kh_, kw_), at, name="im2col")
 
     return fn
 
@@ -54,9 +57,7 @@ def _mutator_class():
             if not call.op.same_as(conv2d):
                 return call
             a = call.attrs
-            nhwc = a.data_layout == "NHWC"
-            if a.data_layout not in ("NCHW", "NHWC") or a.kernel_layout != "OIHW" or a.out_layout not in (a.data_layout, "") \
-                    or int(a.groups) != 1:
+            if a.data_layout != "NHWC" or a.kernel_layout != "OIHW" or a.out_layout not in ("NHWC", "") or int(a.groups) != 1:
                 return call
             x, w = call.args
             xs, ws, ys = x.ty, w.ty, call.ty
@@ -64,28 +65,24 @@ def _mutator_class():
                 return call
             if xs.dtype != ws.dtype or ys.dtype != xs.dtype or xs.dtype not in ("float32", "float16", "bfloat16"):
                 return call
-            n_, c_, h_, w_ = (xs.shape.values[i] for i in ((0, 3, 1, 2) if nhwc else (0, 1, 2, 3)))
+            n_, h_, w_, c_ = xs.shape.values
             o_, c2, kh_, kw_ = ws.shape.values
-            oh_, ow_ = (ys.shape.values[i] for i in ((1, 2) if nhwc else (2, 3)))
+            oh_, ow_ = ys.shape.values[1], ys.shape.values[2]
             if not all(isinstance(v, t.tirx.IntImm) for v in (o_, c2, kh_, kw_)):
                 return call  # weights of a fixed shape (they are params or constants)
             pad = [int(p) for p in a.padding]  # top, left, bottom, right
             stride, dil = [int(s) for s in a.strides], [int(d) for d in a.dilation]
             k = int(c2) * int(kh_) * int(kw_)
-            if nhwc and k == int(c2) and stride == [1, 1] and pad == [0, 0, 0, 0]:
+            if k == int(c2) and stride == [1, 1] and pad == [0, 0, 0, 0]:
                 col = self.builder_.emit(relax.op.reshape(x, [n_ * h_ * w_, k]))  # 1x1: the input is its own patch matrix
             else:
                 patches = self.builder_.emit(self.builder_.call_te(
-                    _im2col(t, n_, c_, h_, w_, int(kh_), int(kw_), oh_, ow_, stride, pad[:2], dil, nhwc), x,
+                    _im2col(t, c_, h_, w_, int(kh_), int(kw_), oh_, ow_, stride, pad[:2], dil), x,
                     primfunc_name_hint="kiln_im2col", primfunc_attrs={"op_pattern": 8}))
                 col = self.builder_.emit(relax.op.reshape(patches, [n_ * oh_ * ow_, k]))
             w2 = self.builder_.emit(relax.op.reshape(w, [int(o_), k]))
             y2 = self.builder_.emit(relax.op.matmul(col, relax.op.permute_dims(w2, [1, 0])))
-            if nhwc:  # the GEMM's rows are the output pixels in NHWC order already
-                return relax.op.reshape(y2, [n_, oh_, ow_, int(o_)])
-            y3 = self.builder_.emit(relax.op.reshape(y2, [n_, oh_ * ow_, int(o_)]))
-            y4 = self.builder_.emit(relax.op.permute_dims(y3, [0, 2, 1]))
-            return relax.op.reshape(y4, [n_, int(o_), oh_, ow_])
+            return relax.op.reshape(y2, [n_, oh_, ow_, int(o_)])  # the GEMM's rows: output pixels in NHWC order
 
     return _Conv
 
@@ -93,13 +90,9 @@ def _mutator_class():
 class ConvAsGemm:
     """Module pass over every Relax function (CPU graphs: compiler/onnx_build.py)."""
 
-    def __init__(self, nhwc: bool = False):
-        self.nhwc = nhwc
-
     def __call__(self, mod):
         t = compiler()
-        if self.nhwc:  # activations between convolutions in NHWC: the GEMM's output needs no transpose
-            mod = t.relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
+        mod = t.relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
         mut = _mutator_class()(mod)
         for gv, f in list(mod.functions.items()):
             if isinstance(f, t.relax.Function):
