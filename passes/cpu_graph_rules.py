@@ -86,5 +86,53 @@ class CpuSpatialReduction:
         return sch
 
 
+class CpuRowwise:
+    """Row-wise functions of several blocks (softmax: max, sum of exp, divide; GELU's erf chains after
+    a reduction; layer norms over a graph's [batch, heads, seq, k] rows): every block computed under the
+    last block's outer loops fused into one parallel loop, one row per task, the last block's row
+    vectorised when its extent divides by the vector lanes. Without it such functions fell to
+    CpuInlineElementwise, which leaves reductions as TVM's serial loops: BERT-base's 12 attention
+    softmaxes took 17.7 ms of a 230 ms run on one thread of two."""
+
+    def apply(self, func, target, _tunable=False):
+        t = compiler()
+        from tvm import s_tir  # noqa: PLC0415
+        from tvm.s_tir.dlight.analysis import normalize_prim_func  # noqa: PLC0415
+        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial  # noqa: PLC0415
+
+        if not isinstance(func, t.tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        try:
+            infos = try_inline_contiguous_spatial(sch, infos)
+        except Exception:  # noqa: BLE001
+            return None
+        if infos is None or len(infos) < 2 or not any(i.is_reduction() for i in infos) or infos[-1].is_reduction():
+            return None
+        try:
+            last = infos[-1].block_rv
+            loops = sch.get_loops(last)
+            if len(loops) < 2:
+                return None
+            outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+            for info in reversed(infos[:-1]):
+                sch.compute_at(info.block_rv, outer, preserve_unit_loops=True)
+            sch.parallel(outer)
+            inner = sch.get_loops(last)[-1]
+            extent, lanes = sch.get(inner).extent, vector_lanes(target)
+            if isinstance(extent, t.tirx.IntImm) and int(extent) % lanes == 0:
+                _, vec = sch.split(inner, [None, lanes])
+                try:
+                    sch.vectorize(vec)
+                except Exception:  # noqa: BLE001 - a body that does not vectorise keeps its loop
+                    pass
+        except Exception:  # noqa: BLE001 - ScheduleError: the blocks do not share their rows
+            return None
+        return sch
+
+
 def graph_rules() -> list:
-    return [CpuSpatialReduction()]
+    return [CpuSpatialReduction(), CpuRowwise()]
