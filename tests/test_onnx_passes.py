@@ -171,3 +171,35 @@ def test_convolutions_as_gemm_match_onnxruntime(tmp_path, pinned):
         got, want = m.run({"x": x})["y"], ort_run(p, {"x": x})["y"]
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("op", ["softmax", "fast_softmax", "layer_norm"])
+def test_rowwise_rule_schedules_row_reductions(op):
+    """CpuRowwise (ONNX graphs only): softmax (libm's exp and TOPI's fast one) and layer norm over
+    [batch, heads, seq, k] rows get one parallel loop over the rows, and compute what TVM's default
+    loops do."""
+    from kiln.passes.cpu_graph_rules import CpuRowwise  # noqa: PLC0415
+
+    t = compiler()
+    te, tvm, topi = t.te, t.tvm, __import__("tvm").topi
+    shape = (2, 3, 5, 16)
+    x = te.placeholder(shape, "float32", name="x")
+    if op == "layer_norm":
+        g, b = te.placeholder((16,), "float32", name="g"), te.placeholder((16,), "float32", name="b")
+        args = [x, g, b, topi.nn.layer_norm(x, g, b, axis=[-1], epsilon=1e-5)]
+    else:
+        args = [x, (topi.nn.softmax if op == "softmax" else topi.nn.fast_softmax)(x, axis=-1)]
+    func = te.create_prim_func(args)
+    target = t.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"})
+    sch = CpuRowwise().apply(func, target)
+    assert sch is not None
+    assert "T.parallel(30)" in sch.mod["main"].script()  # 2 x 3 x 5 rows
+    rng = np.random.default_rng(0)
+    ins = [rng.standard_normal([int(d) for d in a.shape]).astype(np.float32) for a in args[:-1]]
+    outs = []
+    for f in (sch.mod["main"], func):
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)
+        out = tvm.runtime.empty(shape, "float32", tvm.cpu())
+        lib["main"](*[tvm.runtime.tensor(a) for a in ins], out)
+        outs.append(out.numpy())
+    assert np.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
