@@ -18,30 +18,35 @@ and run in parallel, the epilogue computed per parallel task.
 from __future__ import annotations
 
 from ..tvm_compat import compiler
+from .cpu_rules import _open
 from .kernels.cpu_isa import vector_lanes
 
 
 TILE = 4
 
 
+def _open_inlined(func, target):
+    """cpu_rules._open with the contiguous spatial blocks (padding, casts) inlined into their consumers."""
+    from tvm.s_tir.dlight.base import try_inline_contiguous_spatial  # noqa: PLC0415
+
+    opened = _open(func, target)
+    if opened is None:
+        return None
+    try:
+        infos = try_inline_contiguous_spatial(*opened)
+    except Exception:  # noqa: BLE001
+        return None
+    return None if infos is None else (opened[0], infos)
+
+
 class CpuSpatialReduction:
     def apply(self, func, target, _tunable=False):
         t = compiler()
-        from tvm import s_tir  # noqa: PLC0415  (compiler() imported the full TVM)
-        from tvm.s_tir.dlight.analysis import normalize_prim_func  # noqa: PLC0415
-        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial  # noqa: PLC0415
-
-        if not isinstance(func, t.tirx.PrimFunc) or target.kind.name != "llvm":
+        opened = _open_inlined(func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        try:
-            infos = try_inline_contiguous_spatial(sch, infos)
-        except Exception:  # noqa: BLE001
-            return None
-        if infos is None or not 1 <= len(infos) <= 2 or not infos[0].is_reduction():
+        sch, infos = opened
+        if not 1 <= len(infos) <= 2 or not infos[0].is_reduction():
             return None
         if len(infos) == 2 and not infos[1].is_injective():
             return None
@@ -96,21 +101,11 @@ class CpuRowwise:
 
     def apply(self, func, target, _tunable=False):
         t = compiler()
-        from tvm import s_tir  # noqa: PLC0415
-        from tvm.s_tir.dlight.analysis import normalize_prim_func  # noqa: PLC0415
-        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial  # noqa: PLC0415
-
-        if not isinstance(func, t.tirx.PrimFunc) or target.kind.name != "llvm":
+        opened = _open_inlined(func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        try:
-            infos = try_inline_contiguous_spatial(sch, infos)
-        except Exception:  # noqa: BLE001
-            return None
-        if infos is None or len(infos) < 2 or not any(i.is_reduction() for i in infos) or infos[-1].is_reduction():
+        sch, infos = opened
+        if len(infos) < 2 or not any(i.is_reduction() for i in infos) or infos[-1].is_reduction():
             return None
         try:
             last = infos[-1].block_rv
