@@ -85,12 +85,6 @@ def compile_onnx(model: str | Path, output: str | Path, *, progress: Progress = 
 
 
 @interruptible
-def fast_math(mod):
-    from tvm.relax.transform import FastMathTransform  # noqa: PLC0415  (the full TVM: compiler() loaded it)
-
-    return FastMathTransform()(mod)
-
-
 def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
     t0 = time.perf_counter()
     opts = opts.check()
@@ -113,7 +107,8 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
             try:
                 # CPU: convolutions on the GEMM; exp / erf / tanh / softmax as TOPI's vectorisable
                 # approximations (libm's are scalar calls: BERT-base's GELU alone was 19 ms of 230)
-                lowered = run_pipeline(fast_math(ConvAsGemm()(mod)) if tg.kind == "llvm" else mod, popts)
+                target_mod = compiler().relax.transform.FastMathTransform()(ConvAsGemm()(mod)) if tg.kind == "llvm" else mod
+                lowered = run_pipeline(target_mod, popts)
             except Exception as err:  # noqa: BLE001 - TVM raises many types; one line
                 msg = str(err).strip().splitlines()
                 raise CompileError(f"{opts.model}: kiln's passes failed for {tg.kind}: {type(err).__name__}: {(msg[-1] if msg else '')[:200]}"

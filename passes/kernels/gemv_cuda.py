@@ -113,7 +113,7 @@ def qgemv_mma_config(K: int, N: int, group: int, code: str, dtype: str) -> tuple
     steps = K // 128
     first = [(4, 2)] if N >= 16384 else [(16, 1)] if steps >= 64 else [(8, 2)]
     for nw, u in (*first, (8, 2), (8, 1), (4, 2), (4, 1), (2, 1), (1, 1)):
-        if steps % (nw * u) == 0 and (u * 128 // group in (1, 2, 4, 8, 16)):
+        if steps % (nw * u) == 0:  # (groups of 32-128 and u <= 2: a round's scales are 1-8 per row, one vector)
             return nw, u
     return None
 
