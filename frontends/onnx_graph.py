@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import CompileError, UnsupportedModelError
 from ..tvm_compat import onnx_importer
 from .onnx_ops import CONVERTERS
+from .onnx_symbolic import SYMBOLIC_CONVERTERS
 from .onnx import DTYPES, FLOAT_DTYPES, Initializer, OnnxModel, check_operators, dims_of, onnx_package
 
 LIFT_MIN_ELEMENTS = 256  # float initializers this big or bigger become params
@@ -128,7 +129,7 @@ def import_onnx(model: OnnxModel, pinned: dict[str, list] | None = None) -> Impo
 
 def _import(model: OnnxModel, pinned: dict[str, list] | None, nt: bool) -> ImportedGraph:
     t = onnx_importer()
-    check_operators(model, t.supported)
+    check_operators(model, lambda op: op in _converters() or t.supported(op))
     inputs, outputs = graph_io(model, pinned or {})
     onnx = onnx_package()
     from onnx import helper  # noqa: PLC0415
@@ -177,12 +178,19 @@ def _import(model: OnnxModel, pinned: dict[str, list] | None, nt: bool) -> Impor
     return ImportedGraph(mod, inputs, outputs, lifted, folded)
 
 
+def _converters() -> dict:
+    """kiln's converters: frontends/onnx_ops.py's table and arithmetic on symbolic
+    dimensions (frontends/onnx_symbolic.py: Div, Resize)."""
+    return {**CONVERTERS, **SYMBOLIC_CONVERTERS}
+
+
 def _importer_class(t):
-    """TVM's importer with kiln's converters (frontends/onnx_ops.py) tried first."""
+    """TVM's importer with kiln's converters tried first."""
+    converters = _converters()
 
     class Importer(t.Importer):
         def _convert_operator(self, op_name, inputs, attrs, opset):
-            convert = CONVERTERS.get(op_name)
+            convert = converters.get(op_name)
             out = convert(t, self.bb, inputs, attrs) if convert is not None else None
             if out is None:
                 return super()._convert_operator(op_name, inputs, attrs, opset)

