@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--calib-text", default=None, help="with --quant: English text to measure quality on (default: a built-in text)")
         c.add_argument("--max-kld", type=float, default=None, help="with --quant: fail (nothing written) if the mean KL divergence vs float32 is over this")
         c.add_argument("--no-quality-check", action="store_true", help="with --quant: skip measuring quality (two extra CPU compiles and a run over the text)")
+        c.add_argument("--max-error", type=float, default=None,
+                       help=".onnx with --quant: fail (nothing written) if an output's relative L2 error vs the float graph is over this")
+        c.add_argument("--quality-inputs", default=None, metavar="IN.npz",
+                       help=".onnx with --quant: inputs to measure the error on (names as in the graph; default: random inputs)")
         c.add_argument("--calibrate", action="store_true", help="with --quant q4k: weigh each weight's rounding by the activation energy of its input "
                                                                "column, measured on the calibration text (one extra CPU compile and run)")
         c.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
@@ -153,6 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--context", type=int, default=0, help="also time decode after this many tokens already cached (KV cache advanced without a prefill)")
     be.add_argument("--threads", type=int, default=None)
     be.add_argument("--cpu-target", default=None, metavar="LEVEL", help="a CPU level of a multi-level artifact (e.g. x86-64-v2; default: the best this CPU runs)")
+    be.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                    help="graph artifacts: a symbolic input dimension's value (default: 1 for a leading one, else 32)")
+    be.add_argument("--seconds", type=float, default=3.0, help="graph artifacts: how long to time runs")
     be.add_argument("--json", action="store_true")
 
     sv = add("serve", "serve an artifact over HTTP with OpenAI's API (completions, chat, streaming), batching requests")
@@ -222,8 +229,8 @@ def cmd_compile(a) -> int:
         return _compile_onnx(a)
     if a.output is None:
         raise KilnError("-o/--output is required (the artifact directory to write, NAME.kiln)")
-    if a.input_shape:
-        raise KilnError("--input-shape is for .onnx graphs")
+    if a.input_shape or a.max_error is not None or a.quality_inputs:
+        raise KilnError("--input-shape, --max-error and --quality-inputs are for .onnx graphs")
     from .compiler.artifact import check_output  # noqa: PLC0415  (no TVM)
     from .compiler.options import CompileOptions  # noqa: PLC0415  (no TVM)
 
@@ -260,13 +267,14 @@ def _compile_onnx(a) -> int:
         prepare_cuda_compile()  # before anything imports TVM (compiler.onnx_build does)
     from .compiler.onnx_build import GraphOptions  # noqa: PLC0415
 
-    llm_only = {"--dtype": a.dtype, "--max-seq-len": a.max_seq_len, "--quant": a.quant, "--keep": a.keep, "--calib-text": a.calib_text,
+    llm_only = {"--dtype": a.dtype, "--max-seq-len": a.max_seq_len, "--keep": a.keep, "--calib-text": a.calib_text,
                 "--max-kld": a.max_kld, "--kv-dtype": a.kv_dtype, "--no-weights": a.no_weights, "--page-size": a.page_size != 16,
                 "--calibrate": a.calibrate}
     given = [k for k, v in llm_only.items() if v]
     if given:
         raise KilnError(f"{', '.join(given)}: not available for .onnx graphs yet")
-    opts = GraphOptions(a.model, a.output or Path(a.model).stem + ".kiln", target=a.target, input_shapes=a.input_shape, dump_ir=a.dump_ir).check()
+    opts = GraphOptions(a.model, a.output or Path(a.model).stem + ".kiln", target=a.target, input_shapes=a.input_shape, dump_ir=a.dump_ir,
+                        quant=a.quant, max_error=a.max_error, quality_inputs=a.quality_inputs, quality_check=not a.no_quality_check).check()
     check_output(opts.output)
     from .tvm_compat import compiler  # noqa: PLC0415
 
@@ -452,6 +460,12 @@ def cmd_bench(a) -> int:
     from .runtime import load  # noqa: PLC0415
     from .runtime.bench import speed_run  # noqa: PLC0415
 
+    from .runtime.loader import artifact_kind  # noqa: PLC0415
+
+    if artifact_kind(a.artifact) == "graph":
+        return _bench_graph(a)
+    if a.dim:
+        raise KilnError("--dim is for graph artifacts (kiln compile model.onnx)")
     if not 1 <= a.prompt_len <= 1 << 20 or not 1 <= a.gen_len <= 1 << 20 or not 0 <= a.context <= 1 << 20:
         raise KilnError("--prompt-len and --gen-len must be in [1, 1048576], --context in [0, 1048576]")
     s = load(a.artifact, device=a.device, threads=a.threads, random_weights=a.random_weights,
@@ -462,6 +476,34 @@ def cmd_bench(a) -> int:
     else:
         for k, v in out.items():
             print(f"{k:26s} {v}")
+    return 0
+
+
+def _bench_graph(a) -> int:
+    from .runtime import load  # noqa: PLC0415
+    from .runtime.bench import graph_speed_run  # noqa: PLC0415
+
+    if a.random_weights:
+        raise KilnError("--random-weights is for language-model artifacts; a graph artifact carries its weights")
+    if not 0 < a.seconds <= 3600:
+        raise KilnError(f"--seconds must be in (0, 3600], got {a.seconds}")
+    dims = {}
+    for spec in a.dim:
+        name, eq, val = spec.partition("=")
+        if not eq or not name or not val.isdigit() or not 1 <= int(val) <= 1 << 20:
+            raise KilnError(f"--dim {spec!r}: expected NAME=N with N in [1, 1048576]")
+        dims[name] = int(val)
+    m = load(a.artifact, device=a.device, threads=a.threads)
+    symbols = {d for i in m.inputs for d in i["shape"] if isinstance(d, str)}
+    unknown = sorted(set(dims) - symbols)
+    if unknown:
+        raise KilnError(f"--dim {', '.join(unknown)}: not a symbolic dimension of the inputs ({', '.join(sorted(symbols)) or 'none: all fixed'})")
+    out = graph_speed_run(m, dims, a.seconds)
+    if a.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:10s} {v}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """kiln vs onnxruntime (CPUExecutionProvider) on ONNX graphs, same threads, one run.
 
     python benchmarks/onnx_vs_ort.py [--models bert-base,resnet50,rapidocr-cls,bert-tiny,cnn-tiny]
-        [--threads 2] [--seconds 5] [--workdir DIR] [--json-out FILE]
+        [--threads 2] [--seconds 5] [--quant q8] [--workdir DIR] [--json-out FILE]
 
 Models (random weights, exported here with torch.onnx.export unless said):
   bert-base     BertModel 12 layers, hidden 768, batch 1 x seq 128, fp32 (the issue's BERT-base shape)
@@ -13,7 +13,10 @@ kiln compiles each with its input shape pinned (`--input-shape`, the shapes are
 fixed here) for this CPU; both run with the same thread count (TVM_NUM_THREADS,
 ORT intra_op_num_threads, inter_op 1). Each is timed for --seconds after 3
 warm-up runs; the table shows medians, kiln/ort (below 1: kiln faster) and
-kiln's max relative difference from onnxruntime's output.
+kiln's max relative difference from onnxruntime's output. With --quant FMT kiln
+also compiles the graph with `--quant FMT` (matmul / Gemm / Conv weights) and the
+table adds its time, its speed-up over kiln fp32 and its output's relative L2
+error against onnxruntime's (fp32) output.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--workdir", default=str(Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "onnx-bench"))
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--quant", default=None, help="also time kiln with this weight format (q8, q4g32, ...)")
     a = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     work = Path(a.workdir)
@@ -162,12 +166,23 @@ def main() -> int:
         o_ms, o_n = timed(lambda: sess.run(None, feeds), a.seconds)
         row = {"model": name, "inputs": pins, "kiln_ms": round(k_ms * 1e3, 3), "ort_ms": round(o_ms * 1e3, 3), "ratio": round(k_ms / o_ms, 3),
                "kiln_runs": k_n, "ort_runs": o_n, "max_rel_err": err, "compile_s": round(compile_s, 1)}
+        if a.quant:
+            qart = work / f"{name}-{a.quant}.kiln"
+            compile_onnx(path, qart, input_shapes=pins, quant=a.quant, quality_check=False)
+            qm = load(qart, threads=a.threads)
+            qgot = list(qm.run(feeds).values())
+            q_ms, q_n = timed(lambda: qm.run(feeds), a.seconds)
+            l2 = max(float(np.linalg.norm(g.astype(np.float64) - w) / max(np.linalg.norm(w.astype(np.float64)), 1e-30)) for g, w in zip(qgot, want))
+            row.update({"quant": a.quant, "quant_ms": round(q_ms * 1e3, 3), "quant_runs": q_n, "fp32_over_quant": round(k_ms / q_ms, 3),
+                        "quant_rel_l2": l2})
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\nthreads {a.threads}, onnxruntime {ort.__version__}, medians")
-    print(f"{'model':14s} {'kiln ms':>10s} {'ort ms':>10s} {'kiln/ort':>9s} {'max rel err':>12s} {'compile s':>10s}")
+    q = f" {'kiln ' + a.quant + ' ms':>12s} {'fp32/' + a.quant:>9s} {a.quant + ' rel L2':>11s}" if a.quant else ""
+    print(f"{'model':14s} {'kiln ms':>10s} {'ort ms':>10s} {'kiln/ort':>9s} {'max rel err':>12s} {'compile s':>10s}" + q)
     for r in rows:
-        print(f"{r['model']:14s} {r['kiln_ms']:10.2f} {r['ort_ms']:10.2f} {r['ratio']:9.2f} {r['max_rel_err']:12.1e} {r['compile_s']:10.1f}")
+        q = f" {r['quant_ms']:12.2f} {r['fp32_over_quant']:9.2f} {r['quant_rel_l2']:11.1e}" if a.quant else ""
+        print(f"{r['model']:14s} {r['kiln_ms']:10.2f} {r['ort_ms']:10.2f} {r['ratio']:9.2f} {r['max_rel_err']:12.1e} {r['compile_s']:10.1f}" + q)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from .. import __version__
 from ..errors import CompileError
@@ -28,16 +30,28 @@ from ..passes.conv_as_gemm import ConvAsGemm
 from ..passes.cpu_graph_rules import graph_rules
 from ..passes.hoist_shape_bindings import HoistShapeBindings
 from ..passes.pipeline import PipelineOptions, run_pipeline
+from ..passes.kernels.qdot_cpu import qdot_supported
+from ..passes.quant import WEIGHT_FORMATS
+from ..passes.quantize_graph_weights import QuantizeGraphWeights
 from ..passes.wrap_gather_indices import WrapGatherIndices
 from ..runtime.manifest import FORMAT_VERSION, GRAPH_KIND, MAGIC, RUNTIME_ABI
 from ..tvm_compat import compiler
 from .artifact import ArtifactWriter
+from .graph_quality import measure, quality_inputs
 from .interrupt import interruptible
 from .progress import QUIET, Progress
 from .stages import build_library
 from .target import parse_target
 from .weights import write_safetensors
 
+
+# A matmul of more rows than this (its fewest: symbols at 1) keeps float weights under --quant.
+# Measured (2 threads, this znver2, no VNNI): one q8 GEMM alone is 1.1-1.6x faster than the fp32
+# one at every shape tried (M 16-3136, K 64-2304), but ResNet-50 with every convolution in q8 ran
+# 155 ms against fp32's 135 (the large-row convolutions: each call quantizes its im2col rows
+# first, and bias / ReLU no longer fuse into an opaque kernel -- not profiled further); with this
+# limit (layer3/4 and the FC in q8) 137 ms. BERT-base at 128 tokens: q8 on every projection.
+QDOT_MAX_ROWS = 512
 
 _UNKNOWN_SHAPE = ("; TVM could not derive an operator's output shape from the inputs' symbolic dims "
                   "(pinning the input shapes with --input-shape NAME=D1,D2,... may help)")
@@ -50,9 +64,15 @@ class GraphOptions:
     target: str = "llvm"
     input_shapes: tuple[str, ...] = ()  # NAME=1,3,224,224
     dump_ir: Path | None = None
+    quant: str | None = None  # a weight format (passes/quant/formats/) for the matmul / Gemm / Conv weights; CPU targets
+    max_error: float | None = None  # with quant: fail (nothing written) if an output's relative L2 error vs float is over this
+    quality_inputs: Path | None = None  # with quant: inputs to measure on (.npz, names as in the graph); else random ones
+    quality_check: bool = True  # with quant: measure the error (one more CPU build and two runs)
 
     def __post_init__(self):
-        for name in ("model", "output", "dump_ir"):
+        if self.quant == "none":
+            object.__setattr__(self, "quant", None)
+        for name in ("model", "output", "dump_ir", "quality_inputs"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, Path):
                 object.__setattr__(self, name, Path(v))
@@ -61,6 +81,14 @@ class GraphOptions:
     def check(self) -> GraphOptions:
         """Checks that need neither TVM nor the model (the CLI runs them first)."""
         parse_input_shapes(self.input_shapes)
+        if self.quant is not None and self.quant not in WEIGHT_FORMATS:
+            raise CompileError(f"--quant {self.quant!r}: for .onnx graphs one of none, {', '.join(WEIGHT_FORMATS)}")
+        if self.quant is None and (self.max_error is not None or self.quality_inputs is not None):
+            raise CompileError("--max-error and --quality-inputs go with --quant")
+        if self.max_error is not None and not (self.max_error > 0 and self.quality_check):
+            raise CompileError(f"--max-error {self.max_error}: must be > 0, and the quality check on")
+        if self.quant is not None and "cuda" in self.target:
+            raise CompileError(f"--quant {self.quant} for .onnx graphs: CPU targets (llvm...) only so far, not {self.target}")
         return self
 
 
@@ -76,7 +104,8 @@ class GraphSummary:
 
     def line(self) -> str:
         return (f"compiled {self.output}: ONNX graph, {self.num_params / 1e6:.2f}M params, inputs {', '.join(self.inputs)}, "
-                f"{self.artifact_bytes / 2**20:.1f} MiB, target {', '.join(self.targets)}, {self.seconds:.1f} s")
+                f"{self.artifact_bytes / 2**20:.1f} MiB, target {', '.join(self.targets)}, {self.seconds:.1f} s"
+                + "".join(f"\nwarning: {w}" for w in self.warnings))
 
 
 def compile_onnx(model: str | Path, output: str | Path, *, progress: Progress = QUIET, **options) -> GraphSummary:
@@ -95,8 +124,23 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
     progress(f"import (opset {model.opset}, {len(model.graph.node)} nodes)")
     graph = import_onnx(model, pinned)
     mod = HoistShapeBindings()(WrapGatherIndices()(graph.mod))
+    float_mod, graph_params = mod, graph.params
     params = [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "quant": "none"} for p in graph.params]
-    inits = {p.name: p for p in graph.params}
+    fmt = WEIGHT_FORMATS[opts.quant] if opts.quant else None
+    if fmt is not None:  # CPU targets only (check()): the convolutions go on the GEMM first, so their weights are matmuls'
+        progress(f"quantize ({fmt.name})")
+        float_mod = ConvAsGemm()(mod)
+        # only matrices the integer-dot kernels take (on the dequantizing GEMM a quantized matrix is slower than a float
+        # one), and only under few rows: see QDOT_MAX_ROWS
+        takes = lambda k, group, rows: qdot_supported(fmt.name, k, group) and (rows is None or rows <= QDOT_MAX_ROWS)  # noqa: E731
+        mod, graph_params, params = QuantizeGraphWeights(fmt, len(graph.inputs), takes)(float_mod, graph.params)
+    inits = {p.name: p for p in graph_params}
+    warnings = []
+    if fmt is not None and not any(p["quant"] != "none" for p in params):
+        warnings.append(f"--quant {fmt.name}: no matmul / Gemm / Conv weight has rows the integer-dot kernels take "
+                        "(K a multiple of 32, float32): the artifact's weights are all float")
+    quality = None
+    gate_inputs = quality_inputs(graph.inputs, opts.quality_inputs) if fmt and opts.quality_check else None  # bad files fail now
     with ArtifactWriter(opts.output) as writer:
         libraries = []
         for tg in targets:
@@ -107,8 +151,9 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
             try:
                 # CPU: convolutions on the GEMM; exp / erf / tanh / softmax as TOPI's vectorisable
                 # approximations (libm's are scalar calls: BERT-base's GELU alone was 19 ms of 230)
-                target_mod = compiler().relax.transform.FastMathTransform()(ConvAsGemm()(mod)) if tg.kind == "llvm" else mod
-                lowered = run_pipeline(target_mod, popts)
+                cpu = lambda m: compiler().relax.transform.FastMathTransform()(m if fmt else ConvAsGemm()(m))  # noqa: E731
+                lowered = run_pipeline(cpu(mod) if tg.kind == "llvm" else mod, popts)
+                float_lowered = run_pipeline(cpu(float_mod), replace(popts, dump_ir=None, on_phase=None)) if fmt and opts.quality_check and quality is None else None
             except Exception as err:  # noqa: BLE001 - TVM raises many types; one line
                 msg = str(err).strip().splitlines()
                 raise CompileError(f"{opts.model}: kiln's passes failed for {tg.kind}: {type(err).__name__}: {(msg[-1] if msg else '')[:200]}"
@@ -122,13 +167,22 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
                         raise
                     raise CompileError(f"{opts.model}: {str(err)[str(err).rfind('failed: ') + 8:]} was left unlowered" + _UNKNOWN_SHAPE) from None
             writer.record(rel)
+            if float_lowered is not None:
+                with progress.waiting("quality gate (the float graph for this CPU, both run)"):
+                    load = lambda ps: [np.asarray(p.load()) for p in ps]  # noqa: E731
+                    quality = measure(float_lowered, tg, writer.path(rel), graph, load(graph.params), load(graph_params),
+                                      gate_inputs, build_library)
+                progress(f"  worst relative L2 error {quality['worst_rel_l2']:.3g} on {quality['inputs']}")
+                if opts.max_error is not None and quality["worst_rel_l2"] > opts.max_error:
+                    raise CompileError(f"{opts.model}: --quant {fmt.name}: relative L2 error {quality['worst_rel_l2']:.4g} is over "
+                                       f"--max-error {opts.max_error} (on {quality['inputs']}); nothing written")
             libraries.append({**tg.manifest(), "library": rel, "compute_dtype": "as in the graph"})
         progress("write weights")
         info = write_safetensors(writer.open("weights.safetensors"), list(inits), {n: p.shape for n, p in inits.items()},
                                  {n: p.dtype for n, p in inits.items()}, lambda n: inits[n].load(),
                                  lambda done, total: progress.count("weights", done, total))
         writer.record("weights.safetensors", info)
-        num_params = sum(p.size for p in graph.params)
+        num_params = sum(p.size for p in graph.params)  # the float graph's count, quantized or not
         progress("write artifact")
         writer.commit({
             "magic": MAGIC,
@@ -148,6 +202,8 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
                 "ops": dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items())),
             },
             "dtype": ",".join(sorted({p["dtype"] for p in params})) or "none",
+            "quant": ({"weights": fmt.name, "matrices": len({p["name"].rsplit(".", 1)[0] for p in params if p["quant"] != "none"}),
+                       "quality": quality or "not measured"} if fmt else "none"),
             "graph": {"function": "main", "inputs": [i.manifest() for i in graph.inputs], "outputs": [o.manifest() for o in graph.outputs]},
             "targets": libraries,
             "params": params,
@@ -155,4 +211,4 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
         })
         total = sum(f["size"] for f in writer.files.values())
     return GraphSummary(opts.output, num_params, total, [f"{tg.kind}:{tg.label}" for tg in targets], time.perf_counter() - t0,
-                        [f"{i.name}{list(i.shape)}" for i in graph.inputs])
+                        [f"{i.name}{list(i.shape)}" for i in graph.inputs], warnings)

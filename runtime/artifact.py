@@ -131,6 +131,12 @@ class Artifact:
                  f"  model    {src.get('source')} ({src.get('source_format')}, opset {src.get('opset')}, {src.get('producer') or 'unknown producer'}): "
                  f"{src.get('nodes')} nodes, {src.get('folded_nodes', 0)} folded at compile time"]
         lines.append(f"  params   {src.get('num_params', 0) / 1e6:.3f}M  dtype {m.get('dtype')}  ({len(m['params'])} tensors)")
+        q = m.get("quant", "none")
+        if isinstance(q, dict):
+            qual = q.get("quality")
+            lines.append(f"  quant    {q['weights']}: {q['matrices']} matrices (matmul / Gemm / Conv weights); "
+                         + (f"worst output relative L2 error {qual['worst_rel_l2']:.3g} vs float on {qual['inputs']}" if isinstance(qual, dict)
+                            else "quality not measured"))
         for key in ("inputs", "outputs"):
             for x in m["graph"][key]:
                 shape = "[" + ", ".join(str(d) for d in x["shape"]) + "]"

@@ -114,6 +114,30 @@ class GraphModel:
         return {spec["name"]: _to_numpy(r) for spec, r in zip(self.outputs, results)}
 
 
+SEQ_DIM = 32  # random inputs: a symbolic dimension that is not an input's leading one
+
+
+def random_inputs(inputs: list[dict], dims: dict[str, int] | None = None, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Random inputs of the declared shapes ({name: array}, the symbolic dims' values), for
+    speed runs and the compile-time quality gate: floats standard normal, integers 0 or 1
+    (valid token ids and masks), booleans random. A symbolic dimension takes `dims[name]`,
+    else 1 where it first appears as an input's leading dimension (a batch), else SEQ_DIM."""
+    rng = np.random.default_rng(seed)
+    sizes = dict(dims or {})
+    out = {}
+    for spec in inputs:
+        shape = [int(d) if isinstance(d, int) else sizes.setdefault(d, 1 if pos == 0 else SEQ_DIM) for pos, d in enumerate(spec["shape"])]
+        dtype = _np_dtype(spec["dtype"])
+        if dtype.kind == "b":
+            a = rng.integers(0, 2, size=shape).astype(bool)
+        elif dtype.kind in "iu":
+            a = rng.integers(0, 2, size=shape).astype(dtype)
+        else:
+            a = rng.standard_normal(shape).astype(dtype)
+        out[spec["name"]] = a
+    return out, {k: v for k, v in sizes.items() if any(k in i["shape"] for i in inputs)}
+
+
 def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "numpy"):
         return value.numpy()

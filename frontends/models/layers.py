@@ -271,19 +271,15 @@ class QWeight(nn.Module):
         return [getattr(self, sfx) for sfx in self._parts]
 
 
-def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = None, role: str = "projection"):
-    """x @ dequant(W)^T: the dequantize stage and the reduction are one TIR
-    function; the schedules inline the dequantize into the GEMV (decode) or
-    into the per-tile packing of the GEMM (prefill), so a dequantized matrix
-    never exists in memory."""
+def qmatmul_compute(fmt, group: int, n: int, name: str = "NT_qmatmul", out_dtype: str = "float32"):
+    """The TE of x [..., K] @ dequant(W [n, K])^T over the format's arrays (q_matmul's body;
+    passes/quantize_graph_weights.py emits it for ONNX graphs' matmuls)."""
     te = _tvm.te
-    out_dtype = str(out_dtype or x.dtype)
 
     def compute(xt, *arrays):
         *lead, k_ext = xt.shape
-        n_ext = qw.shape[0]
-        deq = qw.fmt.te_weight(qw.group, *arrays)
-        w = te.compute((n_ext, k_ext), deq, name=name + "_dequant")
+        deq = fmt.te_weight(group, *arrays)
+        w = te.compute((n, k_ext), deq, name=name + "_dequant")
         k = te.reduce_axis((0, k_ext), name="k")
 
         def body(*idx):
@@ -292,11 +288,20 @@ def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = N
                 xv = xv.astype("float32")
             return te.sum(xv * w[idx[-1], k], axis=k)
 
-        out = te.compute((*lead, n_ext), body, name=name)
+        out = te.compute((*lead, n), body, name=name)
         if out_dtype == "float32":
             return out
         return te.compute(out.shape, lambda *i: out(*i).astype(out_dtype), name=name + "_cast")
 
+    return compute
+
+
+def q_matmul(x, qw: QWeight, name: str = "NT_qmatmul", out_dtype: str | None = None, role: str = "projection"):
+    """x @ dequant(W)^T: the dequantize stage and the reduction are one TIR
+    function; the schedules inline the dequantize into the GEMV (decode) or
+    into the per-tile packing of the GEMM (prefill), so a dequantized matrix
+    never exists in memory."""
+    compute = qmatmul_compute(qw.fmt, qw.group, qw.shape[0], name, str(out_dtype or x.dtype))
     return op.tensor_expr_op(compute, name, [x, *qw.params()], attrs={OP_ATTR: "qmatmul", ROLE_ATTR: role, QFORMAT_ATTR: qw.fmt.name})
 
 
