@@ -268,13 +268,14 @@ def _compile_onnx(a) -> int:
     from .compiler.onnx_build import GraphOptions  # noqa: PLC0415
 
     llm_only = {"--dtype": a.dtype, "--max-seq-len": a.max_seq_len, "--keep": a.keep, "--calib-text": a.calib_text,
-                "--max-kld": a.max_kld, "--kv-dtype": a.kv_dtype, "--no-weights": a.no_weights, "--page-size": a.page_size != 16,
+                "--max-kld": a.max_kld, "--kv-dtype": a.kv_dtype, "--page-size": a.page_size != 16,
                 "--calibrate": a.calibrate}
     given = [k for k, v in llm_only.items() if v]
     if given:
         raise KilnError(f"{', '.join(given)}: not available for .onnx graphs yet")
     opts = GraphOptions(a.model, a.output or Path(a.model).stem + ".kiln", target=a.target, input_shapes=a.input_shape, dump_ir=a.dump_ir,
-                        quant=a.quant, max_error=a.max_error, quality_inputs=a.quality_inputs, quality_check=not a.no_quality_check).check()
+                        quant=a.quant, max_error=a.max_error, quality_inputs=a.quality_inputs, quality_check=not a.no_quality_check,
+                        no_weights=a.no_weights).check()
     check_output(opts.output)
     from .tvm_compat import compiler  # noqa: PLC0415
 
@@ -483,8 +484,6 @@ def _bench_graph(a) -> int:
     from .runtime import load  # noqa: PLC0415
     from .runtime.bench import graph_speed_run  # noqa: PLC0415
 
-    if a.random_weights:
-        raise KilnError("--random-weights is for language-model artifacts; a graph artifact carries its weights")
     if not 0 < a.seconds <= 3600:
         raise KilnError(f"--seconds must be in (0, 3600], got {a.seconds}")
     dims = {}
@@ -493,7 +492,7 @@ def _bench_graph(a) -> int:
         if not eq or not name or not val.isdigit() or not 1 <= int(val) <= 1 << 20:
             raise KilnError(f"--dim {spec!r}: expected NAME=N with N in [1, 1048576]")
         dims[name] = int(val)
-    m = load(a.artifact, device=a.device, threads=a.threads)
+    m = load(a.artifact, device=a.device, threads=a.threads, random_weights=a.random_weights)
     symbols = {d for i in m.inputs for d in i["shape"] if isinstance(d, str)}
     unknown = sorted(set(dims) - symbols)
     if unknown:

@@ -59,7 +59,8 @@ def export_bert_base(path: Path) -> tuple[Path, dict]:
     return path, feeds
 
 
-def export_resnet50(path: Path) -> tuple[Path, dict]:
+def resnet50_module():
+    """A ResNet-50 (bottleneck blocks 3-4-6-3) in torch, random weights (seed 0), eval mode."""
     import torch  # noqa: PLC0415
     from torch import nn  # noqa: PLC0415
 
@@ -83,6 +84,13 @@ def export_resnet50(path: Path) -> tuple[Path, dict]:
     net = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
                         *stage(64, 64, 3, 1), *stage(256, 128, 4, 2), *stage(512, 256, 6, 2), *stage(1024, 512, 3, 2),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000)).eval()
+    return net
+
+
+def export_resnet50(path: Path) -> tuple[Path, dict]:
+    import torch  # noqa: PLC0415
+
+    net = resnet50_module()
     x = torch.randn(1, 3, 224, 224)
     if not path.exists():
         torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["image"], output_names=["logits"], opset_version=17,

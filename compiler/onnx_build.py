@@ -68,6 +68,7 @@ class GraphOptions:
     max_error: float | None = None  # with quant: fail (nothing written) if an output's relative L2 error vs float is over this
     quality_inputs: Path | None = None  # with quant: inputs to measure on (.npz, names as in the graph); else random ones
     quality_check: bool = True  # with quant: measure the error (one more CPU build and two runs)
+    no_weights: bool = False  # code and param spec only (speed runs with random weights where the weights do not travel)
 
     def __post_init__(self):
         if self.quant == "none":
@@ -87,6 +88,8 @@ class GraphOptions:
             raise CompileError("--max-error and --quality-inputs go with --quant")
         if self.max_error is not None and not (self.max_error > 0 and self.quality_check):
             raise CompileError(f"--max-error {self.max_error}: must be > 0, and the quality check on")
+        if self.no_weights and self.quant is not None:
+            raise CompileError("--no-weights and --quant: quantized graphs carry their weights (the quality gate measures them)")
         if self.quant is not None and "cuda" in self.target:
             raise CompileError(f"--quant {self.quant} for .onnx graphs: CPU targets (llvm...) only so far, not {self.target}")
         return self
@@ -177,11 +180,12 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
                     raise CompileError(f"{opts.model}: --quant {fmt.name}: relative L2 error {quality['worst_rel_l2']:.4g} is over "
                                        f"--max-error {opts.max_error} (on {quality['inputs']}); nothing written")
             libraries.append({**tg.manifest(), "library": rel, "compute_dtype": "as in the graph"})
-        progress("write weights")
-        info = write_safetensors(writer.open("weights.safetensors"), list(inits), {n: p.shape for n, p in inits.items()},
-                                 {n: p.dtype for n, p in inits.items()}, lambda n: inits[n].load(),
-                                 lambda done, total: progress.count("weights", done, total))
-        writer.record("weights.safetensors", info)
+        if not opts.no_weights:
+            progress("write weights")
+            info = write_safetensors(writer.open("weights.safetensors"), list(inits), {n: p.shape for n, p in inits.items()},
+                                     {n: p.dtype for n, p in inits.items()}, lambda n: inits[n].load(),
+                                     lambda done, total: progress.count("weights", done, total))
+            writer.record("weights.safetensors", info)
         num_params = sum(p.size for p in graph.params)  # the float graph's count, quantized or not
         progress("write artifact")
         writer.commit({
@@ -207,7 +211,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
             "graph": {"function": "main", "inputs": [i.manifest() for i in graph.inputs], "outputs": [o.manifest() for o in graph.outputs]},
             "targets": libraries,
             "params": params,
-            "weights_file": "weights.safetensors",
+            "weights_file": None if opts.no_weights else "weights.safetensors",
         })
         total = sum(f["size"] for f in writer.files.values())
     return GraphSummary(opts.output, num_params, total, [f"{tg.kind}:{tg.label}" for tg in targets], time.perf_counter() - t0,

@@ -34,7 +34,7 @@ class GraphModel:
     outputs (the manifest's entries: name, dtype, shape with symbolic dimensions
     as names), device, load_seconds."""
 
-    def __init__(self, artifact: Artifact, device: str = "cpu"):
+    def __init__(self, artifact: Artifact, device: str = "cpu", random_weights: bool = False):
         t0 = time.perf_counter()
         rt = runtime()
         self._rt = rt
@@ -58,6 +58,14 @@ class GraphModel:
         except (AttributeError, KeyError, ValueError, RuntimeError):
             raise ArtifactError(f"{artifact.path}: the library has no function {g['function']!r}: the artifact is corrupt: recompile it") from None
         self.params = []
+        if not m.get("weights_file") and m["params"] and not random_weights:
+            raise ArtifactError(f"{artifact.path}: compiled with --no-weights: run it with random weights (kiln bench --random-weights)")
+        if m.get("weights_file") and random_weights:
+            raise RequestError("random_weights is for artifacts compiled with --no-weights")
+        if random_weights:  # speed runs of graphs whose weights do not travel (session.random_weights_on: made on the device)
+            from .session import random_weights_on  # noqa: PLC0415
+
+            self.params = random_weights_on(rt, self.tvm_device, m["params"])
         for spec, raw in read_weights(artifact) if m.get("weights_file") else []:
             arr = rt.runtime.empty(tuple(spec["shape"]), spec["dtype"], self.tvm_device)
             arr.copyfrom(np.asarray(raw).view(numpy_dtype(spec["dtype"])).reshape(spec["shape"]))

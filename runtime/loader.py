@@ -45,6 +45,7 @@ def load(path: str | Path, device: str = "cpu", threads: int | None = None, veri
         if peek.get("tensor_parallel"):  # split over GPUs: one disco worker per shard
             session_options["cls"] = TensorParallelSession
         return load_session(path, device=device, threads=threads, verify=verify, **session_options)
+    random_weights = bool(session_options.pop("random_weights", False))
     given = sorted(k for k, v in session_options.items() if v not in (None, False))
     if given:
         raise RequestError(f"{path}: a graph artifact takes no {', '.join(given)} (those are for language models)")
@@ -52,4 +53,4 @@ def load(path: str | Path, device: str = "cpu", threads: int | None = None, veri
         if not 1 <= threads <= 1024:
             raise RequestError(f"threads must be in [1, 1024], got {threads}")
         os.environ["TVM_NUM_THREADS"] = str(threads)
-    return GraphModel(open_artifact(path, device=device, verify_hashes=verify), device=device)
+    return GraphModel(open_artifact(path, device=device, verify_hashes=verify), device=device, random_weights=random_weights)

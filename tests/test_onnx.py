@@ -220,3 +220,21 @@ def test_unknown_output_shape_is_one_line_at_compile_time(tmp_path):
     m._main = fail  # a check only the library makes: still one line
     with pytest.raises(RequestError, match=r"the graph refused these inputs: ValueError: the last line$"):
         m.run({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})
+
+
+def test_no_weights_graph_runs_on_random_weights(cnn, tmp_path, capsys):
+    """--no-weights: code and param spec only (speed runs where the weights do not travel);
+    it runs with random_weights, and refuses to run without them."""
+    onnx_path, _ = cnn
+    art = tmp_path / "nw.kiln"
+    assert main(["compile", str(onnx_path), "-o", str(art), "--no-weights", "--quiet"]) == 0
+    capsys.readouterr()
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["weights_file"] is None and not (art / "weights.safetensors").exists() and m["params"]
+    with pytest.raises(Exception, match="compiled with --no-weights"):
+        load(art)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    out = load(art, random_weights=True).run({"image": x})["probs"]
+    assert out.shape == (2, 10) and np.allclose(out.sum(1), 1, atol=1e-5)  # a softmax over random weights
+    assert main(["bench", str(art), "--random-weights", "--dim", "h=16", "--dim", "w=16", "--seconds", "0.1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inputs"] == {"image": [1, 3, 16, 16]}
