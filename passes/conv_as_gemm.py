@@ -25,6 +25,7 @@ keep the convolution.
 from __future__ import annotations
 
 from ..tvm_compat import compiler
+from .relax_mutation import rewrite_functions
 
 
 def _im2col(t, c_, h_, w_, kh_, kw_, oh_, ow_, stride, pad, dil):
@@ -93,8 +94,4 @@ class ConvAsGemm:
     def __call__(self, mod):
         t = compiler()
         mod = t.relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
-        mut = _mutator_class()(mod)
-        for gv, f in list(mod.functions.items()):
-            if isinstance(f, t.relax.Function):
-                mut.builder_.update_func(gv, mut.visit_expr(f))
-        return mut.builder_.get()  # a new module (with the im2col PrimFuncs): `mod` is left as it was
+        return rewrite_functions(_mutator_class()(mod), mod)  # a new module (with the im2col PrimFuncs)

@@ -18,6 +18,7 @@ from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from ..tvm_compat import compiler
 from .cuda_projections import _is_op, _static_shape
 from .kernels.qdot_cpu import QDOT_KINDS, qdot, qdot_supported
+from .relax_mutation import rewrite_functions
 
 _t = compiler()
 relax = _t.relax
@@ -82,10 +83,7 @@ class _Rewriter(relax.PyExprMutator):
         return relax.call_tir(self.cache[key], list(call.args[1].fields), call.ty)
 
     def run(self):
-        for gv, func in list(self.mod_.functions.items()):
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        return rewrite_functions(self, self.mod_)
 
 
 @_t.tvm.transform.module_pass(opt_level=0, name="kiln.CpuQuantMatmul")

@@ -27,6 +27,7 @@ import dataclasses
 
 from .cuda_projections import _Analysis, _dtype, _is_op, _static_shape, swiglu_input
 from .quant import WEIGHT_FORMATS
+from .relax_mutation import rewrite_functions
 from .kernels.moe_cuda import (expert_combine, expert_down, expert_gate_up_silu, expert_gemm, expert_qgemm, expert_route, experts_supported,
                                grouped_q_supported, grouped_supported, q_experts_supported, qexpert_down, qexpert_gate_up_silu, topk_softmax, topk_supported)
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR
@@ -265,13 +266,12 @@ class _Rewriter(relax.PyExprMutator):
         return emit(relax.call_tir(gv, [z, pos, remap(wts)], relax.TensorType((n, d), dt)), binding.var.name)
 
     def run(self):
-        for gv, func in list(self.mod_.functions.items()):
-            if isinstance(func, relax.Function):
-                self.an = _Analysis(func)
-                self._plan(func)
-                if self.plan:
-                    self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        def analyse(func) -> bool:
+            self.an = _Analysis(func)
+            self._plan(func)
+            return bool(self.plan)
+
+        return rewrite_functions(self, self.mod_, analyse)
 
 
 @_t.tvm.transform.module_pass(opt_level=0, name="kiln.CudaExperts")

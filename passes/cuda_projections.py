@@ -37,6 +37,7 @@ from .kernels.gemv_cuda import (QGEMV_SUPER, gemv_residual, gemv_supported, q4k_
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from .quant import WEIGHT_FORMATS
 from ..tvm_compat import compiler
+from .relax_mutation import rewrite_functions as rewrite_each
 
 _t = compiler()
 relax = _t.relax
@@ -97,11 +98,7 @@ class _Analysis:
 def rewrite_functions(rw):
     """rw (a PyExprMutator with `mod_`, `an`) over every Relax function of its module, with rw.an
     that function's _Analysis; the rewritten module."""
-    for gv, func in list(rw.mod_.functions.items()):
-        if isinstance(func, relax.Function):
-            rw.an = _Analysis(func)
-            rw.builder_.update_func(gv, rw.visit_expr(func))
-    return rw.builder_.get()
+    return rewrite_each(rw, rw.mod_, lambda func: setattr(rw, "an", _Analysis(func)))
 
 
 def _is_op(call, name: str) -> bool:

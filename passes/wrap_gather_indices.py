@@ -12,6 +12,7 @@ meaningless). The modulo costs one integer op per gathered row.
 from __future__ import annotations
 
 from ..tvm_compat import compiler
+from .relax_mutation import rewrite_functions
 
 
 def _mutator_class():
@@ -35,9 +36,4 @@ class WrapGatherIndices:
     """Module pass over every Relax function."""
 
     def __call__(self, mod):
-        t = compiler()
-        cls = _mutator_class()
-        for gv, f in list(mod.functions.items()):
-            if isinstance(f, t.relax.Function):
-                mod[gv] = cls(mod).visit_expr(f)
-        return mod
+        return rewrite_functions(_mutator_class()(mod), mod)
