@@ -19,7 +19,23 @@ def _rules_for(target, extra=()) -> list:
         # extra rules go before CpuInlineElementwise, which takes every function it is shown
         at = next((i for i, r in enumerate(rules) if isinstance(r, CpuInlineElementwise)), len(rules))
         return rules[:at] + list(extra) + rules[at:] + [dl.cpu.GEMV(), dl.cpu.Reduction()]
-    return [*extra, dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return [*extra, *map(_Guarded, (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction())), dl.gpu.Fallback()]
+
+
+class _Guarded:
+    """A dlight GPU rule whose failure inside apply() means "does not fit": the next rule is
+    tried. dlight's Reduction asserted on the MobileNetV3 of rapidocr ("consumers of the
+    cache-write stage that are not properly inlined") and took the whole compile down;
+    Fallback, last, still fails loudly (the function then has no schedule at all)."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception:  # noqa: BLE001 - TVM raises many types (AssertionError, TVMError, ScheduleError)
+            return None
 
 
 class ScheduleTIR:
