@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import CompileError, UnsupportedModelError
 from ..tvm_compat import onnx_importer
 from .onnx_ops import CONVERTERS
+from .onnx_rnn import PACKED_ATTR, RNN_CONVERTERS, pack_r, packed_r_shape
 from .onnx_symbolic import SYMBOLIC_CONVERTERS
 from .onnx import DTYPES, FLOAT_DTYPES, Initializer, OnnxModel, check_operators, dims_of, onnx_package
 
@@ -150,6 +151,7 @@ def _import(model: OnnxModel, pinned: dict[str, list] | None, nt: bool) -> Impor
     for io_ in inputs:
         g2.input.append(helper.make_tensor_value_info(io_.name, _elem_type(io_.dtype), io_.shape))
     nodes, lifted, extra = _nt_matmuls(list(model.graph.node), lifted) if nt else (list(model.graph.node), lifted, [])
+    nodes, lifted = _packed_recurrences(nodes, lifted)
     for name, arr in extra:
         consts[name] = arr
         g2.initializer.append(_tensor(arr, name, str(arr.dtype)))
@@ -171,6 +173,8 @@ def _import(model: OnnxModel, pinned: dict[str, list] | None, nt: bool) -> Impor
     except Exception as err:  # noqa: BLE001 - the importer raises many types; one line naming the node
         node = next(((k, n) for k, n in enumerate(nodes) if any(o and o not in importer._nodes for o in n.output)), None)  # noqa: SLF001
         where = f"node {node[1].name or '#' + str(node[0])} ({node[1].op_type})" if node else "the graph"
+        if isinstance(err, UnsupportedModelError):  # a kiln converter's refusal: its own words
+            raise UnsupportedModelError(f"{model.path}: {where}, opset {model.opset}: {err}") from None
         msg = str(err).strip().splitlines()
         raise UnsupportedModelError(f"{model.path}: TVM's ONNX importer failed on {where}, opset {model.opset}: "
                                     f"{type(err).__name__}: {(msg[-1] if msg else '')[:200]}") from None
@@ -179,9 +183,9 @@ def _import(model: OnnxModel, pinned: dict[str, list] | None, nt: bool) -> Impor
 
 
 def _converters() -> dict:
-    """kiln's converters: frontends/onnx_ops.py's table and arithmetic on symbolic
-    dimensions (frontends/onnx_symbolic.py: Div, Resize)."""
-    return {**CONVERTERS, **SYMBOLIC_CONVERTERS}
+    """kiln's converters: frontends/onnx_ops.py's table, RNN / GRU / LSTM (frontends/onnx_rnn.py)
+    and arithmetic on symbolic dimensions (frontends/onnx_symbolic.py: Div, Resize)."""
+    return {**CONVERTERS, **RNN_CONVERTERS, **SYMBOLIC_CONVERTERS}
 
 
 def _importer_class(t):
@@ -189,6 +193,9 @@ def _importer_class(t):
     converters = _converters()
 
     class Importer(t.Importer):
+        def _check_for_unsupported_ops(self, graph):
+            pass  # check_operators ran before import, knowing kiln's converters (TVM's check does not: GRU)
+
         def _convert_operator(self, op_name, inputs, attrs, opset):
             convert = converters.get(op_name)
             out = convert(t, self.bb, inputs, attrs) if convert is not None else None
@@ -276,6 +283,42 @@ def _nt_matmuls(nodes: list, lifted: list[Initializer]) -> tuple[list, list[Init
                 helper.make_node("Concat", [f"{p}_lead", f"kiln_cols_{n}"], [f"{p}_yshape"], axis=0, name=f"{p}_yshape"),
                 helper.make_node("Reshape", [f"{p}_y2", f"{p}_yshape"], [y], name=f"{p}_unflatten")]
     return out, new_lifted, list(dict(extra).items())
+
+
+def _packed_recurrences(nodes: list, lifted: list[Initializer]) -> tuple[list, list[Initializer]]:
+    """R of RNN / GRU / LSTM nodes (input 2), a float32 param used by nodes of one op type
+    only, is stored in the layout the recurrence kernel reads (onnx_rnn.pack_r: [D, blocks,
+    H, V], param `R.packed`), once, as data; the nodes get the attribute kiln_packed_r=1.
+    Packed per call instead, a 512-wide LSTM's R cost ~2 ms a run."""
+    from onnx import helper  # noqa: PLC0415
+
+    by_name = {i.name: i for i in lifted}
+    users: dict[str, set] = {}
+    for node in nodes:
+        for k, i in enumerate(node.input):
+            if i in by_name:
+                users.setdefault(i, set()).add((node.op_type, k))
+    packed = {n: next(iter(us))[0] for n, us in users.items()
+              if len(us) == 1 and next(iter(us))[0] in RNN_CONVERTERS and next(iter(us))[1] == 2
+              and by_name[n].dtype == "float32" and len(by_name[n].shape) == 3}
+    if not packed:
+        return nodes, lifted
+    new_lifted = []
+    for init in lifted:
+        if init.name in packed:
+            op = packed[init.name]
+            init = Initializer(f"{init.name}.packed", init.dtype, packed_r_shape(op, init.shape), lambda load=init.load, op=op: pack_r(op, load()))
+        new_lifted.append(init)
+    out = []
+    for node in nodes:
+        if len(node.input) > 2 and node.input[2] in packed:
+            node2 = type(node)()
+            node2.CopyFrom(node)
+            node2.input[2] = f"{node.input[2]}.packed"
+            node2.attribute.append(helper.make_attribute(PACKED_ATTR, 1))
+            node = node2
+        out.append(node)
+    return out, new_lifted
 
 
 # ---------------------------------------------------------------- constant folding

@@ -206,3 +206,78 @@ def export_whisper_encoder(path: Path, seed: int = 0, dynamic_frames: bool = Fal
                       input_names=["input_features"], output_names=["last_hidden_state"],
                       dynamic_axes={"input_features": axes}, opset_version=17)
     return path
+
+
+def export_torch_rnn(path: Path, kind: str, input_size: int = 5, hidden: int = 7, num_layers: int = 1,
+                     bidirectional: bool = False, seed: int = 0) -> Path:
+    """A tiny random torch.nn.GRU / LSTM / RNN (kind "gru", "lstm", "rnn"; batch_first False,
+    so ONNX layout 0) with its initial state as inputs: x [seq, batch, input_size],
+    h0 (and c0) [layers x directions, batch, hidden]; outputs y [seq, batch, dirs x hidden],
+    hn (and cn). seq and batch dynamic."""
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    cell = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM, "rnn": torch.nn.RNN}[kind](input_size, hidden, num_layers=num_layers,
+                                                                                     bidirectional=bidirectional)
+
+    class Net(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, h0, c0=None):
+            if c0 is None:
+                return self.m(x, h0)
+            y, (hn, cn) = self.m(x, (h0, c0))
+            return y, hn, cn
+
+    states = ["h0", "c0"] if kind == "lstm" else ["h0"]
+    n = num_layers * (2 if bidirectional else 1)
+    args = (torch.randn(4, 2, input_size), *(torch.randn(n, 2, hidden) for _ in states))
+    torch.onnx.export(Net(cell.eval()), args, str(path), dynamo=False, input_names=["x", *states],
+                      output_names=["y", "hn"] + (["cn"] if kind == "lstm" else []),
+                      dynamic_axes={"x": {0: "seq", 1: "batch"}, **{s: {1: "batch"} for s in states}}, opset_version=17)
+    return path
+
+
+def rnn_model(path: Path, op: str, *, hidden: int = 6, input_size: int = 5, direction: str = "forward", layout: int = 0,
+              bias: bool = True, initial_h: bool = True, initial_c: bool = True, peepholes: bool = False,
+              sequence_lens: bool = False, seed: int = 0, opset: int = 14, **attrs) -> Path:
+    """One ONNX RNN / GRU / LSTM node built with onnx.helper (what exporters do not emit:
+    GRU with linear_before_reset=0, peepholes, sequence_lens, layout 1, attributes to refuse).
+    Inputs X ([seq, batch, I]; layout 1: [batch, seq, I]), then as asked L [batch] int32
+    (sequence_lens), H0 / C0 ([dirs, batch, hidden]; layout 1: [batch, dirs, hidden]);
+    W, R, B, P random initializers; outputs Y, Y_h (, Y_c). `attrs` go on the node."""
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    gates, dirs = {"RNN": 1, "GRU": 3, "LSTM": 4}[op], 2 if direction == "bidirectional" else 1
+    f32 = lambda *shape: (rng.standard_normal(shape) * 0.5).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(f32(dirs, gates * hidden, input_size), "W"), numpy_helper.from_array(f32(dirs, gates * hidden, hidden), "R")]
+    state = [dirs, "batch", hidden] if layout == 0 else ["batch", dirs, hidden]
+    graph_inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["seq", "batch", input_size] if layout == 0 else ["batch", "seq", input_size])]
+    names = ["X", "W", "R", "B" if bias else "", "L" if sequence_lens else "", "H0" if initial_h else ""]
+    if bias:
+        inits.append(numpy_helper.from_array(f32(dirs, 2 * gates * hidden), "B"))
+    if sequence_lens:
+        graph_inputs.append(helper.make_tensor_value_info("L", TensorProto.INT32, ["batch"]))
+    if initial_h:
+        graph_inputs.append(helper.make_tensor_value_info("H0", TensorProto.FLOAT, state))
+    if op == "LSTM":
+        names += ["C0" if initial_c else "", "P" if peepholes else ""]
+        if initial_c:
+            graph_inputs.append(helper.make_tensor_value_info("C0", TensorProto.FLOAT, state))
+        if peepholes:
+            inits.append(numpy_helper.from_array(f32(dirs, 3 * hidden), "P"))
+    while names[-1] == "":
+        names.pop()
+    outs = ["Y", "Y_h"] + (["Y_c"] if op == "LSTM" else [])
+    node = helper.make_node(op, names, outs, name="recurrence", hidden_size=hidden, direction=direction,
+                            **({"layout": layout} if layout else {}), **attrs)
+    y = ["seq", dirs, "batch", hidden] if layout == 0 else ["batch", "seq", dirs, hidden]
+    g = helper.make_graph([node], op.lower(), graph_inputs,
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y)] + [helper.make_tensor_value_info(o, TensorProto.FLOAT, state) for o in outs[1:]],
+                          inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    return path
