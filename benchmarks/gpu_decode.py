@@ -12,6 +12,8 @@ travels. Peers, all in this process:
            KV cache, decode step under torch.compile(mode="reduce-overhead",
            fullgraph=True) (CUDA graphs); prefill eager with SDPA (flash) on the prompt.
   hf       transformers' LlamaForCausalLM, eager, DynamicCache, manual greedy loop.
+  gptfast-int4  gptfast with every linear on torch's int4 tinygemm kernel (_weight_int4pack_mm, groups
+           of 128: gpt-fast's int4 weight-only mode), the peer of kiln's --quant q4g128.
 kiln runs as a subprocess (`KILN bench ART --device cuda --random-weights --json`),
 since its runtime is the shipped bundle (TVM runtime only), not this torch process.
 Rounds interleave kiln and peers so drift in clocks hits all alike.
@@ -154,7 +156,33 @@ class GptFastLlama(nn.Module):
         return self.out(x)[:, -1]
 
 
-def time_gptfast(c, dtype, prompt_len, gen_len, ttft_len, compiled) -> dict:
+class Int4Linear(nn.Module):
+    """gpt-fast's int4 weight-only linear: torch's tinygemm kernel (_weight_int4pack_mm), groups of
+    128, random codes and bf16 scales / zeros (a speed peer: values do not matter)."""
+
+    def __init__(self, lin: nn.Linear, group: int = 128, inner_k_tiles: int = 8):
+        super().__init__()
+        n, k = lin.weight.shape
+        codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=lin.weight.device)
+        self.register_buffer("w", torch.ops.aten._convert_weight_to_int4pack(codes, inner_k_tiles))
+        self.register_buffer("sz", (torch.randn(k // group, n, 2, device=lin.weight.device) * 0.01).to(torch.bfloat16))
+        self.group, self.n = group, n
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.w, self.group, self.sz)
+        return y.reshape(*x.shape[:-1], self.n)
+
+
+def _int4(m: nn.Module) -> None:
+    """Every nn.Linear (the LM head too, as gpt-fast's int4 handler does) -> Int4Linear."""
+    for name, child in list(m.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(m, name, Int4Linear(child))
+        else:
+            _int4(child)
+
+
+def time_gptfast(c, dtype, prompt_len, gen_len, ttft_len, compiled, int4: bool = False) -> dict:
     max_seq = max(prompt_len, ttft_len) + gen_len + 8
     torch.set_default_dtype(dtype)  # build in bf16: an 8B model in fp32 first would take 32 GB
     with torch.device("cuda"):
@@ -162,6 +190,8 @@ def time_gptfast(c, dtype, prompt_len, gen_len, ttft_len, compiled) -> dict:
         for p in m.parameters():
             if p.dim() >= 2:
                 nn.init.normal_(p, std=0.02)
+        if int4:
+            _int4(m)
     m.eval()
 
     def step(tok, pos):
@@ -281,6 +311,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--peers", default="gptfast,hf")
     ap.add_argument("--json", help="write all measurements here")
+    ap.add_argument("--peer-shapes", type=int, default=None, help="run the peers beside the first N shapes only (default: all)")
     a = ap.parse_args()
     dtype = torch.bfloat16
     peers = [p for p in a.peers.split(",") if p]
@@ -297,9 +328,16 @@ def main() -> None:
         for r in range(a.rounds):
             ctx = a.context if i == 0 else 0
             runs.setdefault("kiln", []).append(time_kiln(a.kiln, art, a.prompt_len, a.gen_len, a.ttft_len, ctx))
-            if "gptfast" in peers:
+            with_peers = a.peer_shapes is None or i < a.peer_shapes
+            if "gptfast" in peers and with_peers:
                 runs.setdefault("gptfast", []).append(time_gptfast(c, dtype, a.prompt_len, a.gen_len, a.ttft_len, True))
-            if "hf" in peers:
+            if "gptfast-int4" in peers and with_peers:
+                try:
+                    runs.setdefault("gpt int4", []).append(time_gptfast(c, dtype, a.prompt_len, a.gen_len, a.ttft_len, True, int4=True))
+                except Exception as err:  # noqa: BLE001 - torch's int4 ops move between versions: say so, keep kiln's numbers
+                    print(f"  gptfast-int4 failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+                    peers.remove("gptfast-int4")
+            if "hf" in peers and with_peers:
                 runs.setdefault("hf eager", []).append(time_hf(c, dtype, a.prompt_len, a.gen_len, a.ttft_len))
             print(f"  {name} round {r}: " + ", ".join(f"{k} {v[-1]['decode_tok_per_s']:.1f}" for k, v in runs.items()), flush=True)
         for who, rs in runs.items():

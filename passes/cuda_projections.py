@@ -23,6 +23,7 @@ DeadCodeElimination later in the pipeline.
     NT_matmul(a [B, 1, K], W), projection or lm_head     => kiln_gemm_rows(a, W)        (B symbolic: decode_batch)
     add(r, NT_matmul(a [B, 1, K], W))                    => kiln_gemm_rows_residual(a, W, r)
     NT_qmatmul / lm_head (a [1, 1, K], q, s[, z])        => kiln_qgemv(a, q, s[, z])    (quantized, decode)
+    add(r, NT_qmatmul(a [1, 1, K], q, s[, z]))           => kiln_qgemv_residual(a, q, s[, z], r)
     NT_qmatmul (a [1, s, K], q, s[, z]), 16-bit         => kiln_qgemm(a, q, s[, z])    (quantized, prefill, tensor cores)
     NT_qmatmul (a [B, 1, K], q, s), fp8, 16-bit a        => kiln_gemm_rows_f8(a, q, s)  (decode_batch; projection or LM head)
     add(r, NT_matmul(a [1, s, K], W))                    => kiln_gemm_residual(a, W, r)
@@ -241,6 +242,22 @@ class _Rewriter(relax.PyExprMutator):
             return None
         return K, N, group, code, dt
 
+    def _qgemv_residual(self, r, v, add):
+        """add(r, NT_qmatmul(a [1, 1, K], ...)) -> the decode qgemv with r added in its epilogue, or None."""
+        if not (self.use_qgemv and self.an.single_use(v)) or _static_shape(r) != _static_shape(add):
+            return None
+        q = self.an.bound(v)
+        hit = self._qgemv(q) if _is_op(q, "relax.call_tir") else None
+        if hit is None or hit[3] not in self.qgemv_bits:
+            return None
+        K, N, group, bits, dt, odt = hit
+        if odt != dt or _dtype(r) != dt or str(add.ty.dtype) != dt:
+            return None
+        tc = "mma" if self.qgemv_mma and qgemv_mma_config(K, N, group, bits, dt) else ""
+        gv = self._func((f"qgemv{bits}{tc}g{group}_residual", K, N, dt),
+                        lambda: qgemv(K, N, group, bits, dt, odt, mma=bool(tc), residual=True))
+        return relax.call_tir(gv, [*q.args[1].fields, r], add.ty)
+
     def _swiglu_input(self, a):
         return swiglu_input(self.an, a)
 
@@ -267,6 +284,10 @@ class _Rewriter(relax.PyExprMutator):
                     return relax.call_tir(gv, [h, w, r], out)
                 gv = self._func(("gemv_residual", K, N, dt), lambda: gemv_residual(K, N, dt))
                 return relax.call_tir(gv, [a, w, r], out)
+            for r, v in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                fused = self._qgemv_residual(r, v, call)
+                if fused is not None:
+                    return fused
             for r, v in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
                 hit = self._gemm(self.an.bound(v)) if self.use_gemm and self.an.single_use(v) else None
                 if hit is None or not _same_shape(r, v):

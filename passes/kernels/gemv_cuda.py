@@ -118,11 +118,13 @@ def qgemv_mma_config(K: int, N: int, group: int, code: str, dtype: str) -> tuple
     return None
 
 
-def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str, mma: bool = True):
+def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str, mma: bool = True, residual: bool = False):
     """y  # [1, 1, N] out_dtype = x  # [1, 1, K] dtype @ dequant(q, s[, z])^T, decode (batch 1).
     Same arguments as the NT_qmatmul TE kernel it replaces (q4: q, s, z; q8: q, s; fp8: q, s per row;
     q4k: q, s, z, d, m with `group` its super-block). mma: q4 codes under 16-bit activations on the
-    tensor cores (qgemv_mma) where qgemv_mma_config has a shape for them."""
+    tensor cores (qgemv_mma) where qgemv_mma_config has a shape for them. residual: one more argument
+    r  # [1, 1, N] out_dtype, added to y in the kernel's epilogue (o / down projections + the residual
+    stream: the separate add was 64 launches per Llama-3-8B step)."""
     nb = (N + Q_ROWS_PER_WARP - 1) // Q_ROWS_PER_WARP  # the block's warps split K of Q_ROWS_PER_WARP rows
     if code == QGEMV_SUPER:  # q4k: q, s (u8), z (i8) per 32, d, m per super-block (`group`)
         fn = f"kiln::qgemv4k<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {K}, {group}, {Q_NUM_WARPS}, {Q_ROWS_PER_WARP}>"
@@ -139,7 +141,18 @@ def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str, mma
                                              T.address_of(z[0, 0]), T.address_of(d[0, 0]), T.address_of(m[0, 0]),
                                              T.address_of(y[0, 0, 0]), N))
 
-        return kiln_qgemv4k
+        @T.prim_func
+        def kiln_qgemv4k_residual(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K // 8), "uint32"), s: T.Buffer((N, nu), "uint8"),
+                                  z: T.Buffer((N, nu), "int8"), d: T.Buffer((N, nsb), "float16"), m: T.Buffer((N, nsb), "float16"),
+                                  r: T.Buffer((1, 1, N), out_dtype), y: T.Buffer((1, 1, N), out_dtype)):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(Q_NUM_WARPS * 32, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                             T.address_of(z[0, 0]), T.address_of(d[0, 0]), T.address_of(m[0, 0]),
+                                             T.address_of(y[0, 0, 0]), N, T.address_of(r[0, 0, 0])))
+
+        return kiln_qgemv4k_residual if residual else kiln_qgemv4k
     fn = f"kiln::qgemv<{C_TYPES[dtype]}, {C_TYPES[out_dtype]}, {QGEMV_CODES[code]}, {K}, {group}, {Q_NUM_WARPS}, {Q_ROWS_PER_WARP}>"
     ng = K // group
     # q8 / fp8 differ in the codes' and scales' dtypes only
@@ -162,7 +175,16 @@ def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str, mma
                     T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
                                              T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), N))
 
-        return kiln_qgemv4
+        @T.prim_func
+        def kiln_qgemv4_residual(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K // 8), "uint32"), s: T.Buffer((N, ng), "float16"),
+                                 z: T.Buffer((N, ng), "float16"), r: T.Buffer((1, 1, N), out_dtype), y: T.Buffer((1, 1, N), out_dtype)):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            for bx in T.thread_binding(nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                             T.address_of(z[0, 0]), T.address_of(y[0, 0, 0]), N, T.address_of(r[0, 0, 0])))
+
+        return kiln_qgemv4_residual if residual else kiln_qgemv4
 
     @T.prim_func
     def kiln_qgemv8(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K), q_dtype), s: T.Buffer((N, ng), s_dtype),
@@ -173,7 +195,16 @@ def qgemv(K: int, N: int, group: int, code: str, dtype: str, out_dtype: str, mma
                 T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
                                          T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), N))  # z: unused
 
-    return kiln_qgemv8
+    @T.prim_func
+    def kiln_qgemv8_residual(x: T.Buffer((1, 1, K), dtype), q: T.Buffer((N, K), q_dtype), s: T.Buffer((N, ng), s_dtype),
+                             r: T.Buffer((1, 1, N), out_dtype), y: T.Buffer((1, 1, N), out_dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for bx in T.thread_binding(nb, thread="blockIdx.x"):
+            for tx in T.thread_binding(Q_NUM_WARPS * 32, thread="threadIdx.x"):
+                T.evaluate(T.call_extern("void", fn, T.address_of(x[0, 0, 0]), T.address_of(q[0, 0]), T.address_of(s[0, 0]),
+                                         T.address_of(s[0, 0]), T.address_of(y[0, 0, 0]), N, T.address_of(r[0, 0, 0])))
+
+    return kiln_qgemv8_residual if residual else kiln_qgemv8
 
 
 def q4k_expand(K: int, N: int, sb: int):

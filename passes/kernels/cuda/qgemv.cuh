@@ -68,7 +68,8 @@ __device__ __forceinline__ float qunit_dot(const uint4& w, const float* xf) {
 
 template <typename T, typename OutT, int BITS, int K, int G, int NW, int ROWS>
 __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __restrict__ qv, const void* __restrict__ sv,
-                                      const void* __restrict__ zv, OutT* __restrict__ y, int N) {
+                                      const void* __restrict__ zv, OutT* __restrict__ y, int N,
+                                      const OutT* __restrict__ r = nullptr) {  // r: a residual added to y (o / down projections)
   const __half* __restrict__ z = static_cast<const __half*>(zv);  // q4 only
   constexpr int UW = BITS == 4 ? 32 : 16;  // weights per 16-byte unit of codes
   const __half* __restrict__ s = static_cast<const __half*>(sv);
@@ -115,7 +116,7 @@ __device__ __forceinline__ void qgemv(const T* __restrict__ x, const void* __res
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < NW; ++w) v += part[w][threadIdx.x];
-    y[row0 + threadIdx.x] = from_float<OutT>(v);
+    y[row0 + threadIdx.x] = from_float<OutT>(r ? v + to_float(r[row0 + threadIdx.x]) : v);
   }
 }
 
@@ -144,7 +145,8 @@ template <typename T> __host__ __device__ constexpr float q4_pair_bias() { retur
 // Launch: grid ceil(N / (16 RT)), block NW * 32; K / 128 a multiple of NW U.
 template <typename T, typename OutT, int K, int G, int NW, int RT, int U>
 __device__ __forceinline__ void qgemv_mma(const T* __restrict__ x, const void* __restrict__ qv, const void* __restrict__ sv,
-                                          const void* __restrict__ zv, OutT* __restrict__ y, int N) {
+                                          const void* __restrict__ zv, OutT* __restrict__ y, int N,
+                                          const OutT* __restrict__ r = nullptr) {  // r: a residual added to y
   constexpr int STEPS = K / 128, W = G / 32, GPS = 128 / G, NG = K / G, WPR = K / 8;  // W: words per lane and group
   constexpr int SV = U * GPS;  // scales per row and round: 2 SV bytes, in vectors of up to 16 bytes
   static_assert(sizeof(T) == 2 && K % 128 == 0 && (G == 32 || G == 64 || G == 128), "16-bit x, 128-weight steps");
@@ -265,7 +267,7 @@ __device__ __forceinline__ void qgemv_mma(const T* __restrict__ x, const void* _
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < NW; ++w) v += part[w][threadIdx.x];
-    if (row < N) y[row] = from_float<OutT>(v);
+    if (row < N) y[row] = from_float<OutT>(r ? v + to_float(r[row]) : v);
   }
 }
 
@@ -276,7 +278,8 @@ __device__ __forceinline__ void qgemv_mma(const T* __restrict__ x, const void* _
 template <typename T, typename OutT, int K, int SB, int NW, int ROWS>
 __device__ __forceinline__ void qgemv4k(const T* __restrict__ x, const void* __restrict__ qv, const uint8_t* __restrict__ sc,
                                         const int8_t* __restrict__ mz, const __half* __restrict__ d,
-                                        const __half* __restrict__ m, OutT* __restrict__ y, int N) {
+                                        const __half* __restrict__ m, OutT* __restrict__ y, int N,
+                                        const OutT* __restrict__ r = nullptr) {  // r: a residual added to y
   static_assert(K % SB == 0 && SB % 32 == 0, "whole super-blocks of whole 32-weight units");
   constexpr int UNITS = K / 32, NSB = K / SB, PER = SB / 32;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -318,7 +321,7 @@ __device__ __forceinline__ void qgemv4k(const T* __restrict__ x, const void* __r
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < NW; ++w) v += part[w][threadIdx.x];
-    y[row0 + threadIdx.x] = from_float<OutT>(v);
+    y[row0 + threadIdx.x] = from_float<OutT>(r ? v + to_float(r[row0 + threadIdx.x]) : v);
   }
 }
 
