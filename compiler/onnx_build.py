@@ -127,6 +127,10 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
     progress(f"import (opset {model.opset}, {len(model.graph.node)} nodes)")
     graph = import_onnx(model, pinned)
     mod = HoistShapeBindings()(WrapGatherIndices()(graph.mod))
+    cpu_only = sorted(str(gv.name_hint) for gv, f in mod.functions.items() if f.attrs is not None and "kiln.cpu_only" in f.attrs)
+    if cpu_only and any(tg.kind != "llvm" for tg in targets):  # CPU loop nests (frontends/onnx_rnn.py): no GPU kernel for them
+        raise CompileError(f"{opts.model}: {', '.join(cpu_only)} (kiln's RNN / GRU / LSTM kernels) run on CPU targets only; "
+                           f"compile with --target llvm")
     float_mod, graph_params = mod, graph.params
     params = [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "quant": "none"} for p in graph.params]
     fmt = WEIGHT_FORMATS[opts.quant] if opts.quant else None

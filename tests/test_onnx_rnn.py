@@ -151,3 +151,19 @@ def test_unsupported_attributes_are_refused(tmp_path, op, attrs, msg):
         compile_onnx(path, tmp_path / "bad.kiln")
     assert msg in str(e.value) and f"node recurrence ({op})" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "bad.kiln").exists()
+
+
+def test_cuda_targets_are_refused(torch_gru, tmp_path):
+    """The recurrence kernel is a CPU loop nest: a cuda build would hold it as host code and no
+    GPU kernel, so it is refused in one line before any code is generated (a fresh process: the
+    CLI loads TVM's CUDA plugin before TVM)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    path, _ = torch_gru
+    res = subprocess.run([sys.executable, "-m", "kiln.cli", "compile", str(path), "-o", str(tmp_path / "gru-cuda.kiln"), "--target", "cuda:sm_90",
+                          "--quiet"], capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    err = res.stderr
+    assert "run on CPU targets only; compile with --target llvm" in err and "kiln_gru" in err, err
+    assert not (tmp_path / "gru-cuda.kiln").exists()
