@@ -31,6 +31,7 @@ from ..passes.cpu_graph_rules import graph_rules
 from ..passes.hoist_shape_bindings import HoistShapeBindings
 from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..passes.kernels.qdot_cpu import qdot_supported
+from ..passes.narrow_float_params import NarrowFloatParams
 from ..passes.quant import WEIGHT_FORMATS
 from ..passes.quantize_graph_weights import QuantizeGraphWeights
 from ..passes.wrap_gather_indices import WrapGatherIndices
@@ -69,6 +70,7 @@ class GraphOptions:
     quality_inputs: Path | None = None  # with quant: inputs to measure on (.npz, names as in the graph); else random ones
     quality_check: bool = True  # with quant: measure the error (one more CPU build and two runs)
     no_weights: bool = False  # code and param spec only (speed runs with random weights where the weights do not travel)
+    dtype: str | None = None  # float16: compute in fp16 (fp32 accumulation), float weights stored fp16; CUDA targets. None/float32: as the graph
 
     def __post_init__(self):
         if self.quant == "none":
@@ -88,6 +90,10 @@ class GraphOptions:
             raise CompileError("--max-error and --quality-inputs go with --quant")
         if self.max_error is not None and not (self.max_error > 0 and self.quality_check):
             raise CompileError(f"--max-error {self.max_error}: must be > 0, and the quality check on")
+        if self.dtype not in (None, "float32", "float16"):
+            raise CompileError(f"--dtype {self.dtype} for .onnx graphs: float32 (as the graph) or float16 (CUDA targets)")
+        if self.dtype == "float16" and not all(p.strip().startswith(("cuda", "sm_")) for p in self.target.split(",")):
+            raise CompileError(f"--dtype float16 for .onnx graphs: CUDA targets only (CPU graphs compute in float32), not {self.target}")
         if self.no_weights and self.quant is not None:
             raise CompileError("--no-weights and --quant: quantized graphs carry their weights (the quality gate measures them)")
         if self.quant is not None and "cuda" in self.target:
@@ -116,6 +122,20 @@ def compile_onnx(model: str | Path, output: str | Path, *, progress: Progress = 
     return build_graph(GraphOptions(Path(model), Path(output), **options), progress)
 
 
+def _fast_math(mod):
+    """Relax's FastMathTransform, or the module as it is where that pass fails (TVM 0.27's reads
+    `.name` of every function: an ExternFunc has none -- the backend suite's Expand cases)."""
+    try:
+        return compiler().relax.transform.FastMathTransform()(mod)
+    except AttributeError:
+        return mod
+
+
+def _as_float16(p):
+    """An Initializer read as float16 (the weights file stores what main takes)."""
+    return replace(p, dtype="float16", load=lambda load=p.load: np.asarray(load(), dtype=np.float16))
+
+
 @interruptible
 def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
     t0 = time.perf_counter()
@@ -131,6 +151,10 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
     if cpu_only and any(tg.kind != "llvm" for tg in targets):  # CPU loop nests (frontends/onnx_rnn.py): no GPU kernel for them
         raise CompileError(f"{opts.model}: {', '.join(cpu_only)} (kiln's RNN / GRU / LSTM kernels) run on CPU targets only; "
                            f"compile with --target llvm")
+    if opts.dtype == "float16":  # fp16 activations and weights, fp32 accumulation in matmuls / convolutions; inputs and outputs keep their dtype
+        mod = compiler().relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+        mod, narrowed = NarrowFloatParams("float16")(mod, len(graph.inputs))
+        graph = replace(graph, params=[_as_float16(p) if i in narrowed else p for i, p in enumerate(graph.params)])
     float_mod, graph_params = mod, graph.params
     params = [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "quant": "none"} for p in graph.params]
     fmt = WEIGHT_FORMATS[opts.quant] if opts.quant else None
@@ -158,7 +182,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
             try:
                 # CPU: convolutions on the GEMM; exp / erf / tanh / softmax as TOPI's vectorisable
                 # approximations (libm's are scalar calls: BERT-base's GELU alone was 19 ms of 230)
-                cpu = lambda m: compiler().relax.transform.FastMathTransform()(m if fmt else ConvAsGemm()(m))  # noqa: E731
+                cpu = lambda m: _fast_math(m if fmt else ConvAsGemm()(m))  # noqa: E731
                 lowered = run_pipeline(cpu(mod) if tg.kind == "llvm" else mod, popts)
                 float_lowered = run_pipeline(cpu(float_mod), replace(popts, dump_ir=None, on_phase=None)) if fmt and opts.quality_check and quality is None else None
             except Exception as err:  # noqa: BLE001 - TVM raises many types; one line

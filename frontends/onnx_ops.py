@@ -215,6 +215,12 @@ def convert_expand(t, bb, inputs, attrs):
     """Expand to a constant shape of lower rank than the input (ONNX broadcasts both ways;
     TVM's broadcast_to wants at least the input's rank)."""
     x, shape = inputs[0], _const(t, inputs[1])
+    if shape is None and not isinstance(inputs[1], t.relax.ShapeExpr):
+        # a shape only known at run time: TVM's converter takes its values as the target shape, so a 1
+        # in it shrinks a dimension the input has (ONNX broadcasts both ways): [3, 1] to [3, 1, 3] gave
+        # [3, 1, 3], not [3, 3, 3]
+        raise UnsupportedModelError("Expand to a shape computed at run time (a tensor, not a constant or the input's "
+                                    "dimensions) is not supported")
     xs = _static_shape(x) if shape is not None else None
     if xs is None or shape.size >= len(xs):
         return None

@@ -93,5 +93,24 @@ class ConvAsGemm:
 
     def __call__(self, mod):
         t = compiler()
+        if not _has_conv2d(t, mod):
+            return mod  # ConvertLayout failed on some graphs without any convolution (ops of unknown output shape)
         mod = t.relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
         return rewrite_functions(_mutator_class()(mod), mod)  # a new module (with the im2col PrimFuncs)
+
+
+def _has_conv2d(t, mod) -> bool:
+    conv2d = t.tvm.ir.Op.get("relax.nn.conv2d")
+    found = []
+
+    @t.relax.expr_functor.visitor
+    class _Find(t.relax.PyExprVisitor):
+        def visit_call_(self, call):
+            if call.op.same_as(conv2d):
+                found.append(call)
+            super().visit_call_(call)
+
+    for f in mod.functions.values():
+        if isinstance(f, t.relax.Function) and not found:
+            _Find().visit_expr(f)
+    return bool(found)
