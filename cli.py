@@ -267,7 +267,7 @@ def _compile_onnx(a) -> int:
         prepare_cuda_compile()  # before anything imports TVM (compiler.onnx_build does)
     from .compiler.onnx_build import GraphOptions  # noqa: PLC0415
 
-    llm_only = {"--dtype": a.dtype, "--max-seq-len": a.max_seq_len, "--keep": a.keep, "--calib-text": a.calib_text,
+    llm_only = {"--max-seq-len": a.max_seq_len, "--keep": a.keep, "--calib-text": a.calib_text,
                 "--max-kld": a.max_kld, "--kv-dtype": a.kv_dtype, "--page-size": a.page_size != 16,
                 "--calibrate": a.calibrate}
     given = [k for k, v in llm_only.items() if v]
@@ -275,7 +275,7 @@ def _compile_onnx(a) -> int:
         raise KilnError(f"{', '.join(given)}: not available for .onnx graphs yet")
     opts = GraphOptions(a.model, a.output or Path(a.model).stem + ".kiln", target=a.target, input_shapes=a.input_shape, dump_ir=a.dump_ir,
                         quant=a.quant, max_error=a.max_error, quality_inputs=a.quality_inputs, quality_check=not a.no_quality_check,
-                        no_weights=a.no_weights).check()
+                        no_weights=a.no_weights, dtype=a.dtype).check()
     check_output(opts.output)
     from .tvm_compat import compiler  # noqa: PLC0415
 

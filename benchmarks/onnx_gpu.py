@@ -49,16 +49,17 @@ def prepare(d: Path, arch: str) -> None:
         except SystemExit as err:  # rapidocr's wheel not in the cache
             print(f"skip {name}: {err}")
             continue
-        art = d / f"{name}-cuda.kiln"
-        if not art.exists():
+        for suffix, dtype in (("cuda", []), ("cuda16", ["--dtype", "float16"])):
+            art = d / f"{name}-{suffix}.kiln"
+            if art.exists():
+                continue
             pins = BIG.get(name) or []
             extra = ["--no-weights"] if name in BIG else []
             r = subprocess.run([sys.executable, "-m", "kiln.cli", "compile", str(path), "-o", str(art), "--target", f"cuda:{arch}", "--quiet",
-                                *sum((["--input-shape", p] for p in pins), []), *extra], capture_output=True, text=True)
+                                *sum((["--input-shape", p] for p in pins), []), *extra, *dtype], capture_output=True, text=True)
             if r.returncode:
-                failed[name] = (r.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"compile failed: {name}: {failed[name]}")
-                continue
+                failed[f"{name}-{suffix}"] = (r.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"compile failed: {name}-{suffix}: {failed[f'{name}-{suffix}']}")
         if name in SMALL:
             want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
             np.savez(d / f"{name}-io.npz", **{f"in:{k}": v for k, v in feeds.items()}, **{f"out:{i}": w for i, w in enumerate(want)})
@@ -81,7 +82,7 @@ def timed(fn, seconds: float) -> tuple[float, int]:
     return statistics.median(times), len(times)
 
 
-def torch_peer(name: str, d: Path):
+def torch_peer(name: str, d: Path, half: bool = False):
     """(callable on numpy feeds, description) of the same model in torch eager on the GPU, or None."""
     import torch  # noqa: PLC0415
 
@@ -94,6 +95,8 @@ def torch_peer(name: str, d: Path):
 
         net = resnet50_module().cuda().eval()
         feed = "image"
+        if half:
+            net = net.half()
     else:
         try:
             from transformers import BertConfig, BertModel  # noqa: PLC0415
@@ -101,17 +104,20 @@ def torch_peer(name: str, d: Path):
             return None, "transformers not installed here"
         net = BertModel(BertConfig()).cuda().eval()
         feed = None
+        if half:
+            net = net.half()
 
     @torch.inference_mode()
     def run(feeds):
         if feed:
-            out = net(torch.from_numpy(feeds[feed]).cuda())
+            x = torch.from_numpy(feeds[feed]).cuda()
+            out = net(x.half() if half else x)
         else:
             out = net(input_ids=torch.from_numpy(feeds["input_ids"]).cuda(),
                       attention_mask=torch.from_numpy(feeds["attention_mask"]).cuda()).last_hidden_state
-        return out.cpu().numpy()
+        return out.float().cpu().numpy()
 
-    return run, f"torch {torch.__version__} eager fp32 (TF32 off, cudnn.benchmark)"
+    return run, f"torch {torch.__version__} eager {'fp16 (.half())' if half else 'fp32 (TF32 off)'}, cudnn.benchmark"
 
 
 def run(d: Path, seconds: float, json_out: Path | None) -> None:
@@ -127,21 +133,24 @@ def run(d: Path, seconds: float, json_out: Path | None) -> None:
         z = np.load(io)
         feeds = {k[3:]: z[k] for k in z.files if k.startswith("in:")}
         want = [z[f"out:{i}"] for i in range(sum(k.startswith("out:") for k in z.files))]
-        m = load(d / f"{name}-cuda.kiln", device="cuda")
-        got = list(m.run(feeds).values())
-        err = max(float(np.abs(g.astype(np.float64) - w).max() / max(np.abs(w).max(), 1e-30)) for g, w in zip(got, want))
-        rows.append({"model": name, "check": "vs onnxruntime CPU", "max_rel_err": err})
-        print(json.dumps(rows[-1]), flush=True)
-    for name in BIG:
-        art = d / f"{name}-cuda.kiln"
+        for suffix in ("cuda", "cuda16"):
+            if not (d / f"{name}-{suffix}.kiln").exists():
+                continue
+            m = load(d / f"{name}-{suffix}.kiln", device="cuda")
+            got = list(m.run(feeds).values())
+            err = max(float(np.abs(g.astype(np.float64) - w).max() / max(np.abs(w).max(), 1e-30)) for g, w in zip(got, want))
+            rows.append({"model": f"{name}-{suffix}", "check": "vs onnxruntime CPU (fp32)", "max_rel_err": err})
+            print(json.dumps(rows[-1]), flush=True)
+    for name, suffix in [(n, s) for n in BIG for s in ("cuda", "cuda16")]:
+        art = d / f"{name}-{suffix}.kiln"
         if not art.exists():
             continue
         m = load(art, device="cuda", random_weights=True)
         feeds, _ = random_inputs(m.inputs)
         k_s, k_n = timed(lambda: m.run(feeds), seconds)
-        row = {"model": name, "kiln_ms": round(k_s * 1e3, 3), "kiln_runs": k_n}
+        row = {"model": f"{name}-{suffix}", "kiln_ms": round(k_s * 1e3, 3), "kiln_runs": k_n}
         try:
-            peer, desc = torch_peer(name, d)
+            peer, desc = torch_peer(name, d, half=suffix == "cuda16")
         except Exception as err:  # noqa: BLE001 - the peer is optional: say why it did not run
             peer, desc = None, f"{type(err).__name__}: {err}"
         if peer is not None:

@@ -30,6 +30,7 @@ from ..passes.conv_as_gemm import ConvAsGemm
 from ..passes.cpu_graph_rules import graph_rules
 from ..passes.hoist_shape_bindings import HoistShapeBindings
 from ..passes.pipeline import PipelineOptions, run_pipeline
+from ..passes.schedule_tir import MatmulWithoutTensorCores
 from ..passes.kernels.qdot_cpu import qdot_supported
 from ..passes.narrow_float_params import NarrowFloatParams
 from ..passes.quant import WEIGHT_FORMATS
@@ -152,7 +153,12 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
         raise CompileError(f"{opts.model}: {', '.join(cpu_only)} (kiln's RNN / GRU / LSTM kernels) run on CPU targets only; "
                            f"compile with --target llvm")
     if opts.dtype == "float16":  # fp16 activations and weights, fp32 accumulation in matmuls / convolutions; inputs and outputs keep their dtype
-        mod = compiler().relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+        try:
+            mod = compiler().relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+        except Exception as err:  # noqa: BLE001 - TVM raises many types; one line
+            msg = str(err).strip().splitlines()
+            raise CompileError(f"{opts.model}: --dtype float16: Relax's ToMixedPrecision failed on this graph: "
+                               f"{type(err).__name__}: {(msg[-1] if msg else '')[:200]}") from None
         mod, narrowed = NarrowFloatParams("float16")(mod, len(graph.inputs))
         graph = replace(graph, params=[_as_float16(p) if i in narrowed else p for i, p in enumerate(graph.params)])
     float_mod, graph_params = mod, graph.params
@@ -177,7 +183,8 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
         for tg in targets:
             progress(f"passes ({tg.kind})")
             popts = PipelineOptions(target=tg.tvm_target(), dump_ir=Path(opts.dump_ir) / tg.device if opts.dump_ir else None,
-                                    extra_rules=tuple(graph_rules()) if tg.kind == "llvm" else (),  # convolutions, pooling: else TVM's serial loops
+                                    extra_rules=(tuple(graph_rules()) if tg.kind == "llvm"  # convolutions, pooling: else TVM's serial loops
+                                                 else (MatmulWithoutTensorCores(),) if opts.dtype == "float16" else ()),
                                     on_phase=lambda n: progress(f"  pass {n}"))
             try:
                 # CPU: convolutions on the GEMM; exp / erf / tanh / softmax as TOPI's vectorisable

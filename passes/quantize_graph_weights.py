@@ -41,6 +41,7 @@ from ..errors import CompileError
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR, qmatmul_compute
 from ..frontends.onnx import Initializer
 from ..tvm_compat import compiler
+from .relax_mutation import count_uses
 
 _CHAIN_OPS = ("relax.permute_dims", "relax.reshape")
 
@@ -116,9 +117,7 @@ class QuantizeGraphWeights:
             for b in block.bindings:
                 if isinstance(b, relax.VarBinding):
                     bound[b.var] = b.value
-        counter = _use_counter(t)()
-        counter.visit_expr(func)
-        uses = counter.uses
+        uses = count_uses(func)
         matmul = t.tvm.ir.Op.get("relax.matmul")
         found: dict = {}  # param var -> [(chain, K, N, chain vars)]
         bad: set = set()
@@ -225,24 +224,6 @@ def _apply_shape(shape: tuple[int, ...], steps) -> tuple[int, ...]:
                 raise ValueError("permute")
             shape = tuple(shape[a] for a in axes)
     return shape
-
-
-def _use_counter(t):
-    relax = t.relax
-
-    @relax.expr_functor.visitor
-    class _Uses(relax.PyExprVisitor):
-        def __init__(self):
-            super().__init__()
-            self.uses: dict = {}
-
-        def visit_var_(self, var):
-            self.uses[var] = self.uses.get(var, 0) + 1
-
-        def visit_dataflow_var_(self, var):
-            self.uses[var] = self.uses.get(var, 0) + 1
-
-    return _Uses
 
 
 def _rewriter(t):

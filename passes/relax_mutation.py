@@ -1,6 +1,6 @@
-"""One helper for the passes that rewrite Relax functions with a PyExprMutator (kiln's
-projection, expert, convolution, gather and calibration rewrites): the loop over the module's
-functions lives here once."""
+"""Helpers for the passes that rewrite Relax functions with a PyExprMutator (kiln's projection,
+expert, convolution, gather and calibration rewrites, the graph weight passes): the loop over a
+module's functions and a count of each var's uses live here once."""
 
 from __future__ import annotations
 
@@ -19,3 +19,24 @@ def rewrite_functions(mutator, mod, before: Callable | None = None):
         if isinstance(func, relax.Function) and (before is None or before(func) is not False):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
+
+
+def count_uses(func) -> dict:
+    """{var: how many times an expression of `func` reads it} (definitions not counted)."""
+    relax = compiler().relax
+
+    @relax.expr_functor.visitor
+    class _Uses(relax.PyExprVisitor):
+        def __init__(self):
+            super().__init__()
+            self.uses: dict = {}
+
+        def visit_var_(self, var):
+            self.uses[var] = self.uses.get(var, 0) + 1
+
+        def visit_dataflow_var_(self, var):
+            self.uses[var] = self.uses.get(var, 0) + 1
+
+    counter = _Uses()
+    counter.visit_expr(func)
+    return counter.uses

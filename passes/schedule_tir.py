@@ -22,6 +22,32 @@ def _rules_for(target, extra=()) -> list:
     return [*extra, *map(_Guarded, (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction())), dl.gpu.Fallback()]
 
 
+class MatmulWithoutTensorCores:
+    """dlight's GPU Matmul for fp16 graphs (ONNX --dtype float16): its tensor-core path (taken for
+    fp16 operands on sm_70+) segfaulted inside TVM 0.27's Tensorize on ResNet-50's and BERT-base's
+    matmuls -- a segfault is not an exception a rule list can step past --, and its SIMT schedule's
+    2-element vector loads read misaligned fp16 addresses in BERT-base's attention (compute-sanitizer:
+    a 4-byte read at an odd half). So: shown an sm_60 target (no tensor cores) and scalar loads."""
+
+    def apply(self, func, target, tunable):
+        t = compiler()
+        attrs = {k: target.attrs[k] for k in ("max_shared_memory_per_block", "max_threads_per_block", "thread_warp_size") if k in target.attrs}
+        simt = t.Target({"kind": "cuda", "arch": "sm_60", **attrs})
+        return _Guarded(_scalar_loads_matmul(t)).apply(func, simt, tunable)
+
+
+def _scalar_loads_matmul(t):
+    matmul = t.dlight.gpu.Matmul
+
+    class _ScalarLoads(matmul):
+        def get_configs(self, target):
+            cfg = super().get_configs(target)
+            cfg.vector_size = 1
+            return cfg
+
+    return _ScalarLoads()
+
+
 class _Guarded:
     """A dlight GPU rule whose failure inside apply() means "does not fit": the next rule is
     tried. dlight's Reduction asserted on the MobileNetV3 of rapidocr ("consumers of the

@@ -238,3 +238,30 @@ def test_no_weights_graph_runs_on_random_weights(cnn, tmp_path, capsys):
     assert out.shape == (2, 10) and np.allclose(out.sum(1), 1, atol=1e-5)  # a softmax over random weights
     assert main(["bench", str(art), "--random-weights", "--dim", "h=16", "--dim", "w=16", "--seconds", "0.1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["inputs"] == {"image": [1, 3, 16, 16]}
+
+
+def test_float16_for_cuda_targets(bert, tmp_path):
+    """--dtype float16 (CUDA): fp16 compute with fp32 accumulation (Relax's ToMixedPrecision), the
+    matmul weights stored fp16 (NarrowFloatParams: the per-call casts gone), inputs / outputs as in
+    the graph; the embedding tables, read by Gather, stay fp32. CPU targets and bfloat16 are refused."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    onnx_path, _ = bert
+    art = tmp_path / "bert16.kiln"
+    res = subprocess.run([sys.executable, "-m", "kiln.cli", "compile", str(onnx_path), "-o", str(art), "--target", "cuda:sm_90",
+                          "--dtype", "float16", "--quiet"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((art / "manifest.json").read_text())
+    by = {p["name"]: p["dtype"] for p in m["params"]}
+    assert by["m.embeddings.word_embeddings.weight"] == "float32" and by["m.pooler.dense.weight"] == "float16"
+    assert sum(d == "float16" for d in by.values()) == 13  # 6 projections x 2 layers + the pooler
+    assert [i["dtype"] for i in m["graph"]["inputs"]] == ["int64", "int64"] and m["graph"]["outputs"][0]["dtype"] == "float32"
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    w = load_file(str(art / "weights.safetensors"))
+    assert w["m.pooler.dense.weight"].dtype == np.float16
+    with pytest.raises(CompileError, match="CUDA targets only"):
+        compile_onnx(onnx_path, tmp_path / "cpu16.kiln", dtype="float16")
+    with pytest.raises(CompileError, match="float32 .as the graph. or float16"):
+        compile_onnx(onnx_path, tmp_path / "bf16.kiln", dtype="bfloat16", target="cuda:sm_90")
