@@ -471,12 +471,16 @@ def cmd_bench(a) -> int:
         raise KilnError("--prompt-len and --gen-len must be in [1, 1048576], --context in [0, 1048576]")
     s = load(a.artifact, device=a.device, threads=a.threads, random_weights=a.random_weights,
              max_seq_len=max(a.prompt_len, a.context) + a.gen_len + 2, cpu_target=a.cpu_target)
-    out = speed_run(s, a.prompt_len, a.gen_len, a.context)
-    if a.json:
+    return _print_table(speed_run(s, a.prompt_len, a.gen_len, a.context), a.json, 26)
+
+
+def _print_table(out: dict, as_json: bool, width: int) -> int:
+    """A speed run's result: one JSON line, or `key value` lines."""
+    if as_json:
         print(json.dumps(out))
     else:
         for k, v in out.items():
-            print(f"{k:26s} {v}")
+            print(f"{k:{width}s} {v}")
     return 0
 
 
@@ -497,13 +501,7 @@ def _bench_graph(a) -> int:
     unknown = sorted(set(dims) - symbols)
     if unknown:
         raise KilnError(f"--dim {', '.join(unknown)}: not a symbolic dimension of the inputs ({', '.join(sorted(symbols)) or 'none: all fixed'})")
-    out = graph_speed_run(m, dims, a.seconds)
-    if a.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:10s} {v}")
-    return 0
+    return _print_table(graph_speed_run(m, dims, a.seconds), a.json, 10)
 
 
 def cmd_serve(a) -> int:

@@ -20,21 +20,20 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # onnx_vs_ort.py sits beside this file, here and in a prepared DIR
+from onnx_vs_ort import timed  # noqa: E402  (3 warm-up runs, then the median over `seconds`)
 SMALL = ("cnn-tiny", "bert-tiny", "rapidocr-cls")  # compiled with weights: checked against onnxruntime
 BIG = {"resnet50": ["image=1,3,224,224"], "bert-base": ["input_ids=1,128", "attention_mask=1,128"]}
 
 
 def prepare(d: Path, arch: str) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT / "tests"))
     import onnxruntime as ort  # noqa: PLC0415
     from onnx_vs_ort import MODELS  # noqa: PLC0415
@@ -70,18 +69,6 @@ def prepare(d: Path, arch: str) -> None:
     print(f"prepared {d}: {sorted(p.name for p in d.glob('*.kiln'))}")
 
 
-def timed(fn, seconds: float) -> tuple[float, int]:
-    for _ in range(3):
-        fn()
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(times)
-
-
 def torch_peer(name: str, d: Path, half: bool = False):
     """(callable on numpy feeds, description) of the same model in torch eager on the GPU, or None."""
     import torch  # noqa: PLC0415
@@ -90,7 +77,6 @@ def torch_peer(name: str, d: Path, half: bool = False):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
     if name == "resnet50":
-        sys.path.insert(0, str(d))
         from onnx_vs_ort import resnet50_module  # noqa: PLC0415
 
         net = resnet50_module().cuda().eval()
