@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.onnx_backend import cache_kernel_objects, collect, compare, restamp, run_case, skip_reason
+from helpers.onnx_backend import collect, compare, restamp, run_case, skip_reason
 from helpers.tiers import slow_except
 
 pytest.importorskip("onnx")
@@ -86,15 +86,8 @@ def cases():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A folder for the artifacts, with kiln's C kernels compiled once for the module
-    (compile_onnx otherwise runs gcc on them for every case: 2.6 s of a tiny graph's 2.7 s)."""
-    from kiln.compiler import stages  # noqa: PLC0415
-
-    d = tmp_path_factory.mktemp("onnx_backend")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stages, "kernel_objects", stages.kernel_objects)  # restored after the module
-        cache_kernel_objects(d / "kernels")
-        yield d
+    """A folder for the artifacts (kiln's C kernels come from the kiln cache: compiler/cpu_codegen.py)."""
+    return tmp_path_factory.mktemp("onnx_backend")
 
 
 @pytest.mark.parametrize("name", slow_except(PASS, *FAST))

@@ -367,20 +367,3 @@ def run_case(case: Case, tmp: Path) -> Result:
     finally:
         r.seconds = round(time.perf_counter() - t0, 3)
         shutil.rmtree(d, ignore_errors=True)
-
-
-def cache_kernel_objects(cache: Path) -> None:
-    """kiln's C kernels compiled once per target (the same gcc command kiln runs), reused by later compiles."""
-    from kiln.compiler import cpu_codegen, stages  # noqa: PLC0415
-
-    built: dict[tuple, list[str]] = {}
-
-    def cached(tg, workdir):
-        key = (tg.triple, tg.label, tuple(cpu_codegen.isa_flags(tg)), tg.linker)
-        if key not in built:
-            d = cache / f"k{len(built)}"
-            d.mkdir(parents=True)
-            built[key] = cpu_codegen.kernel_objects(tg, d)
-        return list(built[key])  # a copy: export_library appends its own objects to the list it is given
-
-    stages.kernel_objects = cached
