@@ -486,7 +486,7 @@ def _print_table(out: dict, as_json: bool, width: int) -> int:
 
 def _bench_graph(a) -> int:
     from .runtime import load  # noqa: PLC0415
-    from .runtime.bench import graph_speed_run  # noqa: PLC0415
+    from .runtime.graph import graph_speed_run  # noqa: PLC0415
 
     if not 0 < a.seconds <= 3600:
         raise KilnError(f"--seconds must be in (0, 3600], got {a.seconds}")

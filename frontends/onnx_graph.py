@@ -157,7 +157,9 @@ def _import(model: OnnxModel, pinned: dict[str, list] | None, nt: bool) -> Impor
         g2.initializer.append(_tensor(arr, name, str(arr.dtype)))
     for init in lifted:
         g2.input.append(helper.make_tensor_value_info(init.name, _elem_type(init.dtype), list(init.shape)))
-    nodes, folded = _fold(nodes, consts, lifted_names, model.proto.opset_import)
+    static = {i.name: [int(d) for d in i.shape] for i in inputs if all(isinstance(d, int) for d in i.shape)}
+    static.update({i.name: [int(d) for d in i.shape] for i in lifted})
+    nodes, folded = _fold(nodes, consts, lifted_names, model.proto.opset_import, static)
     g2.node.extend(nodes)
     g2.output.extend(g.output)
     m2 = onnx.ModelProto(ir_version=model.proto.ir_version, producer_name=model.proto.producer_name)
@@ -323,18 +325,32 @@ def _packed_recurrences(nodes: list, lifted: list[Initializer]) -> tuple[list, l
 
 # ---------------------------------------------------------------- constant folding
 
-def _fold(nodes: list, consts: dict[str, np.ndarray], skip: set[str], opset_import) -> tuple[list, int]:
+def _fold(nodes: list, consts: dict[str, np.ndarray], skip: set[str], opset_import,
+          static: dict[str, list[int]] | None = None) -> tuple[list, int]:
     """The nodes with constant shape arithmetic replaced by Constant nodes;
-    Constant nodes whose output is in `skip` (lifted to params) left out."""
+    Constant nodes whose output is in `skip` (lifted to params) left out. `static`: values
+    whose shape is fixed (graph inputs of fixed or pinned shape, params): Shape / Size of
+    them fold too (TVM's importer gives a Shape a ShapeExpr, which ops such as Cast or Div
+    then refuse: "Node cannot handle ShapeExpr inputs" -- 142 backend-suite cases)."""
     from onnx import helper  # noqa: PLC0415
 
+    static = static or {}
     out, folded = [], 0
     for node in nodes:
         if node.op_type == "Constant" and node.output[0] in skip:
             continue
-        ok = (node.domain in ("", "ai.onnx") and node.op_type in _FOLD_OPS and all(not i or i in consts for i in node.input)
-              and not any(a.type in (5, 10) for a in node.attribute))  # no subgraphs
-        vals = _evaluate(node, consts, opset_import) if ok else None
+        if node.domain in ("", "ai.onnx") and node.op_type in ("Shape", "Size") and node.input and node.input[0] in static \
+                and node.input[0] not in consts:
+            dims = static[node.input[0]]
+            if node.op_type == "Size":
+                vals = [np.array(int(np.prod(dims)), np.int64)]
+            else:
+                at = {a.name: a.i for a in node.attribute}
+                vals = [np.array(dims[at.get("start", 0):at.get("end", len(dims))], np.int64)]  # slicing clamps as ONNX does
+        else:
+            ok = (node.domain in ("", "ai.onnx") and node.op_type in _FOLD_OPS and all(not i or i in consts for i in node.input)
+                  and not any(a.type in (5, 10) for a in node.attribute))  # no subgraphs
+            vals = _evaluate(node, consts, opset_import) if ok else None
         if vals is None:
             out.append(node)
             continue

@@ -152,3 +152,22 @@ def _to_numpy(value) -> np.ndarray:
     if isinstance(value, (int, float, bool)):
         return np.asarray(value)
     return np.asarray(list(value), dtype=np.int64)  # a shape the graph returns as an output
+
+
+def graph_speed_run(model, dims: dict[str, int] | None = None, seconds: float = 3.0, warmup: int = 3) -> dict:
+    """`kiln bench` of a graph artifact: GraphModel.run on random inputs of the declared
+    shapes (symbolic dims from `dims`, else graph.random_inputs' defaults), timed for
+    `seconds` after `warmup` runs (at least 5 runs): median and 10th / 90th percentile ms."""
+    feeds, sizes = random_inputs(model.inputs, dims)
+    for _ in range(warmup):
+        model.run(feeds)
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        t0 = time.perf_counter()
+        model.run(feeds)
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1e3
+    return {"inputs": {k: list(v.shape) for k, v in feeds.items()}, "dims": sizes, "runs": len(times),
+            "median_ms": round(float(np.median(ms)), 4), "p10_ms": round(float(np.percentile(ms, 10)), 4),
+            "p90_ms": round(float(np.percentile(ms, 90)), 4), "device": model.device}
