@@ -9,34 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.onnx_models import WHISPER_FRAMES, WHISPER_MELS, export_vit, export_whisper_encoder, ort_run
-
-from kiln.compiler.onnx_build import compile_onnx
-from kiln.runtime import load
+from helpers.onnx_models import WHISPER_FRAMES, WHISPER_MELS, check, compiled, export_vit, export_whisper_encoder
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
-
-RTOL = 1e-4  # max |kiln - onnxruntime| / max |onnxruntime|, fp32
-
-
-def rel(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got.astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
-
-
-def compiled(tmp_path_factory, name: str, export) -> tuple:
-    d = tmp_path_factory.mktemp(f"onnx_{name}")
-    onnx_path = export(d / f"{name}.onnx")
-    compile_onnx(onnx_path, d / f"{name}.kiln")
-    return onnx_path, load(d / f"{name}.kiln")
-
-
-def check(onnx_path, model, feeds: dict) -> None:
-    got, want = model.run(feeds), ort_run(onnx_path, feeds)
-    assert list(got) == list(want)
-    for k in got:
-        assert got[k].shape == want[k].shape and rel(got[k], want[k]) < RTOL, (k, rel(got[k], want[k]))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers.onnx_models import export_torch_rnn, ort_run, rnn_model
+from helpers.onnx_models import RTOL, check, compiled, export_torch_rnn, ort_run, rel, rnn_model
 
 from kiln.compiler.onnx_build import compile_onnx
 from kiln.errors import UnsupportedModelError
@@ -20,12 +20,7 @@ from kiln.runtime import load
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-RTOL = 1e-4  # max |kiln - onnxruntime| / max |onnxruntime|, fp32
 SHAPES = [(5, 2), (12, 3)]  # (seq, batch)
-
-
-def rel(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got.astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
 
 
 def feeds_for(model, seq: int, batch: int, seed: int = 0) -> dict:
@@ -39,20 +34,6 @@ def feeds_for(model, seq: int, batch: int, seed: int = 0) -> dict:
         dims = {"seq": seq, "batch": batch}
         out[i["name"]] = rng.standard_normal([dims.get(d, d) for d in i["shape"]]).astype(np.float32)
     return out
-
-
-def compiled(tmp_path_factory, name: str, make):
-    d = tmp_path_factory.mktemp(f"onnx_{name}")
-    path = make(d / f"{name}.onnx")
-    compile_onnx(path, d / f"{name}.kiln")
-    return path, load(d / f"{name}.kiln")
-
-
-def check(path, model, feeds: dict) -> None:
-    got, want = model.run(feeds), ort_run(path, feeds)
-    assert list(got) == list(want)
-    for k in got:
-        assert got[k].shape == want[k].shape and rel(got[k], want[k]) < RTOL, (k, rel(got[k], want[k]))
 
 
 @pytest.fixture(scope="module")

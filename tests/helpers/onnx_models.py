@@ -281,3 +281,31 @@ def rnn_model(path: Path, op: str, *, hidden: int = 6, input_size: int = 5, dire
                           inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), str(path))
     return path
+
+
+# ---------------------------------------------------------------- compiled vs onnxruntime
+
+RTOL = 1e-4  # max |kiln - onnxruntime| / max |onnxruntime|, fp32
+
+
+def rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def compiled(tmp_path_factory, name: str, make) -> tuple:
+    """(the .onnx `make(path)` writes, its artifact loaded): compiled for this CPU."""
+    from kiln.compiler.onnx_build import compile_onnx  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    d = tmp_path_factory.mktemp(f"onnx_{name}")
+    path = make(d / f"{name}.onnx")
+    compile_onnx(path, d / f"{name}.kiln")
+    return path, load(d / f"{name}.kiln")
+
+
+def check(path, model, feeds: dict, rtol: float = RTOL) -> None:
+    """Every output of model.run(feeds): the names, shapes and values (rel < rtol) of onnxruntime's."""
+    got, want = model.run(feeds), ort_run(path, feeds)
+    assert list(got) == list(want)
+    for k in got:
+        assert got[k].shape == want[k].shape and rel(got[k], want[k]) < rtol, (k, rel(got[k], want[k]))
