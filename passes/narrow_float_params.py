@@ -15,9 +15,7 @@ of the params it narrowed; the caller converts those arrays when it writes the w
 from __future__ import annotations
 
 from ..tvm_compat import compiler
-from .relax_mutation import count_uses
-
-_VIEWS = ("relax.permute_dims", "relax.reshape")
+from .relax_mutation import bindings, count_uses, through_views
 
 
 class NarrowFloatParams:
@@ -30,19 +28,16 @@ class NarrowFloatParams:
         func = mod["main"]
         astype = t.tvm.ir.Op.get("relax.astype")
         params = list(func.params[num_inputs:])
-        bound = {b.var: b.value for block in func.body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)}
+        bound = bindings(func)
         uses = count_uses(func)
         param_set = set(params)
         casts: dict = {}  # param var -> [binding vars of astype(view of P, dtype)]
         for var, v in bound.items():
             if not (isinstance(v, relax.Call) and v.op.same_as(astype) and str(v.attrs.dtype) == self.dtype):
                 continue
-            src = v.args[0]  # back through layout-only views (the importer's permute_dims of a MatMul weight), each read once
-            while isinstance(src, relax.Var) and src not in param_set and uses.get(src, 0) == 1 and isinstance(bound.get(src), relax.Call) \
-                    and str(getattr(bound[src].op, "name", "")) in _VIEWS:
-                src = bound[src].args[0]
-            if src in param_set:
-                casts.setdefault(src, []).append(var)
+            path = through_views(v.args[0], bound, param_set)  # the importer's permute_dims of a MatMul weight, each view read once
+            if path[-1] in param_set and all(uses.get(c, 0) == 1 for c in path[:-1]):
+                casts.setdefault(path[-1], []).append(var)
         narrow = [i for i, p in enumerate(params)
                   if p in casts and str(p.ty.dtype) == "float32" and uses.get(p, 0) == len(casts[p])]
         if not narrow:

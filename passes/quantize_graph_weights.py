@@ -41,9 +41,7 @@ from ..errors import CompileError
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR, qmatmul_compute
 from ..frontends.onnx import Initializer
 from ..tvm_compat import compiler
-from .relax_mutation import count_uses
-
-_CHAIN_OPS = ("relax.permute_dims", "relax.reshape")
+from .relax_mutation import bindings, count_uses, through_views
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ class QuantizeGraphWeights:
         pvars = list(func.params[self.num_inputs:])
         if len(pvars) != len(params):
             raise CompileError(f"QuantizeGraphWeights: main takes {len(pvars)} params, the graph has {len(params)}")
-        plan = self._plan(t, func, dict(zip(pvars, params)))
+        plan, calls = self._plan(t, func, dict(zip(pvars, params)))
         if not plan:
             return mod, params, [_entry(p, "none") for p in params]
         new_params, entries, new_vars, parts_of = [], [], list(func.params[:self.num_inputs]), {}
@@ -101,7 +99,7 @@ class QuantizeGraphWeights:
                 parts[sfx] = relax.Var(_var_name(name), relax.TensorType(list(shape), dtype))
                 new_vars.append(parts[sfx])
             parts_of[var] = (parts, n, group)
-        rw = _rewriter(t)(mod, self.fmt, plan, parts_of)
+        rw = _rewriter(t)(mod, self.fmt, {c: parts_of[v] for c, v in calls.items() if v in plan})
         body = rw.visit_expr(func)
         # the chains from the float params are dead now: dropped while those params are still declared
         body = relax.analysis.remove_all_unused(relax.Function(new_vars + list(plan), body.body, func.ret_ty, func.is_pure, func.attrs))
@@ -109,32 +107,23 @@ class QuantizeGraphWeights:
         rw.builder_.update_func(mod.get_global_var("main"), new_func)
         return rw.builder_.get(), new_params, entries
 
-    def _plan(self, t, func, params: dict) -> dict:
-        """{param var: (chain, K, N)} for the params whose every use is a chain into matmuls' B."""
+    def _plan(self, t, func, params: dict) -> tuple[dict, dict]:
+        """({param var: (chain, K, N)} for the params whose every use is a chain into matmuls' B,
+        {matmul call: its param var} for the matmuls reading them)."""
         relax = t.relax
-        bound = {}
-        for block in func.body.blocks:
-            for b in block.bindings:
-                if isinstance(b, relax.VarBinding):
-                    bound[b.var] = b.value
+        bound = bindings(func)
         uses = count_uses(func)
         matmul = t.tvm.ir.Op.get("relax.matmul")
         found: dict = {}  # param var -> [(chain, K, N, chain vars)]
+        calls: dict = {}  # matmul call -> param var
         bad: set = set()
         for value in bound.values():
             if not (isinstance(value, relax.Call) and value.op.same_as(matmul)):
                 continue
             x, b = value.args
-            steps, through, v = [], [], b
-            while isinstance(v, relax.Var) and v not in params and isinstance(bound.get(v), relax.Call) \
-                    and str(getattr(bound[v].op, "name", "")) in _CHAIN_OPS:
-                step = _step(t, bound[v])
-                if step is None:
-                    break
-                steps.append(step)
-                through.append(v)
-                v = bound[v].args[0]
-            if v not in params:
+            *through, v = through_views(b, bound, params)
+            steps = [_step(t, bound[c]) for c in through]
+            if v not in params or None in steps:
                 continue
             p = params[v]
             shape = tuple(int(d) for d in p.shape)
@@ -148,15 +137,15 @@ class QuantizeGraphWeights:
                     or str(value.ty.dtype) != "float32" or not _static_int(xt.shape.values[-1], bk[0])):
                 bad.add(v)
                 continue
-            rows = _fewest(t, xt.shape.values[:-1])
-            if rows is not None and not self.takes(bk[0], self.fmt.group_for(bk[0]) if self.fmt.fits(bk[0]) else 0, rows):
+            if not self.fmt.fits(bk[0]) or not self.takes(bk[0], self.fmt.group_for(bk[0]), _fewest(t, xt.shape.values[:-1])):
                 bad.add(v)
                 continue
             found.setdefault(v, []).append((_Chain(tuple(reversed(steps))), bk[0], bk[1], through))
+            calls[value] = v
         plan = {}
         for v, hits in found.items():
             chain, k, n, _ = hits[0]
-            if v in bad or any(h[0] != chain for h in hits) or not self.fmt.fits(k) or not self.takes(k, self.fmt.group_for(k), None):
+            if v in bad or any(h[0] != chain for h in hits):
                 continue
             # every reference to the param or a var of its chains is a chain step or a matmul's B
             expected: dict = {}
@@ -168,7 +157,7 @@ class QuantizeGraphWeights:
                 expected[b] = expected.get(b, 0) + 1
             if all(uses.get(var, 0) == cnt for var, cnt in expected.items()):
                 plan[v] = (chain, k, n)
-        return plan
+        return plan, calls
 
 
 def _quantizer(fmt, chain: _Chain, load):
@@ -228,33 +217,20 @@ def _apply_shape(shape: tuple[int, ...], steps) -> tuple[int, ...]:
 
 def _rewriter(t):
     relax = t.relax
-    matmul = t.tvm.ir.Op.get("relax.matmul")
 
     @relax.expr_functor.mutator
     class _Rewrite(relax.PyExprMutator):
-        def __init__(self, mod, fmt, plan, parts_of):
+        def __init__(self, mod, fmt, calls):
             super().__init__(mod)
-            self.fmt, self.plan, self.parts_of = fmt, plan, parts_of
-            self.bound: dict = {}
+            self.fmt, self.calls = fmt, calls  # calls: {original matmul call: (its param's parts, N, group)}
             self.kernels: dict = {}
 
-        def visit_var_binding_(self, binding):
-            self.bound[binding.var] = binding.value
-            super().visit_var_binding_(binding)
-
-        def _param_of(self, b):
-            v = b
-            while isinstance(v, relax.Var) and v not in self.parts_of and isinstance(self.bound.get(v), relax.Call) \
-                    and str(getattr(self.bound[v].op, "name", "")) in _CHAIN_OPS:
-                v = self.bound[v].args[0]
-            return v if v in self.parts_of else None
-
         def visit_call_(self, call):
-            p = self._param_of(call.args[1]) if call.op.same_as(matmul) else None
+            hit = self.calls.get(call)
             call = super().visit_call_(call)
-            if p is None:
+            if hit is None:
                 return call
-            parts, n, group = self.parts_of[p]
+            parts, n, group = hit
             x = call.args[0]
             lead = list(x.ty.shape.values[:-1])
             k = int(x.ty.shape.values[-1])

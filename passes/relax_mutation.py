@@ -1,6 +1,7 @@
 """Helpers for the passes that rewrite Relax functions with a PyExprMutator (kiln's projection,
 expert, convolution, gather and calibration rewrites, the graph weight passes): the loop over a
-module's functions and a count of each var's uses live here once."""
+module's functions, a count of each var's uses, a function's bindings and the walk from a value
+back through layout-only views live here once."""
 
 from __future__ import annotations
 
@@ -40,3 +41,22 @@ def count_uses(func) -> dict:
     counter = _Uses()
     counter.visit_expr(func)
     return counter.uses
+
+
+VIEW_OPS = ("relax.permute_dims", "relax.reshape")  # layout-only ops (the importer's transposed MatMul weights)
+
+
+def bindings(func) -> dict:
+    """{var: the value bound to it} for every VarBinding of `func`'s body."""
+    relax = compiler().relax
+    return {b.var: b.value for block in func.body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)}
+
+
+def through_views(var, bound: dict, stop) -> list:
+    """[var, what its view reads, ...]: back through bindings of VIEW_OPS calls, ending at the
+    first var in `stop` or not bound to a view."""
+    relax = compiler().relax
+    path = [var]
+    while path[-1] not in stop and isinstance(bound.get(path[-1]), relax.Call) and str(getattr(bound[path[-1]].op, "name", "")) in VIEW_OPS:
+        path.append(bound[path[-1]].args[0])
+    return path

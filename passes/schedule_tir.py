@@ -29,11 +29,16 @@ class MatmulWithoutTensorCores:
     2-element vector loads read misaligned fp16 addresses in BERT-base's attention (compute-sanitizer:
     a 4-byte read at an odd half). So: shown an sm_60 target (no tensor cores) and scalar loads."""
 
+    def __init__(self):
+        self.rule = _Guarded(_scalar_loads_matmul(compiler()))
+        self.simt: dict = {}  # the sm_60 twin of each target the rule is shown (one per compile)
+
     def apply(self, func, target, tunable):
-        t = compiler()
-        attrs = {k: target.attrs[k] for k in ("max_shared_memory_per_block", "max_threads_per_block", "thread_warp_size") if k in target.attrs}
-        simt = t.Target({"kind": "cuda", "arch": "sm_60", **attrs})
-        return _Guarded(_scalar_loads_matmul(t)).apply(func, simt, tunable)
+        key = str(target)
+        if key not in self.simt:
+            attrs = {k: target.attrs[k] for k in ("max_shared_memory_per_block", "max_threads_per_block", "thread_warp_size") if k in target.attrs}
+            self.simt[key] = compiler().Target({"kind": "cuda", "arch": "sm_60", **attrs})
+        return self.rule.apply(func, self.simt[key], tunable)
 
 
 def _scalar_loads_matmul(t):
