@@ -33,6 +33,7 @@ from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..passes.schedule_tir import MatmulWithoutTensorCores
 from ..passes.kernels.qdot_cpu import qdot_supported
 from ..passes.narrow_float_params import NarrowFloatParams
+from ..passes.pack_graph_weights import PackGraphWeights
 from ..passes.quant import WEIGHT_FORMATS
 from ..passes.quantize_graph_weights import QuantizeGraphWeights
 from ..passes.wrap_gather_indices import WrapGatherIndices
@@ -72,6 +73,7 @@ class GraphOptions:
     quality_check: bool = True  # with quant: measure the error (one more CPU build and two runs)
     no_weights: bool = False  # code and param spec only (speed runs with random weights where the weights do not travel)
     dtype: str | None = None  # float16: compute in fp16 (fp32 accumulation), float weights stored fp16; CUDA targets. None/float32: as the graph
+    cpu_gemm: bool = True  # CPU targets: float matmul / Conv weights packed for kiln's C GEMM (False: TVM's GEMM schedule, for A/B)
 
     def __post_init__(self):
         if self.quant == "none":
@@ -164,16 +166,25 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
     float_mod, graph_params = mod, graph.params
     params = [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "quant": "none"} for p in graph.params]
     fmt = WEIGHT_FORMATS[opts.quant] if opts.quant else None
-    if fmt is not None:  # CPU targets only (check()): the convolutions go on the GEMM first, so their weights are matmuls'
+    # CPU-only builds: kiln's C GEMM on weights packed into its panels once here (one weights file serves every target,
+    # so a build that includes a GPU keeps the float layout and TVM's GEMM schedule on the CPU)
+    pack = opts.cpu_gemm and all(tg.kind == "llvm" for tg in targets)
+    if fmt is not None or pack:  # the convolutions go on the GEMM first, so their weights are matmuls'
+        mod = float_mod = ConvAsGemm()(mod)
+    if fmt is not None:  # CPU targets only (check())
         progress(f"quantize ({fmt.name})")
-        float_mod = ConvAsGemm()(mod)
         # only matrices the integer-dot kernels take (on the dequantizing GEMM a quantized matrix is slower than a float
         # one), and only under few rows: see QDOT_MAX_ROWS
         takes = lambda k, group, rows: qdot_supported(fmt.name, k, group) and (rows is None or rows <= QDOT_MAX_ROWS)  # noqa: E731
         mod, graph_params, params = QuantizeGraphWeights(fmt, len(graph.inputs), takes)(float_mod, graph.params)
+    if pack:  # the float matrices left
+        progress("pack float weights for the C GEMM")
+        before = {e["name"]: e for e in params}
+        mod, graph_params, packed = PackGraphWeights(len(graph.inputs))(mod, graph_params)
+        params = [e if "layout" in e else before[e["name"]] for e in packed]
     inits = {p.name: p for p in graph_params}
     warnings = []
-    if fmt is not None and not any(p["quant"] != "none" for p in params):
+    if fmt is not None and not any(p["quant"] == fmt.name for p in params):
         warnings.append(f"--quant {fmt.name}: no matmul / Gemm / Conv weight has rows the integer-dot kernels take "
                         "(K a multiple of 32, float32): the artifact's weights are all float")
     quality = None
@@ -189,7 +200,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
             try:
                 # CPU: convolutions on the GEMM; exp / erf / tanh / softmax as TOPI's vectorisable
                 # approximations (libm's are scalar calls: BERT-base's GELU alone was 19 ms of 230)
-                cpu = lambda m: _fast_math(m if fmt else ConvAsGemm()(m))  # noqa: E731
+                cpu = lambda m: _fast_math(m if fmt is not None or pack else ConvAsGemm()(m))  # noqa: E731
                 lowered = run_pipeline(cpu(mod) if tg.kind == "llvm" else mod, popts)
                 float_lowered = run_pipeline(cpu(float_mod), replace(popts, dump_ir=None, on_phase=None)) if fmt and opts.quality_check and quality is None else None
             except Exception as err:  # noqa: BLE001 - TVM raises many types; one line
@@ -241,7 +252,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
                 "ops": dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items())),
             },
             "dtype": ",".join(sorted({p["dtype"] for p in params})) or "none",
-            "quant": ({"weights": fmt.name, "matrices": len({p["name"].rsplit(".", 1)[0] for p in params if p["quant"] != "none"}),
+            "quant": ({"weights": fmt.name, "matrices": len({p["name"].rsplit(".", 1)[0] for p in params if p["quant"] == fmt.name}),
                        "quality": quality or "not measured"} if fmt else "none"),
             "graph": {"function": "main", "inputs": [i.manifest() for i in graph.inputs], "outputs": [o.manifest() for o in graph.outputs]},
             "targets": libraries,

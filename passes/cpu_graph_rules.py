@@ -100,32 +100,57 @@ class CpuRowwise:
     softmaxes took 17.7 ms of a 230 ms run on one thread of two."""
 
     def apply(self, func, target, _tunable=False):
-        t = compiler()
-        opened = _open_inlined(func, target)
-        if opened is None:
-            return None
-        sch, infos = opened
-        if len(infos) < 2 or not any(i.is_reduction() for i in infos) or infos[-1].is_reduction():
-            return None
-        try:
-            last = infos[-1].block_rv
-            loops = sch.get_loops(last)
-            if len(loops) < 2:
+        for partials in (True, False):
+            opened = _open_inlined(func, target)
+            if opened is None:
                 return None
-            outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-            for info in reversed(infos[:-1]):
-                sch.compute_at(info.block_rv, outer, preserve_unit_loops=True)
-            sch.parallel(outer)
-            inner = sch.get_loops(last)[-1]
-            extent, lanes = sch.get(inner).extent, vector_lanes(target)
-            if isinstance(extent, t.tirx.IntImm) and int(extent) % lanes == 0:
-                _, vec = sch.split(inner, [None, lanes])
-                try:
-                    sch.vectorize(vec)
-                except Exception:  # noqa: BLE001 - a body that does not vectorise keeps its loop
-                    pass
-        except Exception:  # noqa: BLE001 - ScheduleError: the blocks do not share their rows
-            return None
+            sch, infos = opened
+            if len(infos) < 2 or not any(i.is_reduction() for i in infos) or infos[-1].is_reduction():
+                return None
+            try:
+                return self._schedule(sch, infos, target, partials)
+            except Exception:  # noqa: BLE001 - ScheduleError: the blocks do not share their rows (or rfactor refused one)
+                continue
+        return None
+
+    @staticmethod
+    def _schedule(sch, infos, target, partials: bool):
+        """partials: each reduction whose innermost loop is a reduction of a static extent that divides by
+        the vector lanes (twice at least) is split into `lanes` partial results (rfactor) accumulated in
+        vector registers, then summed: TVM's loop kept one scalar accumulator, so the exp polynomial of
+        BERT-base's softmax sums ran one value at a time (1.18 -> 0.81 ms a call, session 20)."""
+        t = compiler()
+        lanes = vector_lanes(target)
+        blocks, rfs = [], []
+        for info in infos[:-1]:
+            if partials and info.is_reduction():
+                inner = sch.get_loops(info.block_rv)[-1]
+                extent = sch.get(inner).extent
+                if isinstance(extent, t.tirx.IntImm) and int(extent) % lanes == 0 and int(extent) >= 2 * lanes:
+                    _, part = sch.split(inner, [None, lanes])
+                    rfs.append(sch.rfactor(part, factor_axis=0))  # [lanes, ...] partials, then their reduction
+                    blocks.append(rfs[-1])
+            blocks.append(info.block_rv)
+        last = infos[-1].block_rv
+        loops = sch.get_loops(last)
+        if len(loops) < 2:
+            raise ValueError("one loop")
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        for block in reversed(blocks):
+            sch.compute_at(block, outer, preserve_unit_loops=True)
+        sch.parallel(outer)
+        for rf in rfs:  # under the row loop: (lanes, unit loops..., k / lanes) -> (k / lanes, ..., lanes), lanes vectorised
+            ls = sch.get_loops(rf)
+            sch.reorder(ls[-1], ls[1])
+            sch.vectorize(sch.get_loops(rf)[-1])
+        inner = sch.get_loops(last)[-1]
+        extent = sch.get(inner).extent
+        if isinstance(extent, t.tirx.IntImm) and int(extent) % lanes == 0:
+            _, vec = sch.split(inner, [None, lanes])
+            try:
+                sch.vectorize(vec)
+            except Exception:  # noqa: BLE001 - a body that does not vectorise keeps its loop
+                pass
         return sch
 
 

@@ -94,8 +94,9 @@ class QuantizeGraphWeights:
             for sfx, (shape, dtype) in self.fmt.parts((n, k)).items():
                 name = f"{p.name}.{sfx}"
                 new_params.append(Initializer(name, dtype, tuple(shape), functools.partial(lambda s, q: q()[s], sfx, quantized)))
-                entries.append({"name": name, "shape": list(shape), "dtype": dtype, "quant": self.fmt.name, "group": group,
-                                "source_shape": list(p.shape)})
+                entries.append({"name": name, "shape": list(shape), "dtype": dtype, "source_shape": list(p.shape),
+                                **({"quant": "none", "layout": self.fmt.name} if hasattr(self.fmt, "graph_kernel")
+                                   else {"quant": self.fmt.name, "group": group})})
                 parts[sfx] = relax.Var(_var_name(name), relax.TensorType(list(shape), dtype))
                 new_vars.append(parts[sfx])
             parts_of[var] = (parts, n, group)
@@ -235,11 +236,21 @@ def _rewriter(t):
             lead = list(x.ty.shape.values[:-1])
             k = int(x.ty.shape.values[-1])
             bb = self.builder_
+            if hasattr(self.fmt, "graph_kernel"):  # a format with its own callee (PackedPanels): x viewed [M, K]
+                x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, [_prod(lead), k]))
+                y = bb.emit(relax.call_tir(self._own_kernel(k, n), [x2, *parts.values()], relax.TensorType([_prod(lead), n], "float32")))
+                return y if len(lead) == 1 else relax.op.reshape(y, [*lead, n])
             rows = lead if len(lead) == 2 else [1, _prod(lead)]
             x3 = x if len(lead) == 2 else bb.emit(relax.op.reshape(x, [*rows, k]))
             y = bb.emit(relax.call_tir(self._kernel(k, n, group, [str(parts[s].ty.dtype) for s in parts]),
                                        [x3, *parts.values()], relax.TensorType([*rows, n], "float32")))
             return y if len(lead) == 2 else relax.op.reshape(y, [*lead, n])
+
+        def _own_kernel(self, k: int, n: int):
+            if (k, n) not in self.kernels:
+                name = f"kiln_sgemm_{self.fmt.name}_{n}x{k}"
+                self.kernels[(k, n)] = self.builder_.add_func(self.fmt.graph_kernel(k, n).with_attr("global_symbol", name), name)
+            return self.kernels[(k, n)]
 
         def _kernel(self, k: int, n: int, group: int, dtypes: list[str]):
             """The NT_qmatmul PrimFunc for x [a, s, k] (a, s its own symbols: the caller's row

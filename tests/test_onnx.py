@@ -78,8 +78,10 @@ def test_manifest_records_the_graph(bert):
     assert [o["shape"] for o in m["graph"]["outputs"]] == [["batch", "seq", 32], ["batch", 32]]
     names = [p["name"] for p in m["params"]]
     assert "m.embeddings.word_embeddings.weight" in names and all(p["dtype"] == "float32" for p in m["params"])
-    transposed = [p for p in m["params"] if p["name"].endswith(".T")]  # MatMul weights stored [N, K] for kiln's GEMM
-    assert len(transposed) == 12 and transposed[0]["shape"] in ([32, 32], [64, 32], [32, 64])
+    # MatMul weights stored [N, K] (`.T`), then in the C GEMM's panels [N / 16, K, 16] (`.p`, layout f32p16)
+    transposed = [p for p in m["params"] if p["name"].endswith(".T.p")]
+    assert len(transposed) == 12 and transposed[0]["shape"] in ([2, 32, 16], [4, 32, 16], [2, 64, 16])
+    assert all(p["layout"] == "f32p16" and p["source_shape"] == [p["shape"][0] * 16, p["shape"][1]] for p in transposed)
     assert set(m["files"]) == {"lib/cpu.so", "weights.safetensors"}
 
 

@@ -69,8 +69,8 @@ def test_conv_gemm_matmul_weights_on_the_integer_dots(convq):
     assert by["c1.q"]["dtype"] == "int8" and by["c1.q"]["shape"] == [48, 288] and by["c1.s"]["shape"] == [48, 9]
     assert by["c1.q"]["source_shape"] == [48, 32, 3, 3] and by["c1.q"]["quant"] == "q8"
     assert by["out.T.q"]["shape"] == [64, 64]  # a MatMul-only weight: the importer stores it transposed ([N, K], `out.T`)
-    # ... while rows the integer-dot kernel does not take (K 48, K 20) stay float
-    assert by["c2"]["quant"] == "none" and by["fc"]["quant"] == "none"
+    # ... while rows the integer-dot kernel does not take (K 48, K 20) stay float (in the C GEMM's panels)
+    assert by["c2.p"]["quant"] == "none" and by["fc.p"]["quant"] == "none" and by["c2.p"]["layout"] == "f32p16"
     assert m["quant"]["weights"] == "q8" and m["quant"]["matrices"] == 2
     lowered = "\n".join(p.read_text() for p in ir.rglob("*") if p.is_file())
     assert lowered.count("kiln_qdot_q8g32_48x288") >= 1 and "kiln_qdot_q8g32_64x64" in lowered
@@ -159,4 +159,4 @@ def test_a_convolution_of_many_rows_keeps_float_weights(convq, tmp_path):
     art = tmp_path / "pinned.kiln"
     compile_onnx(path, art, quant="q8", quality_check=False, input_shapes=["x=1,32,32,32"])
     by = {p["name"]: p for p in json.loads((art / "manifest.json").read_text())["params"]}
-    assert by["c1"]["quant"] == "none" and by["out.T.q"]["quant"] == "q8"
+    assert by["c1.p"]["quant"] == "none" and by["out.T.q"]["quant"] == "q8"

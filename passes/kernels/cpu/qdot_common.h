@@ -70,21 +70,7 @@
 #define PREFETCH_BYTES 8192 /* software prefetch of the weight stream this far ahead */
 #endif
 
-typedef struct { void* sync_handle; int32_t num_task; } kiln_penv;
-typedef int (*kiln_lambda)(int task_id, kiln_penv* penv, void* cdata);
-typedef int (*kiln_launch)(kiln_lambda flambda, void* cdata, int num_task);
-/* filled in by TVM's library loader (weak: one symbol with the one TVM's codegen emits) */
-void* __TVMBackendParallelLaunch __attribute__((weak)) = 0;
-
-static void kiln_parallel(kiln_lambda f, void* cdata) {
-  kiln_launch launch = (kiln_launch)__TVMBackendParallelLaunch;
-  if (launch) {
-    launch(f, cdata, 0);
-  } else {
-    kiln_penv env = {0, 1};
-    f(0, &env, cdata);
-  }
-}
+#include "kiln_pool.h"
 
 KILN_INLINE float h2f(uint16_t h) {
 #if defined(__F16C__)

@@ -1,0 +1,161 @@
+/* kiln's fp32 GEMM for CPUs against weights packed once at compile time (issue 18):
+
+     y[M, N] = x[M, K] @ W^T          x  # [M, K] f32, rows contiguous
+                                       wp # [ceil(N / 16), K, 16] f32: W [N, K] in panels of 16 rows,
+                                          #   k-major inside a panel, rows past N zero
+                                       y  # [M, N] f32
+
+   BLIS's loop nest (Goto & van de Geijn): a KC-deep slice of one weight panel (KC x 16
+   floats, 16 KB) stays in L1 while every MR-row strip of the activations' MC x KC block
+   (in L2) passes it; the micro-kernel keeps an MR x 16 tile of y in registers. AVX2 + FMA:
+   MR = 6, 12 accumulators + 2 weight vectors + 1 broadcast of 16 ymm, 12 FMAs per 2 loads
+   and 6 broadcasts. The activations are read in place (six row streams), not packed: a
+   packing pass cost 20-25% on ResNet's GEMMs of 64 columns, and gained nothing at 768
+   (benchmarks/NOTES.md, Session 20). Elsewhere the same nest around a plain C tile that
+   compilers vectorise (MR = 4).
+
+   Why packed at compile time: the weights are constants, so the panel layout is data
+   (CONVENTIONS: layout work happens once at conversion time); TVM's GEMM schedule repacked
+   its weight tile on every call. Threads: TVM's pool (kiln_pool.h); a call of many row
+   blocks splits the rows between tasks, otherwise the panels. */
+
+#include "kiln_pool.h"
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SG_AVX2 1
+#define SG_MR 6
+#else
+#define SG_MR 4
+#endif
+#define SG_NR 16
+#ifndef SG_KC
+#define SG_KC 256 /* k per pass: a panel slice of KC x 16 floats is 16 KB (L1) */
+#endif
+#ifndef SG_MC
+#define SG_MC 96 /* activation rows per block: MC x KC floats = 96 KB (L2); 96 / 144 / 192 within noise */
+#endif
+
+typedef struct {
+  const float* x;
+  const float* wp;
+  float* y;
+  int64_t M, N, K;
+} sg_job;
+
+#if SG_AVX2
+/* c[6 x 16] (row stride ldc) = (acc ? c : 0) + a rows (a[i] + k, k < kc) x b-slice [kc][16] */
+static inline __attribute__((always_inline)) void sg_tile(int64_t kc, const float* const* a, const float* b, float* c, int64_t ldc, int acc) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + 16 * k), b1 = _mm256_loadu_ps(b + 16 * k + 8);
+    __m256 t = _mm256_broadcast_ss(a0 + k);
+    c00 = _mm256_fmadd_ps(t, b0, c00);
+    c01 = _mm256_fmadd_ps(t, b1, c01);
+    t = _mm256_broadcast_ss(a1 + k);
+    c10 = _mm256_fmadd_ps(t, b0, c10);
+    c11 = _mm256_fmadd_ps(t, b1, c11);
+    t = _mm256_broadcast_ss(a2 + k);
+    c20 = _mm256_fmadd_ps(t, b0, c20);
+    c21 = _mm256_fmadd_ps(t, b1, c21);
+    t = _mm256_broadcast_ss(a3 + k);
+    c30 = _mm256_fmadd_ps(t, b0, c30);
+    c31 = _mm256_fmadd_ps(t, b1, c31);
+    t = _mm256_broadcast_ss(a4 + k);
+    c40 = _mm256_fmadd_ps(t, b0, c40);
+    c41 = _mm256_fmadd_ps(t, b1, c41);
+    t = _mm256_broadcast_ss(a5 + k);
+    c50 = _mm256_fmadd_ps(t, b0, c50);
+    c51 = _mm256_fmadd_ps(t, b1, c51);
+  }
+  __m256 r[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+  for (int i = 0; i < 6; ++i) {
+    float* ci = c + i * ldc;
+    if (acc) {
+      r[2 * i] = _mm256_add_ps(r[2 * i], _mm256_loadu_ps(ci));
+      r[2 * i + 1] = _mm256_add_ps(r[2 * i + 1], _mm256_loadu_ps(ci + 8));
+    }
+    _mm256_storeu_ps(ci, r[2 * i]);
+    _mm256_storeu_ps(ci + 8, r[2 * i + 1]);
+  }
+}
+#else
+static inline void sg_tile(int64_t kc, const float* const* a, const float* b, float* c, int64_t ldc, int acc) {
+  float t[SG_MR][SG_NR];
+  for (int i = 0; i < SG_MR; ++i)
+    for (int j = 0; j < SG_NR; ++j) t[i][j] = 0.f;
+  for (int64_t k = 0; k < kc; ++k)
+    for (int i = 0; i < SG_MR; ++i) {
+      const float ai = a[i][k];
+      for (int j = 0; j < SG_NR; ++j) t[i][j] += ai * b[SG_NR * k + j];
+    }
+  for (int i = 0; i < SG_MR; ++i)
+    for (int j = 0; j < SG_NR; ++j) c[i * ldc + j] = (acc ? c[i * ldc + j] : 0.f) + t[i][j];
+}
+#endif
+
+/* one micro-tile: rows [m, m + rows) x panel p over k [k0, k0 + kc); full tiles straight into y,
+   edge tiles through a buffer (rows past M read the last row again, their results dropped) */
+static inline void sg_micro(const sg_job* jb, int64_t k0, int64_t kc, const float* b, int64_t m, int64_t rows, int64_t p, int acc) {
+  const int64_t n = p * SG_NR, cols = jb->N - n < SG_NR ? jb->N - n : SG_NR;
+  const float* a[SG_MR];
+  for (int i = 0; i < SG_MR; ++i) a[i] = jb->x + (m + (i < rows ? i : rows - 1)) * jb->K + k0;
+  float* c = jb->y + m * jb->N + n;
+  if (rows == SG_MR && cols == SG_NR) {
+    sg_tile(kc, a, b, c, jb->N, acc);
+    return;
+  }
+  float buf[SG_MR * SG_NR] __attribute__((aligned(32)));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) buf[i * SG_NR + j] = acc ? c[i * jb->N + j] : 0.f;
+  sg_tile(kc, a, b, buf, SG_NR, 1);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) c[i * jb->N + j] = buf[i * SG_NR + j];
+}
+
+/* rows [m0, m1) x panels [p0, p1) of y: for each KC slice of K, blocks of MC rows (in L2)
+   pass each panel's slice (in L1) tile by tile */
+static int sg_block(const sg_job* jb, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t K = jb->K;
+  for (int64_t k0 = 0; k0 < K; k0 += SG_KC) {
+    const int64_t kc = K - k0 < SG_KC ? K - k0 : SG_KC;
+    for (int64_t mb = m0; mb < m1; mb += SG_MC) {
+      const int64_t mc = m1 - mb < SG_MC ? m1 - mb : SG_MC;
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* b = jb->wp + (p * K + k0) * SG_NR;
+        for (int64_t i = 0; i < mc; i += SG_MR)
+          sg_micro(jb, k0, kc, b, mb + i, mc - i < SG_MR ? mc - i : SG_MR, p, k0 > 0);
+      }
+    }
+  }
+  return 0;
+}
+
+static int sg_task(int t, kiln_penv* env, void* cdata) {
+  const sg_job* jb = (const sg_job*)cdata;
+  const int nt = env->num_task;
+  const int64_t panels = (jb->N + SG_NR - 1) / SG_NR, mblocks = (jb->M + SG_MC - 1) / SG_MC;
+  if (mblocks >= 2 * nt || panels < nt) { /* many rows: each task its share of the rows (whole strips), every panel */
+    const int64_t strips = (jb->M + SG_MR - 1) / SG_MR, a = strips * t / nt * SG_MR, b = strips * (t + 1) / nt * SG_MR;
+    return sg_block(jb, a, b < jb->M ? b : jb->M, 0, panels);
+  }
+  return sg_block(jb, 0, jb->M, panels * t / nt, panels * (t + 1) / nt); /* few rows: a share of the panels */
+}
+
+/* y[M, N] = x[M, K] @ W^T with W packed as above; returns 0 (an int, as kiln's other entry points) */
+int32_t kiln_cpu_sgemm_packed(const float* x, const float* wp, float* y, int64_t M, int64_t N, int64_t K) {
+  if (M <= 0 || N <= 0) return 0;
+  if (K <= 0) {
+    memset(y, 0, (size_t)(M * N) * sizeof(float));
+    return 0;
+  }
+  sg_job jb = {x, wp, y, M, N, K};
+  return kiln_parallel(sg_task, &jb);
+}

@@ -1,0 +1,67 @@
+"""fp32 GEMM on weights packed at compile time, for CPU graphs (issue 18): a TIR wrapper around
+kernels/cpu/sgemm.c and the packed layout as a weight "format" that passes/pack_graph_weights.py
+applies (compiler/cpu_codegen.py compiles the C for each CPU target and links it in).
+
+    sgemm_packed(K, N)    x  # [M, K] f32 (M symbolic), w  # [ceil(N / 16), K, 16] f32  -> y  # [M, N] f32
+
+The layout: W [N, K] (B transposed, as kiln stores MatMul weights) cut into panels of 16 rows,
+each stored k-major ([K, 16]), rows past N zero -- what the micro-kernel reads, 16 floats (two
+AVX2 vectors) per k, in order (benchmarks/NOTES.md, Session 20).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...tvm_compat import compiler
+
+_t = compiler()
+T = _t.T
+
+PANEL = 16  # weight rows per panel: sgemm.c's SG_NR
+
+
+class PackedPanels:
+    """W [N, K] float32 -> panels [ceil(N / 16), K, 16] float32 (the one array "p"). Has the
+    interface passes/quantize_graph_weights.py asks of a weight format, plus `graph_kernel`:
+    the callee it emits instead of a TE matmul. Lossless: the same floats, reordered."""
+
+    name = "f32p16"  # the params' layout code in the manifest ("layout"; their quant stays "none")
+
+    def fits(self, k: int) -> bool:
+        return k > 0
+
+    def group_for(self, k: int) -> int:
+        return k
+
+    def parts(self, shape):
+        n, k = shape
+        return {"p": (((n + PANEL - 1) // PANEL, k, PANEL), "float32")}
+
+    def quantize(self, w: np.ndarray) -> dict:
+        n, k = w.shape
+        pad = (-n) % PANEL
+        w = np.pad(np.asarray(w, np.float32), ((0, pad), (0, 0)))
+        return {"p": np.ascontiguousarray(w.reshape(-1, PANEL, k).transpose(0, 2, 1))}
+
+    def graph_kernel(self, k: int, n: int):
+        return sgemm_packed(k, n)
+
+
+PACKED_PANELS = PackedPanels()
+
+
+def sgemm_packed(K: int, N: int):
+    """The call_tir callee for one packed [N, K] matrix: x [M, K] -> y [M, N]."""
+    P = (N + PANEL - 1) // PANEL
+
+    @T.prim_func
+    def kiln_sgemm(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
+        M = T.int64()
+        x = T.match_buffer(var_x, (M, K), "float32")
+        y = T.match_buffer(var_y, (M, N), "float32")
+        rc = T.call_extern("int32", "kiln_cpu_sgemm_packed", x.data, w.data, y.data, M, T.int64(N), T.int64(K))
+        assert rc == 0, "kiln_cpu_sgemm_packed failed"
+
+    return kiln_sgemm

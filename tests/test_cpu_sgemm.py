@@ -1,0 +1,90 @@
+"""kiln's fp32 GEMM on packed weights (passes/kernels/cpu/sgemm.c through its TIR wrapper,
+kernels/sgemm_cpu.py) against numpy in float64, and PackGraphWeights end to end.
+
+Every x86 level is built (x86-64-v2 runs the portable C tile, v3 / v4 the AVX2 micro-kernel)
+and run where the host has its flags. Odd sizes on purpose: rows not a multiple of the
+6-row strips or the 16-column panels, K across the 256-deep slices (257, 600), rows enough
+for the row split between threads (M 400 with N 20) and for the panel split (M 37, N 50),
+a single value, a single row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers.onnx_models import export_bert, export_cnn, ort_run, rel
+from kiln.compiler.cpu_codegen import kernel_objects
+from kiln.compiler.target import parse_target
+from kiln.passes.kernels.sgemm_cpu import PACKED_PANELS, sgemm_packed
+from kiln.runtime.hostinfo import host_cpu_flags, host_machine
+from kiln.tvm_compat import compiler
+
+t = compiler()
+tvm = t.tvm
+
+LEVELS = ["x86-64-v2", "x86-64-v3", "x86-64-v4"]
+CASES = [(1, 1, 1), (1, 13, 72), (5, 13, 7), (6, 16, 256), (7, 17, 257), (37, 50, 600), (13, 3, 33), (400, 20, 40), (128, 96, 64)]
+RTOL = 1e-5  # of the largest |y|: float32 sums of up to 600 products
+
+
+@pytest.fixture(scope="module", params=LEVELS)
+def level(request, tmp_path_factory):
+    if host_machine() != "x86_64":
+        pytest.skip("x86-64 targets")
+    tg = parse_target("llvm:" + request.param)[0]
+    runnable = set(tg.required_cpu_flags()) <= host_cpu_flags()
+    tmp = tmp_path_factory.mktemp(request.param)
+    return tg, runnable, tmp, kernel_objects(tg, tmp)
+
+
+def test_panels_layout():
+    w = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)  # N 20: two panels, the second 4 rows + 12 of zeros
+    p = PACKED_PANELS.quantize(w)["p"]
+    assert p.shape == (2, 3, 16) and PACKED_PANELS.parts((20, 3)) == {"p": ((2, 3, 16), "float32")}
+    assert np.array_equal(p[0], w[:16].T) and np.array_equal(p[1, :, :4], w[16:].T) and not p[1, :, 4:].any()
+
+
+@pytest.mark.parametrize("M,N,K", CASES)
+def test_sgemm_matches_numpy(level, M, N, K):
+    tg, runnable, tmp, objs = level
+    rng = np.random.default_rng(M * 1000003 + N * 1009 + K)
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 4.0, (M, 1))).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    lib = tvm.compile(tvm.IRModule({"main": sgemm_packed(K, N).with_attr("global_symbol", "main")}), target=tg.tvm_target())
+    so = tmp / f"sgemm_{M}_{N}_{K}.so"
+    lib.export_library(str(so), addons=list(objs))
+    if not runnable:
+        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
+    f = tvm.runtime.load_module(str(so))["main"]
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.full((M, N), np.nan, np.float32), dev)
+    f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(PACKED_PANELS.quantize(w)["p"], dev), y)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("make", [export_bert, export_cnn], ids=["bert", "cnn"])
+def test_packed_graph_matches_the_float_graph(tmp_path, make):
+    """The tiny BERT / CNN compiled with the C GEMM (default) and without it (cpu_gemm=False): the packed
+    params are in the manifest with their layout, and both match onnxruntime at two shapes."""
+    from kiln.compiler.onnx_build import compile_onnx  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    path = make(tmp_path / "m.onnx")
+    rng = np.random.default_rng(3)
+    if make is export_bert:
+        feeds = [{"input_ids": rng.integers(0, 100, (b, s)).astype(np.int64), "attention_mask": np.ones((b, s), np.int64)} for b, s in ((1, 13), (2, 7))]
+    else:
+        feeds = [{"image": rng.standard_normal(shape).astype(np.float32)} for shape in ((1, 3, 37, 29), (2, 3, 16, 16))]
+    models = {}
+    for gemm in (True, False):
+        compile_onnx(path, tmp_path / f"{gemm}.kiln", cpu_gemm=gemm)
+        models[gemm] = load(tmp_path / f"{gemm}.kiln")
+    packed = [p for p in models[True].artifact.manifest["params"] if p.get("layout") == "f32p16"]
+    assert packed and not any("layout" in p for p in models[False].artifact.manifest["params"])
+    assert all(p["quant"] == "none" and p["shape"][2] == 16 for p in packed)
+    for f in feeds:
+        want = ort_run(path, f)
+        for m in models.values():
+            got = m.run(f)
+            assert all(rel(got[k], want[k]) < 1e-5 for k in want), {k: rel(got[k], want[k]) for k in want}
