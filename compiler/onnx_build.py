@@ -26,6 +26,7 @@ from .. import __version__
 from ..errors import CompileError
 from ..frontends.onnx import read_onnx
 from ..frontends.onnx_graph import import_onnx, parse_input_shapes
+from ..passes.activation_matmuls_on_gemm import ActivationMatmulsOnGemm
 from ..passes.conv_as_gemm import ConvAsGemm
 from ..passes.cpu_graph_rules import graph_rules
 from ..passes.hoist_shape_bindings import HoistShapeBindings
@@ -182,6 +183,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
         before = {e["name"]: e for e in params}
         mod, graph_params, packed = PackGraphWeights(len(graph.inputs))(mod, graph_params)
         params = [e if "layout" in e else before[e["name"]] for e in packed]
+        mod = ActivationMatmulsOnGemm()(mod)  # the rest: products of two activations (attention)
     inits = {p.name: p for p in graph_params}
     warnings = []
     if fmt is not None and not any(p["quant"] == fmt.name for p in params):

@@ -5,7 +5,8 @@ Every x86 level is built (x86-64-v2 runs the portable C tile, v3 / v4 the AVX2 m
 and run where the host has its flags. Odd sizes on purpose: rows not a multiple of the
 6-row strips or the 16-column panels, K across the 256-deep slices (257, 600), rows enough
 for the row split between threads (M 400 with N 20) and for the panel split (M 37, N 50),
-a single value, a single row."""
+a single value, a single row; batched products of two activations (b shared or per product).
+End to end: the tiny BERT and CNN with and without the C GEMM against onnxruntime."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from helpers.onnx_models import export_bert, export_cnn, ort_run, rel
 from kiln.compiler.cpu_codegen import kernel_objects
 from kiln.compiler.target import parse_target
-from kiln.passes.kernels.sgemm_cpu import PACKED_PANELS, sgemm_packed
+from kiln.passes.kernels.sgemm_cpu import PACKED_PANELS, sgemm_batched, sgemm_packed
 from kiln.runtime.hostinfo import host_cpu_flags, host_machine
 from kiln.tvm_compat import compiler
 
@@ -63,6 +64,27 @@ def test_sgemm_matches_numpy(level, M, N, K):
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("batch,bb,M,N,K", [(3, 3, 13, 37, 29), (1, 1, 7, 40, 300), (5, 1, 6, 16, 8), (12, 12, 20, 17, 64)])
+def test_sgemm_batched_matches_numpy(level, batch, bb, M, N, K):
+    """Both operands activations: b [bb, K, N] packed per call (bb 1: shared by every product; batch 1:
+    the tasks split one product's panels)."""
+    tg, runnable, tmp, objs = level
+    rng = np.random.default_rng(batch * 7 + M * 131 + N * 17 + K)
+    a = rng.standard_normal((batch, M, K)).astype(np.float32)
+    b = rng.standard_normal((bb, K, N)).astype(np.float32)
+    lib = tvm.compile(tvm.IRModule({"main": sgemm_batched().with_attr("global_symbol", "main")}), target=tg.tvm_target())
+    so = tmp / f"bmm_{batch}_{bb}_{M}_{N}_{K}.so"
+    lib.export_library(str(so), addons=list(objs))
+    if not runnable:
+        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
+    f = tvm.runtime.load_module(str(so))["main"]
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.full((batch, M, N), np.nan, np.float32), dev)
+    f(tvm.runtime.tensor(a, dev), tvm.runtime.tensor(b, dev), y)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("make", [export_bert, export_cnn], ids=["bert", "cnn"])
 def test_packed_graph_matches_the_float_graph(tmp_path, make):
     """The tiny BERT / CNN compiled with the C GEMM (default) and without it (cpu_gemm=False): the packed
@@ -81,6 +103,8 @@ def test_packed_graph_matches_the_float_graph(tmp_path, make):
         compile_onnx(path, tmp_path / f"{gemm}.kiln", cpu_gemm=gemm)
         models[gemm] = load(tmp_path / f"{gemm}.kiln")
     packed = [p for p in models[True].artifact.manifest["params"] if p.get("layout") == "f32p16"]
+    if make is export_bert:  # attention's products of two activations on the batched kernel
+        assert "kiln_sgemm_batched" in (tmp_path / "True.kiln" / "lib" / "cpu.so").read_bytes().decode("latin-1")
     assert packed and not any("layout" in p for p in models[False].artifact.manifest["params"])
     assert all(p["quant"] == "none" and p["shape"][2] == 16 for p in packed)
     for f in feeds:

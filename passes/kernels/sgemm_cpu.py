@@ -65,3 +65,21 @@ def sgemm_packed(K: int, N: int):
         assert rc == 0, "kiln_cpu_sgemm_packed failed"
 
     return kiln_sgemm
+
+
+def sgemm_batched():
+    """The call_tir callee for products of two activations (attention's q k^T, p v), every size
+    symbolic: a [batch, M, K] @ b [batch or 1, K, N] -> y [batch, M, N]; b is packed into panels
+    per call, inside the kernel (a few KB per product)."""
+
+    @T.prim_func
+    def kiln_sgemm_batched(var_a: T.handle, var_b: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        batch, bb, M, N, K = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        a = T.match_buffer(var_a, (batch, M, K), "float32")
+        b = T.match_buffer(var_b, (bb, K, N), "float32")
+        y = T.match_buffer(var_y, (batch, M, N), "float32")
+        rc = T.call_extern("int32", "kiln_cpu_sgemm_batched", a.data, b.data, y.data, batch, bb, M, N, K)
+        assert rc == 0, "kiln_cpu_sgemm_batched: out of memory for the packed panels"
+
+    return kiln_sgemm_batched

@@ -159,3 +159,57 @@ int32_t kiln_cpu_sgemm_packed(const float* x, const float* wp, float* y, int64_t
   sg_job jb = {x, wp, y, M, N, K};
   return kiln_parallel(sg_task, &jb);
 }
+
+
+/* ---- both operands activations (attention's q k^T and p v) ---------------------------------- */
+
+typedef struct {
+  const float* a; /* [batch, M, K] */
+  const float* b; /* [batch or 1, K, N] */
+  float* y;       /* [batch, M, N] */
+  int64_t batch, b_batch, M, N, K;
+} bmm_job;
+
+/* panels [p0, p1) of b [K, N] (row-major) into wp [ceil(N / 16), K, 16], columns past N zero */
+static void bmm_pack(const float* b, int64_t N, int64_t K, int64_t p0, int64_t p1, float* wp) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * SG_NR, cols = N - n0 < SG_NR ? N - n0 : SG_NR;
+    float* out = wp + p * K * SG_NR;
+    for (int64_t k = 0; k < K; ++k) {
+      memcpy(out + k * SG_NR, b + k * N + n0, (size_t)cols * sizeof(float));
+      for (int64_t j = cols; j < SG_NR; ++j) out[k * SG_NR + j] = 0.f;
+    }
+  }
+}
+
+/* task t: whole products when there are enough of them for every task, else a share of each
+   product's panels; each task packs the panels it computes into its own buffer */
+static int bmm_task(int t, kiln_penv* env, void* cdata) {
+  const bmm_job* jb = (const bmm_job*)cdata;
+  const int nt = env->num_task;
+  const int64_t P = (jb->N + SG_NR - 1) / SG_NR, split = jb->batch >= nt ? 1 : nt, units = jb->batch * split;
+  const int64_t u0 = units * t / nt, u1 = units * (t + 1) / nt;
+  if (u0 >= u1) return 0;
+  float* wp = (float*)aligned_alloc(64, (size_t)((P * jb->K * SG_NR * 4 + 63) / 64 * 64));
+  if (!wp) return -1;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t bi = u / split, c = u % split, p0 = P * c / split, p1 = P * (c + 1) / split;
+    bmm_pack(jb->b + (jb->b_batch == 1 ? 0 : bi) * jb->K * jb->N, jb->N, jb->K, p0, p1, wp);
+    const sg_job one = {jb->a + bi * jb->M * jb->K, wp, jb->y + bi * jb->M * jb->N, jb->M, jb->N, jb->K};
+    sg_block(&one, 0, jb->M, p0, p1);
+  }
+  free(wp);
+  return 0;
+}
+
+/* y[i] = a[i] @ b[i or 0] for i < batch (b_batch is batch or 1); 0, or -1 when scratch memory ran out */
+int32_t kiln_cpu_sgemm_batched(const float* a, const float* b, float* y, int64_t batch, int64_t b_batch, int64_t M, int64_t N,
+                               int64_t K) {
+  if (batch <= 0 || M <= 0 || N <= 0) return 0;
+  if (K <= 0) {
+    memset(y, 0, (size_t)(batch * M * N) * sizeof(float));
+    return 0;
+  }
+  bmm_job jb = {a, b, y, batch, b_batch, M, N, K};
+  return kiln_parallel(bmm_task, &jb);
+}
