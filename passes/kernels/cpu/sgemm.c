@@ -48,42 +48,48 @@ typedef struct {
 } sg_job;
 
 #if SG_AVX2
-/* c[6 x 16] (row stride ldc) = (acc ? c : 0) + a rows (a[i] + k, k < kc) x b-slice [kc][16] */
-static inline __attribute__((always_inline)) void sg_tile(int64_t kc, const float* const* a, const float* b, float* c, int64_t ldc, int acc) {
+/* c[MR x 16] (row stride ldc) = (acc ? c : 0) + a rows (a[i] + k, k < kc) x b-slice [kc][16]; MR a
+   constant at each call (1..6). Named accumulators, not arrays: gcc kept arrays of __m256 on the
+   stack and stored every accumulator each k (session 20, asm) */
+#define SG_ROW_FMA(i)                                        \
+  if (MR > i) {                                              \
+    const __m256 t = _mm256_broadcast_ss(a##i + k);          \
+    c##i##0 = _mm256_fmadd_ps(t, b0, c##i##0);               \
+    c##i##1 = _mm256_fmadd_ps(t, b1, c##i##1);               \
+  }
+#define SG_ROW_STORE(i)                                                \
+  if (MR > i) {                                                        \
+    float* ci = c + i * ldc;                                           \
+    if (acc) {                                                         \
+      c##i##0 = _mm256_add_ps(c##i##0, _mm256_loadu_ps(ci));           \
+      c##i##1 = _mm256_add_ps(c##i##1, _mm256_loadu_ps(ci + 8));       \
+    }                                                                  \
+    _mm256_storeu_ps(ci, c##i##0);                                     \
+    _mm256_storeu_ps(ci + 8, c##i##1);                                 \
+  }
+static inline __attribute__((always_inline)) void sg_tile_mr(int64_t kc, const float* const* a, const float* b, float* c, int64_t ldc,
+                                                             int acc, const int MR) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
   __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  const float *a0 = a[0], *a1 = a[MR > 1 ? 1 : 0], *a2 = a[MR > 2 ? 2 : 0], *a3 = a[MR > 3 ? 3 : 0], *a4 = a[MR > 4 ? 4 : 0],
+              *a5 = a[MR > 5 ? 5 : 0];
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + 16 * k), b1 = _mm256_loadu_ps(b + 16 * k + 8);
-    __m256 t = _mm256_broadcast_ss(a0 + k);
-    c00 = _mm256_fmadd_ps(t, b0, c00);
-    c01 = _mm256_fmadd_ps(t, b1, c01);
-    t = _mm256_broadcast_ss(a1 + k);
-    c10 = _mm256_fmadd_ps(t, b0, c10);
-    c11 = _mm256_fmadd_ps(t, b1, c11);
-    t = _mm256_broadcast_ss(a2 + k);
-    c20 = _mm256_fmadd_ps(t, b0, c20);
-    c21 = _mm256_fmadd_ps(t, b1, c21);
-    t = _mm256_broadcast_ss(a3 + k);
-    c30 = _mm256_fmadd_ps(t, b0, c30);
-    c31 = _mm256_fmadd_ps(t, b1, c31);
-    t = _mm256_broadcast_ss(a4 + k);
-    c40 = _mm256_fmadd_ps(t, b0, c40);
-    c41 = _mm256_fmadd_ps(t, b1, c41);
-    t = _mm256_broadcast_ss(a5 + k);
-    c50 = _mm256_fmadd_ps(t, b0, c50);
-    c51 = _mm256_fmadd_ps(t, b1, c51);
+    SG_ROW_FMA(0) SG_ROW_FMA(1) SG_ROW_FMA(2) SG_ROW_FMA(3) SG_ROW_FMA(4) SG_ROW_FMA(5)
   }
-  __m256 r[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
-  for (int i = 0; i < 6; ++i) {
-    float* ci = c + i * ldc;
-    if (acc) {
-      r[2 * i] = _mm256_add_ps(r[2 * i], _mm256_loadu_ps(ci));
-      r[2 * i + 1] = _mm256_add_ps(r[2 * i + 1], _mm256_loadu_ps(ci + 8));
-    }
-    _mm256_storeu_ps(ci, r[2 * i]);
-    _mm256_storeu_ps(ci + 8, r[2 * i + 1]);
+  SG_ROW_STORE(0) SG_ROW_STORE(1) SG_ROW_STORE(2) SG_ROW_STORE(3) SG_ROW_STORE(4) SG_ROW_STORE(5)
+}
+
+/* rows 1..6: one unrolled tile each (a strip of fewer rows at the end of M computes only its rows) */
+static void sg_tile_rows(int64_t kc, const float* const* a, const float* b, float* c, int64_t ldc, int acc, int64_t rows) {
+  switch (rows) {
+    case 6: sg_tile_mr(kc, a, b, c, ldc, acc, 6); break;
+    case 5: sg_tile_mr(kc, a, b, c, ldc, acc, 5); break;
+    case 4: sg_tile_mr(kc, a, b, c, ldc, acc, 4); break;
+    case 3: sg_tile_mr(kc, a, b, c, ldc, acc, 3); break;
+    case 2: sg_tile_mr(kc, a, b, c, ldc, acc, 2); break;
+    default: sg_tile_mr(kc, a, b, c, ldc, acc, 1); break;
   }
 }
 #else
@@ -99,6 +105,11 @@ static inline void sg_tile(int64_t kc, const float* const* a, const float* b, fl
   for (int i = 0; i < SG_MR; ++i)
     for (int j = 0; j < SG_NR; ++j) c[i * ldc + j] = (acc ? c[i * ldc + j] : 0.f) + t[i][j];
 }
+
+static void sg_tile_rows(int64_t kc, const float* const* a, const float* b, float* c, int64_t ldc, int acc, int64_t rows) {
+  (void)rows; /* the caller passes a buffer of SG_MR rows when rows < SG_MR */
+  sg_tile(kc, a, b, c, ldc, acc);
+}
 #endif
 
 /* one micro-tile: rows [m, m + rows) x panel p over k [k0, k0 + kc); full tiles straight into y,
@@ -108,14 +119,19 @@ static inline void sg_micro(const sg_job* jb, int64_t k0, int64_t kc, const floa
   const float* a[SG_MR];
   for (int i = 0; i < SG_MR; ++i) a[i] = jb->x + (m + (i < rows ? i : rows - 1)) * jb->K + k0;
   float* c = jb->y + m * jb->N + n;
-  if (rows == SG_MR && cols == SG_NR) {
-    sg_tile(kc, a, b, c, jb->N, acc);
+#if SG_AVX2
+  const int full = cols == SG_NR; /* a strip of fewer rows writes its rows straight into y */
+#else
+  const int full = cols == SG_NR && rows == SG_MR;
+#endif
+  if (full) {
+    sg_tile_rows(kc, a, b, c, jb->N, acc, rows);
     return;
   }
   float buf[SG_MR * SG_NR] __attribute__((aligned(32)));
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) buf[i * SG_NR + j] = acc ? c[i * jb->N + j] : 0.f;
-  sg_tile(kc, a, b, buf, SG_NR, 1);
+  sg_tile_rows(kc, a, b, buf, SG_NR, 1, rows);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) c[i * jb->N + j] = buf[i * SG_NR + j];
 }
