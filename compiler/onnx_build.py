@@ -32,6 +32,7 @@ from ..passes.cpu_graph_rules import graph_rules
 from ..passes.hoist_shape_bindings import HoistShapeBindings
 from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..passes.schedule_tir import MatmulWithoutTensorCores
+from ..passes.softmax_on_kernel import SoftmaxOnKernel
 from ..passes.kernels.qdot_cpu import qdot_supported
 from ..passes.narrow_float_params import NarrowFloatParams
 from ..passes.pack_graph_weights import PackGraphWeights
@@ -183,7 +184,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
         before = {e["name"]: e for e in params}
         mod, graph_params, packed = PackGraphWeights(len(graph.inputs))(mod, graph_params)
         params = [e if "layout" in e else before[e["name"]] for e in packed]
-        mod = ActivationMatmulsOnGemm()(mod)  # the rest: products of two activations (attention)
+        mod = SoftmaxOnKernel()(ActivationMatmulsOnGemm()(mod))  # the rest: products of two activations (attention); softmax rows
     inits = {p.name: p for p in graph_params}
     warnings = []
     if fmt is not None and not any(p["quant"] == fmt.name for p in params):

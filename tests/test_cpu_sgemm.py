@@ -16,7 +16,7 @@ import pytest
 from helpers.onnx_models import export_bert, export_cnn, ort_run, rel
 from kiln.compiler.cpu_codegen import kernel_objects
 from kiln.compiler.target import parse_target
-from kiln.passes.kernels.sgemm_cpu import PACKED_PANELS, sgemm_batched, sgemm_packed
+from kiln.passes.kernels.sgemm_cpu import PACKED_PANELS, sgemm_batched, sgemm_packed, softmax_rows
 from kiln.runtime.hostinfo import host_cpu_flags, host_machine
 from kiln.tvm_compat import compiler
 
@@ -85,6 +85,35 @@ def test_sgemm_batched_matches_numpy(level, batch, bb, M, N, K):
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("R,L", [(1, 1), (3, 7), (5, 37), (37, 128), (300, 20)])
+def test_softmax_rows_matches_numpy(level, R, L):
+    """kernels/cpu/softmax.c: rows of odd lengths (the 8-lane loop and its scalar tail), large values,
+    masked entries (-inf -> 0) and a row that is all -inf (NaN, as onnxruntime gives)."""
+    tg, runnable, tmp, objs = level
+    rng = np.random.default_rng(R * 1000 + L)
+    x = (rng.standard_normal((R, L)) * 8).astype(np.float32)
+    x[0, 0] = 60.0
+    if L > 3:
+        x[-1, 1::3] = -np.inf
+    lib = tvm.compile(tvm.IRModule({"main": softmax_rows().with_attr("global_symbol", "main")}), target=tg.tvm_target())
+    so = tmp / f"softmax_{R}_{L}.so"
+    lib.export_library(str(so), addons=list(objs))
+    if not runnable:
+        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
+    f = tvm.runtime.load_module(str(so))["main"]
+    dev = tvm.cpu()
+    x64 = x.astype(np.float64)
+    ref = np.exp(x64 - x64.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    y = tvm.runtime.tensor(np.full((R, L), np.nan, np.float32), dev)
+    f(tvm.runtime.tensor(x, dev), y)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=2e-6, atol=1e-7)
+    if R > 1:  # a row masked out entirely
+        x[1] = -np.inf
+        f(tvm.runtime.tensor(x, dev), y)
+        assert np.isnan(y.numpy()[1]).all() and not np.isnan(y.numpy()[0]).any()
+
+
 @pytest.mark.parametrize("make", [export_bert, export_cnn], ids=["bert", "cnn"])
 def test_packed_graph_matches_the_float_graph(tmp_path, make):
     """The tiny BERT / CNN compiled with the C GEMM (default) and without it (cpu_gemm=False): the packed
@@ -104,7 +133,8 @@ def test_packed_graph_matches_the_float_graph(tmp_path, make):
         models[gemm] = load(tmp_path / f"{gemm}.kiln")
     packed = [p for p in models[True].artifact.manifest["params"] if p.get("layout") == "f32p16"]
     if make is export_bert:  # attention's products of two activations on the batched kernel
-        assert "kiln_sgemm_batched" in (tmp_path / "True.kiln" / "lib" / "cpu.so").read_bytes().decode("latin-1")
+        lib = (tmp_path / "True.kiln" / "lib" / "cpu.so").read_bytes().decode("latin-1")
+        assert "kiln_sgemm_batched" in lib and "kiln_softmax_rows" in lib
     assert packed and not any("layout" in p for p in models[False].artifact.manifest["params"])
     assert all(p["quant"] == "none" and p["shape"][2] == 16 for p in packed)
     for f in feeds:

@@ -83,3 +83,23 @@ def sgemm_batched():
         assert rc == 0, "kiln_cpu_sgemm_batched: out of memory for the packed panels"
 
     return kiln_sgemm_batched
+
+
+def softmax_rows():
+    """The call_tir callee of kernels/cpu/softmax.c: x [R, L] -> y [R, L], softmax of each row
+    (R and L symbolic)."""
+
+    @T.prim_func(s_tir=True)
+    def kiln_softmax_rows(var_x: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        R, L = T.int64(), T.int64()
+        x = T.match_buffer(var_x, (R, L), "float32")
+        y = T.match_buffer(var_y, (R, L), "float32")
+        # a root block: Relax's RewriteDataflowReshape inspects every call_tir callee whose input and output
+        # sizes agree, and asserts that its body is one
+        with T.sblock("root"):
+            T.reads(x[0:R, 0:L])
+            T.writes(y[0:R, 0:L])
+            T.evaluate(T.call_extern("int32", "kiln_cpu_softmax_rows", x.data, y.data, R, L))
+
+    return kiln_softmax_rows
