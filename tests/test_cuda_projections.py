@@ -117,19 +117,22 @@ def test_fp8_batch_rows_run_on_the_rows_gemm(fmt, routed):
     assert ("call_tir(qproj," in main) != routed, main
 
 
-@pytest.mark.parametrize(("wgmma", "k", "callee", "smem"), [
-    (False, 128, "kiln::gemm_tn<__nv_bfloat16, false>", "92160"),
-    (True, 128, "kiln::gemm_wg<__nv_bfloat16, false>", "197632"),  # 4 stages of 48 KB + 1 KB to align the swizzled tiles
-    (True, 96, "kiln::gemm_tn<__nv_bfloat16, false>", "92160"),    # K not a whole number of wgmma's 64-wide steps
+@pytest.mark.parametrize(("wgmma", "k", "callee", "smem", "threads"), [
+    (False, 128, "kiln::gemm_tn<__nv_bfloat16, false>", "92160", 256),
+    (True, 128, "kiln::gemm_ws<__nv_bfloat16, false>", "197952", 288),  # 4 stages of 48 KB, 1 KB to align, mbarriers, 2 tensor maps
+    (True, 96, "kiln::gemm_tn<__nv_bfloat16, false>", "92160", 256),    # K not a whole number of wgmma's 64-wide steps
 ])
-def test_prompt_gemm_takes_wgmma_only_for_hopper(wgmma, k, callee, smem):
+def test_prompt_gemm_takes_wgmma_only_for_hopper(wgmma, k, callee, smem, threads):
     """wgmma=True (an artifact built for sm_90 alone: compiler.target.wgmma_ok) puts prompt GEMMs on
-    kernels/cuda/gemm_wg.cuh (Hopper's warpgroup MMA: 650-725 TFLOP/s against gemm_tn's 165-210 on
-    the H200, benchmarks/NOTES.md), with its larger shared-memory ring; K % 64 != 0 keeps gemm_tn."""
+    kernels/cuda/gemm_wg.cuh's gemm_ws (Hopper's warpgroup MMA fed by TMA from a producer warp: 660-713
+    TFLOP/s against gemm_tn's 165-210 on the H200, benchmarks/NOTES.md), with its larger shared-memory ring,
+    one more warp and 256 bytes of tensor-map scratch per block; K % 64 != 0 keeps gemm_tn."""
     from kiln.passes.kernels.gemm_cuda import gemm
 
     src = gemm(k, 256, "bfloat16", wgmma=wgmma).script()
     assert callee in src and f"({smem},)" in src, src
+    assert f'T.thread_binding({threads}, thread="threadIdx.x")' in src, src
+    assert ("tm = T.alloc_buffer(" in src) == (threads == 288), src  # gemm_ws: the per-block tensor-map scratch
 
 
 def test_wgmma_only_where_every_arch_is_sm90():
@@ -156,8 +159,9 @@ def test_batch_rows_take_the_wgmma_kernel_above_8_on_hopper():
     from kiln.passes.kernels.gemm_cuda import gemm_rows
 
     src = gemm_rows(4096, 4096, "bfloat16", residual=True, wgmma=True).script()
-    assert "kiln::gemm_rows_wg<__nv_bfloat16, __nv_bfloat16, true>" in src and "gemm_rows_big<" not in src, src
-    assert "if B <= T.int64(64):" not in src and "kiln::gemm_rows<__nv_bfloat16, __nv_bfloat16, true, 8>" not in src, src  # above 8 rows: wgmma
+    assert "kiln::gemm_rows_ws<__nv_bfloat16, __nv_bfloat16, true>" in src and "gemm_rows_big<" not in src, src
+    assert "if B <= T.int64(64):" in src and "kiln::gemm_rows_wg<__nv_bfloat16, __nv_bfloat16, true>" in src, src  # up to 64 rows: cp.async
+    assert "kiln::gemm_rows<__nv_bfloat16, __nv_bfloat16, true, 8>" not in src, src  # above 8 rows: wgmma
     src = gemm_rows(4096, 4096, "bfloat16", residual=True).script()
     assert "kiln::gemm_rows_big<__nv_bfloat16, __nv_bfloat16, true>" in src and "gemm_rows_wg" not in src, src
 
@@ -210,16 +214,16 @@ def test_quantized_prompt_and_fp8_rows_take_wgmma_on_hopper():
 
 def test_short_prompts_split_k_on_hopper():
     """A prompt of at most 256 rows leaves the 128 x 256 tiles a sixth of the chip for N = 4096: on
-    Hopper it runs decode_batch's split-K kernel (gemm_rows_wg + the ordered reduction) instead;
+    Hopper it runs decode_batch's split-K kernel (gemm_rows_ws + the ordered reduction) instead;
     large N (one wave of tiles already) and other targets keep the tile kernel alone."""
     from kiln.passes.kernels.gemm_cuda import gemm, gemm_residual
 
     src = gemm_residual(4096, 4096, "bfloat16", wgmma=True).script()
-    assert "if B * S <= T.int64(256):" in src and "kiln::gemm_rows_wg<__nv_bfloat16, __nv_bfloat16, true>" in src, src
-    assert "kiln::gemm_wg<__nv_bfloat16, true>" in src, src
+    assert "if B * S <= T.int64(256):" in src and "kiln::gemm_rows_ws<__nv_bfloat16, __nv_bfloat16, true>" in src, src
+    assert "kiln::gemm_ws<__nv_bfloat16, true>" in src, src
     src = gemm(4096, 28672, "bfloat16", wgmma=True).script()
-    assert "gemm_rows_wg" not in src and "kiln::gemm_wg<" in src, src
-    assert "gemm_rows_wg" not in gemm(4096, 4096, "bfloat16").script()
+    assert "gemm_rows_ws" not in src and "kiln::gemm_ws<" in src, src
+    assert "gemm_rows_ws" not in gemm(4096, 4096, "bfloat16").script()
 
 
 @pytest.mark.parametrize(("fmt", "kernel", "other_use"), [

@@ -33,35 +33,44 @@ def gemm_supported(K: int, dtype: str) -> bool:
 
 
 WG_SMEM_BYTES = 4 * (BM + BN) * 64 * 2 + 1024  # kiln::GEMM_WG_SMEM_BYTES (gemm_wg.cuh: 4 stages of 64-wide K steps)
+# kiln::gemm_ws (gemm_wg.cuh: the same tile and ring fed by TMA from a producer warp): threads, dynamic shared
+# memory (ring, alignment, mbarriers, two tensor maps) and global scratch per block for its tensor maps
+WS_THREADS, WS_SMEM_BYTES, WS_TMAP_BYTES = 288, WG_SMEM_BYTES + 16 * 4 + 256, 256
 
 
-def _callee(K: int, dtype: str, residual: bool, wgmma: bool) -> tuple[str, int]:
-    """(device function, dynamic shared memory bytes): gemm_wg (Hopper's wgmma; the same 128 x 256
-    tiles and launch) where the artifact is built for sm_90 alone
-    and K % 64 == 0, else gemm_tn (WMMA)."""
+def _callee(K: int, dtype: str, residual: bool, wgmma: bool) -> tuple[str, int, int]:
+    """(device function, dynamic shared memory bytes, threads): gemm_ws (Hopper's wgmma fed by TMA; the same
+    128 x 256 tiles, one more warp, and tensor-map scratch as its last argument) where the artifact is built
+    for sm_90 alone and K % 64 == 0, else gemm_tn (WMMA)."""
     res = "true" if residual else "false"
     if wgmma and K % 64 == 0:
-        return f"kiln::gemm_wg<{C_TYPES[dtype]}, {res}>", WG_SMEM_BYTES
-    return f"kiln::gemm_tn<{C_TYPES[dtype]}, {res}>", SMEM_BYTES
+        return f"kiln::gemm_ws<{C_TYPES[dtype]}, {res}>", WS_SMEM_BYTES, WS_THREADS
+    return f"kiln::gemm_tn<{C_TYPES[dtype]}, {res}>", SMEM_BYTES, THREADS
 
 
 PROMPT_SPLIT_M = 256  # wgmma: prompts of at most this many rows take gemm_rows_wg's split K (H200, 8B: 6144 x 4096 at 128 rows 31 us against 48)
 
 
-def _tile_launch(fn: str, N: int, K: int, smem_bytes: int):
-    """The 128 x 256 tile kernels over M contiguous rows (gemm_tn / gemm_wg and their quantized twins):
-    grid (ceil(N / 256), ceil(M / 128)), 256 threads. launch(ins, y, M): ins the kernel's inputs before y
-    (a, the weight's arrays, r)."""
+def _tile_launch(fn: str, N: int, K: int, smem_bytes: int, threads: int = THREADS):
+    """The 128 x 256 tile kernels over M contiguous rows (gemm_tn / gemm_wg / gemm_ws and their quantized
+    twins): grid (ceil(N / 256), ceil(M / 128)). launch(ins, y, M): ins the kernel's inputs before y (a, the
+    weight's arrays, r). With threads == WS_THREADS (gemm_ws) the kernel also takes its tensor-map scratch."""
     nb = (N + BN - 1) // BN
+    tma = threads == WS_THREADS
 
     @T.macro
     def launch(ins, y, M):
+        tm = T.alloc_buffer(((M + BM - 1) // BM * nb * WS_TMAP_BYTES if tma else 1,), "uint8")
         for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
             for bx in T.thread_binding(nb, thread="blockIdx.x"):
-                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                    T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
-                                             smem.access_ptr("rw")))
+                    if tma:
+                        T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
+                                                 smem.access_ptr("rw"), tm.access_ptr("rw")))
+                    else:
+                        T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
+                                                 smem.access_ptr("rw")))
 
     return launch
 
@@ -86,9 +95,9 @@ def _prompt_launch(tiles, split_k, split: bool):
 
 
 def _gemm_launch(K: int, N: int, dtype: str, residual: bool, wgmma: bool):
-    fn, smem_bytes = _callee(K, dtype, residual, wgmma)
+    fn, smem_bytes, threads = _callee(K, dtype, residual, wgmma)
     split = wgmma and K % 64 == 0 and rows_wg_ksplit(N, K) > 1
-    return _prompt_launch(_tile_launch(fn, N, K, smem_bytes), _rows_wg_launch(N, K, dtype, dtype, residual), split)
+    return _prompt_launch(_tile_launch(fn, N, K, smem_bytes, threads), _rows_wg_launch(N, K, dtype, dtype, residual), split)
 
 
 def gemm(K: int, N: int, dtype: str, wgmma: bool = False):
@@ -157,22 +166,30 @@ def _addresses(*bufs):
     return [T.address_of(b[tuple(0 for _ in b.shape)]) for b in bufs]
 
 
-def _split_k_launch(fn: str, reduce: str, N: int, K: int, ks: int, smem_bytes: int, tile_n: int, tile_t: int, n_on_x: bool):
+def _split_k_launch(fn: str, reduce: str, N: int, K: int, ks: int, smem_bytes: int, tile_n: int, tile_t: int, n_on_x: bool,
+                    threads: int = ROWS_THREADS):
     """A row kernel with K cut into ks ranges over grid.z (kernels/cuda/gemm_rows.cuh gemm_rows_big, gemm_wg.cuh
-    gemm_rows_wg[_q]) over M contiguous rows, and with several ranges the ordered reduction of the fp32 partials.
-    launch(ins, rr, y, M): ins the kernel's inputs before y (a and the weight's arrays, + r), rr what the
-    reduction reads as the residual (not read without one)."""
+    gemm_rows_ws / gemm_rows_wg_q) over M contiguous rows, and with several ranges the ordered reduction of the
+    fp32 partials. launch(ins, rr, y, M): ins the kernel's inputs before y (a and the weight's arrays, + r), rr
+    what the reduction reads as the residual (not read without one). threads == WS_THREADS (gemm_rows_ws): the
+    kernel also takes its tensor-map scratch."""
+    tma = threads == WS_THREADS
 
     @T.macro
     def launch(ins, rr, y, M):
         ws = T.alloc_buffer((ks * M * N if ks > 1 else 1,), "float32")  # split-K partials [ks, M, N]
+        tm = T.alloc_buffer((ks * ((M + tile_t - 1) // tile_t) * ((N + tile_n - 1) // tile_n) * WS_TMAP_BYTES if tma else 1,), "uint8")
         for bz in T.thread_binding(ks, thread="blockIdx.z"):
             for by in T.thread_binding((M + tile_t - 1) // tile_t if n_on_x else (N + tile_n - 1) // tile_n, thread="blockIdx.y"):
                 for bx in T.thread_binding((N + tile_n - 1) // tile_n if n_on_x else (M + tile_t - 1) // tile_t, thread="blockIdx.x"):
-                    for tx in T.thread_binding(ROWS_THREADS, thread="threadIdx.x"):
+                    for tx in T.thread_binding(threads, thread="threadIdx.x"):
                         smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                        T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"), T.Cast("int32", M),
-                                                 N, K, ks, smem.access_ptr("rw")))
+                        if tma:
+                            T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"),
+                                                     T.Cast("int32", M), N, K, ks, smem.access_ptr("rw"), tm.access_ptr("rw")))
+                        else:
+                            T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"),
+                                                     T.Cast("int32", M), N, K, ks, smem.access_ptr("rw")))
         if ks > 1:
             for bx in T.thread_binding((M * N + 255) // 256, thread="blockIdx.x"):
                 for tx in T.thread_binding(256, thread="threadIdx.x"):
@@ -182,12 +199,26 @@ def _split_k_launch(fn: str, reduce: str, N: int, K: int, ks: int, smem_bytes: i
     return launch
 
 
+WS_MIN_ROWS = 64  # gemm_rows_ws above this many rows, gemm_rows_wg up to it (H200, 8B bf16: bit-equal; TMA's ring 3-9% faster from 128 rows, 0-11% slower at 16-64)
+
+
 def _rows_wg_launch(N: int, K: int, dtype: str, out_dtype: str, residual: bool):
-    """gemm_rows_wg (tiles of 256 weight rows x 128 tokens) with its fixed split of K, over M contiguous rows
-    (decode_batch's [B, 1, K] or a short prompt's [1, S, K]): launch((a, w, r), r, y, M)."""
+    """Tiles of 256 weight rows x 128 tokens with gemm_rows_wg's fixed split of K, over M contiguous rows (decode_batch's
+    [B, 1, K] or a short prompt's [1, S, K]): gemm_rows_ws (fed by TMA) above WS_MIN_ROWS rows, gemm_rows_wg (cp.async)
+    up to it -- the same sums bit for bit. launch((a, w, r), r, y, M)."""
     ct, co, res = C_TYPES[dtype], C_TYPES[out_dtype], "true" if residual else "false"
-    return _split_k_launch(f"kiln::gemm_rows_wg<{ct}, {co}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>", N, K,
-                           rows_wg_ksplit(N, K), WG_SMEM_BYTES, 256, 128, True)
+    reduce, ks = f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>", rows_wg_ksplit(N, K)
+    wg = _split_k_launch(f"kiln::gemm_rows_wg<{ct}, {co}, {res}>", reduce, N, K, ks, WG_SMEM_BYTES, 256, 128, True)
+    ws = _split_k_launch(f"kiln::gemm_rows_ws<{ct}, {co}, {res}>", reduce, N, K, ks, WS_SMEM_BYTES, 256, 128, True, WS_THREADS)
+
+    @T.macro
+    def launch(ins, rr, y, M):
+        if M <= WS_MIN_ROWS:
+            wg(ins, rr, y, M)
+        else:
+            ws(ins, rr, y, M)
+
+    return launch
 
 
 def _rows_wg_q_launch(N: int, K: int, dtype: str, out_dtype: str, code: str, group: int):

@@ -90,6 +90,108 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
+// The epilogue of a consumer warpgroup's 64 x 256 tile: warp rows r0 .. r0 + 15 of the block's (m0, n0) tile,
+// d[4 j + e] = row r0 + g (+ 8 for e >= 2), column 8 j + 2 q + (e & 1). split: fp32 sums to ws[z][m][n];
+// else C (+ R) in OutT. e4m3 (CODE 9): the row (output column) scales S multiply the sums first.
+template <typename T, typename OutT, bool RESIDUAL, int CODE>
+__device__ __forceinline__ void wg_store(float (&d)[128], int r0, int lane, const T* __restrict__ R, OutT* __restrict__ C,
+                                         float* __restrict__ ws, int M, int N, int z, bool split, int m0, int n0,
+                                         const void* __restrict__ S) {
+  const int g = lane / 4, q = lane % 4;
+  if constexpr (CODE != 0 && CODE != 4 && CODE != 8) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int n = n0 + j * 8 + 2 * q;
+      const float s0 = n < N ? static_cast<const float*>(S)[n] : 0.f, s1 = n + 1 < N ? static_cast<const float*>(S)[n + 1] : 0.f;
+      d[4 * j] *= s0; d[4 * j + 2] *= s0;
+      d[4 * j + 1] *= s1; d[4 * j + 3] *= s1;
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = m0 + r0 + g + h * 8;
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int n = n0 + j * 8 + 2 * q;
+      float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
+      const bool pair_ok = n + 1 < N && (N & 1) == 0;  // vector stores need an even row length (n is even)
+      if (split) {
+        float* w = ws + ((size_t)z * M + m) * N + n;
+        if (pair_ok) {
+          *reinterpret_cast<float2*>(w) = make_float2(v0, v1);
+        } else {
+          if (n < N) w[0] = v0;
+          if (n + 1 < N) w[1] = v1;
+        }
+        continue;
+      }
+      if constexpr (RESIDUAL) {
+        if (n < N) v0 += to_float(R[(size_t)m * N + n]);
+        if (n + 1 < N) v1 += to_float(R[(size_t)m * N + n + 1]);
+      }
+      if constexpr (sizeof(OutT) == 2) {
+        if (pair_ok) {
+          *reinterpret_cast<uint32_t*>(C + (size_t)m * N + n) = pack_pair<OutT>(v0, v1);
+          continue;
+        }
+      }
+      if (n < N) C[(size_t)m * N + n] = from_float<OutT>(v0);
+      if (n + 1 < N) C[(size_t)m * N + n + 1] = from_float<OutT>(v1);
+    }
+  }
+}
+
+// Quantized weights into wgmma's B tile (gemm_wg_tile_wgmma). A 64-wide K
+// step of one weight row: its scales (and minima) -- one group per step when G % 64 == 0, else one per
+// 8-value chunk -- then its codes decoded into the T tile's row (swizzled), the values gemm_tn_q decodes.
+__host__ __device__ constexpr int wg_nsc(int code, int g) { return (code == 4 || code == 8) ? (g % 64 == 0 ? 1 : 8) : 1; }
+
+template <int CODE, int G>
+__device__ __forceinline__ void wg_row_scales(const void* __restrict__ S, const void* __restrict__ Z, int n, int k0, int K,
+                                              float (&scl)[wg_nsc(CODE, G)], float (&mnm)[wg_nsc(CODE, G)]) {
+  if constexpr (CODE == 4 || CODE == 8) {
+    const int ng = K / G;
+#pragma unroll
+    for (int i = 0; i < wg_nsc(CODE, G); ++i) {
+      const size_t at = (size_t)n * ng + (k0 + i * 8) / G;
+      scl[i] = __half2float(static_cast<const __half*>(S)[at]);
+      mnm[i] = CODE == 4 ? __half2float(static_cast<const __half*>(Z)[at]) : 0.f;
+    }
+  }
+}
+
+// w: the row's codes for the step (32 bytes of 4-bit codes, 64 of int8 / e4m3); e4m3 stays exact (its row
+// scale multiplies the sums later).
+template <typename T, int CODE, int G>
+__device__ __forceinline__ void wg_decode_row(const uint32_t* __restrict__ w, const float* scl, const float* mnm, unsigned char* dst, int row) {
+  constexpr int NSC = wg_nsc(CODE, G);
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {  // 8 chunks of 8 values
+    uint4 out;
+    if constexpr (CODE == 4) {
+      const float sc = scl[NSC == 1 ? 0 : c], zz = mnm[NSC == 1 ? 0 : c];
+      const uint32_t q = w[c];
+      float v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = fmaf(static_cast<float>((q >> (4 * j)) & 0xFu), sc, zz);
+      out = make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
+    } else if constexpr (CODE == 8) {
+      const float sc = scl[NSC == 1 ? 0 : c];
+      float v[8];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[4 * h + j] = static_cast<float>(static_cast<int8_t>((w[2 * c + h] >> (8 * j)) & 0xFFu)) * sc;
+      out = make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
+    } else {
+      const uint32_t lo = w[2 * c], hi = w[2 * c + 1];
+      out = make_uint4(e4m3x2_to_16x2<T>(lo), e4m3x2_to_16x2<T>(lo >> 16), e4m3x2_to_16x2<T>(hi), e4m3x2_to_16x2<T>(hi >> 16));
+    }
+    *reinterpret_cast<uint4*>(dst + wg_offset(row, c)) = out;
+  }
+}
+
 // The block's tile: rows m0.. of A / C, columns n0.. of B / C, over K steps kbeg / 64 ..
 // kbeg / 64 + steps - 1. split: write the fp32 sums to ws[z][m][n] (one of several K ranges,
 // added in order later) instead of C (+ R) in OutT.
@@ -141,44 +243,10 @@ __device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, cons
   };
   // quantized: thread t decodes row t of step s's codes into the T tile `dst` (swizzled)
   auto decode_row = [&](int stage, int k0, unsigned char* dst) {
-    const int row = tid, n = min(n0 + row, N - 1);
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(gbase + stage * STAGE + WG_A_BYTES + row * 64);
-    // the step's scales (and minima) first: one group per step when G % 64 == 0, else one per chunk
-    constexpr int NSC = (CODE == 4 || CODE == 8) ? (G % 64 == 0 ? 1 : 8) : 1;
-    float scl[NSC], mnm[NSC];
-    if constexpr (CODE == 4 || CODE == 8) {
-      const int ng = K / G;
-#pragma unroll
-      for (int i = 0; i < NSC; ++i) {
-        const size_t at = (size_t)n * ng + (k0 + i * 8) / G;
-        scl[i] = __half2float(static_cast<const __half*>(S)[at]);
-        mnm[i] = CODE == 4 ? __half2float(static_cast<const __half*>(Z)[at]) : 0.f;
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {  // 8 chunks of 8 values
-      uint4 out;
-      if constexpr (CODE == 4) {
-        const float sc = scl[NSC == 1 ? 0 : c], zz = mnm[NSC == 1 ? 0 : c];
-        const uint32_t q = w[c];
-        float v[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = fmaf(static_cast<float>((q >> (4 * j)) & 0xFu), sc, zz);
-        out = make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
-      } else if constexpr (CODE == 8) {
-        const float sc = scl[NSC == 1 ? 0 : c];
-        float v[8];
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) v[4 * h + j] = static_cast<float>(static_cast<int8_t>((w[2 * c + h] >> (8 * j)) & 0xFFu)) * sc;
-        out = make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
-      } else {  // e4m3: exact in T; the row scale comes after the sum
-        const uint32_t lo = w[2 * c], hi = w[2 * c + 1];
-        out = make_uint4(e4m3x2_to_16x2<T>(lo), e4m3x2_to_16x2<T>(lo >> 16), e4m3x2_to_16x2<T>(hi), e4m3x2_to_16x2<T>(hi >> 16));
-      }
-      *reinterpret_cast<uint4*>(dst + wg_offset(row, c)) = out;
-    }
+    const int row = tid;
+    float scl[wg_nsc(CODE, G)], mnm[wg_nsc(CODE, G)];
+    wg_row_scales<CODE, G>(S, Z, min(n0 + row, N - 1), k0, K, scl, mnm);
+    wg_decode_row<T, CODE, G>(reinterpret_cast<const uint32_t*>(gbase + stage * STAGE + WG_A_BYTES + row * 64), scl, mnm, dst, row);
   };
 
   float d[128];
@@ -216,50 +284,149 @@ __device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, cons
   wg_wait<0>();
   cp_async_wait<0>();
 
-  // d[4 j + e]: row 16 warp + g (+ 8 for e >= 2), column 8 j + 2 q + (e & 1)
-  const int g = lane / 4, q = lane % 4;
-  if constexpr (CODE != 0 && CODE != 4 && CODE != 8) {  // e4m3: the row (output column) scales
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int n = n0 + j * 8 + 2 * q;
-      const float s0 = n < N ? static_cast<const float*>(S)[n] : 0.f, s1 = n + 1 < N ? static_cast<const float*>(S)[n + 1] : 0.f;
-      d[4 * j] *= s0; d[4 * j + 2] *= s0;
-      d[4 * j + 1] *= s1; d[4 * j + 3] *= s1;
-    }
+  wg_store<T, OutT, RESIDUAL, CODE>(d, wg * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, S);
+}
+
+
+// ---- Warp-specialised variant on TMA (gemm_ws): one producer warp, two consumer warpgroups ----
+// The same tile, operands, swizzle, epilogue and result (bit for bit) as gemm_wg_tile_wgmma for T weights
+// (CODE 0), but the ring is filled by the Tensor Memory Accelerator: one thread of the producer warp (warp
+// 8, after the two consumer warpgroups) issues two bulk tensor copies per K step (A 128 x 64, B 256 x 64,
+// written with the same 128-byte swizzle wgmma reads; rows past M / N zero-filled), announced on the
+// stage's `full` mbarrier by their byte count; the consumers wait on `full`, issue wgmma and, once the wgmma
+// that read a stage has completed, arrive on its `empty` mbarrier (one lane per warp), which the producer
+// waits on before refilling the stage. So WS_STAGES - 1 steps of loads are in flight while one is read.
+// Why TMA: the same structure filled by cp.async from 1 / 2 / 4 producer warps ran at 0.3 / 0.45 / 0.55-0.8x
+// gemm_wg (benchmarks/NOTES.md, session 20): a few warps cannot issue 3,072 16-byte copies per step.
+// The tensor maps (the copy engine's descriptors of A and B) are built per block on the device
+// (tensormap.replace on a zeroed 128-byte map in shared memory, then copied with a release fence into
+// the block's 256 bytes of `tmaps`, global scratch of 256 bytes per block of the grid): TVM's launches
+// cannot pass a host-made map. Launch: WS_THREADS threads, GEMM_WS_SMEM_BYTES of dynamic shared memory,
+// __launch_bounds__(WS_THREADS, 1); K % 64 == 0, A / B 16-byte aligned.
+constexpr int WS_STAGES = 4, WS_THREADS = 288;
+constexpr int GEMM_WS_SMEM_BYTES = WS_STAGES * WG_STAGE_BYTES + 1024 + 16 * WS_STAGES + 256;  // ring, alignment, barriers, two maps
+constexpr int WS_TMAP_BYTES = 256;  // global scratch per block
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#ifdef KILN_HAVE_WGMMA
+  uint32_t done;
+  do {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+#endif
+}
+
+// A row-major [rows, cols] matrix of elem_bytes-wide elements as a 2-D tensor map with a box of box_rows x
+// box_cols (ELEMTYPE: the map's code -- 0 bytes, 6 f16, 10 bf16; SWIZZLE: 0 none, 3 the 128-byte swizzle),
+// built in shared memory at smap (128 bytes, 128-aligned) and copied to gmap (global). The whole warp calls it;
+// afterwards its lanes may use gmap in bulk tensor copies.
+template <int ELEMTYPE, int SWIZZLE>
+__device__ __forceinline__ void tmap_build(uint32_t smap, void* gmap, const void* base, int rows, int cols, int elem_bytes, int box_cols,
+                                           int box_rows) {
+#ifdef KILN_HAVE_WGMMA
+  const int lane = threadIdx.x % 32;
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(smap + 4 * lane), "r"(0) : "memory");
+  __syncwarp();
+  if (lane == 0) {
+    asm volatile("tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%0], %1;\n" ::"r"(smap), "l"(base) : "memory");
+    asm volatile("tensormap.replace.tile.rank.shared::cta.b1024.b32 [%0], 1;\n" ::"r"(smap) : "memory");  // rank - 1
+    asm volatile("tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], 0, %1;\n" ::"r"(smap), "r"(box_cols) : "memory");
+    asm volatile("tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], 1, %1;\n" ::"r"(smap), "r"(box_rows) : "memory");
+    asm volatile("tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], 0, %1;\n" ::"r"(smap), "r"(cols) : "memory");
+    asm volatile("tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], 1, %1;\n" ::"r"(smap), "r"(rows) : "memory");
+    asm volatile("tensormap.replace.tile.global_stride.shared::cta.b1024.b64 [%0], 0, %1;\n" ::"r"(smap), "l"((uint64_t)cols * elem_bytes)
+                 : "memory");
+    asm volatile("tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], 0, 1;\n" ::"r"(smap) : "memory");
+    asm volatile("tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], 1, 1;\n" ::"r"(smap) : "memory");
+    if constexpr (ELEMTYPE != 0) asm volatile("tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], %1;\n" ::"r"(smap), "n"(ELEMTYPE) : "memory");
+    if constexpr (SWIZZLE != 0) asm volatile("tensormap.replace.tile.swizzle_mode.shared::cta.b1024.b32 [%0], %1;\n" ::"r"(smap), "n"(SWIZZLE) : "memory");
   }
-  #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int m = m0 + wg * 64 + warp * 16 + g + h * 8;
-    if (m >= M) continue;
+  __syncwarp();
+  asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.cta.sync.aligned [%0], [%1], 128;\n" ::"l"(gmap),
+               "r"(smap) : "memory");
+  asm volatile("fence.proxy.tensormap::generic.acquire.cta [%0], 128;\n" ::"l"(gmap) : "memory");
+#endif
+}
+
+// A 16-bit T operand with 64-wide (128-byte) rows in the 128-byte swizzle: wgmma's tiles.
+template <typename T>
+__device__ __forceinline__ void tmap_build_tile(uint32_t smap, void* gmap, const T* base, int rows, int cols, int box_rows) {
+  tmap_build<RowsSame<T, __nv_bfloat16>::value ? 10 : 6, 3>(smap, gmap, base, rows, cols, 2, 64, box_rows);
+}
+
+// rows r0.. and columns k0.. of a tensor map's matrix -> shared memory at dst, bytes announced on bar
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* gmap, int k0, int r0, uint32_t bar) {
+#ifdef KILN_HAVE_WGMMA
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+               "l"(gmap), "r"(k0), "r"(r0), "r"(bar)
+               : "memory");
+#endif
+}
+
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_ws_tile_wgmma(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R,
+                                                   OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int kbeg, int steps,
+                                                   int z, bool split, unsigned char* __restrict__ smem_raw, int m0, int n0,
+                                                   unsigned char* __restrict__ tmaps) {
+  const uint32_t sraw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)), sbase = (sraw + 1023u) & ~1023u;
+  const uint32_t full = sbase + WS_STAGES * WG_STAGE_BYTES, empty = full + 8 * WS_STAGES, smaps = (empty + 8 * WS_STAGES + 127u) & ~127u;
+  const int tid = threadIdx.x;
+  if (tid == 0) {
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int n = n0 + j * 8 + 2 * q;
-      float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
-      const bool pair_ok = n + 1 < N && (N & 1) == 0;  // vector stores need an even row length (n is even)
-      if (split) {
-        float* w = ws + ((size_t)z * M + m) * N + n;
-        if (pair_ok) {
-          *reinterpret_cast<float2*>(w) = make_float2(v0, v1);
-        } else {
-          if (n < N) w[0] = v0;
-          if (n + 1 < N) w[1] = v1;
-        }
-        continue;
-      }
-      if constexpr (RESIDUAL) {
-        if (n < N) v0 += to_float(R[(size_t)m * N + n]);
-        if (n + 1 < N) v1 += to_float(R[(size_t)m * N + n + 1]);
-      }
-      if constexpr (sizeof(OutT) == 2) {
-        if (pair_ok) {
-          *reinterpret_cast<uint32_t*>(C + (size_t)m * N + n) = pack_pair<OutT>(v0, v1);
-          continue;
-        }
-      }
-      if (n < N) C[(size_t)m * N + n] = from_float<OutT>(v0);
-      if (n + 1 < N) C[(size_t)m * N + n + 1] = from_float<OutT>(v1);
+    for (int s = 0; s < WS_STAGES; ++s) {
+      mbar_init(full + 8 * s, 1);   // the producer's arrival with the step's byte count
+      mbar_init(empty + 8 * s, 8);  // every consumer warp has seen its wgmma on the stage complete
     }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
+  __syncthreads();
+  if (tid >= 256) {  // producer warp
+    const size_t blk = blockIdx.x + (size_t)gridDim.x * (blockIdx.y + (size_t)gridDim.y * blockIdx.z);
+    unsigned char* gmaps = tmaps + blk * WS_TMAP_BYTES;
+    tmap_build_tile<T>(smaps, gmaps, A, M, K, WG_BM);
+    tmap_build_tile<T>(smaps + 128, gmaps + 128, B, N, K, WG_BN);
+    if (tid == 256) {
+      for (int s = 0; s < steps; ++s) {
+        const int st = s % WS_STAGES;
+        if (s >= WS_STAGES) mbar_wait(empty + 8 * st, ((s / WS_STAGES) - 1) & 1);
+        const uint32_t as = sbase + st * WG_STAGE_BYTES, bar = full + 8 * st;
+        const int k0 = kbeg + s * WG_BK;
+        mbar_expect_bytes(bar, WG_STAGE_BYTES);
+        tma_load_2d(as, gmaps, k0, m0, bar);
+        tma_load_2d(as + WG_A_BYTES, gmaps + 128, k0, n0, bar);
+      }
+    }
+    return;
+  }
+  const int cw = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.f;
+  for (int s = 0; s < steps; ++s) {
+    const int st = s % WS_STAGES;
+    mbar_wait(full + 8 * st, (s / WS_STAGES) & 1);
+    const uint32_t sa = sbase + st * WG_STAGE_BYTES + cw * (64 * 128), sb = sbase + st * WG_STAGE_BYTES + WG_A_BYTES;
+    const uint64_t da = wg_desc(sa), db = wg_desc(sb);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < WG_BK / 16; ++kk) wgmma_256<T>(d, da + 2 * kk, db + 2 * kk, 1);
+    wg_commit();
+    wg_wait<1>();  // step s - 1's wgmma done: its stage may be refilled
+    __syncwarp();
+    if (s > 0 && lane == 0) mbar_arrive(empty + 8 * ((s - 1) % WS_STAGES));
+  }
+  wg_wait<0>();
+  wg_store<T, OutT, RESIDUAL, 0>(d, cw * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, nullptr);
 }
 
 // One weight of a format as the portable path reads it: T weights (CODE 0), or a code decoded with its
@@ -383,6 +550,38 @@ __device__ __forceinline__ void gemm_rows_wg_q(const T* __restrict__ A, const vo
   const int steps = K / ksplit / WG_BK, z = blockIdx.z;
   gemm_wg_tile<T, OutT, false, CODE, G>(A, W, nullptr, C, ws, M, N, K, z * steps * WG_BK, steps, z, ksplit > 1, smem_raw, blockIdx.y * WG_BM,
                                         blockIdx.x * WG_BN, S, Z);
+}
+
+// The warp-specialised tile where built as sm_90a, else the portable path (any thread count).
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_ws_tile(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, OutT* __restrict__ C,
+                                             float* __restrict__ ws, int M, int N, int K, int kbeg, int steps, int z, bool split,
+                                             unsigned char* __restrict__ smem_raw, int m0, int n0, unsigned char* __restrict__ tmaps) {
+#ifdef KILN_HAVE_WGMMA
+  gemm_ws_tile_wgmma<T, OutT, RESIDUAL>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, smem_raw, m0, n0, tmaps);
+#else
+  gemm_wg_tile_portable<T, OutT, RESIDUAL, 0, 8>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, m0, n0, nullptr, nullptr);
+#endif
+}
+
+// gemm_wg's contract and grid on the warp-specialised tile (WS_THREADS threads, GEMM_WS_SMEM_BYTES; tmaps:
+// WS_TMAP_BYTES of global scratch per block).
+template <typename T, bool RESIDUAL>
+__device__ __forceinline__ void gemm_ws(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
+                                        int M, int N, int K, unsigned char* __restrict__ smem_raw, unsigned char* __restrict__ tmaps) {
+  int m0, n0;
+  wg_block_tile(M, m0, n0);
+  gemm_ws_tile<T, T, RESIDUAL>(A, B, R, C, nullptr, M, N, K, 0, K / WG_BK, 0, false, smem_raw, m0, n0, tmaps);
+}
+
+// gemm_rows_wg's contract and grid (split K over grid.z) on the warp-specialised tile.
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_rows_ws(const T* __restrict__ A, const T* __restrict__ W, const T* __restrict__ R,
+                                             OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int ksplit,
+                                             unsigned char* __restrict__ smem_raw, unsigned char* __restrict__ tmaps) {
+  const int steps = K / ksplit / WG_BK, z = blockIdx.z;
+  gemm_ws_tile<T, OutT, RESIDUAL>(A, W, R, C, ws, M, N, K, z * steps * WG_BK, steps, z, ksplit > 1, smem_raw, blockIdx.y * WG_BM,
+                                  blockIdx.x * WG_BN, tmaps);
 }
 
 }  // namespace kiln
