@@ -33,11 +33,16 @@
 #define SG_MR 4
 #endif
 #define SG_NR 16
+#if defined(__GNUC__) && !defined(SG_NO_PREFETCH)
+#define SG_PREFETCH(p) __builtin_prefetch((p), 0, 2)
+#else
+#define SG_PREFETCH(p) ((void)(p))
+#endif
 #ifndef SG_KC
 #define SG_KC 256 /* k per pass: a panel slice of KC x 16 floats is 16 KB (L1) */
 #endif
 #ifndef SG_MC
-#define SG_MC 96 /* activation rows per block: MC x KC floats = 96 KB (L2); 96 / 144 / 192 within noise */
+#define SG_MC 132 /* activation rows per block (22 strips: a 128-token prompt in one), MC x KC floats = 132 KB (L2) */
 #endif
 
 typedef struct {
@@ -146,8 +151,14 @@ static int sg_block(const sg_job* jb, int64_t m0, int64_t m1, int64_t p0, int64_
       const int64_t mc = m1 - mb < SG_MC ? m1 - mb : SG_MC;
       for (int64_t p = p0; p < p1; ++p) {
         const float* b = jb->wp + (p * K + k0) * SG_NR;
-        for (int64_t i = 0; i < mc; i += SG_MR)
+        /* the next panel's slice (kc cache lines) towards L2 while this one is used, a share per
+           strip: the weights come from DRAM in a graph (every matrix read once per run) */
+        const char* next = (const char*)(p + 1 < p1 ? b + K * SG_NR : b);
+        const int64_t strips = (mc + SG_MR - 1) / SG_MR, per = (kc + strips - 1) / strips;
+        for (int64_t i = 0, s = 0; i < mc; i += SG_MR, ++s) {
+          for (int64_t l = s * per; l < (s + 1) * per && l < kc; ++l) SG_PREFETCH(next + 64 * l);
           sg_micro(jb, k0, kc, b, mb + i, mc - i < SG_MR ? mc - i : SG_MR, p, k0 > 0);
+        }
       }
     }
   }
