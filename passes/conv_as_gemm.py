@@ -3,8 +3,8 @@ in NHWC, for the CPU (issue 18).
 
     x' = NHWC x (Relax's ConvertLayout: activations around convolutions in NHWC, the
          weights stay OIHW params, so no weight is transposed per call)
-    y  = conv2d(x', w)  =>  col = im2col(x')                                  # [N OH OW, C KH KW]
-                            y   = reshape(matmul(col, reshape(w, [O, C KH KW])^T), [N, OH, OW, O])
+    y  = conv2d(x', w)  =>  col = im2col(x')                                  # [N OH OW, KH KW C]
+                            y   = reshape(matmul(col, reshape(permute(w, OHWI), [O, KH KW C])^T), [N, OH, OW, O])
 
 Why: TVM's convolution loops, even under passes/cpu_graph_rules.py's
 CpuSpatialReduction (one output row accumulated per reduction pass), ran
@@ -15,8 +15,8 @@ patches: 272 -> 124 ms (benchmarks: BENCHMARKS.md). The GEMM's rows are the
 output pixels in NHWC order, so nothing is transposed back (NCHW with a
 transpose after each GEMM measured ~20% slower). im2col is an opaque call
 (op_pattern 8: never fused into the GEMM, whose micro-kernel would recompute
-the patch indices per element) writing [N, OH, OW, C, KH, KW] with no
-division in its indices; a 1x1 stride-1 unpadded convolution skips it (the
+the patch indices per element) writing [N, OH, OW, KH, KW, C] with no
+division in its indices (C innermost: vectorised copies of one tap's channels); a 1x1 stride-1 unpadded convolution skips it (the
 NHWC input is its own patch matrix). The weight reshape is a view
 (RewriteDataflowReshape). Grouped / depthwise convolutions and 1-D / 3-D ones
 keep the convolution.
@@ -29,19 +29,22 @@ from .relax_mutation import rewrite_functions
 
 
 def _im2col(t, c_, h_, w_, kh_, kw_, oh_, ow_, stride, pad, dil):
-    """The patches of an NHWC x as [N, OH, OW, C, KH, KW] (the caller reshapes to [N OH OW, C KH KW],
-    a view): no division in the indices, the writes contiguous."""
+    """The patches of an NHWC x as [N, OH, OW, KH, KW, C] (the caller reshapes to [N OH OW, KH KW C],
+    a view): no division in the indices, the writes contiguous, and the innermost loop runs along
+    C, contiguous in x too (one tap's channels), so CpuInlineElementwise vectorises it and runs the
+    outer loops in parallel (with C innermost of the (c, kh, kw) order it had a 3-long inner loop
+    and stayed serial: ~6 ms of ResNet-50, session 20)."""
     te, tir = t.tvm.te, t.tirx
 
     def fn(x):
-        def at(n, oh, ow, c, kh, kw):  # k in OIHW's order (c, kh, kw)
+        def at(n, oh, ow, kh, kw, c):  # k in (kh, kw, c) order: the weight is permuted to OHWI to match
             ih = oh * stride[0] - pad[0] + kh * dil[0]
             iw = ow * stride[1] - pad[1] + kw * dil[1]
             inside = tir.all(ih >= 0, ih < h_, iw >= 0, iw < w_)
             ihc, iwc = tir.max(tir.min(ih, h_ - 1), 0), tir.max(tir.min(iw, w_ - 1), 0)
             return tir.if_then_else(inside, x[n, ihc, iwc, c], tir.const(0, x.dtype))
 
-        return te.compute((x.shape[0], oh_, ow_, c_, kh_, kw_), at, name="im2col")
+        return te.compute((x.shape[0], oh_, ow_, kh_, kw_, c_), at, name="im2col")
 
     return fn
 
@@ -81,7 +84,8 @@ def _mutator_class():
                     _im2col(t, c_, h_, w_, int(kh_), int(kw_), oh_, ow_, stride, pad[:2], dil), x,
                     primfunc_name_hint="kiln_im2col", primfunc_attrs={"op_pattern": 8}))
                 col = self.builder_.emit(relax.op.reshape(patches, [n_ * oh_ * ow_, k]))
-            w2 = self.builder_.emit(relax.op.reshape(w, [int(o_), k]))
+            # the weight's K in the patches' order: OIHW -> OHWI (a view chain the weight passes turn into data)
+            w2 = self.builder_.emit(relax.op.reshape(relax.op.permute_dims(w, [0, 2, 3, 1]), [int(o_), k]))
             y2 = self.builder_.emit(relax.op.matmul(col, relax.op.permute_dims(w2, [1, 0])))
             return relax.op.reshape(y2, [n_, oh_, ow_, int(o_)])  # the GEMM's rows: output pixels in NHWC order
 
