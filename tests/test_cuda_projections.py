@@ -133,6 +133,8 @@ def test_prompt_gemm_takes_wgmma_only_for_hopper(wgmma, k, callee, smem, threads
     assert callee in src and f"({smem},)" in src, src
     assert f'T.thread_binding({threads}, thread="threadIdx.x")' in src, src
     assert ("tm = T.alloc_buffer(" in src) == (threads == 288), src  # gemm_ws: the per-block tensor-map scratch
+    if threads == 288:  # persistent above the split-K range: at most one block per SM of an H200, tiles walked in turn
+        assert 'T.int64(132)), thread="blockIdx.x")' in src, src
 
 
 def test_wgmma_only_where_every_arch_is_sm90():

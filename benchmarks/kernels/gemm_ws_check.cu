@@ -1,4 +1,4 @@
-// kiln::gemm_ws / gemm_rows_ws (warp-specialised wgmma fed by TMA, sm_90a) on the GPU machine, standalone: correct
+// kiln::gemm_ws / gemm_rows_ws (warp-specialised wgmma fed by TMA, sm_90a; gemm_ws persistent) on the GPU machine, standalone: correct
 // against an fp64 reference and bit-equal to gemm_wg (same tile, same wgmma order); then TFLOP/s of both
 // on the Llama-3-8B projection shapes (prompts) and us per call of the decode_batch rows (split K) at
 // B = 16..256, with the split-K choices for B = 128.
@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#include <algorithm>
 using bf = __nv_bfloat16;
 template <bool RES>
 __global__ void __launch_bounds__(256, 1) kwg(const bf* A, const bf* B, const bf* R, bf* C, int M, int N, int K) {
@@ -40,11 +41,13 @@ void rows(bool ws_kernel, const bf* A, const bf* W, const bf* R, bf* C, float* w
   else krwg<<<grid, 256, kiln::GEMM_WG_SMEM_BYTES>>>(A, W, R, C, ws, M, N, K, ks);
   if (ks > 1) kred<<<(unsigned)(((size_t)M * N + 255) / 256), 256>>>(ws, R, C, M, N, ks);
 }
-void gemm(bool ws_kernel, const bf* A, const bf* B, const bf* R, bf* C, int M, int N, int K, bool res) {
+// gemm_ws is persistent: a 1-D grid of min(tiles, blocks) (132: one per SM of an H100 / H200 SXM)
+void gemm(bool ws_kernel, const bf* A, const bf* B, const bf* R, bf* C, int M, int N, int K, bool res, int blocks = 132) {
   dim3 grid((N + 255) / 256, (M + 127) / 128);
   if (ws_kernel) {
-    if (res) kws<true><<<grid, kiln::WS_THREADS, kiln::GEMM_WS_SMEM_BYTES>>>(A, B, R, C, M, N, K, g_tmaps);
-    else kws<false><<<grid, kiln::WS_THREADS, kiln::GEMM_WS_SMEM_BYTES>>>(A, B, R, C, M, N, K, g_tmaps);
+    const int pg = std::min<int>(blocks, grid.x * grid.y);
+    if (res) kws<true><<<pg, kiln::WS_THREADS, kiln::GEMM_WS_SMEM_BYTES>>>(A, B, R, C, M, N, K, g_tmaps);
+    else kws<false><<<pg, kiln::WS_THREADS, kiln::GEMM_WS_SMEM_BYTES>>>(A, B, R, C, M, N, K, g_tmaps);
   } else {
     if (res) kwg<true><<<grid, 256, kiln::GEMM_WG_SMEM_BYTES>>>(A, B, R, C, M, N, K);
     else kwg<false><<<grid, 256, kiln::GEMM_WG_SMEM_BYTES>>>(A, B, R, C, M, N, K);
@@ -59,7 +62,8 @@ int main() {
   CK(cudaFuncSetAttribute(kwg<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kiln::GEMM_WG_SMEM_BYTES));
   CK(cudaFuncSetAttribute(krwg, cudaFuncAttributeMaxDynamicSharedMemorySize, kiln::GEMM_WG_SMEM_BYTES));
   bool ok = true;
-  int cshapes[][3] = {{200, 6144, 4096}, {77, 320, 576}, {1, 256, 64}, {300, 4096, 14336}, {128, 200, 192}, {33, 333, 128}, {129, 256, 320}};
+  int cshapes[][3] = {{200, 6144, 4096}, {77, 320, 576}, {1, 256, 64}, {300, 4096, 14336}, {128, 200, 192}, {33, 333, 128}, {129, 256, 320},
+                      {2100, 4096, 320}};  // the last: 17 x 16 tiles, two or three per persistent block
   for (auto& sh : cshapes) {
     int M = sh[0], N = sh[1], K = sh[2];
     bf *A, *W, *R, *C, *C2; float* Cr;
@@ -68,7 +72,7 @@ int main() {
     k_fill<<<1024, 256>>>(A, (size_t)M * K, 1, 1.f); k_fill<<<1024, 256>>>(W, (size_t)N * K, 2, 0.05f); k_fill<<<1024, 256>>>(R, (size_t)M * N, 3, 1.f);
     for (int res = 0; res < 2; ++res) {
       CK(cudaMemset(C, 0xFF, (size_t)M * N * 2)); CK(cudaMemset(C2, 0xEE, (size_t)M * N * 2));
-      gemm(true, A, W, R, C, M, N, K, res);
+      gemm(true, A, W, R, C, M, N, K, res, res ? 132 : 7);  // 7 blocks: many tiles each through one ring
       CK(cudaDeviceSynchronize());
       gemm(false, A, W, R, C2, M, N, K, res);
       k_ref<<<dim3((N + 127) / 128, M), 128>>>(A, W, R, Cr, M, N, K, res);

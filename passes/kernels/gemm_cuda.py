@@ -51,28 +51,35 @@ def _callee(K: int, dtype: str, residual: bool, wgmma: bool) -> tuple[str, int, 
 PROMPT_SPLIT_M = 256  # wgmma: prompts of at most this many rows take gemm_rows_wg's split K (H200, 8B: 6144 x 4096 at 128 rows 31 us against 48)
 
 
+WS_BLOCKS = 132  # gemm_ws is persistent: at most one block per SM of an H100 / H200 SXM (fewer SMs: a short second wave)
+
+
 def _tile_launch(fn: str, N: int, K: int, smem_bytes: int, threads: int = THREADS):
-    """The 128 x 256 tile kernels over M contiguous rows (gemm_tn / gemm_wg / gemm_ws and their quantized
-    twins): grid (ceil(N / 256), ceil(M / 128)). launch(ins, y, M): ins the kernel's inputs before y (a, the
-    weight's arrays, r). With threads == WS_THREADS (gemm_ws) the kernel also takes its tensor-map scratch."""
+    """The 128 x 256 tile kernels over M contiguous rows (gemm_tn / gemm_wg and their quantized twins): grid
+    (ceil(N / 256), ceil(M / 128)). launch(ins, y, M): ins the kernel's inputs before y (a, the weight's arrays,
+    r). threads == WS_THREADS: gemm_ws, persistent -- a 1-D grid of min(tiles, WS_BLOCKS) blocks, and its
+    tensor-map scratch as the last argument."""
     nb = (N + BN - 1) // BN
-    tma = threads == WS_THREADS
 
     @T.macro
-    def launch(ins, y, M):
-        tm = T.alloc_buffer(((M + BM - 1) // BM * nb * WS_TMAP_BYTES if tma else 1,), "uint8")
+    def tiles(ins, y, M):
         for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
             for bx in T.thread_binding(nb, thread="blockIdx.x"):
                 for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                    if tma:
-                        T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
-                                                 smem.access_ptr("rw"), tm.access_ptr("rw")))
-                    else:
-                        T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
-                                                 smem.access_ptr("rw")))
+                    T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
+                                             smem.access_ptr("rw")))
 
-    return launch
+    @T.macro
+    def persistent(ins, y, M):
+        tm = T.alloc_buffer((WS_BLOCKS * WS_TMAP_BYTES,), "uint8")
+        for bx in T.thread_binding(T.min((M + BM - 1) // BM * nb, WS_BLOCKS), thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
+                T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
+                                         smem.access_ptr("rw"), tm.access_ptr("rw")))
+
+    return persistent if threads == WS_THREADS else tiles
 
 
 def _prompt_launch(tiles, split_k, split: bool):

@@ -373,11 +373,14 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* gmap, int 
 #endif
 }
 
-template <typename T, typename OutT, bool RESIDUAL>
-__device__ __forceinline__ void gemm_ws_tile_wgmma(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R,
-                                                   OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int kbeg, int steps,
-                                                   int z, bool split, unsigned char* __restrict__ smem_raw, int m0, int n0,
-                                                   unsigned char* __restrict__ tmaps) {
+// Tiles first, first + stride, ... (< count) of a grid whose coordinates tile(i, m0, n0) gives, one after another
+// through one ring (a persistent block: the producer fills the next tile's stages while the consumers store this
+// one's results; the tensor maps are built once). K steps kbeg / 64 .. + steps - 1 of each.
+template <typename T, typename OutT, bool RESIDUAL, typename TileOf>
+__device__ __forceinline__ void gemm_ws_tiles_wgmma(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R,
+                                                    OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int kbeg, int steps,
+                                                    int z, bool split, unsigned char* __restrict__ smem_raw, TileOf tile, int first, int stride,
+                                                    int count, unsigned char* __restrict__ tmaps) {
   const uint32_t sraw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)), sbase = (sraw + 1023u) & ~1023u;
   const uint32_t full = sbase + WS_STAGES * WG_STAGE_BYTES, empty = full + 8 * WS_STAGES, smaps = (empty + 8 * WS_STAGES + 127u) & ~127u;
   const int tid = threadIdx.x;
@@ -396,37 +399,49 @@ __device__ __forceinline__ void gemm_ws_tile_wgmma(const T* __restrict__ A, cons
     tmap_build_tile<T>(smaps, gmaps, A, M, K, WG_BM);
     tmap_build_tile<T>(smaps + 128, gmaps + 128, B, N, K, WG_BN);
     if (tid == 256) {
-      for (int s = 0; s < steps; ++s) {
-        const int st = s % WS_STAGES;
-        if (s >= WS_STAGES) mbar_wait(empty + 8 * st, ((s / WS_STAGES) - 1) & 1);
-        const uint32_t as = sbase + st * WG_STAGE_BYTES, bar = full + 8 * st;
-        const int k0 = kbeg + s * WG_BK;
-        mbar_expect_bytes(bar, WG_STAGE_BYTES);
-        tma_load_2d(as, gmaps, k0, m0, bar);
-        tma_load_2d(as + WG_A_BYTES, gmaps + 128, k0, n0, bar);
+      int g = 0;  // steps issued by this block, over all its tiles: the ring position and phase
+      for (int i = first; i < count; i += stride) {
+        int m0, n0;
+        tile(i, m0, n0);
+        for (int s = 0; s < steps; ++s, ++g) {
+          const int st = g % WS_STAGES;
+          if (g >= WS_STAGES) mbar_wait(empty + 8 * st, ((g / WS_STAGES) - 1) & 1);
+          const uint32_t as = sbase + st * WG_STAGE_BYTES, bar = full + 8 * st;
+          const int k0 = kbeg + s * WG_BK;
+          mbar_expect_bytes(bar, WG_STAGE_BYTES);
+          tma_load_2d(as, gmaps, k0, m0, bar);
+          tma_load_2d(as + WG_A_BYTES, gmaps + 128, k0, n0, bar);
+        }
       }
     }
     return;
   }
   const int cw = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
-  float d[128];
+  int g = 0;
+  for (int i = first; i < count; i += stride) {
+    int m0, n0;
+    tile(i, m0, n0);
+    float d[128];
 #pragma unroll
-  for (int i = 0; i < 128; ++i) d[i] = 0.f;
-  for (int s = 0; s < steps; ++s) {
-    const int st = s % WS_STAGES;
-    mbar_wait(full + 8 * st, (s / WS_STAGES) & 1);
-    const uint32_t sa = sbase + st * WG_STAGE_BYTES + cw * (64 * 128), sb = sbase + st * WG_STAGE_BYTES + WG_A_BYTES;
-    const uint64_t da = wg_desc(sa), db = wg_desc(sb);
-    wg_fence();
+    for (int j = 0; j < 128; ++j) d[j] = 0.f;
+    for (int s = 0; s < steps; ++s, ++g) {
+      const int st = g % WS_STAGES;
+      mbar_wait(full + 8 * st, (g / WS_STAGES) & 1);
+      const uint32_t sa = sbase + st * WG_STAGE_BYTES + cw * (64 * 128), sb = sbase + st * WG_STAGE_BYTES + WG_A_BYTES;
+      const uint64_t da = wg_desc(sa), db = wg_desc(sb);
+      wg_fence();
 #pragma unroll
-    for (int kk = 0; kk < WG_BK / 16; ++kk) wgmma_256<T>(d, da + 2 * kk, db + 2 * kk, 1);
-    wg_commit();
-    wg_wait<1>();  // step s - 1's wgmma done: its stage may be refilled
+      for (int kk = 0; kk < WG_BK / 16; ++kk) wgmma_256<T>(d, da + 2 * kk, db + 2 * kk, 1);
+      wg_commit();
+      wg_wait<1>();  // the previous step's wgmma done: its stage may be refilled
+      __syncwarp();
+      if (s > 0 && lane == 0) mbar_arrive(empty + 8 * ((g - 1) % WS_STAGES));
+    }
+    wg_wait<0>();
     __syncwarp();
-    if (s > 0 && lane == 0) mbar_arrive(empty + 8 * ((s - 1) % WS_STAGES));
+    if (lane == 0) mbar_arrive(empty + 8 * ((g - 1) % WS_STAGES));  // the tile's last stage
+    wg_store<T, OutT, RESIDUAL, 0>(d, cw * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, nullptr);
   }
-  wg_wait<0>();
-  wg_store<T, OutT, RESIDUAL, 0>(d, cw * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, nullptr);
 }
 
 // One weight of a format as the portable path reads it: T weights (CODE 0), or a code decoded with its
@@ -488,13 +503,17 @@ __device__ __forceinline__ void gemm_wg_tile(const T* __restrict__ A, const void
 // activation rows stay in L2. Launch: grid (ceil(N / 256), ceil(M / 128)), 256 threads.
 constexpr int WG_GROUP_M = 16;
 
-__device__ __forceinline__ void wg_block_tile(int M, int& m0, int& n0) {
-  const int mt = (M + WG_BM - 1) / WG_BM, nt = gridDim.x;
-  const int id = blockIdx.y * nt + blockIdx.x, per_group = WG_GROUP_M * nt;
+// tile id of mt x nt tiles in that order -> its first row and column
+__device__ __forceinline__ void wg_tile_of(int id, int mt, int nt, int& m0, int& n0) {
+  const int per_group = WG_GROUP_M * nt;
   const int group = id / per_group, first = group * WG_GROUP_M, rows = min(WG_GROUP_M, mt - first);
   const int in = id % per_group;
   m0 = (first + in % rows) * WG_BM;
   n0 = (in / rows) * WG_BN;
+}
+
+__device__ __forceinline__ void wg_block_tile(int M, int& m0, int& n0) {
+  wg_tile_of(blockIdx.y * gridDim.x + blockIdx.x, (M + WG_BM - 1) / WG_BM, gridDim.x, m0, n0);
 }
 
 template <typename T, bool RESIDUAL>
@@ -552,26 +571,37 @@ __device__ __forceinline__ void gemm_rows_wg_q(const T* __restrict__ A, const vo
                                         blockIdx.x * WG_BN, S, Z);
 }
 
-// The warp-specialised tile where built as sm_90a, else the portable path (any thread count).
+// One tile (m0, n0) on the warp-specialised kernel where built as sm_90a, else the portable path (any thread count).
 template <typename T, typename OutT, bool RESIDUAL>
 __device__ __forceinline__ void gemm_ws_tile(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, OutT* __restrict__ C,
                                              float* __restrict__ ws, int M, int N, int K, int kbeg, int steps, int z, bool split,
                                              unsigned char* __restrict__ smem_raw, int m0, int n0, unsigned char* __restrict__ tmaps) {
 #ifdef KILN_HAVE_WGMMA
-  gemm_ws_tile_wgmma<T, OutT, RESIDUAL>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, smem_raw, m0, n0, tmaps);
+  gemm_ws_tiles_wgmma<T, OutT, RESIDUAL>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, smem_raw,
+                                         [=](int, int& m, int& n) { m = m0; n = n0; }, 0, 1, 1, tmaps);
 #else
   gemm_wg_tile_portable<T, OutT, RESIDUAL, 0, 8>(A, B, R, C, ws, M, N, K, kbeg, steps, z, split, m0, n0, nullptr, nullptr);
 #endif
 }
 
-// gemm_wg's contract and grid on the warp-specialised tile (WS_THREADS threads, GEMM_WS_SMEM_BYTES; tmaps:
-// WS_TMAP_BYTES of global scratch per block).
+// gemm_wg's result on persistent warp-specialised blocks: a 1-D grid of at most one block per SM (WS_THREADS threads,
+// GEMM_WS_SMEM_BYTES; tmaps: WS_TMAP_BYTES of global scratch per block), block b taking tiles b, b + grid, ... of
+// gemm_wg's grouped order, so the ring runs on from one tile into the next.
 template <typename T, bool RESIDUAL>
 __device__ __forceinline__ void gemm_ws(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
                                         int M, int N, int K, unsigned char* __restrict__ smem_raw, unsigned char* __restrict__ tmaps) {
-  int m0, n0;
-  wg_block_tile(M, m0, n0);
-  gemm_ws_tile<T, T, RESIDUAL>(A, B, R, C, nullptr, M, N, K, 0, K / WG_BK, 0, false, smem_raw, m0, n0, tmaps);
+  const int nt = (N + WG_BN - 1) / WG_BN, mt = (M + WG_BM - 1) / WG_BM;
+#ifdef KILN_HAVE_WGMMA
+  gemm_ws_tiles_wgmma<T, T, RESIDUAL>(A, B, R, C, nullptr, M, N, K, 0, K / WG_BK, 0, false, smem_raw,
+                                      [=](int i, int& m0, int& n0) { wg_tile_of(i, mt, nt, m0, n0); }, blockIdx.x, gridDim.x, mt * nt, tmaps);
+#else
+  for (int i = blockIdx.x; i < mt * nt; i += gridDim.x) {
+    int m0, n0;
+    wg_tile_of(i, mt, nt, m0, n0);
+    gemm_wg_tile_portable<T, T, RESIDUAL, 0, 8>(A, B, R, C, nullptr, M, N, K, 0, K / WG_BK, 0, false, m0, n0, nullptr, nullptr);
+    __syncthreads();
+  }
+#endif
 }
 
 // gemm_rows_wg's contract and grid (split K over grid.z) on the warp-specialised tile.
