@@ -1,7 +1,7 @@
 """kiln vs onnxruntime (CPUExecutionProvider) on ONNX graphs, same threads, one run.
 
     python benchmarks/onnx_vs_ort.py [--models bert-base,resnet50,rapidocr-cls,bert-tiny,cnn-tiny]
-        [--threads 2] [--seconds 5] [--quant q8] [--workdir DIR] [--json-out FILE]
+        [--threads 2] [--seconds 5] [--rounds 4] [--quant q8] [--workdir DIR] [--json-out FILE]
 
 Models (random weights, exported here with torch.onnx.export unless said):
   bert-base     BertModel 12 layers, hidden 768, batch 1 x seq 128, fp32 (the issue's BERT-base shape)
@@ -11,8 +11,9 @@ Models (random weights, exported here with torch.onnx.export unless said):
 
 kiln compiles each with its input shape pinned (`--input-shape`, the shapes are
 fixed here) for this CPU; both run with the same thread count (TVM_NUM_THREADS,
-ORT intra_op_num_threads, inter_op 1). Each is timed for --seconds after 3
-warm-up runs; the table shows medians, kiln/ort (below 1: kiln faster) and
+ORT intra_op_num_threads, inter_op 1). They take turns in --rounds rounds
+(a shared box's load moves within seconds), each timed for --seconds / --rounds
+per round after 3 warm-up runs; the table shows the median of the rounds' medians, kiln/ort (below 1: kiln faster) and
 kiln's max relative difference from onnxruntime's output. With --quant FMT kiln
 also compiles the graph with `--quant FMT` (matmul / Gemm / Conv weights) and the
 table adds its time, its speed-up over kiln fp32 and its output's relative L2
@@ -139,7 +140,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="bert-base,resnet50,rapidocr-cls")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per contestant, split over --rounds")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds in which kiln, onnxruntime (and kiln --quant) take turns")
     ap.add_argument("--workdir", default=str(Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "onnx-bench"))
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--quant", default=None, help="also time kiln with this weight format (q8, q4g32, ...)")
@@ -170,18 +172,29 @@ def main() -> int:
         want = sess.run(None, feeds)
         got = list(m.run(feeds).values())
         err = max(float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-30)) for g, w in zip(got, want))
-        k_ms, k_n = timed(lambda: m.run(feeds), a.seconds)
-        o_ms, o_n = timed(lambda: sess.run(None, feeds), a.seconds)
-        row = {"model": name, "inputs": pins, "kiln_ms": round(k_ms * 1e3, 3), "ort_ms": round(o_ms * 1e3, 3), "ratio": round(k_ms / o_ms, 3),
-               "kiln_runs": k_n, "ort_runs": o_n, "max_rel_err": err, "compile_s": round(compile_s, 1)}
+        runs = {"kiln": lambda: m.run(feeds), "ort": lambda: sess.run(None, feeds)}
         if a.quant:
             qart = work / f"{name}-{a.quant}.kiln"
             compile_onnx(path, qart, input_shapes=pins, quant=a.quant, quality_check=False)
             qm = load(qart, threads=a.threads)
             qgot = list(qm.run(feeds).values())
-            q_ms, q_n = timed(lambda: qm.run(feeds), a.seconds)
+            runs["quant"] = lambda: qm.run(feeds)
             l2 = max(float(np.linalg.norm(g.astype(np.float64) - w) / max(np.linalg.norm(w.astype(np.float64)), 1e-30)) for g, w in zip(qgot, want))
-            row.update({"quant": a.quant, "quant_ms": round(q_ms * 1e3, 3), "quant_runs": q_n, "fp32_over_quant": round(k_ms / q_ms, 3),
+        # contestants interleaved in rounds (a shared box's load moves within seconds): each round times each one for
+        # seconds / rounds; the result is the median of the rounds' medians
+        per = {k: [] for k in runs}
+        for _ in range(a.rounds):
+            for k, fn in runs.items():
+                per[k].append(timed(fn, a.seconds / a.rounds))
+        med = {k: statistics.median(t for t, _ in v) for k, v in per.items()}
+        n = {k: sum(c for _, c in v) for k, v in per.items()}
+        rounds = {k: [round(t * 1e3, 2) for t, _ in v] for k, v in per.items()}
+        k_ms, o_ms = med["kiln"], med["ort"]
+        row = {"model": name, "inputs": pins, "kiln_ms": round(k_ms * 1e3, 3), "ort_ms": round(o_ms * 1e3, 3), "ratio": round(k_ms / o_ms, 3),
+               "kiln_runs": n["kiln"], "ort_runs": n["ort"], "max_rel_err": err, "compile_s": round(compile_s, 1), "rounds_ms": rounds}
+        if a.quant:
+            q_ms = med["quant"]
+            row.update({"quant": a.quant, "quant_ms": round(q_ms * 1e3, 3), "quant_runs": n["quant"], "fp32_over_quant": round(k_ms / q_ms, 3),
                         "quant_rel_l2": l2})
         rows.append(row)
         print(json.dumps(row), flush=True)
