@@ -36,6 +36,7 @@ from ..passes.softmax_on_kernel import SoftmaxOnKernel
 from ..passes.kernels.qdot_cpu import qdot_supported
 from ..passes.narrow_float_params import NarrowFloatParams
 from ..passes.pack_graph_weights import PackGraphWeights
+from ..passes.q8_prompts_on_float_gemm import Q8PromptsOnFloatGemm
 from ..passes.quant import WEIGHT_FORMATS
 from ..passes.quantize_graph_weights import QuantizeGraphWeights
 from ..passes.wrap_gather_indices import WrapGatherIndices
@@ -179,6 +180,8 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
         # one), and only under few rows: see QDOT_MAX_ROWS
         takes = lambda k, group, rows: qdot_supported(fmt.name, k, group) and (rows is None or rows <= QDOT_MAX_ROWS)  # noqa: E731
         mod, graph_params, params = QuantizeGraphWeights(fmt, len(graph.inputs), takes)(float_mod, graph.params)
+        if pack and not any("avx512vnni" in tg.llvm_features or "avxvnni" in tg.llvm_features for tg in targets):
+            mod = Q8PromptsOnFloatGemm()(mod)  # many rows: q8 weights decoded into the float GEMM (no VNNI: faster)
     if pack:  # the float matrices left
         progress("pack float weights for the C GEMM")
         before = {e["name"]: e for e in params}

@@ -16,7 +16,8 @@ import pytest
 from helpers.onnx_models import export_bert, export_cnn, ort_run, rel
 from kiln.compiler.cpu_codegen import kernel_objects
 from kiln.compiler.target import parse_target
-from kiln.passes.kernels.sgemm_cpu import PACKED_PANELS, sgemm_batched, sgemm_packed, softmax_rows
+from kiln.passes.kernels.sgemm_cpu import PACKED_PANELS, sgemm_batched, sgemm_packed, sgemm_q8, softmax_rows
+from kiln.passes.quant import WEIGHT_FORMATS
 from kiln.runtime.hostinfo import host_cpu_flags, host_machine
 from kiln.tvm_compat import compiler
 
@@ -83,6 +84,45 @@ def test_sgemm_batched_matches_numpy(level, batch, bb, M, N, K):
     f(tvm.runtime.tensor(a, dev), tvm.runtime.tensor(b, dev), y)
     ref = a.astype(np.float64) @ b.astype(np.float64)
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("M,N,K", [(37, 13, 96), (16, 50, 288), (130, 17, 32), (400, 20, 64)])
+def test_sgemm_q8_matches_the_dequantized_product(level, M, N, K):
+    """q8 weights decoded panel by panel into the float GEMM: the product with the dequantized weights
+    (float activations, no rounding of them), K across 256-deep slices (288), rows past N."""
+    tg, runnable, tmp, objs = level
+    fmt = WEIGHT_FORMATS["q8"]
+    rng = np.random.default_rng(M * 31 + N * 7 + K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    parts = fmt.quantize(rng.standard_normal((N, K)).astype(np.float32))
+    lib = tvm.compile(tvm.IRModule({"main": sgemm_q8(K, N).with_attr("global_symbol", "main")}), target=tg.tvm_target())
+    so = tmp / f"sgemm_q8_{M}_{N}_{K}.so"
+    lib.export_library(str(so), addons=list(objs))
+    if not runnable:
+        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
+    f = tvm.runtime.load_module(str(so))["main"]
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.full((1, M, N), np.nan, np.float32), dev)
+    f(tvm.runtime.tensor(x.reshape(1, M, K), dev), *[tvm.runtime.tensor(parts[k], dev) for k in fmt.parts((N, K))], y)
+    ref = x.astype(np.float64) @ fmt.dequantize(parts, (N, K)).astype(np.float64).T
+    np.testing.assert_allclose(y.numpy().reshape(M, N), ref, rtol=0, atol=RTOL * np.abs(ref).max())
+
+
+def test_q8_prompts_take_the_float_gemm(tmp_path):
+    """--quant q8 with pinned shapes of >= 16 rows: the projections decode into the float GEMM
+    (kiln_sgemm_q8), the weights stay q8 in the manifest, and the output stays within q8's error."""
+    from kiln.compiler.onnx_build import compile_onnx  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    path = export_bert(tmp_path / "b.onnx")
+    compile_onnx(path, tmp_path / "q.kiln", quant="q8", quality_check=False, input_shapes=["input_ids=1,32", "attention_mask=1,32"])
+    m = load(tmp_path / "q.kiln")
+    lib = (tmp_path / "q.kiln" / "lib" / "cpu.so").read_bytes().decode("latin-1")
+    assert "kiln_cpu_sgemm_q8" in lib and any(p["quant"] == "q8" for p in m.artifact.manifest["params"])
+    feeds = {"input_ids": np.random.default_rng(5).integers(0, 100, (1, 32)).astype(np.int64), "attention_mask": np.ones((1, 32), np.int64)}
+    got, want = m.run(feeds), ort_run(path, feeds)
+    for k in want:
+        assert np.linalg.norm(got[k] - want[k]) / np.linalg.norm(want[k]) < 1e-2, k
 
 
 @pytest.mark.parametrize("R,L", [(1, 1), (3, 7), (5, 37), (37, 128), (300, 20)])

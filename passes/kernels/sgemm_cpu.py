@@ -103,3 +103,21 @@ def softmax_rows():
             T.evaluate(T.call_extern("int32", "kiln_cpu_softmax_rows", x.data, y.data, R, L))
 
     return kiln_softmax_rows
+
+
+def sgemm_q8(K: int, N: int):
+    """The call_tir callee of kiln_cpu_sgemm_q8 for one q8 [N, K] matrix, the NT_qmatmul kernel's
+    arguments: x [A, S, K] f32, q [N, K] int8, s [N, K / 32] f16 -> y [A, S, N] f32 (A, S symbolic).
+    Each task decodes the weight panels it uses to fp32 and runs the float micro-kernel."""
+
+    @T.prim_func
+    def kiln_sgemm_q8(var_x: T.handle, q: T.Buffer((N, K), "int8"), s: T.Buffer((N, K // 32), "float16"), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        A = T.int64()
+        S = T.int64()
+        x = T.match_buffer(var_x, (A, S, K), "float32")
+        y = T.match_buffer(var_y, (A, S, N), "float32")
+        rc = T.call_extern("int32", "kiln_cpu_sgemm_q8", x.data, q.data, s.data, y.data, A * S, T.int64(N), T.int64(K))
+        assert rc == 0, "kiln_cpu_sgemm_q8: out of memory for a decoded panel slice"
+
+    return kiln_sgemm_q8

@@ -19,6 +19,7 @@
    its weight tile on every call. Threads: TVM's pool (kiln_pool.h); a call of many row
    blocks splits the rows between tasks, otherwise the panels. */
 
+#include "kiln_half.h"
 #include "kiln_pool.h"
 
 #include <stdint.h>
@@ -50,6 +51,8 @@ typedef struct {
   const float* wp;
   float* y;
   int64_t M, N, K;
+  const int8_t* q;    /* q8 weights instead of wp: codes [N, K], */
+  const uint16_t* s;  /* fp16 scales [N, K / 32]; each panel's slice decoded per use */
 } sg_job;
 
 #if SG_AVX2
@@ -141,27 +144,82 @@ static inline void sg_micro(const sg_job* jb, int64_t k0, int64_t kc, const floa
     for (int64_t j = 0; j < cols; ++j) c[i * jb->N + j] = buf[i * SG_NR + j];
 }
 
+/* q8: rows [16 p, 16 p + 16) of W (codes x their block's scale), k [k0, k0 + kc), into a panel
+   slice [kc][16] (rows past N zero). kc and k0 are multiples of 32 (K % 32 == 0): one scale per
+   8-wide chunk. AVX2: 16 rows x 8 codes widened and scaled, then two 8 x 8 transposes. */
+#if SG_AVX2
+static inline void sg_tr8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]), t2 = _mm256_unpacklo_ps(r[2], r[3]),
+               t3 = _mm256_unpackhi_ps(r[2], r[3]), t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]),
+               t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE), u2 = _mm256_shuffle_ps(t1, t3, 0x44),
+               u3 = _mm256_shuffle_ps(t1, t3, 0xEE), u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
+static void sg_decode_q8(const sg_job* jb, int64_t p, int64_t k0, int64_t kc, float* out) {
+  const int64_t K = jb->K, nb = K / 32;
+#if SG_AVX2
+  for (int64_t kb = 0; kb < kc; kb += 8) {
+    for (int h = 0; h < 2; ++h) { /* rows 8h .. 8h + 7 of the panel */
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t n = p * SG_NR + 8 * h + i;
+        if (n < jb->N) {
+          const __m128i c = _mm_loadl_epi64((const __m128i*)(jb->q + n * K + k0 + kb));
+          r[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), _mm256_set1_ps(h2f(jb->s[n * nb + (k0 + kb) / 32])));
+        } else {
+          r[i] = _mm256_setzero_ps();
+        }
+      }
+      sg_tr8(r);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (kb + j) * SG_NR + 8 * h, r[j]);
+    }
+  }
+#else
+  for (int r = 0; r < SG_NR; ++r) {
+    const int64_t n = p * SG_NR + r;
+    for (int64_t k = 0; k < kc; ++k)
+      out[k * SG_NR + r] = n < jb->N ? (float)jb->q[n * K + k0 + k] * h2f(jb->s[n * nb + (k0 + k) / 32]) : 0.f;
+  }
+#endif
+}
+
 /* rows [m0, m1) x panels [p0, p1) of y: for each KC slice of K, blocks of MC rows (in L2)
    pass each panel's slice (in L1) tile by tile */
 static int sg_block(const sg_job* jb, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t K = jb->K;
+  float* slice = 0; /* q8: this task's decoded panel slice [kc][16] */
+  if (jb->q && !(slice = (float*)aligned_alloc(64, SG_KC * SG_NR * sizeof(float)))) return -1;
   for (int64_t k0 = 0; k0 < K; k0 += SG_KC) {
     const int64_t kc = K - k0 < SG_KC ? K - k0 : SG_KC;
     for (int64_t mb = m0; mb < m1; mb += SG_MC) {
       const int64_t mc = m1 - mb < SG_MC ? m1 - mb : SG_MC;
       for (int64_t p = p0; p < p1; ++p) {
-        const float* b = jb->wp + (p * K + k0) * SG_NR;
+        const float* b = jb->q ? slice : jb->wp + (p * K + k0) * SG_NR;
+        if (jb->q) sg_decode_q8(jb, p, k0, kc, slice);
         /* the next panel's slice (kc cache lines) towards L2 while this one is used, a share per
            strip: the weights come from DRAM in a graph (every matrix read once per run) */
-        const char* next = (const char*)(p + 1 < p1 ? b + K * SG_NR : b);
+        const char* next = jb->q ? 0 : (const char*)(p + 1 < p1 ? b + K * SG_NR : b);
         const int64_t strips = (mc + SG_MR - 1) / SG_MR, per = (kc + strips - 1) / strips;
         for (int64_t i = 0, s = 0; i < mc; i += SG_MR, ++s) {
-          for (int64_t l = s * per; l < (s + 1) * per && l < kc; ++l) SG_PREFETCH(next + 64 * l);
+          if (next)
+            for (int64_t l = s * per; l < (s + 1) * per && l < kc; ++l) SG_PREFETCH(next + 64 * l);
           sg_micro(jb, k0, kc, b, mb + i, mc - i < SG_MR ? mc - i : SG_MR, p, k0 > 0);
         }
       }
     }
   }
+  free(slice);
   return 0;
 }
 
@@ -183,7 +241,7 @@ int32_t kiln_cpu_sgemm_packed(const float* x, const float* wp, float* y, int64_t
     memset(y, 0, (size_t)(M * N) * sizeof(float));
     return 0;
   }
-  sg_job jb = {x, wp, y, M, N, K};
+  sg_job jb = {x, wp, y, M, N, K, 0, 0};
   return kiln_parallel(sg_task, &jb);
 }
 
@@ -222,7 +280,7 @@ static int bmm_task(int t, kiln_penv* env, void* cdata) {
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t bi = u / split, c = u % split, p0 = P * c / split, p1 = P * (c + 1) / split;
     bmm_pack(jb->b + (jb->b_batch == 1 ? 0 : bi) * jb->K * jb->N, jb->N, jb->K, p0, p1, wp);
-    const sg_job one = {jb->a + bi * jb->M * jb->K, wp, jb->y + bi * jb->M * jb->N, jb->M, jb->N, jb->K};
+    const sg_job one = {jb->a + bi * jb->M * jb->K, wp, jb->y + bi * jb->M * jb->N, jb->M, jb->N, jb->K, 0, 0};
     sg_block(&one, 0, jb->M, p0, p1);
   }
   free(wp);
@@ -239,4 +297,22 @@ int32_t kiln_cpu_sgemm_batched(const float* a, const float* b, float* y, int64_t
   }
   bmm_job jb = {a, b, y, batch, b_batch, M, N, K};
   return kiln_parallel(bmm_task, &jb);
+}
+
+
+/* ---- q8 weights on the float GEMM --------------------------------------------------------------- */
+
+/* y[M, N] = x[M, K] @ (s * q)^T, q8 weights (codes int8 [N, K], fp16 scales per 32 along K; K % 32
+   == 0): each task decodes the panel slices it uses into fp32 and runs the float micro-kernel on
+   them. For prompt-sized M on CPUs without VNNI, where the integer dot's multiply chain peaks at
+   the FMA's rate (benchmarks/NOTES.md, Session 20): the weights' bytes stay a quarter, the
+   arithmetic is the float GEMM's (activations unrounded). 0, or -1 when scratch memory ran out. */
+int32_t kiln_cpu_sgemm_q8(const float* x, const int8_t* q, const uint16_t* s, float* y, int64_t M, int64_t N, int64_t K) {
+  if (M <= 0 || N <= 0) return 0;
+  if (K <= 0) {
+    memset(y, 0, (size_t)(M * N) * sizeof(float));
+    return 0;
+  }
+  sg_job jb = {x, 0, y, M, N, K, q, s};
+  return kiln_parallel(sg_task, &jb);
 }
