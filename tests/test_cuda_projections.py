@@ -200,6 +200,34 @@ def test_norm_and_swiglu_rows_run_on_kiln_kernels(rows, swapped):
     assert ("R.nn.rms_norm(" in main) != swapped, main
 
 
+@pytest.mark.parametrize(("code", "group", "scaled"), [("4", 128, False), ("8", 32, False), ("f8", 4096, True)])
+def test_long_quantized_prompts_widen_the_weight_then_run_the_bf16_kernel_on_hopper(code, group, scaled):
+    """Above PROMPT_SPLIT_M rows a quantized prompt GEMM on Hopper widens the weight once (dequant_weight into an
+    N x K scratch) and runs the persistent bf16 gemm_ws (e4m3: with the row scales), 1.4-2.7x gemm_wg_q on the
+    H200 and bit-equal to it; up to 256 rows gemm_wg_q stays; other targets never see either."""
+    from kiln.passes.kernels.gemm_cuda import qgemm
+
+    src = qgemm(4096, 6144, group, code, "bfloat16", wgmma=True).script()
+    assert "if M <= T.int64(256):" in src and f"kiln::gemm_wg_q<__nv_bfloat16, {4 if code == '4' else 8 if code == '8' else 9}, {group}>" in src, src
+    assert f"kiln::dequant_weight<__nv_bfloat16, {4 if code == '4' else 8 if code == '8' else 9}, {group}>" in src, src
+    assert f"kiln::gemm_ws<__nv_bfloat16, false, {9 if scaled else 0}>" in src and 'wd = T.alloc_buffer((6144, 4096), "bfloat16")' in src, src
+    assert "dequant_weight" not in qgemm(4096, 6144, group, code, "bfloat16").script()
+
+
+def test_dequant_scratch_is_allocated_whole():
+    """The widened weight's scratch is written and read through access pointers over the whole buffer: passed as
+    the address of its first element, TVM compacted it to that one element (2 bytes), and the kernels wrote 235 MB
+    past it (an illegal-address fault on the H200)."""
+    import tvm
+
+    from kiln.passes.kernels.gemm_cuda import qgemm
+
+    mod = tvm.IRModule({"main": qgemm(256, 512, 128, "4", "bfloat16", wgmma=True).with_attr("global_symbol", "main")})
+    ex = tvm.compile(mod, target=tvm.target.Target(SM90))
+    host = ex.mod.inspect_source("ll")
+    assert f"i64 {512 * 256 * 2}, i32 1, i32 16)" in host, [ln for ln in host.splitlines() if "%wd = " in ln]
+
+
 def test_quantized_prompt_and_fp8_rows_take_wgmma_on_hopper():
     """Quantized weights on Hopper: a prompt's GEMM decodes the codes into wgmma tiles (gemm_wg_q:
     1.4-1.9x gemm_tn_q on the H200), and fp8 decode_batch above 64 rows runs gemm_rows_wg_q; without

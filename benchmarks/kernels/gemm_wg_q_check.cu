@@ -1,6 +1,7 @@
-// kiln::gemm_wg_q (prompt GEMM over 4-bit / int8 / e4m3 codes on wgmma) and kiln::gemm_rows_wg_q (decode_batch over e4m3 codes)
-// on the GPU machine, standalone: against an fp64 reference that decodes every code as the kernels do, rows bit-equal across B,
-// and time against gemm_tn_q (WMMA) / the middle fp8 row kernel.
+// kiln::gemm_wg_q (prompt GEMM over 4-bit / int8 / e4m3 codes on wgmma), long prompts' dequant_weight + gemm_ws (the weight
+// widened once, then the persistent bf16 kernel) and kiln::gemm_rows_wg_q (decode_batch over e4m3 codes) on the GPU machine,
+// standalone: against an fp64 reference that decodes every code as the kernels do, dequant + gemm_ws bit-equal to gemm_wg_q,
+// rows bit-equal across B, and time against each other, gemm_tn_q (WMMA) / the middle fp8 row kernel.
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/gwq benchmarks/kernels/gemm_wg_q_check.cu && /tmp/gwq
 #include "../../passes/kernels/cuda/common.cuh"
 #include "../../passes/kernels/cuda/attention_prefill.cuh"
@@ -13,6 +14,7 @@
 #include <cstring>
 #include <vector>
 #include <cmath>
+#include <algorithm>
 using bf = __nv_bfloat16;
 
 template <int CODE, int G>
@@ -20,6 +22,16 @@ __global__ void __launch_bounds__(256, 1) kwq(const bf* A, const void* Q, const 
   extern __shared__ __align__(16) unsigned char sm[];
   kiln::gemm_wg_q<bf, CODE, G>(A, Q, S, Z, C, M, N, K, sm);
 }
+template <int CODE, int G>
+__global__ void __launch_bounds__(256) kdq(const void* Q, const void* S, const void* Z, bf* W, int N, int K) {
+  kiln::dequant_weight<bf, CODE, G>(Q, S, Z, W, N, K);
+}
+template <int CODE>
+__global__ void __launch_bounds__(kiln::WS_THREADS, 1) kwsd(const bf* A, const bf* W, const void* S, bf* C, int M, int N, int K, unsigned char* tm) {
+  extern __shared__ __align__(16) unsigned char sm[];
+  kiln::gemm_ws<bf, false, CODE == 9 ? 9 : 0>(A, W, nullptr, C, M, N, K, sm, tm, static_cast<const float*>(S));
+}
+unsigned char* g_tmaps;  // WS_TMAP_BYTES per block of the persistent grid
 template <int CODE, int G>
 __global__ void __launch_bounds__(256) ktq(const bf* A, const void* Q, const void* S, const void* Z, bf* C, int M, int N, int K) {
   extern __shared__ __align__(16) unsigned char sm[];
@@ -97,6 +109,13 @@ bool prompt_case(int M, int N, int K, bool timing) {
   CK(cudaFuncSetAttribute(ktq<CODE, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, smt));
   dim3 grid((N + 255) / 256, (M + 127) / 128);
   auto wg = [&]() { kwq<CODE, G><<<grid, 256, smq>>>(A, Q, S, Z, C, M, N, K); };
+  bf* Wd;
+  CK(cudaMalloc(&Wd, (size_t)N * K * 2));
+  CK(cudaFuncSetAttribute(kwsd<CODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, kiln::GEMM_WS_SMEM_BYTES));
+  auto dq = [&]() {  // what the artifact runs for a long prompt: widen the weight, then the persistent bf16 GEMM
+    kdq<CODE, G><<<132 * 4, 256>>>(Q, S, Z, Wd, N, K);
+    kwsd<CODE><<<std::min<int>(132, grid.x * grid.y), kiln::WS_THREADS, kiln::GEMM_WS_SMEM_BYTES>>>(A, Wd, S, C2, M, N, K, g_tmaps);
+  };
   auto tn = [&]() { ktq<CODE, G><<<grid, 256, smt>>>(A, Q, S, Z, C2, M, N, K); };
   bool ok = true;
   if (!timing) {
@@ -108,13 +127,22 @@ bool prompt_case(int M, int N, int K, bool timing) {
     double md = 0, mx = 0;
     for (size_t i = 0; i < h.size(); ++i) { md = fmax(md, fabs((double)__bfloat162float(h[i]) - hr[i])); mx = fmax(mx, fabs(hr[i])); }
     ok = md <= 8e-3 * mx && std::isfinite(md) && mx > 0;
-    printf("prompt CODE=%d G=%4d M=%5d N=%6d K=%6d: %.2e of max %.3g %s\n", CODE, G, M, N, K, md / mx, mx, ok ? "ok" : "FAIL");
+    CK(cudaMemset(C2, 0xFF, (size_t)M * N * 2));
+    dq();
+    CK(cudaDeviceSynchronize());
+    std::vector<bf> h2((size_t)M * N);
+    CK(cudaMemcpy(h2.data(), C2, h2.size() * 2, cudaMemcpyDeviceToHost));
+    const bool same = memcmp(h.data(), h2.data(), h.size() * 2) == 0;
+    ok &= same;
+    printf("prompt CODE=%d G=%4d M=%5d N=%6d K=%6d: %.2e of max %.3g, dequant + gemm_ws bit-equal to gemm_wg_q: %s %s\n", CODE, G, M, N, K, md / mx,
+           mx, same ? "yes" : "NO", ok ? "ok" : "FAIL");
   } else {
-    const float t[2] = {time_us(wg, 10), time_us(tn, 10)};
+    const float t[3] = {time_us(wg, 10), time_us(tn, 10), time_us(dq, 10)};
     double fl = 2.0 * M * N * K;
-    printf("prompt CODE=%d G=%4d M=%5d N=%6d K=%6d: wg %7.1f us %6.1f TF/s | tn_q %7.1f us %6.1f TF/s | x%.2f\n", CODE, G, M, N, K, t[0],
-           fl / t[0] / 1e6, t[1], fl / t[1] / 1e6, t[1] / t[0]);
+    printf("prompt CODE=%d G=%4d M=%5d N=%6d K=%6d: dequant+ws %7.1f us %6.1f TF/s | wg_q %7.1f us %6.1f TF/s | tn_q %6.1f TF/s | x%.2f\n", CODE,
+           G, M, N, K, t[2], fl / t[2] / 1e6, t[0], fl / t[0] / 1e6, fl / t[1] / 1e6, t[0] / t[2]);
   }
+  cudaFree(Wd);
   cudaFree(A); cudaFree(C); cudaFree(C2); cudaFree(Q); cudaFree(S); cudaFree(Z); cudaFree(Cr);
   return ok;
 }
@@ -190,6 +218,7 @@ bool rows_case(int N, int K) {
 }
 
 int main() {
+  CK(cudaMalloc(&g_tmaps, (size_t)kiln::WS_TMAP_BYTES * 132));
   bool ok = true;
   ok &= prompt_case<9, 4096>(200, 6144, 4096, false);  // (e4m3: G = K, one scale per row)
   ok &= prompt_case<4, 128>(200, 6144, 4096, false);
@@ -200,10 +229,12 @@ int main() {
   ok &= split_case<4, 128>(100, 4096, 4096);
   ok &= split_case<4, 32>(1, 6144, 4096);
   ok &= split_case<8, 128>(256, 4096, 14336);
+  ok &= prompt_case<4, 128>(2100, 4096, 320, false);  // two or three tiles per persistent block
   for (int M : {512, 2048}) {
     prompt_case<9, 4096>(M, 28672, 4096, true); prompt_case<9, 14336>(M, 4096, 14336, true);
     prompt_case<4, 128>(M, 28672, 4096, true); prompt_case<4, 128>(M, 4096, 14336, true);
-    prompt_case<8, 128>(M, 28672, 4096, true);
+    prompt_case<4, 128>(M, 6144, 4096, true); prompt_case<4, 128>(M, 4096, 4096, true);
+    prompt_case<8, 128>(M, 28672, 4096, true); prompt_case<4, 32>(M, 28672, 4096, true);
   }
   for (auto sh : {std::pair<int, int>{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}, {128256, 4096}}) ok &= rows_case(sh.first, sh.second);
   printf(ok ? "ALL OK\n" : "SOME FAILED\n");

@@ -366,9 +366,43 @@ def qgemm_supported(K: int, group: int, code: str, dtype: str) -> bool:
     return dtype in ("bfloat16", "float16") and code in QGEMV_CODES and K % 32 == 0 and group % 32 == 0 and K % group == 0
 
 
+DEQUANT_BLOCKS = 4 * WS_BLOCKS  # dequant_weight's grid (grid-stride over 8-value chunks)
+
+
+def _dequant_gemm_launch(N: int, K: int, group: int, code: str, dtype: str):
+    """Long prompts over a quantized weight on Hopper: the weight widened to dtype once per call (kiln::dequant_weight
+    into an N x K scratch, the values gemm_wg_q's tiles hold), then the persistent bf16 gemm_ws (e4m3: with the row
+    scales on the sums) -- bit-equal to gemm_wg_q and 1.4-2.7x faster from 512 rows on the H200 (benchmarks/NOTES.md,
+    session 20). launch((a, q, s, z), y, M)."""
+    ct, cq, nb = C_TYPES[dtype], QGEMV_CODES[code], (N + BN - 1) // BN
+    dq, fn = f"kiln::dequant_weight<{ct}, {cq}, {group}>", f"kiln::gemm_ws<{ct}, false, {9 if code == 'f8' else 0}>"
+
+    @T.macro
+    def launch(ins, y, M):
+        wd = T.alloc_buffer((N, K), dtype)
+        tm = T.alloc_buffer((WS_BLOCKS * WS_TMAP_BYTES,), "uint8")
+        for bx in T.thread_binding(DEQUANT_BLOCKS, thread="blockIdx.x"):
+            for tx in T.thread_binding(256, thread="threadIdx.x"):
+                # access_ptr, not address_of: the whole buffer is written (an address_of(wd[0, 0]) let TVM compact it to one element)
+                T.evaluate(T.call_extern("void", dq, *_addresses(*ins[1:]), wd.access_ptr("w"), N, K))
+        for bx in T.thread_binding(T.min((M + BM - 1) // BM * nb, WS_BLOCKS), thread="blockIdx.x"):
+            for tx in T.thread_binding(WS_THREADS, thread="threadIdx.x"):
+                smem = T.alloc_buffer((WS_SMEM_BYTES,), "uint8", scope="shared.dyn")
+                if code == "f8":
+                    T.evaluate(T.call_extern("void", fn, *_addresses(ins[0]), wd.access_ptr("r"), T.address_of(y[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                                             T.Cast("int32", M), N, K, smem.access_ptr("rw"), tm.access_ptr("rw"), *_addresses(ins[2])))
+                else:
+                    T.evaluate(T.call_extern("void", fn, *_addresses(ins[0]), wd.access_ptr("r"), T.address_of(y[0, 0, 0]), T.address_of(y[0, 0, 0]),
+                                             T.Cast("int32", M), N, K, smem.access_ptr("rw"), tm.access_ptr("rw")))
+
+    return launch
+
+
 def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False):
     """y  # [1, M, N] = a  # [1, M, K] @ dequant(q, s[, z])^T on tensor cores, M symbolic
-    (prefill). Same arguments as the NT_qmatmul TE kernel it replaces."""
+    (prefill). Same arguments as the NT_qmatmul TE kernel it replaces. Hopper: up to PROMPT_SPLIT_M rows
+    gemm_wg_q (codes decoded in its tiles; K split over blocks where that fills the chip), above it the weight
+    widened once and the bf16 kernel (_dequant_gemm_launch)."""
     ng = K // group
     ct, cq = C_TYPES[dtype], QGEMV_CODES[code]
     wg = wgmma and K % 64 == 0
@@ -377,7 +411,19 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
     else:
         fn, smem_bytes = f"kiln::gemm_tn_q<{ct}, {cq}, {group}>", QSMEM_BYTES
     split = wg and rows_wg_ksplit(N, K) > 1  # short prompts on Hopper: K split over blocks
-    launch = _prompt_launch(_tile_launch(fn, N, K, smem_bytes), _rows_wg_q_launch(N, K, dtype, dtype, code, group), split)
+    short = _prompt_launch(_tile_launch(fn, N, K, smem_bytes), _rows_wg_q_launch(N, K, dtype, dtype, code, group), split)
+    long = _dequant_gemm_launch(N, K, group, code, dtype) if wg else None
+
+    @T.macro
+    def launch(ins, rr, y, M):
+        if long is None:
+            short(ins, rr, y, M)
+        else:
+            if M <= PROMPT_SPLIT_M:
+                short(ins, rr, y, M)
+            else:
+                long(ins, y, M)
+
     q_shape, q_dtype = ((N, K // 8), "uint32") if code == "4" else ((N, K), "uint8" if code == "f8" else "int8")
     s_dtype = "float32" if code == "f8" else "float16"
 

@@ -161,34 +161,35 @@ __device__ __forceinline__ void wg_row_scales(const void* __restrict__ S, const 
   }
 }
 
-// w: the row's codes for the step (32 bytes of 4-bit codes, 64 of int8 / e4m3); e4m3 stays exact (its row
-// scale multiplies the sums later).
+// One 8-value chunk of codes (CODE 4: w[0]; int8 / e4m3: w[0], w[1]) decoded to T: code times scale (plus
+// minimum), rounded once; e4m3 exact (its row scale multiplies the sums later).
+template <typename T, int CODE>
+__device__ __forceinline__ uint4 wg_decode_chunk(const uint32_t* w, float sc, float zz) {
+  if constexpr (CODE == 4) {
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = fmaf(static_cast<float>((w[0] >> (4 * j)) & 0xFu), sc, zz);
+    return make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
+  } else if constexpr (CODE == 8) {
+    float v[8];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[4 * h + j] = static_cast<float>(static_cast<int8_t>((w[h] >> (8 * j)) & 0xFFu)) * sc;
+    return make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
+  } else {
+    return make_uint4(e4m3x2_to_16x2<T>(w[0]), e4m3x2_to_16x2<T>(w[0] >> 16), e4m3x2_to_16x2<T>(w[1]), e4m3x2_to_16x2<T>(w[1] >> 16));
+  }
+}
+
+// w: the row's codes for the step (32 bytes of 4-bit codes, 64 of int8 / e4m3), into row `row` of the T tile at dst.
 template <typename T, int CODE, int G>
 __device__ __forceinline__ void wg_decode_row(const uint32_t* __restrict__ w, const float* scl, const float* mnm, unsigned char* dst, int row) {
   constexpr int NSC = wg_nsc(CODE, G);
 #pragma unroll
   for (int c = 0; c < 8; ++c) {  // 8 chunks of 8 values
-    uint4 out;
-    if constexpr (CODE == 4) {
-      const float sc = scl[NSC == 1 ? 0 : c], zz = mnm[NSC == 1 ? 0 : c];
-      const uint32_t q = w[c];
-      float v[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = fmaf(static_cast<float>((q >> (4 * j)) & 0xFu), sc, zz);
-      out = make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
-    } else if constexpr (CODE == 8) {
-      const float sc = scl[NSC == 1 ? 0 : c];
-      float v[8];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) v[4 * h + j] = static_cast<float>(static_cast<int8_t>((w[2 * c + h] >> (8 * j)) & 0xFFu)) * sc;
-      out = make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]), pack_pair<T>(v[6], v[7]));
-    } else {
-      const uint32_t lo = w[2 * c], hi = w[2 * c + 1];
-      out = make_uint4(e4m3x2_to_16x2<T>(lo), e4m3x2_to_16x2<T>(lo >> 16), e4m3x2_to_16x2<T>(hi), e4m3x2_to_16x2<T>(hi >> 16));
-    }
-    *reinterpret_cast<uint4*>(dst + wg_offset(row, c)) = out;
+    const float sc = CODE == 9 ? 0.f : scl[NSC == 1 ? 0 : c], zz = CODE == 4 ? mnm[NSC == 1 ? 0 : c] : 0.f;
+    *reinterpret_cast<uint4*>(dst + wg_offset(row, c)) = wg_decode_chunk<T, CODE>(CODE == 4 ? w + c : w + 2 * c, sc, zz);
   }
 }
 
@@ -376,11 +377,12 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* gmap, int 
 // Tiles first, first + stride, ... (< count) of a grid whose coordinates tile(i, m0, n0) gives, one after another
 // through one ring (a persistent block: the producer fills the next tile's stages while the consumers store this
 // one's results; the tensor maps are built once). K steps kbeg / 64 .. + steps - 1 of each.
-template <typename T, typename OutT, bool RESIDUAL, typename TileOf>
+// CODE 9: B holds e4m3 codes widened exactly to T (dequant_weight), S their fp32 row scales, applied to the sums.
+template <typename T, typename OutT, bool RESIDUAL, typename TileOf, int CODE = 0>
 __device__ __forceinline__ void gemm_ws_tiles_wgmma(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R,
                                                     OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int kbeg, int steps,
                                                     int z, bool split, unsigned char* __restrict__ smem_raw, TileOf tile, int first, int stride,
-                                                    int count, unsigned char* __restrict__ tmaps) {
+                                                    int count, unsigned char* __restrict__ tmaps, const float* __restrict__ S = nullptr) {
   const uint32_t sraw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)), sbase = (sraw + 1023u) & ~1023u;
   const uint32_t full = sbase + WS_STAGES * WG_STAGE_BYTES, empty = full + 8 * WS_STAGES, smaps = (empty + 8 * WS_STAGES + 127u) & ~127u;
   const int tid = threadIdx.x;
@@ -440,7 +442,7 @@ __device__ __forceinline__ void gemm_ws_tiles_wgmma(const T* __restrict__ A, con
     wg_wait<0>();
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + 8 * ((g - 1) % WS_STAGES));  // the tile's last stage
-    wg_store<T, OutT, RESIDUAL, 0>(d, cw * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, nullptr);
+    wg_store<T, OutT, RESIDUAL, CODE>(d, cw * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, S);
   }
 }
 
@@ -587,21 +589,58 @@ __device__ __forceinline__ void gemm_ws_tile(const T* __restrict__ A, const T* _
 // gemm_wg's result on persistent warp-specialised blocks: a 1-D grid of at most one block per SM (WS_THREADS threads,
 // GEMM_WS_SMEM_BYTES; tmaps: WS_TMAP_BYTES of global scratch per block), block b taking tiles b, b + grid, ... of
 // gemm_wg's grouped order, so the ring runs on from one tile into the next.
-template <typename T, bool RESIDUAL>
+// CODE 9: B is dequant_weight's exact widening of e4m3 codes, S their fp32 row scales (gemm_wg_q's fp8 result).
+template <typename T, bool RESIDUAL, int CODE = 0>
 __device__ __forceinline__ void gemm_ws(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
-                                        int M, int N, int K, unsigned char* __restrict__ smem_raw, unsigned char* __restrict__ tmaps) {
+                                        int M, int N, int K, unsigned char* __restrict__ smem_raw, unsigned char* __restrict__ tmaps,
+                                        const float* __restrict__ S = nullptr) {
   const int nt = (N + WG_BN - 1) / WG_BN, mt = (M + WG_BM - 1) / WG_BM;
 #ifdef KILN_HAVE_WGMMA
-  gemm_ws_tiles_wgmma<T, T, RESIDUAL>(A, B, R, C, nullptr, M, N, K, 0, K / WG_BK, 0, false, smem_raw,
-                                      [=](int i, int& m0, int& n0) { wg_tile_of(i, mt, nt, m0, n0); }, blockIdx.x, gridDim.x, mt * nt, tmaps);
+  const auto tile = [=](int i, int& m0, int& n0) { wg_tile_of(i, mt, nt, m0, n0); };
+  gemm_ws_tiles_wgmma<T, T, RESIDUAL, decltype(tile), CODE>(A, B, R, C, nullptr, M, N, K, 0, K / WG_BK, 0, false, smem_raw, tile, blockIdx.x,
+                                                            gridDim.x, mt * nt, tmaps, S);
 #else
   for (int i = blockIdx.x; i < mt * nt; i += gridDim.x) {
     int m0, n0;
     wg_tile_of(i, mt, nt, m0, n0);
-    gemm_wg_tile_portable<T, T, RESIDUAL, 0, 8>(A, B, R, C, nullptr, M, N, K, 0, K / WG_BK, 0, false, m0, n0, nullptr, nullptr);
-    __syncthreads();
+    for (int e = threadIdx.x; e < WG_BM * WG_BN; e += blockDim.x) {  // the portable path: one output at a time
+      const int m = m0 + e / WG_BN, n = n0 + e % WG_BN;
+      if (m >= M || n >= N) continue;
+      float v = 0.f;
+      for (int k = 0; k < K; ++k) v += to_float(A[(size_t)m * K + k]) * to_float(B[(size_t)n * K + k]);
+      if constexpr (CODE == 9) v *= S[n];
+      if constexpr (RESIDUAL) v += to_float(R[(size_t)m * N + n]);
+      C[(size_t)m * N + n] = from_float<T>(v);
+    }
   }
 #endif
+}
+
+// A quantized weight [N, K] widened to T, as gemm_wg_q's tiles hold it (4-bit / int8 codes times their group's
+// scale (plus minimum), rounded once; e4m3 codes exact, their row scale left to gemm_ws<..., 9>): long prompts run
+// this once per call and then the bf16 GEMM, whose speed the in-tile decode does not reach (H200: gemm_wg_q
+// 226-350 TF/s). One 8-value chunk per thread and turn; any grid of 1-D blocks.
+template <typename T, int CODE, int G>
+__device__ __forceinline__ void dequant_weight(const void* __restrict__ Qv, const void* __restrict__ Sv, const void* __restrict__ Zv,
+                                               T* __restrict__ W, int N, int K) {
+  const size_t chunks = (size_t)N * (K / 8);
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < chunks; i += (size_t)gridDim.x * blockDim.x) {
+    const int n = (int)(i / (K / 8)), k0 = (int)(i % (K / 8)) * 8;
+    float scl[1] = {0.f}, mnm[1] = {0.f};
+    if constexpr (CODE == 4 || CODE == 8) {
+      const size_t at = (size_t)n * (K / G) + k0 / G;
+      scl[0] = __half2float(static_cast<const __half*>(Sv)[at]);
+      mnm[0] = CODE == 4 ? __half2float(static_cast<const __half*>(Zv)[at]) : 0.f;
+    }
+    uint32_t w[2];
+    if constexpr (CODE == 4) {
+      w[0] = static_cast<const uint32_t*>(Qv)[i];
+    } else {
+      const uint2 v = static_cast<const uint2*>(Qv)[i];
+      w[0] = v.x, w[1] = v.y;
+    }
+    *reinterpret_cast<uint4*>(W + i * 8) = wg_decode_chunk<T, CODE>(w, scl[0], mnm[0]);
+  }
 }
 
 // gemm_rows_wg's contract and grid (split K over grid.z) on the warp-specialised tile.
