@@ -51,7 +51,15 @@ def _callee(K: int, dtype: str, residual: bool, wgmma: bool) -> tuple[str, int, 
 PROMPT_SPLIT_M = 256  # wgmma: prompts of at most this many rows take gemm_rows_wg's split K (H200, 8B: 6144 x 4096 at 128 rows 31 us against 48)
 
 
-WS_BLOCKS = 132  # gemm_ws is persistent: at most one block per SM of an H100 / H200 SXM (fewer SMs: a short second wave)
+# gemm_ws is persistent: at most one block per SM of an H100 / H200 SXM; on a GPU with fewer SMs the blocks past
+# its SM-id count (%nsmid) leave at once and the others walk the tiles in steps of that count, so no second wave of
+# whole blocks follows (kernels/cuda/gemm_wg.cuh gemm_ws).
+WS_BLOCKS = 132
+
+
+def _persistent_grid(tiles):
+    """min(tiles, WS_BLOCKS): the persistent kernels' 1-D grid."""
+    return T.min(tiles, WS_BLOCKS)
 
 
 def _tile_launch(fn: str, N: int, K: int, smem_bytes: int, threads: int = THREADS):
@@ -73,7 +81,7 @@ def _tile_launch(fn: str, N: int, K: int, smem_bytes: int, threads: int = THREAD
     @T.macro
     def persistent(ins, y, M):
         tm = T.alloc_buffer((WS_BLOCKS * WS_TMAP_BYTES,), "uint8")
-        for bx in T.thread_binding(T.min((M + BM - 1) // BM * nb, WS_BLOCKS), thread="blockIdx.x"):
+        for bx in T.thread_binding(_persistent_grid((M + BM - 1) // BM * nb), thread="blockIdx.x"):
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
                 smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
                 T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
@@ -385,7 +393,7 @@ def _dequant_gemm_launch(N: int, K: int, group: int, code: str, dtype: str):
             for tx in T.thread_binding(256, thread="threadIdx.x"):
                 # access_ptr, not address_of: the whole buffer is written (an address_of(wd[0, 0]) let TVM compact it to one element)
                 T.evaluate(T.call_extern("void", dq, *_addresses(*ins[1:]), wd.access_ptr("w"), N, K))
-        for bx in T.thread_binding(T.min((M + BM - 1) // BM * nb, WS_BLOCKS), thread="blockIdx.x"):
+        for bx in T.thread_binding(_persistent_grid((M + BM - 1) // BM * nb), thread="blockIdx.x"):
             for tx in T.thread_binding(WS_THREADS, thread="threadIdx.x"):
                 smem = T.alloc_buffer((WS_SMEM_BYTES,), "uint8", scope="shared.dyn")
                 if code == "f8":
