@@ -16,6 +16,7 @@ and shapes (symbolic dimensions by name).
 from __future__ import annotations
 
 import collections
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,6 +62,10 @@ QDOT_MAX_ROWS = 512
 
 _UNKNOWN_SHAPE = ("; TVM could not derive an operator's output shape from the inputs' symbolic dims "
                   "(pinning the input shapes with --input-shape NAME=D1,D2,... may help)")
+
+
+# input names of the KV cache in decoder exports: optimum's past_key_values.N.key / .value, older past.N / past_key_N
+_KV_CACHE_INPUT = re.compile(r"^(past_key_values|past_key|past_value|past)([._][0-9]|$)")
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,12 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
         mod = SoftmaxOnKernel()(ActivationMatmulsOnGemm()(mod))  # the rest: products of two activations (attention); softmax rows
     inits = {p.name: p for p in graph_params}
     warnings = []
+    cache = [i.name for i in graph.inputs if _KV_CACHE_INPUT.search(i.name)]
+    if cache:  # an LLM exported with its KV cache as graph inputs (optimum / torch.onnx.export with use_cache)
+        warnings.append(f"{opts.model.name}: {', '.join(cache[:2])}{' ...' if len(cache) > 2 else ''} look like a decoder's KV cache "
+                        "passed in and out of the graph: the artifact runs it as exported (one call per step, the cache "
+                        "copied through every call, no batching); for decoders compile the checkpoint instead "
+                        "(`kiln compile` of its safetensors or GGUF) -- paged KV cache, quantized weights and KV, `kiln serve`")
     if fmt is not None and not any(p["quant"] == fmt.name for p in params):
         warnings.append(f"--quant {fmt.name}: no matmul / Gemm / Conv weight has rows the integer-dot kernels take "
                         "(K a multiple of 32, float32): the artifact's weights are all float")

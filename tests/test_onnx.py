@@ -267,3 +267,29 @@ def test_float16_for_cuda_targets(bert, tmp_path):
         compile_onnx(onnx_path, tmp_path / "cpu16.kiln", dtype="float16")
     with pytest.raises(CompileError, match="float32 .as the graph. or float16"):
         compile_onnx(onnx_path, tmp_path / "bf16.kiln", dtype="bfloat16", target="cuda:sm_90")
+
+
+def test_decoder_exports_with_a_kv_cache_are_told_to_compile_the_checkpoint(tmp_path):
+    """An ONNX decoder exported with its KV cache as inputs (optimum's past_key_values.N.key / .value) compiles
+    and runs as the graph it is, and the summary says in one line that compiling the checkpoint is the supported
+    path for decoders; a graph without such inputs gets no such line."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def model(past: str, path):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+        pk = helper.make_tensor_value_info(past, TensorProto.FLOAT, [1, 2, 3, 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+        pr = helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, [1, 2, 3, 4])
+        nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Identity", [past], ["present.0.key"])]
+        m = helper.make_model(helper.make_graph(nodes, "dec", [x, pk], [y, pr]), opset_imports=[helper.make_opsetid("", 17)])
+        onnx.save(m, path)
+        return path
+
+    summary = compile_onnx(model("past_key_values.0.key", tmp_path / "dec.onnx"), tmp_path / "dec.kiln")
+    assert len(summary.warnings) == 1 and "past_key_values.0.key" in summary.warnings[0], summary.warnings
+    assert "compile the checkpoint" in summary.warnings[0] and "kiln serve" in summary.warnings[0], summary.warnings
+    kv = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)
+    out = load(tmp_path / "dec.kiln").run({"x": np.array([[-1, 2, -3, 4]], np.float32), "past_key_values.0.key": kv})
+    assert np.array_equal(out["present.0.key"], kv) and np.array_equal(out["y"], [[0, 2, 0, 4]])
+    assert compile_onnx(model("pasta", tmp_path / "other.onnx"), tmp_path / "other.kiln").warnings == []
