@@ -293,3 +293,75 @@ def test_decoder_exports_with_a_kv_cache_are_told_to_compile_the_checkpoint(tmp_
     out = load(tmp_path / "dec.kiln").run({"x": np.array([[-1, 2, -3, 4]], np.float32), "past_key_values.0.key": kv})
     assert np.array_equal(out["present.0.key"], kv) and np.array_equal(out["y"], [[0, 2, 0, 4]])
     assert compile_onnx(model("pasta", tmp_path / "other.onnx"), tmp_path / "other.kiln").warnings == []
+
+
+def _index_model(op: str, path, data_shape, idx_shape, upd_shape=None, **attrs):
+    import onnx
+    from onnx import TensorProto, helper
+
+    ins = [helper.make_tensor_value_info("data", TensorProto.FLOAT, data_shape),
+           helper.make_tensor_value_info("idx", TensorProto.INT64, idx_shape)]
+    if upd_shape is not None:
+        ins.append(helper.make_tensor_value_info("upd", TensorProto.FLOAT, upd_shape))
+    node = helper.make_node(op, [i.name for i in ins], ["y"], **attrs)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    onnx.save(helper.make_model(helper.make_graph([node], op, ins, [out]), opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("op", ["GatherElements", "GatherND", "ScatterElements", "ScatterND"])
+def test_gather_and_scatter_indices_stay_inside_the_tensor(op, tmp_path):
+    """Index inputs come from callers: in range (negatives included) the result is onnxruntime's; out of range an
+    index wraps modulo its axis (WrapGatherIndices) -- a read or, for the scatters, a write never leaves the tensor."""
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    if op == "GatherElements":  # axis 1: y[i, j, k] = data[i, idx[i, j, k], k]
+        args, feeds = ((3, 4, 5), (3, 2, 5)), {"idx": rng.integers(-4, 4, (3, 2, 5))}
+        bad = rng.integers(-40, 40, (3, 2, 5))
+        want = lambda ix: np.take_along_axis(data, ix % 4, axis=1)  # noqa: E731
+        attrs = {"axis": 1}
+    elif op == "GatherND":  # y[n, :] = data[idx[n, 0], idx[n, 1], :]
+        args, feeds, attrs = ((3, 4, 5), (6, 2)), {"idx": np.stack([rng.integers(-3, 3, 6), rng.integers(-4, 4, 6)], 1)}, {}
+        bad = np.stack([rng.integers(-30, 30, 6), rng.integers(-40, 40, 6)], 1)
+        want = lambda ix: data[ix[:, 0] % 3, ix[:, 1] % 4]  # noqa: E731
+    elif op == "ScatterElements":  # axis 2, one distinct column per (i, j)
+        cols = np.broadcast_to(np.array([0, 3]), (3, 4, 2))
+        args, attrs = ((3, 4, 5), (3, 4, 2), (3, 4, 2)), {"axis": 2}
+        feeds = {"idx": cols - 5 * (rng.integers(0, 2, cols.shape)), "upd": rng.standard_normal((3, 4, 2)).astype(np.float32)}
+        bad = cols + 5 * rng.integers(-9, 9, cols.shape)
+
+        def want(ix):
+            out = data.copy()
+            np.put_along_axis(out, ix % 5, feeds["upd"], axis=2)
+            return out
+    else:  # ScatterND: rows idx[n] of the first axis replaced
+        args, attrs = ((3, 4, 5), (2, 1), (2, 4, 5)), {}
+        feeds = {"idx": np.array([[0], [-1]]), "upd": rng.standard_normal((2, 4, 5)).astype(np.float32)}
+        bad = np.array([[30], [-7]])
+
+        def want(ix):
+            out = data.copy()
+            out[ix[:, 0] % 3] = feeds["upd"]
+            return out
+    onnx_path = _index_model(op, tmp_path / f"{op}.onnx", *args, **attrs)
+    art = tmp_path / f"{op}.kiln"
+    compile_onnx(onnx_path, art)
+    m = load(art)
+    feeds = {"data": data, **feeds}
+    feeds["idx"] = np.asarray(feeds["idx"], np.int64)
+    got = m.run(feeds)["y"]
+    assert rel(got, ort_run(onnx_path, feeds)["y"]) < RTOL and rel(got, want(feeds["idx"])) < RTOL
+    feeds["idx"] = np.asarray(bad, np.int64)
+    assert rel(m.run(feeds)["y"], want(feeds["idx"])) < RTOL
+
+
+def test_gather_elements_wraps_by_a_symbolic_axis_length(tmp_path):
+    """The axis an index runs along may have a run-time length (batch): the modulo takes it from the data's shape."""
+    onnx_path = _index_model("GatherElements", tmp_path / "ge.onnx", ["n", 4], ["n", 3], axis=0)
+    art = tmp_path / "ge.kiln"
+    compile_onnx(onnx_path, art)
+    m = load(art)
+    for n in (2, 5):
+        data = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+        idx = np.array([[7 * r - 11, r, -1] for r in range(n)], np.int64)
+        assert np.array_equal(m.run({"data": data, "idx": idx})["y"], np.take_along_axis(data[:, :3], idx % n, axis=0))
