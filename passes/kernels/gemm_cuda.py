@@ -62,11 +62,28 @@ def _persistent_grid(tiles):
     return T.min(tiles, WS_BLOCKS)
 
 
+def _persistent_launch(fn: str, N: int, K: int):
+    """gemm_ws's persistent launch over M rows: a 1-D grid of min(tiles, WS_BLOCKS) blocks of WS_THREADS, its
+    tensor-map scratch after the shared memory. launch(lead, y, M, tail): lead the arguments before y (pointers),
+    tail those after the scratch (e4m3's row scales, or none)."""
+    nb = (N + BN - 1) // BN
+
+    @T.macro
+    def launch(lead, y, M, tail):
+        tm = T.alloc_buffer((WS_BLOCKS * WS_TMAP_BYTES,), "uint8")
+        for bx in T.thread_binding(_persistent_grid((M + BM - 1) // BM * nb), thread="blockIdx.x"):
+            for tx in T.thread_binding(WS_THREADS, thread="threadIdx.x"):
+                smem = T.alloc_buffer((WS_SMEM_BYTES,), "uint8", scope="shared.dyn")
+                T.evaluate(T.call_extern("void", fn, *lead, T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K, smem.access_ptr("rw"),
+                                         tm.access_ptr("rw"), *tail))
+
+    return launch
+
+
 def _tile_launch(fn: str, N: int, K: int, smem_bytes: int, threads: int = THREADS):
     """The 128 x 256 tile kernels over M contiguous rows (gemm_tn / gemm_wg and their quantized twins): grid
     (ceil(N / 256), ceil(M / 128)). launch(ins, y, M): ins the kernel's inputs before y (a, the weight's arrays,
-    r). threads == WS_THREADS: gemm_ws, persistent -- a 1-D grid of min(tiles, WS_BLOCKS) blocks, and its
-    tensor-map scratch as the last argument."""
+    r). threads == WS_THREADS: gemm_ws, persistent (_persistent_launch)."""
     nb = (N + BN - 1) // BN
 
     @T.macro
@@ -78,16 +95,13 @@ def _tile_launch(fn: str, N: int, K: int, smem_bytes: int, threads: int = THREAD
                     T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
                                              smem.access_ptr("rw")))
 
-    @T.macro
-    def persistent(ins, y, M):
-        tm = T.alloc_buffer((WS_BLOCKS * WS_TMAP_BYTES,), "uint8")
-        for bx in T.thread_binding(_persistent_grid((M + BM - 1) // BM * nb), thread="blockIdx.x"):
-            for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), T.Cast("int32", M), N, K,
-                                         smem.access_ptr("rw"), tm.access_ptr("rw")))
+    persistent = _persistent_launch(fn, N, K)
 
-    return persistent if threads == WS_THREADS else tiles
+    @T.macro
+    def ws(ins, y, M):
+        persistent(_addresses(*ins), y, M, ())
+
+    return ws if threads == WS_THREADS else tiles
 
 
 def _prompt_launch(tiles, split_k, split: bool):
@@ -199,12 +213,8 @@ def _split_k_launch(fn: str, reduce: str, N: int, K: int, ks: int, smem_bytes: i
                 for bx in T.thread_binding((N + tile_n - 1) // tile_n if n_on_x else (M + tile_t - 1) // tile_t, thread="blockIdx.x"):
                     for tx in T.thread_binding(threads, thread="threadIdx.x"):
                         smem = T.alloc_buffer((smem_bytes,), "uint8", scope="shared.dyn")
-                        if tma:
-                            T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"),
-                                                     T.Cast("int32", M), N, K, ks, smem.access_ptr("rw"), tm.access_ptr("rw")))
-                        else:
-                            T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"),
-                                                     T.Cast("int32", M), N, K, ks, smem.access_ptr("rw")))
+                        T.evaluate(T.call_extern("void", fn, *_addresses(*ins), T.address_of(y[0, 0, 0]), ws.access_ptr("rw"),
+                                                 T.Cast("int32", M), N, K, ks, smem.access_ptr("rw"), *([tm.access_ptr("rw")] if tma else [])))
         if ks > 1:
             for bx in T.thread_binding((M * N + 255) // 256, thread="blockIdx.x"):
                 for tx in T.thread_binding(256, thread="threadIdx.x"):
@@ -382,26 +392,19 @@ def _dequant_gemm_launch(N: int, K: int, group: int, code: str, dtype: str):
     into an N x K scratch, the values gemm_wg_q's tiles hold), then the persistent bf16 gemm_ws (e4m3: with the row
     scales on the sums) -- bit-equal to gemm_wg_q and 1.4-2.7x faster from 512 rows on the H200 (benchmarks/NOTES.md,
     session 20). launch((a, q, s, z), y, M)."""
-    ct, cq, nb = C_TYPES[dtype], QGEMV_CODES[code], (N + BN - 1) // BN
-    dq, fn = f"kiln::dequant_weight<{ct}, {cq}, {group}>", f"kiln::gemm_ws<{ct}, false, {9 if code == 'f8' else 0}>"
+    ct, cq = C_TYPES[dtype], QGEMV_CODES[code]
+    dq = f"kiln::dequant_weight<{ct}, {cq}, {group}>"
+    gemm_launch = _persistent_launch(f"kiln::gemm_ws<{ct}, false, {9 if code == 'f8' else 0}>", N, K)
 
     @T.macro
     def launch(ins, y, M):
         wd = T.alloc_buffer((N, K), dtype)
-        tm = T.alloc_buffer((WS_BLOCKS * WS_TMAP_BYTES,), "uint8")
         for bx in T.thread_binding(DEQUANT_BLOCKS, thread="blockIdx.x"):
             for tx in T.thread_binding(256, thread="threadIdx.x"):
                 # access_ptr, not address_of: the whole buffer is written (an address_of(wd[0, 0]) let TVM compact it to one element)
                 T.evaluate(T.call_extern("void", dq, *_addresses(*ins[1:]), wd.access_ptr("w"), N, K))
-        for bx in T.thread_binding(_persistent_grid((M + BM - 1) // BM * nb), thread="blockIdx.x"):
-            for tx in T.thread_binding(WS_THREADS, thread="threadIdx.x"):
-                smem = T.alloc_buffer((WS_SMEM_BYTES,), "uint8", scope="shared.dyn")
-                if code == "f8":
-                    T.evaluate(T.call_extern("void", fn, *_addresses(ins[0]), wd.access_ptr("r"), T.address_of(y[0, 0, 0]), T.address_of(y[0, 0, 0]),
-                                             T.Cast("int32", M), N, K, smem.access_ptr("rw"), tm.access_ptr("rw"), *_addresses(ins[2])))
-                else:
-                    T.evaluate(T.call_extern("void", fn, *_addresses(ins[0]), wd.access_ptr("r"), T.address_of(y[0, 0, 0]), T.address_of(y[0, 0, 0]),
-                                             T.Cast("int32", M), N, K, smem.access_ptr("rw"), tm.access_ptr("rw")))
+        # r: y's address (no residual); e4m3's row scales after the scratch
+        gemm_launch([*_addresses(ins[0]), wd.access_ptr("r"), T.address_of(y[0, 0, 0])], y, M, _addresses(ins[2]) if code == "f8" else [])
 
     return launch
 
@@ -423,14 +426,13 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
     long = _dequant_gemm_launch(N, K, group, code, dtype) if wg else None
 
     @T.macro
-    def launch(ins, rr, y, M):
-        if long is None:
+    def short_or_long(ins, rr, y, M):
+        if M <= PROMPT_SPLIT_M:
             short(ins, rr, y, M)
         else:
-            if M <= PROMPT_SPLIT_M:
-                short(ins, rr, y, M)
-            else:
-                long(ins, y, M)
+            long(ins, y, M)
+
+    launch = short if long is None else short_or_long
 
     q_shape, q_dtype = ((N, K // 8), "uint32") if code == "4" else ((N, K), "uint8" if code == "f8" else "int8")
     s_dtype = "float32" if code == "f8" else "float16"
