@@ -63,27 +63,49 @@ def one_request(host, port, model, prompt, n_out, timeout=600):
     return (stamps[0] - t0) if stamps else total, gaps, toks, total
 
 
-def run_level(host, port, model, prompts, n_out, concurrency, n_requests):
+def _client_proc(host, port, model, prompts, n_out, threads, counter, n_requests, start, out):
+    """One load-generator process: `threads` closed-loop streams, requests taken from a shared counter."""
     lock = threading.Lock()
-    todo = list(range(n_requests))
     results = []
 
     def worker():
         while True:
-            with lock:
-                if not todo:
+            with counter.get_lock():
+                i = counter.value
+                if i >= n_requests:
                     return
-                i = todo.pop(0)
+                counter.value = i + 1
             r = one_request(host, port, model, prompts[i % len(prompts)], n_out)
             with lock:
                 results.append(r)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
+    start.wait()
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in ts:
         t.start()
-    for t in threads:
+    for t in ts:
         t.join()
+    out.put(results)
+
+
+def run_level(host, port, model, prompts, n_out, concurrency, n_requests, procs=1):
+    """Closed loop: `concurrency` streams, spread over `procs` client processes (one Python
+    process parsing 12,000+ SSE events a second would limit what it measures)."""
+    import multiprocessing as mp  # noqa: PLC0415
+
+    ctx = mp.get_context("fork")
+    procs = max(1, min(procs, concurrency))
+    counter, start, out = ctx.Value("q", 0), ctx.Event(), ctx.Queue()
+    shares = [concurrency // procs + (k < concurrency % procs) for k in range(procs)]
+    ps = [ctx.Process(target=_client_proc, args=(host, port, model, prompts, n_out, n, counter, n_requests, start, out)) for n in shares]
+    for p in ps:
+        p.start()
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    start.set()
+    results = [r for _ in ps for r in out.get()]
+    for p in ps:
+        p.join()
     wall = time.perf_counter() - t0
     ttft = [r[0] for r in results]
     itl = [g for r in results for g in r[1]]
@@ -108,6 +130,7 @@ def main() -> int:
     ap.add_argument("--max-seq-len", type=int, default=None)
     ap.add_argument("--shared-prefix", type=int, default=0, help="the first N of the --input tokens are the same in every prompt (a system prompt)")
     ap.add_argument("--prefix-cache", type=int, default=0, help="kiln serve --prefix-cache N")
+    ap.add_argument("--client-procs", type=int, default=None, help="load-generator processes (default: one per 16 streams)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--plot", default=None, help="PNG of output tok/s against concurrency (needs matplotlib)")
     a = ap.parse_args()
@@ -148,7 +171,7 @@ def main() -> int:
         one_request(host, port, "m", prompts[0], 8)  # warm-up
         rows = []
         for c in levels:
-            r = run_level(host, port, "m", prompts, a.output, c, max(a.requests_per_level, c))
+            r = run_level(host, port, "m", prompts, a.output, c, max(a.requests_per_level, c), a.client_procs or -(-c // 16))
             rows.append(r)
             print(f"  concurrency {c}: {r['output_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     finally:

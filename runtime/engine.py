@@ -140,6 +140,9 @@ class Engine:
         self._stopping = False  # no new requests
         self._halt = False  # the loop ends once nothing is left
         self._thread: threading.Thread | None = None
+        # called on the engine thread after every step (and before the thread ends): a consumer that
+        # batches events (the engine process: one message per step) sends them here
+        self.on_step: Callable[[], None] | None = None
         # metrics (read under the lock)
         # requests by outcome, tokens; the keys the engine thread bumps outside the lock exist from the
         # start, so stats() (under the lock, any thread) never sees the dict change size
@@ -212,32 +215,42 @@ class Engine:
 
     # --- engine thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._halt and not self._waiting and not self._running:
-                    self._lock.wait()
-                if self._halt and not self._running and not self._waiting:
-                    return
+        try:
+            while self._iteration():
+                if self.on_step is not None:
+                    self.on_step()
+        finally:
+            if self.on_step is not None:
+                self.on_step()
+
+    def _iteration(self) -> bool:
+        """One step of the loop; False once the engine has halted and nothing is left."""
+        with self._lock:
+            while not self._halt and not self._waiting and not self._running:
+                self._lock.wait()
+            if self._halt and not self._running and not self._waiting:
+                return False
+            self._retire_cancelled()
+            if not self._halt:
+                try:
+                    self._schedule()
+                except Exception as err:  # noqa: BLE001  (fail the head it stopped at, not the engine)
+                    if self._waiting:
+                        self._finish(self._waiting.popleft(), Event("error", error=_internal_error(err)), "failed")
+            self.kv_pages_free = self.session.kv_pages_free()
+            if self._halt:
                 self._retire_cancelled()
-                if not self._halt:
-                    try:
-                        self._schedule()
-                    except Exception as err:  # noqa: BLE001  (fail the head it stopped at, not the engine)
-                        if self._waiting:
-                            self._finish(self._waiting.popleft(), Event("error", error=_internal_error(err)), "failed")
-                self.kv_pages_free = self.session.kv_pages_free()
-                if self._halt:
-                    self._retire_cancelled()
-                    if not self._running and not self._waiting:
-                        return
-                running = list(self._running)
-            try:
-                self._step(running)
-                self.kv_pages_free = self.session.kv_pages_free()
-            except Exception as err:  # noqa: BLE001  (a bug must fail the requests it hit, not hang every client)
-                message = _internal_error(err)
-                for r in running:
-                    self._fail(r, RuntimeError(message))
+                if not self._running and not self._waiting:
+                    return False
+            running = list(self._running)
+        try:
+            self._step(running)
+            self.kv_pages_free = self.session.kv_pages_free()
+        except Exception as err:  # noqa: BLE001  (a bug must fail the requests it hit, not hang every client)
+            message = _internal_error(err)
+            for r in running:
+                self._fail(r, RuntimeError(message))
+        return True
 
     def _schedule(self) -> None:  # under the lock, on the engine thread
         """Admit waiting requests FCFS while sequences and KV pages allow; when the

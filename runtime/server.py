@@ -7,8 +7,9 @@ POST /v1/chat/completions (the artifact's chat template), GET /metrics
 JSON shape: {"error": {"message", "type", "param", "code"}}.
 
 Starlette on uvicorn (the optional extra `kiln[serve]`; `kiln bundle` carries
-them). The HTTP side never runs the model: requests are handed to the engine
-thread (runtime/engine.py), whose events come back through the event loop.
+them). The HTTP side never runs the model: requests go to the engine, which
+runs in a process of its own (runtime/engine_process.py: each side has its own
+GIL), and its events come back through the event loop.
 A client that disconnects cancels its request: its sequence and KV pages are
 freed on the engine's next step. SIGTERM: stop accepting, let running
 requests finish for the grace period, cancel the rest, exit 0.
@@ -32,9 +33,11 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from ..errors import KilnError, RequestError
-from .engine import MAX_TOP_LOGPROBS, Engine, Event, QueueFullError, ShuttingDownError
+from .engine import MAX_TOP_LOGPROBS, Event, QueueFullError, ShuttingDownError
+from .engine_process import EngineProcess, ServedModel
 from .request import check_tokens
 from .sampler import SamplingParams
 
@@ -54,7 +57,7 @@ class HTTPError(Exception):
 
 
 class _Mailbox:
-    """Engine-thread events for one event loop, handed over in one wakeup per burst: a decode step
+    """Engine events for one event loop, handed over in one wakeup per burst: a decode step
     of 128 streams posted 128 call_soon_threadsafe callbacks (a self-pipe write and a loop handle
     each), now one."""
 
@@ -63,7 +66,7 @@ class _Mailbox:
         self.items: list = []
         self.lock = threading.Lock()
 
-    def post(self, queue: asyncio.Queue, ev) -> None:  # engine thread
+    def post(self, queue: asyncio.Queue, ev) -> None:  # the engine process's reader thread
         with self.lock:
             self.items.append((queue, ev))
             first = len(self.items) == 1
@@ -80,14 +83,14 @@ def _bad(message: str, param: str | None = None) -> HTTPError:
     return HTTPError(400, message, param=param)
 
 
-def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, grace: float = 10.0):
-    """The ASGI app. The engine is started and stopped with the app's lifespan."""
+def create_app(engine: EngineProcess, model: ServedModel, *, api_key: str | None = None, grace: float = 10.0):
+    """The ASGI app over a started engine; the app's lifespan stops it."""
     from starlette.applications import Starlette  # noqa: PLC0415
     from starlette.requests import Request  # noqa: PLC0415
     from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: PLC0415
     from starlette.routing import Route  # noqa: PLC0415
 
-    session = engine.session
+    model_name = model.name
     created = int(time.time())
 
     def error_response(err: HTTPError):
@@ -155,7 +158,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
                 raise _bad(f"'{unsupported}' is not supported by this server", unsupported)
         if number("n", 1, 1, 1, integer=True) != 1:
             raise _bad("'n' must be 1", "n")
-        context = session.max_seq_len
+        context = model.max_seq_len
         if prompt_len >= context:
             raise HTTPError(413, f"the prompt has {prompt_len} tokens; this model's context holds {context} (prompt + completion)",
                             param="messages" if "messages" in body else "prompt", code="context_length_exceeded")
@@ -170,7 +173,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
         sampling = SamplingParams(
             temperature=float(number("temperature", 1.0, 0.0, 2.0)),
             top_p=float(number("top_p", 1.0, 0.0, 1.0, lo_open=True)),
-            top_k=int(number("top_k", 0, 0, session.vocab_size, integer=True)),
+            top_k=int(number("top_k", 0, 0, model.vocab_size, integer=True)),
             repetition_penalty=float(number("repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)),
             seed=seed,
         )
@@ -205,15 +208,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
         if isinstance(p, str):
             if len(p) > MAX_TEXT_CHARS:
                 raise HTTPError(413, f"'prompt' is over {MAX_TEXT_CHARS} characters", param="prompt", code="context_length_exceeded")
-            if session.tokenizer is None:
+            if model.tokenizer is None:
                 raise _bad("this model has no tokenizer: send 'prompt' as a list of token ids", "prompt")
-            ids = session.encode_prompt(p)
+            ids = model.tokenizer.encode(p)
         elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            if len(p) > session.max_seq_len:
-                raise HTTPError(413, f"the prompt has {len(p)} tokens; this model's context holds {session.max_seq_len}",
+            if len(p) > model.max_seq_len:
+                raise HTTPError(413, f"the prompt has {len(p)} tokens; this model's context holds {model.max_seq_len}",
                                 param="prompt", code="context_length_exceeded")
             try:
-                ids = check_tokens(p, session.vocab_size)
+                ids = check_tokens(p, model.vocab_size)
             except RequestError as err:
                 raise _bad(str(err), "prompt") from None
         else:
@@ -243,24 +246,24 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
                 raise HTTPError(413, f"messages[{i}].content is over {MAX_TEXT_CHARS} characters", param=f"messages[{i}].content",
                                 code="context_length_exceeded")
             clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": c})
-        if session.tokenizer is None or not session.tokenizer.chat_template:
+        if model.tokenizer is None or not model.tokenizer.chat_template:
             raise _bad("this model has no chat template: use /v1/completions", "messages")
-        return session.tokenizer.encode_chat(clean)
+        return model.tokenizer.encode_chat(clean)
 
     mailboxes: dict = {}  # event loop -> its _Mailbox
 
-    def submit(ids: list[int], args: dict, loop: asyncio.AbstractEventLoop):
+    async def submit(ids: list[int], args: dict, loop: asyncio.AbstractEventLoop):
         """(engine request, asyncio queue of its events)."""
         events: asyncio.Queue = asyncio.Queue()
         box = mailboxes.get(loop)
         if box is None:
             box = mailboxes[loop] = _Mailbox(loop)
 
-        def on_event(ev: Event) -> None:  # engine thread
+        def on_event(ev: Event) -> None:  # the engine process's reader thread
             box.post(events, ev)
 
         try:
-            req = engine.submit(ids, on_event, max_new_tokens=args["max_new_tokens"], sampling=args["sampling"],
+            req = await engine.submit(ids, on_event, max_new_tokens=args["max_new_tokens"], sampling=args["sampling"],
                                 stop=args["stop"], ignore_eos=args["ignore_eos"], logprobs=args["logprobs"])
         except QueueFullError as err:
             raise HTTPError(429, str(err), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
@@ -300,7 +303,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
             gone.cancel()
 
     def token_text(t: int) -> str:
-        return session.tokenizer.decode([t]) if session.tokenizer is not None else str(t)
+        return model.tokenizer.decode([t]) if model.tokenizer is not None else str(t)
 
     def logprobs_json(tokens: list, chat: bool, offset: int = 0) -> dict:
         """Token events with logprobs -> OpenAI's logprobs object (chat: `content`
@@ -308,7 +311,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
         if chat:
             def entry(t, lp):
                 text = token_text(t)
-                raw = session.tokenizer.token_bytes(t) if session.tokenizer is not None else text.encode("utf-8")
+                raw = model.tokenizer.token_bytes(t) if model.tokenizer is not None else text.encode("utf-8")
                 return {"token": text, "logprob": lp, "bytes": list(raw)}
 
             return {"content": [{**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top or []]}
@@ -331,7 +334,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
     async def run(request: Request, body: dict, ids: list[int], chat: bool):
         args = generation_args(body, len(ids))
         loop = asyncio.get_running_loop()
-        req, events = submit(ids, args, loop)
+        req, events = await submit(ids, args, loop)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
         now = int(time.time())
@@ -425,13 +428,19 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
     @handler
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "kiln",
-                                                         "max_model_len": session.max_seq_len}]})
+                                                         "max_model_len": model.max_seq_len}]})
 
     async def health(request: Request):
+        if engine.dead is not None:
+            return JSONResponse({"status": "error", "message": engine.dead}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request):
-        return PlainTextResponse(prometheus_text(engine), media_type="text/plain; version=0.0.4")
+        try:
+            st = await asyncio.get_running_loop().run_in_executor(None, engine.stats)
+        except KilnError as err:
+            return error_response(HTTPError(503, str(err), kind="server_error"))
+        return PlainTextResponse(prometheus_text(st), media_type="text/plain; version=0.0.4")
 
     async def not_found(request: Request, exc):
         return error_response(HTTPError(404, f"no route {request.url.path[:100]}", code="not_found"))
@@ -443,7 +452,6 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
         try:
             yield
         finally:
@@ -459,8 +467,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, g
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: method_not_allowed})
 
 
-def prometheus_text(engine: Engine) -> str:
-    st = engine.stats()
+def prometheus_text(st: dict) -> str:
+    """The engine's stats (EngineProcess.stats) as Prometheus text."""
     lines = []
 
     def metric(name: str, kind: str, help_: str, value, labels: str = "") -> None:
@@ -478,7 +486,7 @@ def prometheus_text(engine: Engine) -> str:
     metric("running", "gauge", "requests in the running batch", st["running"])
     metric("max_batch", "gauge", "sequences the engine runs at once", st["max_batch"])
     metric("sequences_open", "gauge", "sequences holding KV cache pages", st["sequences_open"])
-    metric("threads", "gauge", "threads in the server process", threading.active_count())
+    metric("threads", "gauge", "threads in the server and engine processes", threading.active_count() + st["threads"])
     if st.get("kv_pages_total") is not None:
         metric("kv_pages_total", "gauge", "pages in the KV cache pool", st["kv_pages_total"])
         metric("kv_pages_free", "gauge", "KV cache pages held by no sequence", st["kv_pages_free"])
@@ -489,16 +497,16 @@ def prometheus_text(engine: Engine) -> str:
     metric("preemptions_total", "counter", "running requests preempted for KV pages (recomputed later)", st.get("preemptions", 0))
     metric("prompt_tokens_total", "counter", "prompt tokens prefilled", st.get("prompt_tokens", 0))
     metric("completion_tokens_total", "counter", "tokens generated", st.get("completion_tokens", 0))
-    for name, h, help_ in (("time_to_first_token_seconds", engine.ttft, "arrival to first token"),
-                           ("inter_token_latency_seconds", engine.itl, "time between tokens of a request")):
+    for name, (bounds, counts, total, n), help_ in (("time_to_first_token_seconds", st["ttft"], "arrival to first token"),
+                                                    ("inter_token_latency_seconds", st["itl"], "time between tokens of a request")):
         lines.append(f"# HELP kiln_{name} {help_}")
         lines.append(f"# TYPE kiln_{name} histogram")
         cum = 0
-        for b, c in zip([*h.bounds, "+Inf"], h.counts):
+        for b, c in zip([*bounds, "+Inf"], counts):
             cum += c
             lines.append(f'kiln_{name}_bucket{{le="{b}"}} {cum}')
-        lines.append(f"kiln_{name}_sum {h.sum:.6f}")
-        lines.append(f"kiln_{name}_count {h.n}")
+        lines.append(f"kiln_{name}_sum {total:.6f}")
+        lines.append(f"kiln_{name}_count {n}")
     return "\n".join(lines) + "\n"
 
 
@@ -541,8 +549,6 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_nam
         import uvicorn  # noqa: PLC0415
     except ImportError:
         raise KilnError("kiln serve needs starlette and uvicorn: pip install 'kiln[serve]'") from None
-    from .loader import load  # noqa: PLC0415  (a split artifact loads as a TensorParallelSession)
-    from .session import Session  # noqa: PLC0415
 
     _Server = _server_class()
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -562,23 +568,41 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_nam
         raise RequestError(f"--prefix-cache must be an integer in [0, 1024], got {prefix_cache!r}")
     # prefix-cache entries are sequences too, but they share their pages with requests: the pool
     # stays max_batch contexts (not one more per entry) unless --kv-pages says otherwise
-    s = load(artifact, device=device, max_seq_len=max_seq_len, threads=threads, random_weights=random_weights,
-             max_sequences=max_batch + prefix_cache, kv_pages=kv_pages, kv_contexts=max_batch if prefix_cache else None)
-    if not isinstance(s, Session):
-        raise RequestError(f"{artifact}: a graph artifact (ONNX) has no text to serve: kiln serve takes language models")
-    name = model_name or s.artifact.path.name.removesuffix(".kiln")
-    engine = Engine(s, max_queue=max_queue, prefix_cache=prefix_cache)
-    app = create_app(engine, model_name=name, api_key=api_key, grace=grace)
+    load_options = {"device": device, "max_seq_len": max_seq_len, "threads": threads, "random_weights": random_weights,
+                    "max_sequences": max_batch + prefix_cache, "kv_pages": kv_pages, "kv_contexts": max_batch if prefix_cache else None}
+    exit_code = [0]
+    server = None
+
+    def on_dead(code: int) -> None:  # the engine process died under us: stop serving, exit 1
+        print(f"kiln: the engine process exited with code {code}; stopping the server", file=sys.stderr, flush=True)
+        exit_code[0] = 1
+        if server is not None:
+            server.should_exit = True
+
+    try:
+        # The engine thread runs the model with the GIL released, then needs it back for a
+        # little Python per step. In one process with the event loop, at the default 5 ms
+        # switch interval that wait was ~6 ms of a 17.6 ms step at 128 streams (H200, 8B):
+        # both processes keep the short interval (the engine's reader and engine threads share one GIL).
+        engine = EngineProcess(artifact, load_options, {"max_queue": max_queue, "prefix_cache": prefix_cache},
+                               switch_interval=GIL_SWITCH_INTERVAL, on_dead=on_dead)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        model = ServedModel.open(artifact, model_name or Path(artifact).name.removesuffix(".kiln"), engine.info)
+    except BaseException:
+        engine.stop()
+        sock.close()
+        raise
+    app = create_app(engine, model, api_key=api_key, grace=grace)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=max(grace, 1), lifespan="on")
     server = _Server(config)
     bound = sock.getsockname()
-    # The engine thread runs the model with the GIL released, then needs it back for a
-    # little Python per step, while the event loop holds it writing one SSE chunk per
-    # stream. At the default 5 ms switch interval that wait was ~6 ms of a 17.6 ms
-    # step at 128 streams (H200, 8B): inter-token latency 23.4 ms.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    print(f"kiln: serving {name} on http://{bound[0]}:{bound[1]} (max batch {max_batch}, context {s.max_seq_len})", flush=True)
+    print(f"kiln: serving {model.name} on http://{bound[0]}:{bound[1]} (max batch {model.max_batch}, context {model.max_seq_len})",
+          flush=True)
     if on_ready is not None:
         on_ready(bound)
     server.run(sockets=[sock])
-    return 0
+    return exit_code[0]

@@ -453,3 +453,39 @@ def test_logprobs_are_the_model_s(server, reference):
     assert [(e.token, round(e.logprob, 5)) for e in got] == [(e.token, round(e.logprob, 5)) for e in content]
     plain = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == full.choices[0].message.content
+
+
+def _engine_pid(server_pid: int) -> int:
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_the_engine_runs_in_its_own_process(server):
+    """HTTP and the model do not share a GIL: the server process never loads TVM,
+    its one child (the engine) does."""
+    engine = _engine_pid(server.proc.pid)
+    assert "libtvm" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "libtvm" in Path(f"/proc/{engine}/maps").read_text()
+
+
+def test_a_dead_engine_fails_open_requests_and_stops_the_server(artifact):
+    """The engine process dies with a request open (stopped first, so the request is
+    surely waiting on it): the client gets a 503 naming the cause, and the server exits
+    1 (not 0: it served nothing after that)."""
+    s = Server(artifact, "--model-name", "tiny")
+    try:
+        engine = _engine_pid(s.proc.pid)
+        __import__("os").kill(engine, signal.SIGSTOP)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(s.post, "/v1/completions", {"model": "tiny", "prompt": "die", "max_tokens": 8})
+            time.sleep(0.5)
+            assert not pending.done()
+            __import__("os").kill(engine, signal.SIGKILL)
+            status, body, _ = pending.result(timeout=30)
+        assert status == 503 and "the engine process exited with code -9" in body["error"]["message"], body
+        assert s.proc.wait(timeout=30) == 1
+        assert "the engine process exited with code -9" in s.proc.stderr.read()
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
