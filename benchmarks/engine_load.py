@@ -30,10 +30,30 @@ def main() -> None:
     ap.add_argument("--output", type=int, default=128)
     ap.add_argument("--waves", type=int, default=3)
     ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--timing", action="store_true", help="also time the decode launch (host) and the wait for its tokens")
     a = ap.parse_args()
     c = a.concurrency
     s = load(a.artifact, device=a.device, random_weights=a.random_weights, max_sequences=c, max_seq_len=a.max_seq_len)
     rng = np.random.default_rng(0)
+    clock = {"launch": 0.0, "wait": 0.0, "steps": 0}
+    if a.timing:  # where a decode step's host time goes: queueing it, and waiting for its tokens
+        launch = s.decode_greedy_async
+
+        def timed_launch(seqs, toks):
+            t0 = time.perf_counter()
+            result = launch(seqs, toks)
+            clock["launch"] += time.perf_counter() - t0
+            clock["steps"] += len(seqs) == c
+
+            def timed_result():
+                t1 = time.perf_counter()
+                out = result()
+                clock["wait"] += time.perf_counter() - t1
+                return out
+
+            return timed_result
+
+        s.decode_greedy_async = timed_launch
     engine = Engine(s).start()
     try:
         for wave in range(a.waves):
@@ -59,6 +79,9 @@ def main() -> None:
                   f"first token after {min(x[0] for x in stamps) - t0:.3f}-{max(x[0] for x in stamps) - t0:.3f} s", flush=True)
     finally:
         engine.stop()
+    if a.timing:
+        print(f"engine: {clock['steps']} full steps; per decode call: launch {clock['launch'] / max(clock['steps'], 1) * 1e3:.2f} ms, "
+              f"wait for tokens {clock['wait'] / max(clock['steps'], 1) * 1e3:.2f} ms (all calls / full steps)")
     # the bare step: the same number of sequences, one decode_greedy call per step
     seqs = [s.add_sequence() for _ in range(c)]
     for q in seqs:
@@ -66,10 +89,13 @@ def main() -> None:
     toks = [1] * c
     for _ in range(3):
         toks = [int(t) for t in s.decode_greedy(seqs, toks)]
+    clock.update(launch=0.0, wait=0.0, steps=0)
     t0 = time.perf_counter()
     for _ in range(32):
         toks = [int(t) for t in s.decode_greedy(seqs, toks)]
     print(f"bare decode_greedy, {c} sequences: {(time.perf_counter() - t0) / 32 * 1e3:.2f} ms/step")
+    if a.timing:
+        print(f"bare: launch {clock['launch'] / 32 * 1e3:.2f} ms, wait {clock['wait'] / 32 * 1e3:.2f} ms per step")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ Each step of the loop:
   4. decode: one token for every request past its prompt;
   5. deliver tokens and text to each request's `on_event` and retire the
      finished ones.
+When every decoding request is greedy (the device picks the tokens), steps
+overlap: step N is queued on the device, then step N-1's tokens are
+delivered (text, stop strings, events: the engine's Python) while it runs,
+and step N's tokens are read at the start of step N+1 as its inputs. A
+request that a stop string ends is decoded one step too many; that token is
+dropped. (H200, 8B, 128 streams: ~1 ms of Python per step no longer idles
+the GPU.) A step with a sampling request reads its logits at once.
 A new request waits at most one step to start; none waits behind a later
 one. The decode of a step is one model call for all running requests where
 the artifact has decode_batch (artifacts with TVM's paged cache), one call
@@ -140,6 +147,7 @@ class Engine:
         self._stopping = False  # no new requests
         self._halt = False  # the loop ends once nothing is left
         self._thread: threading.Thread | None = None
+        self._inflight: tuple[list[Request], Callable[[], list[int]]] | None = None  # a queued greedy step (engine thread)
         # called on the engine thread after every step (and before the thread ends): a consumer that
         # batches events (the engine process: one message per step) sends them here
         self.on_step: Callable[[], None] | None = None
@@ -287,6 +295,10 @@ class Engine:
             return True
 
         need = sum(wants(r) for r in self._running)
+        if need > free and self._inflight is not None:  # a request may be requeued: accept its in-flight token first
+            self._settle()
+            free = s.kv_pages_free()
+            need = sum(wants(r) for r in self._running)
         while need > free:  # cached prefixes go first, then the youngest requests
             if evict():
                 continue
@@ -341,6 +353,12 @@ class Engine:
 
     def _step(self, running: list[Request]) -> None:
         s = self.session
+        # the previous step's tokens (waiting for the device if it still runs): this step's inputs.
+        # They are accepted -- text, stop strings, events -- after this step is launched.
+        picked = self._collect()
+        for r, tok in picked:
+            r.next_token = tok
+        ending = {r.id for r, tok in picked if r.gen.ends_with(tok)}  # EOS or the limit: no further step
         budget = self.prefill_budget
         feeding, decoding = [], []  # (request, prompt tokens fed this step); requests past their prompt
         for r in running:
@@ -355,12 +373,50 @@ class Engine:
                     n = min(budget, len(r.feed) - r.fed)
                     feeding.append((r, n))
                     budget -= n
-            elif not r.done:
+            elif not r.done and r.id not in ending:
                 decoding.append(r)
         if feeding:
             self._prefill(feeding)
-        if decoding:
+        if decoding and all(r.gen.greedy and r.logprobs is None for r in decoding):
+            self._launch(decoding)
+        elif decoding:  # samplers read the history: accept the picked tokens first
+            self._accept(picked)
+            picked = []
             self._decode(decoding)
+        self._accept(picked)
+
+    def _launch(self, reqs: list[Request]) -> None:
+        """Queue one greedy decode step for reqs on the device (the device picks the tokens);
+        _collect reads them on the next step, after this one's host work overlapped it."""
+        try:
+            self._inflight = (reqs, self.session.decode_greedy_async([r.seq for r in reqs], [r.next_token for r in reqs]))
+        except KilnError as err:
+            for r in reqs:
+                self._fail(r, err)
+
+    def _collect(self) -> list[tuple[Request, int]]:
+        """The in-flight step's (request, token) pairs, for requests still running."""
+        if self._inflight is None:
+            return []
+        reqs, result = self._inflight
+        self._inflight = None
+        try:
+            picked = result()
+        except KilnError as err:
+            for r in reqs:
+                self._fail(r, err)
+            return []
+        return [(r, tok) for r, tok in zip(reqs, picked) if not r.done]
+
+    def _accept(self, picked: list[tuple[Request, int]]) -> None:
+        for r, tok in picked:
+            if not r.done:
+                r.next_token = tok
+                self._deliver(r)
+
+    def _settle(self) -> None:  # under the lock
+        """Read and accept the in-flight step now (before a preemption requeues a request)."""
+        self._accept(self._collect())
 
     def _prefill(self, feeding: list[tuple[Request, int]]) -> None:
         """The step's prompt chunks in one prefill call (a ragged batch); if that
@@ -393,28 +449,23 @@ class Engine:
                 self._fail(r, err)
 
     def _decode(self, reqs: list[Request]) -> None:
-        """One decode call for every request past its prompt: the device picks the
-        tokens when all are greedy, else the logits rows come back for the samplers
-        (a greedy request's sampler takes the argmax of the same row)."""
+        """One decode call for every request past its prompt when some request samples
+        or wants logprobs: the logits rows come back for the samplers (a greedy request's
+        sampler takes the argmax of the same row). All-greedy steps go through _launch."""
         s = self.session
-        seqs, toks = [r.seq for r in reqs], [r.next_token for r in reqs]
         try:
-            if all(r.gen.greedy and r.logprobs is None for r in reqs):
-                picked, rows = s.decode_greedy(seqs, toks), None
-            else:
-                picked, rows = None, s.decode_step(seqs, toks).reshape(len(reqs), -1)
+            rows = s.decode_step([r.seq for r in reqs], [r.next_token for r in reqs]).reshape(len(reqs), -1)
         except KilnError as err:
             for r in reqs:
                 self._fail(r, err)
             return
         for i, r in enumerate(reqs):
             try:
-                r.next_token = picked[i] if picked is not None else r.gen.sample(rows[i])
+                r.next_token = r.gen.sample(rows[i])
             except KilnError as err:
                 self._fail(r, err)
                 continue
-            if rows is not None:
-                self._note_logprobs(r, rows[i])
+            self._note_logprobs(r, rows[i])
             self._deliver(r)
 
     def _note_logprobs(self, r: Request, logits: np.ndarray) -> None:

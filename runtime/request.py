@@ -83,6 +83,11 @@ class Generation:
             self.finish = "length"
         return text
 
+    def ends_with(self, tok: int) -> bool:
+        """Whether accepting tok will finish the request for sure (EOS or the token limit;
+        a stop string is only known once its text is decoded)."""
+        return tok in self.eos_ids or len(self.tokens) + 1 >= self.max_new_tokens
+
     def tail(self) -> str:
         """Text held back at the end (an incomplete character, a partial stop string)."""
         if self.detok and not self.matcher.stopped:

@@ -145,6 +145,10 @@ class Session:
         # CUDA with 16-bit weights); without it (older artifacts, kiln's quantized cache) one call per sequence
         self._decode_batch = _vm_function(self._vm, "decode_batch") if isinstance(self._kv, PagedKVCache) else None
         self._one_token = self._tensor(np.zeros(1, dtype=np.int32))
+        # decode_batch's token ids, copied into a view of one device buffer: a fresh tensor per step
+        # was freed (cudaFree) right after the launch, which waits for the whole step -- the host
+        # could not work beside it (H200, 8B, 128 sequences: the launch call took the step's 9 ms)
+        self._batch_tokens = None
         self.tokenizer = None
         tm = m.get("tokenizer")
         if tm:
@@ -272,19 +276,32 @@ class Session:
         """decode_step, but returns each sequence's argmax token id, picked on the
         device: 8 bytes per sequence come back instead of a logits row (0.5 MB
         for a 128k vocabulary). Raises NonFiniteLogitsError on NaN/Inf logits."""
+        return self.decode_greedy_async(seqs, tokens)()
+
+    def decode_greedy_async(self, seqs: list[int], tokens: list[int]) -> Callable[[], list[int]]:
+        """decode_greedy in two halves: the step is queued on the device now (the
+        sequences grow now), and calling the returned function waits for it and gives
+        the token ids (or raises NonFiniteLogitsError). The host may work meanwhile --
+        the server's engine delivers the previous step's tokens while this one runs --
+        but must read it before the next decode call (whose token ids reuse its buffer)."""
         self._check_decode(seqs, tokens)
         if len(seqs) > 1 and self._decode_batch is not None:
-            picked = self._decode_many(seqs, tokens)[1].numpy()  # [B, 2]
-            if not all(ok or q in self._advanced for q, ok in zip(seqs, picked[:, 1])):
-                raise NonFiniteLogitsError("the model produced NaN/Inf logits; refusing to sample")
-            return [int(x) for x in picked[:, 0]]
-        out = []
-        for seq, tok in zip(seqs, tokens):
-            best, finite = self._decode_one(seq, tok)[1].numpy()
-            if not finite and seq not in self._advanced:
-                raise NonFiniteLogitsError("the model produced NaN/Inf logits; refusing to sample")
-            out.append(int(best))
-        return out
+            greedy = self._decode_many(seqs, tokens)[1]  # [B, 2]: argmax, all-finite
+            pending = [(greedy, list(seqs))]
+        else:
+            pending = [(self._decode_one(seq, tok)[1], [seq]) for seq, tok in zip(seqs, tokens)]  # each [2]
+        advanced = [q for q in seqs if q in self._advanced]
+
+        def result() -> list[int]:
+            out = []
+            for greedy, qs in pending:
+                picked = greedy.numpy().reshape(len(qs), 2)
+                if not all(ok or q in advanced for q, ok in zip(qs, picked[:, 1])):
+                    raise NonFiniteLogitsError("the model produced NaN/Inf logits; refusing to sample")
+                out += [int(x) for x in picked[:, 0]]
+            return out
+
+        return result
 
     def advance(self, seq: int, n: int) -> None:
         """Grow `seq` by n positions without running the model: their K/V hold
@@ -404,9 +421,14 @@ class Session:
     def _decode_many(self, seqs: list[int], tokens: list[int]):
         """One decode_batch call for checked (seqs, tokens); returns the device tensors
         (logits  # [B, 1, vocab] float32, greedy  # [B, 2] int32: argmax, all-finite)."""
+        n = len(tokens)
+        if self._batch_tokens is None or self._batch_tokens.shape[0] < n:
+            self._batch_tokens = self._tensor(np.zeros(max(n, self.max_sequences), dtype=np.int32))
+        ids = self._batch_tokens._create_view((n,))
+        ids.copyfrom(np.asarray(tokens, dtype=np.int32))
         self._kv.begin(list(seqs), [1] * len(seqs))
         try:
-            out = self._decode_batch(self._tensor(np.asarray(tokens, dtype=np.int32)), *self._kv.args(), self.params)
+            out = self._decode_batch(ids, *self._kv.args(), self.params)
         finally:
             self._kv.end()
         for seq in seqs:

@@ -326,7 +326,7 @@ def test_soak_of_mixed_requests_leaves_nothing_behind(server):
 
 
 def test_an_unexpected_engine_error_fails_the_request_and_the_engine_goes_on(artifact):
-    """A bug in a step (here: decode raising a plain ValueError) fails the requests
+    """A bug in a step (here: the decode launch raising a plain ValueError) fails the requests
     it hit with an error event; the engine thread lives on for the next request."""
     import queue  # noqa: PLC0415
 
@@ -334,7 +334,7 @@ def test_an_unexpected_engine_error_fails_the_request_and_the_engine_goes_on(art
     from kiln.runtime.engine import Engine  # noqa: PLC0415
 
     session = load(artifact, max_sequences=2)
-    real = session.decode_greedy
+    real = session.decode_greedy_async
     calls = {"n": 0}
 
     def flaky(seqs, toks):
@@ -343,7 +343,7 @@ def test_an_unexpected_engine_error_fails_the_request_and_the_engine_goes_on(art
             raise ValueError("boom")
         return real(seqs, toks)
 
-    session.decode_greedy = flaky
+    session.decode_greedy_async = flaky
     engine = Engine(session).start()
     try:
         for want in ("error", "done"):
@@ -356,6 +356,48 @@ def test_an_unexpected_engine_error_fails_the_request_and_the_engine_goes_on(art
             assert ev.kind == want, ev
             if want == "error":
                 assert "internal error: ValueError: boom" in ev.error
+        assert engine.stats()["sequences_open"] == 0 and session.sequences == []
+    finally:
+        engine.stop()
+
+
+def test_overlapped_greedy_steps_end_where_generate_ends(artifact, reference):
+    """The engine queues a greedy step before it accepts the previous one's tokens: requests
+    that end on a stop string (known only from the text), on the token limit or on EOS,
+    admitted mid-flight into a batch of 3, still give generate()'s text exactly, and every
+    sequence is closed afterwards."""
+    import queue  # noqa: PLC0415
+
+    from kiln.runtime import SamplingParams, load  # noqa: PLC0415
+    from kiln.runtime.engine import Engine  # noqa: PLC0415
+
+    session = load(artifact, max_sequences=3)
+    ref_session, _ = reference
+    jobs = []
+    for i, p in enumerate(PROMPTS[:6]):
+        ids = session.encode_prompt(p)
+        full = ref_session.generate(ids, max_new_tokens=20, sampling=SamplingParams(temperature=0), ignore_eos=True).text
+        stop = [full[4:6]] if i % 2 and len(full) > 6 else None
+        want = ref_session.generate(ids, max_new_tokens=5 + 3 * i, sampling=SamplingParams(temperature=0), stop=stop,
+                                    ignore_eos=i % 3 == 0)
+        jobs.append((ids, 5 + 3 * i, stop, i % 3 == 0, want))
+    assert {"stop", "length"} <= {j[-1].finish_reason for j in jobs}
+    engine = Engine(session).start()
+    try:
+        queues = []
+        for ids, n, stop, ignore_eos, _ in jobs:
+            q: queue.Queue = queue.Queue()
+            engine.submit(ids, q.put, max_new_tokens=n, stop=stop, ignore_eos=ignore_eos)
+            queues.append(q)
+        for q, (*_, want) in zip(queues, jobs):
+            text, ev = "", None
+            while ev is None or ev.kind == "token":
+                ev = q.get(timeout=60)
+                text += ev.text if ev.kind == "token" else ""
+            assert ev.kind == "done" and (text, ev.finish) == (want.text, want.finish_reason), (text, ev, want)
+        deadline = time.time() + 10
+        while engine.stats()["sequences_open"] and time.time() < deadline:
+            time.sleep(0.01)
         assert engine.stats()["sequences_open"] == 0 and session.sequences == []
     finally:
         engine.stop()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..quant import KVFormat
 from ...tvm_compat import compiler
-from .attention_cuda import C_TYPES, MAX_SPLITS, MERGE_GROUPS, MIN_KEYS_PER_SPLIT, NUM_WARPS, TARGET_BLOCKS
+from .attention_cuda import C_TYPES, MAX_SPLITS, MERGE_GROUPS, MIN_KEYS_PER_SPLIT, NUM_WARPS, TARGET_BLOCKS, merge_grid
 
 _t = compiler()
 T = _t.T
@@ -91,7 +91,7 @@ def kv_attention_cuda(kv_heads: int, q_heads: int, head_dim: int, page_size: int
                                          T.address_of(pages[0, 0, 0, 0, 0, 0]), T.address_of(scales[0, 0, 0, 0, 0]),
                                          ws.access_ptr("rw"), T.address_of(out[0, 0, 0, 0]), lse.access_ptr("rw"),
                                          Hk, chunks, P, npg, layer, num_splits(s, m), T.float32(sm_scale)))
-        for bx in T.thread_binding(s * H, thread="blockIdx.x"):
+        for bx in T.thread_binding(merge_grid(s * H, num_splits(s, m)), thread="blockIdx.x"):
             for tx in T.thread_binding(D * MERGE_GROUPS, thread="threadIdx.x"):
                 T.evaluate(T.call_extern("void", merge, ws.access_ptr("rw"), T.address_of(out[0, 0, 0, 0]), lse.access_ptr("rw"),
                                          num_splits(s, m)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ...tvm_compat import compiler
-from .attention_cuda import C_TYPES, MAX_SPLITS, MERGE_GROUPS, NUM_WARPS, TARGET_BLOCKS
+from .attention_cuda import C_TYPES, MAX_SPLITS, MERGE_GROUPS, NUM_WARPS, TARGET_BLOCKS, merge_grid
 
 _t = compiler()
 T = _t.T
@@ -82,7 +82,7 @@ def mla_attention_cuda(q_heads: int, width: int, v_dim: int, page_size: int, dty
                 T.evaluate(T.call_extern("void", partial, T.address_of(q[0, 0, 0, 0]), T.address_of(meta[0]), T.address_of(pages[0, 0, 0, 0]),
                                          ws.access_ptr("rw"), T.address_of(out[0, 0, 0, 0]), lse.access_ptr("rw"),
                                          H, P, npg, layer, num_splits(s, m), T.float32(sm_scale)))
-        for bx in T.thread_binding(s * H * (DV // cols), thread="blockIdx.x"):
+        for bx in T.thread_binding(merge_grid(s * H * (DV // cols), num_splits(s, m)), thread="blockIdx.x"):
             for tx in T.thread_binding(cols * MERGE_GROUPS, thread="threadIdx.x"):
                 T.evaluate(T.call_extern("void", merge, ws.access_ptr("rw"), T.address_of(out[0, 0, 0, 0]), lse.access_ptr("rw"),
                                          num_splits(s, m)))
