@@ -30,10 +30,12 @@ def main() -> None:
     ap.add_argument("--output", type=int, default=128)
     ap.add_argument("--waves", type=int, default=3)
     ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per step (the session's prefill_chunk)")
     ap.add_argument("--timing", action="store_true", help="also time the decode launch (host) and the wait for its tokens")
     a = ap.parse_args()
     c = a.concurrency
-    s = load(a.artifact, device=a.device, random_weights=a.random_weights, max_sequences=c, max_seq_len=a.max_seq_len)
+    s = load(a.artifact, device=a.device, random_weights=a.random_weights, max_sequences=c, max_seq_len=a.max_seq_len,
+             prefill_chunk=a.prefill_chunk)
     rng = np.random.default_rng(0)
     clock = {"launch": 0.0, "wait": 0.0, "steps": 0}
     if a.timing:  # where a decode step's host time goes: queueing it, and waiting for its tokens
