@@ -16,7 +16,7 @@
 namespace kiln {
 
 constexpr float kNegBig = -1e30f;  // finite "minus infinity": exp2(kNegBig - m) is 0, never NaN
-constexpr int kStages = 4;  // cp.async ring depth of the decode kernel
+constexpr int kStages = 6;  // cp.async ring slots of the decode kernel: two iterations read, four in flight
 
 // The end of a split-KV stage 1 (here and in kv_quant.cuh): merge the online
 // softmax states (m, l, o) of a block's GROUPS lane groups through shared
@@ -112,16 +112,17 @@ __device__ __forceinline__ void attn_decode_partial(
   const size_t kv_stride = (size_t)H_kv * page_size * D;  // K -> V within a page
   // Every lane of a warp runs the same number of iterations (the shuffles
   // need the whole warp); a lane group past the end contributes nothing.
-  // One key per lane group per iteration. K/V rows stream through a
-  // per-warp ring of kStages shared-memory slots filled by cp.async, issued
-  // kStages - 1 iterations ahead, and the page index is read one more
-  // iteration ahead: a warp keeps ~kStages KB in flight instead of 1 KB
-  // without holding more registers.
+  // One key per lane group per iteration, two iterations per turn: both keys'
+  // scores (two independent shuffle chains), then one online-softmax update --
+  // one exp2 of the old maximum and one rescale of o per two keys. K/V rows
+  // stream through a per-warp ring of kStages shared-memory slots filled by
+  // cp.async: each turn issues the two iterations four ahead into the slots
+  // the previous turn read, and the page index is read one iteration ahead.
   // Measured on H100 (Llama-3-8B, 32k context, share of the bound counting
-  // KV bytes): register loads, one key per group: 70-71%; two keys 69%; four
-  // keys 62%. This ring: 4 stages 75-76% with 1056 blocks (two waves at 4
-  // resident blocks/SM), 8 stages 75%; with 528 blocks (one wave) 8 stages
-  // 80%, 4 stages 81.3-81.6%.
+  // KV bytes), one key per update: register loads 70-71%; a 4-slot ring 75-76%
+  // with 1056 blocks, 80-81.6% with 528. Two keys per update (H200, kernel
+  // alone, benchmarks/kernels/attn_decode_check.cu): 128 sequences x 192 keys
+  // 51.6 -> 42.0 us, 16 x 2048 85.9 -> 57.0, 1 x 32k 63.8 -> 55.4.
   constexpr int CH = VEC * (int)sizeof(T) / 16;  // 16-byte chunks per lane per row
   constexpr int RING = NW * kStages * TPW * 2 * D;  // elements of T
   constexpr int MERGE = (GROUPS * G * (D + 2)) * 4 / (int)sizeof(T);
@@ -150,31 +151,41 @@ __device__ __forceinline__ void attn_decode_partial(
     cp_async_commit();
   };
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(s);
-  for (int it = 0; it < iters; ++it) {
+  for (int s = 0; s < kStages - 2; ++s) issue(s);
+  for (int it = 0; it < iters; it += 2) {
+    issue(it + kStages - 2);  // into the slots of it - 2 and it - 1, read last turn (their values are in registers)
     issue(it + kStages - 1);
-    cp_async_wait<kStages - 1>();  // iteration it's group (this lane's own copies) landed
-    const int t = first + it * GROUPS + gl;
-    const bool valid = t < t_end;
-    const T* src = ring + ((it % kStages) * TPW + gl) * 2 * D + li * VEC;
-    float k[VEC], v[VEC];
-    load_vec<T, VEC, false>(src, k);
-    load_vec<T, VEC, false>(src + D, v);
+    cp_async_wait<kStages - 2>();  // iterations it and it + 1 landed (this lane's own copies)
+    const int t0 = first + it * GROUPS + gl, t1 = t0 + GROUPS;
+    const bool v0 = t0 < t_end, v1 = it + 1 < iters && t1 < t_end;
+    const T* s0 = ring + ((it % kStages) * TPW + gl) * 2 * D + li * VEC;
+    const T* s1 = ring + (((it + 1) % kStages) * TPW + gl) * 2 * D + li * VEC;
+    float k0[VEC], k1[VEC], w0[VEC], w1[VEC];
+    load_vec<T, VEC, false>(s0, k0);
+    load_vec<T, VEC, false>(s1, k1);
+    load_vec<T, VEC, false>(s0 + D, w0);
+    load_vec<T, VEC, false>(s1 + D, w1);
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      float s = 0.f;
+      float a = 0.f, c = 0.f;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) s += q[g][j] * k[j];
-#pragma unroll
-      for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (valid) {
-        const float m_new = fmaxf(m[g], s);
-        const float scale = exp2f(m[g] - m_new), p = exp2f(s - m_new);
-        l[g] = l[g] * scale + p;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) o[g][j] = o[g][j] * scale + p * v[j];
-        m[g] = m_new;
+      for (int j = 0; j < VEC; ++j) {
+        a += q[g][j] * k0[j];
+        c += q[g][j] * k1[j];
       }
+#pragma unroll
+      for (int off = L / 2; off > 0; off >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, off);
+        c += __shfl_xor_sync(0xffffffffu, c, off);
+      }
+      a = v0 ? a : kNegBig;
+      c = v1 ? c : kNegBig;
+      const float m_new = fmaxf(m[g], fmaxf(a, c));
+      const float scale = exp2f(m[g] - m_new), pa = v0 ? exp2f(a - m_new) : 0.f, pc = v1 ? exp2f(c - m_new) : 0.f;
+      l[g] = l[g] * scale + pa + pc;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) o[g][j] = o[g][j] * scale + pa * w0[j] + pc * w1[j];
+      m[g] = m_new;
     }
   }
   cp_async_wait<0>();
