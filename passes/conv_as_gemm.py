@@ -19,13 +19,19 @@ the patch indices per element) writing [N, OH, OW, KH, KW, C] with no
 division in its indices (C innermost: vectorised copies of one tap's channels); a 1x1 stride-1 unpadded convolution skips it (the
 NHWC input is its own patch matrix). The weight reshape is a view
 (RewriteDataflowReshape). Grouped / depthwise convolutions and 1-D / 3-D ones
-keep the convolution.
+keep the convolution. On the packed C GEMM, ReadConvPatchesInPlace later replaces im2col + GEMM
+by one kernel that reads the patches from x in place (the im2col here stays the form the weight
+passes match, and the fallback: dynamic H / W, C < 16, q8).
 """
 
 from __future__ import annotations
 
 from ..tvm_compat import compiler
 from .relax_mutation import rewrite_functions
+
+# the im2col PrimFunc's geometry (static H, W, C, OH, OW, KH, KW, strides sh sw, leading pads ph pw,
+# dilations dh dw): passes/read_conv_patches_in_place.py replaces im2col + packed GEMM by one call from it
+PATCHES_ATTR = "kiln.conv_patches"
 
 
 def _im2col(t, c_, h_, w_, kh_, kw_, oh_, ow_, stride, pad, dil):
@@ -80,9 +86,14 @@ def _mutator_class():
             if k == int(c2) and stride == [1, 1] and pad == [0, 0, 0, 0]:
                 col = self.builder_.emit(relax.op.reshape(x, [n_ * h_ * w_, k]))  # 1x1: the input is its own patch matrix
             else:
+                attrs = {"op_pattern": 8}
+                if all(isinstance(v, t.tirx.IntImm) for v in (h_, w_, c_, oh_, ow_)):  # ReadConvPatchesInPlace's key
+                    attrs[PATCHES_ATTR] = {"H": int(h_), "W": int(w_), "C": int(c_), "OH": int(oh_), "OW": int(ow_), "KH": int(kh_),
+                                           "KW": int(kw_), "sh": stride[0], "sw": stride[1], "ph": pad[0], "pw": pad[1],
+                                           "dh": dil[0], "dw": dil[1]}
                 patches = self.builder_.emit(self.builder_.call_te(
                     _im2col(t, c_, h_, w_, int(kh_), int(kw_), oh_, ow_, stride, pad[:2], dil), x,
-                    primfunc_name_hint="kiln_im2col", primfunc_attrs={"op_pattern": 8}))
+                    primfunc_name_hint="kiln_im2col", primfunc_attrs=attrs))
                 col = self.builder_.emit(relax.op.reshape(patches, [n_ * oh_ * ow_, k]))
             # the weight's K in the patches' order: OIHW -> OHWI (a view chain the weight passes turn into data)
             w2 = self.builder_.emit(relax.op.reshape(relax.op.permute_dims(w, [0, 2, 3, 1]), [int(o_), k]))

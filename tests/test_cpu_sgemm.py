@@ -10,13 +10,15 @@ End to end: the tiny BERT and CNN with and without the C GEMM against onnxruntim
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from helpers.onnx_models import export_bert, export_cnn, ort_run, rel
 from kiln.compiler.cpu_codegen import kernel_objects
 from kiln.compiler.target import parse_target
-from kiln.passes.kernels.sgemm_cpu import PACKED_PANELS, sgemm_batched, sgemm_packed, sgemm_q8, softmax_rows
+from kiln.passes.kernels.sgemm_cpu import PACKED_PANELS, sconv_packed, sgemm_batched, sgemm_packed, sgemm_q8, softmax_rows
 from kiln.passes.quant import WEIGHT_FORMATS
 from kiln.runtime.hostinfo import host_cpu_flags, host_machine
 from kiln.tvm_compat import compiler
@@ -62,6 +64,54 @@ def test_sgemm_matches_numpy(level, M, N, K):
     y = tvm.runtime.tensor(np.full((M, N), np.nan, np.float32), dev)
     f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(PACKED_PANELS.quantize(w)["p"], dev), y)
     ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
+
+
+def conv_nhwc_f64(x, w, stride, pads, dil):
+    """float64 twin of a one-group 2-D convolution: x [B, H, W, C] NHWC, w [O, C, KH, KW] OIHW,
+    pads (top, left, bottom, right) -> [B, OH, OW, O]."""
+    o, _, kh_, kw_ = w.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
+    oh = (xp.shape[1] - dil[0] * (kh_ - 1) - 1) // stride[0] + 1
+    ow = (xp.shape[2] - dil[1] * (kw_ - 1) - 1) // stride[1] + 1
+    y = np.zeros((x.shape[0], oh, ow, o))
+    for kh in range(kh_):
+        for kw in range(kw_):
+            tap = xp[:, kh * dil[0]:kh * dil[0] + stride[0] * (oh - 1) + 1:stride[0], kw * dil[1]:kw * dil[1] + stride[1] * (ow - 1) + 1:stride[1]]
+            y += tap @ w[:, :, kh, kw].astype(np.float64).T
+    return y
+
+
+# B, H, W, C, O, KH, KW, stride, pads (top, left, bottom, right), dilation: taps of C < 256 several per K slice
+# (C 24: 9 of 10; C 1: 16 at most), C > 256 in pieces, padding on every side and uneven, O not a multiple of 16,
+# batch > 1, rows enough for the row split (40 x 40) and few enough for the panel split (2 x 3)
+CONV_CASES = [(1, 9, 7, 16, 20, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)), (2, 8, 11, 24, 37, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1)),
+              (1, 6, 5, 300, 16, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1)), (1, 10, 10, 40, 33, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2)),
+              (1, 13, 12, 17, 16, 5, 3, (1, 2), (2, 1, 0, 3), (1, 1)), (3, 5, 5, 1, 5, 2, 2, (1, 1), (0, 0, 1, 1), (1, 1)),
+              (1, 40, 40, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)), (1, 4, 6, 520, 70, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1))]
+
+
+@pytest.mark.parametrize("B,H,W,C,O,KH,KW,stride,pads,dil", CONV_CASES)
+def test_sconv_matches_numpy(level, B, H, W, C, O, KH, KW, stride, pads, dil):
+    """The convolution read in place (kiln_cpu_sconv_packed): the patches never written, a pointer per
+    (tap, row) into x or into zeros outside it."""
+    tg, runnable, tmp, objs = level
+    rng = np.random.default_rng(B * 7 + H * 1009 + C * 31 + O)
+    x = rng.standard_normal((B, H, W, C)).astype(np.float32)
+    w = rng.standard_normal((O, C, KH, KW)).astype(np.float32)
+    ref = conv_nhwc_f64(x, w, stride, pads, dil)
+    oh, ow = ref.shape[1:3]
+    geom = dict(H=H, W=W, C=C, OH=oh, OW=ow, KH=KH, KW=KW, sh=stride[0], sw=stride[1], ph=pads[0], pw=pads[1], dh=dil[0], dw=dil[1])
+    lib = tvm.compile(tvm.IRModule({"main": sconv_packed(geom, O).with_attr("global_symbol", "main")}), target=tg.tvm_target())
+    so = tmp / f"sconv_{B}_{H}_{W}_{C}_{O}_{KH}{KW}_{stride}_{pads}_{dil}.so".replace(" ", "")
+    lib.export_library(str(so), addons=list(objs))
+    if not runnable:
+        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
+    f = tvm.runtime.load_module(str(so))["main"]
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.full((B, oh, ow, O), np.nan, np.float32), dev)
+    wp = PACKED_PANELS.quantize(w.transpose(0, 2, 3, 1).reshape(O, -1))["p"]  # OHWI: k in (kh, kw, c) order
+    f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(wp, dev), y)
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
 
 
@@ -182,3 +232,30 @@ def test_packed_graph_matches_the_float_graph(tmp_path, make):
         for m in models.values():
             got = m.run(f)
             assert all(rel(got[k], want[k]) < 1e-5 for k in want), {k: rel(got[k], want[k]) for k in want}
+
+
+def test_convolutions_read_their_patches_in_place(tmp_path):
+    """ReadConvPatchesInPlace end to end: with the input shape pinned, the convolutions of >= 16 input channels
+    (3x3 padded, strided, 1x1 strided, dilated and uneven) call kiln_sconv instead of im2col + GEMM; the stem (C 3)
+    keeps its im2col; both pinned shapes match onnxruntime."""
+    import torch  # noqa: PLC0415
+
+    from kiln.compiler.onnx_build import compile_onnx  # noqa: PLC0415
+    from kiln.runtime import load  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 24, 3, stride=2, padding=1),
+                              torch.nn.ReLU(), torch.nn.Conv2d(24, 40, 1, stride=2), torch.nn.Conv2d(40, 20, (3, 5), padding=(2, 4), dilation=2),
+                              torch.nn.ReLU(), torch.nn.Conv2d(20, 17, 3, padding=1)).eval()
+    path = tmp_path / "convs.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 23, 19),), str(path), dynamo=False, input_names=["image"], output_names=["y"],
+                      dynamic_axes={"image": {0: "batch"}}, opset_version=17)
+    rng = np.random.default_rng(5)
+    for shape in ((1, 3, 23, 19), (2, 3, 23, 19)):
+        art = tmp_path / f"{shape[0]}.kiln"
+        compile_onnx(path, art, input_shapes=[f"image={','.join(map(str, shape))}"])
+        lib = (art / "lib" / "cpu.so").read_bytes().decode("latin-1")
+        assert len(set(re.findall(r"__tvm_ffi_kiln_sconv_\w+", lib))) == 4 and "__tvm_ffi_kiln_im2col" in lib
+        feeds = {"image": rng.standard_normal(shape).astype(np.float32)}
+        want, got = ort_run(path, feeds), load(art).run(feeds)
+        assert rel(got["y"], want["y"]) < 1e-5, rel(got["y"], want["y"])

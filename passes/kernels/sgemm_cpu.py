@@ -3,6 +3,8 @@ kernels/cpu/sgemm.c and the packed layout as a weight "format" that passes/pack_
 applies (compiler/cpu_codegen.py compiles the C for each CPU target and links it in).
 
     sgemm_packed(K, N)    x  # [M, K] f32 (M symbolic), w  # [ceil(N / 16), K, 16] f32  -> y  # [M, N] f32
+    sconv_packed(g, N)    x  # [B, H, W, C] f32 NHWC (B symbolic), w  # [ceil(N / 16), KH KW C, 16] f32
+                             -> y  # [B, OH, OW, N] f32: the convolution, its patches read in place
 
 The layout: W [N, K] (B transposed, as kiln stores MatMul weights) cut into panels of 16 rows,
 each stored k-major ([K, 16]), rows past N zero -- what the micro-kernel reads, 16 floats (two
@@ -19,6 +21,7 @@ _t = compiler()
 T = _t.T
 
 PANEL = 16  # weight rows per panel: sgemm.c's SG_NR
+PACKED_GEMM_ATTR = "kiln.packed_gemm"  # marks sgemm_packed's PrimFunc: x [M, K], panels -> y [M, N]
 
 
 class PackedPanels:
@@ -57,7 +60,7 @@ def sgemm_packed(K: int, N: int):
 
     @T.prim_func
     def kiln_sgemm(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, PACKED_GEMM_ATTR: True})  # 8: opaque, never fused
         M = T.int64()
         x = T.match_buffer(var_x, (M, K), "float32")
         y = T.match_buffer(var_y, (M, N), "float32")
@@ -65,6 +68,28 @@ def sgemm_packed(K: int, N: int):
         assert rc == 0, "kiln_cpu_sgemm_packed failed"
 
     return kiln_sgemm
+
+
+def sconv_packed(geom: dict, N: int):
+    """The call_tir callee of a one-group 2-D convolution on its packed weight (passes/read_conv_patches_in_place.py):
+    x [B, H, W, C] (NHWC, B symbolic) -> y [B, OH, OW, N]; `geom` holds H, W, C, OH, OW, KH, KW and the
+    strides sh, sw, leading pads ph, pw and dilations dh, dw. The weight's K runs in (kh, kw, c) order."""
+    g = {k: int(v) for k, v in geom.items()}
+    H, W, C, OH, OW, KH, KW = (g[k] for k in ("H", "W", "C", "OH", "OW", "KH", "KW"))
+    P, K = (N + PANEL - 1) // PANEL, KH * KW * C
+    i64 = T.int64
+
+    @T.prim_func
+    def kiln_sconv(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
+        B = T.int64()
+        x = T.match_buffer(var_x, (B, H, W, C), "float32")
+        y = T.match_buffer(var_y, (B, OH, OW, N), "float32")
+        rc = T.call_extern("int32", "kiln_cpu_sconv_packed", x.data, w.data, y.data, B, i64(H), i64(W), i64(C), i64(OH), i64(OW),
+                           i64(KH), i64(KW), i64(g["sh"]), i64(g["sw"]), i64(g["ph"]), i64(g["pw"]), i64(g["dh"]), i64(g["dw"]), i64(N))
+        assert rc == 0, "kiln_cpu_sconv_packed: out of memory for the row pointers"
+
+    return kiln_sconv
 
 
 def sgemm_batched():

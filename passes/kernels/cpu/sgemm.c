@@ -53,7 +53,17 @@ typedef struct {
   int64_t M, N, K;
   const int8_t* q;    /* q8 weights instead of wp: codes [N, K], */
   const uint16_t* s;  /* fp16 scales [N, K / 32]; each panel's slice decoded per use */
+  const struct sg_conv* cv; /* a convolution read in place: x is its NHWC input, row m its output pixel m */
 } sg_job;
+
+/* a 2-D convolution as the GEMM over its patches, the patches never written: x [B, H, W, C] NHWC,
+   y [B OH OW, N] (rows: output pixels in NHWC order), W [N, KH KW C] (k in (kh, kw, c) order);
+   row m's k = (kh KW + kw) C + c reads x[b, oh sh - ph + kh dh, ow sw - pw + kw dw, c], zero outside */
+typedef struct sg_conv {
+  int64_t H, W, C, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
+} sg_conv;
+#define SG_TAPS 16 /* taps per KC slice at most (C >= 16: 256 / C) */
+static const float sg_zeros[SG_KC]; /* the row a tap outside the input reads (cs <= SG_KC) */
 
 #if SG_AVX2
 /* c[MR x 16] (row stride ldc) = (acc ? c : 0) + a rows (a[i] + k, k < kc) x b-slice [kc][16]; MR a
@@ -100,6 +110,36 @@ static void sg_tile_rows(int64_t kc, const float* const* a, const float* b, floa
     default: sg_tile_mr(kc, a, b, c, ldc, acc, 1); break;
   }
 }
+
+/* the convolution's tile: ntaps segments of cs k each, row i of segment t read from a[6 t + i]
+   (a tap's C channels, or a c-range of them, contiguous in x); the panel slice b runs on through
+   the segments (ntaps > 1 only when cs == C: consecutive taps are consecutive in the panel) */
+static inline __attribute__((always_inline)) void sg_ctile_mr(int64_t ntaps, int64_t cs, const float* const* a, const float* b, float* c,
+                                                              int64_t ldc, int acc, const int MR) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int64_t t = 0; t < ntaps; ++t, a += SG_MR, b += SG_NR * cs) {
+    const float *a0 = a[0], *a1 = a[MR > 1 ? 1 : 0], *a2 = a[MR > 2 ? 2 : 0], *a3 = a[MR > 3 ? 3 : 0], *a4 = a[MR > 4 ? 4 : 0],
+                *a5 = a[MR > 5 ? 5 : 0];
+    for (int64_t k = 0; k < cs; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(b + 16 * k), b1 = _mm256_loadu_ps(b + 16 * k + 8);
+      SG_ROW_FMA(0) SG_ROW_FMA(1) SG_ROW_FMA(2) SG_ROW_FMA(3) SG_ROW_FMA(4) SG_ROW_FMA(5)
+    }
+  }
+  SG_ROW_STORE(0) SG_ROW_STORE(1) SG_ROW_STORE(2) SG_ROW_STORE(3) SG_ROW_STORE(4) SG_ROW_STORE(5)
+}
+
+static void sg_ctile_rows(int64_t ntaps, int64_t cs, const float* const* a, const float* b, float* c, int64_t ldc, int acc, int64_t rows) {
+  switch (rows) {
+    case 6: sg_ctile_mr(ntaps, cs, a, b, c, ldc, acc, 6); break;
+    case 5: sg_ctile_mr(ntaps, cs, a, b, c, ldc, acc, 5); break;
+    case 4: sg_ctile_mr(ntaps, cs, a, b, c, ldc, acc, 4); break;
+    case 3: sg_ctile_mr(ntaps, cs, a, b, c, ldc, acc, 3); break;
+    case 2: sg_ctile_mr(ntaps, cs, a, b, c, ldc, acc, 2); break;
+    default: sg_ctile_mr(ntaps, cs, a, b, c, ldc, acc, 1); break;
+  }
+}
 #else
 static inline void sg_tile(int64_t kc, const float* const* a, const float* b, float* c, int64_t ldc, int acc) {
   float t[SG_MR][SG_NR];
@@ -117,6 +157,17 @@ static inline void sg_tile(int64_t kc, const float* const* a, const float* b, fl
 static void sg_tile_rows(int64_t kc, const float* const* a, const float* b, float* c, int64_t ldc, int acc, int64_t rows) {
   (void)rows; /* the caller passes a buffer of SG_MR rows when rows < SG_MR */
   sg_tile(kc, a, b, c, ldc, acc);
+}
+
+/* portable: the segments gathered into one row-major [SG_MR][ntaps cs] block, then the plain tile */
+static void sg_ctile_rows(int64_t ntaps, int64_t cs, const float* const* a, const float* b, float* c, int64_t ldc, int acc, int64_t rows) {
+  float rowbuf[SG_MR][SG_KC];
+  const float* r[SG_MR];
+  for (int i = 0; i < SG_MR; ++i) {
+    for (int64_t t = 0; t < ntaps; ++t) memcpy(rowbuf[i] + t * cs, a[SG_MR * t + i], (size_t)cs * sizeof(float));
+    r[i] = rowbuf[i];
+  }
+  sg_tile_rows(ntaps * cs, r, b, c, ldc, acc, rows);
 }
 #endif
 
@@ -140,6 +191,55 @@ static inline void sg_micro(const sg_job* jb, int64_t k0, int64_t kc, const floa
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) buf[i * SG_NR + j] = acc ? c[i * jb->N + j] : 0.f;
   sg_tile_rows(kc, a, b, buf, SG_NR, 1, rows);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) c[i * jb->N + j] = buf[i * SG_NR + j];
+}
+
+/* the row pointers of rows [m, m + mc) of the convolution's patch matrix for taps [t0, t0 + nt),
+   channels from c0: a[strip][t][i] ([strips][SG_TAPS][SG_MR]: strip = row / MR, i = row % MR; rows past the last strip's end
+   repeat its last row), into x or into zeros outside it. Once per slice and row block, not per tile:
+   the divisions cost as much as a tile's FMAs otherwise (session 21) */
+static void sg_cptrs(const sg_job* jb, int64_t t0, int64_t nt, int64_t c0, int64_t m, int64_t mc, const float** a) {
+  const sg_conv* cv = jb->cv;
+  const int64_t plane = cv->OH * cv->OW, strips = (mc + SG_MR - 1) / SG_MR;
+  int64_t img = m / plane, oh = m % plane / cv->OW, ow = m % cv->OW;
+  int64_t dy[SG_TAPS], dx[SG_TAPS];
+  for (int64_t t = 0; t < nt; ++t) dy[t] = (t0 + t) / cv->KW * cv->dh, dx[t] = (t0 + t) % cv->KW * cv->dw;
+  for (int64_t r = 0; r < strips * SG_MR; ++r) {
+    const float** at = a + (r / SG_MR) * SG_TAPS * SG_MR + r % SG_MR;
+    if (r >= mc) { /* past the block's last row: its last row again (computed, dropped) */
+      for (int64_t t = 0; t < nt; ++t) at[SG_MR * t] = at[SG_MR * t - 1];
+      continue;
+    }
+    const int64_t ih0 = oh * cv->sh - cv->ph, iw0 = ow * cv->sw - cv->pw;
+    const float* base = jb->x + img * cv->H * cv->W * cv->C + c0;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t ih = ih0 + dy[t], iw = iw0 + dx[t];
+      at[SG_MR * t] = ih >= 0 && ih < cv->H && iw >= 0 && iw < cv->W ? base + (ih * cv->W + iw) * cv->C : sg_zeros;
+    }
+    if (++ow == cv->OW && (ow = 0, ++oh == cv->OH)) oh = 0, ++img;
+  }
+}
+
+/* the convolution's micro-tile: rows [m, m + rows) (output pixels) x panel p, ntaps segments of cs k
+   from the strip's pointers a [ntaps][6] */
+static inline void sg_cmicro(const sg_job* jb, int64_t ntaps, int64_t cs, const float* const* a, const float* b, int64_t m,
+                             int64_t rows, int64_t p, int acc) {
+  const int64_t n = p * SG_NR, cols = jb->N - n < SG_NR ? jb->N - n : SG_NR;
+  float* c = jb->y + m * jb->N + n;
+#if SG_AVX2
+  const int full = cols == SG_NR;
+#else
+  const int full = cols == SG_NR && rows == SG_MR;
+#endif
+  if (full) {
+    sg_ctile_rows(ntaps, cs, a, b, c, jb->N, acc, rows);
+    return;
+  }
+  float buf[SG_MR * SG_NR] __attribute__((aligned(32)));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) buf[i * SG_NR + j] = acc ? c[i * jb->N + j] : 0.f;
+  sg_ctile_rows(ntaps, cs, a, b, buf, SG_NR, 1, rows);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) c[i * jb->N + j] = buf[i * SG_NR + j];
 }
@@ -223,15 +323,46 @@ static int sg_block(const sg_job* jb, int64_t m0, int64_t m1, int64_t p0, int64_
   return 0;
 }
 
+/* the convolution's sg_block: K sliced along taps (whole taps of C <= KC channels, up to KC k per
+   slice; a tap of more channels in KC-wide pieces), so every row's k-run in a slice is contiguous in x */
+static int sg_cblock(const sg_job* jb, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const sg_conv* cv = jb->cv;
+  const int64_t K = jb->K, C = cv->C, taps = cv->KH * cv->KW, cw = C < SG_KC ? C : SG_KC;
+  const int64_t per_slice = C < SG_KC ? (SG_KC / C < SG_TAPS ? SG_KC / C : SG_TAPS) : 1;
+  const float** ptrs = (const float**)malloc(sizeof(float*) * ((SG_MC + SG_MR - 1) / SG_MR) * SG_TAPS * SG_MR); /* [strip][tap][6] */
+  if (!ptrs) return -1;
+  for (int64_t t0 = 0; t0 < taps; t0 += per_slice) {
+    const int64_t nt = taps - t0 < per_slice ? taps - t0 : per_slice;
+    for (int64_t c0 = 0; c0 < C; c0 += cw) {
+      const int64_t cs = C - c0 < cw ? C - c0 : cw, k0 = t0 * C + c0, kc = nt * cs;
+      for (int64_t mb = m0; mb < m1; mb += SG_MC) {
+        const int64_t mc = m1 - mb < SG_MC ? m1 - mb : SG_MC;
+        sg_cptrs(jb, t0, nt, c0, mb, mc, ptrs);
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* b = jb->wp + (p * K + k0) * SG_NR;
+          const char* next = (const char*)(p + 1 < p1 ? b + K * SG_NR : b);
+          const int64_t strips = (mc + SG_MR - 1) / SG_MR, per = (kc + strips - 1) / strips;
+          for (int64_t i = 0, s = 0; i < mc; i += SG_MR, ++s) {
+            for (int64_t l = s * per; l < (s + 1) * per && l < kc; ++l) SG_PREFETCH(next + 64 * l);
+            sg_cmicro(jb, nt, cs, ptrs + s * SG_TAPS * SG_MR, b, mb + i, mc - i < SG_MR ? mc - i : SG_MR, p, k0 > 0);
+          }
+        }
+      }
+    }
+  }
+  free(ptrs);
+  return 0;
+}
+
 static int sg_task(int t, kiln_penv* env, void* cdata) {
   const sg_job* jb = (const sg_job*)cdata;
   const int nt = env->num_task;
   const int64_t panels = (jb->N + SG_NR - 1) / SG_NR, mblocks = (jb->M + SG_MC - 1) / SG_MC;
   if (mblocks >= 2 * nt || panels < nt) { /* many rows: each task its share of the rows (whole strips), every panel */
     const int64_t strips = (jb->M + SG_MR - 1) / SG_MR, a = strips * t / nt * SG_MR, b = strips * (t + 1) / nt * SG_MR;
-    return sg_block(jb, a, b < jb->M ? b : jb->M, 0, panels);
+    return (jb->cv ? sg_cblock : sg_block)(jb, a, b < jb->M ? b : jb->M, 0, panels);
   }
-  return sg_block(jb, 0, jb->M, panels * t / nt, panels * (t + 1) / nt); /* few rows: a share of the panels */
+  return (jb->cv ? sg_cblock : sg_block)(jb, 0, jb->M, panels * t / nt, panels * (t + 1) / nt); /* few rows: a share of the panels */
 }
 
 /* y[M, N] = x[M, K] @ W^T with W packed as above; returns 0 (an int, as kiln's other entry points) */
@@ -241,7 +372,25 @@ int32_t kiln_cpu_sgemm_packed(const float* x, const float* wp, float* y, int64_t
     memset(y, 0, (size_t)(M * N) * sizeof(float));
     return 0;
   }
-  sg_job jb = {x, wp, y, M, N, K, 0, 0};
+  sg_job jb = {x, wp, y, M, N, K, 0, 0, 0};
+  return kiln_parallel(sg_task, &jb);
+}
+
+/* y [B OH OW, N] = the convolution of x [B, H, W, C] (NHWC) with W [N, KH KW C] packed as above (k in
+   (kh, kw, c) order), strides (sh, sw), leading pads (ph, pw), dilations (dh, dw); the patches are read
+   in place, never written (XNNPACK's indirection, the pointers made per row block). 0, or -1 when
+   memory for the pointers ran out. */
+int32_t kiln_cpu_sconv_packed(const float* x, const float* wp, float* y, int64_t B, int64_t H, int64_t W, int64_t C, int64_t OH,
+                              int64_t OW, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                              int64_t dw, int64_t N) {
+  const int64_t M = B * OH * OW, K = KH * KW * C;
+  if (M <= 0 || N <= 0) return 0;
+  if (K <= 0) {
+    memset(y, 0, (size_t)(M * N) * sizeof(float));
+    return 0;
+  }
+  const sg_conv cv = {H, W, C, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw};
+  sg_job jb = {x, wp, y, M, N, K, 0, 0, &cv};
   return kiln_parallel(sg_task, &jb);
 }
 
@@ -280,7 +429,7 @@ static int bmm_task(int t, kiln_penv* env, void* cdata) {
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t bi = u / split, c = u % split, p0 = P * c / split, p1 = P * (c + 1) / split;
     bmm_pack(jb->b + (jb->b_batch == 1 ? 0 : bi) * jb->K * jb->N, jb->N, jb->K, p0, p1, wp);
-    const sg_job one = {jb->a + bi * jb->M * jb->K, wp, jb->y + bi * jb->M * jb->N, jb->M, jb->N, jb->K, 0, 0};
+    const sg_job one = {jb->a + bi * jb->M * jb->K, wp, jb->y + bi * jb->M * jb->N, jb->M, jb->N, jb->K, 0, 0, 0};
     sg_block(&one, 0, jb->M, p0, p1);
   }
   free(wp);
@@ -313,6 +462,6 @@ int32_t kiln_cpu_sgemm_q8(const float* x, const int8_t* q, const uint16_t* s, fl
     memset(y, 0, (size_t)(M * N) * sizeof(float));
     return 0;
   }
-  sg_job jb = {x, 0, y, M, N, K, q, s};
+  sg_job jb = {x, 0, y, M, N, K, q, s, 0};
   return kiln_parallel(sg_task, &jb);
 }
