@@ -1,4 +1,4 @@
-"""The runtime's two KV caches: several sequences, one sequence per model call for now.
+"""The runtime's two KV caches: several sequences; kiln's quantized one takes several per call for decode steps.
 
 PagedKVCache: TVM's C++ paged cache object (K/V in the activations' dtype).
 QuantKVCache: kiln's quantized cache (--kv-dtype int8|fp8), and the latent
@@ -110,26 +110,45 @@ class QuantKVCache:
             self.free.extend(reversed(self.seqs.pop(seq_id)[1]))
             self.live.discard(seq_id)
 
-    def begin(self, seq_ids: list[int], lengths: list[int]) -> None:
-        if len(seq_ids) != 1:
-            raise RequestError("the quantized KV cache runs one sequence per call for now")
-        sid, n = seq_ids[0], lengths[0]
+    def _grow(self, sid: int, n: int) -> list[int]:
+        """Pages for sid's next n tokens (taken from the free list); its page table."""
         length, pages = self.seqs[sid]
         need = -(-(length + n) // self.page_size)
-        if need > len(pages) + len(self.free):
+        if need - len(pages) > len(self.free):
             raise RequestError(f"KV cache full: sequence {sid} needs {length + n} tokens, the cache holds {self.num_pages * self.page_size}")
         while len(pages) < need:
             pages.append(self.free.pop())
-        self._meta_host[0] = length
-        self._meta_host[1 : 1 + need] = pages
-        view = self._meta._create_view((1 + need,))
-        view.copyfrom(self._meta_host[: 1 + need])
+        return pages
+
+    def begin(self, seq_ids: list[int], lengths: list[int]) -> None:
+        """One sequence (a prompt chunk or a decode step): meta = [position, page table]; several
+        sequences, one token each (decode_batch): meta = [n, positions, table starts (n + 1), tables]."""
+        if len(seq_ids) != 1 and any(n != 1 for n in lengths):
+            raise RequestError("the quantized KV cache takes several sequences only for one token each (decode_batch)")
+        for sid, n in zip(seq_ids, lengths):  # (checked before any page moves: a refused call takes nothing)
+            if sid not in self.seqs:
+                raise RequestError(f"sequence {sid} is not in the KV cache")
+        if sum(max(0, -(-(self.seqs[s][0] + n) // self.page_size) - len(self.seqs[s][1])) for s, n in zip(seq_ids, lengths)) > len(self.free):
+            raise RequestError(f"KV cache full: {len(seq_ids)} sequences need more pages than the {len(self.free)} free")
+        tables = [self._grow(sid, n) for sid, n in zip(seq_ids, lengths)]
+        if len(seq_ids) == 1:
+            length, need = self.seqs[seq_ids[0]][0], len(tables[0])
+            meta = np.concatenate([[length], tables[0]]).astype(np.int32)
+        else:
+            k = len(seq_ids)
+            starts = np.cumsum([0] + [len(t) for t in tables])
+            meta = np.concatenate([[k], [self.seqs[s][0] for s in seq_ids], starts, *tables]).astype(np.int32)
+        if meta.size > self._meta_host.size:  # (several sequences: their tables plus 2 + 2 n entries)
+            self._meta = self.rt.runtime.empty((meta.size,), "int32", self.dev)
+            self._meta_host = np.zeros(meta.size, dtype=np.int32)
+        view = self._meta._create_view((meta.size,))
+        view.copyfrom(meta)
         self._meta_view = view
-        self._cur = (sid, n)
+        self._cur = list(zip(seq_ids, lengths))
 
     def end(self) -> None:
-        sid, n = self._cur
-        self.seqs[sid][0] += n
+        for sid, n in self._cur:
+            self.seqs[sid][0] += n
         self._cur = None
 
     def args(self) -> tuple:

@@ -143,7 +143,7 @@ class Session:
         self._embed, self._prefill, self._decode = self._vm["embed"], self._vm["prefill"], self._vm["decode"]
         # one call for a decode step of several sequences (artifacts with TVM's paged cache: CPU, and
         # CUDA with 16-bit weights); without it (older artifacts, kiln's quantized cache) one call per sequence
-        self._decode_batch = _vm_function(self._vm, "decode_batch") if isinstance(self._kv, PagedKVCache) else None
+        self._decode_batch = _vm_function(self._vm, "decode_batch")
         self._one_token = self._tensor(np.zeros(1, dtype=np.int32))
         # decode_batch's token ids, copied into a view of one device buffer: a fresh tensor per step
         # was freed (cudaFree) right after the launch, which waits for the whole step -- the host
@@ -217,6 +217,11 @@ class Session:
         return self._kv.total_pages if isinstance(self._kv, PagedKVCache) else None
 
     @property
+    def batch_decode(self) -> bool:
+        """Whether one decode call serves several sequences (the artifact has decode_batch)."""
+        return self._decode_batch is not None
+
+    @property
     def sequences(self) -> list[int]:
         """Ids of the open sequences."""
         return sorted(self._lengths)
@@ -254,7 +259,8 @@ class Session:
         lists = [self._check_tokens(t) for t in token_lists]
         for seq, ids in zip(seqs, lists):
             self._check_room(seq, len(ids))
-        if len(seqs) == 1 or self._decode_batch is None or sum(len(ids) for ids in lists) > self.prefill_chunk:
+        ragged = isinstance(self._kv, PagedKVCache) and self._decode_batch is not None  # (kiln's quantized cache: decode rows only)
+        if len(seqs) == 1 or not ragged or sum(len(ids) for ids in lists) > self.prefill_chunk:
             return np.stack([self.prefill(seq, ids) for seq, ids in zip(seqs, lists)])
         return self._forward_prefill(list(seqs), lists, np.cumsum([len(ids) for ids in lists]) - 1)  # each list's last token
 

@@ -150,9 +150,10 @@ def test_two_sequences_interleaved_equal_each_alone(session):
 
 def test_batched_decode_rows_are_bit_identical_to_each_alone(session):
     """decode_step / decode_greedy over three sequences of different lengths (one
-    decode_batch call on TVM's paged cache): every row equals, bit for bit, the
+    decode_batch call, on TVM's paged cache or kiln's int8 one): every row equals, bit for bit, the
     row of that sequence decoded alone (the B = 1 decode function) -- batching
     never changes a request's logits or its greedy tokens."""
+    assert session.batch_decode  # TVM's paged cache and kiln's int8 cache both batch their decode steps
     prompts = [PROMPT_A, PROMPT_B, PROMPT_A[:4]]
     n = 8
     alone = [_alone(session, p, n) for p in prompts]

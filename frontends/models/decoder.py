@@ -134,16 +134,18 @@ class DecoderLM(HFNames, nn.Module):
         logits = self._project(self._body(h, cache))
         return (logits, greedy_pick(logits, self.config.vocab_size), *self._state(kv_cache, cache))
 
-    def decode_batch(self, input_ids, kv_cache):
+    def decode_batch(self, input_ids, kv_cache, kv_pages=None, kv_scales=None):
         """One token for each of B sequences in one call (the server's decode
         step): input_ids [B] -> logits [B, 1, vocab] float32, greedy [B, 2]
-        int32 (argmax, all-finite). Every kernel treats rows independently with
-        the same reduction order as `decode`, so a sequence's logits do not
-        depend on the others in the batch (tests/test_batch_decode.py)."""
+        int32 (argmax, all-finite) (+ kiln's quantized cache tensors). Every kernel
+        treats rows independently with the same reduction order as `decode`, so a
+        sequence's logits do not depend on the others in the batch
+        (tests/test_batch_decode.py)."""
+        cache = self._cache(kv_cache, kv_pages, kv_scales)
         b = input_ids.shape[0]
         h = op.reshape(self.embed(input_ids), [b, 1, self.config.hidden_size])
-        logits = self._project(self._body(h, kv_cache))
-        return logits, greedy_pick_rows(logits)
+        logits = self._project(self._body(h, cache))
+        return (logits, greedy_pick_rows(logits), *(() if self.kv_quant is None else self._state(kv_cache, cache)))
 
     def _rope_args(self) -> dict:
         c = self.config
@@ -200,10 +202,10 @@ class DecoderLM(HFNames, nn.Module):
             },
             "decode": {"input_ids": spec.Tensor([1], "int32"), **kv, "$": packed},
         }
-        if self.kv_quant is not None:
-            return fns  # kiln's quantized cache runs one sequence per call for now
-        if self.batch_decode:
+        if self.batch_decode and (self.kv_quant is None or getattr(self.kv_quant, "batch_rows", False)):
             fns["decode_batch"] = {"input_ids": spec.Tensor(["batch_size"], "int32"), **kv, "$": packed}
+        if self.kv_quant is not None:
+            return fns  # kiln's quantized cache: tensors, no cache object to create
         return {
             **fns,
             "create_paged_kv_cache": {

@@ -50,36 +50,45 @@ class QuantKV:
             "kv_scales": _t.spec.Tensor(shape, "float32"),
         }
 
-    def kernels(self, *, kv_heads: int, q_heads: int, head_dim: int, dtype: str, sm_scale: float):
-        key = (kv_heads, q_heads, head_dim, dtype, sm_scale)
+    @property
+    def batch_rows(self) -> bool:
+        """Kernels for decode_batch (one token of each of several sequences) exist: CPU only so far."""
+        return self.target_kind == "llvm"
+
+    def kernels(self, *, kv_heads: int, q_heads: int, head_dim: int, dtype: str, sm_scale: float, rows: bool = False):
+        key = (kv_heads, q_heads, head_dim, dtype, sm_scale, rows)
         if key not in self._funcs:
             if self.target_kind == "cuda":
                 from .kv_quant_cuda import kv_append_cuda, kv_attention_cuda  # noqa: PLC0415
 
+                if rows:
+                    raise NotImplementedError("decode_batch over kiln's quantized KV cache has no CUDA kernels yet")
                 self._funcs[key] = (kv_append_cuda(kv_heads, head_dim, self.page_size, self.fmt, dtype),
                                     kv_attention_cuda(kv_heads, q_heads, head_dim, self.page_size, self.fmt, dtype, sm_scale))
             else:
                 from .kv_quant_cpu import kv_append_cpu, kv_attention_cpu  # noqa: PLC0415
 
                 lanes = vector_lanes(_t.Target.current())
-                self._funcs[key] = (kv_append_cpu(kv_heads, head_dim, self.page_size, self.fmt, dtype),
-                                    kv_attention_cpu(kv_heads, q_heads, head_dim, self.page_size, self.fmt, dtype, sm_scale, lanes))
+                self._funcs[key] = (kv_append_cpu(kv_heads, head_dim, self.page_size, self.fmt, dtype, rows=rows),
+                                    kv_attention_cpu(kv_heads, q_heads, head_dim, self.page_size, self.fmt, dtype, sm_scale, lanes, rows=rows))
         return self._funcs[key]
 
     def bind(self, meta, pages, scales, **rope) -> "QuantKVAttention":
         return QuantKVAttention(self, meta, pages, scales, **rope)
 
 
-def rope_table(meta, seq_len, head_dim: int, *, rope_theta: float, rope_scale: float, rope_scaling: dict):
+def rope_table(meta, seq_len, head_dim: int, *, rope_theta: float, rope_scale: float, rope_scaling: dict, rows: bool = False):
     """cos and sin of every (position meta[0] + i, feature) of this call:
     [2, s, head_dim] float32, computed once per forward and read by every
-    layer's RoPE (TVM's frequency rules, llama3/yarn scaling included)."""
+    layer's RoPE (TVM's frequency rules, llama3/yarn scaling included).
+    rows (decode_batch): entry i is sequence i's one token, at position meta[1 + i]."""
     te, tir = _t.te, _t.tirx
     freq = _t.rope.switch_rope_freq_func(rope_scaling)
 
     def compute(mt):
         def body(c, i, d):
-            pos = (mt[0] + i.astype("int32")).astype("float32") * tir.const(rope_scale, "float32")
+            at = mt[1 + i.astype("int32")] if rows else mt[0] + i.astype("int32")
+            pos = at.astype("float32") * tir.const(rope_scale, "float32")
             cos, sin, var_map = freq(pos, d, head_dim, rope_theta, "float32")
             expr = tir.Select(c == 0, cos, sin)
             for var, value in var_map.items():
@@ -91,16 +100,18 @@ def rope_table(meta, seq_len, head_dim: int, *, rope_theta: float, rope_scale: f
     return op.tensor_expr_op(compute, "rope_table", [meta])
 
 
-def rope(x, table, name: str):
-    """Rotate-half RoPE of x  # [1, s, heads, head_dim] with rope_table's cos/sin."""
+def rope(x, table, name: str, rows: bool = False):
+    """Rotate-half RoPE of x  # [1, s, heads, head_dim] with rope_table's cos/sin (rows: x  # [n, 1, heads,
+    head_dim], table entry b for row b)."""
     te, tir = _t.te, _t.tirx
 
     def compute(xt, tab):
         half = int(xt.shape[3]) // 2
 
         def body(b, s, h, d):
+            e = b if rows else s
             other = tir.if_then_else(d < half, -xt[b, s, h, d + half], xt[b, s, h, d - half]).astype("float32")
-            return (tab[0, s, d] * xt[b, s, h, d].astype("float32") + tab[1, s, d] * other).astype(xt.dtype)
+            return (tab[0, e, d] * xt[b, s, h, d].astype("float32") + tab[1, e, d] * other).astype(xt.dtype)
 
         return te.compute(xt.shape, body, name=name)
 
@@ -118,16 +129,19 @@ class QuantKVAttention:
         self.table = None  # rope_table of this call, made by the first layer
 
     def attention_with_fused_qkv(self, layer_id: int, qkv, num_qo_heads: int, sm_scale: float):
-        """qkv  # [1, s, q_heads + 2 kv_heads, head_dim] -> attention output  # [1, s, q_heads, head_dim]."""
+        """qkv  # [1, s, q_heads + 2 kv_heads, head_dim] -> attention output  # [1, s, q_heads, head_dim];
+        or decode_batch's [n, 1, ...] (one token of each of n sequences, the ragged meta)."""
         tir = _t.tirx
         b, s, fused, d = qkv.shape
+        rows = not (isinstance(b, int) and b == 1)
         hk = (fused - num_qo_heads) // 2
-        append, attention = self.q.kernels(kv_heads=hk, q_heads=num_qo_heads, head_dim=int(d), dtype=qkv.dtype, sm_scale=sm_scale)
+        append, attention = self.q.kernels(kv_heads=hk, q_heads=num_qo_heads, head_dim=int(d), dtype=qkv.dtype, sm_scale=sm_scale,
+                                           rows=rows)
         q, k, v = op.split(qkv, [num_qo_heads, num_qo_heads + hk], axis=2)
         if self.table is None:
-            self.table = rope_table(self.meta, s, int(d), **self.rope)
-        q = rope(q, self.table, "rope_q")
-        k = rope(k, self.table, "rope_k")
+            self.table = rope_table(self.meta, b if rows else s, int(d), rows=rows, **self.rope)
+        q = rope(q, self.table, "rope_q", rows=rows)
+        k = rope(k, self.table, "rope_k", rows=rows)
         layer = tir.IntImm("int64", layer_id)
         self.pages, self.scales = op.tensor_ir_inplace_op(
             append, "kv_append", [k, v, self.meta, self.pages, self.scales, layer], [3, 4],
