@@ -379,10 +379,12 @@ class Engine:
             self._prefill(feeding)
         if decoding and all(r.gen.greedy and r.logprobs is None for r in decoding):
             self._launch(decoding)
-        elif decoding:  # samplers read the history: accept the picked tokens first
+        elif decoding:  # samplers read the history: accept the picked tokens first (a stop string may end one)
             self._accept(picked)
             picked = []
-            self._decode(decoding)
+            decoding = [r for r in decoding if not r.done]
+            if decoding:
+                self._decode(decoding)
         self._accept(picked)
 
     def _launch(self, reqs: list[Request]) -> None:

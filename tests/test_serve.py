@@ -403,6 +403,44 @@ def test_overlapped_greedy_steps_end_where_generate_ends(artifact, reference):
         engine.stop()
 
 
+def test_a_sampler_joining_overlapped_steps_does_not_decode_a_finished_request(artifact, reference):
+    """Greedy request A decodes in overlapped steps while B's long prompt is fed 4 tokens a step;
+    the step where B starts sampling reads logits at once, accepting A's in-flight token first --
+    which completes A's stop string. A ends on it, and B's step must not include A's closed
+    sequence (it failed both requests before)."""
+    import queue  # noqa: PLC0415
+
+    from kiln.runtime import SamplingParams, load  # noqa: PLC0415
+    from kiln.runtime.engine import Engine  # noqa: PLC0415
+
+    ref, _ = reference
+    a_ids, b_ids = ref.encode_prompt("ab")[:2], ref.encode_prompt("the kiln fires, slowly")[:14]
+    assert len(a_ids) == 2 and len(b_ids) == 14
+    text = ref.generate(a_ids, max_new_tokens=8, sampling=SamplingParams(temperature=0), ignore_eos=True).text
+    # prefill budget 4: A's 2 prompt tokens and 2 of B's in step 1, B done at step 4; step 5 samples B and
+    # accepts A's 4th token (launched at step 4): stop on the text up to that token
+    stop = text[:4]
+    want = ref.generate(a_ids, max_new_tokens=8, sampling=SamplingParams(temperature=0), stop=[stop], ignore_eos=True)
+    assert want.finish_reason == "stop" and len(want.tokens) == 4, (text, want)
+    session = load(artifact, max_sequences=2)
+    engine = Engine(session, prefill_budget=4)
+    qa, qb = queue.Queue(), queue.Queue()
+    engine.submit(a_ids, qa.put, max_new_tokens=8, stop=[stop], ignore_eos=True)
+    engine.submit(b_ids, qb.put, max_new_tokens=6, sampling=SamplingParams(temperature=0.8, seed=1), ignore_eos=True)
+    engine.start()
+    try:
+        ends = []
+        for q in (qa, qb):
+            ev = q.get(timeout=60)
+            while ev.kind == "token":
+                ev = q.get(timeout=60)
+            ends.append(ev)
+        assert [e.kind for e in ends] == ["done", "done"], ends
+        assert ends[0].finish == "stop" and ends[1].finish == "length"
+    finally:
+        engine.stop()
+
+
 def test_a_small_kv_pool_preempts_and_outputs_stay_right(artifact, reference):
     """A pool of 5 pages (16 tokens each) for 4 requests that grow to ~4 pages each:
     the youngest are preempted and recomputed, and every text still equals
