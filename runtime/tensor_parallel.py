@@ -305,6 +305,12 @@ class TensorParallelSession(Session):
     def decode_greedy(self, seqs, tokens) -> list[int]:
         return self._call("decode_greedy", seqs, tokens)
 
+    def decode_greedy_async(self, seqs, tokens):
+        """decode_greedy now (the workers' call returns once every shard has stepped); the server's
+        engine reads the returned function later, as from a single-GPU Session."""
+        out = self.decode_greedy(seqs, tokens)
+        return lambda: out
+
     def advance(self, seq: int, n: int) -> None:
         return self._call("advance", seq, n)
 
