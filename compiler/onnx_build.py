@@ -40,6 +40,7 @@ from ..passes.pack_graph_weights import PackGraphWeights
 from ..passes.q8_prompts_on_float_gemm import Q8PromptsOnFloatGemm
 from ..passes.quant import WEIGHT_FORMATS
 from ..passes.quantize_graph_weights import QuantizeGraphWeights
+from ..passes.fuse_gemm_epilogues import FuseGemmEpilogues
 from ..passes.read_conv_patches_in_place import ReadConvPatchesInPlace
 from ..passes.wrap_gather_indices import WrapGatherIndices
 from ..runtime.manifest import FORMAT_VERSION, GRAPH_KIND, MAGIC, RUNTIME_ABI
@@ -193,7 +194,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
         before = {e["name"]: e for e in params}
         mod, graph_params, packed = PackGraphWeights(len(graph.inputs))(mod, graph_params)
         params = [e if "layout" in e else before[e["name"]] for e in packed]
-        mod = ReadConvPatchesInPlace()(mod)  # convolutions on the packed GEMM: no im2col copy
+        mod = FuseGemmEpilogues()(ReadConvPatchesInPlace()(mod))  # convolutions: no im2col copy; bias / residual / ReLU in the store
         mod = SoftmaxOnKernel()(ActivationMatmulsOnGemm()(mod))  # the rest: products of two activations (attention); softmax rows
     inits = {p.name: p for p in graph_params}
     warnings = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 from ..tvm_compat import compiler
 from .conv_as_gemm import PATCHES_ATTR
 from .kernels.sgemm_cpu import PACKED_GEMM_ATTR, sconv_packed
-from .relax_mutation import bindings
+from .relax_mutation import bindings, drop_unreferenced
 
 MIN_CHANNELS = 16  # a tap's channels: the k-run the micro-kernel reads from one pointer
 
@@ -50,7 +50,7 @@ def _mutator_class():
 
         def visit_call_(self, call):
             gemm = self._callee(call)
-            if gemm is None or not _attr(gemm, PACKED_GEMM_ATTR):
+            if gemm is None or _attr(gemm, PACKED_GEMM_ATTR) is None or int(_attr(gemm, PACKED_GEMM_ATTR)[2]) != 0:
                 return super().visit_call_(call)
             col, panels = call.args[1].fields
             view = self.bound.get(col)
@@ -85,7 +85,7 @@ class ReadConvPatchesInPlace:
                 rw.bound = bindings(func)
                 new = rw.visit_expr(func)
                 rw.builder_.update_func(gv, relax.analysis.remove_all_unused(new))  # the im2col calls left unread
-        return rw.builder_.get()
+        return drop_unreferenced(drop_unreferenced(rw.builder_.get(), PATCHES_ATTR), PACKED_GEMM_ATTR)
 
 
 __all__ = ["ReadConvPatchesInPlace"]

@@ -60,3 +60,26 @@ def through_views(var, bound: dict, stop) -> list:
     while path[-1] not in stop and isinstance(bound.get(path[-1]), relax.Call) and str(getattr(bound[path[-1]].op, "name", "")) in VIEW_OPS:
         path.append(bound[path[-1]].args[0])
     return path
+
+
+def drop_unreferenced(mod, attr: str):
+    """`mod` without the PrimFuncs that carry `attr` and that no Relax function calls any more (the
+    kernels a rewrite replaced: they would still be compiled into the library)."""
+    t = compiler()
+    relax = t.relax
+    called: set = set()
+
+    @relax.expr_functor.visitor
+    class _Refs(relax.PyExprVisitor):
+        def visit_global_var_(self, gv):
+            called.add(gv.name_hint)
+
+    for f in mod.functions.values():
+        if isinstance(f, relax.Function):
+            _Refs().visit_expr(f)
+    dead = [gv for gv, f in mod.functions.items()
+            if isinstance(f, t.tirx.PrimFunc) and f.attrs is not None and attr in f.attrs and gv.name_hint not in called]
+    if not dead:
+        return mod
+    out = t.tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in dead}, attrs=mod.attrs)
+    return out

@@ -18,7 +18,7 @@ import pytest
 from helpers.onnx_models import export_bert, export_cnn, ort_run, rel
 from kiln.compiler.cpu_codegen import kernel_objects
 from kiln.compiler.target import parse_target
-from kiln.passes.kernels.sgemm_cpu import PACKED_PANELS, sconv_packed, sgemm_batched, sgemm_packed, sgemm_q8, softmax_rows
+from kiln.passes.kernels.sgemm_cpu import EP_BIAS, EP_RELU, EP_RES, PACKED_PANELS, sconv_packed, sgemm_batched, sgemm_packed, sgemm_q8, softmax_rows
 from kiln.passes.quant import WEIGHT_FORMATS
 from kiln.runtime.hostinfo import host_cpu_flags, host_machine
 from kiln.tvm_compat import compiler
@@ -91,19 +91,34 @@ CONV_CASES = [(1, 9, 7, 16, 20, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)), (2, 8, 11, 
               (1, 40, 40, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)), (1, 4, 6, 520, 70, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1))]
 
 
+def epilogue_f64(y, ep, rng):
+    """(the epilogue's extra arguments as float32, float64 twin of relu?(y + bias (+ res))) for EP_* bits `ep`."""
+    if not ep:
+        return [], y
+    bias = rng.standard_normal(y.shape[-1]).astype(np.float32)
+    res = rng.standard_normal(y.shape).astype(np.float32) if ep & EP_RES else None
+    out = y + bias + (res.astype(np.float64) if res is not None else 0)
+    return [bias] + ([res] if res is not None else []), np.maximum(out, 0) if ep & EP_RELU else out
+
+
+EPILOGUES = [0, EP_BIAS | EP_RES | EP_RELU, EP_BIAS | EP_RELU, EP_BIAS]
+
+
+@pytest.mark.parametrize("ep", EPILOGUES[:2])
 @pytest.mark.parametrize("B,H,W,C,O,KH,KW,stride,pads,dil", CONV_CASES)
-def test_sconv_matches_numpy(level, B, H, W, C, O, KH, KW, stride, pads, dil):
+def test_sconv_matches_numpy(level, B, H, W, C, O, KH, KW, stride, pads, dil, ep):
     """The convolution read in place (kiln_cpu_sconv_packed): the patches never written, a pointer per
-    (tap, row) into x or into zeros outside it."""
+    (tap, row) into x or into zeros outside it; with and without the epilogue (bias, residual, ReLU)."""
     tg, runnable, tmp, objs = level
     rng = np.random.default_rng(B * 7 + H * 1009 + C * 31 + O)
     x = rng.standard_normal((B, H, W, C)).astype(np.float32)
     w = rng.standard_normal((O, C, KH, KW)).astype(np.float32)
     ref = conv_nhwc_f64(x, w, stride, pads, dil)
     oh, ow = ref.shape[1:3]
+    extra, ref = epilogue_f64(ref, ep, rng)
     geom = dict(H=H, W=W, C=C, OH=oh, OW=ow, KH=KH, KW=KW, sh=stride[0], sw=stride[1], ph=pads[0], pw=pads[1], dh=dil[0], dw=dil[1])
-    lib = tvm.compile(tvm.IRModule({"main": sconv_packed(geom, O).with_attr("global_symbol", "main")}), target=tg.tvm_target())
-    so = tmp / f"sconv_{B}_{H}_{W}_{C}_{O}_{KH}{KW}_{stride}_{pads}_{dil}.so".replace(" ", "")
+    lib = tvm.compile(tvm.IRModule({"main": sconv_packed(geom, O, ep).with_attr("global_symbol", "main")}), target=tg.tvm_target())
+    so = tmp / f"sconv_{B}_{H}_{W}_{C}_{O}_{KH}{KW}_{stride}_{pads}_{dil}_{ep}.so".replace(" ", "")
     lib.export_library(str(so), addons=list(objs))
     if not runnable:
         pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
@@ -111,7 +126,28 @@ def test_sconv_matches_numpy(level, B, H, W, C, O, KH, KW, stride, pads, dil):
     dev = tvm.cpu()
     y = tvm.runtime.tensor(np.full((B, oh, ow, O), np.nan, np.float32), dev)
     wp = PACKED_PANELS.quantize(w.transpose(0, 2, 3, 1).reshape(O, -1))["p"]  # OHWI: k in (kh, kw, c) order
-    f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(wp, dev), y)
+    f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(wp, dev), *(tvm.runtime.tensor(e, dev) for e in extra), y)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("ep", EPILOGUES[1:])
+@pytest.mark.parametrize("M,N,K", [(5, 13, 7), (7, 17, 257), (37, 50, 600), (400, 20, 40)])
+def test_sgemm_epilogue_matches_numpy(level, M, N, K, ep):
+    """kiln_cpu_sgemm_packed_ep: bias (+ residual) (+ ReLU) applied after the last K slice of each tile."""
+    tg, runnable, tmp, objs = level
+    rng = np.random.default_rng(M * 31 + N * 7 + K + ep)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    extra, ref = epilogue_f64(x.astype(np.float64) @ w.astype(np.float64).T, ep, rng)
+    lib = tvm.compile(tvm.IRModule({"main": sgemm_packed(K, N, ep).with_attr("global_symbol", "main")}), target=tg.tvm_target())
+    so = tmp / f"sgemm_ep{ep}_{M}_{N}_{K}.so"
+    lib.export_library(str(so), addons=list(objs))
+    if not runnable:
+        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
+    f = tvm.runtime.load_module(str(so))["main"]
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.full((M, N), np.nan, np.float32), dev)
+    f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(PACKED_PANELS.quantize(w)["p"], dev), *(tvm.runtime.tensor(e, dev) for e in extra), y)
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
 
 
@@ -235,27 +271,39 @@ def test_packed_graph_matches_the_float_graph(tmp_path, make):
 
 
 def test_convolutions_read_their_patches_in_place(tmp_path):
-    """ReadConvPatchesInPlace end to end: with the input shape pinned, the convolutions of >= 16 input channels
-    (3x3 padded, strided, 1x1 strided, dilated and uneven) call kiln_sconv instead of im2col + GEMM; the stem (C 3)
-    keeps its im2col; both pinned shapes match onnxruntime."""
+    """ReadConvPatchesInPlace and FuseGemmEpilogues end to end: with the input shape pinned, the convolutions of
+    >= 16 input channels (3x3 padded, strided, 1x1 strided, dilated and uneven, a residual block) call kiln_sconv
+    instead of im2col + GEMM, with bias / residual / ReLU in their store; the stem (C 3) keeps its im2col; both
+    pinned shapes match onnxruntime."""
     import torch  # noqa: PLC0415
 
     from kiln.compiler.onnx_build import compile_onnx  # noqa: PLC0415
     from kiln.runtime import load  # noqa: PLC0415
 
+    class Residual(torch.nn.Module):  # relu(conv(x) + down(x)): both branches end in one add (the epilogue takes it once)
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.body, self.down = torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.Conv2d(cin, cout, 1)
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.down(x))
+
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 24, 3, stride=2, padding=1),
                               torch.nn.ReLU(), torch.nn.Conv2d(24, 40, 1, stride=2), torch.nn.Conv2d(40, 20, (3, 5), padding=(2, 4), dilation=2),
-                              torch.nn.ReLU(), torch.nn.Conv2d(20, 17, 3, padding=1)).eval()
+                              torch.nn.ReLU(), Residual(20, 17), torch.nn.Conv2d(17, 19, 3, padding=1, bias=False)).eval()
     path = tmp_path / "convs.onnx"
     torch.onnx.export(net, (torch.randn(1, 3, 23, 19),), str(path), dynamo=False, input_names=["image"], output_names=["y"],
                       dynamic_axes={"image": {0: "batch"}}, opset_version=17)
     rng = np.random.default_rng(5)
     for shape in ((1, 3, 23, 19), (2, 3, 23, 19)):
-        art = tmp_path / f"{shape[0]}.kiln"
+        art = tmp_path / f"{shape[0]}.kiln"  # the stem and the convolution without bias stay unfused
         compile_onnx(path, art, input_shapes=[f"image={','.join(map(str, shape))}"])
         lib = (art / "lib" / "cpu.so").read_bytes().decode("latin-1")
-        assert len(set(re.findall(r"__tvm_ffi_kiln_sconv_\w+", lib))) == 4 and "__tvm_ffi_kiln_im2col" in lib
+        kernels = set(re.findall(r"__tvm_ffi_kiln_s(?:conv|gemm)_\w+", lib))
+        assert len({k for k in kernels if "sconv" in k}) == 5 and "__tvm_ffi_kiln_im2col" in lib, kernels  # the 1x1 stride-1: a GEMM
+        # epilogues: bias + ReLU, bias only, bias + residual + ReLU; the last convolution (no bias) has none
+        assert {k.rsplit("_", 1)[1] for k in kernels if "_ep" in k} == {"ep5", "ep1", "ep7"}, kernels
         feeds = {"image": rng.standard_normal(shape).astype(np.float32)}
         want, got = ort_run(path, feeds), load(art).run(feeds)
         assert rel(got["y"], want["y"]) < 1e-5, rel(got["y"], want["y"])

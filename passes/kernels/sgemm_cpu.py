@@ -21,7 +21,8 @@ _t = compiler()
 T = _t.T
 
 PANEL = 16  # weight rows per panel: sgemm.c's SG_NR
-PACKED_GEMM_ATTR = "kiln.packed_gemm"  # marks sgemm_packed's PrimFunc: x [M, K], panels -> y [M, N]
+PACKED_GEMM_ATTR = "kiln.packed_gemm"  # sgemm_packed's PrimFunc: [K, N, ep]
+PACKED_CONV_ATTR = "kiln.packed_conv"  # sconv_packed's: its geometry, N and ep
 
 
 class PackedPanels:
@@ -54,42 +55,106 @@ class PackedPanels:
 PACKED_PANELS = PackedPanels()
 
 
-def sgemm_packed(K: int, N: int):
-    """The call_tir callee for one packed [N, K] matrix: x [M, K] -> y [M, N]."""
+EP_BIAS, EP_RES, EP_RELU = 1, 2, 4  # the epilogue's bits (sgemm.c: bias [N], res [M, N], ReLU after the last K slice)
+
+
+def sgemm_packed(K: int, N: int, ep: int = 0):
+    """The call_tir callee for one packed [N, K] matrix: x [M, K] -> y [M, N]. With an epilogue `ep`
+    (EP_* bits, always with EP_BIAS: passes/fuse_gemm_epilogues.py) y = relu?(x W^T + bias [N] (+ res [M, N]))
+    and the arguments are (x, w, bias, res if EP_RES, y)."""
     P = (N + PANEL - 1) // PANEL
+    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, PACKED_GEMM_ATTR: [K, N, ep]}  # 8: opaque, never fused
+    if ep == 0:
+        @T.prim_func
+        def kiln_sgemm(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), var_y: T.handle):
+            T.func_attr(attrs)
+            M = T.int64()
+            x = T.match_buffer(var_x, (M, K), "float32")
+            y = T.match_buffer(var_y, (M, N), "float32")
+            rc = T.call_extern("int32", "kiln_cpu_sgemm_packed", x.data, w.data, y.data, M, T.int64(N), T.int64(K))
+            assert rc == 0, "kiln_cpu_sgemm_packed failed"
+
+        return kiln_sgemm
+    assert ep & EP_BIAS, "an epilogue without a bias is not built"
+    if not ep & EP_RES:
+        @T.prim_func
+        def kiln_sgemm_ep(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), bias: T.Buffer((N,), "float32"), var_y: T.handle):
+            T.func_attr(attrs)
+            M = T.int64()
+            x = T.match_buffer(var_x, (M, K), "float32")
+            y = T.match_buffer(var_y, (M, N), "float32")
+            rc = T.call_extern("int32", "kiln_cpu_sgemm_packed_ep", x.data, w.data, y.data, M, T.int64(N), T.int64(K), bias.data, bias.data,
+                               T.int64(ep))
+            assert rc == 0, "kiln_cpu_sgemm_packed_ep failed"
+
+        return kiln_sgemm_ep
 
     @T.prim_func
-    def kiln_sgemm(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, PACKED_GEMM_ATTR: True})  # 8: opaque, never fused
+    def kiln_sgemm_ep_res(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), bias: T.Buffer((N,), "float32"), var_r: T.handle,
+                          var_y: T.handle):
+        T.func_attr(attrs)
         M = T.int64()
         x = T.match_buffer(var_x, (M, K), "float32")
+        r = T.match_buffer(var_r, (M, N), "float32")
         y = T.match_buffer(var_y, (M, N), "float32")
-        rc = T.call_extern("int32", "kiln_cpu_sgemm_packed", x.data, w.data, y.data, M, T.int64(N), T.int64(K))
-        assert rc == 0, "kiln_cpu_sgemm_packed failed"
+        rc = T.call_extern("int32", "kiln_cpu_sgemm_packed_ep", x.data, w.data, y.data, M, T.int64(N), T.int64(K), bias.data, r.data,
+                           T.int64(ep))
+        assert rc == 0, "kiln_cpu_sgemm_packed_ep failed"
 
-    return kiln_sgemm
+    return kiln_sgemm_ep_res
 
 
-def sconv_packed(geom: dict, N: int):
+def sconv_packed(geom: dict, N: int, ep: int = 0):
     """The call_tir callee of a one-group 2-D convolution on its packed weight (passes/read_conv_patches_in_place.py):
     x [B, H, W, C] (NHWC, B symbolic) -> y [B, OH, OW, N]; `geom` holds H, W, C, OH, OW, KH, KW and the
-    strides sh, sw, leading pads ph, pw and dilations dh, dw. The weight's K runs in (kh, kw, c) order."""
+    strides sh, sw, leading pads ph, pw and dilations dh, dw. The weight's K runs in (kh, kw, c) order.
+    With an epilogue `ep` (as sgemm_packed's) the arguments are (x, w, bias [N], res [B, OH, OW, N] if EP_RES, y)."""
     g = {k: int(v) for k, v in geom.items()}
     H, W, C, OH, OW, KH, KW = (g[k] for k in ("H", "W", "C", "OH", "OW", "KH", "KW"))
     P, K = (N + PANEL - 1) // PANEL, KH * KW * C
     i64 = T.int64
+    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, PACKED_CONV_ATTR: {**g, "N": N, "ep": ep}}
+
+    def call(x, w, y, B, bias, res):
+        return T.call_extern("int32", "kiln_cpu_sconv_packed", x, w, y, B, i64(H), i64(W), i64(C), i64(OH), i64(OW), i64(KH), i64(KW),
+                             i64(g["sh"]), i64(g["sw"]), i64(g["ph"]), i64(g["pw"]), i64(g["dh"]), i64(g["dw"]), i64(N), bias, res, i64(ep))
+
+    if ep == 0:
+        @T.prim_func
+        def kiln_sconv(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), var_y: T.handle):
+            T.func_attr(attrs)
+            B = T.int64()
+            x = T.match_buffer(var_x, (B, H, W, C), "float32")
+            y = T.match_buffer(var_y, (B, OH, OW, N), "float32")
+            rc = call(x.data, w.data, y.data, B, y.data, y.data)
+            assert rc == 0, "kiln_cpu_sconv_packed: out of memory for the row pointers"
+
+        return kiln_sconv
+    assert ep & EP_BIAS, "an epilogue without a bias is not built"
+    if not ep & EP_RES:
+        @T.prim_func
+        def kiln_sconv_ep(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), bias: T.Buffer((N,), "float32"), var_y: T.handle):
+            T.func_attr(attrs)
+            B = T.int64()
+            x = T.match_buffer(var_x, (B, H, W, C), "float32")
+            y = T.match_buffer(var_y, (B, OH, OW, N), "float32")
+            rc = call(x.data, w.data, y.data, B, bias.data, bias.data)
+            assert rc == 0, "kiln_cpu_sconv_packed: out of memory for the row pointers"
+
+        return kiln_sconv_ep
 
     @T.prim_func
-    def kiln_sconv(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})  # 8: opaque, never fused
+    def kiln_sconv_ep_res(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), bias: T.Buffer((N,), "float32"), var_r: T.handle,
+                          var_y: T.handle):
+        T.func_attr(attrs)
         B = T.int64()
         x = T.match_buffer(var_x, (B, H, W, C), "float32")
+        r = T.match_buffer(var_r, (B, OH, OW, N), "float32")
         y = T.match_buffer(var_y, (B, OH, OW, N), "float32")
-        rc = T.call_extern("int32", "kiln_cpu_sconv_packed", x.data, w.data, y.data, B, i64(H), i64(W), i64(C), i64(OH), i64(OW),
-                           i64(KH), i64(KW), i64(g["sh"]), i64(g["sw"]), i64(g["ph"]), i64(g["pw"]), i64(g["dh"]), i64(g["dw"]), i64(N))
+        rc = call(x.data, w.data, y.data, B, bias.data, r.data)
         assert rc == 0, "kiln_cpu_sconv_packed: out of memory for the row pointers"
 
-    return kiln_sconv
+    return kiln_sconv_ep_res
 
 
 def sgemm_batched():
