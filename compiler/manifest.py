@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import __version__
 from ..runtime.dtypes import itemsize
 from ..passes.kernels.mla import latent_format, latent_width
-from ..runtime.manifest import FORMAT_VERSION, MAGIC, RUNTIME_ABI
+from ..runtime.manifest import FORMAT_VERSION, MAGIC, MAX_SEQUENCES, PREFILL_CHUNK, RUNTIME_ABI
 from ..tvm_compat import compiler
 
 
@@ -65,6 +65,10 @@ def make_manifest(m, *, page_size: int, no_weights: bool, built, quality: dict |
             "num_kv_heads": 1 if m.family.latent_cache else kv_heads,
             "head_dim": latent_width(config) if m.family.latent_cache else config.head_dim,
         },
+        # what a server may run of it (each target says whether it has decode_batch): sequences at once, prompt tokens
+        # per prefill call by default (load's prefill_chunk; a windowed model's calls hold at most window - 1)
+        "serving": {"max_sequences": MAX_SEQUENCES, "tokens_per_step": {d: PREFILL_CHUNK[d] for d in sorted({t.device for t in m.targets})},
+                    **({"max_tokens_per_step": config.sliding_window - 1} if m.windowed else {})},
         "tokenizer": built.tokenizer,
         "eos_token_ids": list(config.eos_token_ids),
         "bos_token_id": config.bos_token_id,

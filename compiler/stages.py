@@ -91,7 +91,8 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
         with progress.waiting(f"codegen ({tg.kind} {tg.label})"):
             build_library(lowered, writer.path(rel), tg, cuda_graphs=cuda.graphs)
         writer.record(rel)
-        built.libraries.append({**tg.manifest(), "library": rel, "compute_dtype": m.precision(tg).compute,
+        batch = any(gv.name_hint == "decode_batch" for gv in mod.get_global_vars())  # one call decodes several sequences
+        built.libraries.append({**tg.manifest(), "library": rel, "compute_dtype": m.precision(tg).compute, "decode_batch": batch,
                                 **({"int_dot": cpu_intdot} if tg.kind == "llvm" else {})})
 
     if m.ck.tokenizer is not None:

@@ -105,6 +105,13 @@ class Artifact:
             lines.append(f"  parallel tensor, {n} shards (one worker and GPU each): heads {c['num_attention_heads'] // n}/"
                          f"{max(c['num_key_value_heads'] // n, 1)}, FFN {c['intermediate_size'] // n}, vocab rows {-(-c['vocab_size'] // n)} "
                          f"per shard; collectives {tp['ccl_library']}; the KV cache below is per shard")
+        sv = m.get("serving")
+        if isinstance(sv, dict):  # (artifacts from 2026-12-02 on)
+            batch = [t["device"] for t in m["targets"] if t.get("decode_batch")]
+            steps = ", ".join(f"{n} on {d}" for d, n in sv.get("tokens_per_step", {}).items())
+            lines.append(f"  serving  {'decode_batch on ' + ', '.join(dict.fromkeys(batch)) if batch else 'one decode call per sequence'}; "
+                         f"up to {sv.get('max_sequences')} sequences; prompt tokens per step {steps} by default"
+                         + (f" (at most {sv['max_tokens_per_step']})" if sv.get("max_tokens_per_step") else ""))
         kv = m["kv_cache"]
         full = kv["bytes_per_token"] * kv["max_seq_len"]
         lines.append(f"  kv cache {kv['kind']} {kv['dtype']}, page {kv['page_size']}, {kv['bytes_per_token'] / 1024:.1f} KiB/token "

@@ -24,6 +24,11 @@ RUNTIME_ABI = 1  # bump when the runtime <-> library calling convention changes
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 
+# Serving limits of this runtime, recorded in the manifests it writes (`serving`): sequences one session
+# runs at once, and the prompt tokens a prefill call takes by default per device (load(prefill_chunk=...)).
+MAX_SEQUENCES = 4096
+PREFILL_CHUNK = {"cpu": 1024, "cuda": 2048}
+
 REQUIRED_FIELDS = ("magic", "format_version", "kiln_version", "tvm_version", "runtime_abi", "model", "dtype",
                    "targets", "params", "files", "kv_cache", "manifest_sha256")
 # "kind": absent for language models; "graph" for a general graph (ONNX, issue 18:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import ArtifactError, RequestError
 from ..tvm_compat import runtime
+from . import manifest as mf
 from .artifact import Artifact, open_artifact, read_weights
 from .dtypes import numpy_dtype
 from .kv_cache import PagedKVCache, QuantKVCache
@@ -25,7 +26,7 @@ from .request import Generation, check_tokens
 from .sampler import NonFiniteLogitsError, SamplingParams
 from .tokenizer import Tokenizer
 
-MAX_SEQUENCES_LIMIT = 4096
+MAX_SEQUENCES_LIMIT = mf.MAX_SEQUENCES
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Session:
         # chunk) takes 2048. Not capped by max_seq_len: the server's prompt chunks of many sequences
         # share a call (a 512-token context had cut a wave of 128 prompts into 512-token calls)
         if prefill_chunk is None:
-            prefill_chunk = 2048 if device == "cuda" else 1024
+            prefill_chunk = mf.PREFILL_CHUNK["cuda" if device == "cuda" else "cpu"]
         self.prefill_chunk = max(1, min(prefill_chunk, int(kv.get("max_prefill_chunk", prefill_chunk))))
         self.window = kv.get("window")  # sliding-window layers' window (their prefill calls hold < window tokens), or None
         tgt = artifact.target_for(device, cpu_target)

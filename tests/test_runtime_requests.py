@@ -346,6 +346,7 @@ def test_cli_inspect(art):
     proc = cli("inspect", art)
     assert proc.returncode == 0, proc.stderr
     assert "hashes   verified" in proc.stdout and "LlamaForCausalLM" in proc.stdout
+    assert "serving  decode_batch on cpu; up to 4096 sequences; prompt tokens per step 1024 on cpu by default" in proc.stdout
     proc = cli("inspect", art, "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["magic"] == "kiln-artifact"
 
