@@ -11,7 +11,8 @@ The micro-kernel's six row pointers walk x itself, one per (output pixel, tap), 
 where the tap falls in the padding (XNNPACK's indirection); the packed weight and its K order
 (kh, kw, c) stay as they are. Taken: im2col calls whose PrimFunc carries conv_as_gemm.PATCHES_ATTR
 (static H, W, C) with C >= 16 -- below that a tap's run of channels is too short for the
-micro-kernel's k loop (the stem's C = 3 keeps its im2col). Why: ResNet-50's im2col copies wrote
+micro-kernel's k loop, so there x is padded and a row of KW pixels becomes one tap of KW C floats
+(ResNet's stem: C 3, 7 x 7, taps of 21; where KW C < 16 or the width is dilated, im2col stays). Why: ResNet-50's im2col copies wrote
 ~4.5 ms of patches per run, read back once by the GEMM (benchmarks/NOTES.md, Session 21).
 """
 
@@ -57,11 +58,21 @@ def _mutator_class():
             patches = view.args[0] if isinstance(view, relax.Call) and view.op.same_as(reshape) else None
             im2col = self.bound.get(patches)
             geom = _attr(self._callee(im2col), PATCHES_ATTR) if self._callee(im2col) is not None else None
-            if geom is None or int(geom["C"]) < MIN_CHANNELS:
+            if geom is None:
+                return super().visit_call_(call)
+            g = {k: int(v) for k, v in geom.items()}
+            fold = g["C"] < MIN_CHANNELS and g["KW"] * g["C"] >= MIN_CHANNELS and g["dw"] == 1
+            if g["C"] < MIN_CHANNELS and not fold:
                 return super().visit_call_(call)
             x = self.visit_expr(im2col.args[1].fields[0])
             m, n = call.ty.shape.values
-            g = {k: int(v) for k, v in geom.items()}
+            if fold:  # x padded, then a row of KW pixels is one tap of KW C contiguous floats
+                pb = max(0, (g["OH"] - 1) * g["sh"] + (g["KH"] - 1) * g["dh"] + 1 - g["H"] - g["ph"])
+                pr = max(0, (g["OW"] - 1) * g["sw"] + g["KW"] - g["W"] - g["pw"])
+                if g["ph"] or g["pw"] or pb or pr:
+                    x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, g["ph"], pb, g["pw"], pr, 0, 0]))
+                g = {**g, "H": g["H"] + g["ph"] + pb, "W": g["W"] + g["pw"] + pr, "XC": g["C"], "C": g["KW"] * g["C"], "KW": 1,
+                     "ph": 0, "pw": 0}
             key = (tuple(sorted(g.items())), int(n))
             if key not in self.kernels:
                 name = f"kiln_sconv_{int(n)}x{g['KH']}x{g['KW']}x{g['C']}_{g['H']}x{g['W']}_s{g['sh']}"

@@ -130,6 +130,30 @@ def test_sconv_matches_numpy(level, B, H, W, C, O, KH, KW, stride, pads, dil, ep
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("B,H,W,C,O,KH,KW,stride", [(1, 21, 19, 3, 20, 7, 7, (2, 2)), (2, 9, 12, 5, 16, 3, 4, (1, 3))])
+def test_sconv_folded_taps_match_numpy(level, B, H, W, C, O, KH, KW, stride):
+    """A convolution of few channels on its padded input with each row of KW pixels one tap of KW C floats
+    (geometry XC = C, C' = KW C, KW' = 1: what ReadConvPatchesInPlace makes of ResNet's stem)."""
+    tg, runnable, tmp, objs = level
+    rng = np.random.default_rng(H * 7 + C)
+    x = rng.standard_normal((B, H, W, C)).astype(np.float32)
+    w = rng.standard_normal((O, C, KH, KW)).astype(np.float32)
+    ref = conv_nhwc_f64(x, w, stride, (0, 0, 0, 0), (1, 1))
+    oh, ow = ref.shape[1:3]
+    geom = dict(H=H, W=W, C=KW * C, XC=C, OH=oh, OW=ow, KH=KH, KW=1, sh=stride[0], sw=stride[1], ph=0, pw=0, dh=1, dw=1)
+    lib = tvm.compile(tvm.IRModule({"main": sconv_packed(geom, O).with_attr("global_symbol", "main")}), target=tg.tvm_target())
+    so = tmp / f"sconv_folded_{B}_{H}_{C}.so"
+    lib.export_library(str(so), addons=list(objs))
+    if not runnable:
+        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
+    f = tvm.runtime.load_module(str(so))["main"]
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.full((B, oh, ow, O), np.nan, np.float32), dev)
+    wp = PACKED_PANELS.quantize(w.transpose(0, 2, 3, 1).reshape(O, -1))["p"]
+    f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(wp, dev), y)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=RTOL * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("ep", EPILOGUES[1:])
 @pytest.mark.parametrize("M,N,K", [(5, 13, 7), (7, 17, 257), (37, 50, 600), (400, 20, 40)])
 def test_sgemm_epilogue_matches_numpy(level, M, N, K, ep):
@@ -273,8 +297,8 @@ def test_packed_graph_matches_the_float_graph(tmp_path, make):
 def test_convolutions_read_their_patches_in_place(tmp_path):
     """ReadConvPatchesInPlace and FuseGemmEpilogues end to end: with the input shape pinned, the convolutions of
     >= 16 input channels (3x3 padded, strided, 1x1 strided, dilated and uneven, a residual block) call kiln_sconv
-    instead of im2col + GEMM, with bias / residual / ReLU in their store; the stem (C 3) keeps its im2col; both
-    pinned shapes match onnxruntime."""
+    instead of im2col + GEMM, with bias / residual / ReLU in their store; the stem (C 3, 5 x 7, strided) reads the
+    padded input with each row of 7 pixels one tap; both pinned shapes match onnxruntime."""
     import torch  # noqa: PLC0415
 
     from kiln.compiler.onnx_build import compile_onnx  # noqa: PLC0415
@@ -289,19 +313,20 @@ def test_convolutions_read_their_patches_in_place(tmp_path):
             return torch.relu(self.body(x) + self.down(x))
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 24, 3, stride=2, padding=1),
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, (5, 7), stride=2, padding=(2, 3)), torch.nn.ReLU(), torch.nn.Conv2d(16, 24, 3, stride=2, padding=1),
                               torch.nn.ReLU(), torch.nn.Conv2d(24, 40, 1, stride=2), torch.nn.Conv2d(40, 20, (3, 5), padding=(2, 4), dilation=2),
                               torch.nn.ReLU(), Residual(20, 17), torch.nn.Conv2d(17, 19, 3, padding=1, bias=False)).eval()
     path = tmp_path / "convs.onnx"
-    torch.onnx.export(net, (torch.randn(1, 3, 23, 19),), str(path), dynamo=False, input_names=["image"], output_names=["y"],
+    torch.onnx.export(net, (torch.randn(1, 3, 45, 38),), str(path), dynamo=False, input_names=["image"], output_names=["y"],
                       dynamic_axes={"image": {0: "batch"}}, opset_version=17)
     rng = np.random.default_rng(5)
-    for shape in ((1, 3, 23, 19), (2, 3, 23, 19)):
-        art = tmp_path / f"{shape[0]}.kiln"  # the stem and the convolution without bias stay unfused
+    for shape in ((1, 3, 45, 38), (2, 3, 45, 38)):
+        art = tmp_path / f"{shape[0]}.kiln"
         compile_onnx(path, art, input_shapes=[f"image={','.join(map(str, shape))}"])
         lib = (art / "lib" / "cpu.so").read_bytes().decode("latin-1")
         kernels = set(re.findall(r"__tvm_ffi_kiln_s(?:conv|gemm)_\w+", lib))
-        assert len({k for k in kernels if "sconv" in k}) == 5 and "__tvm_ffi_kiln_im2col" in lib, kernels  # the 1x1 stride-1: a GEMM
+        # the 1x1 stride-1: a GEMM; the stem (C 3) folded: taps of 7 pixels x 3 channels in the padded input
+        assert len({k for k in kernels if "sconv" in k}) == 6 and "__tvm_ffi_kiln_im2col" not in lib, kernels
         # epilogues: bias + ReLU, bias only, bias + residual + ReLU; the last convolution (no bias) has none
         assert {k.rsplit("_", 1)[1] for k in kernels if "_ep" in k} == {"ep5", "ep1", "ep7"}, kernels
         feeds = {"image": rng.standard_normal(shape).astype(np.float32)}

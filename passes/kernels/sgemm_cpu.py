@@ -107,24 +107,27 @@ def sgemm_packed(K: int, N: int, ep: int = 0):
 def sconv_packed(geom: dict, N: int, ep: int = 0):
     """The call_tir callee of a one-group 2-D convolution on its packed weight (passes/read_conv_patches_in_place.py):
     x [B, H, W, C] (NHWC, B symbolic) -> y [B, OH, OW, N]; `geom` holds H, W, C, OH, OW, KH, KW and the
-    strides sh, sw, leading pads ph, pw and dilations dh, dw. The weight's K runs in (kh, kw, c) order.
+    strides sh, sw, leading pads ph, pw and dilations dh, dw (and XC, x's channels, where KW is folded
+    into C: x [B, H, W, XC], C = KW XC, KW 1). The weight's K runs in (kh, kw, c) order.
     With an epilogue `ep` (as sgemm_packed's) the arguments are (x, w, bias [N], res [B, OH, OW, N] if EP_RES, y)."""
     g = {k: int(v) for k, v in geom.items()}
     H, W, C, OH, OW, KH, KW = (g[k] for k in ("H", "W", "C", "OH", "OW", "KH", "KW"))
+    XC = g.get("XC", C)  # x's channels: C, or C / KW with the kernel's width folded into its taps (x padded: no tap leaves it)
     P, K = (N + PANEL - 1) // PANEL, KH * KW * C
     i64 = T.int64
     attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, PACKED_CONV_ATTR: {**g, "N": N, "ep": ep}}
 
     def call(x, w, y, B, bias, res):
         return T.call_extern("int32", "kiln_cpu_sconv_packed", x, w, y, B, i64(H), i64(W), i64(C), i64(OH), i64(OW), i64(KH), i64(KW),
-                             i64(g["sh"]), i64(g["sw"]), i64(g["ph"]), i64(g["pw"]), i64(g["dh"]), i64(g["dw"]), i64(N), bias, res, i64(ep))
+                             i64(g["sh"]), i64(g["sw"]), i64(g["ph"]), i64(g["pw"]), i64(g["dh"]), i64(g["dw"]), i64(N), bias, res, i64(ep),
+                             i64(XC))
 
     if ep == 0:
         @T.prim_func
         def kiln_sconv(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), var_y: T.handle):
             T.func_attr(attrs)
             B = T.int64()
-            x = T.match_buffer(var_x, (B, H, W, C), "float32")
+            x = T.match_buffer(var_x, (B, H, W, XC), "float32")
             y = T.match_buffer(var_y, (B, OH, OW, N), "float32")
             rc = call(x.data, w.data, y.data, B, y.data, y.data)
             assert rc == 0, "kiln_cpu_sconv_packed: out of memory for the row pointers"
@@ -136,7 +139,7 @@ def sconv_packed(geom: dict, N: int, ep: int = 0):
         def kiln_sconv_ep(var_x: T.handle, w: T.Buffer((P, K, PANEL), "float32"), bias: T.Buffer((N,), "float32"), var_y: T.handle):
             T.func_attr(attrs)
             B = T.int64()
-            x = T.match_buffer(var_x, (B, H, W, C), "float32")
+            x = T.match_buffer(var_x, (B, H, W, XC), "float32")
             y = T.match_buffer(var_y, (B, OH, OW, N), "float32")
             rc = call(x.data, w.data, y.data, B, bias.data, bias.data)
             assert rc == 0, "kiln_cpu_sconv_packed: out of memory for the row pointers"
@@ -148,7 +151,7 @@ def sconv_packed(geom: dict, N: int, ep: int = 0):
                           var_y: T.handle):
         T.func_attr(attrs)
         B = T.int64()
-        x = T.match_buffer(var_x, (B, H, W, C), "float32")
+        x = T.match_buffer(var_x, (B, H, W, XC), "float32")
         r = T.match_buffer(var_r, (B, OH, OW, N), "float32")
         y = T.match_buffer(var_y, (B, OH, OW, N), "float32")
         rc = call(x.data, w.data, y.data, B, bias.data, r.data)

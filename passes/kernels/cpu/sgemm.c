@@ -64,6 +64,7 @@ typedef struct {
    row m's k = (kh KW + kw) C + c reads x[b, oh sh - ph + kh dh, ow sw - pw + kw dw, c], zero outside */
 typedef struct sg_conv {
   int64_t H, W, C, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
+  int64_t XC; /* floats per pixel of x: C, or fewer when a row of KW pixels is one tap of C = KW XC (the stem, padded) */
 } sg_conv;
 #define SG_TAPS 16 /* taps per KC slice at most (C >= 16: 256 / C) */
 static const float sg_zeros[SG_KC]; /* the row a tap outside the input reads (cs <= SG_KC) */
@@ -256,10 +257,10 @@ static void sg_cptrs(const sg_job* jb, int64_t t0, int64_t nt, int64_t c0, int64
       continue;
     }
     const int64_t ih0 = oh * cv->sh - cv->ph, iw0 = ow * cv->sw - cv->pw;
-    const float* base = jb->x + img * cv->H * cv->W * cv->C + c0;
+    const float* base = jb->x + img * cv->H * cv->W * cv->XC + c0;
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t ih = ih0 + dy[t], iw = iw0 + dx[t];
-      at[SG_MR * t] = ih >= 0 && ih < cv->H && iw >= 0 && iw < cv->W ? base + (ih * cv->W + iw) * cv->C : sg_zeros;
+      at[SG_MR * t] = ih >= 0 && ih < cv->H && iw >= 0 && iw < cv->W ? base + (ih * cv->W + iw) * cv->XC : sg_zeros;
     }
     if (++ow == cv->OW && (ow = 0, ++oh == cv->OH)) oh = 0, ++img;
   }
@@ -434,15 +435,16 @@ int32_t kiln_cpu_sgemm_packed(const float* x, const float* wp, float* y, int64_t
 }
 
 /* y [B OH OW, N] = the convolution of x [B, H, W, C] (NHWC) with W [N, KH KW C] packed as above (k in
-   (kh, kw, c) order), strides (sh, sw), leading pads (ph, pw), dilations (dh, dw); the patches are read
+   (kh, kw, c) order), strides (sh, sw), leading pads (ph, pw), dilations (dh, dw), x's pixels XC floats
+   apart (XC = C; a tap of C > XC floats reads the next pixels on: x padded, KW folded into C); the patches are read
    in place, never written (XNNPACK's indirection, the pointers made per row block); then the epilogue
    (bias, res, ep as below). 0, or -1 when memory for the pointers ran out. */
 int32_t kiln_cpu_sconv_packed(const float* x, const float* wp, float* y, int64_t B, int64_t H, int64_t W, int64_t C, int64_t OH,
                               int64_t OW, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                              int64_t dw, int64_t N, const float* bias, const float* res, int64_t ep) {
+                              int64_t dw, int64_t N, const float* bias, const float* res, int64_t ep, int64_t XC) {
   const int64_t M = B * OH * OW, K = KH * KW * C;
   if (M <= 0 || N <= 0 || K <= 0) return -1; /* the pass builds it only for real convolutions */
-  const sg_conv cv = {H, W, C, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw};
+  const sg_conv cv = {H, W, C, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, XC};
   sg_job jb = {x, wp, y, M, N, K, 0, 0, &cv, (ep & 1) ? bias : 0, (ep & 2) ? res : 0, (int)((ep >> 2) & 1)};
   return kiln_parallel(sg_task, &jb);
 }
