@@ -332,3 +332,48 @@ def test_convolutions_read_their_patches_in_place(tmp_path):
         feeds = {"image": rng.standard_normal(shape).astype(np.float32)}
         want, got = ort_run(path, feeds), load(art).run(feeds)
         assert rel(got["y"], want["y"]) < 1e-5, rel(got["y"], want["y"])
+
+
+def test_conv_passes_before_and_after(tmp_path):
+    """Before/after IR of ReadConvPatchesInPlace and FuseGemmEpilogues on a residual block: im2col + packed GEMM
+    -> kiln_sconv (the 3x3) while the 1x1 stays a GEMM; bias + residual + ReLU -> one epilogue (the first branch
+    takes the add), the other branch keeps its bias; no add / relu left in main, no replaced kernel left."""
+    import torch  # noqa: PLC0415
+
+    from kiln.frontends.onnx import read_onnx  # noqa: PLC0415
+    from kiln.frontends.onnx_graph import import_onnx, parse_input_shapes  # noqa: PLC0415
+    from kiln.passes.conv_as_gemm import ConvAsGemm  # noqa: PLC0415
+    from kiln.passes.fuse_gemm_epilogues import FuseGemmEpilogues  # noqa: PLC0415
+    from kiln.passes.pack_graph_weights import PackGraphWeights  # noqa: PLC0415
+    from kiln.passes.read_conv_patches_in_place import ReadConvPatchesInPlace  # noqa: PLC0415
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.down = torch.nn.Conv2d(16, 24, 3, padding=1), torch.nn.Conv2d(16, 24, 1)
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.down(x))
+
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(Block().eval(), (torch.randn(1, 16, 9, 11),), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      opset_version=17)
+    g = import_onnx(read_onnx(path), parse_input_shapes(["x=1,16,9,11"]))
+    packed, _, _ = PackGraphWeights(len(g.inputs))(ConvAsGemm()(g.mod), g.params)
+
+    def callees(mod):
+        text = mod["main"].script()
+        return sorted(re.findall(r"R\.call_tir\((\w+)", text)), text
+
+    before, _ = callees(packed)
+    assert [re.sub(r"im2col\d+$", "im2col", c) for c in before] == ["kiln_im2col", "kiln_sgemm_f32p16_24x144", "kiln_sgemm_f32p16_24x16"]
+    in_place = ReadConvPatchesInPlace()(packed)
+    mid, _ = callees(in_place)
+    assert mid == ["kiln_sconv_24x3x3x16_9x11_s1", "kiln_sgemm_f32p16_24x16"]
+    fused = FuseGemmEpilogues()(in_place)
+    after, text = callees(fused)
+    assert sorted(c.rsplit("_", 1)[1] for c in after) == ["ep1", "ep7"], after
+    assert "R.add(" not in text and "R.nn.relu(" not in text
+    names = {gv.name_hint for gv in fused.functions}
+    assert not any(n.startswith("kiln_im2col") for n in names) and set(after) <= names
+    assert "kiln_sconv_24x3x3x16_9x11_s1" not in names and "kiln_sgemm_f32p16_24x16" not in names
