@@ -21,7 +21,8 @@ The engine sends a step's events as one message (Engine's on_step), so 128 strea
 one write and one wakeup per step, not 128. A submit's events may arrive before its
 ack (the engine can step in between): the server registers the request first.
 
-The engine process dies with the server: it exits when its end of the socket closes.
+The engine process dies with the server: it exits when its end of the socket closes (it ignores SIGINT
+and SIGTERM, which a terminal or a service manager sends to the whole group: the server leads the stop).
 If it dies first, every open request fails with an error event, /health turns 503 and
 the server stops with exit code 1.
 """
@@ -269,7 +270,11 @@ def _emit(req: RemoteRequest, ev: Event) -> None:
 # --- the engine process --------------------------------------------------------------------------------
 def child_main(fd: int) -> None:
     """The engine process: load the artifact, run the Engine, serve the socket `fd`."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server leads the stop
+    # Ctrl-C, and the SIGTERM of a service manager (systemd signals the whole group), reach both processes: the
+    # server leads the stop (it lets running requests finish, then tells the engine); the engine also ends when
+    # its socket closes, so it never outlives the server
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(fd)
     send_lock = threading.Lock()
 

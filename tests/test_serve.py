@@ -42,9 +42,11 @@ def artifact(tmp_path_factory) -> Path:
 
 
 class Server:
-    def __init__(self, artifact: Path, *args: str):
+    def __init__(self, artifact: Path, *args: str, group: bool = False):
+        """group: the server leads a process group of its own (as under a service manager)."""
         self.proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(artifact), "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                                     start_new_session=group)
         line = self.proc.stdout.readline()
         m = re.search(r"on http://([\d.]+):(\d+)", line)
         if not m:
@@ -292,6 +294,29 @@ def test_sigterm_lets_running_requests_finish_and_exits_0(artifact):
     t.start()
     time.sleep(0.3)
     assert s.stop() == 0
+    t.join(timeout=30)
+    assert out["r"].usage.completion_tokens == 100
+
+
+def test_sigterm_to_the_whole_group_still_finishes_running_requests(artifact):
+    """systemd (and a terminal's Ctrl-C) signal the server and its engine process together: the
+    engine ignores it and the server leads the stop, so the running request still completes."""
+    s = Server(artifact, "--model-name", "tiny", "--grace", "30", group=True)
+    out = {}
+
+    def long_request():
+        out["r"] = s.client.completions.create(model="tiny", prompt="finish me", max_tokens=100, temperature=0,
+                                               extra_body={"ignore_eos": True})
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.3)
+    __import__("os").killpg(s.proc.pid, signal.SIGTERM)
+    try:
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
     t.join(timeout=30)
     assert out["r"].usage.completion_tokens == 100
 
