@@ -41,6 +41,18 @@ def level(request, tmp_path_factory):
     return tg, runnable, tmp, kernel_objects(tg, tmp)
 
 
+def _kernel(level, func, name: str):
+    """func built for the level's target and linked with kiln's C kernels, loaded; the test skips after the
+    build where this host lacks the level's CPU flags (building and linking are checked on every host)."""
+    tg, runnable, tmp, objs = level
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tg.tvm_target())
+    so = tmp / f"{name}.so"
+    lib.export_library(str(so), addons=list(objs))
+    if not runnable:
+        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
+    return tvm.runtime.load_module(str(so))["main"]
+
+
 def test_panels_layout():
     w = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)  # N 20: two panels, the second 4 rows + 12 of zeros
     p = PACKED_PANELS.quantize(w)["p"]
@@ -50,16 +62,10 @@ def test_panels_layout():
 
 @pytest.mark.parametrize("M,N,K", CASES)
 def test_sgemm_matches_numpy(level, M, N, K):
-    tg, runnable, tmp, objs = level
     rng = np.random.default_rng(M * 1000003 + N * 1009 + K)
     x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 4.0, (M, 1))).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
-    lib = tvm.compile(tvm.IRModule({"main": sgemm_packed(K, N).with_attr("global_symbol", "main")}), target=tg.tvm_target())
-    so = tmp / f"sgemm_{M}_{N}_{K}.so"
-    lib.export_library(str(so), addons=list(objs))
-    if not runnable:
-        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
-    f = tvm.runtime.load_module(str(so))["main"]
+    f = _kernel(level, sgemm_packed(K, N), f"sgemm_{M}_{N}_{K}")
     dev = tvm.cpu()
     y = tvm.runtime.tensor(np.full((M, N), np.nan, np.float32), dev)
     f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(PACKED_PANELS.quantize(w)["p"], dev), y)
@@ -109,7 +115,6 @@ EPILOGUES = [0, EP_BIAS | EP_RES | EP_RELU, EP_BIAS | EP_RELU, EP_BIAS]
 def test_sconv_matches_numpy(level, B, H, W, C, O, KH, KW, stride, pads, dil, ep):
     """The convolution read in place (kiln_cpu_sconv_packed): the patches never written, a pointer per
     (tap, row) into x or into zeros outside it; with and without the epilogue (bias, residual, ReLU)."""
-    tg, runnable, tmp, objs = level
     rng = np.random.default_rng(B * 7 + H * 1009 + C * 31 + O)
     x = rng.standard_normal((B, H, W, C)).astype(np.float32)
     w = rng.standard_normal((O, C, KH, KW)).astype(np.float32)
@@ -117,12 +122,7 @@ def test_sconv_matches_numpy(level, B, H, W, C, O, KH, KW, stride, pads, dil, ep
     oh, ow = ref.shape[1:3]
     extra, ref = epilogue_f64(ref, ep, rng)
     geom = dict(H=H, W=W, C=C, OH=oh, OW=ow, KH=KH, KW=KW, sh=stride[0], sw=stride[1], ph=pads[0], pw=pads[1], dh=dil[0], dw=dil[1])
-    lib = tvm.compile(tvm.IRModule({"main": sconv_packed(geom, O, ep).with_attr("global_symbol", "main")}), target=tg.tvm_target())
-    so = tmp / f"sconv_{B}_{H}_{W}_{C}_{O}_{KH}{KW}_{stride}_{pads}_{dil}_{ep}.so".replace(" ", "")
-    lib.export_library(str(so), addons=list(objs))
-    if not runnable:
-        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
-    f = tvm.runtime.load_module(str(so))["main"]
+    f = _kernel(level, sconv_packed(geom, O, ep), f"sconv_{B}_{H}_{W}_{C}_{O}_{KH}{KW}_{stride}_{pads}_{dil}_{ep}".replace(" ", ""))
     dev = tvm.cpu()
     y = tvm.runtime.tensor(np.full((B, oh, ow, O), np.nan, np.float32), dev)
     wp = PACKED_PANELS.quantize(w.transpose(0, 2, 3, 1).reshape(O, -1))["p"]  # OHWI: k in (kh, kw, c) order
@@ -134,19 +134,13 @@ def test_sconv_matches_numpy(level, B, H, W, C, O, KH, KW, stride, pads, dil, ep
 def test_sconv_folded_taps_match_numpy(level, B, H, W, C, O, KH, KW, stride):
     """A convolution of few channels on its padded input with each row of KW pixels one tap of KW C floats
     (geometry XC = C, C' = KW C, KW' = 1: what ReadConvPatchesInPlace makes of ResNet's stem)."""
-    tg, runnable, tmp, objs = level
     rng = np.random.default_rng(H * 7 + C)
     x = rng.standard_normal((B, H, W, C)).astype(np.float32)
     w = rng.standard_normal((O, C, KH, KW)).astype(np.float32)
     ref = conv_nhwc_f64(x, w, stride, (0, 0, 0, 0), (1, 1))
     oh, ow = ref.shape[1:3]
     geom = dict(H=H, W=W, C=KW * C, XC=C, OH=oh, OW=ow, KH=KH, KW=1, sh=stride[0], sw=stride[1], ph=0, pw=0, dh=1, dw=1)
-    lib = tvm.compile(tvm.IRModule({"main": sconv_packed(geom, O).with_attr("global_symbol", "main")}), target=tg.tvm_target())
-    so = tmp / f"sconv_folded_{B}_{H}_{C}.so"
-    lib.export_library(str(so), addons=list(objs))
-    if not runnable:
-        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
-    f = tvm.runtime.load_module(str(so))["main"]
+    f = _kernel(level, sconv_packed(geom, O), f"sconv_folded_{B}_{H}_{C}")
     dev = tvm.cpu()
     y = tvm.runtime.tensor(np.full((B, oh, ow, O), np.nan, np.float32), dev)
     wp = PACKED_PANELS.quantize(w.transpose(0, 2, 3, 1).reshape(O, -1))["p"]
@@ -158,17 +152,11 @@ def test_sconv_folded_taps_match_numpy(level, B, H, W, C, O, KH, KW, stride):
 @pytest.mark.parametrize("M,N,K", [(5, 13, 7), (7, 17, 257), (37, 50, 600), (400, 20, 40)])
 def test_sgemm_epilogue_matches_numpy(level, M, N, K, ep):
     """kiln_cpu_sgemm_packed_ep: bias (+ residual) (+ ReLU) applied after the last K slice of each tile."""
-    tg, runnable, tmp, objs = level
     rng = np.random.default_rng(M * 31 + N * 7 + K + ep)
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
     extra, ref = epilogue_f64(x.astype(np.float64) @ w.astype(np.float64).T, ep, rng)
-    lib = tvm.compile(tvm.IRModule({"main": sgemm_packed(K, N, ep).with_attr("global_symbol", "main")}), target=tg.tvm_target())
-    so = tmp / f"sgemm_ep{ep}_{M}_{N}_{K}.so"
-    lib.export_library(str(so), addons=list(objs))
-    if not runnable:
-        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
-    f = tvm.runtime.load_module(str(so))["main"]
+    f = _kernel(level, sgemm_packed(K, N, ep), f"sgemm_ep{ep}_{M}_{N}_{K}")
     dev = tvm.cpu()
     y = tvm.runtime.tensor(np.full((M, N), np.nan, np.float32), dev)
     f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(PACKED_PANELS.quantize(w)["p"], dev), *(tvm.runtime.tensor(e, dev) for e in extra), y)
@@ -179,16 +167,10 @@ def test_sgemm_epilogue_matches_numpy(level, M, N, K, ep):
 def test_sgemm_batched_matches_numpy(level, batch, bb, M, N, K):
     """Both operands activations: b [bb, K, N] packed per call (bb 1: shared by every product; batch 1:
     the tasks split one product's panels)."""
-    tg, runnable, tmp, objs = level
     rng = np.random.default_rng(batch * 7 + M * 131 + N * 17 + K)
     a = rng.standard_normal((batch, M, K)).astype(np.float32)
     b = rng.standard_normal((bb, K, N)).astype(np.float32)
-    lib = tvm.compile(tvm.IRModule({"main": sgemm_batched().with_attr("global_symbol", "main")}), target=tg.tvm_target())
-    so = tmp / f"bmm_{batch}_{bb}_{M}_{N}_{K}.so"
-    lib.export_library(str(so), addons=list(objs))
-    if not runnable:
-        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
-    f = tvm.runtime.load_module(str(so))["main"]
+    f = _kernel(level, sgemm_batched(), f"bmm_{batch}_{bb}_{M}_{N}_{K}")
     dev = tvm.cpu()
     y = tvm.runtime.tensor(np.full((batch, M, N), np.nan, np.float32), dev)
     f(tvm.runtime.tensor(a, dev), tvm.runtime.tensor(b, dev), y)
@@ -200,17 +182,11 @@ def test_sgemm_batched_matches_numpy(level, batch, bb, M, N, K):
 def test_sgemm_q8_matches_the_dequantized_product(level, M, N, K):
     """q8 weights decoded panel by panel into the float GEMM: the product with the dequantized weights
     (float activations, no rounding of them), K across 256-deep slices (288), rows past N."""
-    tg, runnable, tmp, objs = level
     fmt = WEIGHT_FORMATS["q8"]
     rng = np.random.default_rng(M * 31 + N * 7 + K)
     x = rng.standard_normal((M, K)).astype(np.float32)
     parts = fmt.quantize(rng.standard_normal((N, K)).astype(np.float32))
-    lib = tvm.compile(tvm.IRModule({"main": sgemm_q8(K, N).with_attr("global_symbol", "main")}), target=tg.tvm_target())
-    so = tmp / f"sgemm_q8_{M}_{N}_{K}.so"
-    lib.export_library(str(so), addons=list(objs))
-    if not runnable:
-        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
-    f = tvm.runtime.load_module(str(so))["main"]
+    f = _kernel(level, sgemm_q8(K, N), f"sgemm_q8_{M}_{N}_{K}")
     dev = tvm.cpu()
     y = tvm.runtime.tensor(np.full((1, M, N), np.nan, np.float32), dev)
     f(tvm.runtime.tensor(x.reshape(1, M, K), dev), *[tvm.runtime.tensor(parts[k], dev) for k in fmt.parts((N, K))], y)
@@ -239,18 +215,12 @@ def test_q8_prompts_take_the_float_gemm(tmp_path):
 def test_softmax_rows_matches_numpy(level, R, L):
     """kernels/cpu/softmax.c: rows of odd lengths (the 8-lane loop and its scalar tail), large values,
     masked entries (-inf -> 0) and a row that is all -inf (NaN, as onnxruntime gives)."""
-    tg, runnable, tmp, objs = level
     rng = np.random.default_rng(R * 1000 + L)
     x = (rng.standard_normal((R, L)) * 8).astype(np.float32)
     x[0, 0] = 60.0
     if L > 3:
         x[-1, 1::3] = -np.inf
-    lib = tvm.compile(tvm.IRModule({"main": softmax_rows().with_attr("global_symbol", "main")}), target=tg.tvm_target())
-    so = tmp / f"softmax_{R}_{L}.so"
-    lib.export_library(str(so), addons=list(objs))
-    if not runnable:
-        pytest.skip(f"host lacks {tg.label}'s CPU flags (built and linked only)")
-    f = tvm.runtime.load_module(str(so))["main"]
+    f = _kernel(level, softmax_rows(), f"softmax_{R}_{L}")
     dev = tvm.cpu()
     x64 = x.astype(np.float64)
     ref = np.exp(x64 - x64.max(-1, keepdims=True))

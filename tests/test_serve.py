@@ -282,8 +282,9 @@ def test_a_client_that_disconnects_frees_its_sequence(server):
     assert m["kiln_sequences_open"] == 0 and m["kiln_running"] == 0
 
 
-def test_sigterm_lets_running_requests_finish_and_exits_0(artifact):
-    s = Server(artifact, "--model-name", "tiny", "--grace", "30")
+def _stop_during_a_long_request(s: Server, stop) -> int:
+    """Start a 100-token request, stop the server with stop() while it runs; the server's exit
+    code, once the request has come back whole."""
     out = {}
 
     def long_request():
@@ -293,32 +294,31 @@ def test_sigterm_lets_running_requests_finish_and_exits_0(artifact):
     t = threading.Thread(target=long_request)
     t.start()
     time.sleep(0.3)
-    assert s.stop() == 0
+    try:
+        code = stop()
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
     t.join(timeout=30)
     assert out["r"].usage.completion_tokens == 100
+    return code
+
+
+def test_sigterm_lets_running_requests_finish_and_exits_0(artifact):
+    s = Server(artifact, "--model-name", "tiny", "--grace", "30")
+    assert _stop_during_a_long_request(s, s.stop) == 0
 
 
 def test_sigterm_to_the_whole_group_still_finishes_running_requests(artifact):
     """systemd (and a terminal's Ctrl-C) signal the server and its engine process together: the
     engine ignores it and the server leads the stop, so the running request still completes."""
     s = Server(artifact, "--model-name", "tiny", "--grace", "30", group=True)
-    out = {}
 
-    def long_request():
-        out["r"] = s.client.completions.create(model="tiny", prompt="finish me", max_tokens=100, temperature=0,
-                                               extra_body={"ignore_eos": True})
+    def stop_group():
+        __import__("os").killpg(s.proc.pid, signal.SIGTERM)
+        return s.proc.wait(timeout=60)
 
-    t = threading.Thread(target=long_request)
-    t.start()
-    time.sleep(0.3)
-    __import__("os").killpg(s.proc.pid, signal.SIGTERM)
-    try:
-        assert s.proc.wait(timeout=60) == 0
-    finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-    t.join(timeout=30)
-    assert out["r"].usage.completion_tokens == 100
+    assert _stop_during_a_long_request(s, stop_group) == 0
 
 
 @pytest.mark.slow
