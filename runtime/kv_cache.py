@@ -91,13 +91,12 @@ class QuantKVCache:
         # zero scales: a row never written decodes to 0 whatever its codes (every code is finite),
         # so a cache advanced without the model (benchmarks) holds no NaN
         self.scales.copyfrom(np.zeros(shape, dtype=np.float32))
-        self._meta_host = np.zeros(1 + self.num_pages, dtype=np.int32)
-        self._meta = rt.runtime.empty((1 + self.num_pages,), "int32", dev)
+        self._meta = rt.runtime.empty((1 + self.num_pages,), "int32", dev)  # (grown for a batch's longer meta)
         self._meta_view = None
         self.free = list(range(self.num_pages - 1, -1, -1))
         self.seqs: dict[int, list] = {}  # seq id -> [length, page ids]
         self.live: set[int] = set()
-        self._cur: tuple[int, int] | None = None
+        self._cur: list[tuple[int, int]] | None = None  # this call's (sequence, tokens)
 
     def add(self, seq_id: int) -> None:
         if seq_id in self.seqs:
@@ -110,37 +109,36 @@ class QuantKVCache:
             self.free.extend(reversed(self.seqs.pop(seq_id)[1]))
             self.live.discard(seq_id)
 
-    def _grow(self, sid: int, n: int) -> list[int]:
-        """Pages for sid's next n tokens (taken from the free list); its page table."""
+    def _short(self, sid: int, n: int) -> int:
+        """Pages sid's next n tokens take from the free list."""
         length, pages = self.seqs[sid]
-        need = -(-(length + n) // self.page_size)
-        if need - len(pages) > len(self.free):
-            raise RequestError(f"KV cache full: sequence {sid} needs {length + n} tokens, the cache holds {self.num_pages * self.page_size}")
-        while len(pages) < need:
-            pages.append(self.free.pop())
-        return pages
+        return max(0, -(-(length + n) // self.page_size) - len(pages))
 
     def begin(self, seq_ids: list[int], lengths: list[int]) -> None:
         """One sequence (a prompt chunk or a decode step): meta = [position, page table]; several
         sequences, one token each (decode_batch): meta = [n, positions, table starts (n + 1), tables]."""
         if len(seq_ids) != 1 and any(n != 1 for n in lengths):
             raise RequestError("the quantized KV cache takes several sequences only for one token each (decode_batch)")
-        for sid, n in zip(seq_ids, lengths):  # (checked before any page moves: a refused call takes nothing)
+        for sid in seq_ids:  # (checked before any page moves: a refused call takes nothing)
             if sid not in self.seqs:
                 raise RequestError(f"sequence {sid} is not in the KV cache")
-        if sum(max(0, -(-(self.seqs[s][0] + n) // self.page_size) - len(self.seqs[s][1])) for s, n in zip(seq_ids, lengths)) > len(self.free):
+        short = [self._short(sid, n) for sid, n in zip(seq_ids, lengths)]
+        if sum(short) > len(self.free):
+            if len(seq_ids) == 1:
+                sid, n = seq_ids[0], lengths[0]
+                raise RequestError(f"KV cache full: sequence {sid} needs {self.seqs[sid][0] + n} tokens, the cache holds "
+                                   f"{self.num_pages * self.page_size}")
             raise RequestError(f"KV cache full: {len(seq_ids)} sequences need more pages than the {len(self.free)} free")
-        tables = [self._grow(sid, n) for sid, n in zip(seq_ids, lengths)]
+        for sid, k in zip(seq_ids, short):
+            self.seqs[sid][1].extend(self.free.pop() for _ in range(k))
+        positions, tables = [self.seqs[sid][0] for sid in seq_ids], [self.seqs[sid][1] for sid in seq_ids]
         if len(seq_ids) == 1:
-            length, need = self.seqs[seq_ids[0]][0], len(tables[0])
-            meta = np.concatenate([[length], tables[0]]).astype(np.int32)
+            meta = np.concatenate([positions, tables[0]]).astype(np.int32)
         else:
-            k = len(seq_ids)
             starts = np.cumsum([0] + [len(t) for t in tables])
-            meta = np.concatenate([[k], [self.seqs[s][0] for s in seq_ids], starts, *tables]).astype(np.int32)
-        if meta.size > self._meta_host.size:  # (several sequences: their tables plus 2 + 2 n entries)
+            meta = np.concatenate([[len(seq_ids)], positions, starts, *tables]).astype(np.int32)
+        if meta.size > self._meta.shape[0]:  # (several sequences: their tables plus 2 + 2 n entries)
             self._meta = self.rt.runtime.empty((meta.size,), "int32", self.dev)
-            self._meta_host = np.zeros(meta.size, dtype=np.int32)
         view = self._meta._create_view((meta.size,))
         view.copyfrom(meta)
         self._meta_view = view
