@@ -356,9 +356,7 @@ class Engine:
         # the previous step's tokens (waiting for the device if it still runs): this step's inputs.
         # They are accepted -- text, stop strings, events -- after this step is launched.
         picked = self._collect()
-        for r, tok in picked:
-            r.next_token = tok
-        ending = {r.id for r, tok in picked if r.gen.ends_with(tok)}  # EOS or the limit: no further step
+        ending = {r.id for r in picked if r.gen.ends_with(r.next_token)}  # EOS or the limit: no further step
         budget = self.prefill_budget
         feeding, decoding = [], []  # (request, prompt tokens fed this step); requests past their prompt
         for r in running:
@@ -396,8 +394,8 @@ class Engine:
             for r in reqs:
                 self._fail(r, err)
 
-    def _collect(self) -> list[tuple[Request, int]]:
-        """The in-flight step's (request, token) pairs, for requests still running."""
+    def _collect(self) -> list[Request]:
+        """The in-flight step's requests still running, each with its picked token as next_token (not accepted yet)."""
         if self._inflight is None:
             return []
         reqs, result = self._inflight
@@ -408,12 +406,13 @@ class Engine:
             for r in reqs:
                 self._fail(r, err)
             return []
-        return [(r, tok) for r, tok in zip(reqs, picked) if not r.done]
+        for r, tok in zip(reqs, picked):
+            r.next_token = tok
+        return [r for r in reqs if not r.done]
 
-    def _accept(self, picked: list[tuple[Request, int]]) -> None:
-        for r, tok in picked:
-            if not r.done:
-                r.next_token = tok
+    def _accept(self, picked: list[Request]) -> None:
+        for r in picked:
+            if not r.done:  # (cancelled or failed since it was collected)
                 self._deliver(r)
 
     def _settle(self) -> None:  # under the lock
