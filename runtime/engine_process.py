@@ -50,11 +50,26 @@ _ERRORS = {"queue_full": QueueFullError, "shutting_down": ShuttingDownError, "re
            "artifact": ArtifactError, "kiln": KilnError}
 
 
-def _kind_of(err: Exception) -> str:
-    for kind, cls in _ERRORS.items():
-        if type(err) is cls:
-            return kind
-    return "request" if isinstance(err, RequestError) else "artifact" if isinstance(err, ArtifactError) else "kiln"
+def _kind_of(err: KilnError) -> str:
+    """The wire name of err's class (subclasses before their bases in _ERRORS)."""
+    return next(kind for kind, cls in _ERRORS.items() if isinstance(err, cls))
+
+
+class _Channel:
+    """One end of the socketpair: pickled tuples in multiprocessing.connection frames; sends from
+    several threads take turns."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, msg: tuple) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            self.conn.send_bytes(data)
+
+    def recv(self) -> tuple:
+        return pickle.loads(self.conn.recv_bytes())
 
 
 @dataclass
@@ -91,8 +106,8 @@ class ServedModel:
 
 
 class EngineProcess:
-    """Starts `python -m kiln.runtime.engine_process` on a socketpair, waits until it has
-    loaded the artifact, then stands in for the Engine: submit / cancel / stats / stop."""
+    """Starts the engine process (child_main, on a socketpair), waits until it has loaded the
+    artifact, then stands in for the Engine: submit / cancel / stats / stop."""
 
     def __init__(self, artifact: str, load_options: dict, engine_options: dict, *, switch_interval: float = 0.005,
                  on_dead: Callable[[int], None] | None = None):
@@ -105,8 +120,7 @@ class EngineProcess:
         self._proc = subprocess.Popen([sys.executable, "-c", boot, str(child.fileno())], pass_fds=(child.fileno(),),
                                       stdout=sys.stderr.fileno(), env=env)
         child.close()
-        self._conn = Connection(parent.detach())
-        self._send_lock = threading.Lock()
+        self._chan = _Channel(Connection(parent.detach()))
         self._lock = threading.Lock()
         self._requests: dict[int, RemoteRequest] = {}
         self._acks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
@@ -126,15 +140,13 @@ class EngineProcess:
 
     def _recv_start(self) -> tuple:
         try:
-            return pickle.loads(self._conn.recv_bytes())
+            return self._chan.recv()
         except (EOFError, OSError):
             code = self._proc.wait(timeout=30)
             raise KilnError(f"the engine process exited while loading the model (exit code {code}; its error is above)") from None
 
     def _send(self, msg: tuple) -> None:
-        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        with self._send_lock:
-            self._conn.send_bytes(data)
+        self._chan.send(msg)
 
     # --- the Engine's interface ----------------------------------------------------------------------
     async def submit(self, prompt_tokens: list[int], on_event: Callable[[Event], None], **kwargs) -> RemoteRequest:
@@ -198,7 +210,7 @@ class EngineProcess:
             self._proc.kill()
             self._proc.wait()
         self._reader.join(timeout=10)
-        self._conn.close()
+        self._chan.conn.close()
 
     # --- the reader thread ---------------------------------------------------------------------------
     def _forget(self, rid: int) -> None:
@@ -209,7 +221,7 @@ class EngineProcess:
     def _read(self) -> None:
         try:
             while True:
-                msg = pickle.loads(self._conn.recv_bytes())
+                msg = self._chan.recv()
                 if msg[0] == "events":
                     self._dispatch(msg[1])
                 elif msg[0] == "ack":
@@ -275,16 +287,10 @@ def child_main(fd: int) -> None:
     # its socket closes, so it never outlives the server
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conn = Connection(fd)
-    send_lock = threading.Lock()
-
-    def send(msg: tuple) -> None:
-        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        with send_lock:
-            conn.send_bytes(data)
-
+    chan = _Channel(Connection(fd))
+    send = chan.send
     try:
-        artifact, load_options, engine_options, switch_interval = pickle.loads(conn.recv_bytes())
+        artifact, load_options, engine_options, switch_interval = chan.recv()
         engine, info = _start_engine(artifact, load_options, engine_options)
     except Exception as err:  # noqa: BLE001  (the server reports it in one line)
         if not isinstance(err, KilnError):
@@ -328,7 +334,7 @@ def child_main(fd: int) -> None:
     try:
         while True:
             try:
-                msg = pickle.loads(conn.recv_bytes())
+                msg = chan.recv()
             except (EOFError, OSError):  # the server is gone: stop now
                 engine.stop(0.0)
                 return
@@ -361,7 +367,7 @@ def child_main(fd: int) -> None:
                 send(("stopped",))
                 return
     finally:
-        conn.close()
+        chan.conn.close()
 
 
 def _start_engine(artifact: str, load_options: dict, engine_options: dict):

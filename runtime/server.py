@@ -580,10 +580,10 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_nam
             server.should_exit = True
 
     try:
-        # The engine thread runs the model with the GIL released, then needs it back for a
-        # little Python per step. In one process with the event loop, at the default 5 ms
-        # switch interval that wait was ~6 ms of a 17.6 ms step at 128 streams (H200, 8B):
-        # both processes keep the short interval (the engine's reader and engine threads share one GIL).
+        # A thread that needs the GIL back waits up to the switch interval for the one holding it: at
+        # the default 5 ms, with the event loop in the engine's process, that was ~6 ms of a 17.6 ms
+        # step at 128 streams (H200, 8B). Each process still has two threads sharing a GIL (engine +
+        # command reader; event loop + event reader): both keep the short interval.
         engine = EngineProcess(artifact, load_options, {"max_queue": max_queue, "prefix_cache": prefix_cache},
                                switch_interval=GIL_SWITCH_INTERVAL, on_dead=on_dead)
     except BaseException:

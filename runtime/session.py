@@ -142,8 +142,8 @@ class Session:
         self._lengths: dict[int, int] = {}  # open sequence id -> tokens in its KV cache
         self._advanced: set[int] = set()  # sequences grown by advance(): K/V arbitrary, logits meaningless
         self._embed, self._prefill, self._decode = self._vm["embed"], self._vm["prefill"], self._vm["decode"]
-        # one call for a decode step of several sequences (artifacts with TVM's paged cache: CPU, and
-        # CUDA with 16-bit weights); without it (older artifacts, kiln's quantized cache) one call per sequence
+        # one call for a decode step of several sequences (CPU artifacts; CUDA with 16-bit or fp8 weights and
+        # TVM's paged cache); without it (older artifacts, kiln's quantized cache on CUDA) one call per sequence
         self._decode_batch = _vm_function(self._vm, "decode_batch")
         self._one_token = self._tensor(np.zeros(1, dtype=np.int32))
         # decode_batch's token ids, copied into a view of one device buffer: a fresh tensor per step
