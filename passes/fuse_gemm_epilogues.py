@@ -19,11 +19,7 @@ from __future__ import annotations
 
 from ..tvm_compat import compiler
 from .kernels.sgemm_cpu import EP_BIAS, EP_RELU, EP_RES, PACKED_CONV_ATTR, PACKED_GEMM_ATTR, sconv_packed, sgemm_packed
-from .relax_mutation import bindings, count_uses, drop_unreferenced
-
-
-def _attr(func, key):
-    return None if func.attrs is None or key not in func.attrs else func.attrs[key]
+from .relax_mutation import bindings, count_uses, drop_unreferenced, func_attr
 
 
 def _plans(t, mod, func) -> dict:
@@ -55,7 +51,7 @@ def _plans(t, mod, func) -> dict:
         callee = mod[value.args[0]]
         if not isinstance(callee, t.tirx.PrimFunc):
             continue
-        gemm, conv = _attr(callee, PACKED_GEMM_ATTR), _attr(callee, PACKED_CONV_ATTR)
+        gemm, conv = func_attr(callee, PACKED_GEMM_ATTR), func_attr(callee, PACKED_CONV_ATTR)
         if not ((gemm is not None and int(gemm[2]) == 0) or (conv is not None and int(conv["ep"]) == 0)):
             continue
         n = int(gemm[1]) if gemm is not None else int(conv["N"])
@@ -102,7 +98,7 @@ def _mutator_class():
                 return super().visit_call_(call)
             gemm, bias, res, ep = plan
             callee = self.mod[gemm.args[0]]
-            g, c = _attr(callee, PACKED_GEMM_ATTR), _attr(callee, PACKED_CONV_ATTR)
+            g, c = func_attr(callee, PACKED_GEMM_ATTR), func_attr(callee, PACKED_CONV_ATTR)
             if g is not None:
                 k, n = int(g[0]), int(g[1])
                 key, make, name = ("gemm", k, n, ep), (lambda: sgemm_packed(k, n, ep)), f"kiln_sgemm_f32p16_{n}x{k}_ep{ep}"

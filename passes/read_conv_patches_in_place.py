@@ -21,13 +21,9 @@ from __future__ import annotations
 from ..tvm_compat import compiler
 from .conv_as_gemm import PATCHES_ATTR
 from .kernels.sgemm_cpu import PACKED_GEMM_ATTR, sconv_packed
-from .relax_mutation import bindings, drop_unreferenced
+from .relax_mutation import bindings, drop_unreferenced, func_attr
 
 MIN_CHANNELS = 16  # a tap's channels: the k-run the micro-kernel reads from one pointer
-
-
-def _attr(func, key):
-    return None if func.attrs is None or key not in func.attrs else func.attrs[key]
 
 
 def _mutator_class():
@@ -51,13 +47,13 @@ def _mutator_class():
 
         def visit_call_(self, call):
             gemm = self._callee(call)
-            if gemm is None or _attr(gemm, PACKED_GEMM_ATTR) is None or int(_attr(gemm, PACKED_GEMM_ATTR)[2]) != 0:
+            if gemm is None or func_attr(gemm, PACKED_GEMM_ATTR) is None or int(func_attr(gemm, PACKED_GEMM_ATTR)[2]) != 0:
                 return super().visit_call_(call)
             col, panels = call.args[1].fields
             view = self.bound.get(col)
             patches = view.args[0] if isinstance(view, relax.Call) and view.op.same_as(reshape) else None
             im2col = self.bound.get(patches)
-            geom = _attr(self._callee(im2col), PATCHES_ATTR) if self._callee(im2col) is not None else None
+            geom = func_attr(self._callee(im2col), PATCHES_ATTR) if self._callee(im2col) is not None else None
             if geom is None:
                 return super().visit_call_(call)
             g = {k: int(v) for k, v in geom.items()}

@@ -62,6 +62,11 @@ def through_views(var, bound: dict, stop) -> list:
     return path
 
 
+def func_attr(func, key: str):
+    """A function's attribute `key`, None where it has none."""
+    return None if func.attrs is None or key not in func.attrs else func.attrs[key]
+
+
 def drop_unreferenced(mod, attr: str):
     """`mod` without the PrimFuncs that carry `attr` and that no Relax function calls any more (the
     kernels a rewrite replaced: they would still be compiled into the library)."""
@@ -78,7 +83,7 @@ def drop_unreferenced(mod, attr: str):
         if isinstance(f, relax.Function):
             _Refs().visit_expr(f)
     dead = [gv for gv, f in mod.functions.items()
-            if isinstance(f, t.tirx.PrimFunc) and f.attrs is not None and attr in f.attrs and gv.name_hint not in called]
+            if isinstance(f, t.tirx.PrimFunc) and func_attr(f, attr) is not None and gv.name_hint not in called]
     if not dead:
         return mod
     out = t.tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in dead}, attrs=mod.attrs)
