@@ -46,6 +46,7 @@ DRAIN_BODY_BYTES = 16 << 20  # a refused body up to this size is read before the
 MAX_MESSAGES = 256
 MAX_TEXT_CHARS = 256 * 1024
 GIL_SWITCH_INTERVAL = 0.0005  # seconds; see serve()
+KEEP_ALIVE_SECONDS = 30  # idle keep-alive connections are closed after this (see serve())
 ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
@@ -596,7 +597,11 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, model_nam
         sock.close()
         raise
     app = create_app(engine, model, api_key=api_key, grace=grace)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=max(grace, 1), lifespan="on")
+    # Idle keep-alive connections stay open longer than clients keep them pooled (httpx, so the openai
+    # client: 5 s). With uvicorn's own 5 s the server could close a connection just as a client reused it
+    # -- "Server disconnected without sending a response" (seen in CI on a loaded box).
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=max(grace, 1), lifespan="on",
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS)
     server = _Server(config)
     bound = sock.getsockname()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)

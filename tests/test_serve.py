@@ -233,6 +233,23 @@ def test_api_key_is_required_when_set(artifact):
         assert s.stop() == 0
 
 
+def test_an_idle_keep_alive_connection_outlives_the_clients_pool(server):
+    """A connection idle for 6 s (past httpx's 5 s pool expiry, so the openai client has dropped it
+    by then) still answers: the server never closes one a client may be about to reuse."""
+    import http.client  # noqa: PLC0415
+
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        for wait in (0, 6):
+            time.sleep(wait)
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.read()
+    finally:
+        conn.close()
+
+
 def test_full_queue_is_429_with_retry_after(artifact):
     s = Server(artifact, "--max-batch", "1", "--max-queue", "1", "--model-name", "tiny")
     try:
