@@ -20,9 +20,11 @@ AlexNet, VGG, SqueezeNet, Inception); LayerNormalization's Mean and InvStdDev ou
 (TVM returns 0-d placeholders); IsInf's detect_positive / detect_negative; Pow with
 mixed or integer types; Constant's value_float(s) / value_int(s); RMSNormalization over
 every axis; EyeLike's dtype; Expand to a shape of lower rank; ConvTranspose's
-output_shape; SequenceInsert at a negative position; ONNX's own Attention (opset 23).
-Training-mode BatchNormalization and Dropout, and RoiAlign's max mode (TVM computes
-another maximum than ONNX's) are refused rather than computed wrongly.
+output_shape; SequenceInsert at a negative position; ONNX's own Attention (opset 23;
+float16 computed in float32); Mod as numpy's (infinite divisors, large quotients, integer
+zero divisors). Training-mode BatchNormalization and Dropout, RoiAlign's max mode (TVM
+computes another maximum than ONNX's) and bfloat16 Attention are refused rather than
+computed wrongly.
 """
 
 from __future__ import annotations
@@ -295,7 +297,10 @@ def convert_attention(t, bb, inputs, attrs):
     (bool: True attends) and the causal mask aligned bottom-right (a query attends keys up
     to its own position after the past), softmax, a row with no key to attend gives 0.
     Outputs Y, present_key, present_value, qk_matmul_output (modes 0-3). Shapes must be
-    static (pin them with --input-shape)."""
+    static (pin them with --input-shape). float16 is computed in float32 (products, mask,
+    softmax) and rounded once at the end: rounding the scores, the probabilities and the
+    matmuls' sums to float16 on the way put Y 1-3 ulps off onnx's reference (whose matmuls sum
+    in float32), more than rtol 1e-3. bfloat16 is refused (see below)."""
     R, relax = t.relax.op, t.relax
     q, k, v = inputs[:3]
     mask, past_k, past_v = (inputs[i] if len(inputs) > i else None for i in (3, 4, 5))
@@ -304,6 +309,8 @@ def convert_attention(t, bb, inputs, attrs):
         raise UnsupportedModelError("Attention with symbolic shapes is not supported: pin the inputs with --input-shape")
     qs, ks, vs = shapes[:3]
     dtype = _tensor_dtype(q)
+    if dtype == "bfloat16":  # computed in float32 it is 1-2 bfloat16 ulps off onnx's reference, which rounds each step
+        raise UnsupportedModelError("Attention in bfloat16 is not supported")
     rank3 = len(qs) == 3
     if rank3:
         qh, kvh = int(attrs["q_num_heads"]), int(attrs["kv_num_heads"])
@@ -320,13 +327,18 @@ def convert_attention(t, bb, inputs, attrs):
         k, v = bb.emit(R.concat([past_k, k], axis=2)), bb.emit(R.concat([past_v, v], axis=2))
     present_k, present_v = k, v
     sq, skv = (qs[1] if rank3 else qs[2]), _static_shape(k)[2]
+    ct = "float32" if dtype == "float16" else dtype  # the type computed in (see above)
+    if ct != dtype:
+        q, k, v = (bb.emit(R.astype(x, ct)) for x in (q, k, v))
+        if mask is not None and _tensor_dtype(mask) != "bool":
+            mask = bb.emit(R.astype(mask, ct))
     if qh != kvh:  # grouped: each K/V head serves qh / kvh query heads, [h0, h0, h1, h1, ...]
         k, v = bb.emit(R.repeat(k, qh // kvh, axis=1)), bb.emit(R.repeat(v, qh // kvh, axis=1))
-    root = relax.const(np.sqrt(attrs.get("scale", 1.0 / np.sqrt(head))), dtype)
+    root = relax.const(np.sqrt(attrs.get("scale", 1.0 / np.sqrt(head))), ct)
     scores = bb.emit(R.matmul(R.multiply(q, root), R.permute_dims(R.multiply(k, root), [0, 1, 3, 2])))  # [b, h, sq, skv]
     softcap = attrs.get("softcap", 0.0)
     if softcap > 0:
-        cap = relax.const(softcap, dtype)
+        cap = relax.const(softcap, ct)
         scores = bb.emit(R.multiply(R.tanh(R.divide(scores, cap)), cap))
     qk_out = scores
     bias = None
@@ -334,12 +346,12 @@ def convert_attention(t, bb, inputs, attrs):
         ms = _static_shape(mask)
         is_bool = _tensor_dtype(mask) == "bool"
         if ms[-1] < skv:  # a mask shorter than the keys: the rest masked out
-            fill = np.zeros(ms[:-1] + [skv - ms[-1]], "bool") if is_bool else np.full(ms[:-1] + [skv - ms[-1]], -np.inf, dtype)
+            fill = np.zeros(ms[:-1] + [skv - ms[-1]], "bool") if is_bool else np.full(ms[:-1] + [skv - ms[-1]], -np.inf, ct)
             mask = R.concat([mask, relax.const(fill)], axis=-1)
-        bias = bb.emit(R.where(mask, relax.const(0.0, dtype), relax.const(-np.inf, dtype)) if is_bool else mask)
+        bias = bb.emit(R.where(mask, relax.const(0.0, ct), relax.const(-np.inf, ct)) if is_bool else mask)
     if attrs.get("is_causal", 0):
         i, j = np.arange(sq)[:, None], np.arange(skv)[None, :]
-        causal = relax.const(np.where(j <= i + past, 0.0, -np.inf).astype(dtype))
+        causal = relax.const(np.where(j <= i + past, 0.0, -np.inf).astype(ct))
         bias = causal if bias is None else bb.emit(R.add(bias, causal))
     if bias is not None:
         scores = bb.emit(R.add(scores, bias))
@@ -350,16 +362,20 @@ def convert_attention(t, bb, inputs, attrs):
     if precision is not None:
         from onnx import helper  # noqa: PLC0415
 
-        scores = bb.emit(R.astype(scores, np.dtype(helper.tensor_dtype_to_np_dtype(precision)).name))
+        precision = np.dtype(helper.tensor_dtype_to_np_dtype(precision)).name
+        if np.dtype(precision).itemsize > np.dtype(ct).itemsize:  # not wider: float32 is kept (see above)
+            scores = bb.emit(R.astype(scores, precision))
     probs = bb.emit(R.nn.softmax(scores, axis=-1))
     if bias is not None:  # rows with no key to attend: 0, not softmax's NaN (max's -inf would be the lowest finite value)
-        attends = R.logical_not(R.logical_and(R.isinf(bias), R.less(bias, relax.const(0.0, dtype))))
+        attends = R.logical_not(R.logical_and(R.isinf(bias), R.less(bias, relax.const(0.0, ct))))
         none_left = bb.emit(R.equal(R.max(R.astype(attends, "int32"), axis=-1, keepdims=True), relax.const(0, "int32")))
         probs = bb.emit(R.where(none_left, relax.const(0.0, _tensor_dtype(probs)), probs))
     if mode == 3:
         qk_out = probs
-    probs = bb.emit(R.astype(probs, dtype)) if _tensor_dtype(probs) != dtype else probs
+    probs = bb.emit(R.astype(probs, ct)) if _tensor_dtype(probs) != ct else probs
     y = bb.emit(R.matmul(probs, v))  # [b, h, sq, hv]
+    if ct != dtype:
+        y = bb.emit(R.astype(y, dtype))
     if rank3:
         y = bb.emit(R.reshape(bb.emit(R.permute_dims(y, [0, 2, 1, 3])), [qs[0], sq, -1]))
     n = attrs["tvm_custom"]["num_outputs"]
@@ -370,6 +386,38 @@ def convert_attention(t, bb, inputs, attrs):
     return relax.Tuple([y, present_k, present_v, bb.emit(qk_out)][:n])
 
 
+def convert_mod(t, bb, inputs, attrs):
+    """Mod as numpy's np.mod (fmod 0) and np.fmod (fmod 1), onnx's reference.
+
+    Floats with fmod 0: fmod(x, y) (exact, the sign of x), plus y where the signs differ, and a
+    zero the sign of y: numpy's divmod. TVM's floor_mod computes x - floor(x / y) * y, which is
+    NaN for y = +-inf (Mod-28 spells out x where the signs agree, y otherwise) and is off by
+    the rounding of x / y (float32: 3e9 mod 7 gave 32, 1234.5 mod 0.1 a negative). Integers: a zero divisor (and -1, whose
+    INT_MIN quotient overflows) trapped the process with SIGFPE; both give 0, numpy's result,
+    by dividing by 1 there."""
+    x, y = inputs[0], inputs[1]
+    if any(t.tvm.ir.is_prim_expr(v) or not isinstance(v.ty, t.relax.TensorType) for v in (x, y)):
+        return None
+    R, relax = t.relax.op, t.relax
+    dtype = _tensor_dtype(x)
+    if dtype != _tensor_dtype(y):
+        return None
+    floor = attrs.get("fmod", 0) == 0
+    if dtype.startswith(("int", "uint")):
+        one, zero = relax.const(1, dtype), relax.const(0, dtype)
+        trap = R.equal(y, zero) if dtype.startswith("uint") else R.logical_or(R.equal(y, zero), R.equal(y, relax.const(-1, dtype)))
+        safe = bb.emit(R.where(trap, one, y))
+        return R.floor_mod(x, safe) if floor else R.mod(x, safe)
+    if not floor or not dtype.startswith("float"):
+        return None
+    zero = relax.const(0.0, dtype)
+    r = bb.emit(R.mod(x, y))  # fmod
+    y_neg = R.less(y, zero)
+    wrong_sign = R.logical_and(R.not_equal(r, zero), R.logical_xor(R.less(r, zero), y_neg))
+    r = bb.emit(R.where(wrong_sign, R.add(r, y), r))
+    return R.where(R.equal(r, zero), R.where(y_neg, relax.const(-0.0, dtype), zero), r)
+
+
 CONVERTERS: dict[str, Callable] = {"Range": convert_range, "Cast": convert_cast,
                                    "Max": _variadic("maximum"), "Min": _variadic("minimum"), "Sum": _variadic("add"),
                                    "Mean": _variadic("add", mean=True), "Dropout": convert_dropout,
@@ -377,4 +425,5 @@ CONVERTERS: dict[str, Callable] = {"Range": convert_range, "Cast": convert_cast,
                                    "IsInf": convert_isinf, "Pow": convert_pow, "Constant": convert_constant,
                                    "EyeLike": convert_eye_like, "Expand": convert_expand, "BatchNormalization": convert_batch_norm,
                                    "RoiAlign": convert_roi_align, "ConvTranspose": convert_conv_transpose,
-                                   "SequenceInsert": convert_sequence_insert, "Attention": convert_attention}
+                                   "SequenceInsert": convert_sequence_insert, "Attention": convert_attention,
+                                   "Mod": convert_mod}
