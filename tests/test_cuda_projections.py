@@ -4,6 +4,8 @@ before/after IR of one prefill projection (issue 11, item 5)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from kiln.frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
@@ -200,18 +202,54 @@ def test_norm_and_swiglu_rows_run_on_kiln_kernels(rows, swapped):
     assert ("R.nn.rms_norm(" in main) != swapped, main
 
 
-@pytest.mark.parametrize(("code", "group", "scaled"), [("4", 128, False), ("8", 32, False), ("f8", 4096, True)])
-def test_long_quantized_prompts_widen_the_weight_then_run_the_bf16_kernel_on_hopper(code, group, scaled):
+@pytest.mark.parametrize(("code", "group", "scaled", "k"), [("4", 128, False, 4096), ("8", 32, False, 4096), ("f8", 4032, True, 4032)])
+def test_long_quantized_prompts_widen_the_weight_then_run_the_bf16_kernel_on_hopper(code, group, scaled, k):
     """Above PROMPT_SPLIT_M rows a quantized prompt GEMM on Hopper widens the weight once (dequant_weight into an
     N x K scratch) and runs the persistent bf16 gemm_ws (e4m3: with the row scales), 1.4-2.7x gemm_wg_q on the
-    H200 and bit-equal to it; up to 256 rows gemm_wg_q stays; other targets never see either."""
+    H200 and bit-equal to it; up to 256 rows gemm_wg_q stays; other targets never see either. (e4m3 weights take
+    the fp8 kernels where K is whole 128-code steps: the next test; here K = 4032, 63 steps of 64.)"""
     from kiln.passes.kernels.gemm_cuda import qgemm
 
-    src = qgemm(4096, 6144, group, code, "bfloat16", wgmma=True).script()
+    src = qgemm(k, 6144, group, code, "bfloat16", wgmma=True).script()
     assert "if M <= T.int64(256):" in src and f"kiln::gemm_wg_q<__nv_bfloat16, {4 if code == '4' else 8 if code == '8' else 9}, {group}>" in src, src
     assert f"kiln::dequant_weight<__nv_bfloat16, {4 if code == '4' else 8 if code == '8' else 9}, {group}>" in src, src
-    assert f"kiln::gemm_ws<__nv_bfloat16, false, {9 if scaled else 0}>" in src and 'wd = T.alloc_buffer((6144, 4096), "bfloat16")' in src, src
-    assert "dequant_weight" not in qgemm(4096, 6144, group, code, "bfloat16").script()
+    assert f"kiln::gemm_ws<__nv_bfloat16, false, {9 if scaled else 0}>" in src and f'wd = T.alloc_buffer((6144, {k}), "bfloat16")' in src, src
+    assert "dequant_weight" not in qgemm(k, 6144, group, code, "bfloat16").script()
+
+
+def test_fp8_prompts_and_batch_rows_run_on_fp8_tensor_cores_on_hopper():
+    """e4m3 weights on Hopper: prompts and decode_batch above 64 rows quantize their activation rows to e4m3 (one
+    scale per token, quant_rows_e4m3) and run on fp8 wgmma -- the persistent gemm_ws_f8 for long prompts,
+    gemm_rows_ws_f8 with its fixed split of K for short ones and for batches (H200: prompts 1.45-3.4x the widened
+    weight + bf16 kernel, B = 128 rows 1.3-2.9x gemm_rows_wg_q); no widened weight, no bf16 tiles of codes. Other
+    targets keep the 16-bit paths."""
+    from kiln.passes.kernels.gemm_cuda import gemm_rows_q, qgemm
+
+    src = qgemm(4096, 6144, 4096, "f8", "bfloat16", wgmma=True).script()
+    assert "kiln::quant_rows_e4m3<__nv_bfloat16>" in src and "kiln::gemm_ws_f8<__nv_bfloat16, false>" in src, src
+    assert "kiln::gemm_rows_ws_f8<__nv_bfloat16, __nv_bfloat16, false>" in src and "if M <= T.int64(256):" in src, src
+    assert "dequant_weight" not in src and "gemm_wg_q" not in src, src
+    src = gemm_rows_q(4096, 14336, "bfloat16", "f8", out_dtype="float32", wgmma=True).script()
+    assert "kiln::gemm_rows_ws_f8<__nv_bfloat16, float, false>" in src and "if B <= T.int64(64):" in src, src
+    assert "gemm_rows_wg_q" not in src, src
+    for src in (qgemm(4096, 6144, 4096, "f8", "bfloat16").script(), gemm_rows_q(4096, 4096, "bfloat16", "f8").script()):
+        assert "_f8<" not in src and "quant_rows_e4m3" not in src, src
+
+
+def test_fp8_activation_scratch_is_allocated_whole():
+    """The e4m3 activation codes and their scales are written by one kernel and read by the next through access
+    pointers over whole buffers (M x K bytes, M floats), not compacted to their first element (see the dequant
+    scratch test)."""
+    import tvm
+
+    from kiln.passes.kernels.gemm_cuda import qgemm
+
+    mod = tvm.IRModule({"main": qgemm(256, 512, 256, "f8", "bfloat16", wgmma=True).with_attr("global_symbol", "main")})
+    ex = tvm.compile(mod, target=tvm.target.Target(SM90))
+    host = ex.mod.inspect_source("ll")
+    for name in ("aq", "sa"):  # the allocation's size is the symbolic M x K (or M), not a constant element
+        allocs = [ln for ln in host.splitlines() if f"%{name} = tail call ptr" in ln]
+        assert allocs and all(re.search(r"\(i32 2, i32 %dev_id, i64 %[\w.]+, ", ln) for ln in allocs), allocs
 
 
 def test_dequant_scratch_is_allocated_whole():
@@ -236,7 +274,7 @@ def test_quantized_prompt_and_fp8_rows_take_wgmma_on_hopper():
 
     assert "kiln::gemm_wg_q<__nv_bfloat16, 4, 128>" in qgemm(4096, 4096, 128, "4", "bfloat16", wgmma=True).script()
     assert "kiln::gemm_tn_q<__nv_bfloat16, 4, 128>" in qgemm(4096, 4096, 128, "4", "bfloat16").script()
-    src = gemm_rows_q(4096, 4096, "bfloat16", "f8", wgmma=True).script()
+    src = gemm_rows_q(4032, 4096, "bfloat16", "f8", wgmma=True).script()  # K not whole 128-code steps: not the fp8 MMA
     assert "kiln::gemm_rows_wg_q<" in src and "if B <= T.int64(64):" in src, src
     src = gemm_rows_q(4096, 4096, "bfloat16", "f8").script()
     assert "gemm_rows_wg_q" not in src and "197632" not in src, src

@@ -191,8 +191,9 @@ def rows_wg_ksplit(N: int, K: int, sms: int = 132) -> int:
 
 
 def _addresses(*bufs):
-    """The first element's address of each buffer (T.call_extern arguments)."""
-    return [T.address_of(b[tuple(0 for _ in b.shape)]) for b in bufs]
+    """The first element's address of each buffer (T.call_extern arguments); a pointer expression (a scratch
+    buffer's access_ptr) passes as it is."""
+    return [T.address_of(b[tuple(0 for _ in b.shape)]) if hasattr(b, "shape") else b for b in bufs]
 
 
 def _split_k_launch(fn: str, reduce: str, N: int, K: int, ks: int, smem_bytes: int, tile_n: int, tile_t: int, n_on_x: bool,
@@ -252,6 +253,76 @@ def _rows_wg_q_launch(N: int, K: int, dtype: str, out_dtype: str, code: str, gro
     ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
     return _split_k_launch(f"kiln::gemm_rows_wg_q<{ct}, {co}, {QGEMV_CODES[code]}, {group}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, false>",
                            N, K, rows_wg_ksplit(N, K), WG_SMEM_BYTES, 256, 128, True)
+
+
+# --- e4m3 activations on fp8 tensor cores (gemm_wg.cuh quant_rows_e4m3, gemm_ws_f8, gemm_rows_ws_f8) -----------
+# fp8 weights on Hopper: each call quantizes its activation rows to e4m3 (one fp32 scale per token) and runs the GEMM
+# on fp8 wgmma -- twice bf16's tensor-core rate and no widening of the codes (H200, benchmarks/kernels/gemm_f8_check.cu:
+# prompts 1.45-3.4x today's dequant + bf16 GEMM, decode_batch rows at B = 128 1.3-2.9x gemm_rows_wg_q).
+F8_BK = 128  # codes per K step of the fp8 kernels
+QROWS_THREADS = 256  # kiln::QROWS_THREADS
+
+
+def f8_wgmma_supported(K: int) -> bool:
+    return K % F8_BK == 0
+
+
+def rows_f8_ksplit(N: int, K: int) -> int:
+    """K ranges of gemm_rows_ws_f8: gemm_rows_wg's choice, halved until each range is whole 128-code steps."""
+    ks = rows_wg_ksplit(N, K)
+    while ks > 1 and K % (F8_BK * ks):
+        ks //= 2
+    return ks
+
+
+def _f8_activations(K: int, dtype: str):
+    """quant(a, M) -> (codes, scales): scratch for M rows of e4m3 codes and their per-token scales, filled by
+    kiln::quant_rows_e4m3 (one block per row). The scratch pointers are access_ptrs (the whole buffers are used)."""
+    fn = f"kiln::quant_rows_e4m3<{C_TYPES[dtype]}>"
+
+    @T.macro
+    def quant(a, aq, sa, M):
+        for bx in T.thread_binding(M, thread="blockIdx.x"):
+            for tx in T.thread_binding(QROWS_THREADS, thread="threadIdx.x"):
+                T.evaluate(T.call_extern("void", fn, T.address_of(a[0, 0, 0]), aq.access_ptr("w"), sa.access_ptr("w"), T.Cast("int32", M), K))
+
+    return quant
+
+
+def _rows_f8_launch(N: int, K: int, dtype: str, out_dtype: str):
+    """decode_batch rows (or a short prompt) over e4m3 weights on fp8 wgmma: quant_rows_e4m3, then gemm_rows_ws_f8 with
+    its fixed split of K (a token's result depends on K and the split alone, not on B) and the ordered reduction.
+    launch((a, q, s), y, M)."""
+    ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
+    quant = _f8_activations(K, dtype)
+    rows = _split_k_launch(f"kiln::gemm_rows_ws_f8<{ct}, {co}, false>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, false>", N, K,
+                           rows_f8_ksplit(N, K), WS_SMEM_BYTES, 256, 128, True, WS_THREADS)
+
+    @T.macro
+    def launch(ins, y, M):
+        aq = T.alloc_buffer((M * K,), "uint8")
+        sa = T.alloc_buffer((M,), "float32")
+        quant(ins[0], aq, sa, M)
+        # gemm_rows_ws_f8(Aq, SA, W, S, R, ...): R not read (no residual); a in its place
+        rows((aq.access_ptr("r"), sa.access_ptr("r"), ins[1], ins[2], ins[0]), ins[0], y, M)
+
+    return launch
+
+
+def _gemm_f8_launch(N: int, K: int, dtype: str):
+    """Long prompts over e4m3 weights: quant_rows_e4m3, then the persistent gemm_ws_f8. launch((a, q, s), y, M)."""
+    quant = _f8_activations(K, dtype)
+    gemm_launch = _persistent_launch(f"kiln::gemm_ws_f8<{C_TYPES[dtype]}, false>", N, K)
+
+    @T.macro
+    def launch(ins, y, M):
+        aq = T.alloc_buffer((M * K,), "uint8")
+        sa = T.alloc_buffer((M,), "float32")
+        quant(ins[0], aq, sa, M)
+        # gemm_ws_f8(Aq, SA, Bq, S, R, C, ...): R not read; y's address in its place
+        gemm_launch([aq.access_ptr("r"), sa.access_ptr("r"), *_addresses(ins[1], ins[2]), T.address_of(y[0, 0, 0])], y, M, ())
+
+    return launch
 
 
 def _rows_tiles(N: int, K: int):
@@ -360,9 +431,17 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
     small, mid = (f"kiln::gemm_rows<{ct}, {co}, false, {tt}, uint8_t>" for tt in (1, 8))
     tiles = _rows_tiles(N, K)
-    # Hopper, above 64 rows: gemm_rows_wg_q (codes decoded into wgmma tiles; H200, 8B shapes at B = 128: a layer
-    # 290 us against the middle kernel's 396; at B <= 64 the middle kernel is faster)
-    big = _rows_wg_q_launch(N, K, dtype, out_dtype, code, 8) if wgmma and K % BIG_BK == 0 and N >= 1024 else None
+    # Hopper, above 64 rows: e4m3 activations on fp8 wgmma (_rows_f8_launch; H200, 8B shapes at B = 128: a layer ~196 us
+    # against gemm_rows_wg_q's ~407 -- codes decoded into bf16 tiles -- and the middle kernel's ~396; at B <= 64 the
+    # middle kernel, bf16 activations)
+    if wgmma and f8_wgmma_supported(K) and N >= 1024:
+        f8 = _rows_f8_launch(N, K, dtype, out_dtype)
+
+        @T.macro
+        def big(ins, rr, y, M):
+            f8(ins, y, M)
+    else:  # K in 64-wide steps only: the codes decoded into bf16 wgmma tiles
+        big = _rows_wg_q_launch(N, K, dtype, out_dtype, code, 8) if wgmma and K % BIG_BK == 0 and N >= 1024 else None
     launch = _rows_dispatch(tiles, small, mid, ROWS_BIG_B, big)
 
     @T.prim_func
@@ -422,8 +501,19 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
     else:
         fn, smem_bytes = f"kiln::gemm_tn_q<{ct}, {cq}, {group}>", QSMEM_BYTES
     split = wg and rows_wg_ksplit(N, K) > 1  # short prompts on Hopper: K split over blocks
-    short = _prompt_launch(_tile_launch(fn, N, K, smem_bytes), _rows_wg_q_launch(N, K, dtype, dtype, code, group), split)
-    long = _dequant_gemm_launch(N, K, group, code, dtype) if wg else None
+    if wg and code == "f8" and f8_wgmma_supported(K):  # e4m3 activations on fp8 wgmma, short and long prompts
+        rows_f8, gemm_f8 = _rows_f8_launch(N, K, dtype, dtype), _gemm_f8_launch(N, K, dtype)
+
+        @T.macro
+        def short(ins, rr, y, M):
+            rows_f8(ins, y, M)
+
+        @T.macro
+        def long(ins, y, M):
+            gemm_f8(ins, y, M)
+    else:
+        short = _prompt_launch(_tile_launch(fn, N, K, smem_bytes), _rows_wg_q_launch(N, K, dtype, dtype, code, group), split)
+        long = _dequant_gemm_launch(N, K, group, code, dtype) if wg else None
 
     @T.macro
     def short_or_long(ins, rr, y, M):

@@ -66,6 +66,22 @@ __device__ __forceinline__ void wgmma_256(float (&d)[128], uint64_t da, uint64_t
 #endif
 }
 #undef KILN_WGMMA_256
+
+// One m64n256k32 wgmma over e4m3 operands (both K-major: fp8 wgmma has no transposed form), fp32 sums. The same
+// 128 accumulators per thread, and the same 32 bytes along K per instruction as the 16-bit k16 form.
+__device__ __forceinline__ void wgmma_256_e4m3(float (&d)[128], uint64_t da, uint64_t db, int scale_d) {
+#ifdef KILN_HAVE_WGMMA
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 "
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+               "%128, %129, p, 1, 1;\n}\n"
+               : KILN_WG_D8(0), KILN_WG_D8(8), KILN_WG_D8(16), KILN_WG_D8(24), KILN_WG_D8(32), KILN_WG_D8(40), KILN_WG_D8(48),
+                 KILN_WG_D8(56), KILN_WG_D8(64), KILN_WG_D8(72), KILN_WG_D8(80), KILN_WG_D8(88), KILN_WG_D8(96), KILN_WG_D8(104),
+                 KILN_WG_D8(112), KILN_WG_D8(120)
+               : "l"(da), "l"(db), "r"(scale_d));
+#endif
+}
+
 #undef KILN_WG_D8
 
 __device__ __forceinline__ void wg_fence() {
@@ -92,29 +108,30 @@ __device__ __forceinline__ void fence_proxy_async() {
 
 // The epilogue of a consumer warpgroup's 64 x 256 tile: warp rows r0 .. r0 + 15 of the block's (m0, n0) tile,
 // d[4 j + e] = row r0 + g (+ 8 for e >= 2), column 8 j + 2 q + (e & 1). split: fp32 sums to ws[z][m][n];
-// else C (+ R) in OutT. e4m3 (CODE 9): the row (output column) scales S multiply the sums first.
+// else C (+ R) in OutT. e4m3 (CODE 9): the row (output column) scales S multiply the sums first; e4m3 activations
+// too (CODE 10): then also their per-token scales SA (row m of A).
 template <typename T, typename OutT, bool RESIDUAL, int CODE>
 __device__ __forceinline__ void wg_store(float (&d)[128], int r0, int lane, const T* __restrict__ R, OutT* __restrict__ C,
                                          float* __restrict__ ws, int M, int N, int z, bool split, int m0, int n0,
-                                         const void* __restrict__ S) {
+                                         const void* __restrict__ S, const float* __restrict__ SA = nullptr) {
   const int g = lane / 4, q = lane % 4;
-  if constexpr (CODE != 0 && CODE != 4 && CODE != 8) {
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int n = n0 + j * 8 + 2 * q;
-      const float s0 = n < N ? static_cast<const float*>(S)[n] : 0.f, s1 = n + 1 < N ? static_cast<const float*>(S)[n + 1] : 0.f;
-      d[4 * j] *= s0; d[4 * j + 2] *= s0;
-      d[4 * j + 1] *= s1; d[4 * j + 3] *= s1;
-    }
-  }
+  constexpr bool SCALED = CODE == 9 || CODE == 10;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int m = m0 + r0 + g + h * 8;
     if (m >= M) continue;
+    const float sa = CODE == 10 ? SA[m] : 1.f;
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
       const int n = n0 + j * 8 + 2 * q;
       float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
+      if constexpr (SCALED) {  // the weight row's scale (read per row pair here: a pass over all 128 sums first spilled);
+        // rounded products (__fmul_rn: never contracted into the residual's add), so every kernel of this tile agrees bit for bit
+        const float* Sf = static_cast<const float*>(S);
+        v0 = __fmul_rn(v0, n < N ? Sf[n] : 0.f);
+        v1 = __fmul_rn(v1, n + 1 < N ? Sf[n + 1] : 0.f);
+        if constexpr (CODE == 10) v0 = __fmul_rn(v0, sa), v1 = __fmul_rn(v1, sa);
+      }
       const bool pair_ok = n + 1 < N && (N & 1) == 0;  // vector stores need an even row length (n is even)
       if (split) {
         float* w = ws + ((size_t)z * M + m) * N + n;
@@ -378,11 +395,16 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* gmap, int 
 // through one ring (a persistent block: the producer fills the next tile's stages while the consumers store this
 // one's results; the tensor maps are built once). K steps kbeg / 64 .. + steps - 1 of each.
 // CODE 9: B holds e4m3 codes widened exactly to T (dequant_weight), S their fp32 row scales, applied to the sums.
+// CODE 10: A and B are both e4m3 codes (bytes; rows of K bytes), SA A's per-row (token) scales, S B's per-row scales:
+// a K step is 128 codes (the same 128-byte swizzled rows, so the same ring, boxes and byte counts), four k32 wgmmas.
 template <typename T, typename OutT, bool RESIDUAL, typename TileOf, int CODE = 0>
-__device__ __forceinline__ void gemm_ws_tiles_wgmma(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R,
+__device__ __forceinline__ void gemm_ws_tiles_wgmma(const void* __restrict__ A, const void* __restrict__ B, const T* __restrict__ R,
                                                     OutT* __restrict__ C, float* __restrict__ ws, int M, int N, int K, int kbeg, int steps,
                                                     int z, bool split, unsigned char* __restrict__ smem_raw, TileOf tile, int first, int stride,
-                                                    int count, unsigned char* __restrict__ tmaps, const float* __restrict__ S = nullptr) {
+                                                    int count, unsigned char* __restrict__ tmaps, const float* __restrict__ S = nullptr,
+                                                    const float* __restrict__ SA = nullptr) {
+  constexpr bool F8 = CODE == 10;
+  constexpr int BK = F8 ? 128 : WG_BK;  // elements per K step: 128 bytes of a row either way
   const uint32_t sraw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)), sbase = (sraw + 1023u) & ~1023u;
   const uint32_t full = sbase + WS_STAGES * WG_STAGE_BYTES, empty = full + 8 * WS_STAGES, smaps = (empty + 8 * WS_STAGES + 127u) & ~127u;
   const int tid = threadIdx.x;
@@ -398,8 +420,13 @@ __device__ __forceinline__ void gemm_ws_tiles_wgmma(const T* __restrict__ A, con
   if (tid >= 256) {  // producer warp
     const size_t blk = blockIdx.x + (size_t)gridDim.x * (blockIdx.y + (size_t)gridDim.y * blockIdx.z);
     unsigned char* gmaps = tmaps + blk * WS_TMAP_BYTES;
-    tmap_build_tile<T>(smaps, gmaps, A, M, K, WG_BM);
-    tmap_build_tile<T>(smaps + 128, gmaps + 128, B, N, K, WG_BN);
+    if constexpr (F8) {  // bytes (the map's type 0, uint8), 128-byte boxes
+      tmap_build<0, 3>(smaps, gmaps, A, M, K, 1, 128, WG_BM);
+      tmap_build<0, 3>(smaps + 128, gmaps + 128, B, N, K, 1, 128, WG_BN);
+    } else {
+      tmap_build_tile<T>(smaps, gmaps, static_cast<const T*>(A), M, K, WG_BM);
+      tmap_build_tile<T>(smaps + 128, gmaps + 128, static_cast<const T*>(B), N, K, WG_BN);
+    }
     if (tid == 256) {
       int g = 0;  // steps issued by this block, over all its tiles: the ring position and phase
       for (int i = first; i < count; i += stride) {
@@ -409,7 +436,7 @@ __device__ __forceinline__ void gemm_ws_tiles_wgmma(const T* __restrict__ A, con
           const int st = g % WS_STAGES;
           if (g >= WS_STAGES) mbar_wait(empty + 8 * st, ((g / WS_STAGES) - 1) & 1);
           const uint32_t as = sbase + st * WG_STAGE_BYTES, bar = full + 8 * st;
-          const int k0 = kbeg + s * WG_BK;
+          const int k0 = kbeg + s * BK;
           mbar_expect_bytes(bar, WG_STAGE_BYTES);
           tma_load_2d(as, gmaps, k0, m0, bar);
           tma_load_2d(as + WG_A_BYTES, gmaps + 128, k0, n0, bar);
@@ -433,7 +460,13 @@ __device__ __forceinline__ void gemm_ws_tiles_wgmma(const T* __restrict__ A, con
       const uint64_t da = wg_desc(sa), db = wg_desc(sb);
       wg_fence();
 #pragma unroll
-      for (int kk = 0; kk < WG_BK / 16; ++kk) wgmma_256<T>(d, da + 2 * kk, db + 2 * kk, 1);
+      for (int kk = 0; kk < 4; ++kk) {  // 32 bytes along K each (+2 in the descriptors' 16-byte units)
+        if constexpr (F8) {
+          wgmma_256_e4m3(d, da + 2 * kk, db + 2 * kk, 1);
+        } else {
+          wgmma_256<T>(d, da + 2 * kk, db + 2 * kk, 1);
+        }
+      }
       wg_commit();
       wg_wait<1>();  // the previous step's wgmma done: its stage may be refilled
       __syncwarp();
@@ -442,7 +475,7 @@ __device__ __forceinline__ void gemm_ws_tiles_wgmma(const T* __restrict__ A, con
     wg_wait<0>();
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + 8 * ((g - 1) % WS_STAGES));  // the tile's last stage
-    wg_store<T, OutT, RESIDUAL, CODE>(d, cw * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, S);
+    wg_store<T, OutT, RESIDUAL, CODE>(d, cw * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, S, SA);
   }
 }
 
@@ -658,6 +691,119 @@ __device__ __forceinline__ void gemm_rows_ws(const T* __restrict__ A, const T* _
   const int steps = K / ksplit / WG_BK, z = blockIdx.z;
   gemm_ws_tile<T, OutT, RESIDUAL>(A, W, R, C, ws, M, N, K, z * steps * WG_BK, steps, z, ksplit > 1, smem_raw, blockIdx.y * WG_BM,
                                   blockIdx.x * WG_BN, tmaps);
+}
+
+// ---- e4m3 activations on fp8 tensor cores (fp8 weights: e4m3 codes [N, K] with one fp32 scale per row) ----
+// Each token's activations are quantized on the fly to e4m3 with one fp32 scale per token (its largest magnitude
+// maps to 448, e4m3's largest finite value; round to nearest, saturating), then the GEMM runs on fp8 wgmma (twice
+// bf16's tensor-core rate, and no widening of the weight codes) and the epilogue multiplies each sum by the token's
+// and the weight row's scales. Sums accumulate in the tensor cores' fp32 (Hopper's fp8 accumulation keeps fewer
+// bits than a full fp32 add: the "fast accumulation" inference kernels use; benchmarks/NOTES.md measures the error).
+
+// Row m of X [M, K] (16-bit T) -> Q [M, K] e4m3 codes and SA[m] = max |x| / 448 (0 for a zero row: its codes are 0).
+// One block of QROWS_THREADS per row (grid M); K % 8 == 0.
+constexpr int QROWS_THREADS = 256;
+template <typename T>
+__device__ __forceinline__ void quant_rows_e4m3(const T* __restrict__ X, uint8_t* __restrict__ Q, float* __restrict__ SA, int M, int K) {
+  __shared__ float wmax[QROWS_THREADS / 32];
+  const int m = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  if (m >= M) return;
+  const uint4* x = reinterpret_cast<const uint4*>(X + (size_t)m * K);
+  const int chunks = K / 8;
+  float amax = 0.f;
+  for (int c = tid; c < chunks; c += QROWS_THREADS) {
+    const uint4 v = x[c];
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  if (lane == 0) wmax[warp] = amax;
+  __syncthreads();
+  amax = 0.f;
+#pragma unroll
+  for (int w = 0; w < QROWS_THREADS / 32; ++w) amax = fmaxf(amax, wmax[w]);
+  const float inv = amax > 0.f ? 448.f / amax : 0.f;
+  if (tid == 0) SA[m] = amax / 448.f;
+  uint2* q = reinterpret_cast<uint2*>(Q + (size_t)m * K);
+  for (int c = tid; c < chunks; c += QROWS_THREADS) {
+    const uint4 v = x[c];
+    const T* e = reinterpret_cast<const T*>(&v);
+    uint32_t w[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(to_float(e[4 * h]) * inv, to_float(e[4 * h + 1]) * inv), __NV_SATFINITE, __NV_E4M3);
+      const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(to_float(e[4 * h + 2]) * inv, to_float(e[4 * h + 3]) * inv), __NV_SATFINITE, __NV_E4M3);
+      w[h] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+    q[c] = make_uint2(w[0], w[1]);
+  }
+}
+
+// Without sm_90a (the fatbin's forward-compatible PTX on a later GPU): the tile (m0, n0) over K steps kbeg / 128 ..
+// + steps - 1 on CUDA cores, one output per thread at a time; the same products and scales, fp32 sums in K order.
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_f8_tile_portable(const uint8_t* __restrict__ Aq, const float* __restrict__ SA, const uint8_t* __restrict__ Bq,
+                                                      const float* __restrict__ S, const T* __restrict__ R, OutT* __restrict__ C,
+                                                      float* __restrict__ ws, int M, int N, int K, int kbeg, int steps, int z, bool split,
+                                                      int m0, int n0) {
+  for (int i = threadIdx.x; i < WG_BM * WG_BN; i += blockDim.x) {
+    const int m = m0 + i / WG_BN, n = n0 + i % WG_BN;
+    if (m >= M || n >= N) continue;
+    float v = 0.f;
+    for (int k = kbeg; k < kbeg + steps * 128; ++k) v += kv_decode<kKvFp8>(Aq[(size_t)m * K + k]) * kv_decode<kKvFp8>(Bq[(size_t)n * K + k]);
+    v = __fmul_rn(__fmul_rn(v, S[n]), SA[m]);
+    if (split) {
+      ws[((size_t)z * M + m) * N + n] = v;
+    } else {
+      if constexpr (RESIDUAL) v += to_float(R[(size_t)m * N + n]);
+      C[(size_t)m * N + n] = from_float<OutT>(v);
+    }
+  }
+}
+
+// C = (SA . S^T) * (Aq . Bq^T) (+ R): gemm_ws over e4m3 activations and weights. Same persistent launch as gemm_ws
+// (WS_THREADS, GEMM_WS_SMEM_BYTES, WS_TMAP_BYTES per block); K % 128 == 0.
+template <typename T, bool RESIDUAL>
+__device__ __forceinline__ void gemm_ws_f8(const uint8_t* __restrict__ Aq, const float* __restrict__ SA, const uint8_t* __restrict__ Bq,
+                                           const float* __restrict__ S, const T* __restrict__ R, T* __restrict__ C, int M, int N, int K,
+                                           unsigned char* __restrict__ smem_raw, unsigned char* __restrict__ tmaps) {
+#ifdef KILN_HAVE_WGMMA
+  const int nt = (N + WG_BN - 1) / WG_BN, mt = (M + WG_BM - 1) / WG_BM;
+  uint32_t nsm;
+  asm("mov.u32 %0, %%nsmid;\n" : "=r"(nsm));
+  const int stride = nsm >= 1 && nsm < gridDim.x ? (int)nsm : (int)gridDim.x;
+  if ((int)blockIdx.x >= stride) return;
+  const auto tile = [=](int i, int& m0, int& n0) { wg_tile_of(i, mt, nt, m0, n0); };
+  gemm_ws_tiles_wgmma<T, T, RESIDUAL, decltype(tile), 10>(Aq, Bq, R, C, nullptr, M, N, K, 0, K / 128, 0, false, smem_raw, tile, blockIdx.x,
+                                                          stride, mt * nt, tmaps, S, SA);
+#else
+  for (int i = blockIdx.x; i < ((M + WG_BM - 1) / WG_BM) * ((N + WG_BN - 1) / WG_BN); i += gridDim.x) {
+    int m0, n0;
+    wg_tile_of(i, (M + WG_BM - 1) / WG_BM, (N + WG_BN - 1) / WG_BN, m0, n0);
+    gemm_f8_tile_portable<T, T, RESIDUAL>(Aq, SA, Bq, S, R, C, nullptr, M, N, K, 0, K / 128, 0, false, m0, n0);
+  }
+#endif
+}
+
+// gemm_rows_ws's contract and grid (K cut into ksplit ranges over grid.z, fp32 partials for gemm_rows_big_reduce)
+// over e4m3 activations and weights; K % (128 * ksplit) == 0.
+template <typename T, typename OutT, bool RESIDUAL>
+__device__ __forceinline__ void gemm_rows_ws_f8(const uint8_t* __restrict__ Aq, const float* __restrict__ SA, const uint8_t* __restrict__ W,
+                                                const float* __restrict__ S, const T* __restrict__ R, OutT* __restrict__ C,
+                                                float* __restrict__ ws, int M, int N, int K, int ksplit, unsigned char* __restrict__ smem_raw,
+                                                unsigned char* __restrict__ tmaps) {
+#ifdef KILN_HAVE_WGMMA
+  const int steps = K / ksplit / 128, z = blockIdx.z, m0 = blockIdx.y * WG_BM, n0 = blockIdx.x * WG_BN;
+  const auto tile = [=](int, int& m, int& n) { m = m0; n = n0; };
+  gemm_ws_tiles_wgmma<T, OutT, RESIDUAL, decltype(tile), 10>(Aq, W, R, C, ws, M, N, K, z * steps * 128, steps, z, ksplit > 1, smem_raw, tile, 0, 1,
+                                                             1, tmaps, S, SA);
+#else
+  const int steps = K / ksplit / 128, z = blockIdx.z;
+  gemm_f8_tile_portable<T, OutT, RESIDUAL>(Aq, SA, W, S, R, C, ws, M, N, K, z * steps * 128, steps, z, ksplit > 1, blockIdx.y * WG_BM,
+                                           blockIdx.x * WG_BN);
+#endif
 }
 
 }  // namespace kiln
