@@ -15,7 +15,8 @@
 #include <vector>
 using bf = __nv_bfloat16;
 
-__global__ void __launch_bounds__(kiln::QROWS_THREADS) kq(const bf* X, uint8_t* Q, float* SA, int M, int K) { kiln::quant_rows_e4m3<bf>(X, Q, SA, M, K); }
+template <int CPT>
+__global__ void __launch_bounds__(kiln::QROWS_THREADS) kq(const bf* X, uint8_t* Q, float* SA, int M, int K) { kiln::quant_rows_e4m3<bf, CPT>(X, Q, SA, M, K); }
 template <bool RES>
 __global__ void __launch_bounds__(kiln::WS_THREADS, 1) kf8(const uint8_t* Aq, const float* SA, const uint8_t* B, const float* S, const bf* R, bf* C,
                                                            int M, int N, int K, unsigned char* tm) {
@@ -88,7 +89,14 @@ int ksplit_f8(int N, int K) {
   return ks;
 }
 int ksplit_wg(int N, int K) { int t = (N + 255) / 256, ks = 1; while (ks < 8 && t * ks * 2 <= 132 && K % (64 * ks * 2) == 0) ks *= 2; return ks; }
-void quant(const bf* A, uint8_t* Aq, float* SA, int M, int K) { kq<<<M, kiln::QROWS_THREADS>>>(A, Aq, SA, M, K); }
+void quant(const bf* A, uint8_t* Aq, float* SA, int M, int K) {  // CPT as gemm_cuda.py picks it: ceil(K / 2048)
+  switch ((K + 8 * kiln::QROWS_THREADS - 1) / (8 * kiln::QROWS_THREADS)) {
+    case 1: kq<1><<<M, kiln::QROWS_THREADS>>>(A, Aq, SA, M, K); break;
+    case 2: kq<2><<<M, kiln::QROWS_THREADS>>>(A, Aq, SA, M, K); break;
+    case 7: kq<7><<<M, kiln::QROWS_THREADS>>>(A, Aq, SA, M, K); break;
+    default: printf("no quant instance for K %d\n", K); exit(1);
+  }
+}
 void f8_gemm(const uint8_t* Aq, const float* SA, const uint8_t* B, const float* S, const bf* R, bf* C, int M, int N, int K, bool res, int blocks = 132) {
   const int tiles = ((N + 255) / 256) * ((M + 127) / 128), pg = std::min(blocks, tiles);
   if (res) kf8<true><<<pg, kiln::WS_THREADS, kiln::GEMM_WS_SMEM_BYTES>>>(Aq, SA, B, S, R, C, M, N, K, g_tmaps);

@@ -277,8 +277,9 @@ def rows_f8_ksplit(N: int, K: int) -> int:
 
 def _f8_activations(K: int, dtype: str):
     """quant(a, M) -> (codes, scales): scratch for M rows of e4m3 codes and their per-token scales, filled by
-    kiln::quant_rows_e4m3 (one block per row). The scratch pointers are access_ptrs (the whole buffers are used)."""
-    fn = f"kiln::quant_rows_e4m3<{C_TYPES[dtype]}>"
+    kiln::quant_rows_e4m3 (one block per row, the row held in registers: CPT chunks of 8 per thread). The scratch
+    pointers are access_ptrs (the whole buffers are used)."""
+    fn = f"kiln::quant_rows_e4m3<{C_TYPES[dtype]}, {-(-K // (8 * QROWS_THREADS))}>"
 
     @T.macro
     def quant(a, aq, sa, M):
@@ -289,13 +290,13 @@ def _f8_activations(K: int, dtype: str):
     return quant
 
 
-def _rows_f8_launch(N: int, K: int, dtype: str, out_dtype: str):
+def _rows_f8_launch(N: int, K: int, dtype: str, out_dtype: str, residual: bool = False):
     """decode_batch rows (or a short prompt) over e4m3 weights on fp8 wgmma: quant_rows_e4m3, then gemm_rows_ws_f8 with
-    its fixed split of K (a token's result depends on K and the split alone, not on B) and the ordered reduction.
-    launch((a, q, s), y, M)."""
-    ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
+    its fixed split of K (a token's result depends on K and the split alone, not on B) and the ordered reduction
+    (+ r). launch((a, q, s[, r]), y, M)."""
+    ct, co, res = C_TYPES[dtype], C_TYPES[out_dtype], "true" if residual else "false"
     quant = _f8_activations(K, dtype)
-    rows = _split_k_launch(f"kiln::gemm_rows_ws_f8<{ct}, {co}, false>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, false>", N, K,
+    rows = _split_k_launch(f"kiln::gemm_rows_ws_f8<{ct}, {co}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>", N, K,
                            rows_f8_ksplit(N, K), WS_SMEM_BYTES, 256, 128, True, WS_THREADS)
 
     @T.macro
@@ -303,26 +304,50 @@ def _rows_f8_launch(N: int, K: int, dtype: str, out_dtype: str):
         aq = T.alloc_buffer((M * K,), "uint8")
         sa = T.alloc_buffer((M,), "float32")
         quant(ins[0], aq, sa, M)
-        # gemm_rows_ws_f8(Aq, SA, W, S, R, ...): R not read (no residual); a in its place
-        rows((aq.access_ptr("r"), sa.access_ptr("r"), ins[1], ins[2], ins[0]), ins[0], y, M)
+        # gemm_rows_ws_f8(Aq, SA, W, S, R, ...): without a residual R is not read (a in its place)
+        r = ins[3] if residual else ins[0]
+        rows((aq.access_ptr("r"), sa.access_ptr("r"), ins[1], ins[2], r), r, y, M)
 
     return launch
 
 
-def _gemm_f8_launch(N: int, K: int, dtype: str):
-    """Long prompts over e4m3 weights: quant_rows_e4m3, then the persistent gemm_ws_f8. launch((a, q, s), y, M)."""
+def _gemm_f8_launch(N: int, K: int, dtype: str, residual: bool = False):
+    """Long prompts over e4m3 weights: quant_rows_e4m3, then the persistent gemm_ws_f8 (+ r). launch((a, q, s[, r]), y, M)."""
     quant = _f8_activations(K, dtype)
-    gemm_launch = _persistent_launch(f"kiln::gemm_ws_f8<{C_TYPES[dtype]}, false>", N, K)
+    gemm_launch = _persistent_launch(f"kiln::gemm_ws_f8<{C_TYPES[dtype]}, {'true' if residual else 'false'}>", N, K)
 
     @T.macro
     def launch(ins, y, M):
         aq = T.alloc_buffer((M * K,), "uint8")
         sa = T.alloc_buffer((M,), "float32")
         quant(ins[0], aq, sa, M)
-        # gemm_ws_f8(Aq, SA, Bq, S, R, C, ...): R not read; y's address in its place
-        gemm_launch([aq.access_ptr("r"), sa.access_ptr("r"), *_addresses(ins[1], ins[2]), T.address_of(y[0, 0, 0])], y, M, ())
+        # gemm_ws_f8(Aq, SA, Bq, S, R, C, ...): without a residual R is not read (y's address in its place)
+        gemm_launch([aq.access_ptr("r"), sa.access_ptr("r"), *_addresses(ins[1], ins[2], ins[3] if residual else y)], y, M, ())
 
     return launch
+
+
+def qgemm_f8_residual(K: int, N: int, dtype: str):
+    """y  # [1, M, N] = r + a  # [1, M, K] @ dequant(q, s)^T for e4m3 weights on Hopper (f8_wgmma_supported(K)): a
+    prompt's o / down projection with the residual add in the GEMM's epilogue (an fp8 artifact's 2048-token prompt
+    on the 8B shape spent 1.66 ms in 64 separate adds). Up to PROMPT_SPLIT_M rows the split-K rows kernel, above it
+    the persistent one, as qgemm."""
+    rows_f8, gemm_f8 = _rows_f8_launch(N, K, dtype, dtype, residual=True), _gemm_f8_launch(N, K, dtype, residual=True)
+
+    @T.prim_func
+    def kiln_qgemm_f8_residual(var_a: T.handle, q: T.Buffer((N, K), "uint8"), s: T.Buffer((N, 1), "float32"), var_r: T.handle,
+                               var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        M = T.int64()
+        a = T.match_buffer(var_a, (1, M, K), dtype)
+        r = T.match_buffer(var_r, (1, M, N), dtype)
+        y = T.match_buffer(var_y, (1, M, N), dtype)
+        if M <= PROMPT_SPLIT_M:
+            rows_f8((a, q, s, r), y, M)
+        else:
+            gemm_f8((a, q, s, r), y, M)
+
+    return kiln_qgemm_f8_residual
 
 
 def _rows_tiles(N: int, K: int):
@@ -431,18 +456,19 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     ct, co = C_TYPES[dtype], C_TYPES[out_dtype]
     small, mid = (f"kiln::gemm_rows<{ct}, {co}, false, {tt}, uint8_t>" for tt in (1, 8))
     tiles = _rows_tiles(N, K)
-    # Hopper, above 64 rows: e4m3 activations on fp8 wgmma (_rows_f8_launch; H200, 8B shapes at B = 128: a layer ~196 us
-    # against gemm_rows_wg_q's ~407 -- codes decoded into bf16 tiles -- and the middle kernel's ~396; at B <= 64 the
-    # middle kernel, bf16 activations)
+    # Hopper, above 8 rows: e4m3 activations on fp8 wgmma (_rows_f8_launch; H200, 8B shapes at B = 128: a layer ~196 us
+    # against gemm_rows_wg_q's ~407 -- codes decoded into bf16 tiles -- and the middle kernel's ~396; weight-bound, so
+    # about as fast at B = 16 as at 65: `kiln serve` at 32 / 64 streams ran below bf16's on the middle kernel)
+    mid_max = ROWS_BIG_B
     if wgmma and f8_wgmma_supported(K) and N >= 1024:
-        f8 = _rows_f8_launch(N, K, dtype, out_dtype)
+        f8, mid_max = _rows_f8_launch(N, K, dtype, out_dtype), ROWS_WG_B
 
         @T.macro
         def big(ins, rr, y, M):
             f8(ins, y, M)
-    else:  # K in 64-wide steps only: the codes decoded into bf16 wgmma tiles
+    else:  # K in 64-wide steps only: the codes decoded into bf16 wgmma tiles above 64 rows
         big = _rows_wg_q_launch(N, K, dtype, out_dtype, code, 8) if wgmma and K % BIG_BK == 0 and N >= 1024 else None
-    launch = _rows_dispatch(tiles, small, mid, ROWS_BIG_B, big)
+    launch = _rows_dispatch(tiles, small, mid, mid_max, big)
 
     @T.prim_func
     def kiln_gemm_rows_f8(var_a: T.handle, q: T.Buffer((N, K), "uint8"), s: T.Buffer((N, 1), "float32"), var_y: T.handle):

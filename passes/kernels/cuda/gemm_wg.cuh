@@ -701,19 +701,23 @@ __device__ __forceinline__ void gemm_rows_ws(const T* __restrict__ A, const T* _
 // bits than a full fp32 add: the "fast accumulation" inference kernels use; benchmarks/NOTES.md measures the error).
 
 // Row m of X [M, K] (16-bit T) -> Q [M, K] e4m3 codes and SA[m] = max |x| / 448 (0 for a zero row: its codes are 0).
-// One block of QROWS_THREADS per row (grid M); K % 8 == 0.
+// One block of QROWS_THREADS per row (grid M); K % 8 == 0 and K <= 8 * QROWS_THREADS * CPT: each thread holds its CPT
+// chunks of 8 values in registers between the maximum and the conversion, so the row is read from memory once.
 constexpr int QROWS_THREADS = 256;
-template <typename T>
+template <typename T, int CPT>
 __device__ __forceinline__ void quant_rows_e4m3(const T* __restrict__ X, uint8_t* __restrict__ Q, float* __restrict__ SA, int M, int K) {
   __shared__ float wmax[QROWS_THREADS / 32];
   const int m = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   if (m >= M) return;
   const uint4* x = reinterpret_cast<const uint4*>(X + (size_t)m * K);
   const int chunks = K / 8;
+  uint4 v[CPT];
   float amax = 0.f;
-  for (int c = tid; c < chunks; c += QROWS_THREADS) {
-    const uint4 v = x[c];
-    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int i = 0; i < CPT; ++i) {
+    const int c = tid + i * QROWS_THREADS;
+    v[i] = c < chunks ? x[c] : make_uint4(0, 0, 0, 0);
+    const T* e = reinterpret_cast<const T*>(&v[i]);
 #pragma unroll
     for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
   }
@@ -727,9 +731,11 @@ __device__ __forceinline__ void quant_rows_e4m3(const T* __restrict__ X, uint8_t
   const float inv = amax > 0.f ? 448.f / amax : 0.f;
   if (tid == 0) SA[m] = amax / 448.f;
   uint2* q = reinterpret_cast<uint2*>(Q + (size_t)m * K);
-  for (int c = tid; c < chunks; c += QROWS_THREADS) {
-    const uint4 v = x[c];
-    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int i = 0; i < CPT; ++i) {
+    const int c = tid + i * QROWS_THREADS;
+    if (c >= chunks) break;
+    const T* e = reinterpret_cast<const T*>(&v[i]);
     uint32_t w[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
