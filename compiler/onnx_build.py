@@ -33,6 +33,7 @@ from ..passes.cpu_graph_rules import graph_rules
 from ..passes.hoist_shape_bindings import HoistShapeBindings
 from ..passes.pipeline import PipelineOptions, run_pipeline
 from ..passes.schedule_tir import MatmulWithoutTensorCores
+from ..passes.max_pool_on_kernel import MaxPoolOnKernel
 from ..passes.softmax_on_kernel import SoftmaxOnKernel
 from ..passes.kernels.qdot_cpu import qdot_supported
 from ..passes.narrow_float_params import NarrowFloatParams
@@ -196,6 +197,7 @@ def build_graph(opts: GraphOptions, progress: Progress = QUIET) -> GraphSummary:
         params = [e if "layout" in e else before[e["name"]] for e in packed]
         mod = FuseGemmEpilogues()(ReadConvPatchesInPlace()(mod))  # convolutions: no im2col copy; bias / residual / ReLU in the store
         mod = SoftmaxOnKernel()(ActivationMatmulsOnGemm()(mod))  # the rest: products of two activations (attention); softmax rows
+        mod = MaxPoolOnKernel()(mod)  # NHWC max pools (around the convolutions)
     inits = {p.name: p for p in graph_params}
     warnings = []
     cache = [i.name for i in graph.inputs if _KV_CACHE_INPUT.search(i.name)]
