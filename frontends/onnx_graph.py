@@ -185,9 +185,15 @@ def _import(model: OnnxModel, pinned: dict[str, list] | None, nt: bool) -> Impor
 
 
 def _converters() -> dict:
-    """kiln's converters: frontends/onnx_ops.py's table, RNN / GRU / LSTM (frontends/onnx_rnn.py)
-    and arithmetic on symbolic dimensions (frontends/onnx_symbolic.py: Div, Resize)."""
-    return {**CONVERTERS, **RNN_CONVERTERS, **SYMBOLIC_CONVERTERS}
+    """{op: [converter, ...]}, kiln's converters in the order tried: frontends/onnx_ops.py's table,
+    RNN / GRU / LSTM (frontends/onnx_rnn.py) and arithmetic on symbolic dimensions
+    (frontends/onnx_symbolic.py: Div, Resize). An op may have several (Div: integer tensors in
+    onnx_ops, dimensions in onnx_symbolic); the first that does not return None converts the node."""
+    out: dict = {}
+    for table in (CONVERTERS, RNN_CONVERTERS, SYMBOLIC_CONVERTERS):
+        for op, convert in table.items():
+            out.setdefault(op, []).append(convert)
+    return out
 
 
 def _importer_class(t):
@@ -199,8 +205,11 @@ def _importer_class(t):
             pass  # check_operators ran before import, knowing kiln's converters (TVM's check does not: GRU)
 
         def _convert_operator(self, op_name, inputs, attrs, opset):
-            convert = converters.get(op_name)
-            out = convert(t, self.bb, inputs, attrs) if convert is not None else None
+            out = None
+            for convert in converters.get(op_name, ()):
+                out = convert(t, self.bb, inputs, attrs)
+                if out is not None:
+                    break
             if out is None:
                 return super()._convert_operator(op_name, inputs, attrs, opset)
             return self.bb.normalize(out)

@@ -22,7 +22,7 @@ mixed or integer types; Constant's value_float(s) / value_int(s); RMSNormalizati
 every axis; EyeLike's dtype; Expand to a shape of lower rank; ConvTranspose's
 output_shape; SequenceInsert at a negative position; ONNX's own Attention (opset 23;
 float16 computed in float32); Mod as numpy's (infinite divisors, large quotients, integer
-zero divisors). Training-mode BatchNormalization and Dropout, RoiAlign's max mode (TVM
+zero divisors); integer Div by a run-time zero (0, not SIGFPE). Training-mode BatchNormalization and Dropout, RoiAlign's max mode (TVM
 computes another maximum than ONNX's) and bfloat16 Attention are refused rather than
 computed wrongly.
 """
@@ -418,6 +418,27 @@ def convert_mod(t, bb, inputs, attrs):
     return R.where(R.equal(r, zero), R.where(y_neg, relax.const(-0.0, dtype), zero), r)
 
 
+def convert_div(t, bb, inputs, attrs):
+    """Integer Div by a tensor computed at run time: a zero divisor trapped the process with SIGFPE
+    (and -1 with the type's minimum: its quotient overflows). onnx's reference gives 0 for x / 0 and
+    the wrapped -x for x / -1; kiln divides by 1 there and selects those. Constant divisors stay
+    TVM's (it refuses a zero at import)."""
+    x, y = inputs[0], inputs[1]
+    if any(t.tvm.ir.is_prim_expr(v) or not isinstance(v.ty, t.relax.TensorType) for v in (x, y)) or _const(t, y) is not None:
+        return None
+    dtype = _tensor_dtype(x)
+    if dtype != _tensor_dtype(y) or not dtype.startswith(("int", "uint")):
+        return None
+    R, relax = t.relax.op, t.relax
+    zero, one = relax.const(0, dtype), relax.const(1, dtype)
+    by_zero = bb.emit(R.equal(y, zero))
+    if dtype.startswith("uint"):
+        return R.where(by_zero, zero, R.divide(x, bb.emit(R.where(by_zero, one, y))))
+    by_minus_one = bb.emit(R.equal(y, relax.const(-1, dtype)))
+    q = R.divide(x, bb.emit(R.where(R.logical_or(by_zero, by_minus_one), one, y)))  # x where y is 0 or -1
+    return R.where(by_zero, zero, R.where(by_minus_one, R.subtract(zero, x), q))
+
+
 CONVERTERS: dict[str, Callable] = {"Range": convert_range, "Cast": convert_cast,
                                    "Max": _variadic("maximum"), "Min": _variadic("minimum"), "Sum": _variadic("add"),
                                    "Mean": _variadic("add", mean=True), "Dropout": convert_dropout,
@@ -426,4 +447,4 @@ CONVERTERS: dict[str, Callable] = {"Range": convert_range, "Cast": convert_cast,
                                    "EyeLike": convert_eye_like, "Expand": convert_expand, "BatchNormalization": convert_batch_norm,
                                    "RoiAlign": convert_roi_align, "ConvTranspose": convert_conv_transpose,
                                    "SequenceInsert": convert_sequence_insert, "Attention": convert_attention,
-                                   "Mod": convert_mod}
+                                   "Mod": convert_mod, "Div": convert_div}

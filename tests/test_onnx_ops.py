@@ -1,7 +1,7 @@
 """kiln's ONNX converters (frontends/onnx_ops.py) on single nodes built with onnx.helper, where
 the backend suite (docs/ONNX_BACKEND.md) found TVM's or kiln's own answer wrong: Mod against
 numpy's np.mod / np.fmod (onnx's reference) on signed zeros, infinite and zero divisors, NaN and
-large quotients; float16 Attention against a float64 twin and onnx's reference."""
+large quotients; integer Div by zero; float16 Attention against a float64 twin and onnx's reference."""
 
 from __future__ import annotations
 
@@ -82,6 +82,22 @@ def test_integer_mod_by_zero_gives_zero(dtype, tmp_path):
         got = _compiled(path).run({"x": x, "y": y})["z"]
         with np.errstate(all="ignore"):
             assert np.array_equal(got, want(x, y)), (fmod, x, y, got)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int32", "int64", "uint16"])
+def test_integer_div_by_zero_is_onnx_reference(dtype, tmp_path):
+    """Div of integer tensors truncates (onnx's reference); x / 0 trapped the process with SIGFPE
+    and gives the reference's 0 now, the type's minimum / -1 its wrapped minimum."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(9)
+    x = np.concatenate([[7, info.min, info.max, 0, info.min, -7 if info.min else 7], rng.integers(info.min, info.max, 30, endpoint=True)]).astype(dtype)
+    y = np.concatenate([[0, 0 if info.min == 0 else -1, 0, 0, 3, 2], rng.integers(max(info.min, -50), 50, 30)]).astype(dtype)
+    path = _node_model(tmp_path / "div.onnx", helper.make_node("Div", ["x", "y"], ["z"]),
+                       {"x": (dtype, [x.size]), "y": (dtype, [x.size])}, {"z": (dtype, [x.size])}, opset=13)
+    got = _compiled(path).run({"x": x, "y": y})["z"]
+    with np.errstate(all="ignore"):
+        want = ReferenceEvaluator(str(path)).run(None, {"x": x, "y": y})[0]
+    assert np.array_equal(got, want), (x, y, got, want)
 
 
 def test_mod_broadcasts_a_constant_divisor(tmp_path):
