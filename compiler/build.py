@@ -49,6 +49,7 @@ class Model:
     kv_fmt: KVFormat | None  # kiln's cache format; None: TVM's cache in the activations' dtype
     tp: int = 1  # tensor-parallel shards
     importance: dict | None = field(default=None, compare=False)  # --calibrate: param -> activation energy per input column
+    emulate_fp8_act: bool = False  # the quality gate's CPU variant: round fp8 projections' inputs as Hopper's fp8 GEMMs do
 
     @property
     def windowed(self) -> bool:

@@ -22,7 +22,7 @@ from .artifact import ArtifactWriter
 from .manifest import make_manifest
 from .progress import Progress
 from .stages import build_stages
-from .target import parse_target
+from .target import parse_target, wgmma_ok
 
 BUILTIN_CALIB = Path(__file__).resolve().parent.parent / "passes" / "data" / "calib_en.txt"
 MAX_CALIB_TOKENS = 8192
@@ -30,15 +30,24 @@ MAX_CALIB_BYTES = 16 * 2**20
 WINDOW = 512
 
 
-def cpu_variant(m, *, lossy: bool):
+def cpu_variant(m, *, lossy: bool, fp8_act: bool = False):
     """The model as the gate builds it: for this CPU, float32 (the reference) or
-    the storage dtype with the plan and KV format of the compile (lossy)."""
+    the storage dtype with the plan and KV format of the compile (lossy); fp8_act: its fp8
+    projections' inputs rounded to e4m3 per token, as a Hopper target's fp8 GEMMs round them."""
     host = tuple(parse_target("llvm"))
     # one process, whole graphs: a tensor-parallel artifact's shards are the whole model's
     # quantized matrices cut along groups, so the unsharded variant measures the same codes
     if not lossy:
         return replace(m, targets=host, dtype="float32", plan=None, kv_fmt=None, tp=1)
-    return replace(m, targets=host, tp=1, kv_fmt=kv_format(m.kv_dtype, "float32") if m.kv_fmt is not None else None)
+    return replace(m, targets=host, tp=1, kv_fmt=kv_format(m.kv_dtype, "float32") if m.kv_fmt is not None else None,
+                   emulate_fp8_act=fp8_act)
+
+
+def fp8_activations(m, opts) -> bool:
+    """Whether the compile's GPU code rounds fp8 projections' inputs to e4m3 (fp8 weights on a Hopper target with
+    wgmma: passes/kernels/gemm_cuda.py), so the gate must measure that rounding too."""
+    return bool(m.plan is not None and "fp8" in (opts.quant or "") and opts.cuda.wgmma
+                and any(tg.kind == "cuda" and wgmma_ok(tg) for tg in m.targets))
 
 
 def is_cpu_variant(m) -> bool:
@@ -66,7 +75,9 @@ def quality_gate(m, opts, progress: Progress, staged: Path | None = None) -> dic
     from ..runtime.quality import compare_sessions  # noqa: PLC0415
 
     text = read_calibration(opts.calib_text)
-    what = " + ".join(x for x in (opts.quant if m.plan else None, f"{m.kv_dtype} KV" if m.kv_fmt else None) if x)
+    act = fp8_activations(m, opts)
+    what = " + ".join(x for x in (opts.quant if m.plan else None, "e4m3 activations (as on Hopper)" if act else None,
+                                  f"{m.kv_dtype} KV" if m.kv_fmt else None) if x)
     where = "built-in text" if opts.calib_text is None else str(opts.calib_text)
     progress(f"quality check: float32 and {what} for this CPU ({where})")
     inner = progress.live_only()  # the scratch builds: live bars, no phase lines of their own
@@ -75,7 +86,7 @@ def quality_gate(m, opts, progress: Progress, staged: Path | None = None) -> dic
         ref_dir = _scratch_build(cpu_variant(m, lossy=False), opts, Path(tmp) / "ref.kiln", inner)
         if staged is None:
             progress(f"  quality check: build {what}")
-            staged = _scratch_build(cpu_variant(m, lossy=True), opts, Path(tmp) / "q.kiln", inner)
+            staged = _scratch_build(cpu_variant(m, lossy=True, fp8_act=act), opts, Path(tmp) / "q.kiln", inner)
         progress("  quality check: run both over the text")
         ref, test = load(ref_dir), load(staged)
         ids = ref.encode_prompt(text)[:MAX_CALIB_TOKENS]
@@ -85,7 +96,7 @@ def quality_gate(m, opts, progress: Progress, staged: Path | None = None) -> dic
         r = compare_sessions(test, ref, ids, window, on_window=lambda done, total: progress.count("quality windows", done, total))
         del ref, test
     quality = {**r, "text": "built-in English text" if opts.calib_text is None else opts.calib_text.name,
-               "measured_on": "cpu, float32 arithmetic"}
+               "measured_on": "cpu, float32 arithmetic" + (", fp8 projection inputs rounded to e4m3 per token as on Hopper" if act else "")}
     progress(f"quality: mean KLD {quality['mean_kld']:.5f}, top-1 {100 * quality['top1_agreement']:.2f}%, "
              f"perplexity {quality['perplexity']:.3f} (float {quality['ref_perplexity']:.3f})")
     if opts.max_kld is not None and quality["mean_kld"] > opts.max_kld:

@@ -84,6 +84,7 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
         progress(f"passes ({tg.kind})")
         opts = PipelineOptions(target=tg.tvm_target(), cuda_gemm=cuda.gemm, cuda_gemv=cuda.gemv, cuda_qgemv=",".join(cuda.qgemv),
                                cuda_qgemv_mma=cuda.qgemv_mma, cuda_experts=cuda.experts, cuda_wgmma=cuda.wgmma and wgmma_ok(tg), cpu_intdot=cpu_intdot, observe=observe,
+                               emulate_fp8_act=m.emulate_fp8_act,
                                dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
         lowered = run_pipeline(mod, opts)
         rel = library_path(tg, m.targets)

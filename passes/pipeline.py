@@ -19,6 +19,7 @@ from ..tvm_compat import compiler
 from .cpu_projections import CpuQuantMatmul
 from .cuda_experts import CudaExperts
 from .cuda_projections import CudaProjections
+from .emulate_fp8_activations import EmulateFp8Activations
 from .observe_projection_inputs import ObserveProjectionInputs
 from .schedule_tir import ScheduleTIR
 
@@ -37,6 +38,7 @@ class PipelineOptions:
     cpu_intdot: bool = True  # CPU quantized projections on integer dot products (kernels/cpu/qdot.c; False: fp32 FMAs on decoded codes)
     cuda_experts: bool = True  # MoE layers on kiln's expert kernels (passes/cuda_experts.py; False: dlight's generic rules)
     observe: bool = False  # a calibration build: projection inputs pass through kiln.calib.observe (passes/observe_projection_inputs.py)
+    emulate_fp8_act: bool = False  # the quality gate's CPU variant of an fp8 compile for Hopper: e4m3 projection inputs (passes/emulate_fp8_activations.py)
     extra_rules: tuple = ()  # schedule rules tried after kiln's specific ones, before the catch-alls (ONNX graphs: passes/cpu_graph_rules.py)
     on_phase: Callable[[str], None] | None = field(default=None, compare=False)
 
@@ -47,6 +49,7 @@ def phases(opts: PipelineOptions) -> list[tuple[str, object]]:
     cuda = opts.target.kind.name == "cuda"
     return [
         *([("observe_projection_inputs", ObserveProjectionInputs())] if opts.observe else []),
+        *([("emulate_fp8_activations", EmulateFp8Activations())] if opts.emulate_fp8_act and not cuda else []),
         *([("cuda_projections", CudaProjections(gemm=opts.cuda_gemm, gemv=opts.cuda_gemv, qgemv=opts.cuda_qgemv, wgmma=opts.cuda_wgmma,
                                                               qgemv_mma=opts.cuda_qgemv_mma))] if cuda else []),
         *([("cpu_quant_matmul", CpuQuantMatmul())] if not cuda and opts.cpu_intdot else []),
