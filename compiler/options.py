@@ -44,10 +44,13 @@ class CudaOptions:
             weights would get dlight's generic schedules, slower than one call per sequence
     wgmma   GEMMs of prompts and of decode_batch above 8 rows on Hopper's warpgroup MMA
             (kernels/cuda/gemm_wg.cuh) when every arch built is sm_90 (else the mma.sync kernels)
+    fp8_act with wgmma, fp8 weights meet activations rounded to e4m3 per token on fp8 wgmma (twice the
+            MMA rate, no widened codes; the quality gate measures the rounding); off: bf16
+            activations and the codes widened to bf16 (slower prompts and batches, weight-only error)
 
     For experiments, environment variables override these in any compile:
     KILN_CUDA_GEMM=0|1, KILN_CUDA_GEMV=0|1, KILN_CUDA_QGEMV=4,4k,8,f8 (or empty), KILN_CUDA_QGEMV_MMA=0|1,
-    KILN_NO_CUDA_GRAPH=1, KILN_CUDA_DECODE_BATCH=0|1, KILN_CUDA_EXPERTS=0|1, KILN_CUDA_WGMMA=0|1."""
+    KILN_NO_CUDA_GRAPH=1, KILN_CUDA_DECODE_BATCH=0|1, KILN_CUDA_EXPERTS=0|1, KILN_CUDA_WGMMA=0|1, KILN_CUDA_FP8_ACT=0|1."""
 
     gemm: bool = True
     gemv: bool = False
@@ -57,6 +60,7 @@ class CudaOptions:
     graphs: bool = True
     decode_batch: bool | None = None
     wgmma: bool = True
+    fp8_act: bool = True
 
     def with_env(self, env=os.environ) -> CudaOptions:
         out = self
@@ -74,6 +78,8 @@ class CudaOptions:
             out = replace(out, graphs=False)
         if env.get("KILN_CUDA_WGMMA") in ("0", "1"):
             out = replace(out, wgmma=env["KILN_CUDA_WGMMA"] == "1")
+        if env.get("KILN_CUDA_FP8_ACT") in ("0", "1"):
+            out = replace(out, fp8_act=env["KILN_CUDA_FP8_ACT"] == "1")
         if env.get("KILN_CUDA_DECODE_BATCH") in ("0", "1"):
             out = replace(out, decode_batch=env["KILN_CUDA_DECODE_BATCH"] == "1")
         return out

@@ -46,7 +46,7 @@ def cpu_variant(m, *, lossy: bool, fp8_act: bool = False):
 def fp8_activations(m, opts) -> bool:
     """Whether the compile's GPU code rounds fp8 projections' inputs to e4m3 (fp8 weights on a Hopper target with
     wgmma: passes/kernels/gemm_cuda.py), so the gate must measure that rounding too."""
-    return bool(m.plan is not None and "fp8" in (opts.quant or "") and opts.cuda.wgmma
+    return bool(m.plan is not None and "fp8" in (opts.quant or "") and opts.cuda.wgmma and opts.cuda.fp8_act
                 and any(tg.kind == "cuda" and wgmma_ok(tg) for tg in m.targets))
 
 

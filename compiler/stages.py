@@ -83,7 +83,7 @@ def build_stages(m, writer, *, page_size: int, no_weights: bool, cuda: CudaOptio
     for tg, mod in zip(m.targets, mods):
         progress(f"passes ({tg.kind})")
         opts = PipelineOptions(target=tg.tvm_target(), cuda_gemm=cuda.gemm, cuda_gemv=cuda.gemv, cuda_qgemv=",".join(cuda.qgemv),
-                               cuda_qgemv_mma=cuda.qgemv_mma, cuda_experts=cuda.experts, cuda_wgmma=cuda.wgmma and wgmma_ok(tg), cpu_intdot=cpu_intdot, observe=observe,
+                               cuda_qgemv_mma=cuda.qgemv_mma, cuda_experts=cuda.experts, cuda_wgmma=cuda.wgmma and wgmma_ok(tg), cuda_fp8_act=cuda.fp8_act, cpu_intdot=cpu_intdot, observe=observe,
                                emulate_fp8_act=m.emulate_fp8_act,
                                dump_ir=Path(dump_ir) / tg.device if dump_ir else None, on_phase=lambda n: progress(f"  pass {n}"))
         lowered = run_pipeline(mod, opts)

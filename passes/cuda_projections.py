@@ -130,9 +130,10 @@ def swiglu_input(an: _Analysis, a):
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4,4k,f8", wgmma: bool = False, qgemv_mma: bool = True):
+    def __init__(self, mod, gemm: bool = True, gemv: bool = True, qgemv: str = "4,4k,f8", wgmma: bool = False, qgemv_mma: bool = True,
+                 fp8_act: bool = True):
         super().__init__(mod)
-        self.use_gemm, self.use_gemv, self.wgmma, self.qgemv_mma = gemm, gemv, wgmma, qgemv_mma
+        self.use_gemm, self.use_gemv, self.wgmma, self.qgemv_mma, self.fp8_act = gemm, gemv, wgmma, qgemv_mma, fp8_act
         self.qgemv_bits = {b.strip() for b in str(qgemv).split(",") if b.strip()}  # code kinds: "4", "4k", "8", "f8"
         self.use_qgemv = bool(self.qgemv_bits)
         self.mod_ = mod
@@ -263,7 +264,7 @@ class _Rewriter(relax.PyExprMutator):
 
     def _qgemm_f8_residual(self, r, v, add):
         """add(r, NT_qmatmul(a [1, s, K], e4m3 q, s)) on Hopper -> the fp8 prompt GEMM with r added in its epilogue, or None."""
-        if not (self.use_gemm and self.wgmma and self.an.single_use(v)) or not _same_shape(r, v):
+        if not (self.use_gemm and self.wgmma and self.fp8_act and self.an.single_use(v)) or not _same_shape(r, v):
             return None
         q = self.an.bound(v)
         hit = self._qgemm(q) if _is_op(q, "relax.call_tir") else None
@@ -283,7 +284,7 @@ class _Rewriter(relax.PyExprMutator):
         dt, odt = _dtype(a), str(call.ty.dtype)
         if code not in ROWS_QCODES or group != K or K % 32 or dt not in ("bfloat16", "float16") or odt not in (dt, "float32"):
             return None
-        gv = self._func((f"gemm_rows_{code}_{odt}", K, N, dt), lambda: gemm_rows_q(K, N, dt, code, odt, wgmma=self.wgmma))
+        gv = self._func((f"gemm_rows_{code}_{odt}", K, N, dt), lambda: gemm_rows_q(K, N, dt, code, odt, wgmma=self.wgmma, f8_act=self.fp8_act))
         n = a.ty.shape.values[1]
         a_rows = self.builder_.emit(relax.op.reshape(a, (n, 1, K)), "logit_rows_b")
         y = self.builder_.emit(relax.call_tir(gv, [a_rows, *call.args[1].fields[1:]], relax.TensorType((n, 1, N), odt)), "logits_b")
@@ -336,7 +337,7 @@ class _Rewriter(relax.PyExprMutator):
             hit = self._qrows(call)
             if hit is not None:
                 K, N, code, dt, odt = hit
-                gv = self._func((f"gemm_rows_{code}_{odt}", K, N, dt), lambda: gemm_rows_q(K, N, dt, code, odt, wgmma=self.wgmma))
+                gv = self._func((f"gemm_rows_{code}_{odt}", K, N, dt), lambda: gemm_rows_q(K, N, dt, code, odt, wgmma=self.wgmma, f8_act=self.fp8_act))
                 return relax.call_tir(gv, list(call.args[1].fields), call.ty)
             hit = self._qgemm(call)
             if hit is not None:
@@ -347,7 +348,7 @@ class _Rewriter(relax.PyExprMutator):
                     ty = relax.TensorType((N, K // 32), "float16")
                     sz = relax.call_tir(ex, args[2:6], [ty, ty])
                     args, group, code = [args[0], args[1], relax.TupleGetItem(sz, 0), relax.TupleGetItem(sz, 1)], 32, "4"
-                gv = self._func((f"qgemm{code}g{group}", K, N, dt), lambda: qgemm(K, N, group, code, dt, wgmma=self.wgmma))
+                gv = self._func((f"qgemm{code}g{group}", K, N, dt), lambda: qgemm(K, N, group, code, dt, wgmma=self.wgmma, f8_act=self.fp8_act))
                 return relax.call_tir(gv, args, call.ty)
             hit = self._qprompt_lm_head(call)
             if hit is not None:
@@ -448,11 +449,13 @@ class CudaProjections:
     gemm=False keeps prefill projections on dlight's Matmul (a diagnostic); wgmma=True (an
     artifact built for sm_90 alone) puts them on the Hopper GEMM (kernels/cuda/gemm_wg.cuh)."""
 
-    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4,4k,f8", wgmma: bool = False, qgemv_mma: bool = True):
-        self.gemm, self.gemv, self.qgemv, self.wgmma, self.qgemv_mma = gemm, gemv, qgemv, wgmma, qgemv_mma
+    def __init__(self, gemm: bool = True, gemv: bool = True, qgemv: str = "4,4k,f8", wgmma: bool = False, qgemv_mma: bool = True,
+                 fp8_act: bool = True):
+        self.gemm, self.gemv, self.qgemv, self.wgmma, self.qgemv_mma, self.fp8_act = gemm, gemv, qgemv, wgmma, qgemv_mma, fp8_act
 
     def transform_module(self, mod, _ctx):
-        return _Rewriter(mod, gemm=self.gemm, gemv=self.gemv, qgemv=self.qgemv, wgmma=self.wgmma, qgemv_mma=self.qgemv_mma).run()
+        return _Rewriter(mod, gemm=self.gemm, gemv=self.gemv, qgemv=self.qgemv, wgmma=self.wgmma, qgemv_mma=self.qgemv_mma,
+                         fp8_act=self.fp8_act).run()
 
 
 __all__ = ["CudaProjections"]

@@ -35,6 +35,7 @@ class PipelineOptions:
     cuda_qgemv: str = "4,4k,f8"  # quantized decode projections on kiln's qgemv.cuh for these code kinds ("4", "4k", "8", "f8"): 4-bit and fp8 beat dlight, int8 does not
     cuda_qgemv_mma: bool = True  # q4 decode GEMVs under 16-bit activations on the tensor cores (qgemv.cuh qgemv_mma; False: the float path)
     cuda_wgmma: bool = False  # prompt GEMMs on Hopper's wgmma (kernels/cuda/gemm_wg.cuh): only when every arch built is sm_90
+    cuda_fp8_act: bool = True  # with wgmma: fp8 weights meet e4m3 activations on fp8 wgmma (False: bf16 activations, widened codes)
     cpu_intdot: bool = True  # CPU quantized projections on integer dot products (kernels/cpu/qdot.c; False: fp32 FMAs on decoded codes)
     cuda_experts: bool = True  # MoE layers on kiln's expert kernels (passes/cuda_experts.py; False: dlight's generic rules)
     observe: bool = False  # a calibration build: projection inputs pass through kiln.calib.observe (passes/observe_projection_inputs.py)
@@ -51,7 +52,7 @@ def phases(opts: PipelineOptions) -> list[tuple[str, object]]:
         *([("observe_projection_inputs", ObserveProjectionInputs())] if opts.observe else []),
         *([("emulate_fp8_activations", EmulateFp8Activations())] if opts.emulate_fp8_act and not cuda else []),
         *([("cuda_projections", CudaProjections(gemm=opts.cuda_gemm, gemv=opts.cuda_gemv, qgemv=opts.cuda_qgemv, wgmma=opts.cuda_wgmma,
-                                                              qgemv_mma=opts.cuda_qgemv_mma))] if cuda else []),
+                                                              qgemv_mma=opts.cuda_qgemv_mma, fp8_act=opts.cuda_fp8_act))] if cuda else []),
         *([("cpu_quant_matmul", CpuQuantMatmul())] if not cuda and opts.cpu_intdot else []),
         *([("cuda_experts", CudaExperts(wgmma=opts.cuda_wgmma))] if cuda and opts.cuda_experts else []),
         ("fuse_transpose_matmul", rx.FuseTransposeMatmul()),

@@ -12,6 +12,8 @@ activations) is checked too, loosely: that is the quality the activation roundin
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -71,7 +73,7 @@ def test_qdot_matches_its_integer_twin(level, name, M, N, K):
     fmt = WEIGHT_FORMATS[name]
     g = fmt.super_for(K) if name == "q4k" else fmt.group_for(K)  # the kernel's block
     assert qdot_supported(name, K, g)
-    rng = np.random.default_rng(hash((name, M, N, K)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{name}-{M}-{N}-{K}".encode()))  # (hash() of a str changes per process: the data did)
     w = rng.standard_normal((N, K)).astype(np.float32)
     x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 4.0, (M, 1))).astype(np.float32)
     x[0, 7] = 40.0  # an outlier sets its block's scale
@@ -95,7 +97,8 @@ def test_qdot_matches_its_integer_twin(level, name, M, N, K):
     flt = x.astype(np.float64) @ fmt.dequantize(parts, (N, K)).astype(np.float64).T
     err = np.abs(got - flt).max() / np.abs(flt).max()
     # (K = 64: the 40.0 outlier's block is half the row, its other values rounded in steps of 40 / 127: 0.065 measured)
-    assert err < (1e-4 if name == "q8" else 3e-2 if K > 64 else 1e-1), err
+    # q8 (int16 activations): worst 1.27e-4 of the max over 300 random draws of these shapes (the 40.0 outlier's block)
+    assert err < (2e-4 if name == "q8" else 3e-2 if K > 64 else 1e-1), err
 
 
 def test_pass_takes_what_the_kernel_fits():

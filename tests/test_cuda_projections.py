@@ -232,7 +232,9 @@ def test_fp8_prompts_and_batch_rows_run_on_fp8_tensor_cores_on_hopper():
     src = gemm_rows_q(4096, 14336, "bfloat16", "f8", out_dtype="float32", wgmma=True).script()
     assert "kiln::gemm_rows_ws_f8<__nv_bfloat16, float, false>" in src and "if B <= T.int64(64):" not in src, src  # above 8 rows
     assert "gemm_rows_wg_q" not in src, src
-    for src in (qgemm(4096, 6144, 4096, "f8", "bfloat16").script(), gemm_rows_q(4096, 4096, "bfloat16", "f8").script()):
+    for src in (qgemm(4096, 6144, 4096, "f8", "bfloat16").script(), gemm_rows_q(4096, 4096, "bfloat16", "f8").script(),
+                qgemm(4096, 6144, 4096, "f8", "bfloat16", wgmma=True, f8_act=False).script(),  # KILN_CUDA_FP8_ACT=0
+                gemm_rows_q(4096, 4096, "bfloat16", "f8", wgmma=True, f8_act=False).script()):
         assert "_f8<" not in src and "quant_rows_e4m3" not in src, src
 
 

@@ -83,13 +83,14 @@ SM80_90 = CompileTarget("cuda", arch="sm_80", archs=("sm_80", "sm_90"))
     ((SM90,), "fp8", True, True),
     ((LLVM, SM90), "fp8", True, True),
     ((SM90,), "fp8", False, False),     # KILN_CUDA_WGMMA=0: the widened-weight kernels, bf16 activations
+    ((SM90,), "fp8", None, False),      # KILN_CUDA_FP8_ACT=0: the same, wgmma kept for the rest
     ((SM80_90,), "fp8", True, False),   # not sm_90 alone: no wgmma kernels
     ((LLVM,), "fp8", True, False),
     ((SM90,), "q4g128", True, False),
 ])
 def test_the_gate_emulates_e4m3_activations_only_where_the_gpu_rounds_them(targets, quant, wgmma, want):
     m = SimpleNamespace(plan=object(), targets=targets, kv_dtype=None, kv_fmt=None)
-    opts = SimpleNamespace(quant=quant, cuda=CudaOptions(wgmma=wgmma))
+    opts = SimpleNamespace(quant=quant, cuda=CudaOptions(wgmma=wgmma is not False, fp8_act=wgmma is not None))
     assert fp8_activations(m, opts) is want
 
 

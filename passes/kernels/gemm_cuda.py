@@ -445,7 +445,7 @@ def gemm_rows(K: int, N: int, dtype: str, residual: bool = False, out_dtype: str
 ROWS_QCODES = ("f8",)  # quantized code kinds with a row kernel (gemm_rows over e4m3 codes)
 
 
-def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = None, wgmma: bool = False):
+def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = None, wgmma: bool = False, f8_act: bool = True):
     """decode_batch's projection over quantized weights: y  # [B, 1, N] = a  # [B, 1, K] @ dequant(q, s)^T,
     B symbolic. fp8 ("f8": e4m3 codes q  # [N, K] uint8, per-row fp32 scales s  # [N, 1]) only:
     the codes widen exactly to 16 bits in registers and the scale multiplies the row's sum
@@ -460,7 +460,7 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     # against gemm_rows_wg_q's ~407 -- codes decoded into bf16 tiles -- and the middle kernel's ~396; weight-bound, so
     # about as fast at B = 16 as at 65: `kiln serve` at 32 / 64 streams ran below bf16's on the middle kernel)
     mid_max = ROWS_BIG_B
-    if wgmma and f8_wgmma_supported(K) and N >= 1024:
+    if wgmma and f8_act and f8_wgmma_supported(K) and N >= 1024:  # (f8_act False: bf16 activations, KILN_CUDA_FP8_ACT=0)
         f8, mid_max = _rows_f8_launch(N, K, dtype, out_dtype), ROWS_WG_B
 
         @T.macro
@@ -514,7 +514,7 @@ def _dequant_gemm_launch(N: int, K: int, group: int, code: str, dtype: str):
     return launch
 
 
-def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False):
+def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False, f8_act: bool = True):
     """y  # [1, M, N] = a  # [1, M, K] @ dequant(q, s[, z])^T on tensor cores, M symbolic
     (prefill). Same arguments as the NT_qmatmul TE kernel it replaces. Hopper: up to PROMPT_SPLIT_M rows
     gemm_wg_q (codes decoded in its tiles; K split over blocks where that fills the chip), above it the weight
@@ -527,7 +527,7 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
     else:
         fn, smem_bytes = f"kiln::gemm_tn_q<{ct}, {cq}, {group}>", QSMEM_BYTES
     split = wg and rows_wg_ksplit(N, K) > 1  # short prompts on Hopper: K split over blocks
-    if wg and code == "f8" and f8_wgmma_supported(K):  # e4m3 activations on fp8 wgmma, short and long prompts
+    if wg and f8_act and code == "f8" and f8_wgmma_supported(K):  # e4m3 activations on fp8 wgmma, short and long prompts
         rows_f8, gemm_f8 = _rows_f8_launch(N, K, dtype, dtype), _gemm_f8_launch(N, K, dtype)
 
         @T.macro
