@@ -134,8 +134,32 @@ double rms_rel(const std::vector<bf>& h, const std::vector<float>& r) {
   return std::isfinite(e) ? sqrt(e / v) : 1e30;
 }
 
-int main() {
+// `gf8 profile`: only decode_batch's rows at B = 128 for the 8B qkv and gate_up shapes, fp8 then bf16, twice each (for ncu)
+void profile_rows() {
+  int shapes[][3] = {{6144, 4096, 4}, {28672, 4096, 1}};
+  for (auto& sh : shapes) {
+    const int N = sh[0], K = sh[1], ks = sh[2], M = 128;
+    bf *A, *Wd, *R, *C; uint8_t *Aq, *Q; float *SA, *S, *wsp;
+    CK(cudaMalloc(&A, (size_t)M * K * 2)); CK(cudaMalloc(&Aq, (size_t)M * K)); CK(cudaMalloc(&SA, M * 4)); CK(cudaMalloc(&Q, (size_t)N * K));
+    CK(cudaMalloc(&S, N * 4)); CK(cudaMalloc(&Wd, (size_t)N * K * 2)); CK(cudaMalloc(&R, (size_t)M * N * 2)); CK(cudaMalloc(&C, (size_t)M * N * 2));
+    CK(cudaMalloc(&wsp, (size_t)8 * M * N * 4));
+    k_fill<<<1024, 256>>>(A, (size_t)M * K, 1, 1.f); k_codes<<<4096, 256>>>(Q, (size_t)N * K, 2); k_scales<<<(N + 255) / 256, 256>>>(S, N);
+    kdq<<<4 * 132, 256>>>(Q, S, Wd, N, K);
+    quant(A, Aq, SA, M, K);
+    for (int r = 0; r < 2; ++r) f8_rows(Aq, SA, Q, S, R, C, wsp, M, N, K, ks);
+    for (int r = 0; r < 2; ++r) bf16_rows(A, Wd, C, wsp, M, N, K, ks);
+    CK(cudaDeviceSynchronize());
+  }
+}
+
+int main(int argc, char** argv) {
   CK(cudaMalloc(&g_tmaps, (size_t)kiln::WS_TMAP_BYTES * 65536));
+  if (argc > 1 && strcmp(argv[1], "profile") == 0) {
+    CK(cudaFuncSetAttribute(krf8, cudaFuncAttributeMaxDynamicSharedMemorySize, kiln::GEMM_WS_SMEM_BYTES));
+    CK(cudaFuncSetAttribute(krws, cudaFuncAttributeMaxDynamicSharedMemorySize, kiln::GEMM_WS_SMEM_BYTES));
+    profile_rows();
+    return 0;
+  }
   CK(cudaFuncSetAttribute(kf8<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kiln::GEMM_WS_SMEM_BYTES));
   CK(cudaFuncSetAttribute(kf8<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kiln::GEMM_WS_SMEM_BYTES));
   CK(cudaFuncSetAttribute(krf8, cudaFuncAttributeMaxDynamicSharedMemorySize, kiln::GEMM_WS_SMEM_BYTES));
