@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from ..tvm_compat import compiler
-from .cuda_projections import _is_op
-from .relax_mutation import rewrite_functions
+from .relax_mutation import call_tir_attrs, rewrite_functions
 
 _t = compiler()
 relax = _t.relax
@@ -63,10 +62,7 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not _is_op(call, "relax.call_tir"):
-            return call
-        func = self.mod_[call.args[0]]
-        attrs = func.attrs if isinstance(func, tirx.PrimFunc) and func.attrs is not None else {}
+        attrs = call_tir_attrs(self.mod_, call)
         if (str(attrs.get(OP_ATTR, "")), str(attrs.get(ROLE_ATTR, "")), str(attrs.get(QFORMAT_ATTR, ""))) != ("qmatmul", "projection", "fp8"):
             return call
         args = list(call.args[1].fields)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from ..frontends.models.layers import OP_ATTR, ROLE_ATTR
 from ..tvm_compat import compiler
-from .cuda_projections import _Analysis, _is_op, rewrite_functions
+from .cuda_projections import _Analysis, rewrite_functions
+from .relax_mutation import call_tir_attrs
 
 _t = compiler()
 relax = _t.relax
-tirx = _t.tirx
 
 OBSERVER = "kiln.calib.observe"
 
@@ -39,10 +39,9 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not _is_op(call, "relax.call_tir"):
+        attrs = call_tir_attrs(self.mod_, call)
+        if not attrs:
             return call
-        func = self.mod_[call.args[0]]
-        attrs = func.attrs if isinstance(func, tirx.PrimFunc) and func.attrs is not None else {}
         args = list(call.args[1].fields)
         if str(attrs.get(OP_ATTR, "")) != "matmul" or str(attrs.get(ROLE_ATTR, "")) != "projection" or len(args) != 2:
             return call

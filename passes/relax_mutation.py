@@ -67,6 +67,16 @@ def func_attr(func, key: str):
     return None if func.attrs is None or key not in func.attrs else func.attrs[key]
 
 
+def call_tir_attrs(mod, call) -> dict:
+    """The attributes of the PrimFunc a relax.call_tir `call` calls (in `mod`); {} for any other call, or none."""
+    t = compiler()
+    op = getattr(call, "op", None)
+    if not isinstance(call, t.relax.Call) or not isinstance(op, t.tvm.ir.Op) or op.name != "relax.call_tir":
+        return {}
+    func = mod[call.args[0]]
+    return dict(func.attrs) if isinstance(func, t.tirx.PrimFunc) and func.attrs is not None else {}
+
+
 def drop_unreferenced(mod, attr: str):
     """`mod` without the PrimFuncs that carry `attr` and that no Relax function calls any more (the
     kernels a rewrite replaced: they would still be compiled into the library)."""
