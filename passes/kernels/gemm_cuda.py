@@ -35,7 +35,8 @@ def gemm_supported(K: int, dtype: str) -> bool:
 WG_SMEM_BYTES = 4 * (BM + BN) * 64 * 2 + 1024  # kiln::GEMM_WG_SMEM_BYTES (gemm_wg.cuh: 4 stages of 64-wide K steps)
 # kiln::gemm_ws (gemm_wg.cuh: the same tile and ring fed by TMA from a producer warp): threads, dynamic shared
 # memory (ring, alignment, mbarriers, two tensor maps) and global scratch per block for its tensor maps
-WS_THREADS, WS_SMEM_BYTES, WS_TMAP_BYTES = 288, WG_SMEM_BYTES + 16 * 4 + 256, 256
+# (+ 128: the maps' alignment; + 2 x 256 floats: a tile's weight-row scales, two tiles in turn)
+WS_THREADS, WS_SMEM_BYTES, WS_TMAP_BYTES = 288, WG_SMEM_BYTES + 16 * 4 + 128 + 256 + 2 * 256 * 4, 256
 
 
 def _callee(K: int, dtype: str, residual: bool, wgmma: bool) -> tuple[str, int, int]:

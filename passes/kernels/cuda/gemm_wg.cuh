@@ -110,26 +110,35 @@ __device__ __forceinline__ void fence_proxy_async() {
 // d[4 j + e] = row r0 + g (+ 8 for e >= 2), column 8 j + 2 q + (e & 1). split: fp32 sums to ws[z][m][n];
 // else C (+ R) in OutT. e4m3 (CODE 9): the row (output column) scales S multiply the sums first; e4m3 activations
 // too (CODE 10): then also their per-token scales SA (row m of A).
-template <typename T, typename OutT, bool RESIDUAL, int CODE>
+template <typename T, typename OutT, bool RESIDUAL, int CODE, bool STAGED = false>
 __device__ __forceinline__ void wg_store(float (&d)[128], int r0, int lane, const T* __restrict__ R, OutT* __restrict__ C,
                                          float* __restrict__ ws, int M, int N, int z, bool split, int m0, int n0,
-                                         const void* __restrict__ S, const float* __restrict__ SA = nullptr) {
+                                         const void* __restrict__ S, const float* __restrict__ SA = nullptr,
+                                         const float* __restrict__ SS = nullptr) {
   const int g = lane / 4, q = lane % 4;
   constexpr bool SCALED = CODE == 9 || CODE == 10;
+  float sah[2] = {1.f, 1.f};  // the two rows' token scales, both loaded before any store (a load after a store waits for it)
+  if constexpr (CODE == 10) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) sah[h] = m0 + r0 + g + h * 8 < M ? SA[m0 + r0 + g + h * 8] : 0.f;
+  }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int m = m0 + r0 + g + h * 8;
     if (m >= M) continue;
-    const float sa = CODE == 10 ? SA[m] : 1.f;
+    const float sa = sah[h];
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
       const int n = n0 + j * 8 + 2 * q;
       float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
-      if constexpr (SCALED) {  // the weight row's scale (read per row pair here: a pass over all 128 sums first spilled);
-        // rounded products (__fmul_rn: never contracted into the residual's add), so every kernel of this tile agrees bit for bit
+      if constexpr (SCALED) {  // the weight row's scale, then the token's; products rounded (__fmul_rn: never contracted
+        // into the residual's add), so every kernel of this tile agrees bit for bit. STAGED: the tile's 256 scales in shared
+        // memory SS (loaded from global memory one use at a time, each a full L2 round trip behind the last, they were
+        // most of a B = 128 step's fp8 kernel: ncu); else from S (a pass loading all 64 into registers first spilled).
         const float* Sf = static_cast<const float*>(S);
-        v0 = __fmul_rn(v0, n < N ? Sf[n] : 0.f);
-        v1 = __fmul_rn(v1, n + 1 < N ? Sf[n + 1] : 0.f);
+        const float s0 = STAGED ? SS[j * 8 + 2 * q] : (n < N ? Sf[n] : 0.f), s1 = STAGED ? SS[j * 8 + 2 * q + 1] : (n + 1 < N ? Sf[n + 1] : 0.f);
+        v0 = __fmul_rn(v0, s0);
+        v1 = __fmul_rn(v1, s1);
         if constexpr (CODE == 10) v0 = __fmul_rn(v0, sa), v1 = __fmul_rn(v1, sa);
       }
       const bool pair_ok = n + 1 < N && (N & 1) == 0;  // vector stores need an even row length (n is even)
@@ -322,7 +331,9 @@ __device__ __forceinline__ void gemm_wg_tile_wgmma(const T* __restrict__ A, cons
 // cannot pass a host-made map. Launch: WS_THREADS threads, GEMM_WS_SMEM_BYTES of dynamic shared memory,
 // __launch_bounds__(WS_THREADS, 1); K % 64 == 0, A / B 16-byte aligned.
 constexpr int WS_STAGES = 4, WS_THREADS = 288;
-constexpr int GEMM_WS_SMEM_BYTES = WS_STAGES * WG_STAGE_BYTES + 1024 + 16 * WS_STAGES + 256;  // ring, alignment, barriers, two maps
+constexpr int WS_SCALE_BYTES = 2 * WG_BN * 4;  // the weight rows' scales of a tile (CODE 9 / 10), two tiles in turn
+// ring, its 1024-byte alignment, barriers, the maps' 128-byte alignment and two maps, scales
+constexpr int GEMM_WS_SMEM_BYTES = WS_STAGES * WG_STAGE_BYTES + 1024 + 16 * WS_STAGES + 128 + 256 + WS_SCALE_BYTES;
 constexpr int WS_TMAP_BYTES = 256;  // global scratch per block
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
@@ -446,10 +457,15 @@ __device__ __forceinline__ void gemm_ws_tiles_wgmma(const void* __restrict__ A, 
     return;
   }
   const int cw = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
-  int g = 0;
-  for (int i = first; i < count; i += stride) {
+  constexpr bool SCALED = CODE == 9 || CODE == 10;
+  float* sscale = reinterpret_cast<float*>(smem_raw + (smaps + 256 - sraw));  // WS_SCALE_BYTES after the two maps
+  int g = 0, nt = 0;
+  for (int i = first; i < count; i += stride, ++nt) {
     int m0, n0;
     tile(i, m0, n0);
+    if constexpr (SCALED) {  // this tile's 256 weight-row scales into shared memory (buffer nt % 2: the other may still be read)
+      sscale[(nt & 1) * WG_BN + tid] = n0 + tid < N ? S[n0 + tid] : 0.f;
+    }
     float d[128];
 #pragma unroll
     for (int j = 0; j < 128; ++j) d[j] = 0.f;
@@ -475,7 +491,13 @@ __device__ __forceinline__ void gemm_ws_tiles_wgmma(const void* __restrict__ A, 
     wg_wait<0>();
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + 8 * ((g - 1) % WS_STAGES));  // the tile's last stage
-    wg_store<T, OutT, RESIDUAL, CODE>(d, cw * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, S, SA);
+    if constexpr (SCALED) {
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");  // the consumers' scale stores are visible (the producer warp is not in it)
+      wg_store<T, OutT, RESIDUAL, CODE, true>(d, cw * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, S, SA,
+                                              sscale + (nt & 1) * WG_BN);
+    } else {
+      wg_store<T, OutT, RESIDUAL, CODE>(d, cw * 64 + warp * 16, lane, R, C, ws, M, N, z, split, m0, n0, S, SA);
+    }
   }
 }
 
