@@ -33,7 +33,7 @@ DeadCodeElimination later in the pipeline.
 
 from __future__ import annotations
 
-from .kernels.gemm_cuda import (ROWS_QCODES, f8_wgmma_supported, gemm, gemm_residual, gemm_rows, gemm_rows_q, gemm_supported, qgemm,
+from .kernels.gemm_cuda import (ROWS_QCODES, f8_tensor_cores, gemm, gemm_residual, gemm_rows, gemm_rows_q, gemm_supported, qgemm,
                                  qgemm_f8_residual, qgemm_supported)
 from .kernels.rows_cuda import rmsnorm_rows, rows_supported, silu_mul_rows
 from .kernels.gemv_cuda import (QGEMV_SUPER, gemv_residual, gemv_supported, q4k_expand, qgemv, qgemv_mma_config, qgemv_supported,
@@ -222,11 +222,12 @@ class _Rewriter(relax.PyExprMutator):
             return None
         return K, N, group, code, dt, odt
 
-    def _qrows(self, call):
+    def _qrows(self, call, prompt: bool = False):
         """call = call_tir(<qmatmul projection | lm_head>, (a [B, 1, K], q, s)), B symbolic, 16-bit a, a format
-        with a row kernel (fp8) -> (K, N, code, dtype, out dtype)."""
-        hit = self._quantized(call, ("projection", "lm_head"), rows=True)
-        if hit is None:
+        with a row kernel (fp8) -> (K, N, code, dtype, out dtype). prompt: an LM head over a prompt's chosen
+        rows a [1, n, K] instead (n symbolic), which the row kernel takes as n rows."""
+        hit = self._quantized(call, ("lm_head",)) if prompt else self._quantized(call, ("projection", "lm_head"), rows=True)
+        if hit is None or (prompt and _static_shape(hit[0]) is not None):
             return None
         a, K, N, group, code = hit
         dt, odt = _dtype(a), str(call.ty.dtype)
@@ -264,31 +265,29 @@ class _Rewriter(relax.PyExprMutator):
 
     def _qgemm_f8_residual(self, r, v, add):
         """add(r, NT_qmatmul(a [1, s, K], e4m3 q, s)) on Hopper -> the fp8 prompt GEMM with r added in its epilogue, or None."""
-        if not (self.use_gemm and self.wgmma and self.fp8_act and self.an.single_use(v)) or not _same_shape(r, v):
+        if not (self.use_gemm and self.an.single_use(v)) or not _same_shape(r, v):
             return None
         q = self.an.bound(v)
         hit = self._qgemm(q) if _is_op(q, "relax.call_tir") else None
-        if hit is None or hit[3] != "f8" or not f8_wgmma_supported(hit[0]) or _dtype(r) != hit[4] or str(add.ty.dtype) != hit[4]:
+        if hit is None or hit[3] != "f8" or not f8_tensor_cores(hit[0], self.wgmma, self.fp8_act):
+            return None
+        if _dtype(r) != hit[4] or str(add.ty.dtype) != hit[4]:
             return None
         K, N, _, _, dt = hit
         gv = self._func(("qgemm_f8_residual", K, N, dt), lambda: qgemm_f8_residual(K, N, dt))
         return relax.call_tir(gv, [*q.args[1].fields, r], v.ty)
 
-    def _qprompt_lm_head(self, call):
-        """A prompt's chosen rows [1, n, K] through an e4m3 LM head -> gemm_rows_q over them as n rows of one token
-        (left to TVM's schedule, the 8B shape's 525 MB fp8 LM head took 1.67 ms for one row on the H200), or None."""
-        hit = self._quantized(call, ("lm_head",))
-        if hit is None or _static_shape(hit[0]) is not None:
-            return None
-        a, K, N, group, code = hit
-        dt, odt = _dtype(a), str(call.ty.dtype)
-        if code not in ROWS_QCODES or group != K or K % 32 or dt not in ("bfloat16", "float16") or odt not in (dt, "float32"):
-            return None
-        gv = self._func((f"gemm_rows_{code}_{odt}", K, N, dt), lambda: gemm_rows_q(K, N, dt, code, odt, wgmma=self.wgmma, f8_act=self.fp8_act))
+    def _prompt_rows(self, gv, a, weight, K: int, N: int, odt: str):
+        """A prompt's chosen rows a [1, n, K] through an LM head's row kernel gv (with the weight's arrays) as n rows of
+        one token, reshaped back to [1, n, N]: dlight's / TVM's schedules for them read the LM head far below bandwidth
+        (bf16 8B: 0.55 TB/s; the fp8 one took 1.67 ms for one row on the H200)."""
         n = a.ty.shape.values[1]
         a_rows = self.builder_.emit(relax.op.reshape(a, (n, 1, K)), "logit_rows_b")
-        y = self.builder_.emit(relax.call_tir(gv, [a_rows, *call.args[1].fields[1:]], relax.TensorType((n, 1, N), odt)), "logits_b")
+        y = self.builder_.emit(relax.call_tir(gv, [a_rows, *weight], relax.TensorType((n, 1, N), odt)), "logits_b")
         return relax.op.reshape(y, (1, n, N))
+
+    def _rows_q_func(self, K: int, N: int, code: str, dt: str, odt: str):
+        return self._func((f"gemm_rows_{code}_{odt}", K, N, dt), lambda: gemm_rows_q(K, N, dt, code, odt, wgmma=self.wgmma, f8_act=self.fp8_act))
 
     def _swiglu_input(self, a):
         return swiglu_input(self.an, a)
@@ -336,9 +335,7 @@ class _Rewriter(relax.PyExprMutator):
         if self.use_gemm and _is_op(call, "relax.call_tir"):
             hit = self._qrows(call)
             if hit is not None:
-                K, N, code, dt, odt = hit
-                gv = self._func((f"gemm_rows_{code}_{odt}", K, N, dt), lambda: gemm_rows_q(K, N, dt, code, odt, wgmma=self.wgmma, f8_act=self.fp8_act))
-                return relax.call_tir(gv, list(call.args[1].fields), call.ty)
+                return relax.call_tir(self._rows_q_func(*hit), list(call.args[1].fields), call.ty)
             hit = self._qgemm(call)
             if hit is not None:
                 K, N, group, code, dt = hit
@@ -350,9 +347,10 @@ class _Rewriter(relax.PyExprMutator):
                     args, group, code = [args[0], args[1], relax.TupleGetItem(sz, 0), relax.TupleGetItem(sz, 1)], 32, "4"
                 gv = self._func((f"qgemm{code}g{group}", K, N, dt), lambda: qgemm(K, N, group, code, dt, wgmma=self.wgmma, f8_act=self.fp8_act))
                 return relax.call_tir(gv, args, call.ty)
-            hit = self._qprompt_lm_head(call)
-            if hit is not None:
-                return hit
+            hit = self._qrows(call, prompt=True)
+            if hit is not None:  # a prompt's chosen rows through an e4m3 LM head
+                K, N, _, _, odt = hit
+                return self._prompt_rows(self._rows_q_func(*hit), call.args[1].fields[0], call.args[1].fields[1:], K, N, odt)
         if self.use_qgemv and _is_op(call, "relax.call_tir"):
             hit = self._qgemv(call)
             if hit is not None and hit[3] in self.qgemv_bits:
@@ -394,12 +392,7 @@ class _Rewriter(relax.PyExprMutator):
                 gv = self._func(("gemm_rows_f32", K, N, dt), lambda: gemm_rows(K, N, dt, out_dtype="float32", wgmma=self.wgmma))
                 if rows:  # decode_batch's [B, 1, K]
                     return relax.call_tir(gv, [a, w], call.ty)
-                # a prompt's chosen rows [1, n, K] (n: usually one per sequence) are the same contiguous
-                # rows: dlight's schedule for them read the 1 GB LM head of the 8B shape at 0.55 TB/s
-                n = a.ty.shape.values[1]
-                a_rows = self.builder_.emit(relax.op.reshape(a, (n, 1, K)), "logit_rows_b")
-                y = self.builder_.emit(relax.call_tir(gv, [a_rows, w], relax.TensorType((n, 1, N), "float32")), "logits_b")
-                return relax.op.reshape(y, (1, n, N))
+                return self._prompt_rows(gv, a, [w], K, N, "float32")  # a prompt's chosen rows [1, n, K] (n: usually one per sequence)
         return call
 
     def _rows_op(self, call):

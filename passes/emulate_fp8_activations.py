@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..frontends.models.layers import OP_ATTR, QFORMAT_ATTR, ROLE_ATTR
 from ..tvm_compat import compiler
+from .kernels.gemm_cuda import f8_wgmma_supported
 from .relax_mutation import call_tir_attrs, rewrite_functions
 
 _t = compiler()
@@ -21,7 +22,6 @@ relax = _t.relax
 te = _t.te
 tirx = _t.tirx
 
-F8_STEP = 128  # gemm_cuda.F8_BK: the fp8 kernels take K in whole steps of 128 codes
 E4M3_MAX = 448.0
 E4M3_MIN_NORMAL = 2.0**-6
 
@@ -71,7 +71,7 @@ class _Rewriter(relax.PyExprMutator):
             K = int(shape[-1])
         except (TypeError, IndexError):
             return call
-        if K % F8_STEP:
+        if not f8_wgmma_supported(K):  # the GPU's condition for its fp8 kernels
             return call
         x = self.builder_.emit(self.builder_.call_te(e4m3_rows, args[0], primfunc_name_hint="fp8_act_rows"), "fp8_act")
         return relax.call_tir(call.args[0], [x, *args[1:]], call.ty)

@@ -268,6 +268,12 @@ def f8_wgmma_supported(K: int) -> bool:
     return K % F8_BK == 0
 
 
+def f8_tensor_cores(K: int, wgmma: bool, f8_act: bool) -> bool:
+    """Whether an e4m3 weight's GEMMs (prompts, decode_batch above 8 rows) run on fp8 wgmma with e4m3 activations:
+    Hopper kernels, not turned off (KILN_CUDA_FP8_ACT=0), and K in whole 128-code steps."""
+    return wgmma and f8_act and f8_wgmma_supported(K)
+
+
 def rows_f8_ksplit(N: int, K: int) -> int:
     """K ranges of gemm_rows_ws_f8: gemm_rows_wg's choice, halved until each range is whole 128-code steps."""
     ks = rows_wg_ksplit(N, K)
@@ -294,14 +300,14 @@ def _f8_activations(K: int, dtype: str):
 def _rows_f8_launch(N: int, K: int, dtype: str, out_dtype: str, residual: bool = False):
     """decode_batch rows (or a short prompt) over e4m3 weights on fp8 wgmma: quant_rows_e4m3, then gemm_rows_ws_f8 with
     its fixed split of K (a token's result depends on K and the split alone, not on B) and the ordered reduction
-    (+ r). launch((a, q, s[, r]), y, M)."""
+    (+ r). launch((a, q, s[, r]), rr, y, M): the row kernels' launch signature (rr unused: r is ins[3])."""
     ct, co, res = C_TYPES[dtype], C_TYPES[out_dtype], "true" if residual else "false"
     quant = _f8_activations(K, dtype)
     rows = _split_k_launch(f"kiln::gemm_rows_ws_f8<{ct}, {co}, {res}>", f"kiln::gemm_rows_big_reduce<{ct}, {co}, {res}>", N, K,
                            rows_f8_ksplit(N, K), WS_SMEM_BYTES, 256, 128, True, WS_THREADS)
 
     @T.macro
-    def launch(ins, y, M):
+    def launch(ins, rr, y, M):
         aq = T.alloc_buffer((M * K,), "uint8")
         sa = T.alloc_buffer((M,), "float32")
         quant(ins[0], aq, sa, M)
@@ -344,7 +350,7 @@ def qgemm_f8_residual(K: int, N: int, dtype: str):
         r = T.match_buffer(var_r, (1, M, N), dtype)
         y = T.match_buffer(var_y, (1, M, N), dtype)
         if M <= PROMPT_SPLIT_M:
-            rows_f8((a, q, s, r), y, M)
+            rows_f8((a, q, s, r), r, y, M)
         else:
             gemm_f8((a, q, s, r), y, M)
 
@@ -460,15 +466,10 @@ def gemm_rows_q(K: int, N: int, dtype: str, code: str, out_dtype: str | None = N
     # Hopper, above 8 rows: e4m3 activations on fp8 wgmma (_rows_f8_launch; H200, 8B shapes at B = 128: a layer ~196 us
     # against gemm_rows_wg_q's ~407 -- codes decoded into bf16 tiles -- and the middle kernel's ~396; weight-bound, so
     # about as fast at B = 16 as at 65: `kiln serve` at 32 / 64 streams ran below bf16's on the middle kernel)
-    mid_max = ROWS_BIG_B
-    if wgmma and f8_act and f8_wgmma_supported(K) and N >= 1024:  # (f8_act False: bf16 activations, KILN_CUDA_FP8_ACT=0)
-        f8, mid_max = _rows_f8_launch(N, K, dtype, out_dtype), ROWS_WG_B
-
-        @T.macro
-        def big(ins, rr, y, M):
-            f8(ins, y, M)
-    else:  # K in 64-wide steps only: the codes decoded into bf16 wgmma tiles above 64 rows
-        big = _rows_wg_q_launch(N, K, dtype, out_dtype, code, 8) if wgmma and K % BIG_BK == 0 and N >= 1024 else None
+    if f8_tensor_cores(K, wgmma, f8_act) and N >= 1024:
+        big, mid_max = _rows_f8_launch(N, K, dtype, out_dtype), ROWS_WG_B
+    else:  # bf16 activations (K in 64-wide steps only, or KILN_CUDA_FP8_ACT=0): codes decoded into bf16 wgmma tiles above 64 rows
+        big, mid_max = _rows_wg_q_launch(N, K, dtype, out_dtype, code, 8) if wgmma and K % BIG_BK == 0 and N >= 1024 else None, ROWS_BIG_B
     launch = _rows_dispatch(tiles, small, mid, mid_max, big)
 
     @T.prim_func
@@ -528,16 +529,8 @@ def qgemm(K: int, N: int, group: int, code: str, dtype: str, wgmma: bool = False
     else:
         fn, smem_bytes = f"kiln::gemm_tn_q<{ct}, {cq}, {group}>", QSMEM_BYTES
     split = wg and rows_wg_ksplit(N, K) > 1  # short prompts on Hopper: K split over blocks
-    if wg and f8_act and code == "f8" and f8_wgmma_supported(K):  # e4m3 activations on fp8 wgmma, short and long prompts
-        rows_f8, gemm_f8 = _rows_f8_launch(N, K, dtype, dtype), _gemm_f8_launch(N, K, dtype)
-
-        @T.macro
-        def short(ins, rr, y, M):
-            rows_f8(ins, y, M)
-
-        @T.macro
-        def long(ins, y, M):
-            gemm_f8(ins, y, M)
+    if code == "f8" and f8_tensor_cores(K, wgmma, f8_act):  # e4m3 activations on fp8 wgmma, short and long prompts
+        short, long = _rows_f8_launch(N, K, dtype, dtype), _gemm_f8_launch(N, K, dtype)
     else:
         short = _prompt_launch(_tile_launch(fn, N, K, smem_bytes), _rows_wg_q_launch(N, K, dtype, dtype, code, group), split)
         long = _dequant_gemm_launch(N, K, group, code, dtype) if wg else None

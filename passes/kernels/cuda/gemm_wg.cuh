@@ -647,21 +647,32 @@ __device__ __forceinline__ void gemm_ws_tile(const T* __restrict__ A, const T* _
 // (%nsmid: a 132-block grid on a 114-SM H100 PCIe) strides by that count instead, its extra blocks leaving at once:
 // otherwise they would run as a second wave after the others finished (1.3-1.75x the time).
 // CODE 9: B is dequant_weight's exact widening of e4m3 codes, S their fp32 row scales (gemm_wg_q's fp8 result).
-template <typename T, bool RESIDUAL, int CODE = 0>
-__device__ __forceinline__ void gemm_ws(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
-                                        int M, int N, int K, unsigned char* __restrict__ smem_raw, unsigned char* __restrict__ tmaps,
-                                        const float* __restrict__ S = nullptr) {
-  const int nt = (N + WG_BN - 1) / WG_BN, mt = (M + WG_BM - 1) / WG_BM;
+// gemm_ws_persistent: the wgmma body of gemm_ws and gemm_ws_f8 (CODE 10: e4m3 A and B, K steps of 128 codes).
+template <typename T, bool RESIDUAL, int CODE>
+__device__ __forceinline__ void gemm_ws_persistent(const void* __restrict__ A, const void* __restrict__ B, const T* __restrict__ R,
+                                                   T* __restrict__ C, int M, int N, int K, unsigned char* __restrict__ smem_raw,
+                                                   unsigned char* __restrict__ tmaps, const float* __restrict__ S, const float* __restrict__ SA) {
 #ifdef KILN_HAVE_WGMMA
+  const int nt = (N + WG_BN - 1) / WG_BN, mt = (M + WG_BM - 1) / WG_BM;
   // a grid sized for 132 SMs on a GPU with fewer: the blocks past its SM-id count leave, the rest stride by it
   uint32_t nsm;
   asm("mov.u32 %0, %%nsmid;\n" : "=r"(nsm));
   const int stride = nsm >= 1 && nsm < gridDim.x ? (int)nsm : (int)gridDim.x;
   if ((int)blockIdx.x >= stride) return;
   const auto tile = [=](int i, int& m0, int& n0) { wg_tile_of(i, mt, nt, m0, n0); };
-  gemm_ws_tiles_wgmma<T, T, RESIDUAL, decltype(tile), CODE>(A, B, R, C, nullptr, M, N, K, 0, K / WG_BK, 0, false, smem_raw, tile, blockIdx.x,
-                                                            stride, mt * nt, tmaps, S);
+  gemm_ws_tiles_wgmma<T, T, RESIDUAL, decltype(tile), CODE>(A, B, R, C, nullptr, M, N, K, 0, K / (CODE == 10 ? 128 : WG_BK), 0, false, smem_raw,
+                                                            tile, blockIdx.x, stride, mt * nt, tmaps, S, SA);
+#endif
+}
+
+template <typename T, bool RESIDUAL, int CODE = 0>
+__device__ __forceinline__ void gemm_ws(const T* __restrict__ A, const T* __restrict__ B, const T* __restrict__ R, T* __restrict__ C,
+                                        int M, int N, int K, unsigned char* __restrict__ smem_raw, unsigned char* __restrict__ tmaps,
+                                        const float* __restrict__ S = nullptr) {
+#ifdef KILN_HAVE_WGMMA
+  gemm_ws_persistent<T, RESIDUAL, CODE>(A, B, R, C, M, N, K, smem_raw, tmaps, S, nullptr);
 #else
+  const int nt = (N + WG_BN - 1) / WG_BN, mt = (M + WG_BM - 1) / WG_BM;
   for (int i = blockIdx.x; i < mt * nt; i += gridDim.x) {
     int m0, n0;
     wg_tile_of(i, mt, nt, m0, n0);
@@ -798,14 +809,7 @@ __device__ __forceinline__ void gemm_ws_f8(const uint8_t* __restrict__ Aq, const
                                            const float* __restrict__ S, const T* __restrict__ R, T* __restrict__ C, int M, int N, int K,
                                            unsigned char* __restrict__ smem_raw, unsigned char* __restrict__ tmaps) {
 #ifdef KILN_HAVE_WGMMA
-  const int nt = (N + WG_BN - 1) / WG_BN, mt = (M + WG_BM - 1) / WG_BM;
-  uint32_t nsm;
-  asm("mov.u32 %0, %%nsmid;\n" : "=r"(nsm));
-  const int stride = nsm >= 1 && nsm < gridDim.x ? (int)nsm : (int)gridDim.x;
-  if ((int)blockIdx.x >= stride) return;
-  const auto tile = [=](int i, int& m0, int& n0) { wg_tile_of(i, mt, nt, m0, n0); };
-  gemm_ws_tiles_wgmma<T, T, RESIDUAL, decltype(tile), 10>(Aq, Bq, R, C, nullptr, M, N, K, 0, K / 128, 0, false, smem_raw, tile, blockIdx.x,
-                                                          stride, mt * nt, tmaps, S, SA);
+  gemm_ws_persistent<T, RESIDUAL, 10>(Aq, Bq, R, C, M, N, K, smem_raw, tmaps, S, SA);
 #else
   for (int i = blockIdx.x; i < ((M + WG_BM - 1) / WG_BM) * ((N + WG_BN - 1) / WG_BN); i += gridDim.x) {
     int m0, n0;
@@ -822,15 +826,13 @@ __device__ __forceinline__ void gemm_rows_ws_f8(const uint8_t* __restrict__ Aq, 
                                                 const float* __restrict__ S, const T* __restrict__ R, OutT* __restrict__ C,
                                                 float* __restrict__ ws, int M, int N, int K, int ksplit, unsigned char* __restrict__ smem_raw,
                                                 unsigned char* __restrict__ tmaps) {
-#ifdef KILN_HAVE_WGMMA
   const int steps = K / ksplit / 128, z = blockIdx.z, m0 = blockIdx.y * WG_BM, n0 = blockIdx.x * WG_BN;
+#ifdef KILN_HAVE_WGMMA
   const auto tile = [=](int, int& m, int& n) { m = m0; n = n0; };
   gemm_ws_tiles_wgmma<T, OutT, RESIDUAL, decltype(tile), 10>(Aq, W, R, C, ws, M, N, K, z * steps * 128, steps, z, ksplit > 1, smem_raw, tile, 0, 1,
                                                              1, tmaps, S, SA);
 #else
-  const int steps = K / ksplit / 128, z = blockIdx.z;
-  gemm_f8_tile_portable<T, OutT, RESIDUAL>(Aq, SA, W, S, R, C, ws, M, N, K, z * steps * 128, steps, z, ksplit > 1, blockIdx.y * WG_BM,
-                                           blockIdx.x * WG_BN);
+  gemm_f8_tile_portable<T, OutT, RESIDUAL>(Aq, SA, W, S, R, C, ws, M, N, K, z * steps * 128, steps, z, ksplit > 1, m0, n0);
 #endif
 }
 
